@@ -1,0 +1,5 @@
+// The public contract: names users type and the shapes of what crosses the workflow boundary.
+// Safe to import from workflow code (no I/O, no Node built-ins).
+export * from './names';
+export * from './validation';
+export * from './planned-failover';

@@ -1,0 +1,71 @@
+import { z } from 'zod';
+import { requiredText, validate, type InputProblem, type Validation } from './validation';
+
+/** VM names as hypervisors allow them: letters, digits, dot, dash and underscore. */
+export const vmNameSchema = z
+  .string({ error: 'must be a VM name (a string)' })
+  .regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/, {
+    error: 'must be a VM name: 1 to 64 letters, digits, dots, dashes or underscores, starting with a letter or digit',
+  });
+
+const wholeNumber = (min: number, max: number) =>
+  z
+    .number({ error: 'must be a number' })
+    .int({ error: 'must be a whole number' })
+    .min(min, { error: `must be at least ${min}` })
+    .max(max, { error: `must be at most ${max}` });
+
+export const plannedFailoverOptionsSchema = z.strictObject(
+  {
+    /** How many replication jobs' lanes run at once; VMs within one job always run one by one. */
+    maxParallelJobs: wholeNumber(1, 64).optional(),
+    /** Guest shutdown is given this long before the source VM is powered off hard. */
+    shutdownTimeoutSeconds: wholeNumber(1, 3600).optional(),
+    /** Extra incremental passes before power-off while the delta keeps shrinking (0 = off). */
+    preSyncMaxPasses: wholeNumber(0, 10).optional(),
+    /** Stop the extra passes once a pass copies less than this many bytes. */
+    preSyncTargetBytes: wholeNumber(1, Number.MAX_SAFE_INTEGER).optional(),
+    /** How long a session may wait for a free proxy slot before it fails. */
+    proxyWaitTimeoutSeconds: wholeNumber(1, 7 * 24 * 3600).optional(),
+  },
+  { error: 'must be an object' },
+);
+
+export const plannedFailoverInputSchema = z.strictObject(
+  {
+    vms: z
+      .array(vmNameSchema, { error: (iss) => (iss.input === undefined ? 'is required' : 'must be a list of VM names') })
+      .min(1, { error: 'must name at least one VM' })
+      .max(500, { error: 'may name at most 500 VMs in one request' }),
+    reason: requiredText(),
+    requestedBy: requiredText(128),
+    options: plannedFailoverOptionsSchema.optional(),
+  },
+  { error: 'must be a JSON object like {"vms":["sql01"],"reason":"...","requestedBy":"alice"}' },
+);
+
+export type PlannedFailoverInput = z.output<typeof plannedFailoverInputSchema>;
+export type PlannedFailoverOptions = z.output<typeof plannedFailoverOptionsSchema>;
+
+/** VM names compare case-insensitively, as Hyper-V treats them. */
+function duplicateVmProblems(input: unknown): InputProblem[] {
+  const vms: unknown = (input as { vms?: unknown } | null)?.vms;
+  if (!Array.isArray(vms)) return [];
+  const seen = new Map<string, number>();
+  const problems: InputProblem[] = [];
+  vms.forEach((vm: unknown, i) => {
+    if (typeof vm !== 'string') return;
+    const first = seen.get(vm.toLowerCase());
+    if (first === undefined) seen.set(vm.toLowerCase(), i);
+    else problems.push({ path: `vms[${i}]`, message: `'${vm}' is already named at vms[${first}]` });
+  });
+  return problems;
+}
+
+/** Checks a plannedFailover request and names every problem, duplicates included, before anything is touched. */
+export function validatePlannedFailoverInput(input: unknown): Validation<PlannedFailoverInput> {
+  const parsed = validate(plannedFailoverInputSchema, input);
+  const duplicates = duplicateVmProblems(input);
+  if (parsed.ok && duplicates.length === 0) return parsed;
+  return { ok: false, problems: [...(parsed.ok ? [] : parsed.problems), ...duplicates] };
+}

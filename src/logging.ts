@@ -1,0 +1,27 @@
+import { DefaultLogger, type LogEntry, type LogLevel } from '@temporalio/worker';
+
+const levels: readonly LogLevel[] = ['TRACE', 'DEBUG', 'INFO', 'WARN', 'ERROR'];
+
+/** The log level from PF_LOG_LEVEL (TRACE, DEBUG, INFO, WARN, ERROR); INFO by default. */
+export function logLevelFromEnv(env: NodeJS.ProcessEnv = process.env): LogLevel {
+  const wanted = (env.PF_LOG_LEVEL ?? 'INFO').toUpperCase();
+  return (levels as readonly string[]).includes(wanted) ? (wanted as LogLevel) : 'INFO';
+}
+
+/** Errors have no enumerable fields, so JSON would print them as {}. */
+function jsonSafe(_key: string, value: unknown): unknown {
+  if (value instanceof Error) return { name: value.name, message: value.message, ...value };
+  return typeof value === 'bigint' ? value.toString() : value;
+}
+
+/** One JSON object per line on stderr, so logs stay machine-readable and stdout stays free for output. */
+export function writeJsonLogLine(entry: LogEntry): void {
+  const time = new Date(Number(entry.timestampNanos / 1_000_000n)).toISOString();
+  process.stderr.write(
+    `${JSON.stringify({ time, level: entry.level, msg: entry.message, ...entry.meta }, jsonSafe)}\n`,
+  );
+}
+
+export function createLogger(level: LogLevel = logLevelFromEnv()): DefaultLogger {
+  return new DefaultLogger(level, writeJsonLogLine);
+}

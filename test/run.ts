@@ -1,0 +1,86 @@
+// `npm test [-- files or folders]`: starts one Temporal dev server for the whole run, bundles the workflows
+// once, runs every *.test.ts with Node's test runner, and always stops the server, also on failure or Ctrl-C.
+import { spawn } from 'node:child_process';
+import { mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, relative, resolve } from 'node:path';
+import { bundleWorkflowCode } from '@temporalio/worker';
+import { ensureTemporalCli, freePort, projectRoot, startDevServer, type DevServer } from '../scripts/lib/dev-server';
+
+function testFiles(paths: string[]): string[] {
+  const found: string[] = [];
+  const visit = (path: string): void => {
+    if (statSync(path).isDirectory()) {
+      for (const entry of readdirSync(path).sort()) if (entry !== 'node_modules') visit(join(path, entry));
+    } else if (path.endsWith('.test.ts')) {
+      found.push(relative(projectRoot, path));
+    }
+  };
+  for (const path of paths) visit(resolve(path));
+  return found;
+}
+
+async function main(): Promise<number> {
+  const started = Date.now();
+  const files = testFiles(process.argv.length > 2 ? process.argv.slice(2) : [join(projectRoot, 'test')]);
+  if (files.length === 0) throw new Error('No *.test.ts files found.');
+
+  const cli = ensureTemporalCli();
+  const workDir = mkdtempSync(join(tmpdir(), 'pf-test-'));
+  let server: DevServer | undefined;
+  const cleanup = async (): Promise<void> => {
+    await server?.stop();
+    rmSync(workDir, { recursive: true, force: true });
+  };
+  let interrupted = false;
+  for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
+    process.once(signal, () => {
+      interrupted = true;
+      console.error(`\n${signal}: stopping the tests and the Temporal server...`);
+      void cleanup().then(() => process.exit(130));
+    });
+  }
+  try {
+    const port = await freePort();
+    server = await startDevServer({
+      cli,
+      port,
+      dbFile: join(workDir, 'temporal.db'),
+      logFile: join(workDir, 'server.log'),
+      readyTimeoutMs: 120_000,
+    });
+    console.log(`Temporal dev server for tests at ${server.address} (${((Date.now() - started) / 1000).toFixed(1)} s)`);
+
+    // Bundling takes seconds; doing it once here saves it in every test file's process.
+    const { code } = await bundleWorkflowCode({
+      workflowsPath: require.resolve('../src/workflows'),
+      logger: { info() {}, warn() {}, error: console.error, debug() {}, trace() {}, log() {} },
+    });
+    const bundlePath = join(workDir, 'workflow-bundle.js');
+    writeFileSync(bundlePath, code);
+
+    const child = spawn(process.execPath, ['--import', 'tsx', '--test', '--test-reporter=spec', ...files], {
+      stdio: 'inherit',
+      cwd: projectRoot,
+      env: {
+        ...process.env,
+        PF_TEST_TEMPORAL_ADDRESS: server.address,
+        PF_TEST_TEMPORAL_CLI: cli,
+        PF_TEST_WORKFLOW_BUNDLE: bundlePath,
+      },
+    });
+    const exitCode = await new Promise<number>((resolveExit) => child.once('exit', (c) => resolveExit(c ?? 1)));
+    console.log(`Test run took ${((Date.now() - started) / 1000).toFixed(1)} s`);
+    return exitCode;
+  } finally {
+    if (!interrupted) await cleanup();
+  }
+}
+
+main().then(
+  (code) => process.exit(code),
+  (err: unknown) => {
+    console.error(err);
+    process.exit(1);
+  },
+);
