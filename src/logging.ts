@@ -10,7 +10,7 @@ export function logLevelFromEnv(env: NodeJS.ProcessEnv = process.env): LogLevel 
 
 /** Errors have no enumerable fields, so JSON would print them as {}. */
 function jsonSafe(_key: string, value: unknown): unknown {
-  if (value instanceof Error) return { name: value.name, message: value.message, ...value };
+  if (value instanceof Error) return { ...value, name: value.name, message: value.message };
   return typeof value === 'bigint' ? value.toString() : value;
 }
 
