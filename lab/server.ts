@@ -1,0 +1,612 @@
+// The lab's HTTP API. JSON for control; framed binary streams (src/hypervisor/lab-protocol.ts)
+// for block data. Every parameter and body is checked with zod before anything changes.
+
+import type { ServerResponse } from 'node:http';
+import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
+import { z } from 'zod';
+import { decodeFrames, encodeFrames, FRAME_HEADER_BYTES, FrameError } from '../src/hypervisor/lab-protocol';
+import { BLOCK_SIZE, type Extent, type ExtentData, type ReplicaView } from '../src/hypervisor/port';
+import { badRequest, conflict, LabError } from './errors';
+import { loadEstate, parseEstate, type Estate, type EstateInput } from './estate';
+import { faultSchema, Faults } from './faults';
+import { BufferRing, LabSite, readChunks, type LabVm } from './site';
+import { blocksToExtents, type Layer } from './storage/layer';
+import { DIGEST_ALGORITHM, digestView, readView, viewAllocatedBlocks, type View } from './storage/view';
+
+export interface LabOptions {
+  estatePath?: string;
+  estate?: EstateInput;
+  dataDir: string;
+  port?: number;
+  host?: string;
+  log?: (message: string) => void;
+}
+
+export interface RunningLab {
+  url: string;
+  site: LabSite;
+  /** Clean stop: tracking and a clean-shutdown marker are saved. */
+  stop(): Promise<void>;
+  /** Unclean stop, as if the host lost power: nothing more is saved. */
+  kill(): Promise<void>;
+}
+
+// Identifiers end up in file names: keep them to a safe alphabet.
+const id = z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$/, 'letters, digits, ".", "_", ":" or "-" (max 128)');
+const diskInfo = z.strictObject({
+  id,
+  sizeBytes: z.number().int().positive().multipleOf(BLOCK_SIZE),
+});
+const extent = z.strictObject({
+  offset: z.number().int().nonnegative().multipleOf(BLOCK_SIZE),
+  length: z.number().int().positive().multipleOf(BLOCK_SIZE),
+});
+const extents = z.array(extent).max(100_000);
+const page = z.strictObject({
+  cursor: z.string().regex(/^\d+$/, 'a cursor returned by a previous page').optional(),
+  limit: z.coerce.number().int().min(1).max(100_000).default(4096),
+});
+const pointSpec = z.strictObject({
+  kind: z.string().min(1).max(64),
+  crashConsistent: z.boolean(),
+  metadata: z.record(z.string().max(128), z.string().max(4096)).optional(),
+});
+const view = z.union([z.strictObject({ pointId: id }), z.strictObject({ running: z.literal(true) })]);
+const viewQuery = z
+  .strictObject({ pointId: id.optional(), running: z.enum(['true']).optional() })
+  .refine(
+    (v) => (v.pointId === undefined) !== (v.running === undefined),
+    'give exactly one of pointId or running=true',
+  );
+const blockRange = {
+  startBlock: z.coerce.number().int().nonnegative(),
+  count: z.coerce.number().int().min(1).max(16_384),
+};
+
+function parse<S extends z.ZodType>(schema: S, value: unknown, where: string): z.output<S> {
+  const r = schema.safeParse(value ?? {});
+  if (r.success) return r.data;
+  const issue = r.error.issues[0]!;
+  const field = [where, ...issue.path.map(String)].join('.');
+  throw badRequest(field, issue.message);
+}
+
+const P = {
+  host: z.strictObject({ host: id }),
+  vm: z.strictObject({ host: id, vm: id }),
+  disk: z.strictObject({ host: id, vm: id, disk: id }),
+  checkpoint: z.strictObject({ host: id, vm: id, checkpointId: id }),
+  reference: z.strictObject({ host: id, vm: id, referencePointId: id }),
+  replica: z.strictObject({ host: id, replica: id }),
+  replicaDisk: z.strictObject({ host: id, replica: id, disk: id }),
+  point: z.strictObject({ host: id, replica: id, pointId: id }),
+  pointDisk: z.strictObject({ host: id, replica: id, pointId: id, disk: id }),
+};
+
+function checkExtents(list: { offset: number; length: number }[], sizeBytes: number, field: string): void {
+  list.forEach((e, i) => {
+    if (e.offset + e.length > sizeBytes)
+      throw badRequest(`${field}.${i}`, `extent ends past the disk size ${sizeBytes}`);
+  });
+}
+
+export async function startLab(options: LabOptions): Promise<RunningLab> {
+  const log = options.log ?? (() => undefined);
+  let estate: Estate;
+  if (options.estate) estate = parseEstate(options.estate);
+  else if (options.estatePath) estate = await loadEstate(options.estatePath);
+  else throw new Error('startLab needs estate or estatePath');
+  const site = await LabSite.open(estate, options.dataDir, log);
+  const faults = new Faults();
+  const app = buildApp(site, faults);
+  await app.listen({ port: options.port ?? 0, host: options.host ?? '127.0.0.1' });
+  const address = app.server.address();
+  const port = typeof address === 'object' && address ? address.port : options.port;
+  let stopped = false;
+  return {
+    url: `http://127.0.0.1:${port}`,
+    site,
+    async stop() {
+      if (stopped) return;
+      stopped = true;
+      await app.close();
+      await site.stop(true);
+    },
+    async kill() {
+      if (stopped) return;
+      stopped = true;
+      app.server.closeAllConnections();
+      await app.close();
+      await site.stop(false);
+    },
+  };
+}
+
+function hostOf(url: string): string | null {
+  const m = /^\/v1\/hosts\/([^/?]+)/.exec(url);
+  return m ? decodeURIComponent(m[1]!) : null;
+}
+
+/** Resolves once everything written so far left for the socket; rejects if the connection closed. */
+function drained(res: ServerResponse): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const done = (error?: Error) => {
+      res.off('drain', onDrain);
+      res.off('close', onClose);
+      if (error) reject(error);
+      else resolve();
+    };
+    const onDrain = () => done();
+    const onClose = () => done(new Error('connection closed'));
+    res.on('drain', onDrain);
+    res.on('close', onClose);
+  });
+}
+
+/**
+ * Streams the frames of `read(ring)` with an exact content-length. Each piece is flushed before
+ * the next is taken, which is what lets the reader reuse its BufferRing. A `cut` fault breaks the
+ * connection after that many bytes.
+ */
+async function streamFrames(
+  request: FastifyRequest,
+  reply: FastifyReply,
+  extents: Extent[],
+  read: (ring: BufferRing) => AsyncIterable<ExtentData>,
+  cutAfter?: number,
+): Promise<void> {
+  let length = FRAME_HEADER_BYTES;
+  for (const c of readChunks(extents)) length += FRAME_HEADER_BYTES + c.length;
+  const ring = new BufferRing(extents);
+  reply.hijack();
+  const res = reply.raw;
+  res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': length });
+  let sent = 0;
+  try {
+    for await (const chunk of encodeFrames(read(ring))) {
+      const cut = cutAfter !== undefined && sent + chunk.length > cutAfter;
+      const piece = cut ? chunk.subarray(0, cutAfter - sent) : chunk;
+      if (!res.write(piece)) await drained(res);
+      sent += piece.length;
+      if (cut) {
+        // Give the partial bytes a moment to leave before the connection drops.
+        await new Promise((r) => setTimeout(r, 20));
+        request.raw.socket.destroy();
+        return;
+      }
+    }
+    res.end();
+  } catch {
+    // The client sees a short stream: its decoder reports the transfer as interrupted.
+    res.destroy();
+  }
+}
+
+const WRITE_PIECE_BYTES = 1024 * 1024;
+
+/** Reads frames of an upload; a `cut` fault breaks the connection after that many bytes. */
+async function* receiveFrames(
+  request: FastifyRequest,
+  sizeBytes: number,
+  cutAfter?: number,
+): AsyncGenerator<ExtentData> {
+  async function* counted(): AsyncGenerator<Buffer> {
+    let received = 0;
+    for await (const chunk of request.raw as AsyncIterable<Buffer>) {
+      received += chunk.length;
+      if (cutAfter !== undefined && received > cutAfter) {
+        request.raw.socket.destroy();
+        throw new FrameError('transfer cut by fault injection');
+      }
+      yield chunk;
+    }
+  }
+  try {
+    // Pieces of ≤1 MiB in one reused buffer: each is written before the next is parsed.
+    for await (const piece of decodeFrames(counted(), { pieceBytes: WRITE_PIECE_BYTES, pieceBuffers: 2 })) {
+      const field = `frames.${piece.frame}.offset`;
+      if (piece.offset % BLOCK_SIZE !== 0 || piece.data.length % BLOCK_SIZE !== 0)
+        throw badRequest(field, `offset and length must be multiples of ${BLOCK_SIZE}`);
+      if (piece.offset + piece.data.length > sizeBytes)
+        throw badRequest(field, `extent ends past the disk size ${sizeBytes}`);
+      yield piece;
+    }
+  } catch (e) {
+    if (e instanceof FrameError) throw badRequest('body', e.message);
+    throw e;
+  }
+}
+
+/** Writes each piece while the next one arrives: at most one write in flight (two piece buffers). */
+async function writePieces(
+  pieces: AsyncIterable<ExtentData>,
+  write: (piece: ExtentData) => Promise<void>,
+): Promise<number> {
+  let bytes = 0;
+  let inFlight: Promise<void> | null = null;
+  try {
+    for await (const piece of pieces) {
+      const started = write(piece);
+      started.catch(() => undefined); // awaited below; this only keeps it from counting as unhandled
+      if (inFlight) await inFlight;
+      inFlight = started;
+      bytes += piece.data.length;
+    }
+  } catch (e) {
+    await inFlight?.catch(() => undefined);
+    throw e;
+  }
+  await inFlight;
+  return bytes;
+}
+
+function buildApp(site: LabSite, faults: Faults): FastifyInstance {
+  const app = Fastify({ bodyLimit: 64 * 1024 * 1024, keepAliveTimeout: 30_000 });
+  app.addContentTypeParser('application/octet-stream', (_req, _payload, done) => done(null, undefined));
+
+  app.addHook('onRequest', async (request, reply) => {
+    const host = hostOf(request.url);
+    if (host === null) return;
+    for (const f of faults.active(host)) {
+      if (f.kind === 'unreachable') {
+        request.raw.socket.destroy();
+        return reply;
+      }
+      if (f.kind === 'slow') await new Promise((r) => setTimeout(r, f.latencyMs));
+      if (f.kind === 'fail')
+        return reply
+          .code(f.status)
+          .send({ error: { code: 'host_failure', message: `host ${host} failed (injected fault)` } });
+    }
+  });
+
+  app.setErrorHandler((error, _request, reply) => {
+    if (error instanceof LabError) {
+      return reply.code(error.status).send({ error: { code: error.code, message: error.message, field: error.field } });
+    }
+    const e = error as { statusCode?: number; message?: string };
+    if (e.statusCode && e.statusCode < 500)
+      return reply
+        .code(e.statusCode)
+        .send({ error: { code: 'bad_request', message: e.message ?? 'bad request', field: 'body' } });
+    site.log(`internal error: ${String(error)}`);
+    return reply.code(500).send({ error: { code: 'internal', message: String(e.message ?? error) } });
+  });
+
+  const cutOf = (host: string): number | undefined => faults.get(host, 'cut')?.afterBytes;
+  const vmOf = (p: { host: string; vm: string }): LabVm => site.vm(p.host, p.vm);
+  const replicaOf = (p: { host: string; replica: string }): LabVm => {
+    const vm = site.vm(p.host, p.replica);
+    if (vm.meta.kind !== 'replica') throw conflict(`${vm.name} is not a replica`);
+    return vm;
+  };
+  const replicaView = (vm: LabVm, disk: string, v: ReplicaView): View => vm.replicaView(disk, v);
+  const pageOf = (blocks: number[], q: { cursor?: string | undefined; limit: number }) => {
+    const { extents: list, nextBlock } = blocksToExtents(blocks, q.cursor ? Number(q.cursor) : 0, q.limit);
+    return nextBlock === null ? { extents: list } : { extents: list, nextCursor: String(nextBlock) };
+  };
+  const presentPage = (layer: Layer | null, q: { cursor?: string | undefined; limit: number }) =>
+    pageOf(layer ? [...layer.present].sort((a, b) => a - b) : [], q);
+
+  // Inventory ---------------------------------------------------------------------------------
+  app.get('/v1/hosts', () => [...site.hosts.values()]);
+  app.get('/v1/hosts/:host/vms', (req) => site.listVms(parse(P.host, req.params, 'params').host));
+  app.get('/v1/hosts/:host/vms/:vm', (req) => vmOf(parse(P.vm, req.params, 'params')).info());
+  app.put('/v1/hosts/:host/vms/:vm', async (req) => {
+    const p = parse(P.vm, req.params, 'params');
+    const body = parse(z.strictObject({ disks: z.array(diskInfo).min(1).max(16) }), req.body, 'body');
+    return site.exclusive(p.vm, () => site.createVm(p.host, p.vm, body.disks));
+  });
+
+  // Power ---------------------------------------------------------------------------------------
+  app.post('/v1/hosts/:host/vms/:vm/power', async (req) => {
+    const vm = vmOf(parse(P.vm, req.params, 'params'));
+    const body = parse(
+      z.discriminatedUnion('action', [
+        z.strictObject({ action: z.literal('shutdown'), timeoutMs: z.number().int().min(0).max(3_600_000) }),
+        z.strictObject({ action: z.literal('off') }),
+        z.strictObject({ action: z.literal('on') }),
+      ]),
+      req.body,
+      'body',
+    );
+    if (body.action === 'shutdown') return vm.shutdownGuest(body.timeoutMs);
+    return body.action === 'off' ? vm.powerOff() : vm.powerOn();
+  });
+
+  // Checkpoints and change tracking ------------------------------------------------------------
+  const cpInfo = (vm: LabVm, c: { id: string; createdAt: string }) => ({
+    id: c.id,
+    vm: vm.name,
+    createdAt: c.createdAt,
+  });
+  const refInfo = (vm: LabVm, r: { id: string; checkpointId: string; createdAt: string; generation: number }) => ({
+    id: r.id,
+    vm: vm.name,
+    checkpointId: r.checkpointId,
+    createdAt: r.createdAt,
+    trackingValid: site.trackingValid(r),
+  });
+  app.put('/v1/hosts/:host/vms/:vm/checkpoints/:checkpointId', async (req) => {
+    const p = parse(P.checkpoint, req.params, 'params');
+    const vm = vmOf(p);
+    if (vm.meta.kind !== 'source') throw conflict(`${vm.name} is a replica`);
+    return cpInfo(vm, await site.exclusive(vm.name, () => site.createCheckpoint(vm, p.checkpointId)));
+  });
+  app.delete('/v1/hosts/:host/vms/:vm/checkpoints/:checkpointId', async (req, reply) => {
+    const p = parse(P.checkpoint, req.params, 'params');
+    await site.exclusive(p.vm, () => site.deleteCheckpoint(vmOf(p), p.checkpointId));
+    return reply.code(204).send();
+  });
+  app.put('/v1/hosts/:host/vms/:vm/reference-points/:referencePointId', async (req) => {
+    const p = parse(P.reference, req.params, 'params');
+    const body = parse(z.strictObject({ checkpointId: id }), req.body, 'body');
+    const vm = vmOf(p);
+    return refInfo(
+      vm,
+      await site.exclusive(vm.name, () => site.createReferencePoint(vm, p.referencePointId, body.checkpointId)),
+    );
+  });
+  app.get('/v1/hosts/:host/vms/:vm/reference-points', (req) => {
+    const vm = vmOf(parse(P.vm, req.params, 'params'));
+    return vm.meta.referencePoints.map((r) => refInfo(vm, r));
+  });
+  app.delete('/v1/hosts/:host/vms/:vm/reference-points/:referencePointId', async (req, reply) => {
+    const p = parse(P.reference, req.params, 'params');
+    await site.exclusive(p.vm, () => site.deleteReferencePoint(vmOf(p), p.referencePointId));
+    return reply.code(204).send();
+  });
+  app.get('/v1/hosts/:host/vms/:vm/disks/:disk/changes', (req) => {
+    const p = parse(P.disk, req.params, 'params');
+    const q = parse(page.extend({ referencePointId: id, checkpointId: id }), req.query, 'query');
+    return pageOf(site.changedBlocks(vmOf(p), p.disk, q.referencePointId, q.checkpointId), q);
+  });
+  app.get('/v1/hosts/:host/vms/:vm/disks/:disk/allocated', (req) => {
+    const p = parse(P.disk, req.params, 'params');
+    const q = parse(page.extend({ checkpointId: id }), req.query, 'query');
+    return pageOf(viewAllocatedBlocks(vmOf(p).checkpointView(p.disk, q.checkpointId)), q);
+  });
+  app.get('/v1/hosts/:host/vms/:vm/disks/:disk/digests', async (req) => {
+    const p = parse(P.disk, req.params, 'params');
+    const q = parse(z.strictObject({ checkpointId: id, ...blockRange }), req.query, 'query');
+    const vm = vmOf(p);
+    const v = vm.checkpointView(p.disk, q.checkpointId);
+    const disk = vm.sourceDisk(p.disk);
+    if (q.startBlock + q.count > disk.sizeBytes / BLOCK_SIZE)
+      throw badRequest('query.count', 'range ends past the disk');
+    const digests = await disk.lock.run(() => digestView(v, q.startBlock, q.count));
+    return { algorithm: DIGEST_ALGORITHM, startBlock: q.startBlock, digests };
+  });
+  app.post('/v1/hosts/:host/vms/:vm/disks/:disk/read', (req, reply) => {
+    const p = parse(P.disk, req.params, 'params');
+    const body = parse(z.strictObject({ checkpointId: id, extents }), req.body, 'body');
+    const vm = vmOf(p);
+    vm.checkpointView(p.disk, body.checkpointId);
+    const disk = vm.sourceDisk(p.disk);
+    checkExtents(body.extents, disk.sizeBytes, 'body.extents');
+    const at = () => vm.checkpointView(p.disk, body.checkpointId);
+    return streamFrames(
+      req,
+      reply,
+      body.extents,
+      (ring) => site.readExtents(disk.lock, at, body.extents, ring),
+      cutOf(p.host),
+    );
+  });
+  app.get('/v1/hosts/:host/vms/:vm/canary', async (req) => {
+    const vm = vmOf(parse(P.vm, req.params, 'params'));
+    const q = parse(z.strictObject({ checkpointId: id }), req.query, 'query');
+    return { sequence: await vm.canarySequence(vm.checkpointView(vm.meta.disks[0]!.id, q.checkpointId)) };
+  });
+  app.post('/v1/hosts/:host/vms/:vm/disks/:disk/write', async (req) => {
+    const p = parse(P.disk, req.params, 'params');
+    const vm = vmOf(p);
+    const disk = vm.sourceDisk(p.disk);
+    if (vm.meta.powerState !== 'Off') throw conflict(`${vm.name} is ${vm.meta.powerState}; writes need it Off`);
+    const pieces = receiveFrames(req, disk.sizeBytes, cutOf(p.host));
+    return { bytesWritten: await writePieces(pieces, (piece) => site.writeSourceDisk(vm, p.disk, piece)) };
+  });
+
+  // Replica side --------------------------------------------------------------------------------
+  app.put('/v1/hosts/:host/replicas/:replica', async (req) => {
+    const p = parse(P.replica, req.params, 'params');
+    const body = parse(z.strictObject({ sourceVm: id, disks: z.array(diskInfo).min(1).max(16) }), req.body, 'body');
+    return site.exclusive(p.replica, () => site.createReplica(p.host, p.replica, body.sourceVm, body.disks));
+  });
+  app.get('/v1/hosts/:host/replicas/:replica', (req) =>
+    replicaOf(parse(P.replica, req.params, 'params')).replicaInfo(),
+  );
+  app.get(
+    '/v1/hosts/:host/replicas/:replica/points',
+    (req) => replicaOf(parse(P.replica, req.params, 'params')).replicaInfo().points,
+  );
+  app.put('/v1/hosts/:host/replicas/:replica/points/:pointId', async (req) => {
+    const p = parse(P.point, req.params, 'params');
+    const body = parse(pointSpec, req.body, 'body');
+    return site.exclusive(p.replica, () => site.beginPoint(replicaOf(p), p.pointId, body));
+  });
+  app.post('/v1/hosts/:host/replicas/:replica/points/:pointId/disks/:disk/write', async (req) => {
+    const p = parse(P.pointDisk, req.params, 'params');
+    const vm = replicaOf(p);
+    const layer = site.openPointLayer(vm, p.pointId, p.disk);
+    const pieces = receiveFrames(req, layer.sizeBytes, cutOf(p.host));
+    return { bytesWritten: await writePieces(pieces, (piece) => layer.write(piece.offset, piece.data)) };
+  });
+  app.post('/v1/hosts/:host/replicas/:replica/points/:pointId/seal', async (req) => {
+    const p = parse(P.point, req.params, 'params');
+    return site.exclusive(p.replica, () => site.sealPoint(replicaOf(p), p.pointId));
+  });
+  app.post('/v1/hosts/:host/replicas/:replica/points/:pointId/merge', async (req) => {
+    const p = parse(P.point, req.params, 'params');
+    return site.exclusive(p.replica, () => site.mergeOldest(replicaOf(p), p.pointId));
+  });
+  app.post('/v1/hosts/:host/replicas/:replica/revert', async (req) => {
+    const p = parse(P.replica, req.params, 'params');
+    const body = parse(z.strictObject({ pointId: id }), req.body, 'body');
+    return site.exclusive(p.replica, () => site.revert(replicaOf(p), body.pointId));
+  });
+  app.post('/v1/hosts/:host/replicas/:replica/consolidate', async (req) => {
+    const p = parse(P.replica, req.params, 'params');
+    return site.exclusive(p.replica, () => site.consolidate(replicaOf(p)));
+  });
+  app.delete('/v1/hosts/:host/replicas/:replica/running-layer', async (req) => {
+    const p = parse(P.replica, req.params, 'params');
+    return site.exclusive(p.replica, () => site.discardRunning(replicaOf(p)));
+  });
+  app.post('/v1/hosts/:host/replicas/:replica/running-layer/seal', async (req) => {
+    const p = parse(P.replica, req.params, 'params');
+    const body = parse(pointSpec.extend({ pointId: id }), req.body, 'body');
+    const { pointId, ...spec } = body;
+    return site.exclusive(p.replica, () => site.sealRunning(replicaOf(p), pointId, spec));
+  });
+  app.get('/v1/hosts/:host/replicas/:replica/disks/:disk/running-extents', (req) => {
+    const p = parse(P.replicaDisk, req.params, 'params');
+    const q = parse(page, req.query, 'query');
+    return presentPage(replicaOf(p).replicaDisk(p.disk).running, q);
+  });
+  app.get('/v1/hosts/:host/replicas/:replica/points/:pointId/disks/:disk/extents', (req) => {
+    const p = parse(P.pointDisk, req.params, 'params');
+    const q = parse(page, req.query, 'query');
+    const vm = replicaOf(p);
+    vm.chainTo(p.pointId);
+    return presentPage(vm.replicaDisk(p.disk).points.get(p.pointId) ?? null, q);
+  });
+  app.post('/v1/hosts/:host/replicas/:replica/disks/:disk/read', (req, reply) => {
+    const p = parse(P.replicaDisk, req.params, 'params');
+    const body = parse(z.strictObject({ view, extents }), req.body, 'body');
+    const vm = replicaOf(p);
+    const disk = vm.replicaDisk(p.disk);
+    replicaView(vm, p.disk, body.view);
+    checkExtents(body.extents, disk.sizeBytes, 'body.extents');
+    const at = () => replicaView(vm, p.disk, body.view);
+    return streamFrames(
+      req,
+      reply,
+      body.extents,
+      (ring) => site.readExtents(disk.lock, at, body.extents, ring),
+      cutOf(p.host),
+    );
+  });
+  const viewFromQuery = (q: { pointId?: string | undefined }): ReplicaView =>
+    q.pointId !== undefined ? { pointId: q.pointId } : { running: true };
+  app.get('/v1/hosts/:host/replicas/:replica/disks/:disk/digests', async (req) => {
+    const p = parse(P.replicaDisk, req.params, 'params');
+    const q = parse(
+      z
+        .strictObject({ pointId: id.optional(), running: z.enum(['true']).optional(), ...blockRange })
+        .refine(
+          (v) => (v.pointId === undefined) !== (v.running === undefined),
+          'give exactly one of pointId or running=true',
+        ),
+      req.query,
+      'query',
+    );
+    const vm = replicaOf(p);
+    const disk = vm.replicaDisk(p.disk);
+    if (q.startBlock + q.count > disk.sizeBytes / BLOCK_SIZE)
+      throw badRequest('query.count', 'range ends past the disk');
+    const v = replicaView(vm, p.disk, viewFromQuery(q));
+    const digests = await disk.lock.run(() => digestView(v, q.startBlock, q.count));
+    return { algorithm: DIGEST_ALGORITHM, startBlock: q.startBlock, digests };
+  });
+  app.get('/v1/hosts/:host/replicas/:replica/canary', async (req) => {
+    const p = parse(P.replica, req.params, 'params');
+    const q = parse(viewQuery, req.query, 'query');
+    const vm = replicaOf(p);
+    return { sequence: await vm.canarySequence(replicaView(vm, vm.meta.disks[0]!.id, viewFromQuery(q))) };
+  });
+
+  // Backups -------------------------------------------------------------------------------------
+  app.get('/v1/backups', (req) => {
+    const q = parse(z.strictObject({ vm: id }), req.query, 'query');
+    return [...site.backups.values()].map((b) => b.meta).filter((b) => b.vm === q.vm);
+  });
+  const B = z.strictObject({ backupId: id, disk: id });
+  app.get('/v1/backups/:backupId/disks/:disk/extents', (req) => {
+    const p = parse(B, req.params, 'params');
+    const q = parse(page, req.query, 'query');
+    return presentPage(site.backupLayer(p.backupId, p.disk), q);
+  });
+  app.post('/v1/backups/:backupId/disks/:disk/read', (req, reply) => {
+    const p = parse(B, req.params, 'params');
+    const body = parse(z.strictObject({ extents }), req.body, 'body');
+    const layer = site.backupLayer(p.backupId, p.disk);
+    checkExtents(body.extents, layer.sizeBytes, 'body.extents');
+    const backupView: View = { layers: [], base: layer };
+    const unlocked = { run: <T>(fn: () => Promise<T>) => fn() };
+    return streamFrames(req, reply, body.extents, (ring) =>
+      site.readExtents(unlocked, () => backupView, body.extents, ring),
+    );
+  });
+
+  // Lab control (tests, demo, benchmarks): not part of the hypervisor port -----------------------
+  app.get('/v1/lab/status', () => ({ generation: site.generation, trackingLostAtStart: site.trackingLostAtStart }));
+  app.get('/v1/lab/faults', () => faults.list());
+  app.put('/v1/lab/faults/:host', (req) => {
+    const p = parse(P.host, req.params, 'params');
+    site.host(p.host);
+    const fault = parse(faultSchema, req.body, 'body');
+    faults.set(p.host, fault);
+    return faults.active(p.host);
+  });
+  app.delete('/v1/lab/faults/:host', (req, reply) => {
+    const p = parse(P.host, req.params, 'params');
+    const q = parse(
+      z.strictObject({ kind: z.enum(['unreachable', 'fail', 'slow', 'cut']).optional() }),
+      req.query,
+      'query',
+    );
+    faults.clear(p.host, q.kind);
+    return reply.code(204).send();
+  });
+  const labVm = (name: string): LabVm => {
+    const vm = site.vms.get(name);
+    if (!vm) throw new LabError(404, 'not_found', `VM ${name} not found`, 'vm');
+    return vm;
+  };
+  app.post('/v1/lab/vms/:vm/guest-writes', async (req) => {
+    const p = parse(z.strictObject({ vm: id }), req.params, 'params');
+    const vm = labVm(p.vm);
+    const disk = vm.meta.disks.find((d) => d.id === (req.body as { disk?: unknown } | undefined)?.disk);
+    const body = parse(
+      z.strictObject({
+        disk: id,
+        blocks: z
+          .array(
+            z
+              .number()
+              .int()
+              .nonnegative()
+              .max((disk?.sizeBytes ?? BLOCK_SIZE) / BLOCK_SIZE - 2),
+          )
+          .min(1)
+          .max(4096),
+      }),
+      req.body,
+      'body',
+    );
+    if (!disk) throw new LabError(404, 'not_found', `disk ${p.vm}/${body.disk} not found`, 'body.disk');
+    if (!vm.guest || vm.meta.powerState !== 'Running')
+      throw conflict(`${vm.name} is ${vm.meta.powerState}; its guest is not running`);
+    return { sequence: await vm.guest.writeBlocks(body.disk, body.blocks) };
+  });
+  app.get('/v1/lab/vms/:vm/disks/:disk/blocks/:block', async (req, reply) => {
+    const p = parse(
+      z.strictObject({ vm: id, disk: id, block: z.coerce.number().int().nonnegative() }),
+      req.params,
+      'params',
+    );
+    const vm = labVm(p.vm);
+    const v = vm.currentView(p.disk);
+    if (p.block >= v.base.blocks) throw badRequest('params.block', 'past the end of the disk');
+    const data = await readView(v, p.block * BLOCK_SIZE, BLOCK_SIZE);
+    return reply.type('application/octet-stream').send(data);
+  });
+  app.post('/v1/lab/vms/:vm/backups', async (req) => {
+    const vm = labVm(parse(z.strictObject({ vm: id }), req.params, 'params').vm);
+    if (vm.meta.kind !== 'source') throw conflict(`${vm.name} is a replica`);
+    return site.exclusive(vm.name, () => site.takeBackup(vm));
+  });
+
+  return app;
+}

@@ -1,0 +1,150 @@
+// A layer is one sparse file the size of the virtual disk plus a journal of the 64 KiB blocks it
+// holds. Source disks, checkpoint copy-on-write stores, restore points, running layers and backups
+// are all layers; a view of a disk is a stack of them over a base.
+
+import { open, unlink, type FileHandle } from 'node:fs/promises';
+import { BLOCK_SIZE } from '../../src/hypervisor/port';
+
+export class Layer {
+  /** Blocks this layer holds data for. */
+  readonly present = new Set<number>();
+  private journalBytes = 0;
+
+  private constructor(
+    readonly path: string,
+    readonly sizeBytes: number,
+    private readonly data: FileHandle,
+    private readonly journal: FileHandle,
+  ) {}
+
+  get blocks(): number {
+    return this.sizeBytes / BLOCK_SIZE;
+  }
+
+  /** Opens the layer's files, creating an empty sparse layer if they do not exist. */
+  static async open(path: string, sizeBytes: number): Promise<Layer> {
+    const data = await open(`${path}.img`, 'a+').then(async (h) => {
+      await h.close();
+      return open(`${path}.img`, 'r+');
+    });
+    const st = await data.stat();
+    if (st.size !== sizeBytes) await data.truncate(sizeBytes);
+    const journal = await open(`${path}.map`, 'a+').then(async (h) => {
+      await h.close();
+      return open(`${path}.map`, 'r+');
+    });
+    const layer = new Layer(path, sizeBytes, data, journal);
+    const raw = await journal.readFile();
+    // A record torn by a crash is ignored: its data write may not have completed either.
+    const whole = raw.length - (raw.length % 8);
+    for (let i = 0; i < whole; i += 8) {
+      const start = raw.readUInt32LE(i);
+      const count = raw.readUInt32LE(i + 4);
+      for (let b = start; b < start + count; b++) layer.present.add(b);
+    }
+    layer.journalBytes = whole;
+    return layer;
+  }
+
+  has(block: number): boolean {
+    return this.present.has(block);
+  }
+
+  /** Writes block-aligned data; journals blocks that are new to this layer after the data is written. */
+  async write(offset: number, data: Buffer): Promise<void> {
+    await this.writeAll(data, offset);
+    const first = offset / BLOCK_SIZE;
+    const count = data.length / BLOCK_SIZE;
+    const runs: number[] = [];
+    let runStart = -1;
+    for (let b = first; b < first + count; b++) {
+      const fresh = !this.present.has(b);
+      if (fresh) {
+        this.present.add(b);
+        if (runStart < 0) runStart = b;
+      }
+      if (runStart >= 0 && (!fresh || b === first + count - 1)) {
+        runs.push(runStart, (fresh ? b + 1 : b) - runStart);
+        runStart = -1;
+      }
+    }
+    if (runs.length === 0) return;
+    const rec = Buffer.allocUnsafe(runs.length * 4);
+    runs.forEach((v, i) => rec.writeUInt32LE(v, i * 4));
+    const at = this.journalBytes;
+    this.journalBytes += rec.length;
+    await this.journal.write(rec, 0, rec.length, at);
+  }
+
+  /** Reads raw bytes of this layer's file (zeros where it holds nothing). */
+  async read(offset: number, length: number, into?: Buffer, intoOffset = 0): Promise<Buffer> {
+    const buf = into ?? Buffer.allocUnsafe(length);
+    let done = 0;
+    while (done < length) {
+      const { bytesRead } = await this.data.read(buf, intoOffset + done, length - done, offset + done);
+      if (bytesRead === 0) {
+        buf.fill(0, intoOffset + done, intoOffset + length);
+        break;
+      }
+      done += bytesRead;
+    }
+    return buf;
+  }
+
+  async sync(): Promise<void> {
+    await this.data.datasync();
+    await this.journal.datasync();
+  }
+
+  async close(): Promise<void> {
+    await this.data.close().catch(() => undefined);
+    await this.journal.close().catch(() => undefined);
+  }
+
+  async destroy(): Promise<void> {
+    await this.close();
+    await unlink(`${this.path}.img`).catch(() => undefined);
+    await unlink(`${this.path}.map`).catch(() => undefined);
+  }
+
+  private async writeAll(data: Buffer, offset: number): Promise<void> {
+    let done = 0;
+    while (done < data.length) {
+      const { bytesWritten } = await this.data.write(data, done, data.length - done, offset + done);
+      done += bytesWritten;
+    }
+  }
+}
+
+/** Sorted ascending block numbers coalesced into byte extents, from `fromBlock`, at most `limit` extents. */
+export function blocksToExtents(
+  sortedBlocks: number[],
+  fromBlock: number,
+  limit: number,
+): { extents: { offset: number; length: number }[]; nextBlock: number | null } {
+  const extents: { offset: number; length: number }[] = [];
+  let i = lowerBound(sortedBlocks, fromBlock);
+  while (i < sortedBlocks.length) {
+    if (extents.length === limit) return { extents, nextBlock: sortedBlocks[i]! };
+    const start = sortedBlocks[i]!;
+    let end = start + 1;
+    i++;
+    while (i < sortedBlocks.length && sortedBlocks[i] === end) {
+      end++;
+      i++;
+    }
+    extents.push({ offset: start * BLOCK_SIZE, length: (end - start) * BLOCK_SIZE });
+  }
+  return { extents, nextBlock: null };
+}
+
+function lowerBound(a: number[], v: number): number {
+  let lo = 0;
+  let hi = a.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (a[mid]! < v) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}

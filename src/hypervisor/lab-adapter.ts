@@ -1,0 +1,730 @@
+// The hypervisor port over the lab site's HTTP API. Control calls are JSON; block data travels as
+// frames (lab-protocol.ts) streamed in both directions. Network and HTTP failures become the
+// port's error classes so activities can decide what to retry.
+
+import http from 'node:http';
+import { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import {
+  BadRequestError,
+  ConflictError,
+  HostFailureError,
+  HostTimeoutError,
+  HostUnreachableError,
+  HypervisorError,
+  NotFoundError,
+  TrackingLostError,
+  TransferInterruptedError,
+} from './errors';
+import { decodeFrames, encodeFrames, type LabErrorBody } from './lab-protocol';
+import type {
+  BackupPointInfo,
+  BackupRef,
+  BlockDigests,
+  BlockRange,
+  CallOptions,
+  CanaryReading,
+  CheckpointInfo,
+  DiskInfo,
+  DiskRef,
+  Extent,
+  ExtentData,
+  ExtentPage,
+  HostInfo,
+  HypervisorPort,
+  PageRequest,
+  PowerResult,
+  ReferencePointInfo,
+  ReplicaDiskRef,
+  ReplicaInfo,
+  ReplicaRef,
+  ReplicaView,
+  RestorePointInfo,
+  RestorePointSpec,
+  ShutdownResult,
+  TransferOptions,
+  VmInfo,
+  VmRef,
+  WriteResult,
+} from './port';
+
+export interface LabClientOptions {
+  /** Base URL of the lab, e.g. http://127.0.0.1:7300 */
+  url: string;
+  /** Deadline of a control call (power calls add the guest's own timeout). Default 30 s. */
+  timeoutMs?: number;
+  /** A block stream that stays silent this long is treated as broken. Default 30 s. */
+  idleTimeoutMs?: number;
+}
+
+interface RequestSpec {
+  method: string;
+  path: string;
+  /** The host the call is about, for error messages. */
+  host?: string;
+  query?: Record<string, string | number | undefined>;
+  json?: unknown;
+  body?: AsyncIterable<Buffer>;
+  /** Length of `body` when known: sent as content-length instead of chunked encoding. */
+  bodyLength?: number;
+  onProgress?: (bytes: number) => void;
+  timeoutMs?: number;
+  signal?: AbortSignal;
+}
+
+const seg = encodeURIComponent;
+
+/**
+ * A block stream read from the lab. Iterating it decodes extents; when it is handed straight to
+ * one of the lab's write calls, its framed bytes are forwarded as they are (the proxy copies
+ * without decoding and re-encoding, like splice).
+ */
+class LabBlockStream implements AsyncIterable<ExtentData> {
+  private claimed = false;
+
+  constructor(
+    private readonly transport: LabTransport,
+    private readonly spec: RequestSpec,
+  ) {}
+
+  [Symbol.asyncIterator](): AsyncIterator<ExtentData> {
+    this.claim();
+    return this.transport.frames(this.spec);
+  }
+
+  /** Starts the read; resolves once the lab answered, with the framed bytes and their length. */
+  async raw(): Promise<{ bytes: AsyncIterable<Buffer>; length?: number }> {
+    this.claim();
+    return this.transport.openFrames(this.spec);
+  }
+
+  private claim(): void {
+    if (this.claimed) throw new Error('a lab block stream can be consumed once');
+    this.claimed = true;
+  }
+}
+
+/** HTTP transport shared by the port adapter and the lab control client. */
+class LabTransport {
+  private readonly base: URL;
+  private readonly agent = new http.Agent({ keepAlive: true, maxSockets: 32 });
+  readonly timeoutMs: number;
+  private readonly idleTimeoutMs: number;
+
+  constructor(options: LabClientOptions) {
+    this.base = new URL(options.url);
+    this.timeoutMs = options.timeoutMs ?? 30_000;
+    this.idleTimeoutMs = options.idleTimeoutMs ?? 30_000;
+  }
+
+  close(): void {
+    this.agent.destroy();
+  }
+
+  /** Sends a request; resolves with a 2xx response, or throws the mapped HypervisorError. */
+  async send(spec: RequestSpec, streaming = false): Promise<http.IncomingMessage> {
+    const url = new URL(spec.path, this.base);
+    for (const [k, v] of Object.entries(spec.query ?? {})) if (v !== undefined) url.searchParams.set(k, String(v));
+    // Streams get an idle timeout only; control calls also get an overall deadline.
+    const signals = [spec.signal, streaming ? undefined : AbortSignal.timeout(spec.timeoutMs ?? this.timeoutMs)].filter(
+      (s): s is AbortSignal => s !== undefined,
+    );
+    const signal = signals.length > 0 ? AbortSignal.any(signals) : undefined;
+    const what = `${spec.method} ${url.pathname}`;
+    let bodyBytes = 0;
+    const res = await new Promise<http.IncomingMessage>((resolve, reject) => {
+      const headers: Record<string, string> = {};
+      let payload: Buffer | undefined;
+      if (spec.json !== undefined) {
+        payload = Buffer.from(JSON.stringify(spec.json));
+        headers['content-type'] = 'application/json';
+        headers['content-length'] = String(payload.length);
+      } else if (spec.body) {
+        headers['content-type'] = 'application/octet-stream';
+        if (spec.bodyLength !== undefined) headers['content-length'] = String(spec.bodyLength);
+      }
+      const req = http.request(url, {
+        method: spec.method,
+        headers,
+        agent: this.agent,
+        signal,
+        timeout: this.idleTimeoutMs,
+      });
+      let settled = false;
+      const fail = (err: unknown): void => {
+        if (settled) return;
+        settled = true;
+        reject(this.networkError(err, spec, what, bodyBytes > 0, signal));
+      };
+      req.on('timeout', () =>
+        req.destroy(new HostTimeoutError(`${what}: no answer for ${this.idleTimeoutMs} ms`, { host: spec.host })),
+      );
+      req.on('error', fail);
+      req.on('response', (r) => {
+        settled = true;
+        resolve(r);
+      });
+      if (spec.body) {
+        const source = spec.body;
+        async function* counted(): AsyncGenerator<Buffer> {
+          for await (const chunk of source) {
+            bodyBytes += chunk.length;
+            spec.onProgress?.(bodyBytes);
+            yield chunk;
+          }
+        }
+        // An upload error surfaces through the request's 'error' event (or is moot once answered).
+        pipeline(Readable.from(counted()), req).catch((e: unknown) => {
+          if (!settled) {
+            req.destroy();
+            fail(e);
+          }
+        });
+      } else req.end(payload);
+    });
+    if (res.statusCode !== undefined && res.statusCode >= 400) throw await this.httpError(res, spec, what);
+    return res;
+  }
+
+  async json<T>(spec: RequestSpec): Promise<T> {
+    const res = await this.send(spec);
+    const raw = await this.readAll(res, spec, `${spec.method} ${spec.path}`);
+    return (raw.length === 0 ? undefined : JSON.parse(raw.toString('utf8'))) as T;
+  }
+
+  async readAll(res: http.IncomingMessage, spec: RequestSpec, what: string): Promise<Buffer> {
+    try {
+      const chunks: Buffer[] = [];
+      for await (const c of res as AsyncIterable<Buffer>) chunks.push(c);
+      return Buffer.concat(chunks);
+    } catch (e) {
+      throw new TransferInterruptedError(`${what}: answer cut short`, { host: spec.host, cause: e });
+    }
+  }
+
+  /** Streams frames of an answer; a broken or truncated stream is a TransferInterruptedError. */
+  async *frames(spec: RequestSpec): AsyncGenerator<ExtentData> {
+    for await (const { offset, data } of decodeFrames(this.rawFrames(spec))) yield { offset, data };
+  }
+
+  /** The framed bytes of an answer as they arrive; they are checked by whoever decodes them. */
+  async *rawFrames(spec: RequestSpec): AsyncGenerator<Buffer> {
+    const { bytes } = await this.openFrames(spec);
+    yield* bytes;
+  }
+
+  async openFrames(spec: RequestSpec): Promise<{ bytes: AsyncIterable<Buffer>; length?: number }> {
+    const res = await this.send(spec, true);
+    const header = res.headers['content-length'];
+    return { bytes: this.bodyOf(res, spec), length: header === undefined ? undefined : Number(header) };
+  }
+
+  private async *bodyOf(res: http.IncomingMessage, spec: RequestSpec): AsyncGenerator<Buffer> {
+    const what = `${spec.method} ${spec.path}`;
+    try {
+      yield* res as AsyncIterable<Buffer>;
+    } catch (e) {
+      if (e instanceof HypervisorError) throw e;
+      if (spec.signal?.aborted) throw asError(spec.signal.reason);
+      throw new TransferInterruptedError(`${what}: block stream broken (${(e as Error).message})`, {
+        host: spec.host,
+        cause: e,
+      });
+    } finally {
+      res.destroy();
+    }
+  }
+
+  private networkError(err: unknown, spec: RequestSpec, what: string, sentBody: boolean, signal?: AbortSignal): Error {
+    if (err instanceof HypervisorError) return err;
+    if (spec.signal?.aborted) return asError(spec.signal.reason);
+    if (signal?.aborted)
+      return new HostTimeoutError(`${what}: no answer within ${spec.timeoutMs ?? this.timeoutMs} ms`, {
+        host: spec.host,
+        cause: err,
+      });
+    const code = (err as NodeJS.ErrnoException).code ?? '';
+    const message = `${what}: ${(err as Error).message}${code ? ` (${code})` : ''}`;
+    if (sentBody)
+      return new TransferInterruptedError(`${message} after part of the upload`, { host: spec.host, cause: err });
+    return new HostUnreachableError(`host ${spec.host ?? this.base.host} unreachable: ${message}`, {
+      host: spec.host,
+      cause: err,
+    });
+  }
+
+  private async httpError(res: http.IncomingMessage, spec: RequestSpec, what: string): Promise<HypervisorError> {
+    const raw = await this.readAll(res, spec, what).catch(() => Buffer.alloc(0));
+    const body = parseErrorBody(raw);
+    const message = `${what}: ${body.message ?? `HTTP ${res.statusCode}`}`;
+    const opts = { host: spec.host };
+    const status = res.statusCode ?? 500;
+    if (body.code === 'tracking_lost') return new TrackingLostError(message, opts);
+    if (status === 404) return new NotFoundError(message, opts);
+    if (status === 409) return new ConflictError(message, opts);
+    if (status >= 400 && status < 500) return new BadRequestError(message, { ...opts, field: body.field });
+    return new HostFailureError(message, opts);
+  }
+}
+
+/** The caller's abort reason, as an Error (AbortSignal reasons can be anything). */
+function asError(reason: unknown): Error {
+  return reason instanceof Error ? reason : new Error(String(reason));
+}
+
+function parseErrorBody(raw: Buffer): Partial<LabErrorBody['error']> {
+  try {
+    return (JSON.parse(raw.toString('utf8')) as LabErrorBody).error ?? {};
+  } catch {
+    return { message: raw.toString('utf8').slice(0, 200) };
+  }
+}
+
+function pageQuery(page?: PageRequest): Record<string, string | number | undefined> {
+  return { cursor: page?.cursor, limit: page?.limit };
+}
+
+function viewQuery(view: ReplicaView): Record<string, string> {
+  return 'pointId' in view ? { pointId: view.pointId } : { running: 'true' };
+}
+
+export class LabHypervisor implements HypervisorPort {
+  private readonly t: LabTransport;
+
+  constructor(options: LabClientOptions) {
+    this.t = new LabTransport(options);
+  }
+
+  /** Releases pooled connections. */
+  close(): void {
+    this.t.close();
+  }
+
+  private vmPath(ref: VmRef): string {
+    return `/v1/hosts/${seg(ref.host)}/vms/${seg(ref.vm)}`;
+  }
+
+  private replicaPath(ref: ReplicaRef): string {
+    return `/v1/hosts/${seg(ref.host)}/replicas/${seg(ref.replica)}`;
+  }
+
+  listHosts(o?: CallOptions): Promise<HostInfo[]> {
+    return this.t.json({ method: 'GET', path: '/v1/hosts', signal: o?.signal });
+  }
+
+  listVms(host: string, o?: CallOptions): Promise<VmInfo[]> {
+    return this.t.json({ method: 'GET', path: `/v1/hosts/${seg(host)}/vms`, host, signal: o?.signal });
+  }
+
+  getVm(ref: VmRef, o?: CallOptions): Promise<VmInfo> {
+    return this.t.json({ method: 'GET', path: this.vmPath(ref), host: ref.host, signal: o?.signal });
+  }
+
+  createVm(ref: VmRef, disks: DiskInfo[], o?: CallOptions): Promise<VmInfo> {
+    return this.t.json({ method: 'PUT', path: this.vmPath(ref), host: ref.host, json: { disks }, signal: o?.signal });
+  }
+
+  shutdownGuest(ref: VmRef, timeoutMs: number, o?: CallOptions): Promise<ShutdownResult> {
+    return this.t.json({
+      method: 'POST',
+      path: `${this.vmPath(ref)}/power`,
+      host: ref.host,
+      json: { action: 'shutdown', timeoutMs },
+      timeoutMs: this.t.timeoutMs + timeoutMs,
+      signal: o?.signal,
+    });
+  }
+
+  powerOff(ref: VmRef, o?: CallOptions): Promise<PowerResult> {
+    return this.power(ref, 'off', o);
+  }
+
+  powerOn(ref: VmRef, o?: CallOptions): Promise<PowerResult> {
+    return this.power(ref, 'on', o);
+  }
+
+  private power(ref: VmRef, action: 'on' | 'off', o?: CallOptions): Promise<PowerResult> {
+    return this.t.json({
+      method: 'POST',
+      path: `${this.vmPath(ref)}/power`,
+      host: ref.host,
+      json: { action },
+      signal: o?.signal,
+    });
+  }
+
+  createCheckpoint(ref: VmRef, checkpointId: string, o?: CallOptions): Promise<CheckpointInfo> {
+    return this.t.json({
+      method: 'PUT',
+      path: `${this.vmPath(ref)}/checkpoints/${seg(checkpointId)}`,
+      host: ref.host,
+      signal: o?.signal,
+    });
+  }
+
+  async deleteCheckpoint(ref: VmRef, checkpointId: string, o?: CallOptions): Promise<void> {
+    await this.t.json({
+      method: 'DELETE',
+      path: `${this.vmPath(ref)}/checkpoints/${seg(checkpointId)}`,
+      host: ref.host,
+      signal: o?.signal,
+    });
+  }
+
+  createReferencePoint(
+    ref: VmRef,
+    referencePointId: string,
+    checkpointId: string,
+    o?: CallOptions,
+  ): Promise<ReferencePointInfo> {
+    return this.t.json({
+      method: 'PUT',
+      path: `${this.vmPath(ref)}/reference-points/${seg(referencePointId)}`,
+      host: ref.host,
+      json: { checkpointId },
+      signal: o?.signal,
+    });
+  }
+
+  listReferencePoints(ref: VmRef, o?: CallOptions): Promise<ReferencePointInfo[]> {
+    return this.t.json({
+      method: 'GET',
+      path: `${this.vmPath(ref)}/reference-points`,
+      host: ref.host,
+      signal: o?.signal,
+    });
+  }
+
+  async deleteReferencePoint(ref: VmRef, referencePointId: string, o?: CallOptions): Promise<void> {
+    await this.t.json({
+      method: 'DELETE',
+      path: `${this.vmPath(ref)}/reference-points/${seg(referencePointId)}`,
+      host: ref.host,
+      signal: o?.signal,
+    });
+  }
+
+  listChangedExtents(
+    ref: DiskRef,
+    range: { referencePointId: string; checkpointId: string },
+    page?: PageRequest,
+    o?: CallOptions,
+  ): Promise<ExtentPage> {
+    return this.t.json({
+      method: 'GET',
+      path: `${this.vmPath(ref)}/disks/${seg(ref.disk)}/changes`,
+      host: ref.host,
+      query: { ...range, ...pageQuery(page) },
+      signal: o?.signal,
+    });
+  }
+
+  listAllocatedExtents(ref: DiskRef, checkpointId: string, page?: PageRequest, o?: CallOptions): Promise<ExtentPage> {
+    return this.t.json({
+      method: 'GET',
+      path: `${this.vmPath(ref)}/disks/${seg(ref.disk)}/allocated`,
+      host: ref.host,
+      query: { checkpointId, ...pageQuery(page) },
+      signal: o?.signal,
+    });
+  }
+
+  blockDigests(ref: DiskRef, checkpointId: string, range: BlockRange, o?: CallOptions): Promise<BlockDigests> {
+    return this.t.json({
+      method: 'GET',
+      path: `${this.vmPath(ref)}/disks/${seg(ref.disk)}/digests`,
+      host: ref.host,
+      query: { checkpointId, ...range },
+      signal: o?.signal,
+    });
+  }
+
+  readExtents(ref: DiskRef, checkpointId: string, extents: Extent[], o?: CallOptions): AsyncIterable<ExtentData> {
+    return new LabBlockStream(this.t, {
+      method: 'POST',
+      path: `${this.vmPath(ref)}/disks/${seg(ref.disk)}/read`,
+      host: ref.host,
+      json: { checkpointId, extents },
+      signal: o?.signal,
+    });
+  }
+
+  readCanary(ref: VmRef, checkpointId: string, o?: CallOptions): Promise<CanaryReading> {
+    return this.t.json({
+      method: 'GET',
+      path: `${this.vmPath(ref)}/canary`,
+      host: ref.host,
+      query: { checkpointId },
+      signal: o?.signal,
+    });
+  }
+
+  async writeExtents(ref: DiskRef, data: AsyncIterable<ExtentData>, o?: TransferOptions): Promise<WriteResult> {
+    return this.uploadJson(`${this.vmPath(ref)}/disks/${seg(ref.disk)}/write`, ref.host, data, o);
+  }
+
+  createReplica(ref: ReplicaRef, spec: { sourceVm: string; disks: DiskInfo[] }, o?: CallOptions): Promise<ReplicaInfo> {
+    return this.t.json({ method: 'PUT', path: this.replicaPath(ref), host: ref.host, json: spec, signal: o?.signal });
+  }
+
+  getReplica(ref: ReplicaRef, o?: CallOptions): Promise<ReplicaInfo> {
+    return this.t.json({ method: 'GET', path: this.replicaPath(ref), host: ref.host, signal: o?.signal });
+  }
+
+  beginRestorePoint(
+    ref: ReplicaRef,
+    pointId: string,
+    spec: RestorePointSpec,
+    o?: CallOptions,
+  ): Promise<RestorePointInfo> {
+    return this.t.json({
+      method: 'PUT',
+      path: `${this.replicaPath(ref)}/points/${seg(pointId)}`,
+      host: ref.host,
+      json: spec,
+      signal: o?.signal,
+    });
+  }
+
+  writeRestorePoint(
+    ref: ReplicaDiskRef,
+    pointId: string,
+    data: AsyncIterable<ExtentData>,
+    o?: TransferOptions,
+  ): Promise<WriteResult> {
+    return this.uploadJson(
+      `${this.replicaPath(ref)}/points/${seg(pointId)}/disks/${seg(ref.disk)}/write`,
+      ref.host,
+      data,
+      o,
+    );
+  }
+
+  sealRestorePoint(ref: ReplicaRef, pointId: string, o?: CallOptions): Promise<RestorePointInfo> {
+    return this.t.json({
+      method: 'POST',
+      path: `${this.replicaPath(ref)}/points/${seg(pointId)}/seal`,
+      host: ref.host,
+      signal: o?.signal,
+    });
+  }
+
+  listRestorePoints(ref: ReplicaRef, o?: CallOptions): Promise<RestorePointInfo[]> {
+    return this.t.json({ method: 'GET', path: `${this.replicaPath(ref)}/points`, host: ref.host, signal: o?.signal });
+  }
+
+  revertReplica(ref: ReplicaRef, pointId: string, o?: CallOptions): Promise<ReplicaInfo> {
+    return this.t.json({
+      method: 'POST',
+      path: `${this.replicaPath(ref)}/revert`,
+      host: ref.host,
+      json: { pointId },
+      signal: o?.signal,
+    });
+  }
+
+  mergeOldestRestorePoint(ref: ReplicaRef, pointId: string, o?: CallOptions): Promise<ReplicaInfo> {
+    return this.t.json({
+      method: 'POST',
+      path: `${this.replicaPath(ref)}/points/${seg(pointId)}/merge`,
+      host: ref.host,
+      signal: o?.signal,
+    });
+  }
+
+  consolidateReplica(ref: ReplicaRef, o?: CallOptions): Promise<ReplicaInfo> {
+    return this.t.json({
+      method: 'POST',
+      path: `${this.replicaPath(ref)}/consolidate`,
+      host: ref.host,
+      signal: o?.signal,
+    });
+  }
+
+  discardRunningLayer(ref: ReplicaRef, o?: CallOptions): Promise<ReplicaInfo> {
+    return this.t.json({
+      method: 'DELETE',
+      path: `${this.replicaPath(ref)}/running-layer`,
+      host: ref.host,
+      signal: o?.signal,
+    });
+  }
+
+  sealRunningLayer(
+    ref: ReplicaRef,
+    pointId: string,
+    spec: RestorePointSpec,
+    o?: CallOptions,
+  ): Promise<RestorePointInfo> {
+    return this.t.json({
+      method: 'POST',
+      path: `${this.replicaPath(ref)}/running-layer/seal`,
+      host: ref.host,
+      json: { pointId, ...spec },
+      signal: o?.signal,
+    });
+  }
+
+  listRunningLayerExtents(ref: ReplicaDiskRef, page?: PageRequest, o?: CallOptions): Promise<ExtentPage> {
+    return this.t.json({
+      method: 'GET',
+      path: `${this.replicaPath(ref)}/disks/${seg(ref.disk)}/running-extents`,
+      host: ref.host,
+      query: pageQuery(page),
+      signal: o?.signal,
+    });
+  }
+
+  listRestorePointExtents(
+    ref: ReplicaDiskRef,
+    pointId: string,
+    page?: PageRequest,
+    o?: CallOptions,
+  ): Promise<ExtentPage> {
+    return this.t.json({
+      method: 'GET',
+      path: `${this.replicaPath(ref)}/points/${seg(pointId)}/disks/${seg(ref.disk)}/extents`,
+      host: ref.host,
+      query: pageQuery(page),
+      signal: o?.signal,
+    });
+  }
+
+  readReplicaExtents(
+    ref: ReplicaDiskRef,
+    view: ReplicaView,
+    extents: Extent[],
+    o?: CallOptions,
+  ): AsyncIterable<ExtentData> {
+    return new LabBlockStream(this.t, {
+      method: 'POST',
+      path: `${this.replicaPath(ref)}/disks/${seg(ref.disk)}/read`,
+      host: ref.host,
+      json: { view, extents },
+      signal: o?.signal,
+    });
+  }
+
+  replicaBlockDigests(
+    ref: ReplicaDiskRef,
+    view: ReplicaView,
+    range: BlockRange,
+    o?: CallOptions,
+  ): Promise<BlockDigests> {
+    return this.t.json({
+      method: 'GET',
+      path: `${this.replicaPath(ref)}/disks/${seg(ref.disk)}/digests`,
+      host: ref.host,
+      query: { ...viewQuery(view), ...range },
+      signal: o?.signal,
+    });
+  }
+
+  readReplicaCanary(ref: ReplicaRef, view: ReplicaView, o?: CallOptions): Promise<CanaryReading> {
+    return this.t.json({
+      method: 'GET',
+      path: `${this.replicaPath(ref)}/canary`,
+      host: ref.host,
+      query: viewQuery(view),
+      signal: o?.signal,
+    });
+  }
+
+  listBackups(vm: string, o?: CallOptions): Promise<BackupPointInfo[]> {
+    return this.t.json({ method: 'GET', path: '/v1/backups', query: { vm }, signal: o?.signal });
+  }
+
+  listBackupExtents(ref: BackupRef, page?: PageRequest, o?: CallOptions): Promise<ExtentPage> {
+    return this.t.json({
+      method: 'GET',
+      path: `/v1/backups/${seg(ref.backupId)}/disks/${seg(ref.disk)}/extents`,
+      query: pageQuery(page),
+      signal: o?.signal,
+    });
+  }
+
+  readBackupExtents(ref: BackupRef, extents: Extent[], o?: CallOptions): AsyncIterable<ExtentData> {
+    return new LabBlockStream(this.t, {
+      method: 'POST',
+      path: `/v1/backups/${seg(ref.backupId)}/disks/${seg(ref.disk)}/read`,
+      json: { extents },
+      signal: o?.signal,
+    });
+  }
+
+  private async uploadJson(
+    path: string,
+    host: string,
+    data: AsyncIterable<ExtentData>,
+    o?: TransferOptions,
+  ): Promise<WriteResult> {
+    // A lab block stream is forwarded as framed bytes; anything else is framed here.
+    const source = data instanceof LabBlockStream ? await data.raw() : { bytes: encodeFrames(data), length: undefined };
+    const res = await this.t.send(
+      {
+        method: 'POST',
+        path,
+        host,
+        body: source.bytes,
+        bodyLength: source.length,
+        signal: o?.signal,
+        onProgress: o?.onProgress,
+      },
+      true,
+    );
+    const raw = await this.t.readAll(res, { method: 'POST', path, host }, `POST ${path}`);
+    return JSON.parse(raw.toString('utf8')) as WriteResult;
+  }
+}
+
+/** The lab's own controls for tests, the demo and benchmarks; deliberately not part of the port. */
+export type LabFault =
+  | { kind: 'unreachable'; durationMs?: number }
+  | { kind: 'fail'; status?: number; durationMs?: number }
+  | { kind: 'slow'; latencyMs: number; durationMs?: number }
+  | { kind: 'cut'; afterBytes: number; durationMs?: number };
+
+export class LabControl {
+  private readonly t: LabTransport;
+
+  constructor(options: LabClientOptions) {
+    this.t = new LabTransport(options);
+  }
+
+  close(): void {
+    this.t.close();
+  }
+
+  async setFault(host: string, fault: LabFault): Promise<void> {
+    await this.t.json({ method: 'PUT', path: `/v1/lab/faults/${seg(host)}`, json: fault });
+  }
+
+  async clearFaults(host: string, kind?: LabFault['kind']): Promise<void> {
+    await this.t.json({ method: 'DELETE', path: `/v1/lab/faults/${seg(host)}`, query: { kind } });
+  }
+
+  /** Makes the VM's running guest write these blocks now; returns its last sequence number. */
+  async guestWrite(vm: string, disk: string, blocks: number[]): Promise<number> {
+    const r = await this.t.json<{ sequence: number }>({
+      method: 'POST',
+      path: `/v1/lab/vms/${seg(vm)}/guest-writes`,
+      json: { disk, blocks },
+    });
+    return r.sequence;
+  }
+
+  /** The block as the VM sees it now (source disk, or a replica's running state). */
+  async readBlock(vm: string, disk: string, block: number): Promise<Buffer> {
+    const path = `/v1/lab/vms/${seg(vm)}/disks/${seg(disk)}/blocks/${block}`;
+    const res = await this.t.send({ method: 'GET', path });
+    return this.t.readAll(res, { method: 'GET', path }, `GET ${path}`);
+  }
+
+  takeBackup(vm: string): Promise<BackupPointInfo> {
+    return this.t.json({ method: 'POST', path: `/v1/lab/vms/${seg(vm)}/backups` });
+  }
+
+  status(): Promise<{ generation: number; trackingLostAtStart: boolean }> {
+    return this.t.json({ method: 'GET', path: '/v1/lab/status' });
+  }
+}

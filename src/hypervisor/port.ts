@@ -1,0 +1,287 @@
+// The hypervisor port: what the orchestrator needs from Hyper-V, KVM or the lab site.
+// Shaped after the real primitives: Hyper-V checkpoints + RCT reference points + Replica
+// recovery points, QEMU external snapshots + persistent dirty bitmaps. Offsets and lengths are
+// bytes, always multiples of BLOCK_SIZE (the change-tracking granularity).
+
+export const BLOCK_SIZE = 65536;
+
+export type PowerState = 'Running' | 'Off' | 'Starting' | 'Stopping';
+export type SiteRole = 'production' | 'dr';
+
+export interface HostInfo {
+  name: string;
+  site: string;
+  role: SiteRole;
+}
+
+export interface DiskInfo {
+  id: string;
+  sizeBytes: number;
+}
+
+export interface VmInfo {
+  name: string;
+  host: string;
+  /** `replica` VMs live on DR hosts and are managed through the replica methods. */
+  kind: 'source' | 'replica';
+  powerState: PowerState;
+  disks: DiskInfo[];
+}
+
+export interface VmRef {
+  host: string;
+  vm: string;
+}
+
+export interface DiskRef extends VmRef {
+  disk: string;
+}
+
+export interface ReplicaRef {
+  host: string;
+  replica: string;
+}
+
+export interface ReplicaDiskRef extends ReplicaRef {
+  disk: string;
+}
+
+export interface Extent {
+  offset: number;
+  length: number;
+}
+
+/** One page of extents, in ascending offset order; pass `nextCursor` back for the next page. */
+export interface ExtentPage {
+  extents: Extent[];
+  nextCursor?: string;
+}
+
+export interface PageRequest {
+  cursor?: string;
+  /** Maximum extents per page. */
+  limit?: number;
+}
+
+/** A run of block data; `data.length` is a multiple of BLOCK_SIZE. */
+export interface ExtentData {
+  offset: number;
+  data: Buffer;
+}
+
+export interface CallOptions {
+  signal?: AbortSignal;
+}
+
+export interface TransferOptions extends CallOptions {
+  /** Called as block data goes out, with the running byte total (for activity heartbeats). */
+  onProgress?: (bytes: number) => void;
+}
+
+export interface PowerResult {
+  state: PowerState;
+  /** True when the VM already was in the requested state: nothing was done. */
+  alreadyInState: boolean;
+}
+
+export interface ShutdownResult {
+  /** `timed-out`: the guest is still shutting down; the caller decides whether to power off hard. */
+  outcome: 'off' | 'already-off' | 'timed-out';
+  state: PowerState;
+}
+
+export interface CheckpointInfo {
+  id: string;
+  vm: string;
+  createdAt: string;
+}
+
+export interface ReferencePointInfo {
+  id: string;
+  vm: string;
+  checkpointId: string;
+  createdAt: string;
+  /** False once the host lost change tracking for it (unclean stop): use digests instead. */
+  trackingValid: boolean;
+}
+
+export interface BlockDigests {
+  /** Fast hash of each BLOCK_SIZE block; equal on both sides means equal content. */
+  algorithm: string;
+  startBlock: number;
+  digests: string[];
+}
+
+export interface BlockRange {
+  startBlock: number;
+  count: number;
+}
+
+/** Which state of a replica to look at: a restore point, or its running state after failover. */
+export type ReplicaView = { pointId: string } | { running: true };
+
+export type RestorePointKind = 'regular' | 'planned-failover-helper' | 'failback-protective' | (string & {});
+
+export interface RestorePointSpec {
+  kind: RestorePointKind;
+  crashConsistent: boolean;
+  /** Caller's own facts about the point (job run, session, source checkpoint...). */
+  metadata?: Record<string, string>;
+}
+
+export interface RestorePointInfo {
+  id: string;
+  createdAt: string;
+  kind: RestorePointKind;
+  crashConsistent: boolean;
+  metadata: Record<string, string>;
+  bytesWritten: number;
+  sealed: boolean;
+}
+
+export interface ReplicaInfo {
+  name: string;
+  host: string;
+  sourceVm: string;
+  powerState: PowerState;
+  disks: DiskInfo[];
+  /** Oldest first. */
+  points: RestorePointInfo[];
+  /** The point the replica shows (and boots from); the newest sealed point unless reverted. */
+  headPointId: string | null;
+  hasRunningLayer: boolean;
+}
+
+export interface WriteResult {
+  bytesWritten: number;
+}
+
+export interface CanaryReading {
+  /** Last guest write sequence number persisted on the VM's disks (0: the guest never wrote). */
+  sequence: number;
+}
+
+export interface BackupPointInfo {
+  id: string;
+  vm: string;
+  createdAt: string;
+  disks: DiskInfo[];
+}
+
+export interface BackupRef {
+  backupId: string;
+  disk: string;
+}
+
+export interface HypervisorPort {
+  // Inventory
+  listHosts(options?: CallOptions): Promise<HostInfo[]>;
+  listVms(host: string, options?: CallOptions): Promise<VmInfo[]>;
+  getVm(ref: VmRef, options?: CallOptions): Promise<VmInfo>;
+  /** Creates an empty VM on a production host (failback to a new VM); idempotent for the same disks. */
+  createVm(ref: VmRef, disks: DiskInfo[], options?: CallOptions): Promise<VmInfo>;
+
+  // Power (source and replica VMs alike; every call is idempotent)
+  shutdownGuest(ref: VmRef, timeoutMs: number, options?: CallOptions): Promise<ShutdownResult>;
+  powerOff(ref: VmRef, options?: CallOptions): Promise<PowerResult>;
+  powerOn(ref: VmRef, options?: CallOptions): Promise<PowerResult>;
+
+  // Checkpoints and change tracking on a source VM
+  /** Consistent point-in-time view of every disk while the guest keeps writing; idempotent by id. */
+  createCheckpoint(ref: VmRef, checkpointId: string, options?: CallOptions): Promise<CheckpointInfo>;
+  deleteCheckpoint(ref: VmRef, checkpointId: string, options?: CallOptions): Promise<void>;
+  /** Marks the checkpoint's state as the base for later change queries (like an RCT reference point). */
+  createReferencePoint(
+    ref: VmRef,
+    referencePointId: string,
+    checkpointId: string,
+    options?: CallOptions,
+  ): Promise<ReferencePointInfo>;
+  listReferencePoints(ref: VmRef, options?: CallOptions): Promise<ReferencePointInfo[]>;
+  deleteReferencePoint(ref: VmRef, referencePointId: string, options?: CallOptions): Promise<void>;
+  /** Blocks changed between a reference point and a later checkpoint; throws TrackingLostError. */
+  listChangedExtents(
+    ref: DiskRef,
+    range: { referencePointId: string; checkpointId: string },
+    page?: PageRequest,
+    options?: CallOptions,
+  ): Promise<ExtentPage>;
+  /** Every block that may hold data at the checkpoint (for a first full copy of a sparse disk). */
+  listAllocatedExtents(
+    ref: DiskRef,
+    checkpointId: string,
+    page?: PageRequest,
+    options?: CallOptions,
+  ): Promise<ExtentPage>;
+  blockDigests(ref: DiskRef, checkpointId: string, range: BlockRange, options?: CallOptions): Promise<BlockDigests>;
+  readExtents(ref: DiskRef, checkpointId: string, extents: Extent[], options?: CallOptions): AsyncIterable<ExtentData>;
+  readCanary(ref: VmRef, checkpointId: string, options?: CallOptions): Promise<CanaryReading>;
+  /** Writes blocks into a powered-off VM's disk (failback ships the replica's changes back). */
+  writeExtents(ref: DiskRef, data: AsyncIterable<ExtentData>, options?: TransferOptions): Promise<WriteResult>;
+
+  // Replica side on a DR host
+  createReplica(
+    ref: ReplicaRef,
+    spec: { sourceVm: string; disks: DiskInfo[] },
+    options?: CallOptions,
+  ): Promise<ReplicaInfo>;
+  getReplica(ref: ReplicaRef, options?: CallOptions): Promise<ReplicaInfo>;
+  /** Opens a restore point layer over the newest one; a retried begin returns the same open point. */
+  beginRestorePoint(
+    ref: ReplicaRef,
+    pointId: string,
+    spec: RestorePointSpec,
+    options?: CallOptions,
+  ): Promise<RestorePointInfo>;
+  writeRestorePoint(
+    ref: ReplicaDiskRef,
+    pointId: string,
+    data: AsyncIterable<ExtentData>,
+    options?: TransferOptions,
+  ): Promise<WriteResult>;
+  /** Flushes the point to stable storage and makes it the head; idempotent. */
+  sealRestorePoint(ref: ReplicaRef, pointId: string, options?: CallOptions): Promise<RestorePointInfo>;
+  listRestorePoints(ref: ReplicaRef, options?: CallOptions): Promise<RestorePointInfo[]>;
+  /** Makes the replica show (and boot from) that point; later points are kept. Replica must be off. */
+  revertReplica(ref: ReplicaRef, pointId: string, options?: CallOptions): Promise<ReplicaInfo>;
+  /** Retention: merges the oldest point (which must be `pointId`) into the base; done already is fine. */
+  mergeOldestRestorePoint(ref: ReplicaRef, pointId: string, options?: CallOptions): Promise<ReplicaInfo>;
+  /** Permanent failover: every point and the running layer merged into the base; no points remain. */
+  consolidateReplica(ref: ReplicaRef, options?: CallOptions): Promise<ReplicaInfo>;
+  /** Undo failover: drops what the replica wrote since power-on; head returns to the newest point. */
+  discardRunningLayer(ref: ReplicaRef, options?: CallOptions): Promise<ReplicaInfo>;
+  /** Turns the (stopped) running layer into a sealed restore point, e.g. failback-protective. */
+  sealRunningLayer(
+    ref: ReplicaRef,
+    pointId: string,
+    spec: RestorePointSpec,
+    options?: CallOptions,
+  ): Promise<RestorePointInfo>;
+  /** Exactly the blocks the replica wrote since it was powered on (failback ships these). */
+  listRunningLayerExtents(ref: ReplicaDiskRef, page?: PageRequest, options?: CallOptions): Promise<ExtentPage>;
+  /** Blocks present in that point's own layer (what it changed over the previous point). */
+  listRestorePointExtents(
+    ref: ReplicaDiskRef,
+    pointId: string,
+    page?: PageRequest,
+    options?: CallOptions,
+  ): Promise<ExtentPage>;
+  readReplicaExtents(
+    ref: ReplicaDiskRef,
+    view: ReplicaView,
+    extents: Extent[],
+    options?: CallOptions,
+  ): AsyncIterable<ExtentData>;
+  replicaBlockDigests(
+    ref: ReplicaDiskRef,
+    view: ReplicaView,
+    range: BlockRange,
+    options?: CallOptions,
+  ): Promise<BlockDigests>;
+  readReplicaCanary(ref: ReplicaRef, view: ReplicaView, options?: CallOptions): Promise<CanaryReading>;
+
+  // Backup repository
+  listBackups(vm: string, options?: CallOptions): Promise<BackupPointInfo[]>;
+  listBackupExtents(ref: BackupRef, page?: PageRequest, options?: CallOptions): Promise<ExtentPage>;
+  readBackupExtents(ref: BackupRef, extents: Extent[], options?: CallOptions): AsyncIterable<ExtentData>;
+}
