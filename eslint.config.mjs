@@ -45,6 +45,8 @@ export default tseslint.config(
           })),
           patterns: [
             {
+              // Types only (e.g. an activity's signature): they vanish from the bundle.
+              allowTypeImports: true,
               group: ['**/activities/**', '**/hypervisor/**', '**/config/**', '**/cli/**'],
               message: 'Workflow code may import only contract and domain.',
             },

@@ -1,12 +1,17 @@
-// `npm run demo`: sets up what is missing, starts the Temporal server with its Web UI and a worker, and shows
-// the orchestrator at work. It keeps running so you can try the Temporal CLI against it; Ctrl-C stops everything.
-import { randomUUID } from 'node:crypto';
+// `npm run demo`: sets up what is missing, starts the Temporal server with its Web UI, the lab with the demo
+// estate and the orchestrator's workers, and shows the main job. It keeps running so you can try the Temporal
+// CLI against it; Ctrl-C stops everything cleanly.
 import { join } from 'node:path';
-import { Client, Connection, WorkflowFailedError } from '@temporalio/client';
-import { NativeConnection, Runtime } from '@temporalio/worker';
-import { TASK_QUEUE, WorkflowTypes } from '../src/contract';
+import { Runtime } from '@temporalio/worker';
+import { followSessions } from '../src/cli/progress';
+import { plannedFailoverTable, replicationJobTable } from '../src/cli/report';
+import { startPlannedFailover, startReplicationJob } from '../src/client';
+import { loadConfiguration } from '../src/config/load';
+import { TASK_QUEUE } from '../src/contract';
+import { LabControl, LabHypervisor } from '../src/hypervisor/lab-adapter';
 import { createLogger } from '../src/logging';
-import { createWorker } from '../src/worker';
+import { createOrchestrator } from '../src/orchestrator';
+import { DEFAULT_CONFIG_PATH } from '../src/worker';
 import {
   ensureTemporalCli,
   portInUse,
@@ -15,6 +20,7 @@ import {
   startDevServer,
   type DevServer,
 } from './lib/dev-server';
+import { ensureDemoLab } from './lib/lab';
 
 const port = 7233;
 const uiUrl = 'http://127.0.0.1:8233';
@@ -38,43 +44,71 @@ async function main(): Promise<void> {
     });
   }
 
-  Runtime.install({ logger: createLogger('WARN') });
-  const workerConnection = await NativeConnection.connect({ address });
-  const worker = await createWorker({ connection: workerConnection, namespace: 'default' });
-  const client = new Client({ connection: await Connection.connect({ address }) });
-  const running = worker.run();
-  console.log(`Worker polling task queue '${TASK_QUEUE}'.`);
+  const { url: labUrl, lab } = await ensureDemoLab();
+  console.log(
+    lab ? `Lab site started at ${labUrl} (data in .data/lab).` : `Using the lab already running at ${labUrl}.`,
+  );
+  const labControl = new LabControl({ url: labUrl });
+  const hypervisor = new LabHypervisor({ url: labUrl });
 
-  const requests = [
-    { title: 'A request with no VMs', input: { vms: [], reason: 'demo', requestedBy: 'alice' } },
-    { title: 'A request naming a VM twice', input: { vms: ['sql01', 'sql01'], reason: 'demo', requestedBy: '' } },
-  ];
-  for (const { title, input } of requests) {
-    const workflowId = `demo-${randomUUID().slice(0, 8)}`;
-    const outcome = await client.workflow
-      .execute(WorkflowTypes.plannedFailover, { taskQueue: TASK_QUEUE, workflowId, args: [input] })
-      .then(
-        () => 'completed',
-        (err: unknown) => (err instanceof WorkflowFailedError ? `failed: ${err.cause?.message}` : String(err)),
-      );
-    console.log(
-      `\n${title}: ${JSON.stringify(input)}\n  -> ${outcome}\n  ${uiUrl}/namespaces/default/workflows/${workflowId}`,
-    );
+  Runtime.install({ logger: createLogger('WARN') });
+  const config = loadConfiguration(join(projectRoot, DEFAULT_CONFIG_PATH));
+  const orchestrator = await createOrchestrator({
+    connectionOptions: { address },
+    namespace: 'default',
+    config,
+    port: hypervisor,
+  });
+  await orchestrator.startWorkers();
+  console.log(`Workers polling '${TASK_QUEUE}' and one task queue per proxy.`);
+
+  // The backup repository is filled by a backup job in real life; the demo plays that job.
+  for (const job of config.jobs.filter((j) => j.dataSource === 'backup')) {
+    for (const vm of job.vms) await labControl.takeBackup(vm);
   }
 
-  console.log(`\nWeb UI: ${uiUrl}. Try the Temporal CLI from another terminal, for example:`);
-  console.log(`  ${cli} workflow start --task-queue ${TASK_QUEUE} --type plannedFailover --input '{"vms":[]}'`);
-  console.log('Press Ctrl-C to stop the worker and the server.');
+  for (const pass of ['Seeding the replicas', 'An incremental run while the guests write']) {
+    console.log(`\n${pass}...`);
+    const handles = await Promise.all(
+      config.jobs.map((job) =>
+        startReplicationJob(orchestrator.client, { job: job.name, requestedBy: 'alice', reason: `demo: ${pass}` }),
+      ),
+    );
+    console.log(replicationJobTable(await Promise.all(handles.map((h) => h.result()))));
+  }
+
+  const job = config.jobs[0]!;
+  console.log(`\nPlanned failover of job ${job.name} (${job.vms.join(', ')}) while the guests keep writing...`);
+  const failover = await startPlannedFailover(orchestrator.client, {
+    vms: job.vms,
+    reason: 'demo: datacenter maintenance',
+    requestedBy: 'alice',
+  });
+  const stopFollowing = followSessions(orchestrator.client, failover.workflowId, (line) => console.log(`  ${line}`));
+  const outcome = await failover.result().finally(stopFollowing);
+  console.log(`\n${plannedFailoverTable(outcome)}`);
+  console.log(`${uiUrl}/namespaces/default/workflows/${encodeURIComponent(failover.workflowId)}`);
+
+  console.log(`\nWeb UI: ${uiUrl}/namespaces/default/workflows`);
+  console.log('Try the Temporal CLI from another terminal, for example:');
+  const other = config.jobs[1]?.vms[0] ?? job.vms[0];
+  for (const line of [
+    `workflow list --query 'FailoverJob="${job.name}"'`,
+    `workflow query --workflow-id replica/${job.vms[0]} --type state`,
+    `workflow start --task-queue ${TASK_QUEUE} --type plannedFailover --input '{"vms":["${other}"],"reason":"try it","requestedBy":"bob"}'`,
+  ])
+    console.log(`  ${cli} ${line}`);
+  console.log(`or the project CLI: npm run failover -- planned --vm ${other} --reason "try it" --user bob`);
+  console.log('Press Ctrl-C to stop the workers, the lab and the server.');
 
   await new Promise<void>((resolveStop) => {
     for (const signal of ['SIGINT', 'SIGTERM'] as const) process.once(signal, () => resolveStop());
   });
   console.log('\nStopping...');
-  // The SDK's own signal handler may already be draining the worker.
-  if (worker.getState() === 'RUNNING') worker.shutdown();
-  await running;
-  await client.connection.close();
-  await workerConnection.close();
+  await orchestrator.close();
+  hypervisor.close();
+  labControl.close();
+  await lab?.stop();
   await server?.stop();
   console.log('Stopped.');
 }

@@ -1,5 +1,14 @@
-import { Client, Connection } from '@temporalio/client';
+import { randomUUID } from 'node:crypto';
+import { Client, Connection, type WorkflowHandle } from '@temporalio/client';
 import { loadClientConnectConfig } from '@temporalio/envconfig';
+import {
+  TASK_QUEUE,
+  WorkflowTypes,
+  type PlannedFailoverInput,
+  type PlannedFailoverResult,
+  type ReplicationJobInput,
+  type ReplicationJobResult,
+} from './contract';
 
 /** Where a local dev server listens when neither the environment nor a temporal.toml profile says otherwise. */
 export const LOCAL_ADDRESS = '127.0.0.1:7233';
@@ -24,4 +33,34 @@ export function connectionSettings(): ConnectionSettings {
 export async function connectClient(settings: ConnectionSettings = connectionSettings()): Promise<Client> {
   const connection = await Connection.connect(settings.connectionOptions);
   return new Client({ connection, namespace: settings.namespace });
+}
+
+/** Typed starters for the contract's workflows, shared by the CLI, the demo and tests. */
+export type ReplicationJobWorkflow = (input: ReplicationJobInput) => Promise<ReplicationJobResult>;
+export type PlannedFailoverWorkflow = (input: PlannedFailoverInput) => Promise<PlannedFailoverResult>;
+
+export function startReplicationJob(
+  client: Client,
+  input: ReplicationJobInput,
+  workflowId = `job/${input.job}/${randomUUID()}`,
+): Promise<WorkflowHandle<ReplicationJobWorkflow>> {
+  return client.workflow.start<ReplicationJobWorkflow>(WorkflowTypes.replicationJob, {
+    taskQueue: TASK_QUEUE,
+    workflowId,
+    args: [input],
+    staticSummary: `Replication job ${input.job}, requested by ${input.requestedBy}${input.reason ? `: ${input.reason}` : ''}`,
+  });
+}
+
+export function startPlannedFailover(
+  client: Client,
+  input: PlannedFailoverInput,
+  workflowId = `planned-failover/${randomUUID()}`,
+): Promise<WorkflowHandle<PlannedFailoverWorkflow>> {
+  return client.workflow.start<PlannedFailoverWorkflow>(WorkflowTypes.plannedFailover, {
+    taskQueue: TASK_QUEUE,
+    workflowId,
+    args: [input],
+    staticSummary: `Planned failover of ${input.vms.join(', ')}, requested by ${input.requestedBy}: ${input.reason}`,
+  });
 }

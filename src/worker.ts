@@ -1,44 +1,94 @@
 import { NativeConnection, Runtime, Worker, type WorkerOptions } from '@temporalio/worker';
-import { TASK_QUEUE } from './contract';
+import { createOrchestrator } from './orchestrator';
+import { proxyActivities, type Activities } from './activities';
 import { connectionSettings } from './client';
+import { connectHypervisor } from './config/hypervisor';
+import { loadConfiguration } from './config/load';
+import type { Configuration } from './config/schema';
+import { proxyTaskQueue, TASK_QUEUE } from './contract';
 import { createLogger } from './logging';
 
-export type OrchestratorWorkerOptions = Pick<WorkerOptions, 'connection' | 'namespace'> &
-  Partial<Pick<WorkerOptions, 'workflowBundle' | 'taskQueue' | 'identity'>>;
+export const DEFAULT_CONFIG_PATH = 'config/planned-failover.yaml';
 
-/** The orchestrator worker: every workflow of the contract on the planned-failover task queue. */
-export async function createWorker(options: OrchestratorWorkerOptions): Promise<Worker> {
-  return Worker.create({
+export interface OrchestratorWorkerOptions {
+  connection: NativeConnection;
+  namespace: string;
+  config: Configuration;
+  activities: Activities;
+  /** A pre-built bundle (tests build it once); otherwise the workflows are bundled at start. */
+  workflowBundle?: WorkerOptions['workflowBundle'];
+}
+
+const shutdown = { shutdownGraceTime: '10s', shutdownForceTime: '30s' } as const;
+
+/**
+ * The orchestrator's workers: workflows and control activities on the planned-failover task queue, and one
+ * worker per proxy on the proxy's own task queue, running as many copies at once as the proxy has slots.
+ */
+export async function createWorkers(options: OrchestratorWorkerOptions): Promise<Worker[]> {
+  const { connection, namespace, config, activities } = options;
+  const orchestrator = await Worker.create({
+    connection,
+    namespace,
     taskQueue: TASK_QUEUE,
-    ...(options.workflowBundle ? {} : { workflowsPath: require.resolve('./workflows') }),
-    ...options,
+    ...(options.workflowBundle
+      ? { workflowBundle: options.workflowBundle }
+      : { workflowsPath: require.resolve('./workflows') }),
+    activities,
     // Give running activities time to finish or heartbeat before a stop is forced.
-    shutdownGraceTime: '10s',
-    shutdownForceTime: '30s',
+    ...shutdown,
   });
+  const proxies = await Promise.all(
+    config.proxies.map((proxy) =>
+      Worker.create({
+        connection,
+        namespace,
+        taskQueue: proxyTaskQueue(proxy.name),
+        activities: proxyActivities(activities),
+        maxConcurrentActivityTaskExecutions: proxy.slots,
+        ...shutdown,
+      }),
+    ),
+  );
+  return [orchestrator, ...proxies];
 }
 
 async function main(): Promise<void> {
   Runtime.install({ logger: createLogger() });
+  const configPath = process.env.PF_CONFIG ?? DEFAULT_CONFIG_PATH;
+  const config = loadConfiguration(configPath);
   const settings = connectionSettings();
-  const connection = await NativeConnection.connect(settings.connectionOptions);
+  const port = connectHypervisor(config);
+  const orchestrator = await createOrchestrator({
+    connectionOptions: settings.connectionOptions,
+    namespace: settings.namespace,
+    config,
+    port,
+  });
   try {
-    const worker = await createWorker({ connection, namespace: settings.namespace });
-    Runtime.instance().logger.info('Worker polling', {
+    await orchestrator.startWorkers();
+    Runtime.instance().logger.info('Workers polling', {
       address: settings.address,
       namespace: settings.namespace,
-      taskQueue: TASK_QUEUE,
+      taskQueues: [TASK_QUEUE, ...config.proxies.map((p) => proxyTaskQueue(p.name))],
+      config: configPath,
     });
     // The SDK stops polling on SIGINT/SIGTERM and lets in-flight work finish within shutdownForceTime.
-    await worker.run();
+    await new Promise<void>((resolveStop) => {
+      for (const signal of ['SIGINT', 'SIGTERM'] as const) process.once(signal, () => resolveStop());
+    });
   } finally {
-    await connection.close();
+    await orchestrator.close();
+    port.close();
   }
 }
 
 if (require.main === module) {
-  main().catch((err: unknown) => {
-    console.error(err);
-    process.exit(1);
-  });
+  main().then(
+    () => process.exit(0),
+    (err: unknown) => {
+      console.error(err);
+      process.exit(1);
+    },
+  );
 }

@@ -1,9 +1,19 @@
-// What integration tests get from the run: the shared dev server's client, and workers on task queues of their own.
+// What integration tests get from the run: the shared dev server, a namespace of their own (entity workflow
+// ids like replica/<vm> and proxy-slots are fixed by the contract, so tests must not share a namespace),
+// a lab site, and the orchestrator's real workers wired to both.
+import { execFile } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
-import { Client, Connection } from '@temporalio/client';
-import { NativeConnection, Runtime, type Worker } from '@temporalio/worker';
-import { createWorker } from '../src/worker';
+import { promisify } from 'node:util';
+import { Runtime } from '@temporalio/worker';
+import type { EstateInput } from '../lab/estate';
+import { parseConfiguration } from '../src/config/load';
+import type { Configuration } from '../src/config/schema';
+import { SearchAttributes } from '../src/contract';
 import { createLogger } from '../src/logging';
+import { createOrchestrator, type Orchestrator } from '../src/orchestrator';
+import { startTestLab, type TestLab } from './lab/helpers';
+
+const run = promisify(execFile);
 
 function required(name: string): string {
   const value = process.env[name];
@@ -14,36 +24,79 @@ function required(name: string): string {
 export const temporalAddress = (): string => required('PF_TEST_TEMPORAL_ADDRESS');
 export const temporalCli = (): string => required('PF_TEST_TEMPORAL_CLI');
 
-let clientPromise: Promise<Client> | undefined;
-let nativeConnectionPromise: Promise<NativeConnection> | undefined;
-
-export function testClient(): Promise<Client> {
-  clientPromise ??= Connection.connect({ address: temporalAddress() }).then(
-    (connection) => new Client({ connection, namespace: 'default' }),
-  );
-  return clientPromise;
+/** Runs the real `temporal` command against the test server, as an operator would type it. */
+export async function temporal(namespace: string, ...args: string[]): Promise<{ stdout: string; stderr: string }> {
+  return run(temporalCli(), [...args, '--address', temporalAddress(), '--namespace', namespace]);
 }
 
-/** A task queue no other test polls, so tests cannot steal each other's tasks. */
-export const uniqueTaskQueue = (prefix = 'test'): string => `${prefix}-${randomUUID()}`;
+export async function createTestNamespace(): Promise<string> {
+  const namespace = `test-${randomUUID().slice(0, 8)}`;
+  const cli = temporalCli();
+  const address = ['--address', temporalAddress()];
+  await run(cli, ['operator', 'namespace', 'create', ...address, '--namespace', namespace, '--retention', '24h']);
+  const attributes = Object.values(SearchAttributes).flatMap((key) => ['--name', key.name, '--type', 'Keyword']);
+  await run(cli, ['operator', 'search-attribute', 'create', ...address, '--namespace', namespace, ...attributes]);
+  return namespace;
+}
 
-export async function testWorker(taskQueue: string): Promise<Worker> {
-  if (!nativeConnectionPromise) {
+export interface TestOrchestrator extends Orchestrator {
+  lab: TestLab;
+}
+
+/** The demo configuration's shape, pointed at a test lab: jobs and proxies as the test needs them. */
+export function testConfiguration(
+  labUrl: string,
+  overrides: Partial<Record<'jobs' | 'proxies' | 'users', unknown>>,
+): Configuration {
+  const adapter = { type: 'lab', url: labUrl };
+  return parseConfiguration(
+    JSON.stringify({
+      hosts: [
+        { name: 'prod-a', role: 'production', adapter },
+        { name: 'dr-a', role: 'dr', adapter },
+      ],
+      backupRepository: { adapter },
+      proxies: [{ name: 'proxy-a', slots: 4 }],
+      users: [
+        { name: 'alice', roles: ['BackupAdministrator'] },
+        { name: 'bob', roles: ['BackupOperator', 'RestoreOperator'] },
+        { name: 'carol', roles: ['BackupOperator'] },
+        { name: 'dave', roles: ['RestoreOperator'] },
+        { name: 'erin', roles: ['BackupViewer'] },
+      ],
+      ...overrides,
+    }),
+    'test configuration',
+  );
+}
+
+let runtimeInstalled = false;
+
+/** A namespace of its own, a lab with the test's estate, and the orchestrator's workers, started. */
+export async function startOrchestrator(options: {
+  estate: EstateInput;
+  configure: (labUrl: string) => Configuration;
+}): Promise<TestOrchestrator> {
+  if (!runtimeInstalled) {
     Runtime.install({ logger: createLogger('WARN') });
-    nativeConnectionPromise = NativeConnection.connect({ address: temporalAddress() });
+    runtimeInstalled = true;
   }
-  return createWorker({
-    connection: await nativeConnectionPromise,
-    namespace: 'default',
-    taskQueue,
+  const namespace = await createTestNamespace();
+  const lab = await startTestLab(options.estate);
+  const orchestrator = await createOrchestrator({
+    connectionOptions: { address: temporalAddress() },
+    namespace,
+    config: options.configure(lab.lab.url),
+    port: lab.port,
     workflowBundle: { codePath: required('PF_TEST_WORKFLOW_BUNDLE') },
   });
-}
-
-/** Closes the connections so the test file's process can exit. */
-export async function closeHarness(): Promise<void> {
-  await (await clientPromise)?.connection.close();
-  await (await nativeConnectionPromise)?.close();
-  clientPromise = undefined;
-  nativeConnectionPromise = undefined;
+  await orchestrator.startWorkers();
+  return {
+    ...orchestrator,
+    lab,
+    async close() {
+      await orchestrator.close();
+      await lab.close();
+    },
+  };
 }

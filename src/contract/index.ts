@@ -3,3 +3,7 @@
 export * from './names';
 export * from './validation';
 export * from './planned-failover';
+export * from './replica';
+export * from './proxy';
+export * from './replication';
+export * from './messages';

@@ -6,6 +6,16 @@ export const TASK_QUEUE = 'planned-failover';
 /** Workflow types of the public contract. */
 export const WorkflowTypes = {
   plannedFailover: 'plannedFailover',
+  /** One run of a replication job: a session per VM. */
+  replicationJob: 'replicationJob',
+  /** One VM's replication session (a child of a job run). */
+  replicationSession: 'replicationSession',
+  /** One VM's planned failover session (a child of plannedFailover). */
+  plannedFailoverSession: 'plannedFailoverSession',
+  /** The long-lived entity of one replica, id replica/<vm>. */
+  replica: 'replica',
+  /** The registry of proxy task slots, id proxy-slots. */
+  proxySlots: 'proxySlots',
 } as const;
 
 /** Custom search attributes, registered when the server starts (see scripts/temporal-server.ts). */
@@ -19,5 +29,13 @@ export const SearchAttributes = {
 /** Failure types a client can branch on (ApplicationFailure.type). */
 export const FailureTypes = {
   invalidInput: 'InvalidInput',
-  notYetSupported: 'NotYetSupported',
+  proxyWaitTimedOut: 'ProxyWaitTimedOut',
+  configuration: 'ConfigurationError',
+  hypervisor: 'HypervisorError',
+  /** The requester lacks the roles an operation needs. */
+  accessDenied: 'AccessDenied',
+  /** Some VMs of a planned failover did not fail over; the details carry the per-VM outcome. */
+  plannedFailoverIncomplete: 'PlannedFailoverIncomplete',
+  /** The request is valid, but the replica's state does not allow it. */
+  wrongState: 'WrongState',
 } as const;

@@ -69,3 +69,78 @@ export function validatePlannedFailoverInput(input: unknown): Validation<Planned
   if (parsed.ok && duplicates.length === 0) return parsed;
   return { ok: false, problems: [...(parsed.ok ? [] : parsed.problems), ...duplicates] };
 }
+
+/** An operator's decision on a halted session, and every operation request: who asks, and why. */
+export const operatorRequestSchema = z.strictObject(
+  { requestedBy: requiredText(128), reason: requiredText() },
+  { error: 'must be a JSON object like {"requestedBy":"alice","reason":"..."}' },
+);
+export type OperatorRequest = z.output<typeof operatorRequestSchema>;
+
+/** Downtime of one VM: source stops serving (guest shutdown begins) until its replica has booted. */
+export interface DowntimeBreakdown {
+  totalMs: number;
+  guestShutdownMs: number;
+  finalSyncMs: number;
+  switchMs: number;
+  bootMs: number;
+  /** Everything else: scheduling, state changes, activity round trips. */
+  orchestrationMs: number;
+}
+
+export interface VerificationResult {
+  /** True when every block copied by the final sync, and the guest canary, match the source at power-off. */
+  identical: boolean;
+  blocksCompared: number;
+  mismatchedBlocks: number;
+  sourceCanary: number;
+  replicaCanary: number;
+  method: 'tracked-blocks' | 'all-blocks';
+}
+
+export type PlannedFailoverOutcome = 'failedOver' | 'aborted' | 'forcedFailover' | 'failed' | 'notStarted';
+
+export interface PlannedFailoverSessionInput {
+  sessionId: string;
+  vm: string;
+  job: string;
+  requestedBy: string;
+  reason: string;
+  shutdownTimeoutSeconds: number;
+  proxyWaitTimeoutSeconds: number;
+  preSyncMaxPasses: number;
+  preSyncTargetBytes: number;
+}
+
+export interface PlannedFailoverSessionResult {
+  vm: string;
+  job: string;
+  sessionId: string;
+  outcome: PlannedFailoverOutcome;
+  detail: string;
+  bytesCopied: number;
+  /** Bytes copied before power-off (helper point 1, with any extra passes) and after it (helper point 2). */
+  bytesBeforePowerOff: number;
+  bytesAfterPowerOff: number;
+  preSyncPasses: number;
+  sourceShutdown?: 'shut-down' | 'forced-off' | 'already-off';
+  helperPoints: string[];
+  verification?: VerificationResult;
+  downtime?: DowntimeBreakdown;
+  /** forceFailover: what was not synced and is lost. */
+  dataLoss?: string;
+}
+
+export interface PlannedFailoverResult {
+  requestedBy: string;
+  reason: string;
+  sessions: PlannedFailoverSessionResult[];
+}
+
+export const PLANNED_FAILOVER_DEFAULTS = {
+  maxParallelJobs: 4,
+  shutdownTimeoutSeconds: 300,
+  proxyWaitTimeoutSeconds: 3600,
+  preSyncMaxPasses: 0,
+  preSyncTargetBytes: 64 * 1024 * 1024,
+} as const;

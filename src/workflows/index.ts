@@ -1,2 +1,5 @@
 // The workflow bundle entry: every workflow type the worker registers.
-export { plannedFailover } from './planned-failover';
+export { plannedFailover, plannedFailoverSession } from './planned-failover';
+export { replicationJob, replicationSession } from './replication';
+export { replica } from './replica';
+export { proxySlots } from './proxy-slots';

@@ -1,33 +1,23 @@
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { after, before, describe, it } from 'node:test';
-import { promisify } from 'node:util';
 import { WorkflowFailedError, type Client } from '@temporalio/client';
 import { ApplicationFailure } from '@temporalio/common';
-import type { Worker } from '@temporalio/worker';
-import { FailureTypes, WorkflowTypes } from '../../src/contract';
-import { closeHarness, temporalAddress, temporalCli, testClient, testWorker, uniqueTaskQueue } from '../harness';
-
-const run = promisify(execFile);
+import { FailureTypes, TASK_QUEUE, WorkflowTypes } from '../../src/contract';
+import { startOrchestrator, temporal, testConfiguration, type TestOrchestrator } from '../harness';
+import { smallEstate } from '../lab/helpers';
 
 describe('plannedFailover refuses bad input at once, against a real server', () => {
-  const taskQueue = uniqueTaskQueue('input');
+  const taskQueue = TASK_QUEUE;
+  let orchestrator: TestOrchestrator;
   let client: Client;
-  let worker: Worker;
-  let running: Promise<void>;
 
   before(async () => {
-    client = await testClient();
-    worker = await testWorker(taskQueue);
-    running = worker.run();
+    orchestrator = await startOrchestrator({ estate: smallEstate(), configure: (url) => testConfiguration(url, {}) });
+    client = orchestrator.client;
   });
 
-  after(async () => {
-    worker.shutdown();
-    await running;
-    await closeHarness();
-  });
+  after(() => orchestrator.close());
 
   async function failureOf(input: unknown): Promise<ApplicationFailure> {
     const err = await client.workflow
@@ -77,19 +67,20 @@ describe('plannedFailover refuses bad input at once, against a real server', () 
     assert.match(failure.message, /options\.fast: is not a known field/);
   });
 
-  it('says honestly that the failover steps are not in this build yet', async () => {
+  it('checks a well-formed request against the site before touching anything', async () => {
     const failure = await failureOf({ vms: ['sql01'], reason: 'maintenance', requestedBy: 'alice' });
-    assert.equal(failure.type, FailureTypes.notYetSupported);
+    assert.equal(failure.type, FailureTypes.invalidInput);
     assert.equal(failure.nonRetryable, true);
+    assert.match(failure.message, /vms\[0\]: 'sql01' is in no replication job/);
   });
 
   it('ends a start from the Temporal CLI with {"vms":[]} in a failed workflow naming the problem', async () => {
     const workflowId = `pf-cli-${randomUUID()}`;
-    const common = ['--address', temporalAddress(), '--namespace', 'default'];
-    await run(temporalCli(), [
+    const ns = orchestrator.namespace;
+    await temporal(
+      ns,
       'workflow',
       'start',
-      ...common,
       '--task-queue',
       taskQueue,
       '--type',
@@ -98,29 +89,13 @@ describe('plannedFailover refuses bad input at once, against a real server', () 
       workflowId,
       '--input',
       '{"vms":[]}',
-    ]);
-    const result = await run(temporalCli(), [
-      'workflow',
-      'result',
-      ...common,
-      '--workflow-id',
-      workflowId,
-      '--output',
-      'json',
-    ]).then(
+    );
+    const result = await temporal(ns, 'workflow', 'result', '--workflow-id', workflowId, '--output', 'json').then(
       () => assert.fail('temporal workflow result should exit non-zero for a failed workflow'),
       (e: { stdout: string; stderr: string }) => e.stdout + e.stderr,
     );
     assert.match(result, /vms: must name at least one VM/);
-    const described = await run(temporalCli(), [
-      'workflow',
-      'describe',
-      ...common,
-      '--workflow-id',
-      workflowId,
-      '--output',
-      'json',
-    ]);
+    const described = await temporal(ns, 'workflow', 'describe', '--workflow-id', workflowId, '--output', 'json');
     assert.match(described.stdout, /WORKFLOW_EXECUTION_STATUS_FAILED/);
   });
 });

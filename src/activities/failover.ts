@@ -1,0 +1,199 @@
+import { ApplicationFailure, Context } from '@temporalio/activity';
+import { WorkflowNotFoundError, type Client } from '@temporalio/client';
+import type { Configuration } from '../config/schema';
+import {
+  FailureTypes,
+  replicaQueries,
+  replicaWorkflowId,
+  type InputProblem,
+  type VerificationResult,
+} from '../contract';
+import { checkTransition, type ReplicaOperation } from '../domain/replica-state';
+import { checkAccess, type Permission } from '../domain/roles';
+import { TrackingLostError } from '../hypervisor/errors';
+import { BLOCK_SIZE, type Extent, type HypervisorPort, type ReplicaRef, type VmRef } from '../hypervisor/port';
+import { withHypervisorFailures } from './failures';
+
+/** The VMs of one job in one request: processed one after another, in the order they were named. */
+export interface Lane {
+  job: string;
+  vms: string[];
+}
+
+const DIGEST_BLOCKS = 16384;
+
+export function createFailoverActivities(port: HypervisorPort, config: Configuration, client: Client) {
+  const rolesOf = (user: string) => config.users.find((u) => u.name === user)?.roles;
+
+  /** Every problem with a request to run `operation` on these VMs, before anything is touched. */
+  async function problemsWith(
+    vms: string[],
+    requestedBy: string,
+    operation: ReplicaOperation,
+  ): Promise<InputProblem[]> {
+    const problems: InputProblem[] = [];
+    const access = checkAccess(requestedBy, rolesOf(requestedBy), 'failover');
+    if (!access.allowed) problems.push({ path: 'requestedBy', message: access.reason });
+    const production = config.hosts.filter((h) => h.role === 'production');
+    const onHosts = new Set((await Promise.all(production.map((h) => port.listVms(h.name)))).flat().map((v) => v.name));
+    for (const [i, vm] of vms.entries()) {
+      const path = `vms[${i}]`;
+      const job = config.jobs.find((j) => j.vms.includes(vm));
+      if (!job) problems.push({ path, message: `'${vm}' is in no replication job` });
+      if (!onHosts.has(vm)) problems.push({ path, message: `'${vm}' is on none of the production hosts` });
+      if (!job) continue;
+      try {
+        const view = await client.workflow.getHandle(replicaWorkflowId(vm)).query(replicaQueries.state);
+        const check = checkTransition(view.restorePoints.length === 0 ? 'Unseeded' : view.state, operation);
+        if (!check.allowed) problems.push({ path, message: `'${vm}': ${check.reason}` });
+      } catch (err) {
+        if (!(err instanceof WorkflowNotFoundError)) throw err;
+        problems.push({ path, message: `'${vm}' has no replica yet: run job '${job.name}' first` });
+      }
+    }
+    return problems;
+  }
+
+  return {
+    /** Checks a planned failover request and plans its lanes; returns every problem instead of failing on the first. */
+    async planPlannedFailover(input: {
+      vms: string[];
+      requestedBy: string;
+    }): Promise<{ problems: InputProblem[]; lanes: Lane[] }> {
+      const problems = await withHypervisorFailures(() =>
+        problemsWith(input.vms, input.requestedBy, 'plannedFailover'),
+      );
+      const lanes: Lane[] = [];
+      for (const vm of input.vms) {
+        const job = config.jobs.find((j) => j.vms.includes(vm));
+        if (!job) continue;
+        const lane = lanes.find((l) => l.job === job.name);
+        if (lane) lane.vms.push(vm);
+        else lanes.push({ job: job.name, vms: [vm] });
+      }
+      return { problems, lanes };
+    },
+
+    /** Refuses, with the reason, a user whose roles do not allow the operation. */
+    async checkOperator(input: { user: string; permission: Permission }): Promise<void> {
+      const access = checkAccess(input.user, rolesOf(input.user), input.permission);
+      if (!access.allowed)
+        throw ApplicationFailure.create({
+          type: FailureTypes.accessDenied,
+          message: access.reason,
+          nonRetryable: true,
+        });
+    },
+
+    /**
+     * Guest shutdown, then a hard power-off when the guest does not finish in time. Already off is success,
+     * and the result says so; the times are measured here, where the power calls happen.
+     */
+    async shutDownSource(input: { vm: VmRef; timeoutMs: number }): Promise<{
+      outcome: 'shut-down' | 'forced-off' | 'already-off';
+      startedAt: number;
+      finishedAt: number;
+    }> {
+      return withHypervisorFailures(async () => {
+        const startedAt = Date.now();
+        const result = await port.shutdownGuest(input.vm, input.timeoutMs);
+        let outcome: 'shut-down' | 'forced-off' | 'already-off' =
+          result.outcome === 'already-off' ? 'already-off' : 'shut-down';
+        if (result.outcome === 'timed-out') {
+          Context.current().log.warn('Guest shutdown timed out; powering off', {
+            vm: input.vm.vm,
+            timeoutMs: input.timeoutMs,
+          });
+          await port.powerOff(input.vm);
+          outcome = 'forced-off';
+        }
+        return { outcome, startedAt, finishedAt: Date.now() };
+      });
+    },
+
+    /** Powers a VM (source or replica) on and waits for its boot; already running is success. */
+    async powerOnVm(input: { vm: VmRef }): Promise<{ alreadyOn: boolean; startedAt: number; finishedAt: number }> {
+      return withHypervisorFailures(async () => {
+        const startedAt = Date.now();
+        const result = await port.powerOn(input.vm);
+        return { alreadyOn: result.alreadyInState, startedAt, finishedAt: Date.now() };
+      });
+    },
+
+    async revertReplica(input: { replica: ReplicaRef; pointId: string }): Promise<void> {
+      await withHypervisorFailures(() => port.revertReplica(input.replica, input.pointId));
+    },
+
+    /**
+     * Zero data loss, verified: the blocks the final sync copied (every block when tracking is gone) have the
+     * same digests on the replica's new point as on the powered-off source, and so has the guest canary.
+     */
+    async verifyFinalSync(input: {
+      source: VmRef;
+      checkpointId: string;
+      baseReferencePointId: string | null;
+      replica: ReplicaRef;
+      pointId: string;
+      disks: { id: string; sizeBytes: number }[];
+    }): Promise<VerificationResult> {
+      return withHypervisorFailures(async () => {
+        const signal = Context.current().cancellationSignal;
+        let method: VerificationResult['method'] = input.baseReferencePointId ? 'tracked-blocks' : 'all-blocks';
+        let blocksCompared = 0;
+        let mismatchedBlocks = 0;
+        for (const disk of input.disks) {
+          const sourceDisk = { ...input.source, disk: disk.id };
+          let extents: Extent[] = [{ offset: 0, length: disk.sizeBytes }];
+          if (input.baseReferencePointId) {
+            try {
+              extents = [];
+              let cursor: string | undefined;
+              do {
+                const page = await port.listChangedExtents(
+                  sourceDisk,
+                  { referencePointId: input.baseReferencePointId, checkpointId: input.checkpointId },
+                  { cursor, limit: 10_000 },
+                  { signal },
+                );
+                extents.push(...page.extents);
+                cursor = page.nextCursor;
+              } while (cursor);
+            } catch (err) {
+              if (!(err instanceof TrackingLostError)) throw err;
+              extents = [{ offset: 0, length: disk.sizeBytes }];
+              method = 'all-blocks';
+            }
+          }
+          for (const extent of extents) {
+            const first = extent.offset / BLOCK_SIZE;
+            const end = (extent.offset + extent.length) / BLOCK_SIZE;
+            for (let startBlock = first; startBlock < end; startBlock += DIGEST_BLOCKS) {
+              const range = { startBlock, count: Math.min(DIGEST_BLOCKS, end - startBlock) };
+              const [ours, theirs] = await Promise.all([
+                port.blockDigests(sourceDisk, input.checkpointId, range, { signal }),
+                port.replicaBlockDigests({ ...input.replica, disk: disk.id }, { pointId: input.pointId }, range, {
+                  signal,
+                }),
+              ]);
+              blocksCompared += range.count;
+              mismatchedBlocks += ours.digests.filter((d, i) => d !== theirs.digests[i]).length;
+              Context.current().heartbeat({ blocksCompared });
+            }
+          }
+        }
+        const [sourceCanary, replicaCanary] = await Promise.all([
+          port.readCanary(input.source, input.checkpointId, { signal }),
+          port.readReplicaCanary(input.replica, { pointId: input.pointId }, { signal }),
+        ]);
+        return {
+          identical: mismatchedBlocks === 0 && sourceCanary.sequence === replicaCanary.sequence,
+          blocksCompared,
+          mismatchedBlocks,
+          sourceCanary: sourceCanary.sequence,
+          replicaCanary: replicaCanary.sequence,
+          method,
+        };
+      });
+    },
+  };
+}

@@ -1,0 +1,243 @@
+import { Context, ApplicationFailure } from '@temporalio/activity';
+import type { RestorePointSummary } from '../contract';
+import { NotFoundError, TrackingLostError } from '../hypervisor/errors';
+import {
+  BLOCK_SIZE,
+  type DiskRef,
+  type Extent,
+  type ExtentData,
+  type ExtentPage,
+  type HypervisorPort,
+  type PageRequest,
+  type ReplicaRef,
+  type RestorePointKind,
+  type VmRef,
+} from '../hypervisor/port';
+import { batchExtents, differingExtents, extentBytes, extentsFrom } from './copy-plan';
+import { withHypervisorFailures } from './failures';
+import { summarizePoint } from './inventory';
+
+/** Where a disk's blocks are read from: a checkpoint of the running source VM, or a backup point. */
+export type CopySource =
+  | { kind: 'checkpoint'; vm: VmRef; checkpointId: string; baseReferencePointId: string | null }
+  | { kind: 'backup'; backupId: string };
+
+export interface CopyDiskInput {
+  source: CopySource;
+  disk: { id: string; sizeBytes: number };
+  replica: ReplicaRef;
+  pointId: string;
+  /** The replica point the new one is layered over; digests are compared against it when tracking is lost. */
+  replicaHeadPointId: string | null;
+}
+
+export interface CopyDiskResult {
+  disk: string;
+  mode: 'full' | 'tracked' | 'digest' | 'backup';
+  bytesCopied: number;
+  bytesTotal: number;
+}
+
+/** What a copy heartbeats: progress for the Web UI, and the offset a retry resumes from. */
+export interface CopyProgress {
+  disk: string;
+  mode: CopyDiskResult['mode'];
+  bytesCopied: number;
+  bytesTotal: number;
+  resumeOffset: number;
+}
+
+/** Each write is one streamed request; 32 MiB keeps requests large while a cut transfer loses little. */
+const BATCH_BYTES = 32 * 1024 * 1024;
+/** Digests are compared a gigabyte of blocks at a time. */
+const DIGEST_BLOCKS = 16384;
+const HEARTBEAT_EVERY_MS = 1000;
+
+async function allPages(fetchPage: (page: PageRequest) => Promise<ExtentPage>): Promise<Extent[]> {
+  const extents: Extent[] = [];
+  let cursor: string | undefined;
+  do {
+    const page = await fetchPage({ cursor, limit: 10_000 });
+    extents.push(...page.extents);
+    cursor = page.nextCursor;
+  } while (cursor);
+  return extents;
+}
+
+export function createReplicationActivities(port: HypervisorPort) {
+  async function changedExtents(
+    input: CopyDiskInput,
+    signal: AbortSignal,
+  ): Promise<{ mode: CopyDiskResult['mode']; extents: Extent[] }> {
+    const { source } = input;
+    if (source.kind === 'backup') {
+      const ref = { backupId: source.backupId, disk: input.disk.id };
+      return { mode: 'backup', extents: await allPages((page) => port.listBackupExtents(ref, page, { signal })) };
+    }
+    const disk: DiskRef = { ...source.vm, disk: input.disk.id };
+    if (source.baseReferencePointId) {
+      try {
+        const range = { referencePointId: source.baseReferencePointId, checkpointId: source.checkpointId };
+        return {
+          mode: 'tracked',
+          extents: await allPages((page) => port.listChangedExtents(disk, range, page, { signal })),
+        };
+      } catch (err) {
+        if (!(err instanceof TrackingLostError)) throw err;
+        Context.current().log.warn('Change tracking lost; comparing block digests instead', { disk: input.disk.id });
+      }
+    }
+    if (!input.replicaHeadPointId) {
+      return {
+        mode: 'full',
+        extents: await allPages((page) => port.listAllocatedExtents(disk, source.checkpointId, page, { signal })),
+      };
+    }
+    // No usable reference point: the replica already has data, so only blocks whose digests differ are copied.
+    const replicaDisk = { ...input.replica, disk: input.disk.id };
+    const view = { pointId: input.replicaHeadPointId };
+    const totalBlocks = Math.ceil(input.disk.sizeBytes / BLOCK_SIZE);
+    const extents: Extent[] = [];
+    for (let startBlock = 0; startBlock < totalBlocks; startBlock += DIGEST_BLOCKS) {
+      const range = { startBlock, count: Math.min(DIGEST_BLOCKS, totalBlocks - startBlock) };
+      const [ours, theirs] = await Promise.all([
+        port.blockDigests(disk, source.checkpointId, range, { signal }),
+        port.replicaBlockDigests(replicaDisk, view, range, { signal }),
+      ]);
+      extents.push(...differingExtents(startBlock, ours.digests, theirs.digests));
+      Context.current().heartbeat();
+    }
+    return { mode: 'digest', extents };
+  }
+
+  function read(input: CopyDiskInput, extents: Extent[], signal: AbortSignal): AsyncIterable<ExtentData> {
+    const { source } = input;
+    if (source.kind === 'backup')
+      return port.readBackupExtents({ backupId: source.backupId, disk: input.disk.id }, extents, { signal });
+    return port.readExtents({ ...source.vm, disk: input.disk.id }, source.checkpointId, extents, { signal });
+  }
+
+  return {
+    /** A consistent view of every disk while the guest keeps writing; the id is the session's, so a retry reuses it. */
+    async createCheckpoint(input: { vm: VmRef; checkpointId: string }): Promise<void> {
+      await withHypervisorFailures(() => port.createCheckpoint(input.vm, input.checkpointId));
+    },
+
+    async beginRestorePoint(input: {
+      replica: ReplicaRef;
+      pointId: string;
+      kind: RestorePointKind;
+      metadata: Record<string, string>;
+    }): Promise<void> {
+      await withHypervisorFailures(() =>
+        port.beginRestorePoint(input.replica, input.pointId, {
+          kind: input.kind,
+          crashConsistent: true,
+          metadata: input.metadata,
+        }),
+      );
+    },
+
+    /**
+     * Copies one disk's changed blocks into the open restore point. Heartbeats its progress; a retry after a
+     * crash resumes from the last heartbeat, and re-writing a block at the same offset is harmless.
+     */
+    async copyDisk(input: CopyDiskInput): Promise<CopyDiskResult> {
+      const ctx = Context.current();
+      const signal = ctx.cancellationSignal;
+      return withHypervisorFailures(async () => {
+        const { mode, extents } = await changedExtents(input, signal);
+        const bytesTotal = extentBytes(extents);
+        const previous = ctx.info.heartbeatDetails as CopyProgress | undefined;
+        const resumeOffset = previous?.mode === mode ? previous.resumeOffset : 0;
+        const remaining = extentsFrom(extents, resumeOffset);
+        const progress: CopyProgress = {
+          disk: input.disk.id,
+          mode,
+          bytesTotal,
+          bytesCopied: bytesTotal - extentBytes(remaining),
+          resumeOffset,
+        };
+        if (resumeOffset > 0) ctx.log.info('Resuming copy', { ...progress });
+        ctx.heartbeat(progress);
+        const replicaDisk = { ...input.replica, disk: input.disk.id };
+        let lastBeat = Date.now();
+        for (const batch of batchExtents(remaining, BATCH_BYTES)) {
+          async function* counted(): AsyncIterable<ExtentData> {
+            for await (const chunk of read(input, batch, signal)) {
+              yield chunk;
+              progress.bytesCopied += chunk.data.length;
+              if (Date.now() - lastBeat >= HEARTBEAT_EVERY_MS) {
+                ctx.heartbeat(progress);
+                lastBeat = Date.now();
+              }
+            }
+          }
+          await port.writeRestorePoint(replicaDisk, input.pointId, counted(), { signal });
+          const last = batch.at(-1);
+          if (last) progress.resumeOffset = last.offset + last.length;
+          ctx.heartbeat(progress);
+          lastBeat = Date.now();
+        }
+        if (progress.bytesCopied !== bytesTotal)
+          throw ApplicationFailure.retryable(
+            `Copied ${progress.bytesCopied} of ${bytesTotal} bytes of disk ${input.disk.id}`,
+            'ShortCopy',
+          );
+        return { disk: input.disk.id, mode, bytesCopied: bytesTotal, bytesTotal };
+      });
+    },
+
+    /** Flushes the point to stable storage and makes it the replica's head; a retry returns the sealed point. */
+    async sealRestorePoint(input: { replica: ReplicaRef; pointId: string }): Promise<RestorePointSummary> {
+      return withHypervisorFailures(async () =>
+        summarizePoint(await port.sealRestorePoint(input.replica, input.pointId)),
+      );
+    },
+
+    /**
+     * After the point is sealed, the checkpoint becomes the reference point the next run diffs against, and
+     * older reference points and the checkpoint are dropped. Every step tolerates having been done before.
+     */
+    async promoteCheckpoint(input: { vm: VmRef; checkpointId: string; referencePointId: string }): Promise<void> {
+      await withHypervisorFailures(async () => {
+        const known = await port.listReferencePoints(input.vm);
+        if (!known.some((r) => r.id === input.referencePointId)) {
+          await port.createReferencePoint(input.vm, input.referencePointId, input.checkpointId);
+        }
+        await ignoreNotFound(port.deleteCheckpoint(input.vm, input.checkpointId));
+        for (const old of known.filter((r) => r.id !== input.referencePointId)) {
+          await ignoreNotFound(port.deleteReferencePoint(input.vm, old.id));
+        }
+      });
+    },
+
+    /** Drops a checkpoint a failed session leaves behind, so the host does not keep its copy-on-write data. */
+    async discardCheckpoint(input: { vm: VmRef; checkpointId: string }): Promise<void> {
+      await withHypervisorFailures(() => ignoreNotFound(port.deleteCheckpoint(input.vm, input.checkpointId)));
+    },
+
+    /** Retention: merges the oldest points down until `keep` remain; returns the points left. */
+    async applyRetention(input: { replica: ReplicaRef; keep: number }): Promise<RestorePointSummary[]> {
+      return withHypervisorFailures(async () => {
+        let points = (await port.listRestorePoints(input.replica)).filter((p) => p.sealed);
+        while (points.length > input.keep) {
+          const oldest = points[0];
+          if (!oldest) break;
+          const info = await port.mergeOldestRestorePoint(input.replica, oldest.id);
+          points = info.points.filter((p) => p.sealed);
+          Context.current().heartbeat();
+        }
+        return points.map(summarizePoint);
+      });
+    },
+  };
+}
+
+async function ignoreNotFound(call: Promise<unknown>): Promise<void> {
+  try {
+    await call;
+  } catch (err) {
+    if (!(err instanceof NotFoundError)) throw err;
+  }
+}

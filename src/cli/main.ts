@@ -1,0 +1,254 @@
+// The project CLI: `npm run failover -- <command>`. Exit codes: 0 done, 1 the operation failed, 2 bad input.
+import { Command, InvalidArgumentError } from 'commander';
+import { WorkflowFailedError, type Client } from '@temporalio/client';
+import { ApplicationFailure } from '@temporalio/common';
+import { connectClient, startPlannedFailover, startReplicationJob } from '../client';
+import {
+  FailureTypes,
+  formatProblems,
+  haltedSessionUpdates,
+  PROXY_REGISTRY_WORKFLOW_ID,
+  proxySignals,
+  replicaQueries,
+  replicaWorkflowId,
+  validate,
+  validatePlannedFailoverInput,
+  replicationJobInputSchema,
+  operatorRequestSchema,
+  type PlannedFailoverResult,
+  type InputProblem,
+} from '../contract';
+import { formatBytes, formatTable } from './format';
+import { followSessions } from './progress';
+import { plannedFailoverTable, replicationJobTable } from './report';
+
+class UsageError extends Error {}
+
+function refuse(what: string, problems: InputProblem[]): never {
+  throw new UsageError(formatProblems(what, problems));
+}
+
+const wholeNumber = (value: string): number => {
+  if (!/^\d+$/.test(value)) throw new InvalidArgumentError('must be a whole number');
+  return Number(value);
+};
+
+const collect = (value: string, previous: string[] = []): string[] => [
+  ...previous,
+  ...value.split(',').filter(Boolean),
+];
+
+async function withClient<T>(run: (client: Client) => Promise<T>): Promise<T> {
+  const client = await connectClient();
+  try {
+    return await run(client);
+  } finally {
+    await client.connection.close();
+  }
+}
+
+/** The failure a workflow ended with, as the operator should read it, with the result it carries if any. */
+function explain(err: unknown): { message: string; type?: string; details?: unknown } {
+  if (err instanceof WorkflowFailedError) {
+    let cause: unknown = err.cause;
+    while (
+      cause instanceof Error &&
+      cause.cause instanceof Error &&
+      !(cause instanceof ApplicationFailure && cause.type)
+    )
+      cause = cause.cause;
+    if (cause instanceof ApplicationFailure)
+      return { message: cause.message, type: cause.type ?? undefined, details: cause.details?.[0] };
+    return { message: cause instanceof Error ? cause.message : String(cause) };
+  }
+  return { message: err instanceof Error ? err.message : String(err) };
+}
+
+const program = new Command()
+  .name('failover')
+  .description(
+    'Planned failover of VMs to their DR replicas, driven through Temporal.\n' +
+      "Connection settings are the Temporal CLI's: TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, TEMPORAL_API_KEY, temporal.toml profiles.",
+  )
+  .showHelpAfterError();
+
+program
+  .command('planned')
+  .description('Move running VMs to their replicas with minimum downtime and zero data loss')
+  .requiredOption('--vm <name>', 'a VM to fail over (repeat, or separate with commas)', collect)
+  .requiredOption('--reason <text>', 'why; recorded with every session')
+  .requiredOption('--user <name>', 'who asks; needs Backup Administrator, or Backup Operator and Restore Operator')
+  .option(
+    '--max-parallel-jobs <n>',
+    'jobs whose VMs move at the same time (VMs of one job always go one by one)',
+    wholeNumber,
+  )
+  .option('--shutdown-timeout <seconds>', 'guest shutdown time before a hard power-off', wholeNumber)
+  .option(
+    '--pre-sync-passes <n>',
+    'extra sync passes before power-off while the delta shrinks (shorter downtime)',
+    wholeNumber,
+  )
+  .option('--pre-sync-target <bytes>', 'stop the extra passes once a pass copies less than this', wholeNumber)
+  .option('--proxy-wait <seconds>', 'how long a VM may wait for a free proxy slot', wholeNumber)
+  .option('--json', 'print the result as JSON (for scripts)')
+  .option('--detach', 'start it and print the workflow id without waiting')
+  .addHelpText(
+    'after',
+    '\nExample:\n  npm run failover -- planned --vm sql01,sql02 --reason "DC maintenance" --user alice\n' +
+      '\nEach VM: sync while running (helper restore point 1), guest shutdown, final sync (helper point 2),\n' +
+      'verification against the source, switch to the replica, power on. A failure between power-off and\n' +
+      'power-on halts the session for an operator: see `failover decide --help`.',
+  )
+  .action(async (o: Record<string, unknown>) => {
+    const options = Object.fromEntries(
+      Object.entries({
+        maxParallelJobs: o.maxParallelJobs,
+        shutdownTimeoutSeconds: o.shutdownTimeout,
+        preSyncMaxPasses: o.preSyncPasses,
+        preSyncTargetBytes: o.preSyncTarget,
+        proxyWaitTimeoutSeconds: o.proxyWait,
+      }).filter(([, v]) => v !== undefined),
+    );
+    const checked = validatePlannedFailoverInput({
+      vms: o.vm,
+      reason: o.reason,
+      requestedBy: o.user,
+      ...(Object.keys(options).length > 0 ? { options } : {}),
+    });
+    if (!checked.ok) refuse('The request', checked.problems);
+    await withClient(async (client) => {
+      const handle = await startPlannedFailover(client, checked.value);
+      const json = Boolean(o.json);
+      const say = (line: string) => (json ? process.stderr : process.stdout).write(`${line}\n`);
+      say(`Planned failover started: workflow ${handle.workflowId}`);
+      if (o.detach) return;
+      const stop = followSessions(client, handle.workflowId, (line) => say(`  ${line}`));
+      let result: PlannedFailoverResult | undefined;
+      let failure: ReturnType<typeof explain> | undefined;
+      try {
+        result = await handle.result();
+      } catch (err) {
+        failure = explain(err);
+        if (failure.type === FailureTypes.plannedFailoverIncomplete) result = failure.details as PlannedFailoverResult;
+      } finally {
+        await stop();
+      }
+      if (json) process.stdout.write(`${JSON.stringify(result ?? { error: failure }, null, 2)}\n`);
+      else {
+        if (result) say(`\n${plannedFailoverTable(result)}`);
+        if (failure) say(`\n${failure.message}`);
+      }
+      if (failure) process.exitCode = failure.type === FailureTypes.invalidInput ? 2 : 1;
+    });
+  });
+
+program
+  .command('replicate')
+  .description('Run a replication job now (seeds new replicas, then copies only changes)')
+  .requiredOption('--job <name>', 'the replication job, as named in the configuration')
+  .requiredOption('--user <name>', 'who asks')
+  .option('--vm <name>', 'only these VMs of the job (repeat, or separate with commas)', collect)
+  .option('--reason <text>', 'why; recorded with the run')
+  .option('--json', 'print the result as JSON')
+  .action(async (o: { job: string; user: string; vm?: string[]; reason?: string; json?: boolean }) => {
+    const checked = validate(replicationJobInputSchema, {
+      job: o.job,
+      requestedBy: o.user,
+      vms: o.vm,
+      reason: o.reason,
+    });
+    if (!checked.ok) refuse('The request', checked.problems);
+    await withClient(async (client) => {
+      const handle = await startReplicationJob(client, checked.value);
+      if (!o.json) console.log(`Replication job ${o.job} started: workflow ${handle.workflowId}`);
+      try {
+        const result = await handle.result();
+        console.log(o.json ? JSON.stringify(result, null, 2) : replicationJobTable([result]));
+        if (result.sessions.some((s) => s.outcome === 'failed')) process.exitCode = 1;
+      } catch (err) {
+        console.error(explain(err).message);
+        process.exitCode = 1;
+      }
+    });
+  });
+
+program
+  .command('state')
+  .description("Show a replica's state, restore points, current session and last rejection")
+  .requiredOption('--vm <name>', 'the source VM of the replica')
+  .option('--json', 'print the state as JSON')
+  .action(async (o: { vm: string; json?: boolean }) => {
+    await withClient(async (client) => {
+      const view = await client.workflow.getHandle(replicaWorkflowId(o.vm)).query(replicaQueries.state);
+      if (o.json) return console.log(JSON.stringify(view, null, 2));
+      console.log(`${view.vm} (job ${view.job}): ${view.state}`);
+      console.log(
+        `current session: ${view.currentSession ? `${view.currentSession.sessionId} (${view.currentSession.kind})` : 'none'}`,
+      );
+      if (view.lastRun) console.log(`last run: ${view.lastRun.at} ${view.lastRun.outcome}`);
+      if (view.lastRejection)
+        console.log(
+          `last rejection: ${view.lastRejection.operation} by ${view.lastRejection.requestedBy}: ${view.lastRejection.reason}`,
+        );
+      console.log(
+        `\n${formatTable(
+          ['restore point', 'created', 'kind', 'written'],
+          view.restorePoints.map((p) => [p.id, p.createdAt, p.kind, formatBytes(p.bytesWritten)]),
+        )}`,
+      );
+    });
+  });
+
+program
+  .command('decide')
+  .description('Decide for a halted planned-failover session: retry, abort or forceFailover')
+  .argument('<decision>', 'retry | abort | forceFailover')
+  .requiredOption('--session <workflowId>', "the halted session's workflow id (session/<vm>/<id>)")
+  .requiredOption('--user <name>', 'who decides; needs the failover roles')
+  .requiredOption('--reason <text>', 'why; recorded in the history')
+  .addHelpText(
+    'after',
+    '\nretry: run the final sync again.  abort: power the source back on; the replica stays Ready.\n' +
+      'forceFailover: fail over to helper restore point 1; what was not synced is recorded as lost.\n' +
+      'Find halted sessions with: temporal workflow list --query \'FailoverStep="Halted"\'',
+  )
+  .action(async (decision: string, o: { session: string; user: string; reason: string }) => {
+    if (decision !== 'retry' && decision !== 'abort' && decision !== 'forceFailover') {
+      refuse('The decision', [{ path: 'decision', message: 'must be retry, abort or forceFailover' }]);
+    }
+    const checked = validate(operatorRequestSchema, { requestedBy: o.user, reason: o.reason });
+    if (!checked.ok) refuse('The decision', checked.problems);
+    await withClient(async (client) => {
+      const outcome = await client.workflow
+        .getHandle(o.session)
+        .executeUpdate(haltedSessionUpdates[decision], { args: [checked.value] });
+      console.log(outcome);
+    });
+  });
+
+program
+  .command('proxy')
+  .description('Take a proxy offline (no new copies; running ones finish) or bring it back')
+  .argument('<state>', 'offline | online')
+  .argument('<proxy>', 'the proxy name, as in the configuration')
+  .action(async (state: string, proxy: string) => {
+    if (state !== 'offline' && state !== 'online')
+      refuse('The proxy command', [{ path: 'state', message: 'must be offline or online' }]);
+    await withClient(async (client) => {
+      await client.workflow
+        .getHandle(PROXY_REGISTRY_WORKFLOW_ID)
+        .signal(proxySignals.setProxyOnline, { proxy, online: state === 'online' });
+      console.log(`Proxy ${proxy} is ${state}.`);
+    });
+  });
+
+program.parseAsync().catch((err: unknown) => {
+  if (err instanceof UsageError) {
+    console.error(err.message);
+    process.exitCode = 2;
+  } else {
+    console.error(`error: ${explain(err).message}`);
+    process.exitCode = 1;
+  }
+});

@@ -1,0 +1,61 @@
+import type { PlannedFailoverResult, PlannedFailoverSessionResult, ReplicationJobResult } from '../contract';
+import { formatBytes, formatDuration, formatTable } from './format';
+
+const ms = (v: number | undefined): string => (v === undefined ? '-' : formatDuration(v));
+
+/** The outcome of a planned failover as an operator reads it: one row per VM, downtime broken down. */
+export function plannedFailoverTable(result: PlannedFailoverResult): string {
+  const rows = result.sessions.map((s: PlannedFailoverSessionResult) => [
+    s.vm,
+    s.job,
+    s.outcome,
+    ms(s.downtime?.totalMs),
+    ms(s.downtime?.guestShutdownMs),
+    ms(s.downtime?.finalSyncMs),
+    ms(s.downtime?.switchMs),
+    ms(s.downtime?.bootMs),
+    ms(s.downtime?.orchestrationMs),
+    formatBytes(s.bytesBeforePowerOff),
+    formatBytes(s.bytesAfterPowerOff),
+    s.verification ? (s.verification.identical ? 'identical' : 'MISMATCH') : '-',
+  ]);
+  const table = formatTable(
+    [
+      'VM',
+      'job',
+      'outcome',
+      'downtime',
+      'shutdown',
+      'final sync',
+      'switch',
+      'boot',
+      'orchestration',
+      'copied before off',
+      'after off',
+      'verified',
+    ],
+    rows,
+  );
+  const notes = result.sessions
+    .filter((s) => s.outcome !== 'failedOver' || s.helperPoints.length > 0)
+    .map((s) =>
+      s.outcome === 'failedOver'
+        ? `  ${s.vm}: helper restore points ${s.helperPoints.join(', ')}`
+        : `  ${s.vm}: ${s.detail}${s.dataLoss ? ` (${s.dataLoss})` : ''}`,
+    );
+  return [table, ...(notes.length > 0 ? ['', ...notes] : [])].join('\n');
+}
+
+export function replicationJobTable(results: ReplicationJobResult[]): string {
+  const rows = results.flatMap((r) =>
+    r.sessions.map((s) => [
+      s.vm,
+      r.job,
+      s.outcome,
+      s.copy ? formatBytes(s.copy.bytesCopied) : '-',
+      s.copy ? [...new Set(Object.values(s.copy.modes))].join(',') : s.detail,
+      s.restorePoint?.id ?? '-',
+    ]),
+  );
+  return formatTable(['VM', 'job', 'outcome', 'copied', 'how', 'restore point'], rows);
+}

@@ -1,0 +1,121 @@
+import { z } from 'zod';
+import { Roles } from '../domain/roles';
+
+const name = z.string({ error: 'must be a name (a string)' }).regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/, {
+  error: 'must be 1 to 64 letters, digits, dots, dashes or underscores',
+});
+
+const httpUrl = z.url({ protocol: /^https?$/, error: 'must be an http:// or https:// URL' });
+
+const hostSchema = z.strictObject({
+  name,
+  role: z.enum(['production', 'dr'], { error: "must be 'production' or 'dr'" }),
+  /** How the orchestrator reaches the host. Today: the lab site's HTTP API. */
+  adapter: z.strictObject({
+    type: z.literal('lab', { error: "must be 'lab' (the only adapter shipped so far)" }),
+    url: httpUrl,
+  }),
+});
+
+const proxySchema = z.strictObject({
+  name,
+  /** One task is one VM disk being copied. */
+  slots: z.number({ error: 'must be a number' }).int({ error: 'must be a whole number' }).min(1).max(64),
+  /** Proxies can be taken offline by configuration; sessions then wait for the others. */
+  enabled: z.boolean({ error: 'must be true or false' }).default(true),
+});
+
+const scheduleSchema = z.strictObject({
+  /** Runs the job every so often, e.g. "15m", "1h", "1d". */
+  every: z.string().regex(/^\d+[smhd]$/, { error: 'must be a duration like 30m, 1h or 1d' }),
+});
+
+const jobSchema = z.strictObject({
+  name,
+  /** Processed in this order when one lane handles them. */
+  vms: z.array(name).min(1, { error: 'must list at least one VM' }),
+  targetHost: name,
+  proxies: z
+    .union([z.literal('auto'), z.array(name).min(1)], { error: "must be 'auto' or a list of proxy names" })
+    .default('auto'),
+  restorePoints: z
+    .number({ error: 'must be a number' })
+    .int({ error: 'must be a whole number' })
+    .min(1, { error: 'must be at least 1' })
+    .max(28, { error: 'must be at most 28' })
+    .default(7),
+  dataSource: z.enum(['production', 'backup'], { error: "must be 'production' or 'backup'" }).default('production'),
+  schedule: scheduleSchema.optional(),
+});
+
+const userSchema = z.strictObject({
+  name,
+  roles: z
+    .array(z.enum(Roles, { error: `must be one of ${Roles.join(', ')}` }))
+    .min(1, { error: 'must list at least one role' }),
+});
+
+export const configurationSchema = z
+  .strictObject({
+    hosts: z.array(hostSchema).min(1, { error: 'must list at least one host' }),
+    /** Where backup points are read for jobs whose data source is 'backup'. */
+    backupRepository: z.strictObject({ adapter: hostSchema.shape.adapter }).optional(),
+    proxies: z.array(proxySchema).min(1, { error: 'must list at least one proxy' }),
+    jobs: z.array(jobSchema).default([]),
+    users: z.array(userSchema).min(1, { error: 'must list at least one user' }),
+  })
+  .superRefine((config, ctx) => {
+    const unique = (items: { name: string }[], path: string) => {
+      const seen = new Set<string>();
+      items.forEach((item, i) => {
+        if (seen.has(item.name))
+          ctx.addIssue({ code: 'custom', path: [path, i, 'name'], message: `'${item.name}' is declared twice` });
+        seen.add(item.name);
+      });
+    };
+    unique(config.hosts, 'hosts');
+    unique(config.proxies, 'proxies');
+    unique(config.jobs, 'jobs');
+    unique(config.users, 'users');
+    const hosts = new Map(config.hosts.map((h) => [h.name, h]));
+    const proxies = new Set(config.proxies.map((p) => p.name));
+    const jobOfVm = new Map<string, string>();
+    config.jobs.forEach((job, j) => {
+      const target = hosts.get(job.targetHost);
+      if (!target)
+        ctx.addIssue({
+          code: 'custom',
+          path: ['jobs', j, 'targetHost'],
+          message: `no host '${job.targetHost}' is declared`,
+        });
+      else if (target.role !== 'dr')
+        ctx.addIssue({
+          code: 'custom',
+          path: ['jobs', j, 'targetHost'],
+          message: `'${job.targetHost}' is not a DR host`,
+        });
+      if (job.proxies !== 'auto')
+        job.proxies.forEach((p, k) => {
+          if (!proxies.has(p))
+            ctx.addIssue({ code: 'custom', path: ['jobs', j, 'proxies', k], message: `no proxy '${p}' is declared` });
+        });
+      job.vms.forEach((vm, k) => {
+        const other = jobOfVm.get(vm);
+        if (other !== undefined)
+          ctx.addIssue({
+            code: 'custom',
+            path: ['jobs', j, 'vms', k],
+            message: `'${vm}' is already replicated by job '${other}'`,
+          });
+        else jobOfVm.set(vm, job.name);
+      });
+      if (job.dataSource === 'backup' && !config.backupRepository)
+        ctx.addIssue({ code: 'custom', path: ['jobs', j, 'dataSource'], message: "'backup' needs a backupRepository" });
+    });
+  });
+
+export type Configuration = z.output<typeof configurationSchema>;
+export type HostConfig = Configuration['hosts'][number];
+export type JobConfig = Configuration['jobs'][number];
+export type ProxyConfig = Configuration['proxies'][number];
+export type UserConfig = Configuration['users'][number];

@@ -1,0 +1,55 @@
+import { defineQuery, defineSignal } from '@temporalio/workflow';
+
+/** One registry of every proxy's task slots: a single owner makes leases exact across all workers. */
+export const PROXY_REGISTRY_WORKFLOW_ID = 'proxy-slots';
+
+/** Each proxy runs the data-moving activities on a task queue of its own, so it can run on its own machine. */
+export const proxyTaskQueue = (proxy: string): string => `planned-failover-proxy-${proxy}`;
+
+export interface ProxyDeclaration {
+  name: string;
+  slots: number;
+  enabled: boolean;
+}
+
+export interface SlotRequest {
+  sessionId: string;
+  workflowId: string;
+  /** One slot per disk to copy. */
+  slots: number;
+  /** The proxies this session may use ('auto': any). */
+  proxies: string[] | 'auto';
+  /** The configured proxies, as the requester read them from the configuration. */
+  declared: ProxyDeclaration[];
+}
+
+export interface SlotLease {
+  proxy: string;
+  taskQueue: string;
+}
+
+export interface ProxyRegistryView {
+  proxies: { name: string; slots: number; enabled: boolean; online: boolean; leasedTo: string[] }[];
+  waiting: { sessionId: string; slots: number }[];
+}
+
+export interface ProxyRegistryInput {
+  carried?: {
+    proxies: Record<string, { slots: number; enabled: boolean; online: boolean; leases: string[] }>;
+    queue: SlotRequest[];
+  };
+}
+
+export const proxySignals = {
+  requestSlots: defineSignal<[SlotRequest]>('requestSlots'),
+  releaseSlots: defineSignal<[{ sessionId: string }]>('releaseSlots'),
+  /** Takes a proxy offline (no new leases; current ones finish) or back online. */
+  setProxyOnline: defineSignal<[{ proxy: string; online: boolean }]>('setProxyOnline'),
+};
+
+export const proxyQueries = {
+  slots: defineQuery<ProxyRegistryView>('slots'),
+};
+
+/** Sent to a waiting session when its slots are leased. */
+export const slotsGrantedSignal = defineSignal<[{ leases: SlotLease[] }]>('slotsGranted');

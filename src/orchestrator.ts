@@ -1,0 +1,61 @@
+import { Client, Connection } from '@temporalio/client';
+import { NativeConnection, type NativeConnectionOptions, type Worker, type WorkerOptions } from '@temporalio/worker';
+import { createActivities } from './activities';
+import type { Configuration } from './config/schema';
+import type { HypervisorPort } from './hypervisor/port';
+import { createWorkers } from './worker';
+
+export interface OrchestratorOptions {
+  /** As envconfig gives them: usable by the worker's native connection and the client alike. */
+  connectionOptions: NativeConnectionOptions;
+  namespace: string;
+  config: Configuration;
+  port: HypervisorPort;
+  workflowBundle?: WorkerOptions['workflowBundle'];
+}
+
+/** A client and the orchestrator's workers, wired to one hypervisor port: what the demo, scripts and tests run. */
+export interface Orchestrator {
+  client: Client;
+  config: Configuration;
+  namespace: string;
+  /** Starts the workers (again, after stopWorkers, as a restarted worker process would). */
+  startWorkers(): Promise<void>;
+  stopWorkers(): Promise<void>;
+  close(): Promise<void>;
+}
+
+export async function createOrchestrator(options: OrchestratorOptions): Promise<Orchestrator> {
+  const { namespace, config, port } = options;
+  const connection = await NativeConnection.connect(options.connectionOptions);
+  const client = new Client({ connection: await Connection.connect(options.connectionOptions), namespace });
+  let workers: Worker[] = [];
+  let running: Promise<unknown> = Promise.resolve();
+  const orchestrator: Orchestrator = {
+    client,
+    config,
+    namespace,
+    async startWorkers() {
+      workers = await createWorkers({
+        connection,
+        namespace,
+        config,
+        activities: createActivities({ port, config, client }),
+        workflowBundle: options.workflowBundle,
+      });
+      running = Promise.all(workers.map((w) => w.run()));
+    },
+    async stopWorkers() {
+      // The SDK's own signal handler may already be draining them.
+      for (const w of workers) if (w.getState() === 'RUNNING') w.shutdown();
+      await running;
+      workers = [];
+    },
+    async close() {
+      await orchestrator.stopWorkers();
+      await client.connection.close();
+      await connection.close();
+    },
+  };
+  return orchestrator;
+}

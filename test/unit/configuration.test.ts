@@ -1,0 +1,66 @@
+import assert from 'node:assert/strict';
+import { describe, it } from 'node:test';
+import { ConfigurationError, loadConfiguration, parseConfiguration } from '../../src/config/load';
+
+function problemsOf(text: string): string[] {
+  try {
+    parseConfiguration(text, 't.yaml');
+  } catch (err) {
+    assert.ok(err instanceof ConfigurationError);
+    return err.problems.map((p) => `${p.path}: ${p.message}`);
+  }
+  return assert.fail('expected the configuration to be refused');
+}
+
+const base = `
+hosts:
+  - { name: prod, role: production, adapter: { type: lab, url: http://127.0.0.1:7300 } }
+  - { name: dr, role: dr, adapter: { type: lab, url: http://127.0.0.1:7300 } }
+proxies:
+  - { name: p1, slots: 2 }
+users:
+  - { name: alice, roles: [BackupAdministrator] }
+`;
+
+describe('configuration file', () => {
+  it('loads the demo configuration with its defaults', () => {
+    const config = loadConfiguration('config/planned-failover.yaml');
+    assert.deepEqual(
+      config.jobs.map((j) => [j.name, j.vms.length, j.dataSource]),
+      [
+        ['sql', 3, 'production'],
+        ['web', 3, 'backup'],
+      ],
+    );
+    assert.equal(config.proxies[0]!.enabled, true);
+  });
+
+  it('names the path and line of every problem', () => {
+    const problems = problemsOf(
+      `${base}jobs:\n  - name: j\n    vms: []\n    targetHost: dr\n    restorePoints: 29\n    colour: blue\n`,
+    );
+    assert.deepEqual(problems, [
+      'jobs[0].vms (line 11): must list at least one VM',
+      'jobs[0].restorePoints (line 13): must be at most 28',
+      'jobs[0].colour (line 14): is not a known field',
+    ]);
+  });
+
+  it('checks references between hosts, jobs and proxies', () => {
+    const problems = problemsOf(
+      `${base}jobs:\n  - { name: a, vms: [vm1], targetHost: prod, proxies: [p9] }\n  - { name: b, vms: [vm1], targetHost: nowhere, dataSource: backup }\n`,
+    );
+    assert.deepEqual(problems, [
+      "jobs[0].targetHost (line 10): 'prod' is not a DR host",
+      "jobs[0].proxies[0] (line 10): no proxy 'p9' is declared",
+      "jobs[1].targetHost (line 11): no host 'nowhere' is declared",
+      "jobs[1].vms[0] (line 11): 'vm1' is already replicated by job 'a'",
+      "jobs[1].dataSource (line 11): 'backup' needs a backupRepository",
+    ]);
+  });
+
+  it('reports YAML syntax errors with their line', () => {
+    const [problem] = problemsOf('hosts: [\n');
+    assert.match(problem ?? '', /^line \d+: /);
+  });
+});
