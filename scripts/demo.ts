@@ -7,7 +7,8 @@ import { followSessions } from '../src/cli/progress';
 import { plannedFailoverTable, replicationJobTable } from '../src/cli/report';
 import { startPlannedFailover, startReplicationJob } from '../src/client';
 import { loadConfiguration } from '../src/config/load';
-import { TASK_QUEUE } from '../src/contract';
+import type { Client } from '@temporalio/client';
+import { operationUpdates, replicaQueries, replicaWorkflowId, TASK_QUEUE } from '../src/contract';
 import { LabControl, LabHypervisor } from '../src/hypervisor/lab-adapter';
 import { createLogger } from '../src/logging';
 import { createOrchestrator } from '../src/orchestrator';
@@ -62,6 +63,11 @@ async function main(): Promise<void> {
   await orchestrator.startWorkers();
   console.log(`Workers polling '${TASK_QUEUE}' and one task queue per proxy.`);
 
+  await finishEarlierDemo(
+    orchestrator.client,
+    config.jobs.flatMap((j) => j.vms),
+  );
+
   // The backup repository is filled by a backup job in real life; the demo plays that job.
   for (const job of config.jobs.filter((j) => j.dataSource === 'backup')) {
     for (const vm of job.vms) await labControl.takeBackup(vm);
@@ -111,6 +117,23 @@ async function main(): Promise<void> {
   await lab?.stop();
   await server?.stop();
   console.log('Stopped.');
+}
+
+/** A second demo run starts where the first left off: replicas still failed over are first brought back to Ready. */
+async function finishEarlierDemo(client: Client, vms: string[]): Promise<void> {
+  const who = { requestedBy: 'alice', reason: 'demo: finish the previous run' };
+  for (const vm of vms) {
+    const entity = client.workflow.getHandle(replicaWorkflowId(vm));
+    const view = await entity.query(replicaQueries.state).catch(() => undefined);
+    const operation =
+      view?.state === 'Failover' ? 'undoFailover' : view?.state === 'Failback' ? 'commitFailback' : undefined;
+    if (view?.state === 'PermanentFailover') {
+      throw new Error(`${vm} was failed over permanently in an earlier run; delete .data/ to start the demo afresh.`);
+    }
+    if (!operation) continue;
+    const outcome = await entity.executeUpdate(operationUpdates[operation], { args: [who] });
+    console.log(`From an earlier run: ${operation} of ${vm}: ${outcome.detail}`);
+  }
 }
 
 main().then(

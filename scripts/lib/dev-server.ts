@@ -95,7 +95,9 @@ export async function startDevServer(options: DevServerOptions): Promise<DevServ
     'warn',
     ...searchAttributeArgs(),
   ];
-  const child = spawn(options.cli, args, { stdio: ['ignore', log, log] });
+  // A process group of its own: Ctrl-C in the terminal reaches our process, which stops workers first and the
+  // server last, instead of the server dying under workers that are still draining.
+  const child = spawn(options.cli, args, { stdio: ['ignore', log, log], detached: true });
   const exited = new Promise<number | null>((resolveExit) => child.once('exit', (code) => resolveExit(code)));
   let exitCode: number | null | undefined;
   void exited.then((code) => (exitCode = code));

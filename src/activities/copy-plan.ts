@@ -53,3 +53,18 @@ export function differingExtents(startBlock: number, source: readonly string[], 
   }
   return out;
 }
+
+/** The union of two ascending extent lists, merged where they touch or overlap. */
+export function unionExtents(a: readonly Extent[], b: readonly Extent[]): Extent[] {
+  const all = [...a, ...b].sort((x, y) => x.offset - y.offset);
+  const out: Extent[] = [];
+  for (const e of all) {
+    const last = out.at(-1);
+    if (last && e.offset <= last.offset + last.length) {
+      last.length = Math.max(last.length, e.offset + e.length - last.offset);
+    } else {
+      out.push({ ...e });
+    }
+  }
+  return out;
+}

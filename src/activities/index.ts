@@ -4,6 +4,7 @@ import type { HypervisorPort } from '../hypervisor/port';
 import { createCoordinationActivities } from './coordination';
 import { createFailoverActivities } from './failover';
 import { createInventoryActivities } from './inventory';
+import { createOperationActivities } from './operations';
 import { createReplicationActivities } from './replication';
 
 export interface ActivityDependencies {
@@ -19,6 +20,7 @@ export function createActivities({ port, config, client }: ActivityDependencies)
     ...createReplicationActivities(port),
     ...createCoordinationActivities(client),
     ...createFailoverActivities(port, config, client),
+    ...createOperationActivities(port, config),
   };
 }
 

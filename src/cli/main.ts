@@ -1,6 +1,6 @@
 // The project CLI: `npm run failover -- <command>`. Exit codes: 0 done, 1 the operation failed, 2 bad input.
 import { Command, InvalidArgumentError } from 'commander';
-import { WorkflowFailedError, type Client } from '@temporalio/client';
+import { WorkflowFailedError, WorkflowUpdateFailedError, type Client } from '@temporalio/client';
 import { ApplicationFailure } from '@temporalio/common';
 import { connectClient, startPlannedFailover, startReplicationJob } from '../client';
 import {
@@ -15,6 +15,9 @@ import {
   validatePlannedFailoverInput,
   replicationJobInputSchema,
   operatorRequestSchema,
+  operationSchemas,
+  operationUpdates,
+  type OperationName,
   type PlannedFailoverResult,
   type InputProblem,
 } from '../contract';
@@ -49,8 +52,8 @@ async function withClient<T>(run: (client: Client) => Promise<T>): Promise<T> {
 
 /** The failure a workflow ended with, as the operator should read it, with the result it carries if any. */
 function explain(err: unknown): { message: string; type?: string; details?: unknown } {
-  if (err instanceof WorkflowFailedError) {
-    let cause: unknown = err.cause;
+  if (err instanceof WorkflowFailedError || err instanceof ApplicationFailure) {
+    let cause: unknown = err instanceof ApplicationFailure ? err : err.cause;
     while (
       cause instanceof Error &&
       cause.cause instanceof Error &&
@@ -226,6 +229,98 @@ program
       console.log(outcome);
     });
   });
+
+/** The operations that finish a failover, each an update of replica/<vm>: the outcome, or why it was refused. */
+function operationCommand(
+  command: string,
+  operation: OperationName,
+  description: string,
+  configure: (c: Command) => Command,
+  payloadOf: (o: Record<string, unknown>) => Record<string, unknown>,
+): void {
+  configure(
+    program
+      .command(command)
+      .description(description)
+      .requiredOption('--vm <name>', 'the source VM of the replica')
+      .requiredOption('--user <name>', 'who asks; needs Backup Administrator, or Backup Operator and Restore Operator')
+      .requiredOption('--reason <text>', 'why; recorded in the history')
+      .option('--json', 'print the outcome as JSON'),
+  ).action(async (o: Record<string, unknown>) => {
+    const payload = { requestedBy: o.user, reason: o.reason, ...payloadOf(o) };
+    const checked = validate(operationSchemas[operation], payload);
+    if (!checked.ok) refuse(`The ${operation} request`, checked.problems);
+    await withClient(async (client) => {
+      const handle = client.workflow.getHandle(replicaWorkflowId(String(o.vm)));
+      try {
+        const outcome = await handle.executeUpdate(operationUpdates[operation], { args: [checked.value] });
+        console.log(o.json ? JSON.stringify(outcome, null, 2) : `${String(o.vm)}: ${outcome.state}. ${outcome.detail}`);
+      } catch (err) {
+        if (!(err instanceof WorkflowUpdateFailedError)) throw err;
+        console.error(`${operation} of ${String(o.vm)} refused: ${explain(err.cause ?? err).message}`);
+        process.exitCode = 2;
+      }
+    });
+  });
+}
+
+operationCommand(
+  'undo',
+  'undoFailover',
+  'Undo a failover: replica off, its changes discarded, state Ready; the source is powered on',
+  (c) => c.option('--no-power-on-source', 'leave the source VM off'),
+  (o) => ({ powerOnSource: o.powerOnSource !== false }),
+);
+operationCommand(
+  'permanent',
+  'permanentFailover',
+  'Make a failover permanent: restore points merged and deleted, the replica is production (irreversible)',
+  (c) => c.option('--confirm', 'required: says you know this cannot be undone'),
+  (o) => (o.confirm ? { confirm: true } : {}),
+);
+operationCommand(
+  'failback',
+  'failback',
+  "Ship the replica's changes back to production (the original VM by default), keep a protective point",
+  (c) =>
+    c
+      .option('--to-restored <vm>', 'fail back to a VM restored elsewhere, found by name')
+      .option('--to-new <vm@host>', 'fail back to a new VM created on a production host (full copy)')
+      .option('--no-power-on', 'leave the production VM off afterwards'),
+  (o) => {
+    const target =
+      typeof o.toRestored === 'string'
+        ? { restoredVm: o.toRestored }
+        : typeof o.toNew === 'string'
+          ? { newVm: { name: o.toNew.split('@')[0], host: o.toNew.split('@')[1] } }
+          : 'original';
+    return { target, powerOnProduction: o.powerOn !== false };
+  },
+);
+operationCommand(
+  'commit-failback',
+  'commitFailback',
+  'Commit a failback: state Ready, replication resumes',
+  (c) => c,
+  () => ({}),
+);
+operationCommand(
+  'undo-failback',
+  'undoFailback',
+  'Undo a failback: production VM off, the replica runs again from its pre-failback state',
+  (c) => c,
+  () => ({}),
+);
+operationCommand(
+  'failover-to',
+  'failover',
+  'Regular failover to a chosen restore point (helper points included); the source is untouched',
+  (c) =>
+    c
+      .option('--point <id>', 'the restore point id')
+      .option('--at <time>', 'the newest point at or before this ISO time'),
+  (o) => ({ ...(o.point ? { restorePointId: o.point } : {}), ...(o.at ? { at: o.at } : {}) }),
+);
 
 program
   .command('proxy')

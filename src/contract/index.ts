@@ -7,3 +7,4 @@ export * from './replica';
 export * from './proxy';
 export * from './replication';
 export * from './messages';
+export * from './operations';

@@ -12,6 +12,8 @@ export const WorkflowTypes = {
   replicationSession: 'replicationSession',
   /** One VM's planned failover session (a child of plannedFailover). */
   plannedFailoverSession: 'plannedFailoverSession',
+  /** One operation on a replica (undo, failback, ...), a child of the replica's entity. */
+  replicaOperation: 'replicaOperation',
   /** The long-lived entity of one replica, id replica/<vm>. */
   replica: 'replica',
   /** The registry of proxy task slots, id proxy-slots. */

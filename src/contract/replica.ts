@@ -1,5 +1,7 @@
 import { defineQuery, defineSignal } from '@temporalio/workflow';
 import type { ReplicaState } from '../domain/replica-state';
+import type { OperationName } from './operations';
+import type { DowntimeBreakdown } from './planned-failover';
 
 /** The id of a replica's entity workflow: one per replica, the owner of its state. */
 export const replicaWorkflowId = (vm: string): string => `replica/${vm}`;
@@ -13,7 +15,8 @@ export interface RestorePointSummary {
   crashConsistent: boolean;
 }
 
-export type SessionKind = 'jobRun' | 'plannedFailover';
+/** Sessions of jobs and planned failovers, and the operations that finish a failover. */
+export type SessionKind = 'jobRun' | 'plannedFailover' | OperationName;
 
 export interface SessionRef {
   sessionId: string;
@@ -37,11 +40,16 @@ export interface ReplicaView {
   state: ReplicaState;
   /** Oldest first. */
   restorePoints: RestorePointSummary[];
+  /** The session or operation working on the replica now. */
   currentSession: SessionRef | null;
-  /** Sessions waiting for the replica, in the order they asked. */
+  /** Sessions and operations waiting for the replica, in the order they asked. */
   waitingSessions: SessionRef[];
-  lastRun: { sessionId: string; at: string; outcome: string } | null;
+  lastRun: (Omit<SessionRef, 'workflowId'> & { at: string; outcome: string }) | null;
   lastRejection: RejectionRecord | null;
+  /** Downtime of the last planned failover of this VM. */
+  lastDowntime: DowntimeBreakdown | null;
+  /** While in Failback: the production VM the replica's data went back to. */
+  failbackTo: { host: string; vm: string } | null;
 }
 
 /** What a session reports to its replica's entity while it holds the replica. */
@@ -50,13 +58,22 @@ export interface SessionReport {
   state?: ReplicaState;
   restorePoints?: RestorePointSummary[];
   outcome?: string;
+  downtime?: DowntimeBreakdown;
 }
 
 export interface ReplicaEntityInput {
   vm: string;
   job: string;
-  /** Carried over by continue-as-new. */
-  carried?: Omit<ReplicaView, 'vm' | 'job'>;
+  /** Carried over by continue-as-new: the view, and the payloads of queued operations. */
+  carried?: Omit<ReplicaView, 'vm' | 'job'> & { queuedOperations: QueuedOperation[] };
+}
+
+export interface QueuedOperation {
+  operationId: string;
+  operation: OperationName;
+  payload: unknown;
+  /** Sent as an update: its caller waits for the outcome. */
+  viaUpdate: boolean;
 }
 
 export const replicaSignals = {

@@ -2,4 +2,5 @@
 export { plannedFailover, plannedFailoverSession } from './planned-failover';
 export { replicationJob, replicationSession } from './replication';
 export { replica } from './replica';
+export { replicaOperation } from './replica-operations';
 export { proxySlots } from './proxy-slots';

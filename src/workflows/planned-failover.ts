@@ -29,8 +29,8 @@ import {
   type PlannedFailoverResult,
   type PlannedFailoverSessionInput,
   type PlannedFailoverSessionResult,
-  type RestorePointSummary,
   type SessionProgress,
+  type SessionReport,
   type SlotLease,
   type VerificationResult,
 } from '../contract';
@@ -249,9 +249,7 @@ export async function plannedFailoverSession(
     requestedBy: input.requestedBy,
     reason: input.reason,
   });
-  let report: { outcome: string; state?: 'Ready' | 'Failover'; restorePoints?: RestorePointSummary[] } = {
-    outcome: 'failed',
-  };
+  let report: Omit<SessionReport, 'sessionId'> = { outcome: 'failed' };
   try {
     const allowed = checkTransition(state, 'plannedFailover');
     if (!allowed.allowed) {
@@ -296,6 +294,7 @@ export async function plannedFailoverSession(
         outcome: `${outcome}: ${result.detail}`,
         state: outcome === 'aborted' ? 'Ready' : 'Failover',
         restorePoints,
+        downtime: result.downtime,
       };
       result.outcome = outcome;
       return result;

@@ -1,0 +1,267 @@
+import { ApplicationFailure, Context } from '@temporalio/activity';
+import type { Configuration } from '../config/schema';
+import { FailureTypes, type RestorePointSummary } from '../contract';
+import { NotFoundError, TrackingLostError } from '../hypervisor/errors';
+import {
+  BLOCK_SIZE,
+  type DiskInfo,
+  type Extent,
+  type HypervisorPort,
+  type PageRequest,
+  type ExtentPage,
+  type ReplicaRef,
+  type ReplicaView,
+  type RestorePointKind,
+  type VmRef,
+} from '../hypervisor/port';
+import { batchExtents, differingExtents, extentBytes, unionExtents } from './copy-plan';
+import { withHypervisorFailures } from './failures';
+import { findJob, PointMetadata, replicaNameOf, summarizePoint } from './inventory';
+
+const BATCH_BYTES = 32 * 1024 * 1024;
+const DIGEST_BLOCKS = 16384;
+
+export interface ReplicaDescription {
+  /** The production VM the replica was made from; null when it is on no production host any more. */
+  source: VmRef | null;
+  replica: ReplicaRef;
+  disks: DiskInfo[];
+  headPointId: string | null;
+  /** The source reference point the head point was copied at: where production's own changes are tracked from. */
+  headReferencePointId: string | null;
+  restorePoints: RestorePointSummary[];
+}
+
+export interface ShipResult {
+  bytesShipped: number;
+  /** How production's own changes since failover were found, per disk. */
+  modes: Record<string, 'tracked' | 'digest'>;
+}
+
+async function allPages(fetchPage: (page: PageRequest) => Promise<ExtentPage>): Promise<Extent[]> {
+  const extents: Extent[] = [];
+  let cursor: string | undefined;
+  do {
+    const page = await fetchPage({ cursor, limit: 10_000 });
+    extents.push(...page.extents);
+    cursor = page.nextCursor;
+  } while (cursor);
+  return extents;
+}
+
+/** Activities of the operations that finish a failover: undo, permanent failover, failback, regular failover. */
+export function createOperationActivities(port: HypervisorPort, config: Configuration) {
+  async function findOnProduction(vm: string): Promise<VmRef | null> {
+    for (const host of config.hosts.filter((h) => h.role === 'production')) {
+      if ((await port.listVms(host.name)).some((v) => v.name === vm)) return { host: host.name, vm };
+    }
+    return null;
+  }
+
+  /** Blocks whose digests differ between a replica view and a production checkpoint, within `within`. */
+  async function differing(
+    replicaDisk: ReplicaRef & { disk: string },
+    view: ReplicaView,
+    productionDisk: VmRef & { disk: string },
+    checkpointId: string,
+    within: readonly Extent[],
+    signal: AbortSignal,
+  ): Promise<Extent[]> {
+    const out: Extent[] = [];
+    for (const extent of within) {
+      const end = (extent.offset + extent.length) / BLOCK_SIZE;
+      for (let startBlock = extent.offset / BLOCK_SIZE; startBlock < end; startBlock += DIGEST_BLOCKS) {
+        const range = { startBlock, count: Math.min(DIGEST_BLOCKS, end - startBlock) };
+        const [ours, theirs] = await Promise.all([
+          port.replicaBlockDigests(replicaDisk, view, range, { signal }),
+          port.blockDigests(productionDisk, checkpointId, range, { signal }),
+        ]);
+        out.push(...differingExtents(startBlock, ours.digests, theirs.digests));
+        Context.current().heartbeat();
+      }
+    }
+    return out;
+  }
+
+  return {
+    async describeReplica(input: { vm: string; job: string }): Promise<ReplicaDescription> {
+      const job = findJob(config, input.job);
+      return withHypervisorFailures(async () => {
+        const replica: ReplicaRef = { host: job.targetHost, replica: replicaNameOf(input.vm) };
+        const info = await port.getReplica(replica);
+        const head = info.points.find((p) => p.id === info.headPointId);
+        return {
+          source: await findOnProduction(input.vm),
+          replica,
+          disks: info.disks,
+          headPointId: info.headPointId,
+          headReferencePointId: head?.metadata[PointMetadata.sourceReferencePoint] ?? null,
+          restorePoints: info.points.filter((p) => p.sealed).map(summarizePoint),
+        };
+      });
+    },
+
+    /** The production VM a failback writes to: a VM restored elsewhere is found by its name. */
+    async locateProductionVm(input: { vm: string }): Promise<VmRef> {
+      const found = await withHypervisorFailures(() => findOnProduction(input.vm));
+      if (!found)
+        throw ApplicationFailure.create({
+          type: FailureTypes.hypervisor + ':not_found',
+          message: `VM '${input.vm}' is on none of the production hosts`,
+          nonRetryable: true,
+        });
+      return found;
+    },
+
+    /** A new, empty VM on a production host with the replica's disk layout (failback to a new VM). */
+    async createProductionVm(input: { vm: VmRef; disks: DiskInfo[] }): Promise<void> {
+      const host = config.hosts.find((h) => h.name === input.vm.host);
+      if (host?.role !== 'production')
+        throw ApplicationFailure.create({
+          type: FailureTypes.configuration,
+          message: `'${input.vm.host}' is not a production host in the configuration`,
+          nonRetryable: true,
+        });
+      await withHypervisorFailures(() => port.createVm(input.vm, input.disks));
+    },
+
+    /** Hard power-off; already off is success. */
+    async powerOffVm(input: { vm: VmRef }): Promise<{ alreadyOff: boolean }> {
+      return withHypervisorFailures(async () => ({ alreadyOff: (await port.powerOff(input.vm)).alreadyInState }));
+    },
+
+    async discardRunningLayer(input: { replica: ReplicaRef }): Promise<void> {
+      await withHypervisorFailures(() => port.discardRunningLayer(input.replica));
+    },
+
+    async consolidateReplica(input: { replica: ReplicaRef }): Promise<void> {
+      await withHypervisorFailures(() => port.consolidateReplica(input.replica));
+    },
+
+    /** Keeps the stopped replica's running state as a sealed point; a retry finds it sealed already. */
+    async sealRunningLayer(input: {
+      replica: ReplicaRef;
+      pointId: string;
+      kind: RestorePointKind;
+      metadata: Record<string, string>;
+    }): Promise<RestorePointSummary> {
+      return withHypervisorFailures(async () => {
+        const existing = (await port.listRestorePoints(input.replica)).find((p) => p.id === input.pointId);
+        if (existing?.sealed) return summarizePoint(existing);
+        return summarizePoint(
+          await port.sealRunningLayer(input.replica, input.pointId, {
+            kind: input.kind,
+            crashConsistent: true,
+            metadata: input.metadata,
+          }),
+        );
+      });
+    },
+
+    /**
+     * Failback's data move: writes to the powered-off production VM exactly the blocks that differ from the
+     * replica's view: those the replica wrote since failover, and those production itself changed since the
+     * replica's head point was copied (change tracking, or digests when tracking is gone). With
+     * `onlyDiffering`, blocks already equal on both sides are skipped (the second, short phase).
+     */
+    async shipToProduction(input: {
+      replica: ReplicaRef;
+      view: ReplicaView;
+      production: VmRef;
+      disks: DiskInfo[];
+      baseReferencePointId: string | null;
+      onlyDiffering: boolean;
+      checkpointId: string;
+    }): Promise<ShipResult> {
+      const ctx = Context.current();
+      const signal = ctx.cancellationSignal;
+      return withHypervisorFailures(async () => {
+        await port.createCheckpoint(input.production, input.checkpointId, { signal });
+        let bytesShipped = 0;
+        const modes: ShipResult['modes'] = {};
+        try {
+          for (const disk of input.disks) {
+            const replicaDisk = { ...input.replica, disk: disk.id };
+            const productionDisk = { ...input.production, disk: disk.id };
+            const whole = [{ offset: 0, length: disk.sizeBytes }];
+            const { view } = input;
+            const replicaChanged =
+              'running' in view
+                ? await allPages((page) => port.listRunningLayerExtents(replicaDisk, page, { signal }))
+                : await allPages((page) => port.listRestorePointExtents(replicaDisk, view.pointId, page, { signal }));
+            let productionChanged: Extent[];
+            modes[disk.id] = 'tracked';
+            try {
+              if (!input.baseReferencePointId) throw new TrackingLostError('no reference point to track from');
+              const range = { referencePointId: input.baseReferencePointId, checkpointId: input.checkpointId };
+              productionChanged = await allPages((page) =>
+                port.listChangedExtents(productionDisk, range, page, { signal }),
+              );
+            } catch (err) {
+              if (!(err instanceof TrackingLostError || err instanceof NotFoundError)) throw err;
+              modes[disk.id] = 'digest';
+              productionChanged = await differing(
+                replicaDisk,
+                input.view,
+                productionDisk,
+                input.checkpointId,
+                whole,
+                signal,
+              );
+            }
+            let toShip = unionExtents(replicaChanged, productionChanged);
+            if (input.onlyDiffering) {
+              toShip = await differing(replicaDisk, input.view, productionDisk, input.checkpointId, toShip, signal);
+            }
+            const total = extentBytes(toShip);
+            let done = 0;
+            for (const batch of batchExtents(toShip, BATCH_BYTES)) {
+              await port.writeExtents(
+                productionDisk,
+                port.readReplicaExtents(replicaDisk, input.view, batch, { signal }),
+                { signal },
+              );
+              done += extentBytes(batch);
+              ctx.heartbeat({ disk: disk.id, bytesCopied: done, bytesTotal: total });
+            }
+            bytesShipped += total;
+          }
+        } finally {
+          await port.deleteCheckpoint(input.production, input.checkpointId).catch(() => undefined);
+        }
+        return { bytesShipped, modes };
+      });
+    },
+
+    /** After failback: production equals the replica's protective point, block for block (digests). */
+    async verifyProductionMatches(input: {
+      replica: ReplicaRef;
+      pointId: string;
+      production: VmRef;
+      disks: DiskInfo[];
+      checkpointId: string;
+    }): Promise<{ identical: boolean; mismatchedBlocks: number }> {
+      const signal = Context.current().cancellationSignal;
+      return withHypervisorFailures(async () => {
+        await port.createCheckpoint(input.production, input.checkpointId, { signal });
+        try {
+          let mismatchedBlocks = 0;
+          for (const disk of input.disks) {
+            const diff = await differing(
+              { ...input.replica, disk: disk.id },
+              { pointId: input.pointId },
+              { ...input.production, disk: disk.id },
+              input.checkpointId,
+              [{ offset: 0, length: disk.sizeBytes }],
+              signal,
+            );
+            mismatchedBlocks += extentBytes(diff) / BLOCK_SIZE;
+          }
+          return { identical: mismatchedBlocks === 0, mismatchedBlocks };
+        } finally {
+          await port.deleteCheckpoint(input.production, input.checkpointId).catch(() => undefined);
+        }
+      });
+    },
+  };
+}

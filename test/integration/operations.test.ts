@@ -1,0 +1,268 @@
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { after, before, describe, it } from 'node:test';
+import type { EstateInput } from '../../lab/estate';
+import { replicaNameOf } from '../../src/activities/inventory';
+import { startPlannedFailover, startReplicationJob } from '../../src/client';
+import {
+  operationSignals,
+  operationUpdates,
+  replicaQueries,
+  replicaWorkflowId,
+  type OperationName,
+  type PlannedFailoverSessionResult,
+} from '../../src/contract';
+import type { ReplicaView } from '../../src/hypervisor/port';
+import { startOrchestrator, temporal, testConfiguration, type TestOrchestrator } from '../harness';
+import { assemble, DR, PROD } from '../lab/helpers';
+
+const MiB = 1024 * 1024;
+const DISKS = [
+  { id: 'os', size: 4 * MiB },
+  { id: 'data', size: 2 * MiB },
+];
+const VMS = ['undo1', 'back1', 'back2', 'perm1', 'pick1', 'state1', 'new1'];
+
+function estate(): EstateInput {
+  return {
+    sites: [
+      {
+        name: 'production',
+        role: 'production',
+        hosts: [
+          {
+            name: PROD,
+            vms: VMS.map((name) => ({
+              name,
+              disks: DISKS.map((d) => ({ id: d.id, size: d.size })),
+              writeRate: 40,
+              hotSetFraction: 0.2,
+              shutdownMs: 200,
+              bootMs: 200,
+            })),
+          },
+        ],
+      },
+      { name: 'dr', role: 'dr', hosts: [{ name: DR }] },
+    ],
+  };
+}
+
+describe('finishing a failover: undo, permanent, failback with commit and undo, regular failover', () => {
+  let o: TestOrchestrator;
+  const failedOver = new Map<string, PlannedFailoverSessionResult>();
+
+  before(async () => {
+    o = await startOrchestrator({
+      estate: estate(),
+      configure: (url) =>
+        testConfiguration(url, { jobs: [{ name: 'ops', vms: VMS, targetHost: DR, restorePoints: 10 }] }),
+    });
+    const seeded = await (await startReplicationJob(o.client, { job: 'ops', requestedBy: 'alice' })).result();
+    for (const s of seeded.sessions) assert.equal(s.outcome, 'replicated', s.detail);
+    const moved = await (
+      await startPlannedFailover(o.client, {
+        vms: ['undo1', 'back1', 'back2', 'perm1', 'new1'],
+        reason: 'set-up',
+        requestedBy: 'alice',
+        options: { maxParallelJobs: 1 },
+      })
+    ).result();
+    for (const s of moved.sessions) failedOver.set(s.vm, s);
+  });
+
+  after(() => o?.close());
+
+  const entity = (vm: string) => o.client.workflow.getHandle(replicaWorkflowId(vm));
+  const state = (vm: string) => entity(vm).query(replicaQueries.state);
+  const update = (vm: string, op: OperationName, payload: unknown) =>
+    entity(vm).executeUpdate(operationUpdates[op], { args: [payload] });
+  const refusal = (vm: string, op: OperationName, payload: unknown): Promise<string> =>
+    update(vm, op, payload).then(
+      (outcome) => assert.fail(`${op} on ${vm} should be refused, got ${JSON.stringify(outcome)}`),
+      (e: unknown) => String((e as { cause?: Error }).cause?.message ?? (e as Error).message),
+    );
+  const who = { requestedBy: 'alice', reason: 'test' };
+
+  async function disk(read: (d: { id: string; size: number }) => Promise<Buffer>): Promise<Buffer[]> {
+    return Promise.all(DISKS.map(read));
+  }
+  const replicaImage = (vm: string, view: ReplicaView) =>
+    disk((d) =>
+      assemble(
+        o.lab.port.readReplicaExtents({ host: DR, replica: replicaNameOf(vm), disk: d.id }, view, [
+          { offset: 0, length: d.size },
+        ]),
+        d.size,
+      ),
+    );
+  async function productionImage(vm: string): Promise<Buffer[]> {
+    const ref = { host: PROD, vm };
+    const checkpointId = `test-${randomUUID()}`;
+    await o.lab.port.createCheckpoint(ref, checkpointId);
+    try {
+      return await disk((d) =>
+        assemble(o.lab.port.readExtents({ ...ref, disk: d.id }, checkpointId, [{ offset: 0, length: d.size }]), d.size),
+      );
+    } finally {
+      await o.lab.port.deleteCheckpoint(ref, checkpointId);
+    }
+  }
+  const sameImages = (a: Buffer[], b: Buffer[]) => a.length === b.length && a.every((x, i) => x.equals(b[i]!));
+  const power = async (vm: string) => (await o.lab.port.getVm({ host: PROD, vm })).powerState;
+  const replicaInfo = (vm: string) => o.lab.port.getReplica({ host: DR, replica: replicaNameOf(vm) });
+
+  it('undoFailover, typed at the Temporal CLI, discards the replica changes and the next run is incremental', async () => {
+    const helper2 = failedOver.get('undo1')!.helperPoints[1]!;
+    await new Promise((r) => setTimeout(r, 300)); // the replica's guest writes into its running layer
+    const { stdout } = await temporal(
+      o.namespace,
+      'workflow',
+      'update',
+      'execute',
+      '--workflow-id',
+      replicaWorkflowId('undo1'),
+      '--name',
+      'undoFailover',
+      '--input',
+      '{"requestedBy":"bob","reason":"maintenance done"}',
+    );
+    assert.match(stdout, /replica off, its changes since failover discarded; undo1 powered on/);
+    const info = await replicaInfo('undo1');
+    assert.equal(info.powerState, 'Off');
+    assert.equal(info.hasRunningLayer, false);
+    assert.equal(info.headPointId, helper2);
+    assert.equal(await power('undo1'), 'Running');
+    assert.equal((await state('undo1')).state, 'Ready');
+
+    const run = await (
+      await startReplicationJob(o.client, { job: 'ops', requestedBy: 'alice', vms: ['undo1'] })
+    ).result();
+    assert.equal(run.sessions[0]!.outcome, 'replicated');
+    assert.deepEqual(Object.values(run.sessions[0]!.copy!.modes), ['tracked', 'tracked'], 'no full resync after undo');
+  });
+
+  it('refuses every operation the state does not allow, by update and by signal, changing nothing', async () => {
+    // state1 is Ready: only failover (and a job run or planned failover) may start from here.
+    const before = await state('state1');
+    for (const op of ['undoFailover', 'failback', 'commitFailback', 'undoFailback'] as const) {
+      assert.match(await refusal('state1', op, who), new RegExp(`${op} needs a replica in state`));
+    }
+    assert.match(
+      await refusal('state1', 'permanentFailover', { ...who, confirm: true }),
+      /needs a replica in state Failover/,
+    );
+    await entity('state1').signal(operationSignals.undoFailover, { requestedBy: 'bob', reason: 'by signal' });
+    let after = await state('state1');
+    for (let i = 0; i < 50 && after.lastRejection?.requestedBy !== 'bob'; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      after = await state('state1');
+    }
+    assert.equal(after.lastRejection?.operation, 'undoFailover');
+    assert.match(after.lastRejection?.reason ?? '', /needs a replica in state Failover/);
+    assert.equal(after.state, before.state);
+    assert.deepEqual(after.restorePoints, before.restorePoints);
+    assert.equal(await power('state1'), 'Running');
+
+    // perm1 is in Failover: failover, commitFailback and undoFailback are refused; bad payloads too.
+    assert.match(await refusal('perm1', 'failover', { ...who, restorePointId: 'x' }), /needs a replica in state Ready/);
+    assert.match(await refusal('perm1', 'commitFailback', who), /needs a replica in state Failback/);
+    assert.match(await refusal('perm1', 'undoFailback', who), /needs a replica in state Failback/);
+    assert.match(await refusal('perm1', 'permanentFailover', who), /confirm: must be true/);
+    assert.match(await refusal('perm1', 'undoFailover', { reason: 'x' }), /requestedBy: is required/);
+    assert.match(
+      await refusal('perm1', 'undoFailover', { ...who, requestedBy: 'carol' }),
+      /user 'carol' holds BackupOperator/,
+    );
+    assert.equal((await state('perm1')).state, 'Failover');
+  });
+
+  it('permanentFailover, confirmed, merges every point; the job skips the VM afterwards', async () => {
+    const outcome = await update('perm1', 'permanentFailover', { ...who, confirm: true });
+    assert.equal(outcome.state, 'PermanentFailover');
+    const info = await replicaInfo('perm1');
+    assert.equal(info.points.length, 0);
+    assert.equal(info.powerState, 'Running');
+    const run = await (
+      await startReplicationJob(o.client, { job: 'ops', requestedBy: 'alice', vms: ['perm1'] })
+    ).result();
+    assert.equal(run.sessions[0]!.outcome, 'skipped');
+    assert.match(await refusal('perm1', 'undoFailover', who), /state PermanentFailover/);
+  });
+
+  it('failback ships the replica back exactly; commit resumes incremental replication', async () => {
+    await new Promise((r) => setTimeout(r, 300));
+    const outcome = await update('back1', 'failback', who);
+    assert.equal(outcome.state, 'Failback');
+    const view = await state('back1');
+    const protective = view.restorePoints.find((p) => p.kind === 'failback-protective');
+    assert.ok(protective, 'a failback-protective point is kept');
+    assert.deepEqual(view.failbackTo, { host: PROD, vm: 'back1' });
+    // Production runs again (the default); the exact comparison is in the next test, where it stays off.
+    assert.equal(await power('back1'), 'Running');
+    assert.match(outcome.detail, /verified/);
+
+    const committed = await update('back1', 'commitFailback', who);
+    assert.equal(committed.state, 'Ready');
+    const run = await (
+      await startReplicationJob(o.client, { job: 'ops', requestedBy: 'alice', vms: ['back1'] })
+    ).result();
+    assert.equal(run.sessions[0]!.outcome, 'replicated');
+    assert.deepEqual(
+      Object.values(run.sessions[0]!.copy!.modes),
+      ['tracked', 'tracked'],
+      'replication resumes incrementally',
+    );
+    assert.ok(
+      (await state('back1')).restorePoints.some((p) => p.id === protective.id),
+      'the protective point is kept',
+    );
+  });
+
+  it('failback without powering production on leaves it equal to the replica; undoFailback returns to the replica', async () => {
+    const outcome = await update('back2', 'failback', { ...who, powerOnProduction: false });
+    assert.equal(outcome.state, 'Failback');
+    assert.equal(await power('back2'), 'Off');
+    const protective = (await state('back2')).restorePoints.find((p) => p.kind === 'failback-protective')!;
+    assert.ok(
+      sameImages(await productionImage('back2'), await replicaImage('back2', { pointId: protective.id })),
+      'exact failback',
+    );
+
+    const undone = await update('back2', 'undoFailback', who);
+    assert.equal(undone.state, 'Failover');
+    assert.equal(await power('back2'), 'Off');
+    const info = await replicaInfo('back2');
+    assert.equal(info.powerState, 'Running');
+    assert.equal(info.headPointId, protective.id);
+  });
+
+  it('failback to a new VM on a production host copies everything to it', async () => {
+    const outcome = await update('new1', 'failback', {
+      ...who,
+      target: { newVm: { name: 'new1-restored', host: PROD } },
+      powerOnProduction: false,
+    });
+    assert.equal(outcome.state, 'Failback');
+    const protective = (await state('new1')).restorePoints.find((p) => p.kind === 'failback-protective')!;
+    assert.ok(
+      sameImages(await productionImage('new1-restored'), await replicaImage('new1', { pointId: protective.id })),
+    );
+    assert.deepEqual((await state('new1')).failbackTo, { host: PROD, vm: 'new1-restored' });
+  });
+
+  it('regular failover to a chosen restore point leaves the source untouched', async () => {
+    const points = (await state('pick1')).restorePoints;
+    const chosen = points[0]!;
+    const outcome = await update('pick1', 'failover', { ...who, restorePointId: chosen.id });
+    assert.equal(outcome.state, 'Failover');
+    assert.equal(await power('pick1'), 'Running');
+    const info = await replicaInfo('pick1');
+    assert.equal(info.powerState, 'Running');
+    assert.equal(info.headPointId, chosen.id);
+    assert.match(
+      await refusal('pick1', 'failover', { ...who, restorePointId: chosen.id }),
+      /needs a replica in state Ready/,
+    );
+  });
+});
