@@ -12,6 +12,7 @@ import { operationUpdates, replicaQueries, replicaWorkflowId, TASK_QUEUE } from 
 import { LabControl, LabHypervisor } from '../src/hypervisor/lab-adapter';
 import { createLogger } from '../src/logging';
 import { createOrchestrator } from '../src/orchestrator';
+import { syncJobSchedules } from '../src/schedules';
 import { DEFAULT_CONFIG_PATH } from '../src/worker';
 import {
   ensureTemporalCli,
@@ -62,6 +63,10 @@ async function main(): Promise<void> {
   });
   await orchestrator.startWorkers();
   console.log(`Workers polling '${TASK_QUEUE}' and one task queue per proxy.`);
+  const schedules = await syncJobSchedules(orchestrator.client, config);
+  console.log(
+    `Job schedules from the configuration: ${[...schedules.created, ...schedules.updated].join(', ') || 'none'}.`,
+  );
 
   await finishEarlierDemo(
     orchestrator.client,

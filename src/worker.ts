@@ -1,5 +1,6 @@
 import { NativeConnection, Runtime, Worker, type WorkerOptions } from '@temporalio/worker';
 import { createOrchestrator } from './orchestrator';
+import { syncJobSchedules } from './schedules';
 import { proxyActivities, type Activities } from './activities';
 import { connectionSettings } from './client';
 import { connectHypervisor } from './config/hypervisor';
@@ -66,6 +67,9 @@ async function main(): Promise<void> {
     port,
   });
   try {
+    // Every worker keeps the job schedules in step with the configuration it was started with.
+    const schedules = await syncJobSchedules(orchestrator.client, config);
+    Runtime.instance().logger.info('Job schedules in step with the configuration', { ...schedules });
     await orchestrator.startWorkers();
     Runtime.instance().logger.info('Workers polling', {
       address: settings.address,

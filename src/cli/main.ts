@@ -21,6 +21,9 @@ import {
   type PlannedFailoverResult,
   type InputProblem,
 } from '../contract';
+import { loadConfiguration } from '../config/load';
+import { syncJobSchedules } from '../schedules';
+import { DEFAULT_CONFIG_PATH } from '../worker';
 import { formatBytes, formatTable } from './format';
 import { followSessions } from './progress';
 import { plannedFailoverTable, replicationJobTable } from './report';
@@ -321,6 +324,22 @@ operationCommand(
       .option('--at <time>', 'the newest point at or before this ISO time'),
   (o) => ({ ...(o.point ? { restorePointId: o.point } : {}), ...(o.at ? { at: o.at } : {}) }),
 );
+
+program
+  .command('schedules')
+  .description(
+    'Make the Temporal Schedules of replication jobs match the configuration (workers do it when they start)',
+  )
+  .option('--config <file>', 'the configuration file', process.env.PF_CONFIG ?? DEFAULT_CONFIG_PATH)
+  .action(async (o: { config: string }) => {
+    const config = loadConfiguration(o.config);
+    await withClient(async (client) => {
+      const sync = await syncJobSchedules(client, config);
+      for (const [what, ids] of Object.entries(sync) as [string, string[]][])
+        for (const id of ids) console.log(`${what}: ${id}`);
+      if (Object.values(sync).every((ids: string[]) => ids.length === 0)) console.log('No job has a schedule.');
+    });
+  });
 
 program
   .command('proxy')
