@@ -9,6 +9,7 @@ import {
   PROXY_REGISTRY_WORKFLOW_ID,
   replicaQueries,
   replicaWorkflowId,
+  sessionWorkflowId,
   TASK_QUEUE,
   WorkflowTypes,
   type ReplicationJobResult,
@@ -173,6 +174,24 @@ describe('replication jobs against a real server and lab, bytes compared', () =>
     await registry.signal(proxySignals.setProxyOnline, { proxy: 'proxy-a', online: true });
     assert.equal(limited.sessions[0]!.outcome, 'failed');
     assert.match(limited.sessions[0]!.detail, /No proxy slot became free within 2 s/);
+  });
+
+  it('never lets two runs of one VM overlap: the later waits for the replica', async () => {
+    await o.lab.control.guestWrite('vm3', 'os', randomBlocks('vm3', 'os', 4));
+    const [a, b] = await Promise.all([runJob('pair'), runJob('pair')]);
+    const intervals = [];
+    for (const session of [a.sessions[0]!, b.sessions[0]!]) {
+      assert.equal(session.outcome, 'replicated', session.detail);
+      const history = await o.client.workflow.getHandle(sessionWorkflowId('vm3', session.sessionId)).fetchHistory();
+      const events = history.events ?? [];
+      const granted = events.find((e) => e.workflowExecutionSignaledEventAttributes?.signalName === 'sessionGranted');
+      const closed = events.at(-1);
+      assert.ok(granted?.eventTime && closed?.eventTime);
+      const ms = (t: { seconds?: unknown; nanos?: number | null }) => Number(t.seconds) * 1000 + (t.nanos ?? 0) / 1e6;
+      intervals.push({ from: ms(granted.eventTime), to: ms(closed.eventTime) });
+    }
+    intervals.sort((x, y) => x.from - y.from);
+    assert.ok(intervals[0]!.to <= intervals[1]!.from, `sessions overlap: ${JSON.stringify(intervals)}`);
   });
 
   it('refuses a bad job request, naming the problem', async () => {

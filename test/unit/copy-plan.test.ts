@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { batchExtents, differingExtents, extentBytes, extentsFrom } from '../../src/activities/copy-plan';
+import { batchExtents, differingExtents, extentBytes, extentsFrom, unionExtents } from '../../src/activities/copy-plan';
 import { BLOCK_SIZE } from '../../src/hypervisor/port';
 
 const B = BLOCK_SIZE;
@@ -38,5 +38,27 @@ describe('copy planning', () => {
       { offset: 101 * B, length: 2 * B },
       { offset: 104 * B, length: B },
     ]);
+  });
+
+  it('unites extent lists, merging overlaps and neighbours', () => {
+    assert.deepEqual(
+      unionExtents(
+        [
+          { offset: 0, length: 2 * B },
+          { offset: 10 * B, length: B },
+        ],
+        [
+          { offset: B, length: 3 * B },
+          { offset: 4 * B, length: B },
+          { offset: 20 * B, length: B },
+        ],
+      ),
+      [
+        { offset: 0, length: 5 * B },
+        { offset: 10 * B, length: B },
+        { offset: 20 * B, length: B },
+      ],
+    );
+    assert.deepEqual(unionExtents([], []), []);
   });
 });

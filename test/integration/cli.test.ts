@@ -1,0 +1,79 @@
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { after, before, describe, it } from 'node:test';
+import { promisify } from 'node:util';
+import { startReplicationJob } from '../../src/client';
+import type { PlannedFailoverResult } from '../../src/contract';
+import { startOrchestrator, temporalAddress, testConfiguration, type TestOrchestrator } from '../harness';
+import { DR, smallEstate } from '../lab/helpers';
+
+const execute = promisify(execFile);
+
+describe('the project CLI, as an operator runs it', () => {
+  let o: TestOrchestrator;
+
+  before(async () => {
+    o = await startOrchestrator({
+      estate: smallEstate({ writeRate: 20, shutdownMs: 100, bootMs: 100 }, [{ name: 'vm2', writeRate: 20 }]),
+      configure: (url) => testConfiguration(url, { jobs: [{ name: 'cli', vms: ['vm1', 'vm2'], targetHost: DR }] }),
+    });
+    await (await startReplicationJob(o.client, { job: 'cli', requestedBy: 'alice' })).result();
+  });
+  after(() => o?.close());
+
+  /** Runs `failover ...` with the connection settings the Temporal CLI would read. */
+  async function failover(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+    const env = { ...process.env, TEMPORAL_ADDRESS: temporalAddress(), TEMPORAL_NAMESPACE: o.namespace };
+    return execute(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', ...args], { env }).then(
+      ({ stdout, stderr }) => ({ code: 0, stdout, stderr }),
+      (e: { code: number; stdout: string; stderr: string }) => e,
+    );
+  }
+
+  it('refuses bad input with exit code 2, naming the field, before starting anything', async () => {
+    const run = await failover(
+      'planned',
+      '--vm',
+      'vm1,vm1',
+      '--reason',
+      ' ',
+      '--user',
+      'alice',
+      '--max-parallel-jobs',
+      '0',
+    );
+    assert.equal(run.code, 2);
+    assert.match(run.stderr, /options\.maxParallelJobs: must be at least 1/);
+    assert.match(run.stderr, /reason: must not be empty/);
+    assert.match(run.stderr, /vms\[1\]: 'vm1' is already named at vms\[0\]/);
+    const refused = await failover('planned', '--vm', 'vm1', '--reason', 'r', '--user', 'carol');
+    assert.equal(refused.code, 2);
+    assert.match(refused.stdout + refused.stderr, /user 'carol' holds BackupOperator/);
+  });
+
+  it('runs a planned failover with --json for scripts, then an undo', async () => {
+    const run = await failover('planned', '--vm', 'vm1', '--reason', 'cli test', '--user', 'bob', '--json');
+    assert.equal(run.code, 0, run.stderr);
+    const result = JSON.parse(run.stdout) as PlannedFailoverResult;
+    assert.equal(result.sessions[0]!.outcome, 'failedOver');
+    assert.equal(result.sessions[0]!.verification?.identical, true);
+    assert.match(run.stderr, /vm1: PoweringOffSource/); // live progress goes to stderr with --json
+
+    const state = await failover('state', '--vm', 'vm1');
+    assert.match(state.stdout, /vm1 \(job cli\): Failover/);
+    assert.match(state.stdout, /planned-failover-helper/);
+    const undo = await failover('undo', '--vm', 'vm1', '--user', 'alice', '--reason', 'done');
+    assert.equal(undo.code, 0, undo.stderr);
+    assert.match(undo.stdout, /vm1: Ready\. replica off/);
+    const again = await failover('undo', '--vm', 'vm1', '--user', 'alice', '--reason', 'twice');
+    assert.equal(again.code, 2);
+    assert.match(again.stderr, /undoFailover of vm1 refused: undoFailover needs a replica in state Failover/);
+  });
+
+  it('prints a readable table without --json', async () => {
+    const run = await failover('planned', '--vm', 'vm2', '--reason', 'table', '--user', 'alice');
+    assert.equal(run.code, 0, run.stderr);
+    assert.match(run.stdout, /VM\s+job\s+outcome\s+downtime\s+shutdown\s+final sync/);
+    assert.match(run.stdout, /vm2\s+cli\s+failedOver/);
+  });
+});
