@@ -12,6 +12,8 @@ import { checkTransition, type ReplicaOperation } from '../domain/replica-state'
 import { checkAccess, type Permission } from '../domain/roles';
 import { TrackingLostError } from '../hypervisor/errors';
 import { BLOCK_SIZE, type Extent, type HypervisorPort, type ReplicaRef, type VmRef } from '../hypervisor/port';
+import { extentBytes } from './copy-plan';
+import { allPages, differingBlocks } from './extents';
 import { withHypervisorFailures } from './failures';
 
 /** The VMs of one job in one request: processed one after another, in the order they were named. */
@@ -19,8 +21,6 @@ export interface Lane {
   job: string;
   vms: string[];
 }
-
-const DIGEST_BLOCKS = 16384;
 
 export function createFailoverActivities(port: HypervisorPort, config: Configuration, client: Client) {
   const rolesOf = (user: string) => config.users.find((u) => u.name === user)?.roles;
@@ -139,52 +139,37 @@ export function createFailoverActivities(port: HypervisorPort, config: Configura
       return withHypervisorFailures(async () => {
         const signal = Context.current().cancellationSignal;
         let method: VerificationResult['method'] = input.baseReferencePointId ? 'tracked-blocks' : 'all-blocks';
-        let blocksCompared = 0;
-        let mismatchedBlocks = 0;
-        for (const disk of input.disks) {
+        // Disks are verified side by side, and with the canary: this runs while the workload is down.
+        const perDisk = input.disks.map(async (disk) => {
           const sourceDisk = { ...input.source, disk: disk.id };
-          let extents: Extent[] = [{ offset: 0, length: disk.sizeBytes }];
+          const whole = [{ offset: 0, length: disk.sizeBytes }];
+          let extents: Extent[] = whole;
           if (input.baseReferencePointId) {
+            const range = { referencePointId: input.baseReferencePointId, checkpointId: input.checkpointId };
             try {
-              extents = [];
-              let cursor: string | undefined;
-              do {
-                const page = await port.listChangedExtents(
-                  sourceDisk,
-                  { referencePointId: input.baseReferencePointId, checkpointId: input.checkpointId },
-                  { cursor, limit: 10_000 },
-                  { signal },
-                );
-                extents.push(...page.extents);
-                cursor = page.nextCursor;
-              } while (cursor);
+              extents = await allPages((page) => port.listChangedExtents(sourceDisk, range, page, { signal }));
             } catch (err) {
               if (!(err instanceof TrackingLostError)) throw err;
-              extents = [{ offset: 0, length: disk.sizeBytes }];
+              extents = whole;
               method = 'all-blocks';
             }
           }
-          for (const extent of extents) {
-            const first = extent.offset / BLOCK_SIZE;
-            const end = (extent.offset + extent.length) / BLOCK_SIZE;
-            for (let startBlock = first; startBlock < end; startBlock += DIGEST_BLOCKS) {
-              const range = { startBlock, count: Math.min(DIGEST_BLOCKS, end - startBlock) };
-              const [ours, theirs] = await Promise.all([
-                port.blockDigests(sourceDisk, input.checkpointId, range, { signal }),
-                port.replicaBlockDigests({ ...input.replica, disk: disk.id }, { pointId: input.pointId }, range, {
-                  signal,
-                }),
-              ]);
-              blocksCompared += range.count;
-              mismatchedBlocks += ours.digests.filter((d, i) => d !== theirs.digests[i]).length;
-              Context.current().heartbeat({ blocksCompared });
-            }
-          }
-        }
-        const [sourceCanary, replicaCanary] = await Promise.all([
+          return differingBlocks(
+            (range) => port.blockDigests(sourceDisk, input.checkpointId, range, { signal }),
+            (range) =>
+              port.replicaBlockDigests({ ...input.replica, disk: disk.id }, { pointId: input.pointId }, range, {
+                signal,
+              }),
+            extents,
+          );
+        });
+        const [compared, sourceCanary, replicaCanary] = await Promise.all([
+          Promise.all(perDisk),
           port.readCanary(input.source, input.checkpointId, { signal }),
           port.readReplicaCanary(input.replica, { pointId: input.pointId }, { signal }),
         ]);
+        const blocksCompared = compared.reduce((n, c) => n + c.blocksCompared, 0);
+        const mismatchedBlocks = compared.reduce((n, c) => n + extentBytes(c.extents) / BLOCK_SIZE, 0);
         return {
           identical: mismatchedBlocks === 0 && sourceCanary.sequence === replicaCanary.sequence,
           blocksCompared,

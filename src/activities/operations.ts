@@ -7,19 +7,17 @@ import {
   type DiskInfo,
   type Extent,
   type HypervisorPort,
-  type PageRequest,
-  type ExtentPage,
   type ReplicaRef,
   type ReplicaView,
   type RestorePointKind,
   type VmRef,
 } from '../hypervisor/port';
-import { batchExtents, differingExtents, extentBytes, unionExtents } from './copy-plan';
+import { batchExtents, extentBytes, unionExtents } from './copy-plan';
+import { allPages, differingBlocks } from './extents';
 import { withHypervisorFailures } from './failures';
 import { findJob, PointMetadata, replicaNameOf, summarizePoint } from './inventory';
 
 const BATCH_BYTES = 32 * 1024 * 1024;
-const DIGEST_BLOCKS = 16384;
 
 export interface ReplicaDescription {
   /** The production VM the replica was made from; null when it is on no production host any more. */
@@ -36,17 +34,6 @@ export interface ShipResult {
   bytesShipped: number;
   /** How production's own changes since failover were found, per disk. */
   modes: Record<string, 'tracked' | 'digest'>;
-}
-
-async function allPages(fetchPage: (page: PageRequest) => Promise<ExtentPage>): Promise<Extent[]> {
-  const extents: Extent[] = [];
-  let cursor: string | undefined;
-  do {
-    const page = await fetchPage({ cursor, limit: 10_000 });
-    extents.push(...page.extents);
-    cursor = page.nextCursor;
-  } while (cursor);
-  return extents;
 }
 
 /** Activities of the operations that finish a failover: undo, permanent failover, failback, regular failover. */
@@ -67,20 +54,12 @@ export function createOperationActivities(port: HypervisorPort, config: Configur
     within: readonly Extent[],
     signal: AbortSignal,
   ): Promise<Extent[]> {
-    const out: Extent[] = [];
-    for (const extent of within) {
-      const end = (extent.offset + extent.length) / BLOCK_SIZE;
-      for (let startBlock = extent.offset / BLOCK_SIZE; startBlock < end; startBlock += DIGEST_BLOCKS) {
-        const range = { startBlock, count: Math.min(DIGEST_BLOCKS, end - startBlock) };
-        const [ours, theirs] = await Promise.all([
-          port.replicaBlockDigests(replicaDisk, view, range, { signal }),
-          port.blockDigests(productionDisk, checkpointId, range, { signal }),
-        ]);
-        out.push(...differingExtents(startBlock, ours.digests, theirs.digests));
-        Context.current().heartbeat();
-      }
-    }
-    return out;
+    const result = await differingBlocks(
+      (range) => port.replicaBlockDigests(replicaDisk, view, range, { signal }),
+      (range) => port.blockDigests(productionDisk, checkpointId, range, { signal }),
+      within,
+    );
+    return result.extents;
   }
 
   return {

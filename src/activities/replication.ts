@@ -6,14 +6,13 @@ import {
   type DiskRef,
   type Extent,
   type ExtentData,
-  type ExtentPage,
   type HypervisorPort,
-  type PageRequest,
   type ReplicaRef,
   type RestorePointKind,
   type VmRef,
 } from '../hypervisor/port';
-import { batchExtents, differingExtents, extentBytes, extentsFrom } from './copy-plan';
+import { batchExtents, extentBytes, extentsFrom } from './copy-plan';
+import { allPages, differingBlocks } from './extents';
 import { withHypervisorFailures } from './failures';
 import { summarizePoint } from './inventory';
 
@@ -49,20 +48,7 @@ export interface CopyProgress {
 
 /** Each write is one streamed request; 32 MiB keeps requests large while a cut transfer loses little. */
 const BATCH_BYTES = 32 * 1024 * 1024;
-/** Digests are compared a gigabyte of blocks at a time. */
-const DIGEST_BLOCKS = 16384;
 const HEARTBEAT_EVERY_MS = 1000;
-
-async function allPages(fetchPage: (page: PageRequest) => Promise<ExtentPage>): Promise<Extent[]> {
-  const extents: Extent[] = [];
-  let cursor: string | undefined;
-  do {
-    const page = await fetchPage({ cursor, limit: 10_000 });
-    extents.push(...page.extents);
-    cursor = page.nextCursor;
-  } while (cursor);
-  return extents;
-}
 
 export function createReplicationActivities(port: HypervisorPort) {
   async function changedExtents(
@@ -96,17 +82,12 @@ export function createReplicationActivities(port: HypervisorPort) {
     // No usable reference point: the replica already has data, so only blocks whose digests differ are copied.
     const replicaDisk = { ...input.replica, disk: input.disk.id };
     const view = { pointId: input.replicaHeadPointId };
-    const totalBlocks = Math.ceil(input.disk.sizeBytes / BLOCK_SIZE);
-    const extents: Extent[] = [];
-    for (let startBlock = 0; startBlock < totalBlocks; startBlock += DIGEST_BLOCKS) {
-      const range = { startBlock, count: Math.min(DIGEST_BLOCKS, totalBlocks - startBlock) };
-      const [ours, theirs] = await Promise.all([
-        port.blockDigests(disk, source.checkpointId, range, { signal }),
-        port.replicaBlockDigests(replicaDisk, view, range, { signal }),
-      ]);
-      extents.push(...differingExtents(startBlock, ours.digests, theirs.digests));
-      Context.current().heartbeat();
-    }
+    const whole = [{ offset: 0, length: Math.ceil(input.disk.sizeBytes / BLOCK_SIZE) * BLOCK_SIZE }];
+    const { extents } = await differingBlocks(
+      (range) => port.blockDigests(disk, source.checkpointId, range, { signal }),
+      (range) => port.replicaBlockDigests(replicaDisk, view, range, { signal }),
+      whole,
+    );
     return { mode: 'digest', extents };
   }
 

@@ -122,7 +122,8 @@ export interface PlannedFailoverSessionResult {
   /** Bytes copied before power-off (helper point 1, with any extra passes) and after it (helper point 2). */
   bytesBeforePowerOff: number;
   bytesAfterPowerOff: number;
-  preSyncPasses: number;
+  /** Sync passes before power-off: 1, plus the extra passes preSyncMaxPasses allowed and the delta needed. */
+  passesBeforePowerOff: number;
   sourceShutdown?: 'shut-down' | 'forced-off' | 'already-off';
   helperPoints: string[];
   verification?: VerificationResult;

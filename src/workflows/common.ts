@@ -49,3 +49,10 @@ export function showStep(step: SessionStep, details: string): void {
   upsertSearchAttributes([{ key: SearchAttributes.FailoverStep, value: step }]);
   setCurrentDetails(`**${step}**: ${details}`);
 }
+
+/** The message of the deepest cause: "Activity task failed" says less than what the activity said. */
+export function failureMessage(err: unknown): string {
+  let deepest: unknown = err;
+  while (deepest instanceof Error && deepest.cause instanceof Error) deepest = deepest.cause;
+  return deepest instanceof Error ? deepest.message : String(deepest);
+}

@@ -35,8 +35,15 @@ import {
   type VerificationResult,
 } from '../contract';
 import { checkTransition } from '../domain/replica-state';
-import { control, controlOptions, copyOptions, showStep, withSummary, type SessionStep } from './common';
-import { failureMessage } from './replication';
+import {
+  control,
+  controlOptions,
+  copyOptions,
+  failureMessage,
+  showStep,
+  withSummary,
+  type SessionStep,
+} from './common';
 import {
   acquireReplica,
   bytesOf,
@@ -158,7 +165,7 @@ function notStarted(vm: string, job: string, detail: string): PlannedFailoverSes
     bytesCopied: 0,
     bytesBeforePowerOff: 0,
     bytesAfterPowerOff: 0,
-    preSyncPasses: 0,
+    passesBeforePowerOff: 0,
     helperPoints: [],
   };
 }
@@ -357,7 +364,7 @@ async function failOver(
     });
     const bytes = bytesOf(copies);
     result.bytesBeforePowerOff += bytes;
-    result.preSyncPasses = pass;
+    result.passesBeforePowerOff = pass;
     const last = pass > input.preSyncMaxPasses || bytes <= input.preSyncTargetBytes || bytes >= previousBytes;
     const referencePointId = last ? ref1 : `ref-${sessionId}-p${pass}`;
     await withSummary(control.promoteCheckpoint, 'Keep the checkpoint as the next reference point', [
@@ -372,6 +379,22 @@ async function failOver(
     { replica: target.replica, pointId: helper1 },
   ]);
   result.helperPoints.push(point1.id);
+  // Opened before power-off: one round trip less while the workload is down.
+  const openHelper2 = (options: ActivityOptions) =>
+    withSummary(
+      control.beginRestorePoint,
+      'Open helper restore point 2',
+      [
+        {
+          replica: target.replica,
+          pointId: helper2,
+          kind: 'planned-failover-helper',
+          metadata: { session: sessionId, sourceReferencePoint: ref2 },
+        },
+      ],
+      options,
+    );
+  await openHelper2(controlOptions);
 
   // Step 2: power off the source. From here until the replica runs, the workload is down.
   step('PoweringOffSource', `guest shutdown of ${vm}, forced off after ${input.shutdownTimeoutSeconds} s`);
@@ -387,7 +410,7 @@ async function failOver(
   const syncStartedAt = Date.now();
   let verification: VerificationResult | undefined;
   let forcedBy: OperatorRequest | undefined;
-  for (;;) {
+  for (let attempt = 1; ; attempt++) {
     try {
       step('FinalSync', `copying the last changes of ${vm} (helper restore point 2)`);
       const checkpointId = `ckpt-${sessionId}-final`;
@@ -397,19 +420,7 @@ async function failOver(
         [{ vm: source, checkpointId }],
         criticalControl,
       );
-      await withSummary(
-        control.beginRestorePoint,
-        'Open helper restore point 2',
-        [
-          {
-            replica: target.replica,
-            pointId: helper2,
-            kind: 'planned-failover-helper',
-            metadata: { session: sessionId, sourceReferencePoint: ref2 },
-          },
-        ],
-        criticalControl,
-      );
+      if (attempt > 1) await openHelper2(criticalControl); // a retry after a halt: reuses the point if still open
       const copies = await copyDisks({
         vm,
         target,

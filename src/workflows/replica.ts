@@ -38,9 +38,8 @@ import {
   type SessionReport,
 } from '../contract';
 import { checkTransition } from '../domain/replica-state';
-import { control, withSummary } from './common';
+import { control, failureMessage, withSummary } from './common';
 import { replicaOperation } from './replica-operations';
-import { failureMessage } from './replication';
 
 /**
  * The entity of one replica (id replica/<vm>): the owner of its state and restore-point list, and of the rule

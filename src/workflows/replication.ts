@@ -21,7 +21,7 @@ import {
   type RestorePointSummary,
 } from '../contract';
 import { jobRunSkipReason } from '../domain/replica-state';
-import { control, showStep, withSummary } from './common';
+import { control, failureMessage, showStep, withSummary } from './common';
 import {
   acquireReplica,
   bytesOf,
@@ -85,13 +85,6 @@ export async function replicationJob(input: unknown): Promise<ReplicationJobResu
   });
   log.info('Job run finished', { job: plan.job, outcomes: sessions.map((s) => `${s.vm}:${s.outcome}`) });
   return { job: plan.job, sessions };
-}
-
-/** The message of the deepest cause: "Activity task failed" says less than what the activity said. */
-export function failureMessage(err: unknown): string {
-  let deepest: unknown = err;
-  while (deepest instanceof Error && deepest.cause instanceof Error) deepest = deepest.cause;
-  return deepest instanceof Error ? deepest.message : String(deepest);
 }
 
 /** One VM's replication session: a new restore point with exactly the blocks changed since the last one. */
