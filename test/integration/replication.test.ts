@@ -185,7 +185,8 @@ describe('replication jobs against a real server and lab, bytes compared', () =>
       const history = await o.client.workflow.getHandle(sessionWorkflowId('vm3', session.sessionId)).fetchHistory();
       const events = history.events ?? [];
       const granted = events.find((e) => e.workflowExecutionSignaledEventAttributes?.signalName === 'sessionGranted');
-      const closed = events.at(-1);
+      // The session's work on the replica ends with its last activity; the release is sent right after it.
+      const closed = events.filter((e) => e.activityTaskCompletedEventAttributes).at(-1);
       assert.ok(granted?.eventTime && closed?.eventTime);
       const ms = (t: { seconds?: unknown; nanos?: number | null }) => Number(t.seconds) * 1000 + (t.nanos ?? 0) / 1e6;
       intervals.push({ from: ms(granted.eventTime), to: ms(closed.eventTime) });
