@@ -1,5 +1,4 @@
 // Reading extents and comparing digests through the port: shared by copies, verification and failback.
-import { Context } from '@temporalio/activity';
 import {
   BLOCK_SIZE,
   type BlockDigests,
@@ -57,7 +56,6 @@ export async function differingBlocks(
       const [ours, theirs] = await Promise.all([a(range), b(range)]);
       extents.push(...differingExtents(startBlock, ours.digests, theirs.digests));
       blocksCompared += range.count;
-      Context.current().heartbeat({ blocksCompared });
     }
   }
   return { extents, blocksCompared };

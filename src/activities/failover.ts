@@ -15,6 +15,7 @@ import { BLOCK_SIZE, type Extent, type HypervisorPort, type ReplicaRef, type VmR
 import { extentBytes } from './copy-plan';
 import { allPages, differingBlocks } from './extents';
 import { withHypervisorFailures } from './failures';
+import { earlierAttemptStart, heartbeatWhile } from './heartbeat';
 
 /** The VMs of one job in one request: processed one after another, in the order they were named. */
 export interface Lane {
@@ -94,30 +95,46 @@ export function createFailoverActivities(port: HypervisorPort, config: Configura
       startedAt: number;
       finishedAt: number;
     }> {
-      return withHypervisorFailures(async () => {
-        const startedAt = Date.now();
-        const result = await port.shutdownGuest(input.vm, input.timeoutMs);
-        let outcome: 'shut-down' | 'forced-off' | 'already-off' =
-          result.outcome === 'already-off' ? 'already-off' : 'shut-down';
-        if (result.outcome === 'timed-out') {
-          Context.current().log.warn('Guest shutdown timed out; powering off', {
-            vm: input.vm.vm,
-            timeoutMs: input.timeoutMs,
-          });
-          await port.powerOff(input.vm);
-          outcome = 'forced-off';
-        }
-        return { outcome, startedAt, finishedAt: Date.now() };
-      });
+      // A retry after a worker crash keeps the first attempt's start: the downtime began then.
+      const earlier = earlierAttemptStart();
+      const startedAt = earlier ?? Date.now();
+      const signal = Context.current().cancellationSignal;
+      return withHypervisorFailures(() =>
+        heartbeatWhile(
+          async () => {
+            const result = await port.shutdownGuest(input.vm, input.timeoutMs, { signal });
+            // Off already, after an earlier attempt of ours began the shutdown: that attempt shut it down.
+            let outcome: 'shut-down' | 'forced-off' | 'already-off' =
+              result.outcome === 'already-off' && earlier === undefined ? 'already-off' : 'shut-down';
+            if (result.outcome === 'timed-out') {
+              Context.current().log.warn('Guest shutdown timed out; powering off', {
+                vm: input.vm.vm,
+                timeoutMs: input.timeoutMs,
+              });
+              await port.powerOff(input.vm, { signal });
+              outcome = 'forced-off';
+            }
+            return { outcome, startedAt, finishedAt: Date.now() };
+          },
+          () => ({ startedAt }),
+        ),
+      );
     },
 
     /** Powers a VM (source or replica) on and waits for its boot; already running is success. */
     async powerOnVm(input: { vm: VmRef }): Promise<{ alreadyOn: boolean; startedAt: number; finishedAt: number }> {
-      return withHypervisorFailures(async () => {
-        const startedAt = Date.now();
-        const result = await port.powerOn(input.vm);
-        return { alreadyOn: result.alreadyInState, startedAt, finishedAt: Date.now() };
-      });
+      const earlier = earlierAttemptStart();
+      const startedAt = earlier ?? Date.now();
+      const signal = Context.current().cancellationSignal;
+      return withHypervisorFailures(() =>
+        heartbeatWhile(
+          async () => {
+            const result = await port.powerOn(input.vm, { signal });
+            return { alreadyOn: result.alreadyInState && earlier === undefined, startedAt, finishedAt: Date.now() };
+          },
+          () => ({ startedAt }),
+        ),
+      );
     },
 
     async revertReplica(input: { replica: ReplicaRef; pointId: string }): Promise<void> {
@@ -163,11 +180,13 @@ export function createFailoverActivities(port: HypervisorPort, config: Configura
             extents,
           );
         });
-        const [compared, sourceCanary, replicaCanary] = await Promise.all([
-          Promise.all(perDisk),
-          port.readCanary(input.source, input.checkpointId, { signal }),
-          port.readReplicaCanary(input.replica, { pointId: input.pointId }, { signal }),
-        ]);
+        const [compared, sourceCanary, replicaCanary] = await heartbeatWhile(() =>
+          Promise.all([
+            Promise.all(perDisk),
+            port.readCanary(input.source, input.checkpointId, { signal }),
+            port.readReplicaCanary(input.replica, { pointId: input.pointId }, { signal }),
+          ]),
+        );
         const blocksCompared = compared.reduce((n, c) => n + c.blocksCompared, 0);
         const mismatchedBlocks = compared.reduce((n, c) => n + extentBytes(c.extents) / BLOCK_SIZE, 0);
         return {

@@ -15,6 +15,7 @@ import {
 import { batchExtents, extentBytes, unionExtents } from './copy-plan';
 import { allPages, differingBlocks } from './extents';
 import { withHypervisorFailures } from './failures';
+import { heartbeatWhile } from './heartbeat';
 import { findJob, PointMetadata, replicaNameOf, summarizePoint } from './inventory';
 
 const BATCH_BYTES = 32 * 1024 * 1024;
@@ -114,7 +115,7 @@ export function createOperationActivities(port: HypervisorPort, config: Configur
     },
 
     async consolidateReplica(input: { replica: ReplicaRef }): Promise<void> {
-      await withHypervisorFailures(() => port.consolidateReplica(input.replica));
+      await withHypervisorFailures(() => heartbeatWhile(() => port.consolidateReplica(input.replica)));
     },
 
     /** Keeps the stopped replica's running state as a sealed point; a retry finds it sealed already. */
@@ -154,62 +155,70 @@ export function createOperationActivities(port: HypervisorPort, config: Configur
     }): Promise<ShipResult> {
       const ctx = Context.current();
       const signal = ctx.cancellationSignal;
-      return withHypervisorFailures(async () => {
-        await port.createCheckpoint(input.production, input.checkpointId, { signal });
-        let bytesShipped = 0;
-        const modes: ShipResult['modes'] = {};
-        try {
-          for (const disk of input.disks) {
-            const replicaDisk = { ...input.replica, disk: disk.id };
-            const productionDisk = { ...input.production, disk: disk.id };
-            const whole = [{ offset: 0, length: disk.sizeBytes }];
-            const { view } = input;
-            const replicaChanged =
-              'running' in view
-                ? await allPages((page) => port.listRunningLayerExtents(replicaDisk, page, { signal }))
-                : await allPages((page) => port.listRestorePointExtents(replicaDisk, view.pointId, page, { signal }));
-            let productionChanged: Extent[];
-            modes[disk.id] = 'tracked';
+      let progress: { disk?: string; bytesCopied: number; bytesTotal: number } = { bytesCopied: 0, bytesTotal: 0 };
+      return withHypervisorFailures(() =>
+        heartbeatWhile(
+          async () => {
+            await port.createCheckpoint(input.production, input.checkpointId, { signal });
+            let bytesShipped = 0;
+            const modes: ShipResult['modes'] = {};
             try {
-              if (!input.baseReferencePointId) throw new TrackingLostError('no reference point to track from');
-              const range = { referencePointId: input.baseReferencePointId, checkpointId: input.checkpointId };
-              productionChanged = await allPages((page) =>
-                port.listChangedExtents(productionDisk, range, page, { signal }),
-              );
-            } catch (err) {
-              if (!(err instanceof TrackingLostError || err instanceof NotFoundError)) throw err;
-              modes[disk.id] = 'digest';
-              productionChanged = await differing(
-                replicaDisk,
-                input.view,
-                productionDisk,
-                input.checkpointId,
-                whole,
-                signal,
-              );
+              for (const disk of input.disks) {
+                const replicaDisk = { ...input.replica, disk: disk.id };
+                const productionDisk = { ...input.production, disk: disk.id };
+                const whole = [{ offset: 0, length: disk.sizeBytes }];
+                const { view } = input;
+                const replicaChanged =
+                  'running' in view
+                    ? await allPages((page) => port.listRunningLayerExtents(replicaDisk, page, { signal }))
+                    : await allPages((page) =>
+                        port.listRestorePointExtents(replicaDisk, view.pointId, page, { signal }),
+                      );
+                let productionChanged: Extent[];
+                modes[disk.id] = 'tracked';
+                try {
+                  if (!input.baseReferencePointId) throw new TrackingLostError('no reference point to track from');
+                  const range = { referencePointId: input.baseReferencePointId, checkpointId: input.checkpointId };
+                  productionChanged = await allPages((page) =>
+                    port.listChangedExtents(productionDisk, range, page, { signal }),
+                  );
+                } catch (err) {
+                  if (!(err instanceof TrackingLostError || err instanceof NotFoundError)) throw err;
+                  modes[disk.id] = 'digest';
+                  productionChanged = await differing(
+                    replicaDisk,
+                    input.view,
+                    productionDisk,
+                    input.checkpointId,
+                    whole,
+                    signal,
+                  );
+                }
+                let toShip = unionExtents(replicaChanged, productionChanged);
+                if (input.onlyDiffering) {
+                  toShip = await differing(replicaDisk, input.view, productionDisk, input.checkpointId, toShip, signal);
+                }
+                const total = extentBytes(toShip);
+                let done = 0;
+                for (const batch of batchExtents(toShip, BATCH_BYTES)) {
+                  await port.writeExtents(
+                    productionDisk,
+                    port.readReplicaExtents(replicaDisk, input.view, batch, { signal }),
+                    { signal },
+                  );
+                  done += extentBytes(batch);
+                  progress = { disk: disk.id, bytesCopied: done, bytesTotal: total };
+                }
+                bytesShipped += total;
+              }
+            } finally {
+              await port.deleteCheckpoint(input.production, input.checkpointId).catch(() => undefined);
             }
-            let toShip = unionExtents(replicaChanged, productionChanged);
-            if (input.onlyDiffering) {
-              toShip = await differing(replicaDisk, input.view, productionDisk, input.checkpointId, toShip, signal);
-            }
-            const total = extentBytes(toShip);
-            let done = 0;
-            for (const batch of batchExtents(toShip, BATCH_BYTES)) {
-              await port.writeExtents(
-                productionDisk,
-                port.readReplicaExtents(replicaDisk, input.view, batch, { signal }),
-                { signal },
-              );
-              done += extentBytes(batch);
-              ctx.heartbeat({ disk: disk.id, bytesCopied: done, bytesTotal: total });
-            }
-            bytesShipped += total;
-          }
-        } finally {
-          await port.deleteCheckpoint(input.production, input.checkpointId).catch(() => undefined);
-        }
-        return { bytesShipped, modes };
-      });
+            return { bytesShipped, modes };
+          },
+          () => progress,
+        ),
+      );
     },
 
     /** After failback: production equals the replica's protective point, block for block (digests). */
@@ -221,26 +230,28 @@ export function createOperationActivities(port: HypervisorPort, config: Configur
       checkpointId: string;
     }): Promise<{ identical: boolean; mismatchedBlocks: number }> {
       const signal = Context.current().cancellationSignal;
-      return withHypervisorFailures(async () => {
-        await port.createCheckpoint(input.production, input.checkpointId, { signal });
-        try {
-          let mismatchedBlocks = 0;
-          for (const disk of input.disks) {
-            const diff = await differing(
-              { ...input.replica, disk: disk.id },
-              { pointId: input.pointId },
-              { ...input.production, disk: disk.id },
-              input.checkpointId,
-              [{ offset: 0, length: disk.sizeBytes }],
-              signal,
-            );
-            mismatchedBlocks += extentBytes(diff) / BLOCK_SIZE;
+      return withHypervisorFailures(() =>
+        heartbeatWhile(async () => {
+          await port.createCheckpoint(input.production, input.checkpointId, { signal });
+          try {
+            let mismatchedBlocks = 0;
+            for (const disk of input.disks) {
+              const diff = await differing(
+                { ...input.replica, disk: disk.id },
+                { pointId: input.pointId },
+                { ...input.production, disk: disk.id },
+                input.checkpointId,
+                [{ offset: 0, length: disk.sizeBytes }],
+                signal,
+              );
+              mismatchedBlocks += extentBytes(diff) / BLOCK_SIZE;
+            }
+            return { identical: mismatchedBlocks === 0, mismatchedBlocks };
+          } finally {
+            await port.deleteCheckpoint(input.production, input.checkpointId).catch(() => undefined);
           }
-          return { identical: mismatchedBlocks === 0, mismatchedBlocks };
-        } finally {
-          await port.deleteCheckpoint(input.production, input.checkpointId).catch(() => undefined);
-        }
-      });
+        }),
+      );
     },
   };
 }

@@ -14,6 +14,7 @@ import {
 import { batchExtents, extentBytes, extentsFrom } from './copy-plan';
 import { allPages, differingBlocks } from './extents';
 import { withHypervisorFailures } from './failures';
+import { heartbeatWhile } from './heartbeat';
 import { summarizePoint } from './inventory';
 
 /** Where a disk's blocks are read from: a checkpoint of the running source VM, or a backup point. */
@@ -48,7 +49,6 @@ export interface CopyProgress {
 
 /** Each write is one streamed request; 32 MiB keeps requests large while a cut transfer loses little. */
 const BATCH_BYTES = 32 * 1024 * 1024;
-const HEARTBEAT_EVERY_MS = 1000;
 
 export function createReplicationActivities(port: HypervisorPort) {
   async function changedExtents(
@@ -126,47 +126,50 @@ export function createReplicationActivities(port: HypervisorPort) {
     async copyDisk(input: CopyDiskInput): Promise<CopyDiskResult> {
       const ctx = Context.current();
       const signal = ctx.cancellationSignal;
-      return withHypervisorFailures(async () => {
-        const { mode, extents } = await changedExtents(input, signal);
-        const bytesTotal = extentBytes(extents);
-        const previous = ctx.info.heartbeatDetails as CopyProgress | undefined;
-        const resumeOffset = previous?.mode === mode ? previous.resumeOffset : 0;
-        const remaining = extentsFrom(extents, resumeOffset);
-        const progress: CopyProgress = {
-          disk: input.disk.id,
-          mode,
-          bytesTotal,
-          bytesCopied: bytesTotal - extentBytes(remaining),
-          resumeOffset,
-        };
-        if (resumeOffset > 0) ctx.log.info('Resuming copy', { ...progress });
-        ctx.heartbeat(progress);
-        const replicaDisk = { ...input.replica, disk: input.disk.id };
-        let lastBeat = Date.now();
-        for (const batch of batchExtents(remaining, BATCH_BYTES)) {
-          async function* counted(): AsyncIterable<ExtentData> {
-            for await (const chunk of read(input, batch, signal)) {
-              yield chunk;
-              progress.bytesCopied += chunk.data.length;
-              if (Date.now() - lastBeat >= HEARTBEAT_EVERY_MS) {
-                ctx.heartbeat(progress);
-                lastBeat = Date.now();
+      const previous = ctx.info.heartbeatDetails as CopyProgress | undefined;
+      // Until this attempt has progress of its own, its heartbeats keep the earlier attempt's resume point.
+      let progress: CopyProgress | undefined = previous;
+      return withHypervisorFailures(() =>
+        heartbeatWhile(
+          async () => {
+            const { mode, extents } = await changedExtents(input, signal);
+            const bytesTotal = extentBytes(extents);
+            const resumeOffset = previous?.mode === mode ? previous.resumeOffset : 0;
+            const remaining = extentsFrom(extents, resumeOffset);
+            progress = {
+              disk: input.disk.id,
+              mode,
+              bytesTotal,
+              bytesCopied: bytesTotal - extentBytes(remaining),
+              resumeOffset,
+            };
+            const state = progress;
+            if (resumeOffset > 0) ctx.log.info('Resuming copy', { ...state });
+            ctx.heartbeat(state);
+            const replicaDisk = { ...input.replica, disk: input.disk.id };
+            for (const batch of batchExtents(remaining, BATCH_BYTES)) {
+              async function* counted(): AsyncIterable<ExtentData> {
+                for await (const chunk of read(input, batch, signal)) {
+                  yield chunk;
+                  state.bytesCopied += chunk.data.length;
+                }
               }
+              await port.writeRestorePoint(replicaDisk, input.pointId, counted(), { signal });
+              const last = batch.at(-1);
+              // Only a finished batch moves the resume point: a retry rewrites the unfinished one (idempotent by offset).
+              if (last) state.resumeOffset = last.offset + last.length;
+              ctx.heartbeat(state);
             }
-          }
-          await port.writeRestorePoint(replicaDisk, input.pointId, counted(), { signal });
-          const last = batch.at(-1);
-          if (last) progress.resumeOffset = last.offset + last.length;
-          ctx.heartbeat(progress);
-          lastBeat = Date.now();
-        }
-        if (progress.bytesCopied !== bytesTotal)
-          throw ApplicationFailure.retryable(
-            `Copied ${progress.bytesCopied} of ${bytesTotal} bytes of disk ${input.disk.id}`,
-            'ShortCopy',
-          );
-        return { disk: input.disk.id, mode, bytesCopied: bytesTotal, bytesTotal };
-      });
+            if (state.bytesCopied !== bytesTotal)
+              throw ApplicationFailure.retryable(
+                `Copied ${state.bytesCopied} of ${bytesTotal} bytes of disk ${input.disk.id}`,
+                'ShortCopy',
+              );
+            return { disk: input.disk.id, mode, bytesCopied: bytesTotal, bytesTotal };
+          },
+          () => progress,
+        ),
+      );
     },
 
     /** Flushes the point to stable storage and makes it the replica's head; a retry returns the sealed point. */
@@ -200,17 +203,18 @@ export function createReplicationActivities(port: HypervisorPort) {
 
     /** Retention: merges the oldest points down until `keep` remain; returns the points left. */
     async applyRetention(input: { replica: ReplicaRef; keep: number }): Promise<RestorePointSummary[]> {
-      return withHypervisorFailures(async () => {
-        let points = (await port.listRestorePoints(input.replica)).filter((p) => p.sealed);
-        while (points.length > input.keep) {
-          const oldest = points[0];
-          if (!oldest) break;
-          const info = await port.mergeOldestRestorePoint(input.replica, oldest.id);
-          points = info.points.filter((p) => p.sealed);
-          Context.current().heartbeat();
-        }
-        return points.map(summarizePoint);
-      });
+      return withHypervisorFailures(() =>
+        heartbeatWhile(async () => {
+          let points = (await port.listRestorePoints(input.replica)).filter((p) => p.sealed);
+          while (points.length > input.keep) {
+            const oldest = points[0];
+            if (!oldest) break;
+            const info = await port.mergeOldestRestorePoint(input.replica, oldest.id);
+            points = info.points.filter((p) => p.sealed);
+          }
+          return points.map(summarizePoint);
+        }),
+      );
     },
   };
 }

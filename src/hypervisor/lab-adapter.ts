@@ -143,12 +143,15 @@ class LabTransport {
         headers['content-type'] = 'application/octet-stream';
         if (spec.bodyLength !== undefined) headers['content-length'] = String(spec.bodyLength);
       }
+      // A control call that legitimately waits (a guest shutdown) is silent until it answers: its own deadline
+      // bounds it, not the idle timeout meant for streams.
+      const idleMs = streaming ? this.idleTimeoutMs : Math.max(this.idleTimeoutMs, spec.timeoutMs ?? this.timeoutMs);
       const req = http.request(url, {
         method: spec.method,
         headers,
         agent: this.agent,
         signal,
-        timeout: this.idleTimeoutMs,
+        timeout: idleMs,
       });
       let settled = false;
       const fail = (err: unknown): void => {
@@ -157,7 +160,7 @@ class LabTransport {
         reject(this.networkError(err, spec, what, bodyBytes > 0, signal));
       };
       req.on('timeout', () =>
-        req.destroy(new HostTimeoutError(`${what}: no answer for ${this.idleTimeoutMs} ms`, { host: spec.host })),
+        req.destroy(new HostTimeoutError(`${what}: no answer for ${idleMs} ms`, { host: spec.host })),
       );
       req.on('error', fail);
       req.on('response', (r) => {

@@ -20,16 +20,26 @@ export type SessionStep =
   | 'Skipped'
   | 'Failed';
 
-/** Control calls to a hypervisor: short, retried with backoff while the host is unreachable. */
+/** Quick control calls to a hypervisor: retried with backoff while the host is unreachable; a call lost with
+ * its worker is retried after 45 s at most. */
 export const controlOptions: ActivityOptions = {
-  startToCloseTimeout: '2 minutes',
+  startToCloseTimeout: '45s',
   retry: { initialInterval: '1s', backoffCoefficient: 2, maximumInterval: '30s', maximumAttempts: 10 },
 };
 
-/** Copies run long and heartbeat; a missed heartbeat means the proxy died, and the retry resumes. */
+/** Calls that wait on the hypervisor (guest shutdown, boot, verification, merges) heartbeat while they wait, so a
+ * dead worker is noticed in 10 s however long the wait may be. */
+export const waitingOptions: ActivityOptions = {
+  ...controlOptions,
+  startToCloseTimeout: '2 hours',
+  heartbeatTimeout: '10s',
+};
+
+/** Copies run long and heartbeat their resume point; a missed heartbeat means the proxy died, and the retry
+ * resumes from it. */
 export const copyOptions: ActivityOptions = {
   startToCloseTimeout: '24 hours',
-  heartbeatTimeout: '30s',
+  heartbeatTimeout: '20s',
   retry: { initialInterval: '1s', backoffCoefficient: 2, maximumInterval: '30s', maximumAttempts: 20 },
 };
 

@@ -40,6 +40,7 @@ import {
   controlOptions,
   copyOptions,
   failureMessage,
+  waitingOptions,
   showStep,
   withSummary,
   type SessionStep,
@@ -186,6 +187,7 @@ async function inParallel<T>(items: readonly T[], limit: number, task: (item: T)
 const criticalRetry = { initialInterval: '1s', backoffCoefficient: 2, maximumInterval: '5s', maximumAttempts: 4 };
 const criticalControl: ActivityOptions = { ...controlOptions, retry: criticalRetry };
 const criticalCopy: ActivityOptions = { ...copyOptions, retry: criticalRetry };
+const criticalWaiting: ActivityOptions = { ...waitingOptions, retry: criticalRetry };
 
 type Decision = { kind: 'retry' | 'abort' | 'forceFailover'; request: OperatorRequest };
 
@@ -402,6 +404,7 @@ async function failOver(
     control.shutDownSource,
     `Shut down ${vm} (forced off after ${input.shutdownTimeoutSeconds} s)`,
     [{ vm: source, timeoutMs: input.shutdownTimeoutSeconds * 1000 }],
+    waitingOptions,
   );
   result.sourceShutdown = shutdown.outcome;
   if (shutdown.outcome === 'already-off') log.info('Source VM was already off: power-off step satisfied', { vm });
@@ -450,7 +453,7 @@ async function failOver(
             disks: target.disks,
           },
         ],
-        criticalControl,
+        criticalWaiting,
       );
       result.verification = verification;
       if (!verification.identical) {
@@ -485,7 +488,7 @@ async function failOver(
           await withSummary(control.discardCheckpoint, 'Drop the final checkpoint', [
             { vm: source, checkpointId: `ckpt-${sessionId}-final` },
           ]);
-          await withSummary(control.powerOnVm, `Power ${vm} back on`, [{ vm: source }]);
+          await withSummary(control.powerOnVm, `Power ${vm} back on`, [{ vm: source }], waitingOptions);
         });
         result.detail = `aborted by ${taken.request.requestedBy}: ${taken.request.reason}; ${vm} runs again, replica Ready`;
         halt.done(result.detail);
@@ -509,7 +512,12 @@ async function failOver(
 
   // Step 5: power on the replica.
   step('PoweringOnReplica', `booting the replica of ${vm} on ${target.replica.host}`);
-  const boot = await withSummary(control.powerOnVm, `Power on the replica of ${vm}`, [{ vm: replicaVm }]);
+  const boot = await withSummary(
+    control.powerOnVm,
+    `Power on the replica of ${vm}`,
+    [{ vm: replicaVm }],
+    waitingOptions,
+  );
 
   result.bytesCopied = result.bytesBeforePowerOff + result.bytesAfterPowerOff;
   result.downtime = downtimeOf(shutdown, finalSyncMs, switchMs, boot);

@@ -7,7 +7,7 @@ import {
   type ReplicaOperationInput,
   type ReplicaOperationResult,
 } from '../contract';
-import { control, copyOptions, withSummary } from './common';
+import { control, copyOptions, waitingOptions, withSummary } from './common';
 
 type VmRef = { host: string; vm: string };
 
@@ -43,7 +43,7 @@ export async function replicaOperation(input: ReplicaOperationInput): Promise<Re
       let detail = 'replica off, its changes since failover discarded';
       if (payload.powerOnSource) {
         const source = requireSource(replica, vm);
-        await withSummary(control.powerOnVm, `Power on ${vm}`, [{ vm: source }]);
+        await withSummary(control.powerOnVm, `Power on ${vm}`, [{ vm: source }], waitingOptions);
         detail += `; ${vm} powered on`;
       }
       return finish('Ready', detail);
@@ -51,9 +51,12 @@ export async function replicaOperation(input: ReplicaOperationInput): Promise<Re
 
     case 'permanentFailover': {
       step('merging every restore point into the replica; it becomes the production VM');
-      await withSummary(control.consolidateReplica, `Make the replica of ${vm} permanent`, [
-        { replica: replica.replica },
-      ]);
+      await withSummary(
+        control.consolidateReplica,
+        `Make the replica of ${vm} permanent`,
+        [{ replica: replica.replica }],
+        waitingOptions,
+      );
       return finish(
         'PermanentFailover',
         `restore points merged and deleted; the replica is production; job ${job} skips ${vm}`,
@@ -79,7 +82,7 @@ export async function replicaOperation(input: ReplicaOperationInput): Promise<Re
       await withSummary(control.revertReplica, `Revert to ${point.id} (${point.createdAt})`, [
         { replica: replica.replica, pointId: point.id },
       ]);
-      await withSummary(control.powerOnVm, `Power on the replica of ${vm}`, [{ vm: replicaVm }]);
+      await withSummary(control.powerOnVm, `Power on the replica of ${vm}`, [{ vm: replicaVm }], waitingOptions);
       return finish('Failover', `replica running from ${point.id} (${point.createdAt}); ${vm} untouched`);
     }
 
@@ -145,6 +148,7 @@ export async function replicaOperation(input: ReplicaOperationInput): Promise<Re
             checkpointId: `ckpt-${operationId}-verify`,
           },
         ],
+        waitingOptions,
       );
       if (!verified.identical) {
         throw ApplicationFailure.create({
@@ -161,7 +165,7 @@ export async function replicaOperation(input: ReplicaOperationInput): Promise<Re
       ]);
       let detail = `${phase1.bytesShipped + phase2.bytesShipped} bytes copied to ${production.vm} (${phase2.bytesShipped} with the replica off), verified; protective point ${protectiveId}`;
       if (payload.powerOnProduction) {
-        await withSummary(control.powerOnVm, `Power on ${production.vm}`, [{ vm: production }]);
+        await withSummary(control.powerOnVm, `Power on ${production.vm}`, [{ vm: production }], waitingOptions);
         detail += `; ${production.vm} powered on`;
       }
       return finish('Failback', detail, production);
@@ -183,7 +187,7 @@ export async function replicaOperation(input: ReplicaOperationInput): Promise<Re
         await withSummary(control.powerOffVm, `Power off ${to.vm}`, [{ vm: to }]);
       }
       step('powering the replica on from its pre-failback state');
-      await withSummary(control.powerOnVm, `Power on the replica of ${vm}`, [{ vm: replicaVm }]);
+      await withSummary(control.powerOnVm, `Power on the replica of ${vm}`, [{ vm: replicaVm }], waitingOptions);
       return finish(
         'Failover',
         `${to?.vm ?? 'production'} off; the replica runs again from its failback-protective point`,

@@ -21,7 +21,7 @@ import {
   type RestorePointSummary,
 } from '../contract';
 import { jobRunSkipReason } from '../domain/replica-state';
-import { control, failureMessage, showStep, withSummary } from './common';
+import { control, failureMessage, showStep, waitingOptions, withSummary } from './common';
 import {
   acquireReplica,
   bytesOf,
@@ -157,6 +157,7 @@ export async function replicationSession(input: ReplicationSessionInput): Promis
         control.applyRetention,
         `Keep ${target.restorePointsToKeep} restore points`,
         [{ replica: target.replica, keep: target.restorePointsToKeep }],
+        waitingOptions,
       );
       const bytesCopied = bytesOf(copies);
       const modes = Object.fromEntries(copies.map((c) => [c.disk, c.mode]));
