@@ -1,0 +1,639 @@
+// Crash tests: the orchestrator's workers run in a child process (test/worker-process.ts) that is killed with
+// SIGKILL while work is in flight, then started again. The work must complete exactly once, with exact data.
+//
+// One kill hits seven sessions at once, each held at a different point, so that the test pays the retry delays
+// (copy heartbeat timeout 30 s, control activity start-to-close 2 min) once instead of once per step:
+//   rep1       replication job run, in the middle of its copy (the server holds a heartbeat with resumeOffset > 0)
+//   pf-sync    planned failover step 1, in the middle of the copy into helper point 1
+//   pf-off     step 2, the guest shutdown call in flight
+//   pf-final   step 3, in the middle of the final copy into helper point 2
+//   pf-seal    step 3, sealing helper point 2 in flight
+//   pf-verify  step 3, the zero-data-loss verification in flight
+//   pf-on      step 5, the replica's power-on call in flight
+// The workers reach the lab through a small HTTP proxy in this process, which slows the copies down, holds the
+// answers of calls in flight until the kill, and counts what the lab received: bytes per restore point and disk,
+// and every power call with the lab's answer.
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import http from 'node:http';
+import { type AddressInfo } from 'node:net';
+import { Transform } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { after, before, describe, it } from 'node:test';
+import { Client, Connection, type WorkflowHandle } from '@temporalio/client';
+import { defaultPayloadConverter } from '@temporalio/common';
+import type { EstateInput } from '../../lab/estate';
+import { replicaNameOf } from '../../src/activities/inventory';
+import type { CopyProgress } from '../../src/activities/replication';
+import { startPlannedFailover, startReplicationJob } from '../../src/client';
+import {
+  replicaQueries,
+  replicaWorkflowId,
+  SearchAttributes,
+  WorkflowTypes,
+  type PlannedFailoverResult,
+  type ReplicationJobResult,
+} from '../../src/contract';
+import { BLOCK_SIZE } from '../../src/hypervisor/port';
+import { createTestNamespace, temporalAddress } from '../harness';
+import { assemble, blocksDiffering, DR, MiB, PROD, startTestLab, type TestLab } from '../lab/helpers';
+
+const DISKS = [
+  { id: 'os', size: 2 * MiB },
+  { id: 'data', size: 96 * MiB },
+];
+/** Blocks written on the data disk of the VMs whose copy is killed: three 32 MiB copy batches, the last short. */
+const DELTA_BLOCKS = (80 * MiB) / BLOCK_SIZE;
+const DELTA_BYTES = DELTA_BLOCKS * BLOCK_SIZE;
+/** Copies into the slowed replicas run at this rate until the kill: the first batch ends after 16 s. */
+const SLOW_BYTES_PER_SECOND = 2 * MiB;
+
+const REP = 'rep1';
+const PF = {
+  sync: 'pf-sync',
+  off: 'pf-off',
+  final: 'pf-final',
+  seal: 'pf-seal',
+  verify: 'pf-verify',
+  on: 'pf-on',
+} as const;
+const PF_VMS = Object.values(PF);
+/** The step each failover session shows when the worker dies. */
+const STEP_AT_KILL: Record<string, string> = {
+  [PF.sync]: 'Syncing',
+  [PF.off]: 'PoweringOffSource',
+  [PF.final]: 'FinalSync',
+  [PF.seal]: 'FinalSync',
+  [PF.verify]: 'Verifying',
+  [PF.on]: 'PoweringOnReplica',
+};
+/** The activity each session runs when the worker dies. */
+const ACTIVITY_AT_KILL: Record<string, string> = {
+  [REP]: 'copyDisk',
+  [PF.sync]: 'copyDisk',
+  [PF.off]: 'shutDownSource',
+  [PF.final]: 'copyDisk',
+  [PF.seal]: 'sealRestorePoint',
+  [PF.verify]: 'verifyFinalSync',
+  [PF.on]: 'powerOnVm',
+};
+const COPY_VMS = [REP, PF.sync, PF.final];
+/** Held at their shutdown until the copies are far enough: the lab adapter gives a control call 30 s, so their
+ * call held at the kill must start shortly before it. */
+const LATE_VMS = [PF.seal, PF.verify, PF.on];
+const ALL_VMS = [REP, ...PF_VMS];
+
+const estate: EstateInput = {
+  sites: [
+    {
+      name: 'production',
+      role: 'production',
+      hosts: [
+        {
+          name: PROD,
+          vms: ALL_VMS.map((name) => ({
+            name,
+            disks: DISKS.map((d) => ({ id: d.id, size: d.size })),
+            // The guests write only when told, so that every byte of every delta is known.
+            writeRate: 0,
+            shutdownMs: 200,
+            bootMs: 200,
+          })),
+        },
+      ],
+    },
+    { name: 'dr', role: 'dr', hosts: [{ name: DR }] },
+  ],
+};
+
+function configuration(labUrl: string): string {
+  const adapter = { type: 'lab', url: labUrl };
+  return JSON.stringify({
+    hosts: [
+      { name: PROD, role: 'production', adapter },
+      { name: DR, role: 'dr', adapter },
+    ],
+    proxies: [{ name: 'proxy-a', slots: 16 }],
+    // One job per VM: the failover runs every VM in a lane of its own, side by side.
+    jobs: ALL_VMS.map((vm) => ({ name: `job-${vm}`, vms: [vm], targetHost: DR })),
+    users: [{ name: 'alice', roles: ['BackupAdministrator'] }],
+  });
+}
+
+// The proxy between the workers and the lab ------------------------------------------------------------------
+
+interface Call {
+  method: string;
+  path: string;
+  body?: { action?: string };
+}
+
+interface PowerCall {
+  host: string;
+  vm: string;
+  action: string;
+  status: number;
+  answer: { outcome?: string; alreadyInState?: boolean; state?: string };
+}
+
+/** Holds the first call that matches, before it reaches the lab ('request') or before its answer goes back. */
+class Gate {
+  hits = 0;
+  readonly arrived: Promise<void>;
+  private onArrival!: () => void;
+  private released = false;
+  private readonly waiting: (() => void)[] = [];
+
+  constructor(
+    readonly phase: 'request' | 'response',
+    readonly matches: (call: Call) => boolean,
+  ) {
+    this.arrived = new Promise((resolve) => (this.onArrival = resolve));
+  }
+
+  /** Resolves when the call may go on; only the first matching call is held. */
+  pass(): Promise<void> {
+    this.hits++;
+    if (this.hits > 1) return Promise.resolve();
+    this.onArrival();
+    if (this.released) return Promise.resolve();
+    return new Promise((resolve) => this.waiting.push(resolve));
+  }
+
+  release(): void {
+    this.released = true;
+    for (const resolve of this.waiting.splice(0)) resolve();
+  }
+}
+
+const WRITE_PATH = /^\/v1\/hosts\/([^/]+)\/replicas\/([^/]+)\/points\/([^/]+)\/disks\/([^/]+)\/write$/;
+const POWER_PATH = /^\/v1\/hosts\/([^/]+)\/vms\/([^/]+)\/power$/;
+
+async function readBody(stream: NodeJS.ReadableStream): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of stream) chunks.push(Buffer.from(chunk as Buffer));
+  return Buffer.concat(chunks);
+}
+
+class LabProxy {
+  /** Bytes of restore-point writes the lab received, per `replica/point/disk`, by the worker that sent them. */
+  readonly written: Map<string, number>[] = [new Map<string, number>()];
+  readonly powerCalls: PowerCall[] = [];
+  readonly gates: Gate[] = [];
+  /** Replicas whose restore-point writes are slowed to SLOW_BYTES_PER_SECOND. */
+  slowed = new Set<string>();
+  private readonly server: http.Server;
+  private readonly agent = new http.Agent({ keepAlive: true, maxSockets: 64 });
+  private readonly target: URL;
+
+  constructor(labUrl: string) {
+    this.target = new URL(labUrl);
+    this.server = http.createServer((req, res) => {
+      this.forward(req, res).catch(() => {
+        if (!res.headersSent && !res.destroyed) res.writeHead(502).end();
+        else res.destroy();
+      });
+    });
+  }
+
+  async listen(): Promise<string> {
+    await new Promise<void>((resolve) => this.server.listen(0, '127.0.0.1', resolve));
+    return `http://127.0.0.1:${(this.server.address() as AddressInfo).port}`;
+  }
+
+  async close(): Promise<void> {
+    for (const gate of this.gates) gate.release();
+    this.server.closeAllConnections();
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    this.agent.destroy();
+  }
+
+  gate(phase: Gate['phase'], matches: (call: Call) => boolean): Gate {
+    const gate = new Gate(phase, matches);
+    this.gates.push(gate);
+    return gate;
+  }
+
+  private async forward(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+    const path = new URL(req.url ?? '/', this.target).pathname;
+    const power = req.method === 'POST' ? POWER_PATH.exec(path) : null;
+    const write = req.method === 'POST' ? WRITE_PATH.exec(path) : null;
+    const body = power ? await readBody(req) : undefined;
+    const call: Call = {
+      method: req.method ?? 'GET',
+      path,
+      body: body ? (JSON.parse(body.toString()) as Call['body']) : {},
+    };
+    const gates = this.gates.filter((g) => g.matches(call));
+    for (const gate of gates.filter((g) => g.phase === 'request')) await gate.pass();
+    if (res.destroyed) return;
+
+    const upstream = http.request(new URL(req.url ?? '/', this.target), {
+      method: req.method,
+      headers: req.headers,
+      agent: this.agent,
+    });
+    res.once('close', () => {
+      if (!res.writableFinished) upstream.destroy();
+    });
+    const answered = new Promise<http.IncomingMessage>((resolve, reject) => {
+      upstream.once('response', resolve);
+      upstream.once('error', reject);
+    });
+    if (body) upstream.end(body);
+    else if (write) {
+      // Counted for the worker process that sent the request, even as its last bytes drain after a kill.
+      const written = this.written.at(-1)!;
+      const key = `${decodeURIComponent(write[2]!)}/${decodeURIComponent(write[3]!)}/${decodeURIComponent(write[4]!)}`;
+      const replica = decodeURIComponent(write[2]!);
+      const throttle = new Transform({
+        transform: (chunk: Buffer, _encoding, done) => {
+          written.set(key, (written.get(key) ?? 0) + chunk.length);
+          if (!this.slowed.has(replica)) return done(null, chunk);
+          setTimeout(() => done(null, chunk), (chunk.length / SLOW_BYTES_PER_SECOND) * 1000);
+        },
+      });
+      pipeline(req, throttle, upstream).catch(() => upstream.destroy());
+    } else req.pipe(upstream);
+
+    const answer = await answered;
+    const held = gates.filter((g) => g.phase === 'response');
+    if (!power && held.length === 0) {
+      res.writeHead(answer.statusCode ?? 502, answer.headers);
+      await pipeline(answer, res);
+      return;
+    }
+    const data = await readBody(answer);
+    if (power) {
+      this.powerCalls.push({
+        host: decodeURIComponent(power[1]!),
+        vm: decodeURIComponent(power[2]!),
+        action: call.body?.action ?? '?',
+        status: answer.statusCode ?? 0,
+        answer: JSON.parse(data.toString() || '{}') as PowerCall['answer'],
+      });
+    }
+    for (const gate of held) await gate.pass();
+    if (res.destroyed) return;
+    res.writeHead(answer.statusCode ?? 502, answer.headers).end(data);
+  }
+}
+
+// The worker process -------------------------------------------------------------------------------------------
+
+const children = new Set<ChildProcessWithoutNullStreams>();
+
+async function startWorkerProcess(env: Record<string, string>): Promise<ChildProcessWithoutNullStreams> {
+  const child = spawn(process.execPath, ['--import', 'tsx', 'test/worker-process.ts'], {
+    env: { ...process.env, ...env },
+  });
+  children.add(child);
+  child.once('exit', () => children.delete(child));
+  let stderr = '';
+  child.stderr.on('data', (d: Buffer) => {
+    stderr += d.toString();
+    if (stderr.length > 20_000) stderr = stderr.slice(-10_000);
+  });
+  await new Promise<void>((resolve, reject) => {
+    let stdout = '';
+    const timer = setTimeout(() => reject(new Error(`worker not ready after 60 s: ${stderr}`)), 60_000);
+    child.stdout.on('data', (d: Buffer) => {
+      stdout += d.toString();
+      if (/^ready$/m.test(stdout)) {
+        clearTimeout(timer);
+        resolve();
+      }
+    });
+    child.once('exit', (code, signal) => {
+      clearTimeout(timer);
+      reject(new Error(`worker exited (${code ?? signal}) before it was ready: ${stderr}`));
+    });
+  });
+  return child;
+}
+
+async function kill(child: ChildProcessWithoutNullStreams): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  child.kill('SIGKILL');
+  await exited;
+}
+
+// Helpers over the server ----------------------------------------------------------------------------------
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+async function within<T>(what: string, ms: number, probe: () => Promise<T | undefined>): Promise<T> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const found = await probe();
+    if (found !== undefined) return found;
+    if (Date.now() > deadline) assert.fail(`timed out after ${ms / 1000} s waiting for ${what}`);
+    await sleep(200);
+  }
+}
+
+interface CrashRun {
+  pointsBefore: Map<string, string[]>;
+  /** The heartbeat the server held for each slowed copy of the data disk when the worker died. */
+  atKill: Map<string, CopyProgress>;
+  job: ReplicationJobResult;
+  failover: PlannedFailoverResult;
+}
+
+describe('a worker killed with SIGKILL mid-operation, then restarted', () => {
+  let lab: TestLab;
+  let proxy: LabProxy;
+  let client: Client;
+  let workerEnv: Record<string, string>;
+  let worker: ChildProcessWithoutNullStreams | undefined;
+
+  before(async () => {
+    const namespace = await createTestNamespace();
+    lab = await startTestLab(estate);
+    proxy = new LabProxy(lab.lab.url);
+    const proxyUrl = await proxy.listen();
+    client = new Client({ connection: await Connection.connect({ address: temporalAddress() }), namespace });
+    const bundle = process.env.PF_TEST_WORKFLOW_BUNDLE;
+    assert.ok(bundle, 'run through `npm test -- test/integration/crash.test.ts`');
+    workerEnv = {
+      PF_WORKER_ADDRESS: temporalAddress(),
+      PF_WORKER_NAMESPACE: namespace,
+      PF_WORKER_CONFIG: configuration(proxyUrl),
+      PF_WORKER_LAB_URL: proxyUrl,
+      PF_WORKER_BUNDLE: bundle,
+    };
+    worker = await startWorkerProcess(workerEnv);
+    // Seed every replica, then give rep1 and pf-sync a large delta to copy.
+    await Promise.all(
+      ALL_VMS.map(async (vm) => {
+        const result = await (await startReplicationJob(client, { job: `job-${vm}`, requestedBy: 'alice' })).result();
+        assert.equal(result.sessions[0]?.outcome, 'replicated', `${vm}: ${result.sessions[0]?.detail}`);
+      }),
+    );
+    for (const vm of [REP, PF.sync]) await dirty(vm);
+  });
+
+  after(async () => {
+    for (const child of [...children]) await kill(child);
+    await client?.connection.close();
+    await proxy?.close();
+    await lab?.close();
+  });
+
+  const deltaBlocks = Array.from({ length: DELTA_BLOCKS }, (_, i) => i);
+  const dirty = async (vm: string): Promise<void> => {
+    await lab.control.guestWrite(vm, 'data', deltaBlocks);
+  };
+
+  async function runningSession(vm: string, type: string): Promise<WorkflowHandle> {
+    return within(`a running ${type} of ${vm}`, 30_000, async () => {
+      for await (const wf of client.workflow.list({
+        query: `FailoverVm="${vm}" AND WorkflowType="${type}" AND ExecutionStatus="Running"`,
+      }))
+        return client.workflow.getHandle(wf.workflowId);
+      return undefined;
+    });
+  }
+
+  /** The heartbeat the server holds for the session's copy of the data disk, when one is running. */
+  async function dataDiskCopy(session: WorkflowHandle): Promise<CopyProgress | undefined> {
+    const { raw } = await session.describe();
+    for (const activity of raw.pendingActivities ?? []) {
+      if (activity.activityType?.name !== 'copyDisk') continue;
+      const payload = activity.heartbeatDetails?.payloads?.[0];
+      if (!payload) continue;
+      // A copy heartbeats before it has progress to report (while it lists the changed blocks).
+      const progress = defaultPayloadConverter.fromPayload<CopyProgress | undefined>(payload);
+      if (progress?.disk === 'data') return progress;
+    }
+    return undefined;
+  }
+
+  const pendingActivities = async (session: WorkflowHandle): Promise<string[]> =>
+    ((await session.describe()).raw.pendingActivities ?? []).map((a) => a.activityType?.name ?? '?');
+
+  const stepOf = async (session: WorkflowHandle): Promise<string | undefined> =>
+    (await session.describe()).typedSearchAttributes.get(SearchAttributes.FailoverStep);
+
+  async function sourceDisk(vm: string, disk: { id: string; size: number }): Promise<Buffer> {
+    const checkpointId = `test-${randomUUID()}`;
+    const ref = { host: PROD, vm };
+    await lab.port.createCheckpoint(ref, checkpointId);
+    try {
+      return await assemble(
+        lab.port.readExtents({ ...ref, disk: disk.id }, checkpointId, [{ offset: 0, length: disk.size }]),
+        disk.size,
+      );
+    } finally {
+      await lab.port.deleteCheckpoint(ref, checkpointId);
+    }
+  }
+
+  const replicaDisk = (vm: string, disk: { id: string; size: number }, pointId: string): Promise<Buffer> =>
+    assemble(
+      lab.port.readReplicaExtents({ host: DR, replica: replicaNameOf(vm), disk: disk.id }, { pointId }, [
+        { offset: 0, length: disk.size },
+      ]),
+      disk.size,
+    );
+
+  const pointIdsOf = async (vm: string): Promise<string[]> =>
+    (await lab.port.listRestorePoints({ host: DR, replica: replicaNameOf(vm) })).map((p) => p.id);
+
+  const isPower =
+    (host: string, vm: string, action?: string) =>
+    (call: Call): boolean =>
+      call.path === `/v1/hosts/${host}/vms/${vm}/power` && (action === undefined || call.body?.action === action);
+
+  /** Starts a job run and a planned failover, holds every session at its point, kills the worker, restarts it. */
+  async function crash(): Promise<CrashRun> {
+    const started = Date.now();
+    const pointsBefore = new Map(await Promise.all(ALL_VMS.map(async (vm) => [vm, await pointIdsOf(vm)] as const)));
+    const replicaPath = (vm: string) => `/v1/hosts/${DR}/replicas/${replicaNameOf(vm)}`;
+    // In flight at the kill: answers held by the proxy after the lab did the work.
+    const inFlight = [
+      proxy.gate('response', isPower(PROD, PF.off, 'shutdown')),
+      proxy.gate(
+        'response',
+        (c) => c.path.startsWith(`${replicaPath(PF.seal)}/points/`) && c.path.endsWith('-helper2/seal'),
+      ),
+      proxy.gate('response', (c) => c.path === `${replicaPath(PF.verify)}/canary`),
+      proxy.gate('response', isPower(DR, replicaNameOf(PF.on), 'on')),
+    ];
+    // pf-final: the guest writes a large delta just before its shutdown, for the final sync to copy.
+    const finalShutdown = proxy.gate('request', isPower(PROD, PF.final, 'shutdown'));
+    const lateShutdowns = LATE_VMS.map((vm) => proxy.gate('response', isPower(PROD, vm, 'shutdown')));
+    proxy.slowed = new Set(COPY_VMS.map(replicaNameOf));
+
+    const jobHandle = await startReplicationJob(client, { job: `job-${REP}`, requestedBy: 'alice' });
+    const failoverHandle = await startPlannedFailover(client, {
+      vms: PF_VMS,
+      reason: 'crash test',
+      requestedBy: 'alice',
+      options: { maxParallelJobs: PF_VMS.length },
+    });
+    await finalShutdown.arrived;
+    await dirty(PF.final);
+    finalShutdown.release();
+
+    const sessions: Record<string, WorkflowHandle> = {
+      [REP]: await runningSession(REP, WorkflowTypes.replicationSession),
+    };
+    for (const vm of PF_VMS) sessions[vm] = await runningSession(vm, WorkflowTypes.plannedFailoverSession);
+    // The server must hold a heartbeat past the first batch: only then can a retry resume instead of restart.
+    // Heartbeats reach it at most every 24 s (0.8 of the 30 s heartbeat timeout).
+    const atKill = new Map<string, CopyProgress>();
+    await within('heartbeats with resumeOffset > 0 from every slowed copy', 90_000, async () => {
+      for (const vm of COPY_VMS) {
+        const progress = await dataDiskCopy(sessions[vm]!);
+        if (progress && progress.resumeOffset > 0) atKill.set(vm, progress);
+      }
+      return atKill.size === COPY_VMS.length ? true : undefined;
+    });
+    for (const gate of lateShutdowns) gate.release();
+    for (const gate of inFlight) await gate.arrived;
+
+    // Everything is where it should be: each failover session at its step with an activity running, and the
+    // copies not finished.
+    assert.deepEqual(
+      Object.fromEntries(await Promise.all(PF_VMS.map(async (vm) => [vm, await stepOf(sessions[vm]!)] as const))),
+      STEP_AT_KILL,
+      'each failover session is at its step when the worker dies',
+    );
+    for (const [vm, activity] of Object.entries(ACTIVITY_AT_KILL))
+      assert.ok((await pendingActivities(sessions[vm]!)).includes(activity), `${vm}: ${activity} is running`);
+    for (const vm of COPY_VMS) {
+      const progress = await dataDiskCopy(sessions[vm]!);
+      assert.ok(progress && progress.bytesCopied < DELTA_BYTES, `${vm}: its copy is still running`);
+    }
+    await kill(worker!);
+    const killedAt = Date.now();
+    proxy.slowed = new Set();
+    proxy.written.push(new Map<string, number>());
+    worker = await startWorkerProcess(workerEnv);
+
+    const [job, failover] = await Promise.all([jobHandle.result(), failoverHandle.result()]);
+    console.log(
+      `crash test: the worker was killed ${((killedAt - started) / 1000).toFixed(1)} s after the start; ` +
+        `everything was done ${((Date.now() - killedAt) / 1000).toFixed(1)} s after the kill`,
+    );
+    return { pointsBefore, atKill, job, failover };
+  }
+
+  let run: Promise<CrashRun> | undefined;
+  const crashRun = (): Promise<CrashRun> => (run ??= crash());
+
+  /** The restarted worker sent the lab less than a whole delta, but all that lay past resumeOffset. */
+  function assertResumed(r: CrashRun, vm: string, pointId: string): void {
+    const key = `${replicaNameOf(vm)}/${pointId}/data`;
+    const [before, again] = proxy.written.map((w) => w.get(key) ?? 0) as [number, number];
+    const { resumeOffset } = r.atKill.get(vm)!;
+    assert.ok(before >= resumeOffset, `${vm}: ${before} bytes had reached the lab before the kill`);
+    assert.ok(
+      again < DELTA_BYTES,
+      `${vm}: resumed, not restarted: the restarted worker sent ${again} bytes, the delta is ${DELTA_BYTES}`,
+    );
+    assert.ok(again >= DELTA_BYTES - resumeOffset, `${vm}: everything past offset ${resumeOffset} was sent again`);
+  }
+
+  it(
+    'a replication copy killed mid-way resumes from its heartbeat; the restore point is exact and made once',
+    { timeout: 300_000 },
+    async () => {
+      const r = await crashRun();
+      const session = r.job.sessions[0]!;
+      assert.equal(session.outcome, 'replicated', session.detail);
+      const point = session.restorePoint!.id;
+      assertResumed(r, REP, point);
+      assert.equal(session.copy?.modes.data, 'tracked');
+      assert.equal(session.copy?.bytesCopied, DELTA_BYTES + BLOCK_SIZE, 'the data delta and the canary block');
+      // The guest has not written since: the new point is the source, byte for byte.
+      for (const disk of DISKS) {
+        assert.ok(
+          (await replicaDisk(REP, disk, point)).equals(await sourceDisk(REP, disk)),
+          `${REP}/${disk.id}: the restore point equals the source`,
+        );
+      }
+      assert.deepEqual(await pointIdsOf(REP), [...r.pointsBefore.get(REP)!, point], 'one new restore point');
+      const state = await client.workflow.getHandle(replicaWorkflowId(REP)).query(replicaQueries.state);
+      assert.equal(state.state, 'Ready');
+      assert.deepEqual(
+        state.restorePoints.map((p) => p.id),
+        [...r.pointsBefore.get(REP)!, point],
+      );
+    },
+  );
+
+  it(
+    'a planned failover killed at each step completes exactly once, with exact data and one power operation each',
+    { timeout: 300_000 },
+    async () => {
+      const r = await crashRun();
+      assert.deepEqual(
+        r.failover.sessions.map((s) => [s.vm, s.outcome]),
+        PF_VMS.map((vm) => [vm, 'failedOver']),
+      );
+      const byVm = (vm: string) => r.failover.sessions.find((s) => s.vm === vm)!;
+      // The copies killed mid-way resumed.
+      assertResumed(r, PF.sync, byVm(PF.sync).helperPoints[0]!);
+      assertResumed(r, PF.final, byVm(PF.final).helperPoints[1]!);
+      assert.equal(byVm(PF.sync).bytesBeforePowerOff, DELTA_BYTES + BLOCK_SIZE, 'pf-sync: the delta and the canary');
+      assert.equal(byVm(PF.final).bytesAfterPowerOff, DELTA_BYTES + BLOCK_SIZE, 'pf-final: the delta and the canary');
+
+      for (const session of r.failover.sessions) {
+        const vm = session.vm;
+        assert.equal(session.verification?.identical, true, `${vm} verified`);
+        assert.equal(session.helperPoints.length, 2, `${vm}: two helper points`);
+        const [helper1, helper2] = session.helperPoints as [string, string];
+        // Exactly the two helper points were added, each once, on the DR host and in the replica's entity.
+        const expected = [...r.pointsBefore.get(vm)!, helper1, helper2];
+        assert.deepEqual(await pointIdsOf(vm), expected, `${vm}: restore points on the DR host`);
+        const state = await client.workflow.getHandle(replicaWorkflowId(vm)).query(replicaQueries.state);
+        assert.equal(state.state, 'Failover', `${vm}: replica state`);
+        assert.deepEqual(
+          state.restorePoints.map((p) => p.id),
+          expected,
+          `${vm}: restore points in replica/${vm}`,
+        );
+        assert.equal((await lab.port.getVm({ host: PROD, vm })).powerState, 'Off', `${vm}: source off`);
+        const replica = await lab.port.getReplica({ host: DR, replica: replicaNameOf(vm) });
+        assert.equal(replica.powerState, 'Running', `${vm}: replica running`);
+        // Helper point 2 is the powered-off source, byte for byte; helper point 1 lacks only what the guest
+        // wrote after it (pf-final's delta; the canary block is on the other disk).
+        for (const disk of DISKS) {
+          const source = await sourceDisk(vm, disk);
+          assert.ok((await replicaDisk(vm, disk, helper2)).equals(source), `${vm}/${disk.id} at helper point 2`);
+          if (disk.id === 'data') {
+            const differing = blocksDiffering(await replicaDisk(vm, disk, helper1), source);
+            assert.deepEqual(differing, vm === PF.final ? deltaBlocks : [], `${vm}/data at helper point 1`);
+          }
+        }
+      }
+
+      // No repeated power operation: each source was shut down by one call that took effect and never powered
+      // on or off otherwise; each replica booted once. A call retried after the kill found the work done.
+      for (const vm of PF_VMS) {
+        const calls = proxy.powerCalls.filter((c) => c.host === PROD && c.vm === vm);
+        assert.ok(
+          calls.every((c) => c.action === 'shutdown' && c.status === 200),
+          `${vm}: guest shutdowns only: ${JSON.stringify(calls)}`,
+        );
+        assert.equal(calls.filter((c) => c.answer.outcome !== 'already-off').length, 1, `${vm}: shut down once`);
+        const boots = proxy.powerCalls.filter((c) => c.host === DR && c.vm === replicaNameOf(vm));
+        assert.ok(
+          boots.every((c) => c.action === 'on' && c.status === 200),
+          `${vm}: power-on of the replica only: ${JSON.stringify(boots)}`,
+        );
+        assert.equal(boots.filter((c) => !c.answer.alreadyInState).length, 1, `${vm}: the replica booted once`);
+      }
+      assert.equal(proxy.powerCalls.filter((c) => c.vm === PF.off).length, 2, 'pf-off: the shutdown was retried');
+      assert.equal(
+        proxy.powerCalls.filter((c) => c.vm === replicaNameOf(PF.on)).length,
+        2,
+        'pf-on: the power-on was retried',
+      );
+    },
+  );
+});

@@ -1,0 +1,50 @@
+// The orchestrator's workers as a process of their own, so that a test can kill them for real (SIGKILL) and
+// start them again. Everything comes from the environment:
+//   PF_WORKER_ADDRESS    the Temporal server (host:port)
+//   PF_WORKER_NAMESPACE  the test's namespace
+//   PF_WORKER_CONFIG     the configuration, as JSON (or YAML) text
+//   PF_WORKER_LAB_URL    where the hypervisor port reaches the lab
+//   PF_WORKER_BUNDLE     the pre-built workflow bundle
+// Prints "ready" on stdout once every worker polls, then runs until it is killed (or stops on SIGINT/SIGTERM).
+import { Runtime } from '@temporalio/worker';
+import { parseConfiguration } from '../src/config/load';
+import { LabHypervisor } from '../src/hypervisor/lab-adapter';
+import { createLogger } from '../src/logging';
+import { createOrchestrator } from '../src/orchestrator';
+
+function required(name: string): string {
+  const value = process.env[name];
+  if (!value) throw new Error(`${name} is not set`);
+  return value;
+}
+
+async function main(): Promise<void> {
+  Runtime.install({ logger: createLogger('WARN') });
+  const config = parseConfiguration(required('PF_WORKER_CONFIG'), 'PF_WORKER_CONFIG');
+  const port = new LabHypervisor({ url: required('PF_WORKER_LAB_URL') });
+  const orchestrator = await createOrchestrator({
+    connectionOptions: { address: required('PF_WORKER_ADDRESS') },
+    namespace: required('PF_WORKER_NAMESPACE'),
+    config,
+    port,
+    workflowBundle: { codePath: required('PF_WORKER_BUNDLE') },
+  });
+  try {
+    await orchestrator.startWorkers();
+    process.stdout.write('ready\n');
+    await new Promise<void>((resolveStop) => {
+      for (const signal of ['SIGINT', 'SIGTERM'] as const) process.once(signal, () => resolveStop());
+    });
+  } finally {
+    await orchestrator.close();
+    port.close();
+  }
+}
+
+main().then(
+  () => process.exit(0),
+  (err: unknown) => {
+    console.error(err);
+    process.exit(1);
+  },
+);
