@@ -37,7 +37,7 @@ import {
 } from '../../src/contract';
 import { BLOCK_SIZE } from '../../src/hypervisor/port';
 import { createTestNamespace, temporalAddress } from '../harness';
-import { assemble, blocksDiffering, DR, MiB, PROD, startTestLab, type TestLab } from '../lab/helpers';
+import { assemble, blocksDiffering, DR, estateOf, MiB, PROD, startTestLab, type TestLab } from '../lab/helpers';
 
 const DISKS = [
   { id: 'os', size: 2 * MiB },
@@ -84,28 +84,8 @@ const COPY_VMS = [REP, PF.sync, PF.final];
 const LATE_VMS = [PF.seal, PF.verify, PF.on];
 const ALL_VMS = [REP, ...PF_VMS];
 
-const estate: EstateInput = {
-  sites: [
-    {
-      name: 'production',
-      role: 'production',
-      hosts: [
-        {
-          name: PROD,
-          vms: ALL_VMS.map((name) => ({
-            name,
-            disks: DISKS.map((d) => ({ id: d.id, size: d.size })),
-            // The guests write only when told, so that every byte of every delta is known.
-            writeRate: 0,
-            shutdownMs: 200,
-            bootMs: 200,
-          })),
-        },
-      ],
-    },
-    { name: 'dr', role: 'dr', hosts: [{ name: DR }] },
-  ],
-};
+// The guests write only when told, so that every byte of every delta is known.
+const estate: EstateInput = estateOf(ALL_VMS, DISKS, { writeRate: 0, shutdownMs: 200, bootMs: 200 });
 
 function configuration(labUrl: string): string {
   const adapter = { type: 'lab', url: labUrl };

@@ -14,7 +14,7 @@ import {
 } from '../../src/contract';
 import type { ReplicaView } from '../../src/hypervisor/port';
 import { startOrchestrator, temporal, testConfiguration, type TestOrchestrator } from '../harness';
-import { assemble, DR, PROD } from '../lab/helpers';
+import { assemble, DR, estateOf, PROD } from '../lab/helpers';
 
 const MiB = 1024 * 1024;
 const DISKS = [
@@ -23,30 +23,8 @@ const DISKS = [
 ];
 const VMS = ['undo1', 'back1', 'back2', 'perm1', 'pick1', 'state1', 'new1'];
 
-function estate(): EstateInput {
-  return {
-    sites: [
-      {
-        name: 'production',
-        role: 'production',
-        hosts: [
-          {
-            name: PROD,
-            vms: VMS.map((name) => ({
-              name,
-              disks: DISKS.map((d) => ({ id: d.id, size: d.size })),
-              writeRate: 40,
-              hotSetFraction: 0.2,
-              shutdownMs: 200,
-              bootMs: 200,
-            })),
-          },
-        ],
-      },
-      { name: 'dr', role: 'dr', hosts: [{ name: DR }] },
-    ],
-  };
-}
+const estate = (): EstateInput =>
+  estateOf(VMS, DISKS, { writeRate: 40, hotSetFraction: 0.2, shutdownMs: 200, bootMs: 200 });
 
 describe('finishing a failover: undo, permanent, failback with commit and undo, regular failover', () => {
   let o: TestOrchestrator;

@@ -10,6 +10,8 @@ import { startReplicationJob } from '../../src/client';
 import {
   FailureTypes,
   haltedSessionUpdates,
+  PROXY_REGISTRY_WORKFLOW_ID,
+  proxySignals,
   replicaQueries,
   replicaWorkflowId,
   TASK_QUEUE,
@@ -19,7 +21,7 @@ import {
 } from '../../src/contract';
 import { BLOCK_SIZE } from '../../src/hypervisor/port';
 import { startOrchestrator, temporal, testConfiguration, type TestOrchestrator } from '../harness';
-import { assemble, DR, PROD } from '../lab/helpers';
+import { assemble, DR, estateOf, PROD } from '../lab/helpers';
 
 const MiB = 1024 * 1024;
 const DISKS = [
@@ -28,32 +30,10 @@ const DISKS = [
 ];
 
 /** Running guests that keep writing: the failover must still lose nothing. */
-function estate(vms: string[]): EstateInput {
-  return {
-    sites: [
-      {
-        name: 'production',
-        role: 'production',
-        hosts: [
-          {
-            name: PROD,
-            vms: vms.map((name) => ({
-              name,
-              disks: DISKS.map((d) => ({ id: d.id, size: d.size })),
-              writeRate: 60,
-              hotSetFraction: 0.2,
-              shutdownMs: 300,
-              bootMs: 300,
-            })),
-          },
-        ],
-      },
-      { name: 'dr', role: 'dr', hosts: [{ name: DR }] },
-    ],
-  };
-}
+const estate = (vms: string[]): EstateInput =>
+  estateOf(vms, DISKS, { writeRate: 60, hotSetFraction: 0.2, shutdownMs: 300, bootMs: 300 });
 
-const VMS = ['sql1', 'sql2', 'web1', 'roles1', 'halt-retry', 'halt-abort', 'halt-force'];
+const VMS = ['sql1', 'sql2', 'web1', 'roles1', 'halt-retry', 'halt-abort', 'halt-force', 'wait1', 'wait2'];
 
 describe('planned failover against a real server and lab, bytes compared', () => {
   let o: TestOrchestrator;
@@ -63,17 +43,21 @@ describe('planned failover against a real server and lab, bytes compared', () =>
       estate: estate(VMS),
       configure: (url) =>
         testConfiguration(url, {
-          proxies: [{ name: 'proxy-a', slots: 4 }],
+          proxies: [
+            { name: 'proxy-a', slots: 4 },
+            { name: 'proxy-b', slots: 2 },
+          ],
           jobs: [
             { name: 'sql', vms: ['sql1', 'sql2'], targetHost: DR },
             // Replicates from a backup that goes stale: planned failover must still move the live state.
             { name: 'web', vms: ['web1'], targetHost: DR, dataSource: 'backup' },
             { name: 'other', vms: ['roles1', 'halt-retry', 'halt-abort', 'halt-force'], targetHost: DR },
+            { name: 'queue', vms: ['wait1', 'wait2'], targetHost: DR, proxies: ['proxy-b'] },
           ],
         }),
     });
     await o.lab.control.takeBackup('web1');
-    for (const job of ['sql', 'web', 'other']) {
+    for (const job of ['sql', 'web', 'other', 'queue']) {
       const result = await (await startReplicationJob(o.client, { job, requestedBy: 'alice' })).result();
       for (const s of result.sessions) assert.equal(s.outcome, 'replicated', `${s.vm}: ${s.detail}`);
     }
@@ -265,6 +249,26 @@ describe('planned failover against a real server and lab, bytes compared', () =>
       /vms\[1\]: 'sql1': plannedFailover needs a replica in state Ready, but it is in state Failover/,
     );
     assert.equal((await o.lab.port.getVm({ host: PROD, vm: 'halt-retry' })).powerState, 'Running');
+  });
+
+  it('a session waiting for a proxy holds back the sessions behind it in its job', async () => {
+    const registry = o.client.workflow.getHandle(PROXY_REGISTRY_WORKFLOW_ID);
+    await registry.signal(proxySignals.setProxyOnline, { proxy: 'proxy-b', online: false });
+    const handle = await start({ vms: ['wait1', 'wait2'], reason: 'queue', requestedBy: 'alice' });
+    await waitForStep('wait1', 'WaitingForProxy');
+    await new Promise((r) => setTimeout(r, 1500));
+    const behind = [];
+    for await (const wf of o.client.workflow.list({
+      query: 'FailoverVm="wait2" AND WorkflowType="plannedFailoverSession"',
+    }))
+      behind.push(wf);
+    assert.equal(behind.length, 0, 'wait2 has no session while wait1 waits for a proxy');
+    await registry.signal(proxySignals.setProxyOnline, { proxy: 'proxy-b', online: true });
+    const result = (await handle.result()) as PlannedFailoverResult;
+    assert.deepEqual(
+      result.sessions.map((s) => s.outcome),
+      ['failedOver', 'failedOver'],
+    );
   });
 
   /** Breaks the DR host's writes once the source is going down, so the final sync cannot finish. */

@@ -145,3 +145,21 @@ export async function* single(offset: number, data: Buffer): AsyncGenerator<Exte
 export function randomBlocks(count: number, maxBlock: number): number[] {
   return Array.from({ length: count }, () => Math.floor(Math.random() * maxBlock));
 }
+
+/** One production host running `vms`, each with the same disks and guest, and one empty DR host. */
+export function estateOf(
+  vms: readonly string[],
+  disks: readonly { id: string; size: number }[],
+  guest: Omit<EstateVmInput, 'name' | 'disks'>,
+): EstateInput {
+  return {
+    sites: [
+      {
+        name: 'production',
+        role: 'production',
+        hosts: [{ name: PROD, vms: vms.map((name) => ({ name, disks: disks.map((d) => ({ ...d })), ...guest })) }],
+      },
+      { name: 'dr', role: 'dr', hosts: [{ name: DR }] },
+    ],
+  };
+}
