@@ -106,6 +106,9 @@ async function main(): Promise<void> {
   for (const line of [
     `workflow list --query 'FailoverJob="${job.name}"'`,
     `workflow query --workflow-id replica/${job.vms[0]} --type state`,
+    `workflow update execute --workflow-id replica/${job.vms[0]} --name failback --input '{"requestedBy":"alice","reason":"back home"}'`,
+    `workflow update execute --workflow-id replica/${job.vms[0]} --name commitFailback --input '{"requestedBy":"alice","reason":"done"}'`,
+    `workflow update execute --workflow-id replica/${job.vms[1] ?? job.vms[0]} --name undoFailover --input '{"requestedBy":"alice","reason":"undo"}'`,
     `workflow start --task-queue ${TASK_QUEUE} --type plannedFailover --input '{"vms":["${other}"],"reason":"try it","requestedBy":"bob"}'`,
   ])
     console.log(`  ${cli} ${line}`);
