@@ -775,14 +775,7 @@ export class LabSite {
     for (const stale of r.points.filter((p) => !p.sealed)) await this.dropPoint(vm, stale.id);
     for (const d of vm.replicaDisks.values())
       d.points.set(id, await Layer.open(this.layerPath(vm.name, `pt-${id}-${d.id}`), d.sizeBytes));
-    const meta: PointMeta = {
-      id,
-      createdAt: now(),
-      kind: spec.kind,
-      crashConsistent: spec.crashConsistent,
-      metadata: spec.metadata ?? {},
-      sealed: false,
-    };
+    const meta = newPointMeta(id, spec, false);
     r.points.push(meta);
     await this.persist();
     return vm.pointInfo(meta);
@@ -908,14 +901,7 @@ export class LabSite {
       d.points.set(id, await Layer.open(target, d.sizeBytes));
       d.running = null;
     }
-    const meta: PointMeta = {
-      id,
-      createdAt: now(),
-      kind: spec.kind,
-      crashConsistent: spec.crashConsistent,
-      metadata: spec.metadata ?? {},
-      sealed: true,
-    };
+    const meta = newPointMeta(id, spec, true);
     r.points.push(meta);
     r.running = false;
     r.headPointId = id;
@@ -994,3 +980,15 @@ async function lockAll<T>(
 
 export type { LabVm };
 export { LabError };
+
+/** A restore point's metadata as it is first written, open or (from a running layer) already sealed. */
+function newPointMeta(id: string, spec: RestorePointSpec, sealed: boolean): PointMeta {
+  return {
+    id,
+    createdAt: now(),
+    kind: spec.kind,
+    crashConsistent: spec.crashConsistent,
+    metadata: spec.metadata ?? {},
+    sealed,
+  };
+}

@@ -1,6 +1,12 @@
-import { proxyActivities, setCurrentDetails, upsertSearchAttributes, type ActivityOptions } from '@temporalio/workflow';
+import {
+  ApplicationFailure,
+  proxyActivities,
+  setCurrentDetails,
+  upsertSearchAttributes,
+  type ActivityOptions,
+} from '@temporalio/workflow';
 import type { Activities } from '../activities';
-import { SearchAttributes } from '../contract';
+import { FailureTypes, formatProblems, SearchAttributes, type InputProblem } from '../contract';
 
 /** Steps a session shows in FailoverStep and in the Web UI's current details. */
 export type SessionStep =
@@ -65,4 +71,14 @@ export function failureMessage(err: unknown): string {
   let deepest: unknown = err;
   while (deepest instanceof Error && deepest.cause instanceof Error) deepest = deepest.cause;
   return deepest instanceof Error ? deepest.message : String(deepest);
+}
+
+/** A request refused before anything is touched: non-retryable, naming every problem, with them as details. */
+export function refusedInput(what: string, problems: InputProblem[]): ApplicationFailure {
+  return ApplicationFailure.create({
+    type: FailureTypes.invalidInput,
+    message: formatProblems(what, problems),
+    details: [problems],
+    nonRetryable: true,
+  });
 }

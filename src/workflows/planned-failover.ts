@@ -40,6 +40,7 @@ import {
   controlOptions,
   copyOptions,
   failureMessage,
+  refusedInput,
   waitingOptions,
   showStep,
   withSummary,
@@ -68,14 +69,7 @@ export async function plannedFailover(input: unknown): Promise<PlannedFailoverRe
     `Check roles, VMs and replicas of ${request.vms.join(', ')}`,
     [{ vms: request.vms, requestedBy: request.requestedBy }],
   );
-  if (plan.problems.length > 0) {
-    throw ApplicationFailure.create({
-      type: FailureTypes.invalidInput,
-      message: formatProblems('The planned failover request', plan.problems),
-      details: [plan.problems],
-      nonRetryable: true,
-    });
-  }
+  if (plan.problems.length > 0) throw refusedInput('The planned failover request', plan.problems);
 
   const results = new Map<string, PlannedFailoverSessionResult>();
   const showProgress = () =>
@@ -148,12 +142,7 @@ export async function plannedFailover(input: unknown): Promise<PlannedFailoverRe
 function checkInput(input: unknown): PlannedFailoverInput {
   const checked = validatePlannedFailoverInput(input);
   if (checked.ok) return checked.value;
-  throw ApplicationFailure.create({
-    type: FailureTypes.invalidInput,
-    message: formatProblems('The plannedFailover input', checked.problems),
-    details: [checked.problems],
-    nonRetryable: true,
-  });
+  throw refusedInput('The plannedFailover input', checked.problems);
 }
 
 function notStarted(vm: string, job: string, detail: string): PlannedFailoverSessionResult {

@@ -9,7 +9,6 @@ import {
 import type { CopySource } from '../activities/replication';
 import {
   FailureTypes,
-  formatProblems,
   replicationJobInputSchema,
   SearchAttributes,
   sessionWorkflowId,
@@ -21,7 +20,7 @@ import {
   type RestorePointSummary,
 } from '../contract';
 import { jobRunSkipReason } from '../domain/replica-state';
-import { control, failureMessage, showStep, waitingOptions, withSummary } from './common';
+import { control, failureMessage, refusedInput, showStep, waitingOptions, withSummary } from './common';
 import {
   acquireReplica,
   bytesOf,
@@ -37,14 +36,7 @@ const DEFAULT_PROXY_WAIT_SECONDS = 3600;
 /** One run of a replication job: every VM in a session of its own, in parallel as far as proxy slots allow. */
 export async function replicationJob(input: unknown): Promise<ReplicationJobResult> {
   const checked = validate(replicationJobInputSchema, input);
-  if (!checked.ok) {
-    throw ApplicationFailure.create({
-      type: FailureTypes.invalidInput,
-      message: formatProblems('The replicationJob input', checked.problems),
-      details: [checked.problems],
-      nonRetryable: true,
-    });
-  }
+  if (!checked.ok) throw refusedInput('The replicationJob input', checked.problems);
   const request: ReplicationJobInput = checked.value;
   upsertSearchAttributes([{ key: SearchAttributes.FailoverJob, value: request.job }]);
   const plan = await withSummary(control.planJob, `Read job ${request.job} from the configuration`, [request.job]);
