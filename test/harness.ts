@@ -1,6 +1,7 @@
 // What integration tests get from the run: the shared dev server, a namespace of their own (entity workflow
 // ids like replica/<vm> and proxy-slots are fixed by the contract, so tests must not share a namespace),
 // a lab site, and the orchestrator's real workers wired to both.
+import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { promisify } from 'node:util';
@@ -8,7 +9,14 @@ import { Runtime } from '@temporalio/worker';
 import type { EstateInput } from '../lab/estate';
 import { parseConfiguration } from '../src/config/load';
 import type { Configuration } from '../src/config/schema';
-import { SearchAttributes } from '../src/contract';
+import type { Client } from '@temporalio/client';
+import {
+  replicaQueries,
+  replicaWorkflowId,
+  SearchAttributes,
+  type OperationName,
+  type ReplicaView,
+} from '../src/contract';
 import { createLogger } from '../src/logging';
 import { createOrchestrator, type Orchestrator } from '../src/orchestrator';
 import { startTestLab, type TestLab } from './lab/helpers';
@@ -100,3 +108,47 @@ export async function startOrchestrator(options: {
     },
   };
 }
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+/** Polls `probe` until it returns a value; fails naming `what` after `ms`. */
+export async function within<T>(what: string, ms: number, probe: () => Promise<T | undefined>): Promise<T> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const found = await probe();
+    if (found !== undefined) return found;
+    if (Date.now() > deadline) assert.fail(`timed out after ${ms / 1000} s waiting for ${what}`);
+    await sleep(200);
+  }
+}
+
+/**
+ * Sends an operation to replica/<vm> through the real `temporal` command, as an operator would: a signal returns
+ * once the server recorded it, an update once the operation finished (its output says how).
+ */
+export async function operationByCli(
+  namespace: string,
+  form: 'signal' | 'update',
+  vm: string,
+  operation: OperationName,
+  payload: object,
+): Promise<string> {
+  const command = form === 'signal' ? ['signal'] : ['update', 'execute'];
+  const target = ['--workflow-id', replicaWorkflowId(vm), '--name', operation, '--input', JSON.stringify(payload)];
+  const { stdout } = await temporal(namespace, 'workflow', ...command, ...target);
+  return stdout;
+}
+
+/** The replica's view once the operation requested with this reason has finished (or was refused). */
+export const operationFinished = (
+  client: Client,
+  vm: string,
+  operation: OperationName,
+  reason: string,
+  ms = 60_000,
+): Promise<ReplicaView> =>
+  within(`${operation} of ${vm} (${reason}) to finish`, ms, async () => {
+    const view = await client.workflow.getHandle(replicaWorkflowId(vm)).query(replicaQueries.state);
+    const run = view.lastRun;
+    return run?.kind === operation && run.reason === reason && view.currentSession === null ? view : undefined;
+  });

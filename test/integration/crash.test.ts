@@ -2,7 +2,7 @@
 // SIGKILL while work is in flight, then started again. The work must complete exactly once, with exact data.
 //
 // One kill hits seven sessions at once, each held at a different point, so that the test pays the retry delays
-// (copy heartbeat timeout 30 s, control activity start-to-close 2 min) once instead of once per step:
+// (copy heartbeat timeout 20 s, control activity start-to-close 45 s) once instead of once per step:
 //   rep1       replication job run, in the middle of its copy (the server holds a heartbeat with resumeOffset > 0)
 //   pf-sync    planned failover step 1, in the middle of the copy into helper point 1
 //   pf-off     step 2, the guest shutdown call in flight
@@ -10,16 +10,12 @@
 //   pf-seal    step 3, sealing helper point 2 in flight
 //   pf-verify  step 3, the zero-data-loss verification in flight
 //   pf-on      step 5, the replica's power-on call in flight
-// The workers reach the lab through a small HTTP proxy in this process, which slows the copies down, holds the
+// The workers reach the lab through the test proxy of test/crash-harness.ts, which slows the copies down, holds the
 // answers of calls in flight until the kill, and counts what the lab received: bytes per restore point and disk,
 // and every power call with the lab's answer.
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
+import { type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
-import http from 'node:http';
-import { type AddressInfo } from 'node:net';
-import { Transform } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
 import { after, before, describe, it } from 'node:test';
 import { Client, Connection, type WorkflowHandle } from '@temporalio/client';
 import { defaultPayloadConverter } from '@temporalio/common';
@@ -36,7 +32,8 @@ import {
   type ReplicationJobResult,
 } from '../../src/contract';
 import { BLOCK_SIZE } from '../../src/hypervisor/port';
-import { createTestNamespace, temporalAddress } from '../harness';
+import { children, isPower, kill, LabProxy, startWorkerProcess } from '../crash-harness';
+import { createTestNamespace, temporalAddress, within } from '../harness';
 import { assemble, blocksDiffering, DR, estateOf, MiB, PROD, startTestLab, type TestLab } from '../lab/helpers';
 
 const DISKS = [
@@ -46,8 +43,6 @@ const DISKS = [
 /** Blocks written on the data disk of the VMs whose copy is killed: three 32 MiB copy batches, the last short. */
 const DELTA_BLOCKS = (80 * MiB) / BLOCK_SIZE;
 const DELTA_BYTES = DELTA_BLOCKS * BLOCK_SIZE;
-/** Copies into the slowed replicas run at this rate until the kill: the first batch ends after 16 s. */
-const SLOW_BYTES_PER_SECOND = 2 * MiB;
 
 const REP = 'rep1';
 const PF = {
@@ -99,219 +94,6 @@ function configuration(labUrl: string): string {
     jobs: ALL_VMS.map((vm) => ({ name: `job-${vm}`, vms: [vm], targetHost: DR })),
     users: [{ name: 'alice', roles: ['BackupAdministrator'] }],
   });
-}
-
-// The proxy between the workers and the lab ------------------------------------------------------------------
-
-interface Call {
-  method: string;
-  path: string;
-  body?: { action?: string };
-}
-
-interface PowerCall {
-  host: string;
-  vm: string;
-  action: string;
-  status: number;
-  answer: { outcome?: string; alreadyInState?: boolean; state?: string };
-}
-
-/** Holds the first call that matches, before it reaches the lab ('request') or before its answer goes back. */
-class Gate {
-  hits = 0;
-  readonly arrived: Promise<void>;
-  private onArrival!: () => void;
-  private released = false;
-  private readonly waiting: (() => void)[] = [];
-
-  constructor(
-    readonly phase: 'request' | 'response',
-    readonly matches: (call: Call) => boolean,
-  ) {
-    this.arrived = new Promise((resolve) => (this.onArrival = resolve));
-  }
-
-  /** Resolves when the call may go on; only the first matching call is held. */
-  pass(): Promise<void> {
-    this.hits++;
-    if (this.hits > 1) return Promise.resolve();
-    this.onArrival();
-    if (this.released) return Promise.resolve();
-    return new Promise((resolve) => this.waiting.push(resolve));
-  }
-
-  release(): void {
-    this.released = true;
-    for (const resolve of this.waiting.splice(0)) resolve();
-  }
-}
-
-const WRITE_PATH = /^\/v1\/hosts\/([^/]+)\/replicas\/([^/]+)\/points\/([^/]+)\/disks\/([^/]+)\/write$/;
-const POWER_PATH = /^\/v1\/hosts\/([^/]+)\/vms\/([^/]+)\/power$/;
-
-async function readBody(stream: NodeJS.ReadableStream): Promise<Buffer> {
-  const chunks: Buffer[] = [];
-  for await (const chunk of stream) chunks.push(Buffer.from(chunk as Buffer));
-  return Buffer.concat(chunks);
-}
-
-class LabProxy {
-  /** Bytes of restore-point writes the lab received, per `replica/point/disk`, by the worker that sent them. */
-  readonly written: Map<string, number>[] = [new Map<string, number>()];
-  readonly powerCalls: PowerCall[] = [];
-  readonly gates: Gate[] = [];
-  /** Replicas whose restore-point writes are slowed to SLOW_BYTES_PER_SECOND. */
-  slowed = new Set<string>();
-  private readonly server: http.Server;
-  private readonly agent = new http.Agent({ keepAlive: true, maxSockets: 64 });
-  private readonly target: URL;
-
-  constructor(labUrl: string) {
-    this.target = new URL(labUrl);
-    this.server = http.createServer((req, res) => {
-      this.forward(req, res).catch(() => {
-        if (!res.headersSent && !res.destroyed) res.writeHead(502).end();
-        else res.destroy();
-      });
-    });
-  }
-
-  async listen(): Promise<string> {
-    await new Promise<void>((resolve) => this.server.listen(0, '127.0.0.1', resolve));
-    return `http://127.0.0.1:${(this.server.address() as AddressInfo).port}`;
-  }
-
-  async close(): Promise<void> {
-    for (const gate of this.gates) gate.release();
-    this.server.closeAllConnections();
-    await new Promise<void>((resolve) => this.server.close(() => resolve()));
-    this.agent.destroy();
-  }
-
-  gate(phase: Gate['phase'], matches: (call: Call) => boolean): Gate {
-    const gate = new Gate(phase, matches);
-    this.gates.push(gate);
-    return gate;
-  }
-
-  private async forward(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
-    const path = new URL(req.url ?? '/', this.target).pathname;
-    const power = req.method === 'POST' ? POWER_PATH.exec(path) : null;
-    const write = req.method === 'POST' ? WRITE_PATH.exec(path) : null;
-    const body = power ? await readBody(req) : undefined;
-    const call: Call = {
-      method: req.method ?? 'GET',
-      path,
-      body: body ? (JSON.parse(body.toString()) as Call['body']) : {},
-    };
-    const gates = this.gates.filter((g) => g.matches(call));
-    for (const gate of gates.filter((g) => g.phase === 'request')) await gate.pass();
-    if (res.destroyed) return;
-
-    const upstream = http.request(new URL(req.url ?? '/', this.target), {
-      method: req.method,
-      headers: req.headers,
-      agent: this.agent,
-    });
-    res.once('close', () => {
-      if (!res.writableFinished) upstream.destroy();
-    });
-    const answered = new Promise<http.IncomingMessage>((resolve, reject) => {
-      upstream.once('response', resolve);
-      upstream.once('error', reject);
-    });
-    if (body) upstream.end(body);
-    else if (write) {
-      // Counted for the worker process that sent the request, even as its last bytes drain after a kill.
-      const written = this.written.at(-1)!;
-      const key = `${decodeURIComponent(write[2]!)}/${decodeURIComponent(write[3]!)}/${decodeURIComponent(write[4]!)}`;
-      const replica = decodeURIComponent(write[2]!);
-      const throttle = new Transform({
-        transform: (chunk: Buffer, _encoding, done) => {
-          written.set(key, (written.get(key) ?? 0) + chunk.length);
-          if (!this.slowed.has(replica)) return done(null, chunk);
-          setTimeout(() => done(null, chunk), (chunk.length / SLOW_BYTES_PER_SECOND) * 1000);
-        },
-      });
-      pipeline(req, throttle, upstream).catch(() => upstream.destroy());
-    } else req.pipe(upstream);
-
-    const answer = await answered;
-    const held = gates.filter((g) => g.phase === 'response');
-    if (!power && held.length === 0) {
-      res.writeHead(answer.statusCode ?? 502, answer.headers);
-      await pipeline(answer, res);
-      return;
-    }
-    const data = await readBody(answer);
-    if (power) {
-      this.powerCalls.push({
-        host: decodeURIComponent(power[1]!),
-        vm: decodeURIComponent(power[2]!),
-        action: call.body?.action ?? '?',
-        status: answer.statusCode ?? 0,
-        answer: JSON.parse(data.toString() || '{}') as PowerCall['answer'],
-      });
-    }
-    for (const gate of held) await gate.pass();
-    if (res.destroyed) return;
-    res.writeHead(answer.statusCode ?? 502, answer.headers).end(data);
-  }
-}
-
-// The worker process -------------------------------------------------------------------------------------------
-
-const children = new Set<ChildProcessWithoutNullStreams>();
-
-async function startWorkerProcess(env: Record<string, string>): Promise<ChildProcessWithoutNullStreams> {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'test/worker-process.ts'], {
-    env: { ...process.env, ...env },
-  });
-  children.add(child);
-  child.once('exit', () => children.delete(child));
-  let stderr = '';
-  child.stderr.on('data', (d: Buffer) => {
-    stderr += d.toString();
-    if (stderr.length > 20_000) stderr = stderr.slice(-10_000);
-  });
-  await new Promise<void>((resolve, reject) => {
-    let stdout = '';
-    const timer = setTimeout(() => reject(new Error(`worker not ready after 60 s: ${stderr}`)), 60_000);
-    child.stdout.on('data', (d: Buffer) => {
-      stdout += d.toString();
-      if (/^ready$/m.test(stdout)) {
-        clearTimeout(timer);
-        resolve();
-      }
-    });
-    child.once('exit', (code, signal) => {
-      clearTimeout(timer);
-      reject(new Error(`worker exited (${code ?? signal}) before it was ready: ${stderr}`));
-    });
-  });
-  return child;
-}
-
-async function kill(child: ChildProcessWithoutNullStreams): Promise<void> {
-  if (child.exitCode !== null || child.signalCode !== null) return;
-  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
-  child.kill('SIGKILL');
-  await exited;
-}
-
-// Helpers over the server ----------------------------------------------------------------------------------
-
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
-async function within<T>(what: string, ms: number, probe: () => Promise<T | undefined>): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const found = await probe();
-    if (found !== undefined) return found;
-    if (Date.now() > deadline) assert.fail(`timed out after ${ms / 1000} s waiting for ${what}`);
-    await sleep(200);
-  }
 }
 
 interface CrashRun {
@@ -422,11 +204,6 @@ describe('a worker killed with SIGKILL mid-operation, then restarted', () => {
   const pointIdsOf = async (vm: string): Promise<string[]> =>
     (await lab.port.listRestorePoints({ host: DR, replica: replicaNameOf(vm) })).map((p) => p.id);
 
-  const isPower =
-    (host: string, vm: string, action?: string) =>
-    (call: Call): boolean =>
-      call.path === `/v1/hosts/${host}/vms/${vm}/power` && (action === undefined || call.body?.action === action);
-
   /** Starts a job run and a planned failover, holds every session at its point, kills the worker, restarts it. */
   async function crash(): Promise<CrashRun> {
     const started = Date.now();
@@ -463,7 +240,7 @@ describe('a worker killed with SIGKILL mid-operation, then restarted', () => {
     };
     for (const vm of PF_VMS) sessions[vm] = await runningSession(vm, WorkflowTypes.plannedFailoverSession);
     // The server must hold a heartbeat past the first batch: only then can a retry resume instead of restart.
-    // Heartbeats reach it at most every 24 s (0.8 of the 30 s heartbeat timeout).
+    // Heartbeats reach it at most every 16 s (0.8 of the 20 s heartbeat timeout).
     const atKill = new Map<string, CopyProgress>();
     await within('heartbeats with resumeOffset > 0 from every slowed copy', 90_000, async () => {
       for (const vm of COPY_VMS) {

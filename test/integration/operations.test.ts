@@ -5,7 +5,6 @@ import type { EstateInput } from '../../lab/estate';
 import { replicaNameOf } from '../../src/activities/inventory';
 import { startPlannedFailover, startReplicationJob } from '../../src/client';
 import {
-  operationSignals,
   operationUpdates,
   replicaQueries,
   replicaWorkflowId,
@@ -13,7 +12,14 @@ import {
   type PlannedFailoverSessionResult,
 } from '../../src/contract';
 import type { ReplicaView } from '../../src/hypervisor/port';
-import { startOrchestrator, temporal, testConfiguration, type TestOrchestrator } from '../harness';
+import {
+  operationByCli,
+  operationFinished,
+  startOrchestrator,
+  testConfiguration,
+  within,
+  type TestOrchestrator,
+} from '../harness';
 import { assemble, DR, estateOf, PROD } from '../lab/helpers';
 
 const MiB = 1024 * 1024;
@@ -93,18 +99,10 @@ describe('finishing a failover: undo, permanent, failback with commit and undo, 
   it('undoFailover, typed at the Temporal CLI, discards the replica changes and the next run is incremental', async () => {
     const helper2 = failedOver.get('undo1')!.helperPoints[1]!;
     await new Promise((r) => setTimeout(r, 300)); // the replica's guest writes into its running layer
-    const { stdout } = await temporal(
-      o.namespace,
-      'workflow',
-      'update',
-      'execute',
-      '--workflow-id',
-      replicaWorkflowId('undo1'),
-      '--name',
-      'undoFailover',
-      '--input',
-      '{"requestedBy":"bob","reason":"maintenance done"}',
-    );
+    const stdout = await operationByCli(o.namespace, 'update', 'undo1', 'undoFailover', {
+      requestedBy: 'bob',
+      reason: 'maintenance done',
+    });
     assert.match(stdout, /replica off, its changes since failover discarded; undo1 powered on/);
     const info = await replicaInfo('undo1');
     assert.equal(info.powerState, 'Off');
@@ -130,12 +128,11 @@ describe('finishing a failover: undo, permanent, failback with commit and undo, 
       await refusal('state1', 'permanentFailover', { ...who, confirm: true }),
       /needs a replica in state Failover/,
     );
-    await entity('state1').signal(operationSignals.undoFailover, { requestedBy: 'bob', reason: 'by signal' });
-    let after = await state('state1');
-    for (let i = 0; i < 50 && after.lastRejection?.requestedBy !== 'bob'; i++) {
-      await new Promise((r) => setTimeout(r, 100));
-      after = await state('state1');
-    }
+    await operationByCli(o.namespace, 'signal', 'state1', 'undoFailover', { requestedBy: 'bob', reason: 'by signal' });
+    const after = await within('the refused signal in the replica state', 10_000, async () => {
+      const view = await state('state1');
+      return view.lastRejection?.requestedBy === 'bob' ? view : undefined;
+    });
     assert.equal(after.lastRejection?.operation, 'undoFailover');
     assert.match(after.lastRejection?.reason ?? '', /needs a replica in state Failover/);
     assert.equal(after.state, before.state);
@@ -155,9 +152,11 @@ describe('finishing a failover: undo, permanent, failback with commit and undo, 
     assert.equal((await state('perm1')).state, 'Failover');
   });
 
-  it('permanentFailover, confirmed, merges every point; the job skips the VM afterwards', async () => {
-    const outcome = await update('perm1', 'permanentFailover', { ...who, confirm: true });
-    assert.equal(outcome.state, 'PermanentFailover');
+  it('permanentFailover, confirmed and signalled at the Temporal CLI, merges every point; the job skips the VM', async () => {
+    const request = { ...who, reason: 'permanent by signal', confirm: true };
+    await operationByCli(o.namespace, 'signal', 'perm1', 'permanentFailover', request);
+    const done = await operationFinished(o.client, 'perm1', 'permanentFailover', request.reason);
+    assert.equal(done.state, 'PermanentFailover');
     const info = await replicaInfo('perm1');
     assert.equal(info.points.length, 0);
     assert.equal(info.powerState, 'Running');
@@ -180,7 +179,10 @@ describe('finishing a failover: undo, permanent, failback with commit and undo, 
     assert.equal(await power('back1'), 'Running');
     assert.match(outcome.detail, /verified/);
 
-    const committed = await update('back1', 'commitFailback', who);
+    // Committed by a signal typed at the Temporal CLI.
+    const commit = { ...who, reason: 'commit by signal' };
+    await operationByCli(o.namespace, 'signal', 'back1', 'commitFailback', commit);
+    const committed = await operationFinished(o.client, 'back1', 'commitFailback', commit.reason);
     assert.equal(committed.state, 'Ready');
     const run = await (
       await startReplicationJob(o.client, { job: 'ops', requestedBy: 'alice', vms: ['back1'] })
@@ -229,11 +231,14 @@ describe('finishing a failover: undo, permanent, failback with commit and undo, 
     assert.deepEqual((await state('new1')).failbackTo, { host: PROD, vm: 'new1-restored' });
   });
 
-  it('regular failover to a chosen restore point leaves the source untouched', async () => {
+  it('regular failover to a chosen restore point, signalled at the Temporal CLI, leaves the source untouched', async () => {
     const points = (await state('pick1')).restorePoints;
     const chosen = points[0]!;
-    const outcome = await update('pick1', 'failover', { ...who, restorePointId: chosen.id });
-    assert.equal(outcome.state, 'Failover');
+    const request = { ...who, reason: 'failover by signal', restorePointId: chosen.id };
+    await operationByCli(o.namespace, 'signal', 'pick1', 'failover', request);
+    const done = await operationFinished(o.client, 'pick1', 'failover', request.reason);
+    assert.equal(done.state, 'Failover');
+    assert.match(done.lastRun?.outcome ?? '', new RegExp(`replica running from ${chosen.id}`));
     assert.equal(await power('pick1'), 'Running');
     const info = await replicaInfo('pick1');
     assert.equal(info.powerState, 'Running');
