@@ -11,6 +11,8 @@ import { Runtime } from '@temporalio/worker';
 import { startLab } from '../lab/server';
 import { parseConfiguration } from '../src/config/load';
 import {
+  operationUpdates,
+  replicaWorkflowId,
   sessionWorkflowId,
   TASK_QUEUE,
   WorkflowTypes,
@@ -106,6 +108,14 @@ async function main(): Promise<void> {
       'planned-failover-session.json',
       client.workflow.getHandle(sessionWorkflowId(session.vm, session.sessionId)),
     );
+
+    // Finishing the failover: a failback and its commit, as updates of the replica's entity.
+    const entity = client.workflow.getHandle(replicaWorkflowId('vm1'));
+    const request = { requestedBy: 'alice', reason: 'recorded' };
+    const failback = await entity.executeUpdate(operationUpdates.failback, { args: [request] });
+    await save('replica-operation-failback.json', client.workflow.getHandle(failback.workflowId));
+    await entity.executeUpdate(operationUpdates.commitFailback, { args: [request] });
+    await save('replica-entity.json', entity);
   } finally {
     await orchestrator.close();
     port.close();

@@ -18,6 +18,7 @@ import {
   operationSchemas,
   operationUpdates,
   type OperationName,
+  type OperationOutcome,
   type PlannedFailoverResult,
   type InputProblem,
 } from '../contract';
@@ -25,7 +26,7 @@ import { loadConfiguration } from '../config/load';
 import { syncJobSchedules } from '../schedules';
 import { DEFAULT_CONFIG_PATH } from '../worker';
 import { formatBytes, formatTable } from './format';
-import { followSessions } from './progress';
+import { followOperation, followSessions } from './progress';
 import { plannedFailoverTable, replicationJobTable } from './report';
 
 class UsageError extends Error {}
@@ -253,16 +254,23 @@ function operationCommand(
     const payload = { requestedBy: o.user, reason: o.reason, ...payloadOf(o) };
     const checked = validate(operationSchemas[operation], payload);
     if (!checked.ok) refuse(`The ${operation} request`, checked.problems);
+    const vm = String(o.vm);
     await withClient(async (client) => {
-      const handle = client.workflow.getHandle(replicaWorkflowId(String(o.vm)));
+      const handle = client.workflow.getHandle(replicaWorkflowId(vm));
+      // Progress goes to stderr, so that stdout holds only the outcome (the JSON with --json).
+      const stop = followOperation(client, vm, checked.value, (line) => process.stderr.write(`  ${line}\n`));
+      let outcome: OperationOutcome;
       try {
-        const outcome = await handle.executeUpdate(operationUpdates[operation], { args: [checked.value] });
-        console.log(o.json ? JSON.stringify(outcome, null, 2) : `${String(o.vm)}: ${outcome.state}. ${outcome.detail}`);
+        outcome = await handle.executeUpdate(operationUpdates[operation], { args: [checked.value] });
       } catch (err) {
         if (!(err instanceof WorkflowUpdateFailedError)) throw err;
-        console.error(`${operation} of ${String(o.vm)} refused: ${explain(err.cause ?? err).message}`);
+        console.error(`${operation} of ${vm} refused: ${explain(err.cause ?? err).message}`);
         process.exitCode = 2;
+        return;
+      } finally {
+        await stop();
       }
+      console.log(o.json ? JSON.stringify(outcome, null, 2) : `${vm}: ${outcome.state}. ${outcome.detail}`);
     });
   });
 }

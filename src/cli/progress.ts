@@ -1,11 +1,49 @@
 import type { Client } from '@temporalio/client';
-import { SearchAttributes } from '../contract';
+import { replicaQueries, replicaWorkflowId, SearchAttributes } from '../contract';
 import { formatBytes } from './format';
 
 interface CopyHeartbeat {
   disk?: string;
   bytesCopied?: number;
   bytesTotal?: number;
+}
+
+/** The SDK's built-in query for a workflow's current details (what `setCurrentDetails` said last). */
+const WORKFLOW_METADATA_QUERY = '__temporal_workflow_metadata';
+
+/** " (x of y)" for the copies the workflow runs now, from their last heartbeats; empty when it copies nothing. */
+async function copyProgress(client: Client, workflowId: string): Promise<string> {
+  const described = await client.workflow.getHandle(workflowId).describe();
+  const copying = (described.raw.pendingActivities ?? [])
+    .map((a) => {
+      const payload = a.heartbeatDetails?.payloads?.[0];
+      return payload
+        ? client.options.loadedDataConverter.payloadConverter.fromPayload<CopyHeartbeat>(payload)
+        : undefined;
+    })
+    .filter((h): h is CopyHeartbeat => h?.bytesTotal !== undefined);
+  const copied = copying.reduce((n, h) => n + (h.bytesCopied ?? 0), 0);
+  const total = copying.reduce((n, h) => n + (h.bytesTotal ?? 0), 0);
+  return total > 0 ? ` (${formatBytes(copied)} of ${formatBytes(total)})` : '';
+}
+
+/**
+ * Runs `poll` every half second until stopped, then once more so the last state is printed. Visibility lags and
+ * blips must not end the command, so a failed poll is only skipped.
+ */
+function pollUntilStopped(poll: () => Promise<void>): () => Promise<void> {
+  let stopped = false;
+  const loop = (async () => {
+    while (!stopped) {
+      await poll().catch(() => undefined);
+      await new Promise((r) => setTimeout(r, 500));
+    }
+  })();
+  return async () => {
+    stopped = true;
+    await loop;
+    await poll().catch(() => undefined);
+  };
 }
 
 /**
@@ -18,43 +56,46 @@ export function followSessions(
   print: (line: string) => void,
 ): () => Promise<void> {
   const seen = new Map<string, string>();
-  let stopped = false;
-  const poll = async () => {
+  return pollUntilStopped(async () => {
     for await (const wf of client.workflow.list({ query: `RootWorkflowId="${rootWorkflowId}"` })) {
       if (wf.workflowId === rootWorkflowId) continue;
       const vm = wf.typedSearchAttributes.get(SearchAttributes.FailoverVm);
       if (!vm) continue; // visibility has not caught up with the session's first step yet
       const step = wf.typedSearchAttributes.get(SearchAttributes.FailoverStep) ?? 'Starting';
       let line = `${vm}: ${step}`;
-      if (wf.status.name === 'RUNNING' && /Sync/.test(step)) {
-        const described = await client.workflow.getHandle(wf.workflowId).describe();
-        const copying = (described.raw.pendingActivities ?? [])
-          .map((a) => {
-            const payload = a.heartbeatDetails?.payloads?.[0];
-            return payload
-              ? client.options.loadedDataConverter.payloadConverter.fromPayload<CopyHeartbeat>(payload)
-              : undefined;
-          })
-          .filter((h): h is CopyHeartbeat => h?.bytesTotal !== undefined);
-        const copied = copying.reduce((n, h) => n + (h.bytesCopied ?? 0), 0);
-        const total = copying.reduce((n, h) => n + (h.bytesTotal ?? 0), 0);
-        if (total > 0) line += ` (${formatBytes(copied)} of ${formatBytes(total)})`;
-      }
+      if (wf.status.name === 'RUNNING' && /Sync/.test(step)) line += await copyProgress(client, wf.workflowId);
       if (seen.get(wf.workflowId) !== line) {
         seen.set(wf.workflowId, line);
         print(line);
       }
     }
-  };
-  const loop = (async () => {
-    while (!stopped) {
-      await poll().catch(() => undefined); // visibility lags and blips must not end the command
-      await new Promise((r) => setTimeout(r, 500));
+  });
+}
+
+/**
+ * Follows an operation on replica/<vm> while it runs (the one requested by `requestedBy` for `reason`): prints
+ * its step whenever it changes, with the bytes copied so far while it copies. A queued operation prints nothing
+ * until its turn comes.
+ */
+export function followOperation(
+  client: Client,
+  vm: string,
+  request: { requestedBy: string; reason: string },
+  print: (line: string) => void,
+): () => Promise<void> {
+  let last = '';
+  return pollUntilStopped(async () => {
+    const view = await client.workflow.getHandle(replicaWorkflowId(vm)).query(replicaQueries.state);
+    const session = view.currentSession;
+    if (session?.requestedBy !== request.requestedBy || session.reason !== request.reason) return;
+    const operation = client.workflow.getHandle(session.workflowId);
+    const metadata = await operation.query<{ currentDetails?: string }>(WORKFLOW_METADATA_QUERY);
+    if (!metadata.currentDetails) return;
+    // The details are Markdown for the Web UI; the terminal gets them plain.
+    const line = metadata.currentDetails.replace(/\*\*/g, '') + (await copyProgress(client, session.workflowId));
+    if (line !== last) {
+      last = line;
+      print(line);
     }
-  })();
-  return async () => {
-    stopped = true;
-    await loop;
-    await poll().catch(() => undefined);
-  };
+  });
 }

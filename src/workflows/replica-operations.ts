@@ -136,6 +136,7 @@ export async function replicaOperation(input: ReplicaOperationInput): Promise<Re
         [{ ...ship, view: { pointId: protectiveId }, onlyDiffering: true, checkpointId: `ckpt-${operationId}-phase2` }],
         copyOptions,
       );
+      step(`verifying ${production.vm} against the protective point`);
       const verified = await withSummary(
         control.verifyProductionMatches,
         `Verify ${production.vm} equals the replica`,
@@ -165,6 +166,7 @@ export async function replicaOperation(input: ReplicaOperationInput): Promise<Re
       ]);
       let detail = `${phase1.bytesShipped + phase2.bytesShipped} bytes copied to ${production.vm} (${phase2.bytesShipped} with the replica off), verified; protective point ${protectiveId}`;
       if (payload.powerOnProduction) {
+        step(`powering ${production.vm} on`);
         await withSummary(control.powerOnVm, `Power on ${production.vm}`, [{ vm: production }], waitingOptions);
         detail += `; ${production.vm} powered on`;
       }

@@ -14,7 +14,9 @@ describe('the project CLI, as an operator runs it', () => {
 
   before(async () => {
     o = await startOrchestrator({
-      estate: smallEstate({ writeRate: 20, shutdownMs: 100, bootMs: 100 }, [{ name: 'vm2', writeRate: 20 }]),
+      estate: smallEstate({ writeRate: 20, shutdownMs: 100, bootMs: 100 }, [
+        { name: 'vm2', writeRate: 20, bootMs: 1500 },
+      ]),
       configure: (url) => testConfiguration(url, { jobs: [{ name: 'cli', vms: ['vm1', 'vm2'], targetHost: DR }] }),
     });
     await (await startReplicationJob(o.client, { job: 'cli', requestedBy: 'alice' })).result();
@@ -76,5 +78,15 @@ describe('the project CLI, as an operator runs it', () => {
     assert.equal(run.code, 0, run.stderr);
     assert.match(run.stdout, /VM\s+job\s+outcome\s+downtime\s+shutdown\s+final sync/);
     assert.match(run.stdout, /vm2\s+cli\s+failedOver/);
+  });
+
+  it('fails back with its steps on stderr and the outcome on stdout', async () => {
+    const run = await failover('failback', '--vm', 'vm2', '--user', 'alice', '--reason', 'home', '--json');
+    assert.equal(run.code, 0, run.stderr);
+    const outcome = JSON.parse(run.stdout) as { state: string; detail: string };
+    assert.equal(outcome.state, 'Failback');
+    assert.match(outcome.detail, /verified/);
+    // vm2 boots for 1.5 s at the end, so the polled progress sees at least that step.
+    assert.match(run.stderr, /^ {2}failback of vm2: powering vm2 on$/m);
   });
 });
