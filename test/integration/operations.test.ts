@@ -5,9 +5,11 @@ import type { EstateInput } from '../../lab/estate';
 import { replicaNameOf } from '../../src/activities/inventory';
 import { startPlannedFailover, startReplicationJob } from '../../src/client';
 import {
+  operationSignals,
   operationUpdates,
   replicaQueries,
   replicaWorkflowId,
+  WorkflowTypes,
   type OperationName,
   type PlannedFailoverSessionResult,
 } from '../../src/contract';
@@ -27,7 +29,7 @@ const DISKS = [
   { id: 'os', size: 4 * MiB },
   { id: 'data', size: 2 * MiB },
 ];
-const VMS = ['undo1', 'back1', 'back2', 'perm1', 'pick1', 'state1', 'new1'];
+const VMS = ['undo1', 'back1', 'back2', 'perm1', 'pick1', 'state1', 'new1', 'queue1'];
 
 const estate = (): EstateInput =>
   estateOf(VMS, DISKS, { writeRate: 40, hotSetFraction: 0.2, shutdownMs: 200, bootMs: 200 });
@@ -46,7 +48,7 @@ describe('finishing a failover: undo, permanent, failback with commit and undo, 
     for (const s of seeded.sessions) assert.equal(s.outcome, 'replicated', s.detail);
     const moved = await (
       await startPlannedFailover(o.client, {
-        vms: ['undo1', 'back1', 'back2', 'perm1', 'new1'],
+        vms: ['undo1', 'back1', 'back2', 'perm1', 'new1', 'queue1'],
         reason: 'set-up',
         requestedBy: 'alice',
         options: { maxParallelJobs: 1 },
@@ -116,6 +118,30 @@ describe('finishing a failover: undo, permanent, failback with commit and undo, 
     ).result();
     assert.equal(run.sessions[0]!.outcome, 'replicated');
     assert.deepEqual(Object.values(run.sessions[0]!.copy!.modes), ['tracked', 'tracked'], 'no full resync after undo');
+  });
+
+  it('requests wait in order: an undo, a second undo and a job run sent together run one after another', async () => {
+    await entity('queue1').signal(operationSignals.undoFailover, { requestedBy: 'alice', reason: 'first' });
+    await entity('queue1').signal(operationSignals.undoFailover, { requestedBy: 'bob', reason: 'second' });
+    const job = await startReplicationJob(o.client, { job: 'ops', requestedBy: 'alice', vms: ['queue1'] });
+    const run = (await job.result()).sessions[0]!;
+
+    // The first undo ran; the second waited for it and was refused at its turn, the replica being Ready by then;
+    // the job run waited for both and replicated incrementally.
+    assert.equal(run.outcome, 'replicated', run.detail);
+    assert.deepEqual(Object.values(run.copy!.modes), ['tracked', 'tracked']);
+    const view = await state('queue1');
+    assert.equal(view.state, 'Ready');
+    assert.equal(view.lastRejection?.requestedBy, 'bob');
+    assert.match(view.lastRejection?.reason ?? '', /needs a replica in state Failover, but it is in state Ready/);
+    const undos: (Date | undefined)[] = [];
+    const query = `FailoverVm="queue1" AND WorkflowType="${WorkflowTypes.replicaOperation}"`;
+    for await (const wf of o.client.workflow.list({ query })) undos.push(wf.closeTime);
+    assert.equal(undos.length, 1, 'one undo ran');
+    // The job run's restore point was begun only after the undo had finished.
+    const point = view.restorePoints.at(-1)!;
+    assert.equal(point.id, run.restorePoint?.id);
+    assert.ok(new Date(point.createdAt) >= undos[0]!, 'the job run copied after the undo finished');
   });
 
   it('refuses every operation the state does not allow, by update and by signal, changing nothing', async () => {
