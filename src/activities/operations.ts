@@ -20,6 +20,9 @@ import { findJob, PointMetadata, replicaNameOf, summarizePoint } from './invento
 
 const BATCH_BYTES = 32 * 1024 * 1024;
 
+/** A whole disk as one extent, for digest comparisons. */
+const whole = (disk: DiskInfo): Extent => ({ offset: 0, length: disk.sizeBytes });
+
 export interface ReplicaDescription {
   /** The production VM the replica was made from; null when it is on no production host any more. */
   source: VmRef | null;
@@ -140,9 +143,11 @@ export function createOperationActivities(port: HypervisorPort, config: Configur
 
     /**
      * Failback's data move: writes to the powered-off production VM exactly the blocks that differ from the
-     * replica's view: those the replica wrote since failover, and those production itself changed since the
-     * replica's head point was copied (change tracking, or digests when tracking is gone). With
-     * `onlyDiffering`, blocks already equal on both sides are skipped (the second, short phase).
+     * replica's view. To the original VM, those are found through change tracking: the blocks the replica wrote
+     * since failover, and those production itself changed since the replica's head point was copied. With nothing
+     * tracked to go by (a VM restored elsewhere, a new VM, tracking lost), a digest comparison of the whole disk
+     * finds them. With `onlyDiffering`, tracked blocks already equal on both sides are skipped (the second, short
+     * phase).
      */
     async shipToProduction(input: {
       replica: ReplicaRef;
@@ -166,37 +171,37 @@ export function createOperationActivities(port: HypervisorPort, config: Configur
               for (const disk of input.disks) {
                 const replicaDisk = { ...input.replica, disk: disk.id };
                 const productionDisk = { ...input.production, disk: disk.id };
-                const whole = [{ offset: 0, length: disk.sizeBytes }];
                 const { view } = input;
-                const replicaChanged =
-                  'running' in view
-                    ? await allPages((page) => port.listRunningLayerExtents(replicaDisk, page, { signal }))
-                    : await allPages((page) =>
-                        port.listRestorePointExtents(replicaDisk, view.pointId, page, { signal }),
-                      );
-                let productionChanged: Extent[];
-                modes[disk.id] = 'tracked';
+                let toShip: Extent[];
                 try {
                   if (!input.baseReferencePointId) throw new TrackingLostError('no reference point to track from');
                   const range = { referencePointId: input.baseReferencePointId, checkpointId: input.checkpointId };
-                  productionChanged = await allPages((page) =>
+                  const productionChanged = await allPages((page) =>
                     port.listChangedExtents(productionDisk, range, page, { signal }),
                   );
+                  const replicaChanged =
+                    'running' in view
+                      ? await allPages((page) => port.listRunningLayerExtents(replicaDisk, page, { signal }))
+                      : await allPages((page) =>
+                          port.listRestorePointExtents(replicaDisk, view.pointId, page, { signal }),
+                        );
+                  toShip = unionExtents(replicaChanged, productionChanged);
+                  if (input.onlyDiffering)
+                    toShip = await differing(replicaDisk, view, productionDisk, input.checkpointId, toShip, signal);
+                  modes[disk.id] = 'tracked';
                 } catch (err) {
                   if (!(err instanceof TrackingLostError || err instanceof NotFoundError)) throw err;
-                  modes[disk.id] = 'digest';
-                  productionChanged = await differing(
+                  // Nothing tracked to go by (a restored or new VM, or tracking lost): compare the whole disk; the
+                  // blocks that differ are all there is to ship.
+                  toShip = await differing(
                     replicaDisk,
-                    input.view,
+                    view,
                     productionDisk,
                     input.checkpointId,
-                    whole,
+                    [whole(disk)],
                     signal,
                   );
-                }
-                let toShip = unionExtents(replicaChanged, productionChanged);
-                if (input.onlyDiffering) {
-                  toShip = await differing(replicaDisk, input.view, productionDisk, input.checkpointId, toShip, signal);
+                  modes[disk.id] = 'digest';
                 }
                 const total = extentBytes(toShip);
                 let done = 0;
@@ -241,7 +246,7 @@ export function createOperationActivities(port: HypervisorPort, config: Configur
                 { pointId: input.pointId },
                 { ...input.production, disk: disk.id },
                 input.checkpointId,
-                [{ offset: 0, length: disk.sizeBytes }],
+                [whole(disk)],
                 signal,
               );
               mismatchedBlocks += extentBytes(diff) / BLOCK_SIZE;

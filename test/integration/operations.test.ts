@@ -29,7 +29,7 @@ const DISKS = [
   { id: 'os', size: 4 * MiB },
   { id: 'data', size: 2 * MiB },
 ];
-const VMS = ['undo1', 'back1', 'back2', 'perm1', 'pick1', 'state1', 'new1', 'queue1'];
+const VMS = ['undo1', 'back1', 'back2', 'perm1', 'pick1', 'state1', 'new1', 'queue1', 'rest1'];
 
 const estate = (): EstateInput =>
   estateOf(VMS, DISKS, { writeRate: 40, hotSetFraction: 0.2, shutdownMs: 200, bootMs: 200 });
@@ -48,7 +48,7 @@ describe('finishing a failover: undo, permanent, failback with commit and undo, 
     for (const s of seeded.sessions) assert.equal(s.outcome, 'replicated', s.detail);
     const moved = await (
       await startPlannedFailover(o.client, {
-        vms: ['undo1', 'back1', 'back2', 'perm1', 'new1', 'queue1'],
+        vms: ['undo1', 'back1', 'back2', 'perm1', 'new1', 'queue1', 'rest1'],
         reason: 'set-up',
         requestedBy: 'alice',
         options: { maxParallelJobs: 1 },
@@ -255,6 +255,38 @@ describe('finishing a failover: undo, permanent, failback with commit and undo, 
       sameImages(await productionImage('new1-restored'), await replicaImage('new1', { pointId: protective.id })),
     );
     assert.deepEqual((await state('new1')).failbackTo, { host: PROD, vm: 'new1-restored' });
+  });
+
+  it('failback to a VM restored elsewhere finds it by name and ships only the blocks that differ', async () => {
+    // A VM restored elsewhere, under another name, from a recent copy: the replica as it runs now.
+    const restored = { host: PROD, vm: 'rest1-restored' };
+    await o.lab.port.createVm(
+      restored,
+      DISKS.map((d) => ({ id: d.id, sizeBytes: d.size })),
+    );
+    for (const d of DISKS) {
+      const replicaDisk = { host: DR, replica: replicaNameOf('rest1'), disk: d.id };
+      const whole = [{ offset: 0, length: d.size }];
+      await o.lab.port.writeExtents(
+        { ...restored, disk: d.id },
+        o.lab.port.readReplicaExtents(replicaDisk, { running: true }, whole),
+      );
+    }
+
+    const outcome = await update('rest1', 'failback', {
+      ...who,
+      target: { restoredVm: restored.vm },
+      powerOnProduction: false,
+    });
+    assert.equal(outcome.state, 'Failback');
+    const view = await state('rest1');
+    assert.deepEqual(view.failbackTo, restored);
+    const protective = view.restorePoints.find((p) => p.kind === 'failback-protective')!;
+    assert.ok(sameImages(await productionImage(restored.vm), await replicaImage('rest1', { pointId: protective.id })));
+    const shipped = Number(/^(\d+) bytes copied/.exec(outcome.detail)?.[1]);
+    const diskBytes = DISKS.reduce((n, d) => n + d.size, 0);
+    assert.ok(shipped > 0 && shipped < diskBytes / 2, `${shipped} bytes shipped of ${diskBytes}: only what differs`);
+    assert.equal(await power('rest1'), 'Off', 'the original source is not touched');
   });
 
   it('regular failover to a chosen restore point, signalled at the Temporal CLI, leaves the source untouched', async () => {
