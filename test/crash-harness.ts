@@ -4,11 +4,16 @@
 // or hold its answer after the lab did the work (so that the call is in flight when the worker dies), and it
 // records what the lab received: bytes per restore point and disk, every power call with the lab's answer, and
 // every call's method and path.
+import assert from 'node:assert/strict';
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import http from 'node:http';
 import { type AddressInfo } from 'node:net';
 import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
+import { Client, Connection } from '@temporalio/client';
+import type { EstateInput } from '../lab/estate';
+import { createTestNamespace, temporalAddress } from './harness';
+import { DR, PROD, startTestLab, type TestLab } from './lab/helpers';
 
 export interface Call {
   method: string;
@@ -173,9 +178,9 @@ export class LabProxy {
 
 // The worker process -------------------------------------------------------------------------------------------
 
-export const children = new Set<ChildProcessWithoutNullStreams>();
+const children = new Set<ChildProcessWithoutNullStreams>();
 
-export async function startWorkerProcess(env: Record<string, string>): Promise<ChildProcessWithoutNullStreams> {
+async function startWorkerProcess(env: Record<string, string>): Promise<ChildProcessWithoutNullStreams> {
   const child = spawn(process.execPath, ['--import', 'tsx', 'test/worker-process.ts'], {
     env: { ...process.env, ...env },
   });
@@ -204,7 +209,7 @@ export async function startWorkerProcess(env: Record<string, string>): Promise<C
   return child;
 }
 
-export async function kill(child: ChildProcessWithoutNullStreams): Promise<void> {
+async function kill(child: ChildProcessWithoutNullStreams): Promise<void> {
   if (child.exitCode !== null || child.signalCode !== null) return;
   const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
   child.kill('SIGKILL');
@@ -218,3 +223,66 @@ export const isPower =
   (host: string, vm: string, action?: string) =>
   (call: Call): boolean =>
     call.path === `/v1/hosts/${host}/vms/${vm}/power` && (action === undefined || call.body?.action === action);
+
+/** A crash test's site: its namespace, a lab behind the test proxy, a client, and the workers in a child process. */
+export interface CrashSite {
+  namespace: string;
+  lab: TestLab;
+  proxy: LabProxy;
+  client: Client;
+  /** Kills the workers with SIGKILL. */
+  killWorker(): Promise<void>;
+  /** Starts the workers (again); resolves once they poll. */
+  startWorker(): Promise<void>;
+  close(): Promise<void>;
+}
+
+/**
+ * Starts a crash test's site with the workers running: one job per VM (`job-<vm>`, to the DR host), so that a
+ * planned failover moves every VM in a lane of its own, side by side; one proxy with 16 slots; alice may do all.
+ */
+export async function startCrashSite(estate: EstateInput, vms: readonly string[]): Promise<CrashSite> {
+  const bundle = process.env.PF_TEST_WORKFLOW_BUNDLE;
+  assert.ok(bundle, 'run crash tests through `npm test -- <file>`');
+  const namespace = await createTestNamespace();
+  const lab = await startTestLab(estate);
+  const proxy = new LabProxy(lab.lab.url);
+  const proxyUrl = await proxy.listen();
+  const client = new Client({ connection: await Connection.connect({ address: temporalAddress() }), namespace });
+  const adapter = { type: 'lab', url: proxyUrl };
+  const env = {
+    PF_WORKER_ADDRESS: temporalAddress(),
+    PF_WORKER_NAMESPACE: namespace,
+    PF_WORKER_CONFIG: JSON.stringify({
+      hosts: [
+        { name: PROD, role: 'production', adapter },
+        { name: DR, role: 'dr', adapter },
+      ],
+      proxies: [{ name: 'proxy-a', slots: 16 }],
+      jobs: vms.map((vm) => ({ name: `job-${vm}`, vms: [vm], targetHost: DR })),
+      users: [{ name: 'alice', roles: ['BackupAdministrator'] }],
+    }),
+    PF_WORKER_LAB_URL: proxyUrl,
+    PF_WORKER_BUNDLE: bundle,
+  };
+  let worker: ChildProcessWithoutNullStreams | undefined = await startWorkerProcess(env);
+  return {
+    namespace,
+    lab,
+    proxy,
+    client,
+    async killWorker() {
+      if (worker) await kill(worker);
+      worker = undefined;
+    },
+    async startWorker() {
+      worker = await startWorkerProcess(env);
+    },
+    async close() {
+      for (const child of [...children]) await kill(child);
+      await client.connection.close();
+      await proxy.close();
+      await lab.close();
+    },
+  };
+}

@@ -14,10 +14,9 @@
 // answers of calls in flight until the kill, and counts what the lab received: bytes per restore point and disk,
 // and every power call with the lab's answer.
 import assert from 'node:assert/strict';
-import { type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { after, before, describe, it } from 'node:test';
-import { Client, Connection, type WorkflowHandle } from '@temporalio/client';
+import type { Client, WorkflowHandle } from '@temporalio/client';
 import { defaultPayloadConverter } from '@temporalio/common';
 import type { EstateInput } from '../../lab/estate';
 import { replicaNameOf } from '../../src/activities/inventory';
@@ -32,9 +31,9 @@ import {
   type ReplicationJobResult,
 } from '../../src/contract';
 import { BLOCK_SIZE } from '../../src/hypervisor/port';
-import { children, isPower, kill, LabProxy, startWorkerProcess } from '../crash-harness';
-import { createTestNamespace, temporalAddress, within } from '../harness';
-import { assemble, blocksDiffering, DR, estateOf, MiB, PROD, startTestLab, type TestLab } from '../lab/helpers';
+import { isPower, startCrashSite, type CrashSite, type LabProxy } from '../crash-harness';
+import { within } from '../harness';
+import { assemble, blocksDiffering, DR, estateOf, MiB, PROD, type TestLab } from '../lab/helpers';
 
 const DISKS = [
   { id: 'os', size: 2 * MiB },
@@ -82,20 +81,6 @@ const ALL_VMS = [REP, ...PF_VMS];
 // The guests write only when told, so that every byte of every delta is known.
 const estate: EstateInput = estateOf(ALL_VMS, DISKS, { writeRate: 0, shutdownMs: 200, bootMs: 200 });
 
-function configuration(labUrl: string): string {
-  const adapter = { type: 'lab', url: labUrl };
-  return JSON.stringify({
-    hosts: [
-      { name: PROD, role: 'production', adapter },
-      { name: DR, role: 'dr', adapter },
-    ],
-    proxies: [{ name: 'proxy-a', slots: 16 }],
-    // One job per VM: the failover runs every VM in a lane of its own, side by side.
-    jobs: ALL_VMS.map((vm) => ({ name: `job-${vm}`, vms: [vm], targetHost: DR })),
-    users: [{ name: 'alice', roles: ['BackupAdministrator'] }],
-  });
-}
-
 interface CrashRun {
   pointsBefore: Map<string, string[]>;
   /** The heartbeat the server held for each slowed copy of the data disk when the worker died. */
@@ -105,28 +90,14 @@ interface CrashRun {
 }
 
 describe('a worker killed with SIGKILL mid-operation, then restarted', () => {
+  let site: CrashSite;
   let lab: TestLab;
   let proxy: LabProxy;
   let client: Client;
-  let workerEnv: Record<string, string>;
-  let worker: ChildProcessWithoutNullStreams | undefined;
 
   before(async () => {
-    const namespace = await createTestNamespace();
-    lab = await startTestLab(estate);
-    proxy = new LabProxy(lab.lab.url);
-    const proxyUrl = await proxy.listen();
-    client = new Client({ connection: await Connection.connect({ address: temporalAddress() }), namespace });
-    const bundle = process.env.PF_TEST_WORKFLOW_BUNDLE;
-    assert.ok(bundle, 'run through `npm test -- test/integration/crash.test.ts`');
-    workerEnv = {
-      PF_WORKER_ADDRESS: temporalAddress(),
-      PF_WORKER_NAMESPACE: namespace,
-      PF_WORKER_CONFIG: configuration(proxyUrl),
-      PF_WORKER_LAB_URL: proxyUrl,
-      PF_WORKER_BUNDLE: bundle,
-    };
-    worker = await startWorkerProcess(workerEnv);
+    site = await startCrashSite(estate, ALL_VMS);
+    ({ lab, proxy, client } = site);
     // Seed every replica, then give rep1 and pf-sync a large delta to copy.
     await Promise.all(
       ALL_VMS.map(async (vm) => {
@@ -137,12 +108,7 @@ describe('a worker killed with SIGKILL mid-operation, then restarted', () => {
     for (const vm of [REP, PF.sync]) await dirty(vm);
   });
 
-  after(async () => {
-    for (const child of [...children]) await kill(child);
-    await client?.connection.close();
-    await proxy?.close();
-    await lab?.close();
-  });
+  after(() => site?.close());
 
   const deltaBlocks = Array.from({ length: DELTA_BLOCKS }, (_, i) => i);
   const dirty = async (vm: string): Promise<void> => {
@@ -265,11 +231,11 @@ describe('a worker killed with SIGKILL mid-operation, then restarted', () => {
       const progress = await dataDiskCopy(sessions[vm]!);
       assert.ok(progress && progress.bytesCopied < DELTA_BYTES, `${vm}: its copy is still running`);
     }
-    await kill(worker!);
+    await site.killWorker();
     const killedAt = Date.now();
     proxy.slowed = new Set();
     proxy.written.push(new Map<string, number>());
-    worker = await startWorkerProcess(workerEnv);
+    await site.startWorker();
 
     const [job, failover] = await Promise.all([jobHandle.result(), failoverHandle.result()]);
     console.log(

@@ -10,10 +10,9 @@
 //   op-unback   undoFailback       the power-off of production
 //   op-pick     failover           the replica's power-on after the revert
 import assert from 'node:assert/strict';
-import { type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { after, before, describe, it } from 'node:test';
-import { Client, Connection } from '@temporalio/client';
+import type { Client } from '@temporalio/client';
 import type { EstateInput } from '../../lab/estate';
 import { replicaNameOf } from '../../src/activities/inventory';
 import { startPlannedFailover, startReplicationJob } from '../../src/client';
@@ -26,9 +25,9 @@ import {
   type ReplicaView as ReplicaEntityView,
 } from '../../src/contract';
 import type { ReplicaView } from '../../src/hypervisor/port';
-import { children, isPower, kill, LabProxy, startWorkerProcess, type Gate } from '../crash-harness';
-import { createTestNamespace, operationByCli, operationFinished, temporalAddress, within } from '../harness';
-import { assemble, DR, estateOf, MiB, PROD, startTestLab, type TestLab } from '../lab/helpers';
+import { isPower, startCrashSite, type CrashSite, type Gate, type LabProxy } from '../crash-harness';
+import { operationByCli, operationFinished, within } from '../harness';
+import { assemble, DR, estateOf, MiB, PROD, type TestLab } from '../lab/helpers';
 
 const DISKS = [
   { id: 'os', size: 2 * MiB },
@@ -54,26 +53,12 @@ const who = { requestedBy: 'alice', reason: 'crash test' };
 // The guests write only when told, so that every image is known.
 const estate: EstateInput = estateOf(ALL_VMS, DISKS, { writeRate: 0, shutdownMs: 200, bootMs: 200 });
 
-function configuration(labUrl: string): string {
-  const adapter = { type: 'lab', url: labUrl };
-  return JSON.stringify({
-    hosts: [
-      { name: PROD, role: 'production', adapter },
-      { name: DR, role: 'dr', adapter },
-    ],
-    proxies: [{ name: 'proxy-a', slots: 16 }],
-    jobs: ALL_VMS.map((vm) => ({ name: `job-${vm}`, vms: [vm], targetHost: DR })),
-    users: [{ name: 'alice', roles: ['BackupAdministrator'] }],
-  });
-}
-
 describe('a worker killed with SIGKILL during each operation that finishes a failover', () => {
+  let site: CrashSite;
   let lab: TestLab;
   let proxy: LabProxy;
   let client: Client;
   let namespace: string;
-  let workerEnv: Record<string, string>;
-  let worker: ChildProcessWithoutNullStreams | undefined;
 
   const entity = (vm: string) => client.workflow.getHandle(replicaWorkflowId(vm));
   const state = (vm: string): Promise<ReplicaEntityView> => entity(vm).query(replicaQueries.state);
@@ -111,21 +96,8 @@ describe('a worker killed with SIGKILL during each operation that finishes a fai
   const replicaWrites = (vm: string, blocks: number[]) => lab.control.guestWrite(replicaNameOf(vm), 'data', blocks);
 
   before(async () => {
-    namespace = await createTestNamespace();
-    lab = await startTestLab(estate);
-    proxy = new LabProxy(lab.lab.url);
-    const proxyUrl = await proxy.listen();
-    client = new Client({ connection: await Connection.connect({ address: temporalAddress() }), namespace });
-    const bundle = process.env.PF_TEST_WORKFLOW_BUNDLE;
-    assert.ok(bundle, 'run through `npm test -- test/integration/operations-crash.test.ts`');
-    workerEnv = {
-      PF_WORKER_ADDRESS: temporalAddress(),
-      PF_WORKER_NAMESPACE: namespace,
-      PF_WORKER_CONFIG: configuration(proxyUrl),
-      PF_WORKER_LAB_URL: proxyUrl,
-      PF_WORKER_BUNDLE: bundle,
-    };
-    worker = await startWorkerProcess(workerEnv);
+    site = await startCrashSite(estate, ALL_VMS);
+    ({ lab, proxy, client, namespace } = site);
 
     // Every replica seeded; five failed over, their replicas running and writing; two of those failed back.
     await Promise.all(
@@ -147,12 +119,7 @@ describe('a worker killed with SIGKILL during each operation that finishes a fai
     );
   });
 
-  after(async () => {
-    for (const child of [...children]) await kill(child);
-    await client?.connection.close();
-    await proxy?.close();
-    await lab?.close();
-  });
+  after(() => site?.close());
 
   /** The operation workflows of this kind that ran for the VM, with their status. */
   async function operationRuns(vm: string, operation: OperationName): Promise<string[]> {
@@ -241,9 +208,9 @@ describe('a worker killed with SIGKILL during each operation that finishes a fai
       await within('every operation at its held call', 90_000, () =>
         Promise.resolve(Object.values(gates).every((gate) => gate.hits > 0) ? true : undefined),
       );
-      await kill(worker!);
+      await site.killWorker();
       const killedAt = Date.now();
-      worker = await startWorkerProcess(workerEnv);
+      await site.startWorker();
 
       const outputs = Object.fromEntries(
         await Promise.all(Object.entries(updates).map(async ([vm, update]) => [vm, await update] as const)),
