@@ -4,7 +4,13 @@
 import type { ServerResponse } from 'node:http';
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import { z } from 'zod';
-import { decodeFrames, encodeFrames, FRAME_HEADER_BYTES, FrameError } from '../src/hypervisor/lab-protocol';
+import {
+  encodeFrames,
+  FRAME_HEADER_BYTES,
+  FrameError,
+  FrameReader,
+  type FramePiece,
+} from '../src/hypervisor/lab-protocol';
 import { BLOCK_SIZE, type Extent, type ExtentData, type ReplicaView } from '../src/hypervisor/port';
 import { badRequest, conflict, LabError } from './errors';
 import { loadEstate, parseEstate, type Estate, type EstateInput } from './estate';
@@ -182,61 +188,56 @@ async function streamFrames(
   }
 }
 
-const WRITE_PIECE_BYTES = 1024 * 1024;
+/** Bytes gathered into one write: slices of the received chunks, written with one writev. */
+const WRITE_PIECE_BYTES = 4 * 1024 * 1024;
+/** Writes queued while the next piece arrives; beyond this the upload waits (backpressure). */
+const WRITES_IN_FLIGHT = 3;
 
-/** Reads frames of an upload; a `cut` fault breaks the connection after that many bytes. */
-async function* receiveFrames(
+/**
+ * Writes the frames of an upload as they arrive, straight from the received chunks (no copy), and
+ * returns the bytes written. A `cut` fault breaks the connection after that many bytes.
+ */
+async function receiveFrames(
   request: FastifyRequest,
   sizeBytes: number,
+  write: (piece: FramePiece) => Promise<void>,
   cutAfter?: number,
-): AsyncGenerator<ExtentData> {
-  async function* counted(): AsyncGenerator<Buffer> {
-    let received = 0;
+): Promise<number> {
+  const reader = new FrameReader(WRITE_PIECE_BYTES);
+  const inFlight: { piece: FramePiece; done: Promise<void> }[] = [];
+  let received = 0;
+  let bytes = 0;
+  try {
     for await (const chunk of request.raw as AsyncIterable<Buffer>) {
       received += chunk.length;
       if (cutAfter !== undefined && received > cutAfter) {
         request.raw.socket.destroy();
         throw new FrameError('transfer cut by fault injection');
       }
-      yield chunk;
+      for (const piece of reader.push(chunk)) {
+        const field = `frames.${piece.frame}.offset`;
+        if (piece.offset % BLOCK_SIZE !== 0 || piece.length % BLOCK_SIZE !== 0)
+          throw badRequest(field, `offset and length must be multiples of ${BLOCK_SIZE}`);
+        if (piece.offset + piece.length > sizeBytes)
+          throw badRequest(field, `extent ends past the disk size ${sizeBytes}`);
+        // Writes in flight may land in any order: one that overlaps them waits, so the last one wins.
+        const overlaps = inFlight.some(
+          (w) => piece.offset < w.piece.offset + w.piece.length && w.piece.offset < piece.offset + piece.length,
+        );
+        while (inFlight.length > 0 && (overlaps || inFlight.length >= WRITES_IN_FLIGHT)) await inFlight.shift()!.done;
+        const done = write(piece);
+        done.catch(() => undefined); // awaited in turn; this only keeps it from counting as unhandled
+        inFlight.push({ piece, done });
+        bytes += piece.length;
+      }
     }
-  }
-  try {
-    // Pieces of ≤1 MiB in one reused buffer: each is written before the next is parsed.
-    for await (const piece of decodeFrames(counted(), { pieceBytes: WRITE_PIECE_BYTES, pieceBuffers: 2 })) {
-      const field = `frames.${piece.frame}.offset`;
-      if (piece.offset % BLOCK_SIZE !== 0 || piece.data.length % BLOCK_SIZE !== 0)
-        throw badRequest(field, `offset and length must be multiples of ${BLOCK_SIZE}`);
-      if (piece.offset + piece.data.length > sizeBytes)
-        throw badRequest(field, `extent ends past the disk size ${sizeBytes}`);
-      yield piece;
-    }
+    reader.end();
+    while (inFlight.length > 0) await inFlight.shift()!.done;
   } catch (e) {
+    await Promise.allSettled(inFlight.map((w) => w.done));
     if (e instanceof FrameError) throw badRequest('body', e.message);
     throw e;
   }
-}
-
-/** Writes each piece while the next one arrives: at most one write in flight (two piece buffers). */
-async function writePieces(
-  pieces: AsyncIterable<ExtentData>,
-  write: (piece: ExtentData) => Promise<void>,
-): Promise<number> {
-  let bytes = 0;
-  let inFlight: Promise<void> | null = null;
-  try {
-    for await (const piece of pieces) {
-      const started = write(piece);
-      started.catch(() => undefined); // awaited below; this only keeps it from counting as unhandled
-      if (inFlight) await inFlight;
-      inFlight = started;
-      bytes += piece.data.length;
-    }
-  } catch (e) {
-    await inFlight?.catch(() => undefined);
-    throw e;
-  }
-  await inFlight;
   return bytes;
 }
 
@@ -274,6 +275,15 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
   });
 
   const cutOf = (host: string): number | undefined => faults.get(host, 'cut')?.afterBytes;
+  /** The faults of a host a call reaches through another host (a host-to-host send's DR end). */
+  const targetHostFaults = async (host: string): Promise<void> => {
+    for (const f of faults.active(host)) {
+      if (f.kind === 'unreachable')
+        throw new LabError(502, 'host_unreachable', `host ${host} unreachable (injected fault)`);
+      if (f.kind === 'slow') await new Promise((r) => setTimeout(r, f.latencyMs));
+      if (f.kind === 'fail') throw new LabError(f.status, 'host_failure', `host ${host} failed (injected fault)`);
+    }
+  };
   const vmOf = (p: { host: string; vm: string }): LabVm => site.vm(p.host, p.vm);
   const replicaOf = (p: { host: string; replica: string }): LabVm => {
     const vm = site.vm(p.host, p.replica);
@@ -403,8 +413,10 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
     const vm = vmOf(p);
     const disk = vm.sourceDisk(p.disk);
     if (vm.meta.powerState !== 'Off') throw conflict(`${vm.name} is ${vm.meta.powerState}; writes need it Off`);
-    const pieces = receiveFrames(req, disk.sizeBytes, cutOf(p.host));
-    return { bytesWritten: await writePieces(pieces, (piece) => site.writeSourceDisk(vm, p.disk, piece)) };
+    // Source disk writes go through copy-on-write bookkeeping that takes one buffer per run.
+    const write = (piece: FramePiece) =>
+      site.writeSourceDisk(vm, p.disk, { offset: piece.offset, data: Buffer.concat(piece.parts, piece.length) });
+    return { bytesWritten: await receiveFrames(req, disk.sizeBytes, write, cutOf(p.host)) };
   });
 
   // Replica side --------------------------------------------------------------------------------
@@ -429,8 +441,32 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
     const p = parse(P.pointDisk, req.params, 'params');
     const vm = replicaOf(p);
     const layer = site.openPointLayer(vm, p.pointId, p.disk);
-    const pieces = receiveFrames(req, layer.sizeBytes, cutOf(p.host));
-    return { bytesWritten: await writePieces(pieces, (piece) => layer.write(piece.offset, piece.data)) };
+    const write = (piece: FramePiece) => layer.write(piece.offset, piece.parts);
+    return { bytesWritten: await receiveFrames(req, layer.sizeBytes, write, cutOf(p.host)) };
+  });
+  // Host to host: the source host sends a checkpoint's blocks straight into a restore point on a DR host (QEMU's
+  // push-mode backup to an NBD export); the caller only orders it. Both hosts' faults apply.
+  app.post('/v1/hosts/:host/vms/:vm/disks/:disk/send', async (req) => {
+    const p = parse(P.disk, req.params, 'params');
+    const body = parse(z.strictObject({ checkpointId: id, extents, target: P.pointDisk }), req.body, 'body');
+    const vm = vmOf(p);
+    const at = () => vm.checkpointView(p.disk, body.checkpointId);
+    at();
+    const disk = vm.sourceDisk(p.disk);
+    checkExtents(body.extents, disk.sizeBytes, 'body.extents');
+    await targetHostFaults(body.target.host);
+    const layer = site.openPointLayer(replicaOf(body.target), body.target.pointId, body.target.disk);
+    checkExtents(body.extents, layer.sizeBytes, 'body.target.disk');
+    const cuts = [cutOf(p.host), cutOf(body.target.host)].filter((c): c is number => c !== undefined);
+    const cutAfter = cuts.length > 0 ? Math.min(...cuts) : undefined;
+    let bytesWritten = 0;
+    for await (const piece of site.readExtents(disk.lock, at, body.extents, new BufferRing(body.extents))) {
+      if (cutAfter !== undefined && bytesWritten + piece.data.length > cutAfter)
+        throw new LabError(502, 'transfer_interrupted', `transfer cut after ${bytesWritten} bytes (injected fault)`);
+      await layer.write(piece.offset, piece.data);
+      bytesWritten += piece.data.length;
+    }
+    return { bytesWritten };
   });
   app.post('/v1/hosts/:host/replicas/:replica/points/:pointId/seal', async (req) => {
     const p = parse(P.point, req.params, 'params');

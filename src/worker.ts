@@ -45,7 +45,7 @@ export async function createWorkers(options: OrchestratorWorkerOptions): Promise
         connection,
         namespace,
         taskQueue: proxyTaskQueue(proxy.name),
-        activities: proxyActivities(activities),
+        activities: proxyActivities(activities, proxy.transport),
         maxConcurrentActivityTaskExecutions: proxy.slots,
         ...shutdown,
       }),

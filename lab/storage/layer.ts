@@ -9,6 +9,10 @@ export class Layer {
   /** Blocks this layer holds data for. */
   readonly present = new Set<number>();
   private journalBytes = 0;
+  private unflushed = 0;
+  /** The background flush of written data while it runs (it never rejects: see writebackError). */
+  private writeback: Promise<void> | null = null;
+  private writebackError: Error | null = null;
 
   private constructor(
     readonly path: string,
@@ -50,11 +54,16 @@ export class Layer {
     return this.present.has(block);
   }
 
-  /** Writes block-aligned data; journals blocks that are new to this layer after the data is written. */
-  async write(offset: number, data: Buffer): Promise<void> {
-    await this.writeAll(data, offset);
+  /**
+   * Writes block-aligned data (one buffer, or several written back to back in one call); journals
+   * blocks that are new to this layer after the data is written.
+   */
+  async write(offset: number, data: Buffer | readonly Buffer[]): Promise<void> {
+    const length = Buffer.isBuffer(data) ? data.length : byteLength(data);
+    await this.writeAll(Buffer.isBuffer(data) ? [data] : data, offset);
+    this.startWriteback(length);
     const first = offset / BLOCK_SIZE;
-    const count = data.length / BLOCK_SIZE;
+    const count = length / BLOCK_SIZE;
     const runs: number[] = [];
     let runStart = -1;
     for (let b = first; b < first + count; b++) {
@@ -92,8 +101,10 @@ export class Layer {
   }
 
   async sync(): Promise<void> {
-    await this.data.datasync();
-    await this.journal.datasync();
+    await this.writeback;
+    if (this.writebackError !== null) throw this.writebackError;
+    this.unflushed = 0;
+    await Promise.all([this.data.datasync(), this.journal.datasync()]);
   }
 
   async close(): Promise<void> {
@@ -107,13 +118,53 @@ export class Layer {
     await unlink(`${this.path}.map`).catch(() => undefined);
   }
 
-  private async writeAll(data: Buffer, offset: number): Promise<void> {
-    let done = 0;
-    while (done < data.length) {
-      const { bytesWritten } = await this.data.write(data, done, data.length - done, offset + done);
-      done += bytesWritten;
+  private async writeAll(buffers: readonly Buffer[], offset: number): Promise<void> {
+    let pending = buffers;
+    let at = offset;
+    while (pending.length > 0) {
+      const { bytesWritten } = await this.data.writev(pending, at);
+      at += bytesWritten;
+      pending = skipBytes(pending, bytesWritten);
     }
   }
+
+  /**
+   * Once enough data is dirty, flushes it in the background while the writes go on, so that sync()
+   * only waits for the tail. A failure sticks to the layer for sync() to report: Linux reports a
+   * writeback error once, so a later datasync could pass although the data never reached the disk.
+   */
+  private startWriteback(bytes: number): void {
+    this.unflushed += bytes;
+    if (this.unflushed < WRITEBACK_BYTES || this.writeback) return;
+    this.unflushed = 0;
+    this.writeback = this.data.datasync().then(
+      () => {
+        this.writeback = null;
+      },
+      (e: unknown) => {
+        this.writeback = null;
+        this.writebackError ??= e instanceof Error ? e : new Error(String(e));
+      },
+    );
+  }
+}
+
+/** Dirty bytes after which a layer starts flushing them in the background. */
+const WRITEBACK_BYTES = 32 * 1024 * 1024;
+
+function byteLength(buffers: readonly Buffer[]): number {
+  let n = 0;
+  for (const b of buffers) n += b.length;
+  return n;
+}
+
+/** The buffers left once the first `bytes` of them are written. */
+function skipBytes(buffers: readonly Buffer[], bytes: number): readonly Buffer[] {
+  let i = 0;
+  let left = bytes;
+  while (i < buffers.length && left >= buffers[i]!.length) left -= buffers[i++]!.length;
+  if (i === buffers.length) return [];
+  return [buffers[i]!.subarray(left), ...buffers.slice(i + 1)];
 }
 
 /** Sorted ascending block numbers coalesced into byte extents, from `fromBlock`, at most `limit` extents. */

@@ -1,5 +1,5 @@
 import type { Client } from '@temporalio/client';
-import type { Configuration } from '../config/schema';
+import type { Configuration, ProxyTransport } from '../config/schema';
 import type { HypervisorPort } from '../hypervisor/port';
 import { createCoordinationActivities } from './coordination';
 import { createFailoverActivities } from './failover';
@@ -26,7 +26,7 @@ export function createActivities({ port, config, client }: ActivityDependencies)
 
 export type Activities = ReturnType<typeof createActivities>;
 
-/** The activities a proxy worker runs on its own task queue: the ones that move data. */
-export function proxyActivities(activities: Activities): Pick<Activities, 'copyDisk'> {
-  return { copyDisk: (input) => activities.copyDisk(input) };
+/** The activities a proxy worker runs on its own task queue: the ones that move data, the proxy's way. */
+export function proxyActivities(activities: Activities, transport: ProxyTransport): Pick<Activities, 'copyDisk'> {
+  return { copyDisk: (input) => activities.copyDisk(input, transport) };
 }

@@ -1,4 +1,5 @@
 import { Context, ApplicationFailure } from '@temporalio/activity';
+import type { ProxyTransport } from '../config/schema';
 import type { RestorePointSummary } from '../contract';
 import { NotFoundError, TrackingLostError } from '../hypervisor/errors';
 import {
@@ -34,6 +35,8 @@ export interface CopyDiskInput {
 export interface CopyDiskResult {
   disk: string;
   mode: 'full' | 'tracked' | 'digest' | 'backup';
+  /** How the blocks travelled: through the proxy, or straight from the source host to the DR host. */
+  transport: ProxyTransport;
   bytesCopied: number;
   bytesTotal: number;
 }
@@ -120,10 +123,11 @@ export function createReplicationActivities(port: HypervisorPort) {
     },
 
     /**
-     * Copies one disk's changed blocks into the open restore point. Heartbeats its progress; a retry after a
-     * crash resumes from the last heartbeat, and re-writing a block at the same offset is harmless.
+     * Copies one disk's changed blocks into the open restore point, the way of the proxy that runs it (its
+     * `transport`; backups always go through the proxy). Heartbeats its progress; a retry after a crash resumes
+     * from the last heartbeat, and re-writing a block at the same offset is harmless.
      */
-    async copyDisk(input: CopyDiskInput): Promise<CopyDiskResult> {
+    async copyDisk(input: CopyDiskInput, proxyTransport: ProxyTransport = 'network'): Promise<CopyDiskResult> {
       const ctx = Context.current();
       const signal = ctx.cancellationSignal;
       const previous = ctx.info.heartbeatDetails as CopyProgress | undefined;
@@ -147,14 +151,26 @@ export function createReplicationActivities(port: HypervisorPort) {
             if (resumeOffset > 0) ctx.log.info('Resuming copy', { ...state });
             ctx.heartbeat(state);
             const replicaDisk = { ...input.replica, disk: input.disk.id };
+            const { source } = input;
+            const transport = source.kind === 'checkpoint' ? proxyTransport : 'network';
             for (const batch of batchExtents(remaining, BATCH_BYTES)) {
-              async function* counted(): AsyncIterable<ExtentData> {
-                for await (const chunk of read(input, batch, signal)) {
-                  yield chunk;
-                  state.bytesCopied += chunk.data.length;
+              if (source.kind === 'checkpoint' && transport === 'host-to-host') {
+                const before = state.bytesCopied;
+                await port.sendToRestorePoint(
+                  { ...source.vm, disk: input.disk.id, checkpointId: source.checkpointId },
+                  { ...replicaDisk, pointId: input.pointId },
+                  batch,
+                  { signal, onProgress: (bytes) => (state.bytesCopied = before + bytes) },
+                );
+              } else {
+                async function* counted(): AsyncIterable<ExtentData> {
+                  for await (const chunk of read(input, batch, signal)) {
+                    yield chunk;
+                    state.bytesCopied += chunk.data.length;
+                  }
                 }
+                await port.writeRestorePoint(replicaDisk, input.pointId, counted(), { signal });
               }
-              await port.writeRestorePoint(replicaDisk, input.pointId, counted(), { signal });
               const last = batch.at(-1);
               // Only a finished batch moves the resume point: a retry rewrites the unfinished one (idempotent by offset).
               if (last) state.resumeOffset = last.offset + last.length;
@@ -165,7 +181,7 @@ export function createReplicationActivities(port: HypervisorPort) {
                 `Copied ${state.bytesCopied} of ${bytesTotal} bytes of disk ${input.disk.id}`,
                 'ShortCopy',
               );
-            return { disk: input.disk.id, mode, bytesCopied: bytesTotal, bytesTotal };
+            return { disk: input.disk.id, mode, transport, bytesCopied: bytesTotal, bytesTotal };
           },
           () => progress,
         ),

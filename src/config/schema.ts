@@ -23,6 +23,13 @@ const proxySchema = z.strictObject({
   slots: z.number({ error: 'must be a number' }).int({ error: 'must be a whole number' }).min(1).max(64),
   /** Proxies can be taken offline by configuration; sessions then wait for the others. */
   enabled: z.boolean({ error: 'must be true or false' }).default(true),
+  /**
+   * How the proxy moves a running VM's blocks to the DR host. `network`: it reads them from the source host and
+   * writes them to the DR host, so they pass through the proxy. `host-to-host`: it has the source host send them
+   * straight to the DR host and only orders and watches the transfer (faster where the hosts support it).
+   * Backups are always read through the proxy.
+   */
+  transport: z.enum(['network', 'host-to-host'], { error: "must be 'network' or 'host-to-host'" }).default('network'),
 });
 
 const scheduleSchema = z.strictObject({
@@ -118,4 +125,5 @@ export type Configuration = z.output<typeof configurationSchema>;
 export type HostConfig = Configuration['hosts'][number];
 export type JobConfig = Configuration['jobs'][number];
 export type ProxyConfig = Configuration['proxies'][number];
+export type ProxyTransport = ProxyConfig['transport'];
 export type UserConfig = Configuration['users'][number];

@@ -35,6 +35,8 @@ export interface CopyTotals {
   bytesCopied: number;
   /** How the changed blocks were found, per disk: full (first run), tracked (change tracking), digest (tracking lost), backup. */
   modes: Record<string, string>;
+  /** How the blocks travelled, per disk: `network` (through the proxy) or `host-to-host`. */
+  transports: Record<string, string>;
 }
 
 export interface ReplicationSessionInput {

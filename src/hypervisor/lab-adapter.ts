@@ -4,7 +4,6 @@
 
 import http from 'node:http';
 import { Readable } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
 import {
   BadRequestError,
   ConflictError,
@@ -64,15 +63,24 @@ interface RequestSpec {
   host?: string;
   query?: Record<string, string | number | undefined>;
   json?: unknown;
-  body?: AsyncIterable<Buffer>;
-  /** Length of `body` when known: sent as content-length instead of chunked encoding. */
-  bodyLength?: number;
+  body?: FramedBody;
   onProgress?: (bytes: number) => void;
   timeoutMs?: number;
   signal?: AbortSignal;
 }
 
+/** Framed bytes to upload. */
+interface FramedBody {
+  stream: Readable;
+  /** Sent as content-length when known, instead of chunked encoding. */
+  length?: number;
+  /** The port's error for a failure of `stream`. */
+  failure: (e: unknown) => Error;
+}
+
 const seg = encodeURIComponent;
+/** Deadline of one host-to-host send; callers send at most tens of MiB per call. */
+const SEND_TIMEOUT_MS = 10 * 60_000;
 
 /**
  * A block stream read from the lab. Iterating it decodes extents; when it is handed straight to
@@ -92,8 +100,8 @@ class LabBlockStream implements AsyncIterable<ExtentData> {
     return this.transport.frames(this.spec);
   }
 
-  /** Starts the read; resolves once the lab answered, with the framed bytes and their length. */
-  async raw(): Promise<{ bytes: AsyncIterable<Buffer>; length?: number }> {
+  /** Starts the read; resolves once the lab answered, with the framed bytes as a stream. */
+  async raw(): Promise<FramedBody> {
     this.claim();
     return this.transport.openFrames(this.spec);
   }
@@ -141,7 +149,7 @@ class LabTransport {
         headers['content-length'] = String(payload.length);
       } else if (spec.body) {
         headers['content-type'] = 'application/octet-stream';
-        if (spec.bodyLength !== undefined) headers['content-length'] = String(spec.bodyLength);
+        if (spec.body.length !== undefined) headers['content-length'] = String(spec.body.length);
       }
       // A control call that legitimately waits (a guest shutdown) is silent until it answers: its own deadline
       // bounds it, not the idle timeout meant for streams.
@@ -168,21 +176,19 @@ class LabTransport {
         resolve(r);
       });
       if (spec.body) {
-        const source = spec.body;
-        async function* counted(): AsyncGenerator<Buffer> {
-          for await (const chunk of source) {
-            bodyBytes += chunk.length;
-            spec.onProgress?.(bodyBytes);
-            yield chunk;
-          }
-        }
-        // An upload error surfaces through the request's 'error' event (or is moot once answered).
-        pipeline(Readable.from(counted()), req).catch((e: unknown) => {
-          if (!settled) {
-            req.destroy();
-            fail(e);
-          }
+        const { stream, failure } = spec.body;
+        // Native piping: no promise per chunk on this hot path (a forwarded block stream).
+        stream.on('data', (chunk: Buffer) => {
+          bodyBytes += chunk.length;
+          spec.onProgress?.(bodyBytes);
         });
+        // A failed upload surfaces through the request's 'error' event (or is moot once answered).
+        stream.once('error', (e) => {
+          if (settled) return;
+          req.destroy();
+          fail(failure(e));
+        });
+        stream.pipe(req);
       } else req.end(payload);
     });
     if (res.statusCode !== undefined && res.statusCode >= 400) throw await this.httpError(res, spec, what);
@@ -212,30 +218,33 @@ class LabTransport {
 
   /** The framed bytes of an answer as they arrive; they are checked by whoever decodes them. */
   async *rawFrames(spec: RequestSpec): AsyncGenerator<Buffer> {
-    const { bytes } = await this.openFrames(spec);
-    yield* bytes;
+    const body = await this.openFrames(spec);
+    try {
+      yield* body.stream as AsyncIterable<Buffer>;
+    } catch (e) {
+      throw body.failure(e);
+    } finally {
+      body.stream.destroy();
+    }
   }
 
-  async openFrames(spec: RequestSpec): Promise<{ bytes: AsyncIterable<Buffer>; length?: number }> {
+  /** Sends a block read; resolves once the lab answered. Whoever takes the stream destroys it when done. */
+  async openFrames(spec: RequestSpec): Promise<FramedBody> {
     const res = await this.send(spec, true);
     const header = res.headers['content-length'];
-    return { bytes: this.bodyOf(res, spec), length: header === undefined ? undefined : Number(header) };
-  }
-
-  private async *bodyOf(res: http.IncomingMessage, spec: RequestSpec): AsyncGenerator<Buffer> {
     const what = `${spec.method} ${spec.path}`;
-    try {
-      yield* res as AsyncIterable<Buffer>;
-    } catch (e) {
-      if (e instanceof HypervisorError) throw e;
-      if (spec.signal?.aborted) throw asError(spec.signal.reason);
-      throw new TransferInterruptedError(`${what}: block stream broken (${(e as Error).message})`, {
-        host: spec.host,
-        cause: e,
-      });
-    } finally {
-      res.destroy();
-    }
+    return {
+      stream: res,
+      length: header === undefined ? undefined : Number(header),
+      failure: (e) => {
+        if (e instanceof HypervisorError) return e;
+        if (spec.signal?.aborted) return asError(spec.signal.reason);
+        return new TransferInterruptedError(`${what}: block stream broken (${(e as Error).message})`, {
+          host: spec.host,
+          cause: e,
+        });
+      },
+    };
   }
 
   private networkError(err: unknown, spec: RequestSpec, what: string, sentBody: boolean, signal?: AbortSignal): Error {
@@ -263,6 +272,8 @@ class LabTransport {
     const opts = { host: spec.host };
     const status = res.statusCode ?? 500;
     if (body.code === 'tracking_lost') return new TrackingLostError(message, opts);
+    if (body.code === 'transfer_interrupted') return new TransferInterruptedError(message, opts);
+    if (body.code === 'host_unreachable') return new HostUnreachableError(message, opts);
     if (status === 404) return new NotFoundError(message, opts);
     if (status === 409) return new ConflictError(message, opts);
     if (status >= 400 && status < 500) return new BadRequestError(message, { ...opts, field: body.field });
@@ -503,6 +514,29 @@ export class LabHypervisor implements HypervisorPort {
     );
   }
 
+  async sendToRestorePoint(
+    source: DiskRef & { checkpointId: string },
+    target: ReplicaDiskRef & { pointId: string },
+    extents: Extent[],
+    o?: TransferOptions,
+  ): Promise<WriteResult> {
+    const result = await this.t.json<WriteResult>({
+      method: 'POST',
+      path: `${this.vmPath(source)}/disks/${seg(source.disk)}/send`,
+      host: source.host,
+      json: {
+        checkpointId: source.checkpointId,
+        extents,
+        target: { host: target.host, replica: target.replica, pointId: target.pointId, disk: target.disk },
+      },
+      // The answer comes when the blocks are on the DR host: allow for slow storage, not only a round trip.
+      timeoutMs: SEND_TIMEOUT_MS,
+      signal: o?.signal,
+    });
+    o?.onProgress?.(result.bytesWritten);
+    return result;
+  }
+
   sealRestorePoint(ref: ReplicaRef, pointId: string, o?: CallOptions): Promise<RestorePointInfo> {
     return this.t.json({
       method: 'POST',
@@ -662,21 +696,21 @@ export class LabHypervisor implements HypervisorPort {
     o?: TransferOptions,
   ): Promise<WriteResult> {
     // A lab block stream is forwarded as framed bytes; anything else is framed here.
-    const source = data instanceof LabBlockStream ? await data.raw() : { bytes: encodeFrames(data), length: undefined };
-    const res = await this.t.send(
-      {
-        method: 'POST',
-        path,
-        host,
-        body: source.bytes,
-        bodyLength: source.length,
-        signal: o?.signal,
-        onProgress: o?.onProgress,
-      },
-      true,
-    );
-    const raw = await this.t.readAll(res, { method: 'POST', path, host }, `POST ${path}`);
-    return JSON.parse(raw.toString('utf8')) as WriteResult;
+    const body: FramedBody =
+      data instanceof LabBlockStream
+        ? await data.raw()
+        : { stream: Readable.from(encodeFrames(data)), failure: (e) => asError(e) };
+    try {
+      const res = await this.t.send(
+        { method: 'POST', path, host, body, signal: o?.signal, onProgress: o?.onProgress },
+        true,
+      );
+      const raw = await this.t.readAll(res, { method: 'POST', path, host }, `POST ${path}`);
+      return JSON.parse(raw.toString('utf8')) as WriteResult;
+    } finally {
+      // Stops a source the upload no longer takes (the lab refused it, or the upload broke).
+      body.stream.destroy();
+    }
   }
 }
 

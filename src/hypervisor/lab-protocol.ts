@@ -33,90 +33,90 @@ export async function* encodeFrames(source: AsyncIterable<ExtentData>): AsyncGen
   yield header(KIND_END, 0, 0);
 }
 
-export interface DecodeOptions {
-  /**
-   * Yield each frame in pieces of at most this many bytes, from `pieceBuffers` reused buffers (no
-   * allocation per frame): a piece stays valid until `pieceBuffers` more pieces have been taken.
-   */
-  pieceBytes?: number;
-  pieceBuffers?: number;
+/** A run of one frame's data as slices of the received chunks, in order (nothing is copied). */
+export interface FramePiece {
+  /** Index of the frame in the stream, for error messages. */
+  frame: number;
+  offset: number;
+  length: number;
+  parts: Buffer[];
 }
 
-/** Parses frames from a byte stream; throws FrameError if the stream ends before the END frame. */
-export async function* decodeFrames(
-  source: AsyncIterable<Buffer>,
-  options: DecodeOptions = {},
-): AsyncGenerator<ExtentData & { frame: number }> {
-  const pieceBytes = options.pieceBytes;
-  const pool = pieceBytes
-    ? Array.from({ length: options.pieceBuffers ?? 1 }, () => Buffer.allocUnsafe(pieceBytes))
-    : [];
-  let turn = 0;
-  let pending: Buffer[] = [];
-  let pendingBytes = 0;
-  let frame = -1;
-  // The frame being received: where its next piece starts, bytes left, the piece being filled.
-  let current: { offset: number; remaining: number; piece: Buffer; filled: number } | null = null;
-  let ended = false;
+/**
+ * Incremental frame parser: push() the bytes as they arrive and get back the frame data they
+ * complete. The data are slices of the pushed chunks, so a chunk must not be reused while its
+ * slices are in use; a frame comes out in pieces of at most `pieceBytes`.
+ */
+export class FrameReader {
+  private readonly header = Buffer.allocUnsafe(FRAME_HEADER_BYTES);
+  private headerFilled = 0;
+  private frame = -1;
+  /** The frame being received: where its next byte goes and how many are left. */
+  private current: { offset: number; remaining: number } | null = null;
+  private piece: FramePiece | null = null;
+  private ended = false;
 
-  const takeHeader = (): Buffer => {
-    const all = pending.length === 1 ? pending[0]! : Buffer.concat(pending, pendingBytes);
-    const h = all.subarray(0, FRAME_HEADER_BYTES);
-    const rest = all.subarray(FRAME_HEADER_BYTES);
-    pending = rest.length > 0 ? [rest] : [];
-    pendingBytes = rest.length;
-    return h;
-  };
+  constructor(private readonly pieceBytes = MAX_FRAME_BYTES) {}
 
-  for await (const chunk of source) {
-    if (ended) {
-      if (chunk.length > 0) throw new FrameError('data after the END frame');
-      continue;
-    }
-    let buf: Buffer = chunk;
-    while (buf.length > 0 || (current === null && pendingBytes >= FRAME_HEADER_BYTES)) {
-      if (current !== null) {
-        const want = Math.min(current.piece.length, current.remaining) - current.filled;
-        const n = Math.min(buf.length, want);
-        buf.copy(current.piece, current.filled, 0, n);
-        current.filled += n;
-        buf = buf.subarray(n);
-        if (n === want) {
-          const piece = current.piece.subarray(0, current.filled);
-          const offset = current.offset;
-          current.offset += current.filled;
-          current.remaining -= current.filled;
-          current.filled = 0;
-          if (pool.length > 0) current.piece = pool[++turn % pool.length]!;
-          if (current.remaining === 0) current = null;
-          yield { offset, data: piece, frame };
-        }
+  push(chunk: Buffer): FramePiece[] {
+    const out: FramePiece[] = [];
+    let at = 0;
+    while (at < chunk.length) {
+      if (this.ended) throw new FrameError('data after the END frame');
+      const current = this.current;
+      if (current === null) {
+        const n = Math.min(FRAME_HEADER_BYTES - this.headerFilled, chunk.length - at);
+        chunk.copy(this.header, this.headerFilled, at, at + n);
+        this.headerFilled += n;
+        at += n;
+        if (this.headerFilled === FRAME_HEADER_BYTES) this.startFrame();
         continue;
       }
-      if (buf.length > 0) pending.push(buf);
-      pendingBytes += buf.length;
-      if (pendingBytes < FRAME_HEADER_BYTES) break;
-      const h = takeHeader();
-      if (h.readUInt32BE(0) !== FRAME_MAGIC) throw new FrameError('bad frame magic');
-      const kind = h.readUInt32BE(4);
-      const offset = Number(h.readBigUInt64BE(8));
-      const length = h.readUInt32BE(16);
-      if (kind === KIND_END) {
-        ended = true;
-        if (pendingBytes > 0) throw new FrameError('data after the END frame');
-        break;
+      const piece = (this.piece ??= { frame: this.frame, offset: current.offset, length: 0, parts: [] });
+      const n = Math.min(current.remaining, this.pieceBytes - piece.length, chunk.length - at);
+      piece.parts.push(chunk.subarray(at, at + n));
+      piece.length += n;
+      at += n;
+      current.offset += n;
+      current.remaining -= n;
+      if (current.remaining === 0 || piece.length === this.pieceBytes) {
+        out.push(piece);
+        this.piece = null;
+        if (current.remaining === 0) this.current = null;
       }
-      if (kind !== KIND_DATA) throw new FrameError(`unknown frame kind ${kind}`);
-      if (length === 0 || length > MAX_FRAME_BYTES) throw new FrameError(`frame length ${length} out of range`);
-      frame++;
-      current = { offset, remaining: length, piece: pool[turn % pool.length] ?? Buffer.allocUnsafe(length), filled: 0 };
-      // Bytes that arrived with the header belong to this frame's data.
-      buf = pending.length > 0 ? Buffer.concat(pending, pendingBytes) : Buffer.alloc(0);
-      pending = [];
-      pendingBytes = 0;
     }
+    return out;
   }
-  if (!ended) throw new FrameError('stream ended before the END frame');
+
+  /** Call when the byte stream ends: throws FrameError if it ended before the END frame. */
+  end(): void {
+    if (!this.ended) throw new FrameError('stream ended before the END frame');
+  }
+
+  private startFrame(): void {
+    this.headerFilled = 0;
+    const h = this.header;
+    if (h.readUInt32BE(0) !== FRAME_MAGIC) throw new FrameError('bad frame magic');
+    const kind = h.readUInt32BE(4);
+    if (kind === KIND_END) {
+      this.ended = true;
+      return;
+    }
+    const length = h.readUInt32BE(16);
+    if (kind !== KIND_DATA) throw new FrameError(`unknown frame kind ${kind}`);
+    if (length === 0 || length > MAX_FRAME_BYTES) throw new FrameError(`frame length ${length} out of range`);
+    this.frame++;
+    this.current = { offset: Number(h.readBigUInt64BE(8)), remaining: length };
+  }
+}
+
+/** Parses whole frames from a byte stream, each in a buffer of its own; throws FrameError if the stream ends before the END frame. */
+export async function* decodeFrames(source: AsyncIterable<Buffer>): AsyncGenerator<ExtentData> {
+  const reader = new FrameReader();
+  for await (const chunk of source)
+    for (const piece of reader.push(chunk))
+      yield { offset: piece.offset, data: Buffer.concat(piece.parts, piece.length) };
+  reader.end();
 }
 
 /** Error body of every non-2xx lab answer. */

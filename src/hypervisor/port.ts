@@ -239,6 +239,18 @@ export interface HypervisorPort {
     data: AsyncIterable<ExtentData>,
     options?: TransferOptions,
   ): Promise<WriteResult>;
+  /**
+   * Host to host: the source host sends the checkpoint's extents straight into the open restore point on the DR
+   * host, and the caller only orders and watches it (QEMU's push-mode backup to an NBD export on the DR side, or a
+   * Hyper-V host acting as its own proxy). The same bytes as `writeRestorePoint(readExtents(...))`, without
+   * passing through the caller.
+   */
+  sendToRestorePoint(
+    source: DiskRef & { checkpointId: string },
+    target: ReplicaDiskRef & { pointId: string },
+    extents: Extent[],
+    options?: TransferOptions,
+  ): Promise<WriteResult>;
   /** Flushes the point to stable storage and makes it the head; idempotent. */
   sealRestorePoint(ref: ReplicaRef, pointId: string, options?: CallOptions): Promise<RestorePointInfo>;
   listRestorePoints(ref: ReplicaRef, options?: CallOptions): Promise<RestorePointInfo[]>;

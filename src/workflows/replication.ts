@@ -153,6 +153,7 @@ export async function replicationSession(input: ReplicationSessionInput): Promis
       );
       const bytesCopied = bytesOf(copies);
       const modes = Object.fromEntries(copies.map((c) => [c.disk, c.mode]));
+      const transports = Object.fromEntries(copies.map((c) => [c.disk, c.transport]));
       report = { outcome: `replicated ${bytesCopied} bytes into ${pointId}`, state: 'Ready', restorePoints };
       await reportToReplica(vm, { sessionId, ...report });
       showStep('Done', `restore point ${pointId}: ${bytesCopied} bytes copied`);
@@ -162,7 +163,7 @@ export async function replicationSession(input: ReplicationSessionInput): Promis
         outcome: 'replicated',
         detail: `${bytesCopied} bytes copied`,
         restorePoint: point,
-        copy: { bytesCopied, modes },
+        copy: { bytesCopied, modes, transports },
       };
     } catch (err) {
       if (!fromBackup) {

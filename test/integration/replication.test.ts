@@ -24,6 +24,7 @@ const SIZES: Record<string, Record<string, number>> = {
   vm1: { os: 4 * 1024 * 1024, data: 2 * 1024 * 1024 },
   vm2: { os: 2 * 1024 * 1024 },
   vm3: { os: 2 * 1024 * 1024 },
+  vm4: { os: 2 * 1024 * 1024 },
 };
 const sizeOf = (vm: string, disk: string): number => SIZES[vm]![disk]!;
 
@@ -36,6 +37,7 @@ describe('replication jobs against a real server and lab, bytes compared', () =>
       estate: smallEstate({ writeRate: 0 }, [
         { name: 'vm2', writeRate: 0 },
         { name: 'vm3', writeRate: 0 },
+        { name: 'vm4', writeRate: 0 },
       ]),
       configure: (url) =>
         testConfiguration(url, {
@@ -43,6 +45,11 @@ describe('replication jobs against a real server and lab, bytes compared', () =>
             { name: 'keep2', vms: ['vm1'], targetHost: DR, restorePoints: 2 },
             { name: 'frombackup', vms: ['vm2'], targetHost: DR, dataSource: 'backup' },
             { name: 'pair', vms: ['vm3'], targetHost: DR, proxies: ['proxy-a'] },
+            { name: 'onhost', vms: ['vm4'], targetHost: DR, proxies: ['proxy-h'] },
+          ],
+          proxies: [
+            { name: 'proxy-a', slots: 4 },
+            { name: 'proxy-h', slots: 2, transport: 'host-to-host' },
           ],
         }),
     });
@@ -143,6 +150,20 @@ describe('replication jobs against a real server and lab, bytes compared', () =>
     const again = (await runJob('frombackup')).sessions[0]!;
     assert.equal(again.outcome, 'skipped');
     assert.match(again.detail, /no backup point is newer/);
+  });
+
+  it('a host-to-host proxy has the source host send the blocks to the DR host; every point is exact', async () => {
+    for (const [run, blocks] of [
+      ['seed', 20],
+      ['incremental', 4],
+    ] as const) {
+      await o.lab.control.guestWrite('vm4', 'os', randomBlocks('vm4', 'os', blocks));
+      const session = (await runJob('onhost')).sessions[0]!;
+      assert.equal(session.outcome, 'replicated', session.detail);
+      assert.deepEqual(session.copy!.transports, { os: 'host-to-host' }, run);
+      assert.deepEqual(session.copy!.modes, { os: run === 'seed' ? 'full' : 'tracked' });
+      assert.ok((await replicaDisk('vm4', 'os', session.restorePoint!.id)).equals(await sourceDisk('vm4', 'os')), run);
+    }
   });
 
   it('waits visibly for a proxy slot, proceeds when one frees, and fails clearly at the wait limit', async () => {

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { test } from 'node:test';
-import { decodeFrames, encodeFrames, FrameError } from '../../src/hypervisor/lab-protocol';
+import { decodeFrames, encodeFrames, FrameError, FrameReader } from '../../src/hypervisor/lab-protocol';
 import type { ExtentData } from '../../src/hypervisor/port';
 
 const BLOCK = 65536;
@@ -27,7 +27,7 @@ function chop(bytes: Buffer): Buffer[] {
   return out;
 }
 
-test('frames survive arbitrary chunking, whole or in reused pieces', async () => {
+test('frames survive arbitrary chunking, whole or in pieces sliced from the received chunks', async () => {
   const extents = [
     { offset: 0, data: randomBytes(3 * BLOCK) },
     { offset: 10 * BLOCK, data: randomBytes(BLOCK) },
@@ -41,15 +41,24 @@ test('frames survive arbitrary chunking, whole or in reused pieces', async () =>
     extents.map((e) => [e.offset, true]),
   );
 
-  // Pieces of 4 blocks from two reused buffers: copy each out before taking two more.
+  // Pieces of at most 4 blocks, made of slices of the chunks as they were pushed (nothing copied).
+  const reader = new FrameReader(4 * BLOCK);
   const rebuilt = new Map<number, Buffer>();
-  for await (const p of decodeFrames(from(chop(wire)), { pieceBytes: 4 * BLOCK, pieceBuffers: 2 })) {
-    assert.ok(p.data.length <= 4 * BLOCK);
-    rebuilt.set(p.offset, Buffer.from(p.data));
-  }
+  for (const chunk of chop(wire))
+    for (const p of reader.push(chunk)) {
+      assert.ok(p.length <= 4 * BLOCK);
+      assert.equal(
+        p.length,
+        p.parts.reduce((n, b) => n + b.length, 0),
+      );
+      assert.ok(p.parts.every((b) => b.buffer === wire.buffer));
+      rebuilt.set(p.offset, Buffer.concat(p.parts));
+    }
+  reader.end();
   for (const e of extents)
     for (let at = 0; at < e.data.length; at += 4 * BLOCK)
       assert.ok(rebuilt.get(e.offset + at)!.equals(e.data.subarray(at, at + 4 * BLOCK)), `piece at ${e.offset + at}`);
+  assert.throws(() => reader.push(Buffer.alloc(1)), /after the END frame/);
 });
 
 test('a stream cut anywhere before the END frame is an error, never a silent short read', async () => {

@@ -32,7 +32,18 @@ describe('configuration file', () => {
         ['web', 3, 'backup'],
       ],
     );
-    assert.equal(config.proxies[0]!.enabled, true);
+    assert.deepEqual(
+      config.proxies.map((p) => [p.name, p.enabled, p.transport]),
+      [
+        ['proxy01', true, 'host-to-host'],
+        ['proxy02', true, 'network'],
+      ],
+    );
+  });
+
+  it("refuses a proxy transport it does not know, naming the proxy's field", () => {
+    const problems = problemsOf(base.replace('{ name: p1, slots: 2 }', '{ name: p1, slots: 2, transport: nfs }'));
+    assert.deepEqual(problems, ["proxies[0].transport (line 6): must be 'network' or 'host-to-host'"]);
   });
 
   it('names the path and line of every problem', () => {
