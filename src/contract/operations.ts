@@ -73,6 +73,8 @@ export interface OperationOutcome {
   operation: OperationName;
   state: ReplicaState;
   detail: string;
+  /** Bytes the operation wrote to VM disks (failback: to production); 0 for the others. */
+  bytesCopied: number;
   /** The operation's own workflow, with every step in its history. */
   workflowId: string;
 }
@@ -100,6 +102,7 @@ export interface ReplicaOperationResult {
   restorePoints: RestorePointSummary[];
   detail: string;
   failbackTo: { host: string; vm: string } | null;
+  bytesCopied: number;
 }
 
 export const operationWorkflowId = (vm: string, operation: OperationName, operationId: string): string =>

@@ -35,6 +35,7 @@ import {
   type VerificationResult,
 } from '../contract';
 import { checkTransition } from '../domain/replica-state';
+import { formatBytes } from '../domain/units';
 import {
   control,
   controlOptions,
@@ -512,7 +513,7 @@ async function failOver(
   result.downtime = downtimeOf(shutdown, finalSyncMs, switchMs, boot);
   result.detail = forcedBy
     ? `forced failover to helper restore point 1 by ${forcedBy.requestedBy} (${forcedBy.reason}); ${result.dataLoss}`
-    : `downtime ${(result.downtime.totalMs / 1000).toFixed(2)} s, ${result.bytesAfterPowerOff} bytes copied while off, verified`;
+    : `downtime ${(result.downtime.totalMs / 1000).toFixed(2)} s, ${formatBytes(result.bytesAfterPowerOff)} copied while off, verified`;
   if (forcedBy) halt.done(result.detail);
   step('Done', result.detail);
   return forcedBy ? 'forcedFailover' : 'failedOver';

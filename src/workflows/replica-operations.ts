@@ -7,6 +7,7 @@ import {
   type ReplicaOperationInput,
   type ReplicaOperationResult,
 } from '../contract';
+import { formatBytes } from '../domain/units';
 import { control, copyOptions, waitingOptions, withSummary } from './common';
 
 type VmRef = { host: string; vm: string };
@@ -26,10 +27,15 @@ export async function replicaOperation(input: ReplicaOperationInput): Promise<Re
   step('reading the replica from the DR host');
   const replica = await withSummary(control.describeReplica, `Read the replica of ${vm}`, [{ vm, job }]);
   const replicaVm: VmRef = { host: replica.replica.host, vm: replica.replica.replica };
-  const finish = async (state: ReplicaOperationResult['state'], detail: string, failbackTo: VmRef | null = null) => {
+  const finish = async (
+    state: ReplicaOperationResult['state'],
+    detail: string,
+    failbackTo: VmRef | null = null,
+    bytesCopied = 0,
+  ): Promise<ReplicaOperationResult> => {
     const restorePoints = await withSummary(control.listRestorePoints, 'Read the restore points', [replica.replica]);
     step(`done: ${detail}`);
-    return { state, restorePoints, detail, failbackTo };
+    return { state, restorePoints, detail, failbackTo, bytesCopied };
   };
 
   switch (operation) {
@@ -164,13 +170,14 @@ export async function replicaOperation(input: ReplicaOperationInput): Promise<Re
       await withSummary(control.promoteCheckpoint, 'Keep it as the reference point of the next job run', [
         { vm: production, checkpointId, referencePointId },
       ]);
-      let detail = `${phase1.bytesShipped + phase2.bytesShipped} bytes copied to ${production.vm} (${phase2.bytesShipped} with the replica off), verified; protective point ${protectiveId}`;
+      const bytesCopied = phase1.bytesShipped + phase2.bytesShipped;
+      let detail = `${formatBytes(bytesCopied)} copied to ${production.vm} (${formatBytes(phase2.bytesShipped)} with the replica off), verified; protective point ${protectiveId}`;
       if (payload.powerOnProduction) {
         step(`powering ${production.vm} on`);
         await withSummary(control.powerOnVm, `Power on ${production.vm}`, [{ vm: production }], waitingOptions);
         detail += `; ${production.vm} powered on`;
       }
-      return finish('Failback', detail, production);
+      return finish('Failback', detail, production, bytesCopied);
     }
 
     case 'commitFailback': {

@@ -215,7 +215,13 @@ export async function replica(input: ReplicaEntityInput): Promise<void> {
       view.restorePoints = result.restorePoints;
       view.failbackTo = result.failbackTo;
       finish(
-        { operation, state: result.state, detail: result.detail, workflowId: session.workflowId },
+        {
+          operation,
+          state: result.state,
+          detail: result.detail,
+          bytesCopied: result.bytesCopied,
+          workflowId: session.workflowId,
+        },
         `${operation}: ${result.detail}`,
       );
     } catch (err) {

@@ -20,6 +20,7 @@ import {
   type RestorePointSummary,
 } from '../contract';
 import { jobRunSkipReason } from '../domain/replica-state';
+import { formatBytes } from '../domain/units';
 import { control, failureMessage, refusedInput, showStep, waitingOptions, withSummary } from './common';
 import {
   acquireReplica,
@@ -154,14 +155,14 @@ export async function replicationSession(input: ReplicationSessionInput): Promis
       const bytesCopied = bytesOf(copies);
       const modes = Object.fromEntries(copies.map((c) => [c.disk, c.mode]));
       const transports = Object.fromEntries(copies.map((c) => [c.disk, c.transport]));
-      report = { outcome: `replicated ${bytesCopied} bytes into ${pointId}`, state: 'Ready', restorePoints };
+      report = { outcome: `replicated ${formatBytes(bytesCopied)} into ${pointId}`, state: 'Ready', restorePoints };
       await reportToReplica(vm, { sessionId, ...report });
-      showStep('Done', `restore point ${pointId}: ${bytesCopied} bytes copied`);
+      showStep('Done', `restore point ${pointId}: ${formatBytes(bytesCopied)} copied`);
       return {
         vm,
         sessionId,
         outcome: 'replicated',
-        detail: `${bytesCopied} bytes copied`,
+        detail: `${formatBytes(bytesCopied)} copied`,
         restorePoint: point,
         copy: { bytesCopied, modes, transports },
       };

@@ -283,7 +283,7 @@ describe('finishing a failover: undo, permanent, failback with commit and undo, 
     assert.deepEqual(view.failbackTo, restored);
     const protective = view.restorePoints.find((p) => p.kind === 'failback-protective')!;
     assert.ok(sameImages(await productionImage(restored.vm), await replicaImage('rest1', { pointId: protective.id })));
-    const shipped = Number(/^(\d+) bytes copied/.exec(outcome.detail)?.[1]);
+    const shipped = outcome.bytesCopied;
     const diskBytes = DISKS.reduce((n, d) => n + d.size, 0);
     assert.ok(shipped > 0 && shipped < diskBytes / 2, `${shipped} bytes shipped of ${diskBytes}: only what differs`);
     assert.equal(await power('rest1'), 'Off', 'the original source is not touched');
