@@ -1,7 +1,8 @@
 // Benchmark: the downtime of a planned failover against a naive move of an identical VM, in the same run;
 // extra pre-sync passes against none; and the history budget of a session on a 1 TiB disk against a 64 MiB one.
 // Run: npx tsx bench/failover.ts   →   bench/results/failover.json
-// BENCH_ROUNDS (default 5) and BENCH_SINCE_REPLICATION_MS (default 18000) change the schedule.
+// BENCH_ROUNDS (default 5) and BENCH_SINCE_REPLICATION_MS (default 18000) change the schedule;
+// BENCH_PROXY_TRANSPORT=host-to-host runs it with that proxy transport (→ bench/results/failover-host-to-host.json).
 
 import { startPlannedFailover, startReplicationJob } from '../src/client';
 import { sessionWorkflowId, type PlannedFailoverOptions, type PlannedFailoverSessionResult } from '../src/contract';
@@ -10,6 +11,7 @@ import {
   estateOf,
   historyStats,
   machine,
+  PROXY_TRANSPORT,
   median,
   MiB,
   PROD,
@@ -360,6 +362,7 @@ async function main(): Promise<void> {
       durationSeconds: Math.round((performance.now() - began) / 1000),
       rounds: ROUNDS,
       settings: {
+        proxyTransport: PROXY_TRANSPORT,
         sinceReplicationMs: SINCE_REPLICATION_MS,
         profile: PROFILE,
         blockBytes: 65536,
@@ -397,7 +400,7 @@ async function main(): Promise<void> {
       },
       history,
     };
-    const path = await writeResult('failover', result);
+    const path = await writeResult(PROXY_TRANSPORT === 'network' ? 'failover' : `failover-${PROXY_TRANSPORT}`, result);
     log(
       `\nDowntime median: planned ${result.downtime.plannedMedianMs} ms, naive ${result.downtime.naiveMedianMs} ms, ` +
         `ratio ${result.downtime.ratioPlannedToNaive} (paired ${result.downtime.medianOfPairedRatios})`,

@@ -34,6 +34,9 @@ export function estateOf(vms: EstateVm[]): EstateInput {
   };
 }
 
+/** How the benchmarks' proxy moves blocks (BENCH_PROXY_TRANSPORT: network, the default, or host-to-host). */
+export const PROXY_TRANSPORT = process.env.BENCH_PROXY_TRANSPORT ?? 'network';
+
 /** Hosts prod-a and dr-a on the lab, one proxy, alice as Backup Administrator, and the given jobs. */
 export function configurationOf(
   labUrl: string,
@@ -47,7 +50,7 @@ export function configurationOf(
         { name: PROD, role: 'production', adapter },
         { name: DR, role: 'dr', adapter },
       ],
-      proxies: [{ name: 'proxy-a', slots: proxySlots }],
+      proxies: [{ name: 'proxy-a', slots: proxySlots, transport: PROXY_TRANSPORT }],
       users: [{ name: USER, roles: ['BackupAdministrator'] }],
       jobs: jobs.map((j) => ({ ...j, targetHost: DR })),
     }),
