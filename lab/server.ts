@@ -245,19 +245,24 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
   const app = Fastify({ bodyLimit: 64 * 1024 * 1024, keepAliveTimeout: 30_000 });
   app.addContentTypeParser('application/octet-stream', (_req, _payload, done) => done(null, undefined));
 
+  /**
+   * A host's injected faults, applied to a call that reaches it: `slow` delays the call, `fail` throws the
+   * injected failure; an unreachable host is returned, for the caller to act on as it can.
+   */
+  const injectedFaults = async (host: string): Promise<'unreachable' | 'reachable'> => {
+    for (const f of faults.active(host)) {
+      if (f.kind === 'unreachable') return 'unreachable';
+      if (f.kind === 'slow') await new Promise((r) => setTimeout(r, f.latencyMs));
+      if (f.kind === 'fail') throw new LabError(f.status, 'host_failure', `host ${host} failed (injected fault)`);
+    }
+    return 'reachable';
+  };
+
   app.addHook('onRequest', async (request, reply) => {
     const host = hostOf(request.url);
-    if (host === null) return;
-    for (const f of faults.active(host)) {
-      if (f.kind === 'unreachable') {
-        request.raw.socket.destroy();
-        return reply;
-      }
-      if (f.kind === 'slow') await new Promise((r) => setTimeout(r, f.latencyMs));
-      if (f.kind === 'fail')
-        return reply
-          .code(f.status)
-          .send({ error: { code: 'host_failure', message: `host ${host} failed (injected fault)` } });
+    if (host !== null && (await injectedFaults(host)) === 'unreachable') {
+      request.raw.socket.destroy();
+      return reply;
     }
   });
 
@@ -275,15 +280,6 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
   });
 
   const cutOf = (host: string): number | undefined => faults.get(host, 'cut')?.afterBytes;
-  /** The faults of a host a call reaches through another host (a host-to-host send's DR end). */
-  const targetHostFaults = async (host: string): Promise<void> => {
-    for (const f of faults.active(host)) {
-      if (f.kind === 'unreachable')
-        throw new LabError(502, 'host_unreachable', `host ${host} unreachable (injected fault)`);
-      if (f.kind === 'slow') await new Promise((r) => setTimeout(r, f.latencyMs));
-      if (f.kind === 'fail') throw new LabError(f.status, 'host_failure', `host ${host} failed (injected fault)`);
-    }
-  };
   const vmOf = (p: { host: string; vm: string }): LabVm => site.vm(p.host, p.vm);
   const replicaOf = (p: { host: string; replica: string }): LabVm => {
     const vm = site.vm(p.host, p.replica);
@@ -454,7 +450,9 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
     at();
     const disk = vm.sourceDisk(p.disk);
     checkExtents(body.extents, disk.sizeBytes, 'body.extents');
-    await targetHostFaults(body.target.host);
+    // The DR end is reached through the source host: an unreachable one is the source host's error to report.
+    if ((await injectedFaults(body.target.host)) === 'unreachable')
+      throw new LabError(502, 'host_unreachable', `host ${body.target.host} unreachable (injected fault)`);
     const layer = site.openPointLayer(replicaOf(body.target), body.target.pointId, body.target.disk);
     checkExtents(body.extents, layer.sizeBytes, 'body.target.disk');
     const cuts = [cutOf(p.host), cutOf(body.target.host)].filter((c): c is number => c !== undefined);
