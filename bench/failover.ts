@@ -5,7 +5,12 @@
 // BENCH_PROXY_TRANSPORT=host-to-host runs it with that proxy transport (→ bench/results/failover-host-to-host.json).
 
 import { startPlannedFailover, startReplicationJob } from '../src/client';
-import { sessionWorkflowId, type PlannedFailoverOptions, type PlannedFailoverSessionResult } from '../src/contract';
+import {
+  sessionWorkflowId,
+  type DowntimeBreakdown,
+  type PlannedFailoverOptions,
+  type PlannedFailoverSessionResult,
+} from '../src/contract';
 import {
   DR,
   estateOf,
@@ -64,17 +69,12 @@ interface Task {
   replicatedAt?: number;
 }
 
-interface PlannedSample {
+/** The session's own downtime breakdown, and what the benchmark adds to it. */
+interface PlannedSample extends DowntimeBreakdown {
   round: number;
   variant: Variant;
   vm: string;
   sinceReplicationMs: number;
-  totalMs: number;
-  guestShutdownMs: number;
-  finalSyncMs: number;
-  switchMs: number;
-  bootMs: number;
-  orchestrationMs: number;
   /** From the request to the workflow's result, pre-sync and bookkeeping included. */
   wallMs: number;
   bytesBeforePowerOff: number;
@@ -171,19 +171,13 @@ async function prepare(env: BenchEnvironment, task: Task): Promise<void> {
 async function measurePlanned(env: BenchEnvironment, task: Task): Promise<PlannedSample> {
   const sinceReplicationMs = performance.now() - task.replicatedAt!;
   const { session, wallMs } = await failOver(env, task.vm, task.variant === 'presync3' ? PRESYNC3 : undefined);
-  const d = session.downtime!;
   const window = await criticalWindow(env, task.vm, sessionWorkflowId(task.vm, session.sessionId));
   return {
     round: task.round,
     variant: task.variant,
     vm: task.vm,
     sinceReplicationMs: Math.round(sinceReplicationMs),
-    totalMs: d.totalMs,
-    guestShutdownMs: d.guestShutdownMs,
-    finalSyncMs: d.finalSyncMs,
-    switchMs: d.switchMs,
-    bootMs: d.bootMs,
-    orchestrationMs: d.orchestrationMs,
+    ...session.downtime!,
     wallMs: Math.round(wallMs),
     bytesBeforePowerOff: session.bytesBeforePowerOff,
     bytesAfterPowerOff: session.bytesAfterPowerOff,
