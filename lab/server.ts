@@ -286,6 +286,18 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
     if (vm.meta.kind !== 'replica') throw conflict(`${vm.name} is not a replica`);
     return vm;
   };
+  /** A read of a source disk at a checkpoint, checked (checkpoint known, extents within the disk) before it starts. */
+  const checkpointRead = (
+    p: { host: string; vm: string; disk: string },
+    body: { checkpointId: string; extents: Extent[] },
+  ) => {
+    const vm = vmOf(p);
+    const at = () => vm.checkpointView(p.disk, body.checkpointId);
+    at();
+    const disk = vm.sourceDisk(p.disk);
+    checkExtents(body.extents, disk.sizeBytes, 'body.extents');
+    return { disk, at };
+  };
   const replicaView = (vm: LabVm, disk: string, v: ReplicaView): View => vm.replicaView(disk, v);
   const pageOf = (blocks: number[], q: { cursor?: string | undefined; limit: number }) => {
     const { extents: list, nextBlock } = blocksToExtents(blocks, q.cursor ? Number(q.cursor) : 0, q.limit);
@@ -386,11 +398,7 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
   app.post('/v1/hosts/:host/vms/:vm/disks/:disk/read', (req, reply) => {
     const p = parse(P.disk, req.params, 'params');
     const body = parse(z.strictObject({ checkpointId: id, extents }), req.body, 'body');
-    const vm = vmOf(p);
-    vm.checkpointView(p.disk, body.checkpointId);
-    const disk = vm.sourceDisk(p.disk);
-    checkExtents(body.extents, disk.sizeBytes, 'body.extents');
-    const at = () => vm.checkpointView(p.disk, body.checkpointId);
+    const { disk, at } = checkpointRead(p, body);
     return streamFrames(
       req,
       reply,
@@ -445,11 +453,7 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
   app.post('/v1/hosts/:host/vms/:vm/disks/:disk/send', async (req) => {
     const p = parse(P.disk, req.params, 'params');
     const body = parse(z.strictObject({ checkpointId: id, extents, target: P.pointDisk }), req.body, 'body');
-    const vm = vmOf(p);
-    const at = () => vm.checkpointView(p.disk, body.checkpointId);
-    at();
-    const disk = vm.sourceDisk(p.disk);
-    checkExtents(body.extents, disk.sizeBytes, 'body.extents');
+    const { disk, at } = checkpointRead(p, body);
     // The DR end is reached through the source host: an unreachable one is the source host's error to report.
     if ((await injectedFaults(body.target.host)) === 'unreachable')
       throw new LabError(502, 'host_unreachable', `host ${body.target.host} unreachable (injected fault)`);
