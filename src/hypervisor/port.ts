@@ -26,6 +26,12 @@ export interface VmInfo {
   kind: 'source' | 'replica';
   powerState: PowerState;
   disks: DiskInfo[];
+  /**
+   * How the VM last went Off, as the host recorded it (Hyper-V's event log, libvirt's shut-off reason): a clean
+   * guest shutdown, or a forced power-off. Null while it has never stopped. A retried shutdown after a worker
+   * crash reads it here instead of guessing.
+   */
+  lastStop: 'guest-shutdown' | 'forced-off' | null;
 }
 
 export interface VmRef {
@@ -76,6 +82,11 @@ export interface CallOptions {
 export interface TransferOptions extends CallOptions {
   /** Called as block data goes out, with the running byte total (for activity heartbeats). */
   onProgress?: (bytes: number) => void;
+}
+
+/** A write that a fence may refuse (see fenceWrites). */
+export interface FencedTransferOptions extends TransferOptions {
+  fence?: string;
 }
 
 export interface PowerResult {
@@ -150,6 +161,11 @@ export interface ReplicaInfo {
   /** The point the replica shows (and boots from); the newest sealed point unless reverted. */
   headPointId: string | null;
   hasRunningLayer: boolean;
+  /**
+   * Permanent failover done: every point merged, the replica is a production VM now. The host refuses to open
+   * restore points on it, whatever the orchestrator believes.
+   */
+  consolidated: boolean;
 }
 
 export interface WriteResult {
@@ -184,6 +200,7 @@ export interface HypervisorPort {
   // Power (source and replica VMs alike; every call is idempotent)
   shutdownGuest(ref: VmRef, timeoutMs: number, options?: CallOptions): Promise<ShutdownResult>;
   powerOff(ref: VmRef, options?: CallOptions): Promise<PowerResult>;
+  /** Starts the VM and waits for its boot, however long the boot takes (callers heartbeat meanwhile). */
   powerOn(ref: VmRef, options?: CallOptions): Promise<PowerResult>;
 
   // Checkpoints and change tracking on a source VM
@@ -217,7 +234,13 @@ export interface HypervisorPort {
   readExtents(ref: DiskRef, checkpointId: string, extents: Extent[], options?: CallOptions): AsyncIterable<ExtentData>;
   readCanary(ref: VmRef, checkpointId: string, options?: CallOptions): Promise<CanaryReading>;
   /** Writes blocks into a powered-off VM's disk (failback ships the replica's changes back). */
-  writeExtents(ref: DiskRef, data: AsyncIterable<ExtentData>, options?: TransferOptions): Promise<WriteResult>;
+  writeExtents(ref: DiskRef, data: AsyncIterable<ExtentData>, options?: FencedTransferOptions): Promise<WriteResult>;
+  /**
+   * Sets the VM's write fence: from now on writeExtents is refused (ConflictError, checked for every piece) unless
+   * it carries this token. A writer that was given up for dead (a partitioned proxy) can then no longer change a
+   * disk that was verified after it left. Idempotent.
+   */
+  fenceWrites(ref: VmRef, token: string, options?: CallOptions): Promise<void>;
 
   // Replica side on a DR host
   createReplica(
@@ -251,8 +274,19 @@ export interface HypervisorPort {
     extents: Extent[],
     options?: TransferOptions,
   ): Promise<WriteResult>;
-  /** Flushes the point to stable storage and makes it the head; idempotent. */
-  sealRestorePoint(ref: ReplicaRef, pointId: string, options?: CallOptions): Promise<RestorePointInfo>;
+  /**
+   * Flushes the point to stable storage and makes it the head; idempotent. `metadata` is merged into the point's
+   * own (what is only known once its data is in: the source instant, the reference point). Writes still in flight
+   * into the point are refused from the seal on.
+   */
+  sealRestorePoint(
+    ref: ReplicaRef,
+    pointId: string,
+    seal?: { metadata?: Record<string, string> },
+    options?: CallOptions,
+  ): Promise<RestorePointInfo>;
+  /** Drops a point that was opened and never sealed (an abandoned copy); a sealed point is refused. Idempotent. */
+  discardRestorePoint(ref: ReplicaRef, pointId: string, options?: CallOptions): Promise<void>;
   listRestorePoints(ref: ReplicaRef, options?: CallOptions): Promise<RestorePointInfo[]>;
   /** Makes the replica show (and boot from) that point; later points are kept. Replica must be off. */
   revertReplica(ref: ReplicaRef, pointId: string, options?: CallOptions): Promise<ReplicaInfo>;
