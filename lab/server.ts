@@ -52,11 +52,14 @@ const page = z.strictObject({
   cursor: z.string().regex(/^\d+$/, 'a cursor returned by a previous page').optional(),
   limit: z.coerce.number().int().min(1).max(100_000).default(4096),
 });
+const pointMetadata = z.record(z.string().max(128), z.string().max(4096));
 const pointSpec = z.strictObject({
   kind: z.string().min(1).max(64),
   crashConsistent: z.boolean(),
-  metadata: z.record(z.string().max(128), z.string().max(4096)).optional(),
+  metadata: pointMetadata.optional(),
 });
+/** An opaque write-fence token (an orchestrator's session or attempt id). */
+const fenceToken = z.string().regex(/^[\x21-\x7e]{1,256}$/, 'printable ASCII without spaces (max 256)');
 const view = z.union([z.strictObject({ pointId: id }), z.strictObject({ running: z.literal(true) })]);
 const viewQuery = z
   .strictObject({ pointId: id.optional(), running: z.enum(['true']).optional() })
@@ -414,13 +417,25 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
   });
   app.post('/v1/hosts/:host/vms/:vm/disks/:disk/write', async (req) => {
     const p = parse(P.disk, req.params, 'params');
+    const q = parse(z.strictObject({ fence: fenceToken.optional() }), req.query, 'query');
     const vm = vmOf(p);
     const disk = vm.sourceDisk(p.disk);
     if (vm.meta.powerState !== 'Off') throw conflict(`${vm.name} is ${vm.meta.powerState}; writes need it Off`);
     // Source disk writes go through copy-on-write bookkeeping that takes one buffer per run.
     const write = (piece: FramePiece) =>
-      site.writeSourceDisk(vm, p.disk, { offset: piece.offset, data: Buffer.concat(piece.parts, piece.length) });
+      site.writeSourceDisk(
+        vm,
+        p.disk,
+        { offset: piece.offset, data: Buffer.concat(piece.parts, piece.length) },
+        q.fence,
+      );
     return { bytesWritten: await receiveFrames(req, disk.sizeBytes, write, cutOf(p.host)) };
+  });
+  app.put('/v1/hosts/:host/vms/:vm/write-fence', async (req, reply) => {
+    const p = parse(P.vm, req.params, 'params');
+    const body = parse(z.strictObject({ token: fenceToken }), req.body, 'body');
+    await site.exclusive(p.vm, () => site.fenceWrites(vmOf(p), body.token));
+    return reply.code(204).send();
   });
 
   // Replica side --------------------------------------------------------------------------------
@@ -445,7 +460,7 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
     const p = parse(P.pointDisk, req.params, 'params');
     const vm = replicaOf(p);
     const layer = site.openPointLayer(vm, p.pointId, p.disk);
-    const write = (piece: FramePiece) => layer.write(piece.offset, piece.parts);
+    const write = (piece: FramePiece) => site.writePoint(vm, p.pointId, p.disk, piece.offset, piece.parts);
     return { bytesWritten: await receiveFrames(req, layer.sizeBytes, write, cutOf(p.host)) };
   });
   // Host to host: the source host sends a checkpoint's blocks straight into a restore point on a DR host (QEMU's
@@ -457,7 +472,8 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
     // The DR end is reached through the source host: an unreachable one is the source host's error to report.
     if ((await injectedFaults(body.target.host)) === 'unreachable')
       throw new LabError(502, 'host_unreachable', `host ${body.target.host} unreachable (injected fault)`);
-    const layer = site.openPointLayer(replicaOf(body.target), body.target.pointId, body.target.disk);
+    const target = replicaOf(body.target);
+    const layer = site.openPointLayer(target, body.target.pointId, body.target.disk);
     checkExtents(body.extents, layer.sizeBytes, 'body.target.disk');
     const cuts = [cutOf(p.host), cutOf(body.target.host)].filter((c): c is number => c !== undefined);
     const cutAfter = cuts.length > 0 ? Math.min(...cuts) : undefined;
@@ -465,14 +481,20 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
     for await (const piece of site.readExtents(disk.lock, at, body.extents, new BufferRing(body.extents))) {
       if (cutAfter !== undefined && bytesWritten + piece.data.length > cutAfter)
         throw new LabError(502, 'transfer_interrupted', `transfer cut after ${bytesWritten} bytes (injected fault)`);
-      await layer.write(piece.offset, piece.data);
+      await site.writePoint(target, body.target.pointId, body.target.disk, piece.offset, piece.data);
       bytesWritten += piece.data.length;
     }
     return { bytesWritten };
   });
   app.post('/v1/hosts/:host/replicas/:replica/points/:pointId/seal', async (req) => {
     const p = parse(P.point, req.params, 'params');
-    return site.exclusive(p.replica, () => site.sealPoint(replicaOf(p), p.pointId));
+    const body = parse(z.strictObject({ metadata: pointMetadata.optional() }), req.body, 'body');
+    return site.exclusive(p.replica, () => site.sealPoint(replicaOf(p), p.pointId, body.metadata));
+  });
+  app.delete('/v1/hosts/:host/replicas/:replica/points/:pointId', async (req, reply) => {
+    const p = parse(P.point, req.params, 'params');
+    await site.exclusive(p.replica, () => site.discardPoint(replicaOf(p), p.pointId));
+    return reply.code(204).send();
   });
   app.post('/v1/hosts/:host/replicas/:replica/points/:pointId/merge', async (req) => {
     const p = parse(P.point, req.params, 'params');

@@ -21,7 +21,7 @@ import {
   type VmInfo,
 } from '../src/hypervisor/port';
 import { ReplicaDisk, SourceDisk } from './disks';
-import { Mutex } from './lock';
+import { Mutex, WriteGate } from './lock';
 import { conflict, LabError, notFound, trackingLost } from './errors';
 import { guestProfile, type Estate } from './estate';
 import { canaryBlock, GuestWorkload, readCanarySequence, type GuestProfile } from './guest';
@@ -70,6 +70,10 @@ interface VmMeta {
   profile: GuestProfile;
   shutdownMs: number;
   bootMs: number;
+  /** How it last went Off; absent in state files written before it was recorded. */
+  lastStop?: VmInfo['lastStop'];
+  /** Source-disk writes must carry this token once it is set (see fenceWrites). */
+  writeFence?: string;
   checkpoints: CheckpointMeta[];
   referencePoints: ReferencePointMeta[];
   replica?: ReplicaMeta;
@@ -142,6 +146,8 @@ class LabVm {
   /** Counts hard stops, so a boot that was in flight during one knows to give up. */
   private haltEpoch = 0;
   private sleeps = new Set<{ timer: NodeJS.Timeout; resolve: (done: boolean) => void }>();
+  /** Writes into each open restore point; closed by its seal or drop. */
+  private readonly pointGates = new Map<string, WriteGate>();
 
   constructor(
     readonly site: LabSite,
@@ -166,7 +172,19 @@ class LabVm {
       kind: this.meta.kind,
       powerState: this.meta.powerState,
       disks: this.meta.disks,
+      lastStop: this.meta.lastStop ?? null,
     };
+  }
+
+  pointGate(pointId: string): WriteGate {
+    let gate = this.pointGates.get(pointId);
+    if (!gate) this.pointGates.set(pointId, (gate = new WriteGate()));
+    return gate;
+  }
+
+  /** Forgets the gate of a point that is gone, so that a new point of that id starts open. */
+  dropPointGate(pointId: string): void {
+    this.pointGates.delete(pointId);
   }
 
   sourceDisk(id: string): SourceDisk {
@@ -268,6 +286,7 @@ class LabVm {
         await this.guest?.stop(true);
         this.guest = null;
         this.meta.powerState = 'Off';
+        this.meta.lastStop = 'guest-shutdown';
         await this.site.persist();
       })().finally(() => (this.shutdown = null));
     }
@@ -286,6 +305,7 @@ class LabVm {
     if (this.meta.powerState === 'Off') return { state: 'Off', alreadyInState: true };
     await this.halt();
     this.meta.powerState = 'Off';
+    this.meta.lastStop = 'forced-off';
     await this.site.persist();
     return { state: 'Off', alreadyInState: false };
   }
@@ -352,6 +372,7 @@ class LabVm {
       points: r.points.map((p) => this.pointInfo(p)),
       headPointId: r.headPointId,
       hasRunningLayer: r.running,
+      consolidated: r.consolidated,
     };
   }
 }
@@ -697,10 +718,28 @@ export class LabSite {
     return d.changedBlocks(since, checkpointId);
   }
 
-  /** Writes into a powered-off source VM's disk (failback); tracked like guest writes. */
-  async writeSourceDisk(vm: LabVm, disk: string, frame: ExtentData): Promise<void> {
-    if (vm.meta.powerState !== 'Off') throw conflict(`${vm.name} is ${vm.meta.powerState}; writes need it Off`);
-    await vm.sourceDisk(disk).write([frame]);
+  /**
+   * Writes one piece into a powered-off source VM's disk (failback); tracked like guest writes. Checked under the
+   * disk lock, so that once fenceWrites has returned no write with an older token lands.
+   */
+  async writeSourceDisk(vm: LabVm, disk: string, frame: ExtentData, fence: string | undefined): Promise<void> {
+    const d = vm.sourceDisk(disk);
+    await d.lock.run(async () => {
+      if (vm.meta.powerState !== 'Off') throw conflict(`${vm.name} is ${vm.meta.powerState}; writes need it Off`);
+      if (vm.meta.writeFence !== undefined && fence !== vm.meta.writeFence)
+        throw conflict(`writes to ${vm.name} are fenced: this writer's fence token is not the current one`);
+      await d.writeLocked([frame]);
+    });
+  }
+
+  async fenceWrites(vm: LabVm, token: string): Promise<void> {
+    if (vm.meta.kind !== 'source') throw conflict(`${vm.name} is a replica; write fences guard source VM disks`);
+    if (vm.meta.writeFence === token) return;
+    // Taking every disk lock waits out the writes admitted under the previous fence.
+    await lockAll([...vm.source.values()], async () => {
+      vm.meta.writeFence = token;
+    });
+    await this.persist();
   }
 
   // Block reads ---------------------------------------------------------------------------------
@@ -763,8 +802,13 @@ export class LabSite {
     return this.vm(host, name).replicaInfo();
   }
 
+  private refuseConsolidated(vm: LabVm, what: string): void {
+    if (vm.replica.consolidated) throw conflict(`${vm.name} is permanently failed over (consolidated): ${what}`);
+  }
+
   async beginPoint(vm: LabVm, id: string, spec: RestorePointSpec): Promise<RestorePointInfo> {
     const r = vm.replica;
+    this.refuseConsolidated(vm, 'no restore point can be opened on it');
     const existing = r.points.find((p) => p.id === id);
     if (existing) return vm.pointInfo(existing);
     if (r.running) throw conflict(`${vm.name} has a running layer (failed over); undo or commit it first`);
@@ -781,26 +825,52 @@ export class LabSite {
     return vm.pointInfo(meta);
   }
 
+  /** The layer of an open point that writes may go to; refused once the point is sealed (or being sealed). */
   openPointLayer(vm: LabVm, pointId: string, disk: string): Layer {
     const p = vm.replica.points.find((x) => x.id === pointId);
     if (!p) throw notFound(`restore point ${vm.name}/${pointId}`, 'pointId');
-    if (p.sealed) throw conflict(`restore point ${pointId} is sealed`);
+    if (p.sealed || vm.pointGate(pointId).closed) throw conflict(`restore point ${pointId} is sealed`);
     return vm.replicaDisk(disk).points.get(pointId)!;
   }
 
-  async sealPoint(vm: LabVm, id: string): Promise<RestorePointInfo> {
+  /**
+   * Writes one piece of an upload or a send into an open point. Checked for every piece, so that a writer that
+   * was given up for dead (a partitioned proxy) stops at the seal instead of changing a sealed point.
+   */
+  writePoint(
+    vm: LabVm,
+    pointId: string,
+    disk: string,
+    offset: number,
+    data: Buffer | readonly Buffer[],
+  ): Promise<void> {
+    const layer = this.openPointLayer(vm, pointId, disk);
+    return vm.pointGate(pointId).track(layer.write(offset, data));
+  }
+
+  async sealPoint(vm: LabVm, id: string, metadata: Record<string, string> = {}): Promise<RestorePointInfo> {
     const p = vm.replica.points.find((x) => x.id === id);
     if (!p) throw notFound(`restore point ${vm.name}/${id}`, 'pointId');
     if (!p.sealed) {
-      for (const d of vm.replicaDisks.values()) await d.points.get(id)!.sync();
+      const gate = vm.pointGate(id);
+      await gate.close();
+      try {
+        for (const d of vm.replicaDisks.values()) await d.points.get(id)!.sync();
+      } catch (e) {
+        gate.closed = false; // not sealed: the copy may go on and the seal be retried
+        throw e;
+      }
+      p.metadata = { ...p.metadata, ...metadata };
       p.sealed = true;
       vm.replica.headPointId = id;
       await this.persist();
+      vm.dropPointGate(id);
     }
     return vm.pointInfo(p);
   }
 
   async revert(vm: LabVm, pointId: string): Promise<ReplicaInfo> {
+    this.refuseConsolidated(vm, 'it cannot be reverted');
     const p = vm.replica.points.find((x) => x.id === pointId);
     if (!p) throw notFound(`restore point ${vm.name}/${pointId}`, 'pointId');
     if (!p.sealed) throw conflict(`restore point ${pointId} is not sealed`);
@@ -826,6 +896,8 @@ export class LabSite {
   }
 
   async consolidate(vm: LabVm): Promise<ReplicaInfo> {
+    // Open points are dropped by the consolidation: their writers stop first.
+    for (const p of vm.replica.points.filter((x) => !x.sealed)) await vm.pointGate(p.id).close();
     vm.replica.merging = CONSOLIDATING;
     await this.persist();
     await this.finishMerge(vm);
@@ -884,6 +956,7 @@ export class LabSite {
 
   async sealRunning(vm: LabVm, id: string, spec: RestorePointSpec): Promise<RestorePointInfo> {
     const r = vm.replica;
+    this.refuseConsolidated(vm, 'its running state is its base, there is no running layer to seal');
     const existing = r.points.find((p) => p.id === id);
     if (existing) return vm.pointInfo(existing);
     if (vm.meta.powerState !== 'Off') throw conflict(`${vm.name} is ${vm.meta.powerState}; power it off first`);
@@ -909,7 +982,16 @@ export class LabSite {
     return vm.pointInfo(meta);
   }
 
+  /** Drops a point that was opened and never sealed; a sealed one is refused, an unknown one is gone already. */
+  async discardPoint(vm: LabVm, id: string): Promise<void> {
+    const p = vm.replica.points.find((x) => x.id === id);
+    if (!p) return;
+    if (p.sealed) throw conflict(`restore point ${id} is sealed; only an open point can be discarded`);
+    await this.dropPoint(vm, id);
+  }
+
   private async dropPoint(vm: LabVm, id: string): Promise<void> {
+    await vm.pointGate(id).close();
     const layers: Layer[] = [];
     for (const d of vm.replicaDisks.values()) {
       const l = d.points.get(id);
@@ -919,6 +1001,7 @@ export class LabSite {
     vm.replica.points = vm.replica.points.filter((p) => p.id !== id);
     await this.persist();
     for (const l of layers) await l.destroy();
+    vm.dropPointGate(id);
   }
 
   // Backups -------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import type {
   Extent,
   ExtentData,
   ExtentPage,
+  FencedTransferOptions,
   HostInfo,
   HypervisorPort,
   PageRequest,
@@ -473,8 +474,20 @@ export class LabHypervisor implements HypervisorPort {
     });
   }
 
-  async writeExtents(ref: DiskRef, data: AsyncIterable<ExtentData>, o?: TransferOptions): Promise<WriteResult> {
-    return this.uploadJson(`${this.vmPath(ref)}/disks/${seg(ref.disk)}/write`, ref.host, data, o);
+  async writeExtents(ref: DiskRef, data: AsyncIterable<ExtentData>, o?: FencedTransferOptions): Promise<WriteResult> {
+    return this.uploadJson(`${this.vmPath(ref)}/disks/${seg(ref.disk)}/write`, ref.host, data, o, {
+      fence: o?.fence,
+    });
+  }
+
+  async fenceWrites(ref: VmRef, token: string, o?: CallOptions): Promise<void> {
+    await this.t.json({
+      method: 'PUT',
+      path: `${this.vmPath(ref)}/write-fence`,
+      host: ref.host,
+      json: { token },
+      signal: o?.signal,
+    });
   }
 
   createReplica(ref: ReplicaRef, spec: { sourceVm: string; disks: DiskInfo[] }, o?: CallOptions): Promise<ReplicaInfo> {
@@ -537,10 +550,25 @@ export class LabHypervisor implements HypervisorPort {
     return result;
   }
 
-  sealRestorePoint(ref: ReplicaRef, pointId: string, o?: CallOptions): Promise<RestorePointInfo> {
+  sealRestorePoint(
+    ref: ReplicaRef,
+    pointId: string,
+    seal?: { metadata?: Record<string, string> },
+    o?: CallOptions,
+  ): Promise<RestorePointInfo> {
     return this.t.json({
       method: 'POST',
       path: `${this.replicaPath(ref)}/points/${seg(pointId)}/seal`,
+      host: ref.host,
+      json: { metadata: seal?.metadata },
+      signal: o?.signal,
+    });
+  }
+
+  async discardRestorePoint(ref: ReplicaRef, pointId: string, o?: CallOptions): Promise<void> {
+    await this.t.json({
+      method: 'DELETE',
+      path: `${this.replicaPath(ref)}/points/${seg(pointId)}`,
       host: ref.host,
       signal: o?.signal,
     });
@@ -694,6 +722,7 @@ export class LabHypervisor implements HypervisorPort {
     host: string,
     data: AsyncIterable<ExtentData>,
     o?: TransferOptions,
+    query?: RequestSpec['query'],
   ): Promise<WriteResult> {
     // A lab block stream is forwarded as framed bytes; anything else is framed here.
     const body: FramedBody =
@@ -702,7 +731,7 @@ export class LabHypervisor implements HypervisorPort {
         : { stream: Readable.from(encodeFrames(data)), failure: (e) => asError(e) };
     try {
       const res = await this.t.send(
-        { method: 'POST', path, host, body, signal: o?.signal, onProgress: o?.onProgress },
+        { method: 'POST', path, host, query, body, signal: o?.signal, onProgress: o?.onProgress },
         true,
       );
       const raw = await this.t.readAll(res, { method: 'POST', path, host }, `POST ${path}`);

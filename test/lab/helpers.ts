@@ -138,6 +138,32 @@ export function blocksDiffering(a: Buffer, b: Buffer): number[] {
 
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
+/** Waits until `condition` holds, checking every 10 ms; fails after `timeoutMs`. */
+export async function until(condition: () => Promise<boolean>, what: string, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await condition())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting until ${what}`);
+    await sleep(10);
+  }
+}
+
+/** Yields one block-sized piece per `pauseMs`, like a slow (or stalled) copier; counts what it handed out. */
+export function slowBlocks(
+  firstBlock: number,
+  contents: Buffer[],
+  pauseMs: number,
+): { stream: AsyncGenerator<ExtentData>; yielded: () => number } {
+  let yielded = 0;
+  async function* stream(): AsyncGenerator<ExtentData> {
+    for (const [i, data] of contents.entries()) {
+      yield { offset: (firstBlock + i) * BLOCK_SIZE, data };
+      yielded++;
+      await sleep(pauseMs);
+    }
+  }
+  return { stream: stream(), yielded: () => yielded };
+}
+
 export async function* single(offset: number, data: Buffer): AsyncGenerator<ExtentData> {
   yield await Promise.resolve({ offset, data });
 }

@@ -1,4 +1,6 @@
 import assert from 'node:assert/strict';
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { verifyGuestBlock } from '../../lab/guest';
 import { BLOCK_SIZE } from '../../src/hypervisor/port';
@@ -30,6 +32,7 @@ describe('power and backups', () => {
   const canary = async () => (await t.control.readBlock('vm1', 'os', CANARY)).readDoubleBE(8);
 
   test('guest shutdown takes its time, flushes the canary, and is idempotent', async () => {
+    assert.equal((await t.port.getVm(vm)).lastStop, null, 'a VM that never stopped');
     await sleep(100);
     const short = await t.port.shutdownGuest(vm, 50);
     assert.deepEqual(short, { outcome: 'timed-out', state: 'Stopping' });
@@ -45,6 +48,7 @@ describe('power and backups', () => {
     assert.ok(last > 0);
     assert.deepEqual(await t.port.shutdownGuest(vm, 1000), { outcome: 'already-off', state: 'Off' });
     assert.deepEqual(await t.port.powerOff(vm), { state: 'Off', alreadyInState: true });
+    assert.equal((await t.port.getVm(vm)).lastStop, 'guest-shutdown', 'a power-off of an Off VM changes nothing');
   });
 
   test('power-on takes the boot time (Starting), then the guest writes again', async () => {
@@ -59,7 +63,9 @@ describe('power and backups', () => {
   });
 
   test('hard power-off stops writes at once', async () => {
+    assert.equal((await t.port.getVm(vm)).lastStop, 'guest-shutdown', 'running again, it keeps how it last stopped');
     await t.port.powerOff(vm);
+    assert.equal((await t.port.getVm(vm)).lastStop, 'forced-off');
     const snapshot = await Promise.all(
       Array.from({ length: SIZE / BLOCK_SIZE }, (_, b) => t.control.readBlock('vm1', 'os', b)),
     );
@@ -103,5 +109,23 @@ describe('power and backups', () => {
     assert.deepEqual(await t.port.writeExtents({ ...nv, disk: 'os' }, blocks()), { bytesWritten: data.length });
     assert.ok((await t.control.readBlock('restored01', 'os', 4)).equals(data.subarray(BLOCK_SIZE)));
     await assert.rejects(t.port.writeExtents({ ...vm, disk: 'os' }, blocks()), { name: 'ConflictError' });
+  });
+
+  test('how a VM last stopped survives a restart; a state file from before it was recorded reads null', async () => {
+    const lastStops = async () =>
+      Object.fromEntries((await t.port.listVms(PROD)).map((v) => [v.name, v.lastStop] as const));
+    const before1 = await lastStops();
+    assert.deepEqual(before1, { vm1: 'forced-off', restored01: null });
+    await t.lab.stop();
+    await t.restart();
+    assert.deepEqual(await lastStops(), before1);
+
+    await t.lab.stop();
+    const statePath = join(t.dataDir, 'state.json');
+    const state = JSON.parse(await readFile(statePath, 'utf8')) as { vms: { lastStop?: string }[] };
+    for (const v of state.vms) delete v.lastStop;
+    await writeFile(statePath, JSON.stringify(state));
+    await t.restart();
+    assert.deepEqual(await lastStops(), { vm1: null, restored01: null });
   });
 });

@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
+import { ConflictError } from '../../src/hypervisor/errors';
 import { BLOCK_SIZE, type ExtentData, type ReplicaView } from '../../src/hypervisor/port';
 import {
   allPages,
@@ -158,6 +159,7 @@ describe('replica chains', () => {
     await t.port.shutdownGuest({ host: DR, vm: rep.replica }, 5000);
     const running = await t.port.getReplica(rep);
     assert.equal(running.hasRunningLayer, true);
+    assert.equal(running.consolidated, false);
     const canaryRunning = await t.port.readReplicaCanary(rep, { running: true });
     assert.ok(canaryRunning.sequence > canaryAtHead.sequence, 'the replica guest continued the sequence');
 
@@ -210,10 +212,34 @@ describe('replica chains', () => {
     const info = await t.port.consolidateReplica(rep);
     assert.deepEqual(info.points, []);
     assert.equal(info.hasRunningLayer, false);
+    assert.equal(info.consolidated, true);
     for (const d of DISKS)
       assert.deepEqual(
         blocksDiffering(await readReplica(d.id, { running: true }, d.sizeBytes), beforeConsolidate[d.id]!),
         [],
       );
+  });
+
+  test('a consolidated replica refuses a new point, a running-layer seal and a revert', async () => {
+    const permanentlyFailedOver = (e: unknown) => {
+      assert.ok(e instanceof ConflictError, `expected ConflictError, got ${String(e)}`);
+      assert.match(e.message, /permanently failed over/);
+      return true;
+    };
+    const before1 = await t.port.getReplica(rep);
+    assert.equal(before1.consolidated, true);
+    await assert.rejects(
+      t.port.beginRestorePoint(rep, 'p-after', { kind: 'regular', crashConsistent: true }),
+      permanentlyFailedOver,
+    );
+    await t.port.powerOn({ host: DR, vm: rep.replica });
+    await t.port.powerOff({ host: DR, vm: rep.replica });
+    await assert.rejects(
+      t.port.sealRunningLayer(rep, 'protective-2', { kind: 'failback-protective', crashConsistent: true }),
+      permanentlyFailedOver,
+    );
+    await assert.rejects(t.port.revertReplica(rep, 'p5'), permanentlyFailedOver);
+    const after1 = await t.port.getReplica(rep);
+    assert.deepEqual([after1.points, after1.headPointId, after1.consolidated], [[], null, true]);
   });
 });

@@ -27,9 +27,11 @@ describe('bad requests get a 4xx naming the field and change nothing', () => {
 
   async function snapshot(): Promise<string> {
     const res = await fetch(`${t.lab.url}/v1/hosts/${PROD}/vms`);
+    // The test power-cycles vm1 itself to write to it: how it last stopped is not the bad requests' doing.
+    const vms = ((await res.json()) as { lastStop?: unknown }[]).map(({ lastStop: _, ...v }) => v);
     const replica = await t.port.getReplica(rep);
     const refs = await t.port.listReferencePoints(src);
-    return JSON.stringify([await res.json(), replica, refs]);
+    return JSON.stringify([vms, replica, refs]);
   }
 
   test('through the adapter', async () => {
