@@ -3,7 +3,7 @@ import { NativeConnection, type NativeConnectionOptions, type Worker, type Worke
 import { createActivities } from './activities';
 import type { Configuration } from './config/schema';
 import type { HypervisorPort } from './hypervisor/port';
-import { createWorkers } from './worker';
+import { createWorkers, type WorkerRoles } from './worker';
 
 export interface OrchestratorOptions {
   /** As envconfig gives them: usable by the worker's native connection and the client alike. */
@@ -12,6 +12,8 @@ export interface OrchestratorOptions {
   config: Configuration;
   port: HypervisorPort;
   workflowBundle?: WorkerOptions['workflowBundle'];
+  /** Which workers this process runs; all of them by default. */
+  roles?: WorkerRoles;
 }
 
 /** A client and the orchestrator's workers, wired to one hypervisor port: what the demo, scripts and tests run. */
@@ -42,6 +44,7 @@ export async function createOrchestrator(options: OrchestratorOptions): Promise<
         config,
         activities: createActivities({ port, config, client }),
         workflowBundle: options.workflowBundle,
+        roles: options.roles,
       });
       running = Promise.all(workers.map((w) => w.run()));
     },

@@ -4,15 +4,14 @@ import {
   type Client,
   type ScheduleOptionsAction,
 } from '@temporalio/client';
-import type { Configuration, JobConfig } from './config/schema';
+import { SCHEDULER_USER, type Configuration, type JobConfig } from './config/schema';
 import { TASK_QUEUE, WorkflowTypes, type ReplicationJobInput } from './contract';
 
 /** Schedules of replication jobs have ids of their own prefix, so a sync knows which ones it owns. */
 export const jobScheduleId = (job: string): string => `job-schedule/${job}`;
 const PREFIX = 'job-schedule/';
 
-/** Who scheduled runs are recorded as requested by. */
-export const SCHEDULER_USER = 'scheduler';
+export { SCHEDULER_USER };
 
 function action(job: JobConfig): ScheduleOptionsAction {
   const input: ReplicationJobInput = {
@@ -38,9 +37,15 @@ export interface ScheduleSync {
 
 /**
  * Makes the Temporal Schedules of replication jobs match the configuration: one per job with a schedule,
- * none for the others. A run still going when the next is due is skipped, not stacked.
+ * none for the others. A run still going when the next is due is skipped, not stacked. `createOnly` (what a
+ * worker does at start-up) only creates the missing ones: a worker started with an older configuration must
+ * neither undo newer schedules nor delete them; making them match is the operator's `failover schedules`.
  */
-export async function syncJobSchedules(client: Client, config: Configuration): Promise<ScheduleSync> {
+export async function syncJobSchedules(
+  client: Client,
+  config: Configuration,
+  mode: 'match' | 'createOnly' = 'match',
+): Promise<ScheduleSync> {
   const wanted = new Map(config.jobs.filter((j) => j.schedule).map((j) => [jobScheduleId(j.name), j]));
   const existing = new Set<string>();
   for await (const s of client.schedule.list()) if (s.scheduleId.startsWith(PREFIX)) existing.add(s.scheduleId);
@@ -49,6 +54,7 @@ export async function syncJobSchedules(client: Client, config: Configuration): P
     const spec = { intervals: [{ every: job.schedule!.every }] };
     const policies = { overlap: ScheduleOverlapPolicy.SKIP, catchupWindow: '1 minute' };
     if (existing.has(scheduleId)) {
+      if (mode === 'createOnly') continue;
       await client.schedule
         .getHandle(scheduleId)
         .update((previous) => ({ ...previous, spec, action: action(job), policies }));
@@ -59,7 +65,7 @@ export async function syncJobSchedules(client: Client, config: Configuration): P
     }
   }
   for (const scheduleId of existing) {
-    if (wanted.has(scheduleId)) continue;
+    if (wanted.has(scheduleId) || mode === 'createOnly') continue;
     await client.schedule
       .getHandle(scheduleId)
       .delete()

@@ -11,6 +11,14 @@ import { createLogger } from './logging';
 
 export const DEFAULT_CONFIG_PATH = 'config/planned-failover.yaml';
 
+/** Which workers a process runs: the orchestration (workflows and control activities) and which proxies. */
+export interface WorkerRoles {
+  orchestration: boolean;
+  proxies: 'all' | string[];
+}
+
+export const ALL_ROLES: WorkerRoles = { orchestration: true, proxies: 'all' };
+
 export interface OrchestratorWorkerOptions {
   connection: NativeConnection;
   namespace: string;
@@ -18,6 +26,7 @@ export interface OrchestratorWorkerOptions {
   activities: Activities;
   /** A pre-built bundle (tests build it once); otherwise the workflows are bundled at start. */
   workflowBundle?: WorkerOptions['workflowBundle'];
+  roles?: WorkerRoles;
 }
 
 const shutdown = { shutdownGraceTime: '10s', shutdownForceTime: '30s' } as const;
@@ -28,30 +37,35 @@ const shutdown = { shutdownGraceTime: '10s', shutdownForceTime: '30s' } as const
  */
 export async function createWorkers(options: OrchestratorWorkerOptions): Promise<Worker[]> {
   const { connection, namespace, config, activities } = options;
-  const orchestrator = await Worker.create({
-    connection,
-    namespace,
-    taskQueue: TASK_QUEUE,
-    ...(options.workflowBundle
-      ? { workflowBundle: options.workflowBundle }
-      : { workflowsPath: require.resolve('./workflows') }),
-    activities,
-    // Give running activities time to finish or heartbeat before a stop is forced.
-    ...shutdown,
-  });
-  const proxies = await Promise.all(
-    config.proxies.map((proxy) =>
-      Worker.create({
+  const roles = options.roles ?? ALL_ROLES;
+  const orchestrator = roles.orchestration
+    ? await Worker.create({
         connection,
         namespace,
-        taskQueue: proxyTaskQueue(proxy.name),
-        activities: proxyActivities(activities, proxy.transport),
-        maxConcurrentActivityTaskExecutions: proxy.slots,
+        taskQueue: TASK_QUEUE,
+        ...(options.workflowBundle
+          ? { workflowBundle: options.workflowBundle }
+          : { workflowsPath: require.resolve('./workflows') }),
+        activities,
+        // Give running activities time to finish or heartbeat before a stop is forced.
         ...shutdown,
-      }),
-    ),
+      })
+    : undefined;
+  const proxies = await Promise.all(
+    config.proxies
+      .filter((proxy) => roles.proxies === 'all' || roles.proxies.includes(proxy.name))
+      .map((proxy) =>
+        Worker.create({
+          connection,
+          namespace,
+          taskQueue: proxyTaskQueue(proxy.name),
+          activities: proxyActivities(activities, proxy.transport),
+          maxConcurrentActivityTaskExecutions: proxy.slots,
+          ...shutdown,
+        }),
+      ),
   );
-  return [orchestrator, ...proxies];
+  return [...(orchestrator ? [orchestrator] : []), ...proxies];
 }
 
 async function main(): Promise<void> {
@@ -67,9 +81,10 @@ async function main(): Promise<void> {
     port,
   });
   try {
-    // Every worker keeps the job schedules in step with the configuration it was started with.
-    const schedules = await syncJobSchedules(orchestrator.client, config);
-    Runtime.instance().logger.info('Job schedules in step with the configuration', { ...schedules });
+    // A worker creates the schedules its configuration names and nobody created yet; `failover schedules` makes
+    // them match the configuration (a worker started with an older one must not undo newer schedules).
+    const schedules = await syncJobSchedules(orchestrator.client, config, 'createOnly');
+    Runtime.instance().logger.info('Missing job schedules created', { ...schedules });
     await orchestrator.startWorkers();
     Runtime.instance().logger.info('Workers polling', {
       address: settings.address,

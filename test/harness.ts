@@ -19,6 +19,7 @@ import {
 } from '../src/contract';
 import { createLogger } from '../src/logging';
 import { createOrchestrator, type Orchestrator } from '../src/orchestrator';
+import type { WorkerRoles } from '../src/worker';
 import { startTestLab, type TestLab } from './lab/helpers';
 
 const run = promisify(execFile);
@@ -37,10 +38,10 @@ export async function temporal(namespace: string, ...args: string[]): Promise<{ 
   return run(temporalCli(), [...args, '--address', temporalAddress(), '--namespace', namespace]);
 }
 
-export async function createTestNamespace(): Promise<string> {
+export async function createTestNamespace(server = temporalAddress()): Promise<string> {
   const namespace = `test-${randomUUID().slice(0, 8)}`;
   const cli = temporalCli();
-  const address = ['--address', temporalAddress()];
+  const address = ['--address', server];
   await run(cli, ['operator', 'namespace', 'create', ...address, '--namespace', namespace, '--retention', '24h']);
   const attributes = Object.values(SearchAttributes).flatMap((key) => ['--name', key.name, '--type', 'Keyword']);
   await run(cli, ['operator', 'search-attribute', 'create', ...address, '--namespace', namespace, ...attributes]);
@@ -49,6 +50,8 @@ export async function createTestNamespace(): Promise<string> {
 
 export interface TestOrchestrator extends Orchestrator {
   lab: TestLab;
+  /** Starts more workers on the same namespace, configuration and lab (a proxy's own worker, say). */
+  startWorkersFor(roles: WorkerRoles): Promise<{ stop(): Promise<void> }>;
 }
 
 /** The demo configuration's shape, pointed at a test lab: jobs and proxies as the test needs them. */
@@ -71,6 +74,7 @@ export function testConfiguration(
         { name: 'carol', roles: ['BackupOperator'] },
         { name: 'dave', roles: ['RestoreOperator'] },
         { name: 'erin', roles: ['BackupViewer'] },
+        { name: 'scheduler', roles: ['BackupOperator'] },
       ],
       ...overrides,
     }),
@@ -84,25 +88,41 @@ let runtimeInstalled = false;
 export async function startOrchestrator(options: {
   estate: EstateInput;
   configure: (labUrl: string) => Configuration;
+  roles?: WorkerRoles;
+  /** Another Temporal server than the run's (host:port), e.g. one with other dynamic configuration. */
+  server?: string;
 }): Promise<TestOrchestrator> {
   if (!runtimeInstalled) {
-    Runtime.install({ logger: createLogger('WARN') });
+    Runtime.install({ logger: createLogger('ERROR') });
     runtimeInstalled = true;
   }
-  const namespace = await createTestNamespace();
+  const server = options.server ?? temporalAddress();
+  const namespace = await createTestNamespace(server);
   const lab = await startTestLab(options.estate);
-  const orchestrator = await createOrchestrator({
-    connectionOptions: { address: temporalAddress() },
-    namespace,
-    config: options.configure(lab.lab.url),
-    port: lab.port,
-    workflowBundle: { codePath: required('PF_TEST_WORKFLOW_BUNDLE') },
-  });
+  const config = options.configure(lab.lab.url);
+  const create = (roles: WorkerRoles | undefined) =>
+    createOrchestrator({
+      connectionOptions: { address: server },
+      namespace,
+      config,
+      port: lab.port,
+      workflowBundle: { codePath: required('PF_TEST_WORKFLOW_BUNDLE') },
+      roles,
+    });
+  const orchestrator = await create(options.roles);
+  const extra: Orchestrator[] = [];
   await orchestrator.startWorkers();
   return {
     ...orchestrator,
     lab,
+    async startWorkersFor(roles) {
+      const more = await create(roles);
+      extra.push(more);
+      await more.startWorkers();
+      return { stop: () => more.close() };
+    },
     async close() {
+      for (const more of extra) await more.close().catch(() => undefined);
       await orchestrator.close();
       await lab.close();
     },

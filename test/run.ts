@@ -1,5 +1,7 @@
 // `npm test [-- files or folders]`: starts one Temporal dev server for the whole run, bundles the workflows
 // once, runs every *.test.ts with Node's test runner, and always stops the server, also on failure or Ctrl-C.
+// PF_TEST_SUGGEST_CONTINUE_AS_NEW=<events> starts the server with that continue-as-new suggestion, so that the
+// long-lived entities continue as new many times during the run (CI runs the integration tests once so).
 import { spawn } from 'node:child_process';
 import { mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -20,8 +22,17 @@ function testFiles(paths: string[]): string[] {
   return found;
 }
 
+function suggestedContinueAsNew(): number | undefined {
+  const value = process.env.PF_TEST_SUGGEST_CONTINUE_AS_NEW;
+  if (value === undefined || value === '') return undefined;
+  if (!/^[1-9]\d*$/.test(value))
+    throw new Error(`PF_TEST_SUGGEST_CONTINUE_AS_NEW must be a whole number of events, not '${value}'`);
+  return Number(value);
+}
+
 async function main(): Promise<number> {
   const started = Date.now();
+  const suggestContinueAsNew = suggestedContinueAsNew();
   const files = testFiles(process.argv.length > 2 ? process.argv.slice(2) : [join(projectRoot, 'test')]);
   if (files.length === 0) throw new Error('No *.test.ts files found.');
 
@@ -48,8 +59,14 @@ async function main(): Promise<number> {
       dbFile: join(workDir, 'temporal.db'),
       logFile: join(workDir, 'server.log'),
       readyTimeoutMs: 120_000,
+      ...(suggestContinueAsNew
+        ? { dynamicConfig: { 'limit.historyCount.suggestContinueAsNew': suggestContinueAsNew } }
+        : {}),
     });
-    console.log(`Temporal dev server for tests at ${server.address} (${((Date.now() - started) / 1000).toFixed(1)} s)`);
+    console.log(
+      `Temporal dev server for tests at ${server.address} (${((Date.now() - started) / 1000).toFixed(1)} s)` +
+        (suggestContinueAsNew ? `, continue-as-new suggested after ${suggestContinueAsNew} events` : ''),
+    );
 
     // Bundling takes seconds; doing it once here saves it in every test file's process.
     const { code } = await bundleWorkflowCode({

@@ -65,6 +65,8 @@ export interface DevServerOptions {
   /** Where the server's own log goes. */
   logFile: string;
   readyTimeoutMs?: number;
+  /** Dynamic configuration of the server, e.g. { 'limit.historyCount.suggestContinueAsNew': 40 }. */
+  dynamicConfig?: Record<string, string | number | boolean>;
 }
 
 export interface DevServer {
@@ -94,6 +96,10 @@ export async function startDevServer(options: DevServerOptions): Promise<DevServ
     '--log-level',
     'warn',
     ...searchAttributeArgs(),
+    ...Object.entries(options.dynamicConfig ?? {}).flatMap(([key, value]) => [
+      '--dynamic-config-value',
+      `${key}=${JSON.stringify(value)}`,
+    ]),
   ];
   // A process group of its own: Ctrl-C in the terminal reaches our process, which stops workers first and the
   // server last, instead of the server dying under workers that are still draining.

@@ -47,6 +47,7 @@ export async function differingBlocks(
   a: DigestReader,
   b: DigestReader,
   within: readonly Extent[],
+  onCompared?: (blocks: number) => void,
 ): Promise<{ extents: Extent[]; blocksCompared: number }> {
   const extents: Extent[] = [];
   let blocksCompared = 0;
@@ -56,6 +57,7 @@ export async function differingBlocks(
       const [ours, theirs] = await Promise.all([a(range), b(range)]);
       extents.push(...differingExtents(startBlock, ours.digests, theirs.digests));
       blocksCompared += range.count;
+      onCompared?.(range.count);
     }
   }
   return { extents, blocksCompared };

@@ -5,17 +5,47 @@ import {
   FailureTypes,
   replicaQueries,
   replicaWorkflowId,
+  type FullVerification,
   type InputProblem,
   type VerificationResult,
 } from '../contract';
 import { checkTransition, type ReplicaOperation } from '../domain/replica-state';
 import { checkAccess, type Permission } from '../domain/roles';
 import { TrackingLostError } from '../hypervisor/errors';
-import { BLOCK_SIZE, type Extent, type HypervisorPort, type ReplicaRef, type VmRef } from '../hypervisor/port';
+import {
+  BLOCK_SIZE,
+  type Extent,
+  type HypervisorPort,
+  type PowerState,
+  type ReplicaRef,
+  type VmRef,
+} from '../hypervisor/port';
 import { extentBytes } from './copy-plan';
 import { allPages, differingBlocks } from './extents';
 import { withHypervisorFailures } from './failures';
 import { earlierAttemptStart, heartbeatWhile } from './heartbeat';
+
+/** How many replica entities a planned failover's check asks at once. */
+const QUERY_CONCURRENCY = 16;
+
+/** Runs `task` for every item, at most `limit` at a time; results in the items' order. */
+async function inBatches<T, R>(
+  items: readonly T[],
+  limit: number,
+  task: (item: T, index: number) => Promise<R>,
+): Promise<R[]> {
+  const out = new Array<R>(items.length);
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: Math.min(limit, items.length) }, async () => {
+      while (next < items.length) {
+        const i = next++;
+        out[i] = await task(items[i]!, i);
+      }
+    }),
+  );
+  return out;
+}
 
 /** The VMs of one job in one request: processed one after another, in the order they were named. */
 export interface Lane {
@@ -32,27 +62,31 @@ export function createFailoverActivities(port: HypervisorPort, config: Configura
     requestedBy: string,
     operation: ReplicaOperation,
   ): Promise<InputProblem[]> {
-    const problems: InputProblem[] = [];
     const access = checkAccess(requestedBy, rolesOf(requestedBy), 'failover');
-    if (!access.allowed) problems.push({ path: 'requestedBy', message: access.reason });
     const production = config.hosts.filter((h) => h.role === 'production');
     const onHosts = new Set((await Promise.all(production.map((h) => port.listVms(h.name)))).flat().map((v) => v.name));
-    for (const [i, vm] of vms.entries()) {
+    // Entities are asked side by side: a query of an entity no worker has cached replays its history first.
+    const perVm = await inBatches(vms, QUERY_CONCURRENCY, async (vm, i): Promise<InputProblem[]> => {
       const path = `vms[${i}]`;
+      const problems: InputProblem[] = [];
       const job = config.jobs.find((j) => j.vms.includes(vm));
       if (!job) problems.push({ path, message: `'${vm}' is in no replication job` });
-      if (!onHosts.has(vm)) problems.push({ path, message: `'${vm}' is on none of the production hosts` });
-      if (!job) continue;
+      let view;
       try {
-        const view = await client.workflow.getHandle(replicaWorkflowId(vm)).query(replicaQueries.state);
-        const check = checkTransition(view.restorePoints.length === 0 ? 'Unseeded' : view.state, operation);
-        if (!check.allowed) problems.push({ path, message: `'${vm}': ${check.reason}` });
+        view = await client.workflow.getHandle(replicaWorkflowId(vm)).query(replicaQueries.state);
       } catch (err) {
         if (!(err instanceof WorkflowNotFoundError)) throw err;
-        problems.push({ path, message: `'${vm}' has no replica yet: run job '${job.name}' first` });
       }
-    }
-    return problems;
+      const productionVm = view?.productionVm?.vm ?? vm;
+      if (!onHosts.has(productionVm))
+        problems.push({ path, message: `'${productionVm}' is on none of the production hosts` });
+      if (!job) return problems;
+      if (!view) return [...problems, { path, message: `'${vm}' has no replica yet: run job '${job.name}' first` }];
+      const check = checkTransition(view.restorePoints.length === 0 ? 'Unseeded' : view.state, operation);
+      if (!check.allowed) problems.push({ path, message: `'${vm}': ${check.reason}` });
+      return problems;
+    });
+    return [...(access.allowed ? [] : [{ path: 'requestedBy', message: access.reason }]), ...perVm.flat()];
   }
 
   return {
@@ -103,10 +137,14 @@ export function createFailoverActivities(port: HypervisorPort, config: Configura
         heartbeatWhile(
           async () => {
             const result = await port.shutdownGuest(input.vm, input.timeoutMs, { signal });
-            // Off already, after an earlier attempt of ours began the shutdown: that attempt shut it down.
-            let outcome: 'shut-down' | 'forced-off' | 'already-off' =
-              result.outcome === 'already-off' && earlier === undefined ? 'already-off' : 'shut-down';
-            if (result.outcome === 'timed-out') {
+            let outcome: 'shut-down' | 'forced-off' | 'already-off' = 'shut-down';
+            if (result.outcome === 'already-off' && earlier === undefined) outcome = 'already-off';
+            else if (result.outcome === 'already-off') {
+              // Off already after an earlier attempt of ours: the host recorded whether that was a clean guest
+              // shutdown or the forced power-off after it, which matters for the data's crash consistency.
+              const vm = await port.getVm(input.vm, { signal });
+              outcome = vm.lastStop === 'forced-off' ? 'forced-off' : 'shut-down';
+            } else if (result.outcome === 'timed-out') {
               Context.current().log.warn('Guest shutdown timed out; powering off', {
                 vm: input.vm.vm,
                 timeoutMs: input.timeoutMs,
@@ -135,6 +173,11 @@ export function createFailoverActivities(port: HypervisorPort, config: Configura
           () => ({ startedAt }),
         ),
       );
+    },
+
+    /** The VM's power state now, as its host reports it. */
+    async powerStateOf(input: { vm: VmRef }): Promise<PowerState> {
+      return withHypervisorFailures(async () => (await port.getVm(input.vm)).powerState);
     },
 
     async revertReplica(input: { replica: ReplicaRef; pointId: string }): Promise<void> {
@@ -196,8 +239,59 @@ export function createFailoverActivities(port: HypervisorPort, config: Configura
           sourceCanary: sourceCanary.sequence,
           replicaCanary: replicaCanary.sequence,
           method,
+          covered:
+            method === 'tracked-blocks'
+              ? `the ${blocksCompared} block(s) the final sync copied (change tracking since helper point 1), and the guest canary`
+              : `every block of ${input.disks.length} disk(s) (change tracking was lost), and the guest canary`,
         };
       });
+    },
+
+    /**
+     * Every block of every disk of a restore point against the source at a checkpoint, and the canary: what
+     * proves that a replica is the source, whatever change tracking did or missed. Blocks that neither side
+     * holds compare as zeros without being read.
+     */
+    async verifyWholeDisks(input: {
+      source: VmRef;
+      checkpointId: string;
+      replica: ReplicaRef;
+      pointId: string;
+      disks: { id: string; sizeBytes: number }[];
+    }): Promise<FullVerification> {
+      const signal = Context.current().cancellationSignal;
+      let compared = 0;
+      return withHypervisorFailures(() =>
+        heartbeatWhile(
+          async () => {
+            let mismatchedBlocks = 0;
+            for (const disk of input.disks) {
+              const result = await differingBlocks(
+                (range) => port.blockDigests({ ...input.source, disk: disk.id }, input.checkpointId, range, { signal }),
+                (range) =>
+                  port.replicaBlockDigests({ ...input.replica, disk: disk.id }, { pointId: input.pointId }, range, {
+                    signal,
+                  }),
+                [{ offset: 0, length: disk.sizeBytes }],
+                (blocks) => (compared += blocks),
+              );
+              mismatchedBlocks += extentBytes(result.extents) / BLOCK_SIZE;
+            }
+            const [sourceCanary, replicaCanary] = await Promise.all([
+              port.readCanary(input.source, input.checkpointId, { signal }),
+              port.readReplicaCanary(input.replica, { pointId: input.pointId }, { signal }),
+            ]);
+            const canaryMatches = sourceCanary.sequence === replicaCanary.sequence;
+            return {
+              identical: mismatchedBlocks === 0 && canaryMatches,
+              blocksCompared: compared,
+              mismatchedBlocks,
+              covered: `every block of ${input.disks.length} disk(s) of ${input.pointId} against ${input.source.vm} at ${input.checkpointId} (${compared} blocks), and the guest canary (${replicaCanary.sequence} vs ${sourceCanary.sequence})`,
+            };
+          },
+          () => ({ blocksCompared: compared }),
+        ),
+      );
     },
   };
 }

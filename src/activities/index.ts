@@ -18,7 +18,7 @@ export function createActivities({ port, config, client }: ActivityDependencies)
   return {
     ...createInventoryActivities(port, config),
     ...createReplicationActivities(port),
-    ...createCoordinationActivities(client),
+    ...createCoordinationActivities(client, port, config),
     ...createFailoverActivities(port, config, client),
     ...createOperationActivities(port, config),
   };
@@ -27,6 +27,12 @@ export function createActivities({ port, config, client }: ActivityDependencies)
 export type Activities = ReturnType<typeof createActivities>;
 
 /** The activities a proxy worker runs on its own task queue: the ones that move data, the proxy's way. */
-export function proxyActivities(activities: Activities, transport: ProxyTransport): Pick<Activities, 'copyDisk'> {
-  return { copyDisk: (input) => activities.copyDisk(input, transport) };
+export function proxyActivities(
+  activities: Activities,
+  transport: ProxyTransport,
+): Pick<Activities, 'copyDisk' | 'shipToProduction'> {
+  return {
+    copyDisk: (input) => activities.copyDisk(input, transport),
+    shipToProduction: (input) => activities.shipToProduction(input),
+  };
 }

@@ -1,19 +1,11 @@
 import { ApplicationFailure } from '@temporalio/activity';
 import type { Configuration, JobConfig } from '../config/schema';
-import { FailureTypes, type ProxyDeclaration, type RestorePointSummary } from '../contract';
+import { FailureTypes, type ProxyDeclaration, type RestorePointSummary, type VmLocation } from '../contract';
+import type { HostReplicaFacts } from '../domain/replica-state';
+import { dataInstantOf, newestBackupAfter, PointMetadata, sourceOf } from '../domain/restore-points';
 import { NotFoundError } from '../hypervisor/errors';
-import type { DiskInfo, HypervisorPort, ReplicaRef, RestorePointInfo, VmRef } from '../hypervisor/port';
+import type { DiskInfo, HypervisorPort, ReplicaInfo, ReplicaRef, RestorePointInfo, VmRef } from '../hypervisor/port';
 import { withHypervisorFailures } from './failures';
-
-/** The metadata keys a session writes on each restore point, so the host alone tells where it came from. */
-export const PointMetadata = {
-  session: 'session',
-  /** The source reference point taken at the same instant: the base of the next incremental run. */
-  sourceReferencePoint: 'sourceReferencePoint',
-  /** The backup point it was copied from, when the data source was a backup. */
-  sourceBackup: 'sourceBackup',
-  sourceBackupTime: 'sourceBackupTime',
-} as const;
 
 export const replicaNameOf = (vm: string): string => `${vm}_replica`;
 
@@ -24,6 +16,28 @@ export function summarizePoint(p: RestorePointInfo): RestorePointSummary {
     kind: p.kind,
     bytesWritten: p.bytesWritten,
     crashConsistent: p.crashConsistent,
+    source: sourceOf(p.metadata),
+  };
+}
+
+/** What the DR host says about a replica, as the state rules read it. */
+export function hostFactsOf(info: ReplicaInfo | null): HostReplicaFacts {
+  if (!info)
+    return {
+      exists: false,
+      sealedPoints: 0,
+      consolidated: false,
+      hasRunningLayer: false,
+      powerState: 'Off',
+      headKind: null,
+    };
+  return {
+    exists: true,
+    sealedPoints: info.points.filter((p) => p.sealed).length,
+    consolidated: info.consolidated,
+    hasRunningLayer: info.hasRunningLayer,
+    powerState: info.powerState,
+    headKind: info.points.find((p) => p.id === info.headPointId)?.kind ?? null,
   };
 }
 
@@ -57,17 +71,21 @@ export interface ReplicationTarget {
   headPointId: string | null;
   /** Where change tracking can start from; null means compare digests (or copy everything on a first run). */
   baseReferencePointId: string | null;
-  /** For a backup-sourced job: the newest backup point, or null when none is newer than the replica. */
+  /** For a backup-sourced job: the newest backup point, or null when none is newer than the replica's head. */
   backup: { id: string; createdAt: string } | null;
   proxies: string[] | 'auto';
   declaredProxies: ProxyDeclaration[];
+  /** What the DR host shows: a session refuses to write into a replica that runs or became production. */
+  host: HostReplicaFacts;
 }
 
 export function createInventoryActivities(port: HypervisorPort, config: Configuration) {
   const declaredProxies = (): ProxyDeclaration[] =>
     config.proxies.map((p) => ({ name: p.name, slots: p.slots, enabled: p.enabled }));
 
-  async function locateVm(vm: string): Promise<VmRef> {
+  /** The job's VM on a production host, or the VM that runs production for the replica instead. */
+  async function locateVm(vm: string, productionVm: VmLocation | null = null): Promise<VmRef> {
+    if (productionVm) return productionVm;
     for (const host of config.hosts.filter((h) => h.role === 'production')) {
       const vms = await port.listVms(host.name);
       if (vms.some((v) => v.name === vm)) return { host: host.name, vm };
@@ -95,6 +113,8 @@ export function createInventoryActivities(port: HypervisorPort, config: Configur
       job: string;
       /** Planned failover always reads the live VM, whatever the job's data source. */
       fromProduction?: boolean;
+      /** The VM that runs production for this replica, when it is not the job's VM (from its entity). */
+      productionVm?: VmLocation | null;
     }): Promise<ReplicationTarget> {
       const job = findJob(config, input.job);
       if (!job.vms.includes(input.vm))
@@ -104,7 +124,7 @@ export function createInventoryActivities(port: HypervisorPort, config: Configur
           nonRetryable: true,
         });
       return withHypervisorFailures(async () => {
-        const source = await locateVm(input.vm);
+        const source = await locateVm(input.vm, input.productionVm);
         const vmInfo = await port.getVm(source);
         const replica: ReplicaRef = { host: job.targetHost, replica: replicaNameOf(input.vm) };
         const info = await port.createReplica(replica, { sourceVm: input.vm, disks: vmInfo.disks });
@@ -121,12 +141,10 @@ export function createInventoryActivities(port: HypervisorPort, config: Configur
         const dataSource = input.fromProduction ? 'production' : job.dataSource;
         let backup: ReplicationTarget['backup'] = null;
         if (dataSource === 'backup') {
-          const newest = (await port.listBackups(input.vm))
-            .sort((a, b) => a.createdAt.localeCompare(b.createdAt))
-            .at(-1);
-          const copiedTime = head?.metadata[PointMetadata.sourceBackupTime];
-          if (newest && (!copiedTime || newest.createdAt > copiedTime))
-            backup = { id: newest.id, createdAt: newest.createdAt };
+          // Never older than the head: after a planned failover or a failback the head holds newer data than any
+          // backup, and copying an older one over it would mix two instants.
+          const newest = newestBackupAfter(await port.listBackups(input.vm), head ? dataInstantOf(head) : null);
+          if (newest) backup = { id: newest.id, createdAt: newest.createdAt };
         }
 
         return {
@@ -141,6 +159,7 @@ export function createInventoryActivities(port: HypervisorPort, config: Configur
           backup,
           proxies: job.proxies,
           declaredProxies: declaredProxies(),
+          host: hostFactsOf(info),
         };
       });
     },

@@ -1,6 +1,8 @@
 import { ApplicationFailure, Context } from '@temporalio/activity';
 import type { Configuration } from '../config/schema';
-import { FailureTypes, type RestorePointSummary } from '../contract';
+import { FailureTypes, type ProxyDeclaration, type RestorePointSummary, type VmLocation } from '../contract';
+import type { HostReplicaFacts } from '../domain/replica-state';
+import { PointMetadata } from '../domain/restore-points';
 import { NotFoundError, TrackingLostError } from '../hypervisor/errors';
 import {
   BLOCK_SIZE,
@@ -16,7 +18,7 @@ import { batchExtents, extentBytes, unionExtents } from './copy-plan';
 import { allPages, differingBlocks } from './extents';
 import { withHypervisorFailures } from './failures';
 import { heartbeatWhile } from './heartbeat';
-import { findJob, PointMetadata, replicaNameOf, summarizePoint } from './inventory';
+import { findJob, hostFactsOf, replicaNameOf, summarizePoint } from './inventory';
 
 const BATCH_BYTES = 32 * 1024 * 1024;
 
@@ -32,12 +34,19 @@ export interface ReplicaDescription {
   /** The source reference point the head point was copied at: where production's own changes are tracked from. */
   headReferencePointId: string | null;
   restorePoints: RestorePointSummary[];
+  /** What the DR host shows, checked before an operation changes anything. */
+  host: HostReplicaFacts;
+  /** The job's proxies, for the operations that move data (failback). */
+  proxies: string[] | 'auto';
+  declaredProxies: ProxyDeclaration[];
 }
 
 export interface ShipResult {
   bytesShipped: number;
   /** How production's own changes since failover were found, per disk. */
   modes: Record<string, 'tracked' | 'digest'>;
+  /** What production itself changed since the replica's head was copied (tracked disks only; null: not known). */
+  productionChangedBytes: number | null;
 }
 
 /** Activities of the operations that finish a failover: undo, permanent failover, failback, regular failover. */
@@ -67,21 +76,38 @@ export function createOperationActivities(port: HypervisorPort, config: Configur
   }
 
   return {
-    async describeReplica(input: { vm: string; job: string }): Promise<ReplicaDescription> {
-      const job = findJob(config, input.job);
+    /**
+     * The replica as its DR host shows it, with the VM that runs production for it: the one its entity names
+     * after a committed failback elsewhere, else the job's VM wherever it is now. The job is the one the
+     * configuration puts the VM in today.
+     */
+    async describeReplica(input: {
+      vm: string;
+      job: string;
+      productionVm: VmLocation | null;
+    }): Promise<ReplicaDescription> {
+      const job = config.jobs.find((j) => j.vms.includes(input.vm)) ?? findJob(config, input.job);
       return withHypervisorFailures(async () => {
         const replica: ReplicaRef = { host: job.targetHost, replica: replicaNameOf(input.vm) };
         const info = await port.getReplica(replica);
         const head = info.points.find((p) => p.id === info.headPointId);
         return {
-          source: await findOnProduction(input.vm),
+          source: input.productionVm ?? (await findOnProduction(input.vm)),
           replica,
           disks: info.disks,
           headPointId: info.headPointId,
           headReferencePointId: head?.metadata[PointMetadata.sourceReferencePoint] ?? null,
           restorePoints: info.points.filter((p) => p.sealed).map(summarizePoint),
+          host: hostFactsOf(info),
+          proxies: job.proxies,
+          declaredProxies: config.proxies.map((p) => ({ name: p.name, slots: p.slots, enabled: p.enabled })),
         };
       });
+    },
+
+    /** Refuses, from now on, every write to the VM's disks that does not carry this token. */
+    async fenceWrites(input: { vm: VmRef; token: string }): Promise<void> {
+      await withHypervisorFailures(() => port.fenceWrites(input.vm, input.token));
     },
 
     /** The production VM a failback writes to: a VM restored elsewhere is found by its name. */
@@ -157,6 +183,8 @@ export function createOperationActivities(port: HypervisorPort, config: Configur
       baseReferencePointId: string | null;
       onlyDiffering: boolean;
       checkpointId: string;
+      /** The failback's write fence: a writer given up for dead is refused once the fence has moved on. */
+      fence: string;
     }): Promise<ShipResult> {
       const ctx = Context.current();
       const signal = ctx.cancellationSignal;
@@ -166,6 +194,7 @@ export function createOperationActivities(port: HypervisorPort, config: Configur
           async () => {
             await port.createCheckpoint(input.production, input.checkpointId, { signal });
             let bytesShipped = 0;
+            let productionChangedBytes: number | null = 0;
             const modes: ShipResult['modes'] = {};
             try {
               for (const disk of input.disks) {
@@ -185,6 +214,7 @@ export function createOperationActivities(port: HypervisorPort, config: Configur
                       : await allPages((page) =>
                           port.listRestorePointExtents(replicaDisk, view.pointId, page, { signal }),
                         );
+                  if (productionChangedBytes !== null) productionChangedBytes += extentBytes(productionChanged);
                   toShip = unionExtents(replicaChanged, productionChanged);
                   if (input.onlyDiffering)
                     toShip = await differing(replicaDisk, view, productionDisk, input.checkpointId, toShip, signal);
@@ -202,6 +232,7 @@ export function createOperationActivities(port: HypervisorPort, config: Configur
                     signal,
                   );
                   modes[disk.id] = 'digest';
+                  productionChangedBytes = null;
                 }
                 const total = extentBytes(toShip);
                 let done = 0;
@@ -209,7 +240,7 @@ export function createOperationActivities(port: HypervisorPort, config: Configur
                   await port.writeExtents(
                     productionDisk,
                     port.readReplicaExtents(replicaDisk, input.view, batch, { signal }),
-                    { signal },
+                    { signal, fence: input.fence },
                   );
                   done += extentBytes(batch);
                   progress = { disk: disk.id, bytesCopied: done, bytesTotal: total };
@@ -219,7 +250,7 @@ export function createOperationActivities(port: HypervisorPort, config: Configur
             } finally {
               await port.deleteCheckpoint(input.production, input.checkpointId).catch(() => undefined);
             }
-            return { bytesShipped, modes };
+            return { bytesShipped, modes, productionChangedBytes };
           },
           () => progress,
         ),

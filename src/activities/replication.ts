@@ -102,9 +102,13 @@ export function createReplicationActivities(port: HypervisorPort) {
   }
 
   return {
-    /** A consistent view of every disk while the guest keeps writing; the id is the session's, so a retry reuses it. */
-    async createCheckpoint(input: { vm: VmRef; checkpointId: string }): Promise<void> {
-      await withHypervisorFailures(() => port.createCheckpoint(input.vm, input.checkpointId));
+    /**
+     * A consistent view of every disk while the guest keeps writing; the id is the session's, so a retry reuses
+     * it. Returns the instant it shows, on the host's clock: the restore point copied from it records it.
+     */
+    async createCheckpoint(input: { vm: VmRef; checkpointId: string }): Promise<{ id: string; createdAt: string }> {
+      const checkpoint = await withHypervisorFailures(() => port.createCheckpoint(input.vm, input.checkpointId));
+      return { id: checkpoint.id, createdAt: checkpoint.createdAt };
     },
 
     async beginRestorePoint(input: {
@@ -188,11 +192,23 @@ export function createReplicationActivities(port: HypervisorPort) {
       );
     },
 
-    /** Flushes the point to stable storage and makes it the replica's head; a retry returns the sealed point. */
-    async sealRestorePoint(input: { replica: ReplicaRef; pointId: string }): Promise<RestorePointSummary> {
+    /**
+     * Flushes the point to stable storage and makes it the replica's head, recording where and when its data came
+     * from; a retry returns the sealed point.
+     */
+    async sealRestorePoint(input: {
+      replica: ReplicaRef;
+      pointId: string;
+      metadata: Record<string, string>;
+    }): Promise<RestorePointSummary> {
       return withHypervisorFailures(async () =>
-        summarizePoint(await port.sealRestorePoint(input.replica, input.pointId)),
+        summarizePoint(await port.sealRestorePoint(input.replica, input.pointId, { metadata: input.metadata })),
       );
+    },
+
+    /** Drops a point that was opened and never sealed (a session that stopped); done already is fine. */
+    async discardRestorePoint(input: { replica: ReplicaRef; pointId: string }): Promise<void> {
+      await withHypervisorFailures(() => ignoreNotFound(port.discardRestorePoint(input.replica, input.pointId)));
     },
 
     /**

@@ -137,7 +137,11 @@ program
         result = await handle.result();
       } catch (err) {
         failure = explain(err);
-        if (failure.type === FailureTypes.plannedFailoverIncomplete) result = failure.details as PlannedFailoverResult;
+        if (
+          failure.type === FailureTypes.plannedFailoverIncomplete ||
+          failure.type === FailureTypes.zeroDataLossUnproven
+        )
+          result = failure.details as PlannedFailoverResult;
       } finally {
         await stop();
       }
@@ -193,15 +197,27 @@ program
       console.log(
         `current session: ${view.currentSession ? `${view.currentSession.sessionId} (${view.currentSession.kind})` : 'none'}`,
       );
+      if (view.productionVm) console.log(`production runs on: ${view.productionVm.vm} (${view.productionVm.host})`);
+      if (view.attention) console.log(`ATTENTION: ${view.attention}`);
       if (view.lastRun) console.log(`last run: ${view.lastRun.at} ${view.lastRun.outcome}`);
+      if (view.lastVerification)
+        console.log(
+          `last whole-disk verification: ${view.lastVerification.identical === true ? 'identical' : view.lastVerification.identical === false ? `MISMATCH, ${view.lastVerification.mismatchedBlocks} block(s)` : `not run (${view.lastVerification.error ?? 'unknown'})`}; ${view.lastVerification.covered}`,
+        );
       if (view.lastRejection)
         console.log(
           `last rejection: ${view.lastRejection.operation} by ${view.lastRejection.requestedBy}: ${view.lastRejection.reason}`,
         );
       console.log(
         `\n${formatTable(
-          ['restore point', 'created', 'kind', 'written'],
-          view.restorePoints.map((p) => [p.id, p.createdAt, p.kind, formatBytes(p.bytesWritten)]),
+          ['restore point', 'created', 'kind', 'written', 'data from'],
+          view.restorePoints.map((p) => [
+            p.id,
+            p.createdAt,
+            p.kind,
+            formatBytes(p.bytesWritten),
+            [p.source.kind, p.source.vm ?? p.source.backupId, p.source.at].filter(Boolean).join(' '),
+          ]),
         )}`,
       );
     });
@@ -297,7 +313,11 @@ operationCommand(
     c
       .option('--to-restored <vm>', 'fail back to a VM restored elsewhere, found by name')
       .option('--to-new <vm@host>', 'fail back to a new VM created on a production host (full copy)')
-      .option('--no-power-on', 'leave the production VM off afterwards'),
+      .option('--no-power-on', 'leave the production VM off afterwards')
+      .option(
+        '--confirm',
+        'needed when the production VM runs (as after a regular failover): its guest is shut down and what it wrote since the failover is overwritten',
+      ),
   (o) => {
     const target =
       typeof o.toRestored === 'string'
@@ -305,7 +325,7 @@ operationCommand(
         : typeof o.toNew === 'string'
           ? { newVm: { name: o.toNew.split('@')[0], host: o.toNew.split('@')[1] } }
           : 'original';
-    return { target, powerOnProduction: o.powerOn !== false };
+    return { target, powerOnProduction: o.powerOn !== false, ...(o.confirm ? { confirm: true } : {}) };
   },
 );
 operationCommand(

@@ -18,6 +18,13 @@ export function plannedFailoverTable(result: PlannedFailoverResult): string {
     formatBytes(s.bytesBeforePowerOff),
     formatBytes(s.bytesAfterPowerOff),
     s.verification ? (s.verification.identical ? 'identical' : 'MISMATCH') : '-',
+    s.fullVerification
+      ? s.fullVerification.identical === true
+        ? 'identical'
+        : s.fullVerification.identical === false
+          ? `MISMATCH (${s.fullVerification.mismatchedBlocks})`
+          : 'not run'
+      : '-',
   ]);
   const table = formatTable(
     [
@@ -32,17 +39,23 @@ export function plannedFailoverTable(result: PlannedFailoverResult): string {
       'orchestration',
       'copied before off',
       'after off',
-      'verified',
+      'copied blocks',
+      'all blocks',
     ],
     rows,
   );
   const notes = result.sessions
     .filter((s) => s.outcome !== 'failedOver' || s.helperPoints.length > 0)
     .map((s) =>
-      s.outcome === 'failedOver'
+      s.outcome === 'failedOver' && s.fullVerification?.identical === true
         ? `  ${s.vm}: helper restore points ${s.helperPoints.join(', ')}`
         : `  ${s.vm}: ${s.detail}${s.dataLoss ? ` (${s.dataLoss})` : ''}`,
     );
+  for (const s of result.sessions)
+    for (const h of s.halts)
+      notes.push(
+        `  ${s.vm}: halted #${h.id} at ${h.step}: ${h.reason}; ${h.decision ? `${h.decision} by ${h.decidedBy} (${h.decisionReason}): ${h.outcome ?? ''}` : 'undecided'}`,
+      );
   return [table, ...(notes.length > 0 ? ['', ...notes] : [])].join('\n');
 }
 

@@ -32,9 +32,12 @@ const proxySchema = z.strictObject({
   transport: z.enum(['network', 'host-to-host'], { error: "must be 'network' or 'host-to-host'" }).default('network'),
 });
 
+/** Who scheduled job runs are requested by: a configured user like any other, so its roles are checked. */
+export const SCHEDULER_USER = 'scheduler';
+
 const scheduleSchema = z.strictObject({
-  /** Runs the job every so often, e.g. "15m", "1h", "1d". */
-  every: z.string().regex(/^\d+[smhd]$/, { error: 'must be a duration like 30m, 1h or 1d' }),
+  /** Runs the job every so often, e.g. "15m", "1h", "1d"; never 0. */
+  every: z.string().regex(/^[1-9]\d*[smhd]$/, { error: 'must be a duration like 30m, 1h or 1d (not 0)' }),
 });
 
 const jobSchema = z.strictObject({
@@ -118,6 +121,13 @@ export const configurationSchema = z
       });
       if (job.dataSource === 'backup' && !config.backupRepository)
         ctx.addIssue({ code: 'custom', path: ['jobs', j, 'dataSource'], message: "'backup' needs a backupRepository" });
+      const scheduler = config.users.find((u) => u.name === SCHEDULER_USER);
+      if (job.schedule && !scheduler?.roles.some((r) => r === 'BackupAdministrator' || r === 'BackupOperator'))
+        ctx.addIssue({
+          code: 'custom',
+          path: ['jobs', j, 'schedule'],
+          message: `scheduled runs are requested by the user '${SCHEDULER_USER}', who must be configured with BackupOperator or BackupAdministrator`,
+        });
     });
   });
 

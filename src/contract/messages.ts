@@ -12,7 +12,8 @@ export interface SessionProgress {
   vm: string;
   step: string;
   detail: string;
-  halted: { reason: string; since: string } | null;
+  /** The halt waiting for a decision now (see HaltRecord), or null. */
+  halted: { id: number; step: string; reason: string; since: string } | null;
 }
 
 export const sessionQueries = {

@@ -40,4 +40,15 @@ export const FailureTypes = {
   plannedFailoverIncomplete: 'PlannedFailoverIncomplete',
   /** The request is valid, but the replica's state does not allow it. */
   wrongState: 'WrongState',
+  /** Another session or operation held the replica for longer than the requester would wait. */
+  replicaBusy: 'ReplicaBusy',
+  /** A copy did not match its source: the data is not what it was copied from. */
+  verificationFailed: 'VerificationFailed',
+  /** Every VM moved, but zero data loss was not proven for some: a mismatch, or a comparison that could not run. */
+  zeroDataLossUnproven: 'ZeroDataLossUnproven',
+  /**
+   * An update waited for an operation that is still queued when the entity had to continue as new; the operation
+   * stays queued and its outcome will be in the replica's `lastRun`.
+   */
+  stillQueued: 'StillQueued',
 } as const;

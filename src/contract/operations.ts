@@ -2,7 +2,7 @@ import { defineSignal, defineUpdate } from '@temporalio/workflow';
 import { z } from 'zod';
 import type { ReplicaState } from '../domain/replica-state';
 import { vmNameSchema } from './planned-failover';
-import type { RestorePointSummary } from './replica';
+import type { RestorePointSummary, VmLocation } from './replica';
 import { requiredText } from './validation';
 
 // Operations that finish (or start) a failover, sent to a replica's entity replica/<vm> as a signal or an update.
@@ -43,6 +43,11 @@ export const operationSchemas = {
         )
         .default('original'),
       powerOnProduction: z.boolean({ error: 'must be true or false' }).default(true),
+      /**
+       * Failing back onto a production VM that is running (as after a regular failover) overwrites what it wrote
+       * since: refused unless the request says so. With it, the VM's guest is shut down first, not cut off.
+       */
+      confirm: z.boolean({ error: 'must be true or false' }).default(false),
     },
     objectError,
   ),
@@ -75,6 +80,8 @@ export interface OperationOutcome {
   detail: string;
   /** Bytes the operation wrote to VM disks (failback: to production); 0 for the others. */
   bytesCopied: number;
+  /** Failback onto a production VM that had run since the failover: the bytes of its own that were overwritten. */
+  productionBytesOverwritten?: number;
   /** The operation's own workflow, with every step in its history. */
   workflowId: string;
 }
@@ -94,15 +101,19 @@ export interface ReplicaOperationInput {
   /** Checked against the operation's schema, defaults filled in. */
   payload: AnyOperationPayload;
   state: ReplicaState;
-  failbackTo: { host: string; vm: string } | null;
+  failbackTo: VmLocation | null;
+  /** The VM that runs production for this replica when it is not the job's VM (see ReplicaView). */
+  productionVm: VmLocation | null;
 }
 
 export interface ReplicaOperationResult {
   state: ReplicaState;
   restorePoints: RestorePointSummary[];
   detail: string;
-  failbackTo: { host: string; vm: string } | null;
+  failbackTo: VmLocation | null;
+  productionVm: VmLocation | null;
   bytesCopied: number;
+  productionBytesOverwritten?: number;
 }
 
 export const operationWorkflowId = (vm: string, operation: OperationName, operationId: string): string =>

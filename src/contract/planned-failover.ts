@@ -84,21 +84,56 @@ export interface DowntimeBreakdown {
   finalSyncMs: number;
   switchMs: number;
   bootMs: number;
-  /** Everything else: scheduling, state changes, activity round trips. */
+  /** Waiting for an operator's decision while the session was halted (0 when it never halted). */
+  haltedMs: number;
+  /**
+   * Everything else: scheduling, state changes, activity round trips. The total is timed on the Temporal server's
+   * clock and each part is a duration measured where it happened, so this is never clamped: a negative value would
+   * show a measuring error instead of hiding it.
+   */
   orchestrationMs: number;
 }
 
 export interface VerificationResult {
-  /** True when every block copied by the final sync, and the guest canary, match the source at power-off. */
+  /** True when every block compared, and the guest canary, match the source at power-off. */
   identical: boolean;
   blocksCompared: number;
   mismatchedBlocks: number;
   sourceCanary: number;
   replicaCanary: number;
   method: 'tracked-blocks' | 'all-blocks';
+  /** What the comparison covered, in words. */
+  covered: string;
 }
 
-export type PlannedFailoverOutcome = 'failedOver' | 'aborted' | 'forcedFailover' | 'failed' | 'notStarted';
+/**
+ * The comparison of every block of helper point 2 with the powered-off source, run once the replica is up (both
+ * are frozen then, so it adds no downtime). `identical` is null when it could not run; `error` says why.
+ */
+export interface FullVerification {
+  identical: boolean | null;
+  blocksCompared: number;
+  mismatchedBlocks: number;
+  covered: string;
+  error?: string;
+}
+
+/** One halt of a session's critical window and the decision that ended it. */
+export interface HaltRecord {
+  /** Numbered from 1 within the session; a decision applies to the halt it was sent for. */
+  id: number;
+  step: string;
+  reason: string;
+  since: string;
+  decision?: 'retry' | 'abort' | 'forceFailover';
+  decidedBy?: string;
+  decisionReason?: string;
+  /** What the decision led to, as its update returned it. */
+  outcome?: string;
+}
+
+export type PlannedFailoverOutcome =
+  'failedOver' | 'aborted' | 'forcedFailover' | 'failed' | 'notStarted' | 'cancelled';
 
 export interface PlannedFailoverSessionInput {
   sessionId: string;
@@ -126,7 +161,11 @@ export interface PlannedFailoverSessionResult {
   passesBeforePowerOff: number;
   sourceShutdown?: 'shut-down' | 'forced-off' | 'already-off';
   helperPoints: string[];
+  /** The check inside the window: the blocks the final sync copied, and the canary. */
   verification?: VerificationResult;
+  /** The whole-disk comparison after the replica is up (not for a forced failover). */
+  fullVerification?: FullVerification;
+  halts: HaltRecord[];
   downtime?: DowntimeBreakdown;
   /** forceFailover: what was not synced and is lost. */
   dataLoss?: string;

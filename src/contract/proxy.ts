@@ -29,13 +29,20 @@ export interface SlotLease {
 }
 
 export interface ProxyRegistryView {
+  /** Slots and enabled as the newest request declared them (the configuration owns them); online and leases are the registry's. */
   proxies: { name: string; slots: number; enabled: boolean; online: boolean; leasedTo: string[] }[];
   waiting: { sessionId: string; slots: number }[];
 }
 
+/** One slot held by a session; the workflow id lets the registry see whether its holder still runs. */
+export interface HeldSlot {
+  sessionId: string;
+  workflowId: string;
+}
+
 export interface ProxyRegistryInput {
   carried?: {
-    proxies: Record<string, { slots: number; enabled: boolean; online: boolean; leases: string[] }>;
+    proxies: Record<string, { online: boolean; leases: HeldSlot[]; declared: ProxyDeclaration | null }>;
     queue: SlotRequest[];
   };
 }

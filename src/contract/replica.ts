@@ -1,7 +1,8 @@
 import { defineQuery, defineSignal } from '@temporalio/workflow';
 import type { ReplicaState } from '../domain/replica-state';
+import type { PointSource } from '../domain/restore-points';
 import type { OperationName } from './operations';
-import type { DowntimeBreakdown } from './planned-failover';
+import type { DowntimeBreakdown, FullVerification } from './planned-failover';
 
 /** The id of a replica's entity workflow: one per replica, the owner of its state. */
 export const replicaWorkflowId = (vm: string): string => `replica/${vm}`;
@@ -13,6 +14,8 @@ export interface RestorePointSummary {
   kind: string;
   bytesWritten: number;
   crashConsistent: boolean;
+  /** Where and when its data came from. */
+  source: PointSource;
 }
 
 /** Sessions of jobs and planned failovers, and the operations that finish a failover. */
@@ -27,11 +30,21 @@ export interface SessionRef {
   reason: string;
 }
 
+/** A request for the replica: the session, and the job its configuration puts the VM in now. */
+export interface SessionRequest extends SessionRef {
+  job: string;
+}
+
 export interface RejectionRecord {
   at: string;
   operation: string;
   requestedBy: string;
   reason: string;
+}
+
+export interface VmLocation {
+  host: string;
+  vm: string;
 }
 
 export interface ReplicaView {
@@ -48,8 +61,17 @@ export interface ReplicaView {
   lastRejection: RejectionRecord | null;
   /** Downtime of the last planned failover of this VM. */
   lastDowntime: DowntimeBreakdown | null;
+  /** The whole-disk comparison of the last planned failover, and which session made it. */
+  lastVerification: (FullVerification & { sessionId: string }) | null;
   /** While in Failback: the production VM the replica's data went back to. */
-  failbackTo: { host: string; vm: string } | null;
+  failbackTo: VmLocation | null;
+  /**
+   * The VM that runs production for this replica when it is not the one the job names (after a failback to a
+   * restored or new VM was committed): job runs and planned failovers read it instead. Null: the job's VM.
+   */
+  productionVm: VmLocation | null;
+  /** Something an operator should look at, found when the state was rebuilt (e.g. a source left off). */
+  attention: string | null;
 }
 
 /** What a session reports to its replica's entity while it holds the replica. */
@@ -59,6 +81,7 @@ export interface SessionReport {
   restorePoints?: RestorePointSummary[];
   outcome?: string;
   downtime?: DowntimeBreakdown;
+  verification?: FullVerification;
 }
 
 export interface ReplicaEntityInput {
@@ -76,8 +99,21 @@ export interface QueuedOperation {
   viaUpdate: boolean;
 }
 
+/** What the entity rebuilds its state from when it has none: the DR host, and Temporal's own histories. */
+export interface RebuiltReplicaState {
+  state: ReplicaState;
+  restorePoints: RestorePointSummary[];
+  failbackTo: VmLocation | null;
+  productionVm: VmLocation | null;
+  /** A session or operation of this VM still running and past its wait: it holds the replica. */
+  holder: SessionRef | null;
+  attention: string | null;
+  /** What the state was derived from, for the log and the history. */
+  evidence: string;
+}
+
 export const replicaSignals = {
-  requestSession: defineSignal<[SessionRef]>('requestSession'),
+  requestSession: defineSignal<[SessionRequest]>('requestSession'),
   /** Progress and outcome from the session that holds the replica; ignored from any other. */
   reportSession: defineSignal<[SessionReport]>('reportSession'),
   releaseSession: defineSignal<[SessionReport]>('releaseSession'),
@@ -88,4 +124,8 @@ export const replicaQueries = {
 };
 
 /** Sent to a session by its replica's entity when the session may start. */
-export const sessionGrantedSignal = defineSignal<[{ state: ReplicaState }]>('sessionGranted');
+export interface ReplicaGrant {
+  state: ReplicaState;
+  productionVm: VmLocation | null;
+}
+export const sessionGrantedSignal = defineSignal<[ReplicaGrant]>('sessionGranted');

@@ -43,3 +43,41 @@ export function jobRunSkipReason(state: ReplicaState): string | undefined {
   if (state === 'PermanentFailover') return 'replica became the production VM (permanent failover)';
   return undefined;
 }
+
+/** What a DR host says about a replica: the facts its state is rebuilt from when its entity lost it. */
+export interface HostReplicaFacts {
+  /** False when the DR host has no such replica (it was never seeded). */
+  exists: boolean;
+  sealedPoints: number;
+  consolidated: boolean;
+  hasRunningLayer: boolean;
+  powerState: 'Running' | 'Off' | 'Starting' | 'Stopping';
+  /** The kind of the point the replica shows, when it has one. */
+  headKind: string | null;
+}
+
+/**
+ * The replica's state from the DR host's facts. The host cannot tell Failback from Ready (in both the replica is
+ * off on its failback-protective point): the state the last completed operation left, from Temporal's histories,
+ * tells those two apart.
+ */
+export function stateFromHost(facts: HostReplicaFacts, lastOperationState: ReplicaState | null): ReplicaState {
+  if (!facts.exists) return 'Unseeded';
+  if (facts.consolidated) return 'PermanentFailover';
+  if (facts.hasRunningLayer || facts.powerState !== 'Off') return 'Failover';
+  if (facts.sealedPoints === 0) return 'Unseeded';
+  if (facts.headKind === 'failback-protective' && lastOperationState === 'Failback') return 'Failback';
+  return 'Ready';
+}
+
+/** Why a job run must not write into the replica the DR host shows, whatever its entity believes. */
+export function hostRefusesJobRun(facts: HostReplicaFacts): { state: ReplicaState; reason: string } | undefined {
+  if (facts.consolidated)
+    return {
+      state: 'PermanentFailover',
+      reason: 'the DR host holds the replica as a production VM (permanent failover)',
+    };
+  if (facts.hasRunningLayer || facts.powerState !== 'Off')
+    return { state: 'Failover', reason: `the replica runs on the DR host (${facts.powerState}, failed over)` };
+  return undefined;
+}

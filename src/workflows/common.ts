@@ -1,5 +1,6 @@
 import {
   ApplicationFailure,
+  log,
   proxyActivities,
   setCurrentDetails,
   upsertSearchAttributes,
@@ -21,15 +22,26 @@ export type SessionStep =
   | 'Aborting'
   | 'Switching'
   | 'PoweringOnReplica'
+  | 'VerifyingAllBlocks'
+  | 'VerificationMismatch'
+  | 'Unverified'
   | 'Retention'
   | 'Done'
   | 'Skipped'
+  | 'Cancelled'
   | 'Failed';
+
+/**
+ * An activity that no worker picks up within this long fails instead of waiting in its task queue for good (a
+ * proxy or orchestration worker that is down). A schedule-to-start timeout is not retried: the caller decides.
+ */
+const PICKUP = '5 minutes';
 
 /** Quick control calls to a hypervisor: retried with backoff while the host is unreachable; a call lost with
  * its worker is retried after 45 s at most. */
 export const controlOptions: ActivityOptions = {
   startToCloseTimeout: '45s',
+  scheduleToStartTimeout: PICKUP,
   retry: { initialInterval: '1s', backoffCoefficient: 2, maximumInterval: '30s', maximumAttempts: 10 },
 };
 
@@ -45,8 +57,18 @@ export const waitingOptions: ActivityOptions = {
  * resumes from it. */
 export const copyOptions: ActivityOptions = {
   startToCloseTimeout: '24 hours',
+  scheduleToStartTimeout: PICKUP,
   heartbeatTimeout: '20s',
   retry: { initialInterval: '1s', backoffCoefficient: 2, maximumInterval: '30s', maximumAttempts: 20 },
+};
+
+/**
+ * Work that must get done however long a host stays away, such as giving the DR host back what an aborted
+ * failover left there: retried for about a day, at most every five minutes.
+ */
+export const persistentOptions: ActivityOptions = {
+  ...waitingOptions,
+  retry: { initialInterval: '5s', backoffCoefficient: 2, maximumInterval: '5 minutes', maximumAttempts: 300 },
 };
 
 export const control = proxyActivities<Activities>(controlOptions);
@@ -64,6 +86,15 @@ export function withSummary<A extends unknown[], R>(
 export function showStep(step: SessionStep, details: string): void {
   upsertSearchAttributes([{ key: SearchAttributes.FailoverStep, value: step }]);
   setCurrentDetails(`**${step}**: ${details}`);
+}
+
+/** Runs an activity, logging and swallowing its failure: for clean-up that must not turn a result into a failure. */
+export async function bestEffort(what: string, call: () => Promise<unknown>): Promise<void> {
+  try {
+    await call();
+  } catch (err) {
+    log.warn(`${what} failed; left for later`, { error: failureMessage(err) });
+  }
 }
 
 /** The message of the deepest cause: "Activity task failed" says less than what the activity said. */

@@ -1,10 +1,10 @@
 import {
   ApplicationFailure,
   CancellationScope,
-  condition,
   executeChild,
   isCancellation,
   log,
+  ParentClosePolicy,
   setCurrentDetails,
   setHandler,
   upsertSearchAttributes,
@@ -14,39 +14,41 @@ import {
 import type { ReplicationTarget } from '../activities/inventory';
 import {
   FailureTypes,
-  formatProblems,
-  haltedSessionUpdates,
-  operatorRequestSchema,
   PLANNED_FAILOVER_DEFAULTS,
   SearchAttributes,
   sessionQueries,
   sessionWorkflowId,
-  validate,
   validatePlannedFailoverInput,
   type DowntimeBreakdown,
+  type FullVerification,
   type OperatorRequest,
   type PlannedFailoverInput,
+  type PlannedFailoverOutcome,
   type PlannedFailoverResult,
   type PlannedFailoverSessionInput,
   type PlannedFailoverSessionResult,
   type SessionProgress,
   type SessionReport,
   type SlotLease,
-  type VerificationResult,
 } from '../contract';
-import { checkTransition } from '../domain/replica-state';
+import { forceTarget, replicaMayRun, retryFrom, type WindowStep } from '../domain/critical-window';
+import { checkTransition, hostRefusesJobRun } from '../domain/replica-state';
+import { PointMetadata } from '../domain/restore-points';
 import { formatBytes } from '../domain/units';
 import {
+  bestEffort,
   control,
   controlOptions,
   copyOptions,
   failureMessage,
+  persistentOptions,
   refusedInput,
-  waitingOptions,
   showStep,
+  waitingOptions,
   withSummary,
   type SessionStep,
 } from './common';
+import { HaltDesk, type TakenDecision } from './halts';
 import {
   acquireReplica,
   bytesOf,
@@ -60,11 +62,15 @@ import {
 /**
  * Moves running VMs to their replicas with minimum downtime and zero data loss. The request is checked first
  * and every problem named at once, before any VM is touched. The VMs of one job go one after another, each in
- * a session of its own; jobs run side by side, up to maxParallelJobs at a time.
+ * a session of its own; jobs run side by side, up to maxParallelJobs at a time. Cancelling it (or terminating
+ * it) asks each running session to stop: one that has not powered its source off yet stops cleanly, one inside
+ * its critical window halts there for an operator; VMs not started yet are not started.
  */
 export async function plannedFailover(input: unknown): Promise<PlannedFailoverResult> {
   const request: PlannedFailoverInput = checkInput(input);
   const options = { ...PLANNED_FAILOVER_DEFAULTS, ...request.options };
+  let cancelled = false;
+  CancellationScope.current().cancelRequested.catch(() => (cancelled = true));
   const plan = await withSummary(
     control.planPlannedFailover,
     `Check roles, VMs and replicas of ${request.vms.join(', ')}`,
@@ -87,6 +93,10 @@ export async function plannedFailover(input: unknown): Promise<PlannedFailoverRe
   await inParallel(plan.lanes, options.maxParallelJobs, async (lane) => {
     let blockedBy: string | undefined;
     for (const vm of lane.vms) {
+      if (cancelled) {
+        results.set(vm, notStarted(vm, lane.job, 'not started: the planned failover was cancelled', 'cancelled'));
+        continue;
+      }
       if (blockedBy) {
         results.set(vm, notStarted(vm, lane.job, `not started: ${blockedBy} did not fail over`));
         continue;
@@ -110,12 +120,18 @@ export async function plannedFailover(input: unknown): Promise<PlannedFailoverRe
           workflowId: sessionWorkflowId(vm, sessionId),
           args,
           staticSummary: `Planned failover of ${vm} (job ${lane.job}), requested by ${request.requestedBy}: ${request.reason}`,
+          // Terminating this workflow must not cut a session off inside its critical window (source off, replica
+          // not yet on): the session is asked to stop, and halts there for an operator if it cannot stop cleanly.
+          parentClosePolicy: ParentClosePolicy.REQUEST_CANCEL,
         });
         results.set(vm, result);
         if (result.outcome !== 'failedOver' && result.outcome !== 'forcedFailover') blockedBy = vm;
       } catch (err) {
-        if (isCancellation(err)) throw err;
-        results.set(vm, { ...notStarted(vm, lane.job, failureMessage(err)), sessionId, outcome: 'failed' });
+        const outcome: PlannedFailoverOutcome = isCancellation(err) ? 'cancelled' : 'failed';
+        const detail = isCancellation(err)
+          ? 'cancelled before its critical window: the source kept running'
+          : failureMessage(err);
+        results.set(vm, { ...notStarted(vm, lane.job, detail, outcome), sessionId });
         blockedBy = vm;
       }
       showProgress();
@@ -137,7 +153,24 @@ export async function plannedFailover(input: unknown): Promise<PlannedFailoverRe
       nonRetryable: true,
     });
   }
+  const unproven = result.sessions.filter((s) => s.fullVerification?.identical !== true);
+  if (unproven.length > 0) {
+    throw ApplicationFailure.create({
+      type: FailureTypes.zeroDataLossUnproven,
+      message: `Every VM failed over, but zero data loss is not proven for ${unproven
+        .map((s) => `${s.vm} (${describeFull(s.fullVerification)})`)
+        .join('; ')}`,
+      details: [result],
+      nonRetryable: true,
+    });
+  }
   return result;
+}
+
+function describeFull(full: FullVerification | undefined): string {
+  if (!full) return 'no whole-disk comparison';
+  if (full.identical === false) return `${full.mismatchedBlocks} block(s) differ from the powered-off source`;
+  return `the whole-disk comparison could not run: ${full.error ?? 'unknown'}`;
 }
 
 function checkInput(input: unknown): PlannedFailoverInput {
@@ -146,18 +179,24 @@ function checkInput(input: unknown): PlannedFailoverInput {
   throw refusedInput('The plannedFailover input', checked.problems);
 }
 
-function notStarted(vm: string, job: string, detail: string): PlannedFailoverSessionResult {
+function notStarted(
+  vm: string,
+  job: string,
+  detail: string,
+  outcome: PlannedFailoverOutcome = 'notStarted',
+): PlannedFailoverSessionResult {
   return {
     vm,
     job,
     sessionId: '',
-    outcome: 'notStarted',
+    outcome,
     detail,
     bytesCopied: 0,
     bytesBeforePowerOff: 0,
     bytesAfterPowerOff: 0,
     passesBeforePowerOff: 0,
     helperPoints: [],
+    halts: [],
   };
 }
 
@@ -171,17 +210,52 @@ async function inParallel<T>(items: readonly T[], limit: number, task: (item: T)
 }
 
 /**
- * The critical window (source off, replica not yet on) gets a short retry budget: when the final sync cannot
- * finish, the session halts and an operator decides, instead of retrying for hours with the service down.
+ * The critical window (source off, replica not yet on) gets a short retry budget and a bound on how long an
+ * activity may wait for a worker: when a step cannot finish, the session halts and an operator decides, instead
+ * of retrying for hours, or waiting for a proxy that is down, with the service down.
  */
 const criticalRetry = { initialInterval: '1s', backoffCoefficient: 2, maximumInterval: '5s', maximumAttempts: 4 };
-const criticalControl: ActivityOptions = { ...controlOptions, retry: criticalRetry };
-const criticalCopy: ActivityOptions = { ...copyOptions, retry: criticalRetry };
-const criticalWaiting: ActivityOptions = { ...waitingOptions, retry: criticalRetry };
+const WINDOW_PICKUP = '30s';
+const critical = (options: ActivityOptions): ActivityOptions => ({
+  ...options,
+  scheduleToStartTimeout: WINDOW_PICKUP,
+  retry: criticalRetry,
+});
+const criticalControl = critical(controlOptions);
+const criticalCopy = critical(copyOptions);
+const criticalWaiting = critical(waitingOptions);
 
-type Decision = { kind: 'retry' | 'abort' | 'forceFailover'; request: OperatorRequest };
+type Step = (name: SessionStep, detail: string) => void;
 
-/** One VM's planned failover: sync, power off, final sync, verify, fail over, power on. */
+/** The session's proxy slots: leased for the copies, given back while the session is halted. */
+class Slots {
+  private leases: SlotLease[] | null = null;
+
+  constructor(
+    private readonly sessionId: string,
+    private readonly target: ReplicationTarget,
+    private readonly waitLimitSeconds: number,
+  ) {}
+
+  async lease(): Promise<SlotLease[]> {
+    this.leases ??= await leaseProxySlots({
+      sessionId: this.sessionId,
+      slots: this.target.disks.length,
+      proxies: this.target.proxies,
+      declared: this.target.declaredProxies,
+      waitLimitSeconds: this.waitLimitSeconds,
+    });
+    return this.leases;
+  }
+
+  async release(): Promise<void> {
+    if (this.leases === null) return;
+    this.leases = null;
+    await releaseProxySlots(this.sessionId);
+  }
+}
+
+/** One VM's planned failover: sync, power off, final sync, verify, fail over, power on, then verify every block. */
 export async function plannedFailoverSession(
   input: PlannedFailoverSessionInput,
 ): Promise<PlannedFailoverSessionResult> {
@@ -190,11 +264,7 @@ export async function plannedFailoverSession(
     { key: SearchAttributes.FailoverVm, value: vm },
     { key: SearchAttributes.FailoverJob, value: job },
   ]);
-  const result: PlannedFailoverSessionResult = {
-    ...notStarted(vm, job, 'started'),
-    sessionId,
-    outcome: 'failed',
-  };
+  const result: PlannedFailoverSessionResult = { ...notStarted(vm, job, 'started'), sessionId, outcome: 'failed' };
   const progress: SessionProgress = { vm, step: 'WaitingForReplica', detail: '', halted: null };
   const step: Step = (name, detail) => {
     progress.step = name;
@@ -202,55 +272,19 @@ export async function plannedFailoverSession(
     showStep(name, detail);
   };
   setHandler(sessionQueries.progress, () => progress);
+  const desk = new HaltDesk(progress, result.halts, step);
+  const cancel = { requested: false };
+  CancellationScope.current().cancelRequested.catch(() => (cancel.requested = true));
 
-  // Operator decisions while halted, by update: validated at once, refused when the session is not halted.
-  let decision: Decision | undefined;
-  let decisionOutcome: string | undefined;
-  for (const kind of ['retry', 'abort', 'forceFailover'] as const) {
-    setHandler(
-      haltedSessionUpdates[kind],
-      async (request) => {
-        await withSummary(control.checkOperator, `Check that ${request.requestedBy} may decide`, [
-          { user: request.requestedBy, permission: 'failover' },
-        ]).catch((err: unknown) => {
-          throw ApplicationFailure.create({
-            type: FailureTypes.accessDenied,
-            message: failureMessage(err),
-            nonRetryable: true,
-          });
-        });
-        if (!progress.halted || decision) {
-          throw ApplicationFailure.create({
-            type: FailureTypes.wrongState,
-            message: 'the session is no longer halted',
-            nonRetryable: true,
-          });
-        }
-        decision = { kind, request };
-        decisionOutcome = undefined;
-        await condition(() => decisionOutcome !== undefined);
-        return decisionOutcome!;
-      },
-      {
-        validator: (request) => {
-          const checked = validate(operatorRequestSchema, request);
-          if (!checked.ok) throw new Error(formatProblems(`The ${kind} request`, checked.problems));
-          if (!progress.halted)
-            throw new Error(`${kind} is only possible while the session is halted; it is at step ${progress.step}`);
-        },
-      },
-    );
-  }
-
-  const state = await acquireReplica(vm, job, {
-    sessionId,
-    kind: 'plannedFailover',
-    requestedBy: input.requestedBy,
-    reason: input.reason,
-  });
   let report: Omit<SessionReport, 'sessionId'> = { outcome: 'failed' };
   try {
-    const allowed = checkTransition(state, 'plannedFailover');
+    const grant = await acquireReplica(
+      vm,
+      job,
+      { sessionId, kind: 'plannedFailover', requestedBy: input.requestedBy, reason: input.reason },
+      input.proxyWaitTimeoutSeconds,
+    );
+    const allowed = checkTransition(grant.state, 'plannedFailover');
     if (!allowed.allowed) {
       throw ApplicationFailure.create({
         type: FailureTypes.wrongState,
@@ -261,31 +295,20 @@ export async function plannedFailoverSession(
     step('Preparing', `finding ${vm} and its replica`);
     // Data always comes from production, even when the job replicates from backups.
     const target = await withSummary(control.prepareReplication, `Find ${vm} and its replica`, [
-      { vm, job, fromProduction: true },
+      { vm, job, fromProduction: true, productionVm: grant.productionVm },
     ]);
-    const leases = await leaseProxySlots({
-      sessionId,
-      slots: target.disks.length,
-      proxies: target.proxies,
-      declared: target.declaredProxies,
-      waitLimitSeconds: input.proxyWaitTimeoutSeconds,
-    });
-    try {
-      const outcome = await failOver(input, target, leases, result, step, {
-        waitForDecision: async (reason) => {
-          progress.halted = { reason, since: new Date().toISOString() };
-          step('Halted', `${reason}. Waiting for an operator: retry, abort or forceFailover`);
-          await condition(() => decision !== undefined);
-          const taken = decision!;
-          log.info('Operator decision on halted session', { decision: taken.kind, ...taken.request });
-          progress.halted = null;
-          return taken;
-        },
-        done: (outcome) => {
-          decisionOutcome = outcome;
-          decision = undefined;
-        },
+    const refused = hostRefusesJobRun(target.host);
+    if (refused) {
+      report = { outcome: `refused: ${refused.reason}`, state: refused.state };
+      throw ApplicationFailure.create({
+        type: FailureTypes.wrongState,
+        message: `${vm}: ${refused.reason}`,
+        nonRetryable: true,
       });
+    }
+    const slots = new Slots(sessionId, target, input.proxyWaitTimeoutSeconds);
+    try {
+      const outcome = await failOver(input, target, slots, result, step, desk, cancel);
       const restorePoints = await withSummary(control.listRestorePoints, 'Read the restore points from the DR host', [
         target.replica,
       ]);
@@ -294,246 +317,578 @@ export async function plannedFailoverSession(
         state: outcome === 'aborted' ? 'Ready' : 'Failover',
         restorePoints,
         downtime: result.downtime,
+        verification: result.fullVerification,
       };
       result.outcome = outcome;
       return result;
     } finally {
-      await releaseProxySlots(sessionId);
+      await slots.release();
     }
   } catch (err) {
-    if (!isCancellation(err)) step('Failed', failureMessage(err));
+    if (isCancellation(err)) {
+      result.outcome = 'cancelled';
+      result.detail = 'cancelled before its critical window: the source kept running';
+      step('Cancelled', result.detail);
+    } else {
+      result.detail = failureMessage(err);
+      step('Failed', result.detail);
+    }
     throw err;
   } finally {
     await releaseReplica(vm, { sessionId, ...report });
+    await CancellationScope.nonCancellable(() => desk.close(`the session ended: ${result.outcome}`));
   }
 }
 
-interface HaltHooks {
-  waitForDecision(reason: string): Promise<Decision>;
-  done(outcome: string): void;
-}
+/** Times parts of the downtime on the workflow's clock (the Temporal server's), halts apart. */
+class WindowClock {
+  readonly parts = { finalSyncMs: 0, switchMs: 0, haltedMs: 0 };
 
-type Step = (name: SessionStep, detail: string) => void;
+  async time<T>(part: keyof WindowClock['parts'], work: () => Promise<T>): Promise<T> {
+    const started = Date.now();
+    try {
+      return await work();
+    } finally {
+      this.parts[part] += Date.now() - started;
+    }
+  }
+}
 
 async function failOver(
   input: PlannedFailoverSessionInput,
   target: ReplicationTarget,
-  leases: SlotLease[],
+  slots: Slots,
   result: PlannedFailoverSessionResult,
   step: Step,
-  halt: HaltHooks,
+  desk: HaltDesk,
+  cancel: { requested: boolean },
 ): Promise<'failedOver' | 'aborted' | 'forcedFailover'> {
   const { vm, sessionId } = input;
   const helper1 = `rp-${sessionId}-helper1`;
   const helper2 = `rp-${sessionId}-helper2`;
   const ref1 = `ref-${sessionId}-1`;
-  const ref2 = `ref-${sessionId}-2`;
   const source = target.source;
-  const replicaVm = { host: target.replica.host, vm: target.replica.replica };
-
-  // Step 1: copy what is not replicated yet while the VM runs; extra passes, if asked, shrink the last delta.
-  step('Syncing', `copying unreplicated changes of ${vm} while it runs (helper restore point 1)`);
-  await withSummary(control.beginRestorePoint, 'Open helper restore point 1', [
-    {
-      replica: target.replica,
-      pointId: helper1,
-      kind: 'planned-failover-helper',
-      metadata: { session: sessionId, sourceReferencePoint: ref1 },
-    },
-  ]);
-  let base = target.baseReferencePointId;
-  let previousBytes = Number.POSITIVE_INFINITY;
-  for (let pass = 1; ; pass++) {
-    const checkpointId = `ckpt-${sessionId}-p${pass}`;
-    await withSummary(control.createCheckpoint, `Checkpoint ${vm} (pass ${pass})`, [{ vm: source, checkpointId }]);
-    const copies = await copyDisks({
-      vm,
-      target,
-      leases,
-      source: { kind: 'checkpoint', vm: source, checkpointId, baseReferencePointId: base },
-      pointId: helper1,
-      replicaHeadPointId: target.headPointId,
-    });
-    const bytes = bytesOf(copies);
-    result.bytesBeforePowerOff += bytes;
-    result.passesBeforePowerOff = pass;
-    const last = pass > input.preSyncMaxPasses || bytes <= input.preSyncTargetBytes || bytes >= previousBytes;
-    const referencePointId = last ? ref1 : `ref-${sessionId}-p${pass}`;
-    await withSummary(control.promoteCheckpoint, 'Keep the checkpoint as the next reference point', [
-      { vm: source, checkpointId, referencePointId },
-    ]);
-    base = referencePointId;
-    if (last) break;
-    previousBytes = bytes;
-    step('Syncing', `pass ${pass} copied ${bytes} bytes; another pass while the delta shrinks`);
-  }
-  const point1 = await withSummary(control.sealRestorePoint, 'Seal helper restore point 1', [
-    { replica: target.replica, pointId: helper1 },
-  ]);
-  result.helperPoints.push(point1.id);
-  // Opened before power-off: one round trip less while the workload is down.
-  const openHelper2 = (options: ActivityOptions) =>
+  const provenance = (checkpoint: { id: string; createdAt: string }, referencePointId: string) => ({
+    [PointMetadata.sourceKind]: 'checkpoint',
+    [PointMetadata.sourceHost]: source.host,
+    [PointMetadata.sourceVm]: source.vm,
+    [PointMetadata.sourceCheckpoint]: checkpoint.id,
+    [PointMetadata.sourceTime]: checkpoint.createdAt,
+    [PointMetadata.sourceReferencePoint]: referencePointId,
+  });
+  const begin = (pointId: string, options: ActivityOptions = controlOptions) =>
     withSummary(
       control.beginRestorePoint,
-      'Open helper restore point 2',
+      `Open helper restore point ${pointId === helper1 ? 1 : 2}`,
       [
         {
           replica: target.replica,
-          pointId: helper2,
+          pointId,
           kind: 'planned-failover-helper',
-          metadata: { session: sessionId, sourceReferencePoint: ref2 },
+          metadata: { [PointMetadata.session]: sessionId },
         },
       ],
       options,
     );
-  await openHelper2(controlOptions);
 
-  // Step 2: power off the source. From here until the replica runs, the workload is down.
-  step('PoweringOffSource', `guest shutdown of ${vm}, forced off after ${input.shutdownTimeoutSeconds} s`);
-  const shutdown = await withSummary(
-    control.shutDownSource,
-    `Shut down ${vm} (forced off after ${input.shutdownTimeoutSeconds} s)`,
-    [{ vm: source, timeoutMs: input.shutdownTimeoutSeconds * 1000 }],
-    waitingOptions,
-  );
-  result.sourceShutdown = shutdown.outcome;
-  if (shutdown.outcome === 'already-off') log.info('Source VM was already off: power-off step satisfied', { vm });
-
-  // Step 3: the last-minute changes, then proof that nothing was lost. Failures here halt for an operator.
-  const syncStartedAt = Date.now();
-  let verification: VerificationResult | undefined;
-  let forcedBy: OperatorRequest | undefined;
-  for (let attempt = 1; ; attempt++) {
-    try {
-      step('FinalSync', `copying the last changes of ${vm} (helper restore point 2)`);
-      const checkpointId = `ckpt-${sessionId}-final`;
-      await withSummary(
-        control.createCheckpoint,
-        `Checkpoint powered-off ${vm}`,
-        [{ vm: source, checkpointId }],
-        criticalControl,
-      );
-      if (attempt > 1) await openHelper2(criticalControl); // a retry after a halt: reuses the point if still open
+  const created: string[] = [];
+  let helper1Sealed = false;
+  try {
+    // Step 1: copy what is not replicated yet while the VM runs; extra passes, if asked, shrink the last delta.
+    step('Syncing', `copying unreplicated changes of ${vm} while it runs (helper restore point 1)`);
+    await begin(helper1);
+    let base = target.baseReferencePointId;
+    let previousBytes = Number.POSITIVE_INFINITY;
+    let lastCheckpoint: { id: string; createdAt: string };
+    for (let pass = 1; ; pass++) {
+      const checkpointId = `ckpt-${sessionId}-p${pass}`;
+      created.push(checkpointId);
+      lastCheckpoint = await withSummary(control.createCheckpoint, `Checkpoint ${vm} (pass ${pass})`, [
+        { vm: source, checkpointId },
+      ]);
       const copies = await copyDisks({
         vm,
         target,
-        leases,
-        source: { kind: 'checkpoint', vm: source, checkpointId, baseReferencePointId: ref1 },
-        pointId: helper2,
-        replicaHeadPointId: helper1,
-        options: criticalCopy,
+        leases: await slots.lease(),
+        source: { kind: 'checkpoint', vm: source, checkpointId, baseReferencePointId: base },
+        pointId: helper1,
+        replicaHeadPointId: target.headPointId,
       });
-      const point2 = await withSummary(
-        control.sealRestorePoint,
-        'Seal helper restore point 2',
-        [{ replica: target.replica, pointId: helper2 }],
-        criticalControl,
-      );
-      step('Verifying', 'comparing the copied blocks and the guest canary with the source');
-      verification = await withSummary(
-        control.verifyFinalSync,
-        `Verify zero data loss on ${vm}`,
-        [
-          {
-            source,
-            checkpointId,
-            baseReferencePointId: ref1,
-            replica: target.replica,
-            pointId: helper2,
-            disks: target.disks,
-          },
-        ],
-        criticalWaiting,
-      );
-      result.verification = verification;
-      if (!verification.identical) {
-        throw ApplicationFailure.create({
-          type: 'VerificationFailed',
-          message: `replica differs from the source: ${verification.mismatchedBlocks} block(s), canary ${verification.replicaCanary} vs ${verification.sourceCanary}`,
-          nonRetryable: true,
-        });
-      }
-      await withSummary(
-        control.promoteCheckpoint,
-        'Keep the checkpoint as the next reference point',
-        [{ vm: source, checkpointId, referencePointId: ref2 }],
-        criticalControl,
-      );
-      result.helperPoints.push(point2.id);
-      result.bytesAfterPowerOff = bytesOf(copies);
-      break;
-    } catch (err) {
-      if (isCancellation(err)) throw err;
-      const taken = await halt.waitForDecision(`Final sync of ${vm} failed: ${failureMessage(err)}`);
-      if (taken.kind === 'retry') {
-        halt.done('retrying the final sync');
-        continue;
-      }
-      if (taken.kind === 'abort') {
-        step('Aborting', `powering ${vm} back on; the replica stays Ready with helper restore point 1`);
-        await CancellationScope.nonCancellable(async () => {
-          await withSummary(control.revertReplica, 'Show helper restore point 1 again', [
-            { replica: target.replica, pointId: helper1 },
-          ]);
-          await withSummary(control.discardCheckpoint, 'Drop the final checkpoint', [
-            { vm: source, checkpointId: `ckpt-${sessionId}-final` },
-          ]);
-          await withSummary(control.powerOnVm, `Power ${vm} back on`, [{ vm: source }], waitingOptions);
-        });
-        result.detail = `aborted by ${taken.request.requestedBy}: ${taken.request.reason}; ${vm} runs again, replica Ready`;
-        halt.done(result.detail);
-        return 'aborted';
-      }
-      await withSummary(control.revertReplica, 'Fail over to helper restore point 1', [
-        { replica: target.replica, pointId: helper1 },
+      const bytes = bytesOf(copies);
+      result.bytesBeforePowerOff += bytes;
+      result.passesBeforePowerOff = pass;
+      const last = pass > input.preSyncMaxPasses || bytes <= input.preSyncTargetBytes || bytes >= previousBytes;
+      const referencePointId = last ? ref1 : `ref-${sessionId}-p${pass}`;
+      await withSummary(control.promoteCheckpoint, 'Keep the checkpoint as the next reference point', [
+        { vm: source, checkpointId, referencePointId },
       ]);
-      result.dataLoss = `changes of ${vm} after helper restore point 1 (${point1.createdAt}) were not replicated and are lost`;
-      forcedBy = taken.request;
-      break;
+      base = referencePointId;
+      if (last) break;
+      previousBytes = bytes;
+      step('Syncing', `pass ${pass} copied ${formatBytes(bytes)}; another pass while the delta shrinks`);
     }
+    await withSummary(control.sealRestorePoint, 'Seal helper restore point 1', [
+      { replica: target.replica, pointId: helper1, metadata: provenance(lastCheckpoint, ref1) },
+    ]);
+    helper1Sealed = true;
+    result.helperPoints.push(helper1);
+    // Opened before power-off: one round trip less while the workload is down.
+    await begin(helper2);
+  } catch (err) {
+    // Before the window the source still runs: leave nothing half-done behind on either host.
+    await CancellationScope.nonCancellable(async () => {
+      for (const checkpointId of created)
+        await bestEffort(`Dropping checkpoint ${checkpointId}`, () =>
+          withSummary(control.discardCheckpoint, 'Drop the checkpoint of the stopped session', [
+            { vm: source, checkpointId },
+          ]),
+        );
+      for (const pointId of helper1Sealed ? [helper2] : [helper1, helper2])
+        await bestEffort(`Dropping ${pointId}`, () =>
+          withSummary(control.discardRestorePoint, 'Drop the unfinished helper restore point', [
+            { replica: target.replica, pointId },
+          ]),
+        );
+    });
+    throw err;
   }
-  const finalSyncMs = Date.now() - syncStartedAt;
 
-  // Step 4: fail over, through the replica's entity.
-  step('Switching', `replica of ${vm} becomes the running copy`);
-  const switchStartedAt = Date.now();
-  await reportToReplica(vm, { sessionId, state: 'Failover' });
-  const switchMs = Date.now() - switchStartedAt;
-
-  // Step 5: power on the replica.
-  step('PoweringOnReplica', `booting the replica of ${vm} on ${target.replica.host}`);
-  const boot = await withSummary(
-    control.powerOnVm,
-    `Power on the replica of ${vm}`,
-    [{ vm: replicaVm }],
-    waitingOptions,
+  // From the source's power-off until the replica runs, nothing may cancel a step half-way: a cancellation
+  // halts the window at the next step for an operator instead, and everything after it records the move.
+  return CancellationScope.nonCancellable(() =>
+    criticalWindow({ input, target, slots, result, step, desk, cancel, helper1, helper2, provenance }),
   );
-
-  result.bytesCopied = result.bytesBeforePowerOff + result.bytesAfterPowerOff;
-  result.downtime = downtimeOf(shutdown, finalSyncMs, switchMs, boot);
-  result.detail = forcedBy
-    ? `forced failover to helper restore point 1 by ${forcedBy.requestedBy} (${forcedBy.reason}); ${result.dataLoss}`
-    : `downtime ${(result.downtime.totalMs / 1000).toFixed(2)} s, ${formatBytes(result.bytesAfterPowerOff)} copied while off, verified`;
-  if (forcedBy) halt.done(result.detail);
-  step('Done', result.detail);
-  return forcedBy ? 'forcedFailover' : 'failedOver';
 }
 
+interface WindowContext {
+  input: PlannedFailoverSessionInput;
+  target: ReplicationTarget;
+  slots: Slots;
+  result: PlannedFailoverSessionResult;
+  step: Step;
+  desk: HaltDesk;
+  cancel: { requested: boolean };
+  helper1: string;
+  helper2: string;
+  provenance: (checkpoint: { id: string; createdAt: string }, referencePointId: string) => Record<string, string>;
+}
+
+async function criticalWindow(w: WindowContext): Promise<'failedOver' | 'aborted' | 'forcedFailover'> {
+  const { input, target, slots, result, step, desk, helper2 } = w;
+  const { vm, sessionId } = input;
+  const source = target.source;
+  const replicaVm = { host: target.replica.host, vm: target.replica.replica };
+  const checkpointId = `ckpt-${sessionId}-final`;
+  const ref2 = `ref-${sessionId}-2`;
+  const clock = new WindowClock();
+  const downtimeStartedAt = Date.now();
+
+  let at: WindowStep = 'powerOff';
+  let checkpoint: { id: string; createdAt: string } | undefined;
+  let shutdown:
+    { outcome: 'shut-down' | 'forced-off' | 'already-off'; startedAt: number; finishedAt: number } | undefined;
+  let boot: { startedAt: number; finishedAt: number } | undefined;
+  let forced: { point: 'helper1' | 'helper2'; by: OperatorRequest } | undefined;
+  let cancellationHalted = false;
+
+  while (boot === undefined) {
+    let mismatch = false;
+    try {
+      if (w.cancel.requested && !cancellationHalted) {
+        cancellationHalted = true;
+        throw ApplicationFailure.create({
+          type: 'CancellationRequested',
+          message: 'a cancellation was requested (Web UI, CLI or the parent workflow); the window cannot stop half-way',
+        });
+      }
+      switch (at) {
+        case 'powerOff':
+          // Step 2: power off the source. From here until the replica runs, the workload is down.
+          step('PoweringOffSource', `guest shutdown of ${vm}, forced off after ${input.shutdownTimeoutSeconds} s`);
+          shutdown = await withSummary(
+            control.shutDownSource,
+            `Shut down ${vm} (forced off after ${input.shutdownTimeoutSeconds} s)`,
+            [{ vm: source, timeoutMs: input.shutdownTimeoutSeconds * 1000 }],
+            criticalWaiting,
+          );
+          result.sourceShutdown = shutdown.outcome;
+          if (shutdown.outcome === 'already-off')
+            log.info('Source VM was already off: power-off step satisfied', { vm });
+          at = 'checkpoint';
+          break;
+        case 'checkpoint':
+          // Step 3: the last-minute changes, then proof that nothing was lost, before anything else happens.
+          step('FinalSync', `copying the last changes of ${vm} (helper restore point 2)`);
+          checkpoint = await clock.time('finalSyncMs', () =>
+            withSummary(
+              control.createCheckpoint,
+              `Checkpoint powered-off ${vm}`,
+              [{ vm: source, checkpointId }],
+              criticalControl,
+            ),
+          );
+          at = 'copy';
+          break;
+        case 'copy': {
+          step('FinalSync', `copying the last changes of ${vm} (helper restore point 2)`);
+          const copies = await clock.time('finalSyncMs', async () => {
+            const leases = await slots.lease();
+            // A retry after a halt: the point is still open (a sealed point is never copied into).
+            await withSummary(
+              control.beginRestorePoint,
+              'Open helper restore point 2',
+              [
+                {
+                  replica: target.replica,
+                  pointId: helper2,
+                  kind: 'planned-failover-helper',
+                  metadata: { session: sessionId },
+                },
+              ],
+              criticalControl,
+            );
+            return copyDisks({
+              vm,
+              target,
+              leases,
+              source: { kind: 'checkpoint', vm: source, checkpointId, baseReferencePointId: `ref-${sessionId}-1` },
+              pointId: helper2,
+              replicaHeadPointId: w.helper1,
+              options: criticalCopy,
+            });
+          });
+          result.bytesAfterPowerOff = bytesOf(copies);
+          at = 'verify';
+          break;
+        }
+        case 'verify': {
+          step('Verifying', 'comparing the copied blocks and the guest canary with the source');
+          const verification = await clock.time('finalSyncMs', () =>
+            withSummary(
+              control.verifyFinalSync,
+              `Verify zero data loss on ${vm}`,
+              [
+                {
+                  source,
+                  checkpointId,
+                  baseReferencePointId: `ref-${sessionId}-1`,
+                  replica: target.replica,
+                  pointId: helper2,
+                  disks: target.disks,
+                },
+              ],
+              criticalWaiting,
+            ),
+          );
+          result.verification = verification;
+          if (!verification.identical) {
+            mismatch = true;
+            throw ApplicationFailure.create({
+              type: FailureTypes.verificationFailed,
+              message: `helper restore point 2 differs from the source: ${verification.mismatchedBlocks} block(s), canary ${verification.replicaCanary} vs ${verification.sourceCanary}`,
+              nonRetryable: true,
+            });
+          }
+          at = 'seal';
+          break;
+        }
+        case 'seal':
+          // Sealed only once verified: a sealed helper point 2 is a proven copy of the source at power-off.
+          await clock.time('finalSyncMs', () =>
+            withSummary(
+              control.sealRestorePoint,
+              'Seal the verified helper restore point 2',
+              [{ replica: target.replica, pointId: helper2, metadata: w.provenance(checkpoint!, ref2) }],
+              criticalControl,
+            ),
+          );
+          result.helperPoints.push(helper2);
+          await slots.release();
+          at = 'switch';
+          break;
+        case 'switch':
+          // Step 4: fail over, through the replica's entity.
+          step('Switching', `replica of ${vm} becomes the running copy`);
+          await clock.time('switchMs', () => reportToReplica(vm, { sessionId, state: 'Failover' }));
+          at = 'powerOn';
+          break;
+        case 'powerOn':
+          // Step 5: power on the replica.
+          step('PoweringOnReplica', `booting the replica of ${vm} on ${target.replica.host}`);
+          boot = await withSummary(
+            control.powerOnVm,
+            `Power on the replica of ${vm}`,
+            [{ vm: replicaVm }],
+            criticalWaiting,
+          );
+          break;
+      }
+    } catch (err) {
+      // A halt may last days: nobody else waits for this session's proxy slots meanwhile.
+      await slots.release();
+      const failed = at;
+      let reason =
+        err instanceof ApplicationFailure && err.type === 'CancellationRequested'
+          ? err.message
+          : `${failed} failed: ${failureMessage(err)}`;
+      for (;;) {
+        const decision = await clock.time('haltedMs', () => desk.halt(failed, reason));
+        if (decision.kind === 'retry') {
+          at = retryFrom(failed, mismatch);
+          desk.settle(`retrying from ${at}`);
+          break;
+        }
+        if (decision.kind === 'abort') {
+          const aborted = await abort(w, failed, decision, checkpointId, ref2);
+          if (aborted === true) return 'aborted';
+          reason = aborted;
+          continue;
+        }
+        const sealed = await helper2Sealed(w);
+        if (sealed === undefined) {
+          reason = 'forceFailover could not read the DR host to tell which helper restore point is verified';
+          continue;
+        }
+        const forceTo = forceTarget(failed, sealed);
+        forced = { point: forceTo.point, by: decision.request };
+        if (forceTo.point === 'helper1')
+          result.dataLoss = `changes of ${vm} after helper restore point 1 were not replicated and are lost${shutdown ? '' : `; ${vm} was not confirmed off`}`;
+        else if (!result.helperPoints.includes(helper2)) result.helperPoints.push(helper2);
+        at = forceTo.from;
+        break;
+      }
+    }
+  }
+  const downtimeEndedAt = Date.now();
+  result.bytesCopied = result.bytesBeforePowerOff + result.bytesAfterPowerOff;
+  result.downtime = downtimeOf(downtimeEndedAt - downtimeStartedAt, shutdown, boot, clock.parts);
+
+  // After the window: the replica runs, the move is done; what follows records it and proves it.
+  if (forced?.point === 'helper1') {
+    result.fullVerification = {
+      identical: null,
+      blocksCompared: 0,
+      mismatchedBlocks: 0,
+      covered: 'nothing: forced failover to helper restore point 1, which is older than the source at power-off',
+    };
+    await bestEffort('Dropping the unverified helper restore point 2', () =>
+      withSummary(
+        control.discardRestorePoint,
+        'Drop the unverified helper restore point 2',
+        [{ replica: target.replica, pointId: helper2 }],
+        persistentOptions,
+      ),
+    );
+    await bestEffort('Dropping the final checkpoint', () =>
+      withSummary(
+        control.discardCheckpoint,
+        'Drop the final checkpoint',
+        [{ vm: source, checkpointId }],
+        persistentOptions,
+      ),
+    );
+  } else {
+    await verifyAllBlocks(w, checkpointId, ref2);
+  }
+
+  const full = result.fullVerification!;
+  if (forced) {
+    result.detail = `forced failover to helper restore point ${forced.point === 'helper1' ? 1 : 2} by ${forced.by.requestedBy} (${forced.by.reason}); ${result.dataLoss ?? 'nothing was lost: helper restore point 2 was verified'}`;
+    desk.settle(result.detail);
+  } else {
+    result.detail = `downtime ${(result.downtime.totalMs / 1000).toFixed(2)} s, ${formatBytes(result.bytesAfterPowerOff)} copied while off, verified`;
+    if (full.identical === true) result.detail += `; every block compared: identical`;
+  }
+  if (full.identical === false) {
+    result.detail += `; WHOLE-DISK COMPARISON: ${full.mismatchedBlocks} block(s) of helper restore point 2 differ from the powered-off source`;
+    step('VerificationMismatch', result.detail);
+  } else if (full.identical === null && !forced) {
+    step('Unverified', `${result.detail}; the whole-disk comparison could not run: ${full.error ?? 'unknown'}`);
+  } else {
+    step('Done', result.detail);
+  }
+  return forced ? 'forcedFailover' : 'failedOver';
+}
+
+/** The newest helper point is verified exactly when the DR host shows it sealed; undefined if the host cannot say. */
+async function helper2Sealed(w: WindowContext): Promise<boolean | undefined> {
+  try {
+    const points = await withSummary(
+      control.listRestorePoints,
+      'Which helper point is verified?',
+      [w.target.replica],
+      criticalControl,
+    );
+    return points.some((p) => p.id === w.helper2);
+  } catch (err) {
+    log.warn('Could not read the restore points of the DR host', { error: failureMessage(err) });
+    return undefined;
+  }
+}
+
+/**
+ * Abort: production first. The source is powered back on before anything is asked of the DR host (whose failure
+ * is the usual reason for the halt); the decision's update returns once it runs. Then the DR side is put back,
+ * retried for as long as the host stays away: a replica that may have started is powered off and its writes
+ * dropped; a verified helper point 2 stays (it equals the source at power-off) and its checkpoint becomes the
+ * reference point, else the point and the checkpoint are dropped.
+ */
+async function abort(
+  w: WindowContext,
+  failed: WindowStep,
+  decision: TakenDecision,
+  checkpointId: string,
+  ref2: string,
+): Promise<true | string> {
+  const { input, target, result, step, desk } = w;
+  const { vm } = input;
+  const replicaVm = { host: target.replica.host, vm: target.replica.replica };
+  step('Aborting', `powering ${vm} back on; the replica stays Ready`);
+  let note = '';
+  if (replicaMayRun(failed)) {
+    try {
+      await withSummary(
+        control.powerOffVm,
+        `Make sure the replica of ${vm} is off`,
+        [{ vm: replicaVm }],
+        criticalControl,
+      );
+    } catch (err) {
+      note = `; the replica could not be confirmed off (${failureMessage(err)}): it is powered off as soon as ${target.replica.host} answers`;
+    }
+  }
+  try {
+    await withSummary(control.powerOnVm, `Power ${vm} back on`, [{ vm: target.source }], waitingOptions);
+  } catch (err) {
+    return `abort could not power ${vm} back on: ${failureMessage(err)}`;
+  }
+  result.detail = `aborted by ${decision.request.requestedBy}: ${decision.request.reason}; ${vm} runs again, replica Ready${note}`;
+  desk.settle(result.detail);
+
+  step('Aborting', `${vm} runs again; putting the DR side back`);
+  const left: string[] = [];
+  const dr = async (what: string, call: () => Promise<unknown>) => {
+    try {
+      await call();
+    } catch (err) {
+      left.push(`${what} (${failureMessage(err)})`);
+    }
+  };
+  if (replicaMayRun(failed)) {
+    await dr('powering the replica off', () =>
+      withSummary(control.powerOffVm, `Power off the replica of ${vm}`, [{ vm: replicaVm }], persistentOptions),
+    );
+    await dr('dropping what the replica wrote', () =>
+      withSummary(
+        control.discardRunningLayer,
+        'Discard what the replica wrote',
+        [{ replica: target.replica }],
+        persistentOptions,
+      ),
+    );
+  }
+  const sealed = await withSummary(
+    control.listRestorePoints,
+    'Which helper point is verified?',
+    [target.replica],
+    persistentOptions,
+  )
+    .then((points) => points.some((p) => p.id === w.helper2))
+    .catch((err: unknown) => {
+      left.push(`reading the restore points (${failureMessage(err)})`);
+      return false;
+    });
+  if (sealed) {
+    if (!result.helperPoints.includes(w.helper2)) result.helperPoints.push(w.helper2);
+    await dr('keeping the final checkpoint as the reference point', () =>
+      withSummary(
+        control.promoteCheckpoint,
+        'Keep the final checkpoint as the next reference point',
+        [{ vm: target.source, checkpointId, referencePointId: ref2 }],
+        persistentOptions,
+      ),
+    );
+  } else {
+    await dr('dropping the unverified helper restore point 2', () =>
+      withSummary(
+        control.discardRestorePoint,
+        'Drop the unverified helper restore point 2',
+        [{ replica: target.replica, pointId: w.helper2 }],
+        persistentOptions,
+      ),
+    );
+    await dr('dropping the final checkpoint', () =>
+      withSummary(
+        control.discardCheckpoint,
+        'Drop the final checkpoint',
+        [{ vm: target.source, checkpointId }],
+        persistentOptions,
+      ),
+    );
+  }
+  if (left.length > 0) result.detail += `; left for the next job run: ${left.join(', ')}`;
+  return true;
+}
+
+/**
+ * Zero data loss, proven for every block: helper point 2 against the powered-off source's final checkpoint, both
+ * frozen, so the replica's downtime is over already. Only a proven point's checkpoint becomes the reference point:
+ * after a mismatch, the next job run compares digests and heals the replica.
+ */
+async function verifyAllBlocks(w: WindowContext, checkpointId: string, ref2: string): Promise<void> {
+  const { input, target, result, step } = w;
+  step('VerifyingAllBlocks', `comparing every block of helper restore point 2 with the powered-off ${input.vm}`);
+  try {
+    result.fullVerification = await withSummary(
+      control.verifyWholeDisks,
+      `Compare every block of ${input.vm} with helper restore point 2`,
+      [{ source: target.source, checkpointId, replica: target.replica, pointId: w.helper2, disks: target.disks }],
+      waitingOptions,
+    );
+  } catch (err) {
+    result.fullVerification = {
+      identical: null,
+      blocksCompared: 0,
+      mismatchedBlocks: 0,
+      covered: 'nothing: the comparison could not run',
+      error: failureMessage(err),
+    };
+  }
+  if (result.fullVerification.identical === true) {
+    await bestEffort('Keeping the final checkpoint as the reference point', () =>
+      withSummary(
+        control.promoteCheckpoint,
+        'Keep the final checkpoint as the next reference point',
+        [{ vm: target.source, checkpointId, referencePointId: ref2 }],
+        waitingOptions,
+      ),
+    );
+  } else {
+    log.error('Zero data loss not proven for the planned failover', { vm: input.vm, ...result.fullVerification });
+    await bestEffort('Dropping the final checkpoint', () =>
+      withSummary(control.discardCheckpoint, 'Drop the final checkpoint', [{ vm: target.source, checkpointId }]),
+    );
+  }
+}
+
+/**
+ * The downtime and its parts. The total is timed on the workflow's clock (the server's), from the moment the
+ * shutdown was scheduled until the replica's boot was reported; shutdown and boot are durations measured by the
+ * activities on their own machine, so no two clocks are ever subtracted from one another.
+ */
 function downtimeOf(
-  shutdown: { startedAt: number; finishedAt: number },
-  finalSyncMs: number,
-  switchMs: number,
+  totalMs: number,
+  shutdown: { startedAt: number; finishedAt: number } | undefined,
   boot: { startedAt: number; finishedAt: number },
+  parts: { finalSyncMs: number; switchMs: number; haltedMs: number },
 ): DowntimeBreakdown {
-  const totalMs = boot.finishedAt - shutdown.startedAt;
-  const guestShutdownMs = shutdown.finishedAt - shutdown.startedAt;
+  const guestShutdownMs = shutdown ? shutdown.finishedAt - shutdown.startedAt : 0;
   const bootMs = boot.finishedAt - boot.startedAt;
   return {
     totalMs,
     guestShutdownMs,
-    finalSyncMs,
-    switchMs,
+    ...parts,
     bootMs,
-    orchestrationMs: Math.max(0, totalMs - guestShutdownMs - finalSyncMs - switchMs - bootMs),
+    orchestrationMs: totalMs - guestShutdownMs - parts.finalSyncMs - parts.switchMs - parts.haltedMs - bootMs,
   };
 }

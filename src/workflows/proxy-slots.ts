@@ -13,49 +13,53 @@ import {
   proxySignals,
   proxyTaskQueue,
   slotsGrantedSignal,
+  type HeldSlot,
+  type ProxyDeclaration,
   type ProxyRegistryInput,
   type ProxyRegistryView,
   type SlotLease,
   type SlotRequest,
 } from '../contract';
-import { allocateSlots, type ProxyTable } from '../domain/proxy-slots';
+import { allocateSlots } from '../domain/proxy-slots';
+import { control, failureMessage, withSummary } from './common';
+import { HolderWatch } from './holders';
+
+type ProxyEntry = { online: boolean; leases: HeldSlot[]; declared: ProxyDeclaration | null };
 
 /**
- * The one owner of every proxy's task slots. Requests queue in arrival order; the head of the queue is served
- * first, so a large request is not starved by small ones. Leases survive continue-as-new.
+ * The one owner of every proxy's runtime state: who holds which slot, and which proxies an operator took offline.
+ * Requests queue in arrival order; the head of the queue is served first, so a large request is not starved by
+ * small ones. How many slots a proxy has, and whether it is enabled, is configuration: each request brings it as
+ * its worker read it, and a request is served only from the proxies it declares. While sessions wait, the
+ * registry checks that the holders of leased slots still run, and takes back the slots of those that do not
+ * (terminated, reset or timed out without giving them back). Leases survive continue-as-new.
  */
 export async function proxySlots(input: ProxyRegistryInput): Promise<void> {
-  const proxies: ProxyTable = input.carried?.proxies ?? {};
+  const proxies: Record<string, ProxyEntry> = input.carried?.proxies ?? {};
   const queue: SlotRequest[] = input.carried?.queue ?? [];
+  /** Repeated requests of sessions that hold their slots already: granted again by the main loop. */
+  const regrants: SlotRequest[] = [];
+  const watch = new HolderWatch();
   let changed = true;
 
+  const entry = (name: string): ProxyEntry => (proxies[name] ??= { online: true, leases: [], declared: null });
   const leasesOf = (sessionId: string): SlotLease[] =>
     Object.entries(proxies).flatMap(([name, p]) =>
-      p.leases.filter((s) => s === sessionId).map(() => ({ proxy: name, taskQueue: proxyTaskQueue(name) })),
+      p.leases.filter((s) => s.sessionId === sessionId).map(() => ({ proxy: name, taskQueue: proxyTaskQueue(name) })),
     );
+  const release = (sessionId: string): void => {
+    for (const p of Object.values(proxies)) p.leases = p.leases.filter((s) => s.sessionId !== sessionId);
+  };
 
   setHandler(proxySignals.requestSlots, (request) => {
-    for (const d of request.declared) {
-      const known = proxies[d.name];
-      proxies[d.name] = {
-        slots: d.slots,
-        enabled: d.enabled,
-        online: known?.online ?? true,
-        leases: known?.leases ?? [],
-      };
-    }
-    const held = leasesOf(request.sessionId);
-    if (held.length > 0) {
-      // A repeated request (the session's activity retried): grant again what it already holds.
-      void grant(request, held);
-    } else if (!queue.some((q) => q.sessionId === request.sessionId)) {
-      queue.push(request);
-    }
+    for (const d of request.declared) entry(d.name).declared = d;
+    if (leasesOf(request.sessionId).length > 0) regrants.push(request);
+    else if (!queue.some((q) => q.sessionId === request.sessionId)) queue.push(request);
     changed = true;
   });
 
   setHandler(proxySignals.releaseSlots, ({ sessionId }) => {
-    for (const p of Object.values(proxies)) p.leases = p.leases.filter((s) => s !== sessionId);
+    release(sessionId);
     const i = queue.findIndex((q) => q.sessionId === sessionId);
     if (i >= 0) queue.splice(i, 1);
     changed = true;
@@ -71,45 +75,86 @@ export async function proxySlots(input: ProxyRegistryInput): Promise<void> {
   setHandler(proxyQueries.slots, (): ProxyRegistryView => ({
     proxies: Object.entries(proxies).map(([name, p]) => ({
       name,
-      slots: p.slots,
-      enabled: p.enabled,
+      slots: p.declared?.slots ?? 0,
+      enabled: p.declared?.enabled ?? false,
       online: p.online,
-      leasedTo: p.leases,
+      leasedTo: p.leases.map((s) => s.sessionId),
     })),
     waiting: queue.map((q) => ({ sessionId: q.sessionId, slots: q.slots })),
   }));
 
-  async function grant(to: Pick<SlotRequest, 'sessionId' | 'workflowId'>, leases: SlotLease[]): Promise<void> {
+  /** Tells the session its slots; a session that is gone gets its slots taken back. */
+  async function grant(to: SlotRequest, leases: SlotLease[]): Promise<void> {
     try {
       await getExternalWorkflowHandle(to.workflowId).signal(slotsGrantedSignal, { leases });
     } catch (err) {
-      // The session is gone (terminated or timed out): its slots go back to the pool.
-      log.warn('Session to grant slots to is gone; releasing its slots', { ...to, error: String(err) });
-      for (const p of Object.values(proxies)) p.leases = p.leases.filter((s) => s !== to.sessionId);
+      log.warn('Session to grant slots to is gone; releasing its slots', {
+        sessionId: to.sessionId,
+        error: failureMessage(err),
+      });
+      release(to.sessionId);
       changed = true;
     }
   }
 
-  for (;;) {
-    await condition(() => changed || workflowInfo().continueAsNewSuggested);
-    if (!changed && workflowInfo().continueAsNewSuggested) {
-      await condition(allHandlersFinished);
-      return continueAsNew<typeof proxySlots>({ carried: { proxies, queue } });
+  /** Takes back the slots of holders that no longer run; asked only while someone waits for slots. */
+  async function checkHolders(): Promise<void> {
+    const holders = [...new Set(Object.values(proxies).flatMap((p) => p.leases.map((s) => s.workflowId)))];
+    if (holders.length === 0) return;
+    const gone = await withSummary(
+      control.workflowsNotRunning,
+      `Check that ${holders.length} slot holder(s) still run`,
+      [{ workflowIds: holders }],
+    );
+    watch.checked(gone.length === 0);
+    for (const workflowId of gone) {
+      const held = Object.values(proxies).flatMap((p) => p.leases.filter((s) => s.workflowId === workflowId));
+      log.warn('Holder of proxy slots is no longer running; its slots are taken back', { workflowId });
+      for (const s of held) release(s.sessionId);
+      changed = true;
     }
+  }
+
+  const canContinueAsNew = () =>
+    workflowInfo().continueAsNewSuggested && allHandlersFinished() && regrants.length === 0;
+  const someoneWaits = () => queue.length > 0 && Object.values(proxies).some((p) => p.leases.length > 0);
+
+  for (;;) {
+    // Without a timeout, condition resolves to undefined: only `false` means the check came due.
+    const checkDue =
+      (await condition(
+        () => changed || regrants.length > 0 || canContinueAsNew(),
+        someoneWaits() ? watch.nextCheckMs() : undefined,
+      )) === false;
+    if (checkDue) {
+      await checkHolders();
+      continue;
+    }
+    if (!changed && regrants.length === 0) return continueAsNew<typeof proxySlots>({ carried: { proxies, queue } });
     changed = false;
+    for (const request of regrants.splice(0)) await grant(request, leasesOf(request.sessionId));
     while (queue.length > 0) {
       const head = queue[0]!;
-      const leases = allocateSlots(proxies, head.proxies, head.slots);
-      if (!leases) break;
+      const choices = head.declared.map((d) => ({
+        ...d,
+        online: entry(d.name).online,
+        leased: entry(d.name).leases.length,
+      }));
+      const picked = allocateSlots(choices, head.proxies, head.slots);
+      if (!picked) break;
       queue.shift();
-      for (const proxy of leases) proxies[proxy]!.leases.push(head.sessionId);
+      for (const proxy of picked) entry(proxy).leases.push({ sessionId: head.sessionId, workflowId: head.workflowId });
+      watch.reset();
       await grant(
         head,
-        leases.map((proxy) => ({ proxy, taskQueue: proxyTaskQueue(proxy) })),
+        picked.map((proxy) => ({ proxy, taskQueue: proxyTaskQueue(proxy) })),
       );
     }
     const used = Object.values(proxies).reduce((n, p) => n + p.leases.length, 0);
-    const total = Object.values(proxies).reduce((n, p) => n + (p.enabled && p.online ? p.slots : 0), 0);
+    const total = Object.values(proxies).reduce(
+      (n, p) => n + (p.declared?.enabled && p.online ? p.declared.slots : 0),
+      0,
+    );
     setCurrentDetails(`${used} of ${total} slots leased; ${queue.length} session(s) waiting`);
   }
 }

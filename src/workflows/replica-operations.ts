@@ -1,4 +1,11 @@
-import { ApplicationFailure, setCurrentDetails, upsertSearchAttributes } from '@temporalio/workflow';
+import {
+  ApplicationFailure,
+  CancellationScope,
+  proxyActivities,
+  setCurrentDetails,
+  upsertSearchAttributes,
+} from '@temporalio/workflow';
+import type { Activities } from '../activities';
 import type { ReplicaDescription } from '../activities/operations';
 import {
   FailureTypes,
@@ -6,15 +13,22 @@ import {
   type OperationPayload,
   type ReplicaOperationInput,
   type ReplicaOperationResult,
+  type VmLocation,
 } from '../contract';
+import { stateFromHost } from '../domain/replica-state';
+import { PointMetadata, pointAtOrBefore } from '../domain/restore-points';
 import { formatBytes } from '../domain/units';
-import { control, copyOptions, waitingOptions, withSummary } from './common';
+import { bestEffort, control, copyOptions, failureMessage, waitingOptions, withSummary } from './common';
+import { leaseProxySlots, releaseProxySlots } from './sessions';
 
-type VmRef = { host: string; vm: string };
+/** A production VM's guest is given this long to shut down before a failback or undo powers it off. */
+const PRODUCTION_SHUTDOWN_MS = 300_000;
+const PROXY_WAIT_SECONDS = 3600;
 
 /**
  * One operation on a replica, run by its entity when the replica is free: every step an activity, so the
- * operation's history shows what was done, and a retried step does nothing twice.
+ * operation's history shows what was done, and a retried step does nothing twice. What the DR host shows is
+ * checked first: an operation that would harm a replica in another state than its entity believes is refused.
  */
 export async function replicaOperation(input: ReplicaOperationInput): Promise<ReplicaOperationResult> {
   const { vm, job, operation } = input;
@@ -25,17 +39,39 @@ export async function replicaOperation(input: ReplicaOperationInput): Promise<Re
   ]);
   const step = (detail: string) => setCurrentDetails(`**${operation}** of ${vm}: ${detail}`);
   step('reading the replica from the DR host');
-  const replica = await withSummary(control.describeReplica, `Read the replica of ${vm}`, [{ vm, job }]);
-  const replicaVm: VmRef = { host: replica.replica.host, vm: replica.replica.replica };
+  const replica = await withSummary(control.describeReplica, `Read the replica of ${vm}`, [
+    { vm, job, productionVm: input.productionVm },
+  ]);
+  const replicaVm: VmLocation = { host: replica.replica.host, vm: replica.replica.replica };
+  const onHost = stateFromHost(replica.host, input.state === 'Failback' ? 'Failback' : null);
+  const refuseUnless = (wanted: string, ok: boolean) => {
+    if (ok) return;
+    throw ApplicationFailure.create({
+      type: FailureTypes.wrongState,
+      message: `${operation} needs the replica ${wanted} on ${replica.replica.host}, but the host shows it ${onHost} (${replica.host.powerState}, ${replica.host.hasRunningLayer ? 'a' : 'no'} running layer); nothing was changed`,
+      nonRetryable: true,
+    });
+  };
   const finish = async (
     state: ReplicaOperationResult['state'],
     detail: string,
-    failbackTo: VmRef | null = null,
-    bytesCopied = 0,
+    extra: Partial<
+      Pick<ReplicaOperationResult, 'failbackTo' | 'productionVm' | 'bytesCopied' | 'productionBytesOverwritten'>
+    > = {},
   ): Promise<ReplicaOperationResult> => {
     const restorePoints = await withSummary(control.listRestorePoints, 'Read the restore points', [replica.replica]);
     step(`done: ${detail}`);
-    return { state, restorePoints, detail, failbackTo, bytesCopied };
+    // The state this operation left, searchable: what an entity that lost its state rebuilds it from.
+    upsertSearchAttributes([{ key: SearchAttributes.ReplicaState, value: state }]);
+    return {
+      state,
+      restorePoints,
+      detail,
+      failbackTo: null,
+      productionVm: input.productionVm,
+      bytesCopied: 0,
+      ...extra,
+    };
   };
 
   switch (operation) {
@@ -49,13 +85,14 @@ export async function replicaOperation(input: ReplicaOperationInput): Promise<Re
       let detail = 'replica off, its changes since failover discarded';
       if (payload.powerOnSource) {
         const source = requireSource(replica, vm);
-        await withSummary(control.powerOnVm, `Power on ${vm}`, [{ vm: source }], waitingOptions);
-        detail += `; ${vm} powered on`;
+        await withSummary(control.powerOnVm, `Power on ${source.vm}`, [{ vm: source }], waitingOptions);
+        detail += `; ${source.vm} powered on`;
       }
       return finish('Ready', detail);
     }
 
     case 'permanentFailover': {
+      refuseUnless('failed over', onHost === 'Failover');
       step('merging every restore point into the replica; it becomes the production VM');
       await withSummary(
         control.consolidateReplica,
@@ -70,10 +107,11 @@ export async function replicaOperation(input: ReplicaOperationInput): Promise<Re
     }
 
     case 'failover': {
+      refuseUnless('off with no running layer', onHost === 'Ready');
       const payload = input.payload as OperationPayload<'failover'>;
       const point = payload.restorePointId
         ? replica.restorePoints.find((p) => p.id === payload.restorePointId)
-        : replica.restorePoints.filter((p) => p.createdAt <= payload.at!).at(-1);
+        : pointAtOrBefore(replica.restorePoints, payload.at!);
       if (!point) {
         throw ApplicationFailure.create({
           type: FailureTypes.invalidInput,
@@ -92,108 +130,30 @@ export async function replicaOperation(input: ReplicaOperationInput): Promise<Re
       return finish('Failover', `replica running from ${point.id} (${point.createdAt}); ${vm} untouched`);
     }
 
-    case 'failback': {
-      const payload = input.payload as OperationPayload<'failback'>;
-      const { operationId } = input;
-      const target = payload.target;
-      let production: VmRef;
-      let base: string | null = null;
-      if (target === 'original') {
-        production = requireSource(replica, vm);
-        base = replica.headReferencePointId; // production's own changes since then are tracked from here
-      } else if ('restoredVm' in target) {
-        production = await withSummary(control.locateProductionVm, `Find ${target.restoredVm}`, [
-          { vm: target.restoredVm },
-        ]);
-      } else {
-        production = { host: target.newVm.host, vm: target.newVm.name };
-        await withSummary(control.createProductionVm, `Create ${target.newVm.name} on ${target.newVm.host}`, [
-          { vm: production, disks: replica.disks },
-        ]);
-      }
-      const protectiveId = `rp-${operationId}-protective`;
-      const referencePointId = `ref-${operationId}`;
-      const ship = { replica: replica.replica, production, disks: replica.disks, baseReferencePointId: base };
-
-      step(`phase 1: copying to ${production.vm} while the replica keeps running`);
-      await withSummary(control.powerOffVm, `Make sure ${production.vm} is off before it is written`, [
-        { vm: production },
-      ]);
-      const phase1 = await withSummary(
-        control.shipToProduction,
-        `Copy the replica's changes to ${production.vm} (replica running)`,
-        [{ ...ship, view: { running: true }, onlyDiffering: false, checkpointId: `ckpt-${operationId}-phase1` }],
-        copyOptions,
-      );
-
-      step(`phase 2: replica off, protective restore point, copying the rest to ${production.vm}`);
-      await withSummary(control.powerOffVm, `Power off the replica of ${vm}`, [{ vm: replicaVm }]);
-      await withSummary(control.sealRunningLayer, 'Keep the replica state as a failback-protective restore point', [
-        {
-          replica: replica.replica,
-          pointId: protectiveId,
-          kind: 'failback-protective',
-          metadata: { operation: operationId, productionVm: production.vm, sourceReferencePoint: referencePointId },
-        },
-      ]);
-      const phase2 = await withSummary(
-        control.shipToProduction,
-        `Copy the last changes to ${production.vm} (replica off)`,
-        [{ ...ship, view: { pointId: protectiveId }, onlyDiffering: true, checkpointId: `ckpt-${operationId}-phase2` }],
-        copyOptions,
-      );
-      step(`verifying ${production.vm} against the protective point`);
-      const verified = await withSummary(
-        control.verifyProductionMatches,
-        `Verify ${production.vm} equals the replica`,
-        [
-          {
-            replica: replica.replica,
-            pointId: protectiveId,
-            production,
-            disks: replica.disks,
-            checkpointId: `ckpt-${operationId}-verify`,
-          },
-        ],
-        waitingOptions,
-      );
-      if (!verified.identical) {
-        throw ApplicationFailure.create({
-          type: 'VerificationFailed',
-          message: `${production.vm} differs from the replica in ${verified.mismatchedBlocks} block(s) after failback`,
-          nonRetryable: true,
-        });
-      }
-      // Production's state now equals the protective point: track its changes from here, for the next job run.
-      const checkpointId = `ckpt-${operationId}-reference`;
-      await withSummary(control.createCheckpoint, `Checkpoint ${production.vm}`, [{ vm: production, checkpointId }]);
-      await withSummary(control.promoteCheckpoint, 'Keep it as the reference point of the next job run', [
-        { vm: production, checkpointId, referencePointId },
-      ]);
-      const bytesCopied = phase1.bytesShipped + phase2.bytesShipped;
-      let detail = `${formatBytes(bytesCopied)} copied to ${production.vm} (${formatBytes(phase2.bytesShipped)} with the replica off), verified; protective point ${protectiveId}`;
-      if (payload.powerOnProduction) {
-        step(`powering ${production.vm} on`);
-        await withSummary(control.powerOnVm, `Power on ${production.vm}`, [{ vm: production }], waitingOptions);
-        detail += `; ${production.vm} powered on`;
-      }
-      return finish('Failback', detail, production, bytesCopied);
-    }
+    case 'failback':
+      refuseUnless('failed over', onHost === 'Failover');
+      return failback(input, replica, replicaVm, step, finish);
 
     case 'commitFailback': {
       const to = input.failbackTo;
-      const detail =
-        to && to.vm !== vm
-          ? `failback committed; production is ${to.vm} on ${to.host}: point job ${job} at it to resume replication`
-          : 'failback committed; replication resumes from the protective point';
-      return finish('Ready', detail);
+      // Production now runs where the failback went: job runs and planned failovers read that VM from now on.
+      const productionVm = to && to.vm !== vm ? to : null;
+      const detail = productionVm
+        ? `failback committed; production is ${productionVm.vm} on ${productionVm.host}, which job ${job} replicates from now on`
+        : 'failback committed; replication resumes from the protective point';
+      return finish('Ready', detail, { productionVm });
     }
 
     case 'undoFailback': {
       const to = input.failbackTo;
       if (to) {
-        step(`powering ${to.vm} off`);
-        await withSummary(control.powerOffVm, `Power off ${to.vm}`, [{ vm: to }]);
+        step(`shutting ${to.vm} down`);
+        await withSummary(
+          control.shutDownSource,
+          `Shut ${to.vm} down (forced off after ${PRODUCTION_SHUTDOWN_MS / 1000} s)`,
+          [{ vm: to, timeoutMs: PRODUCTION_SHUTDOWN_MS }],
+          waitingOptions,
+        );
       }
       step('powering the replica on from its pre-failback state');
       await withSummary(control.powerOnVm, `Power on the replica of ${vm}`, [{ vm: replicaVm }], waitingOptions);
@@ -205,7 +165,200 @@ export async function replicaOperation(input: ReplicaOperationInput): Promise<Re
   }
 }
 
-function requireSource(replica: ReplicaDescription, vm: string): VmRef {
+type Finish = (
+  state: ReplicaOperationResult['state'],
+  detail: string,
+  extra?: Partial<
+    Pick<ReplicaOperationResult, 'failbackTo' | 'productionVm' | 'bytesCopied' | 'productionBytesOverwritten'>
+  >,
+) => Promise<ReplicaOperationResult>;
+
+/**
+ * Failback: the replica's data goes back to production, in two phases so that the replica runs during the long
+ * one. A production VM that is running is only overwritten when the request confirms it, after a guest shutdown;
+ * what it wrote since the failover is recorded as overwritten. Every write carries the operation's fence, and the
+ * fence moves on before the verification, so no writer given up for dead can change production after it. If
+ * anything fails once the replica was powered off, the replica runs again from where it was, and failback can be
+ * sent again.
+ */
+async function failback(
+  input: ReplicaOperationInput,
+  replica: ReplicaDescription,
+  replicaVm: VmLocation,
+  step: (detail: string) => void,
+  finish: Finish,
+): Promise<ReplicaOperationResult> {
+  const { vm, operationId } = input;
+  const payload = input.payload as OperationPayload<'failback'>;
+  const target = payload.target;
+  let production: VmLocation;
+  let base: string | null = null;
+  if (target === 'original') {
+    production = requireSource(replica, vm);
+    base = replica.headReferencePointId; // production's own changes since then are tracked from here
+  } else if ('restoredVm' in target) {
+    production = await withSummary(control.locateProductionVm, `Find ${target.restoredVm}`, [
+      { vm: target.restoredVm },
+    ]);
+  } else {
+    production = { host: target.newVm.host, vm: target.newVm.name };
+    await withSummary(control.createProductionVm, `Create ${target.newVm.name} on ${target.newVm.host}`, [
+      { vm: production, disks: replica.disks },
+    ]);
+  }
+
+  const power = await withSummary(control.powerStateOf, `Read the power state of ${production.vm}`, [
+    { vm: production },
+  ]);
+  const productionRan = power !== 'Off';
+  if (productionRan && !payload.confirm) {
+    throw ApplicationFailure.create({
+      type: FailureTypes.wrongState,
+      message: `${production.vm} is ${power}: failing back overwrites what it wrote since the failover. Send the failback again with "confirm": true to shut its guest down and overwrite it; nothing was changed`,
+      nonRetryable: true,
+    });
+  }
+  if (productionRan) {
+    step(`shutting ${production.vm} down (confirmed: its writes since the failover are overwritten)`);
+    await withSummary(
+      control.shutDownSource,
+      `Shut ${production.vm} down (forced off after ${PRODUCTION_SHUTDOWN_MS / 1000} s)`,
+      [{ vm: production, timeoutMs: PRODUCTION_SHUTDOWN_MS }],
+      waitingOptions,
+    );
+  }
+
+  const protectiveId = `rp-${operationId}-protective`;
+  const referencePointId = `ref-${operationId}`;
+  const shipFence = `${operationId}-ship`;
+  await withSummary(control.fenceWrites, `Let only this failback write to ${production.vm}`, [
+    { vm: production, token: shipFence },
+  ]);
+  const leases = await leaseProxySlots({
+    sessionId: operationId,
+    slots: replica.disks.length,
+    proxies: replica.proxies,
+    declared: replica.declaredProxies,
+    waitLimitSeconds: PROXY_WAIT_SECONDS,
+  });
+  // The data moves on a proxy, like every copy; one slot per disk leased, one activity ships every disk.
+  const onProxy = proxyActivities<Activities>({ ...copyOptions, taskQueue: leases[0]!.taskQueue });
+  const ship = (phase: 1 | 2) =>
+    withSummary(
+      onProxy.shipToProduction,
+      phase === 1
+        ? `Copy the replica's changes to ${production.vm} (replica running) via ${leases[0]!.proxy}`
+        : `Copy the last changes to ${production.vm} (replica off) via ${leases[0]!.proxy}`,
+      [
+        {
+          replica: replica.replica,
+          production,
+          disks: replica.disks,
+          baseReferencePointId: base,
+          view: phase === 1 ? { running: true } : { pointId: protectiveId },
+          onlyDiffering: phase === 2,
+          checkpointId: `ckpt-${operationId}-phase${phase}`,
+          fence: shipFence,
+        },
+      ],
+      { ...copyOptions, taskQueue: leases[0]!.taskQueue },
+    );
+
+  let replicaStopped = false;
+  try {
+    step(`phase 1: copying to ${production.vm} while the replica keeps running`);
+    const phase1 = await ship(1);
+
+    step(`phase 2: replica off, protective restore point, copying the rest to ${production.vm}`);
+    replicaStopped = true;
+    await withSummary(control.powerOffVm, `Power off the replica of ${vm}`, [{ vm: replicaVm }]);
+    await withSummary(control.sealRunningLayer, 'Keep the replica state as a failback-protective restore point', [
+      {
+        replica: replica.replica,
+        pointId: protectiveId,
+        kind: 'failback-protective',
+        metadata: {
+          [PointMetadata.session]: operationId,
+          [PointMetadata.sourceKind]: 'replica',
+          [PointMetadata.sourceHost]: replica.replica.host,
+          [PointMetadata.sourceVm]: replica.replica.replica,
+          [PointMetadata.productionVm]: production.vm,
+          [PointMetadata.productionHost]: production.host,
+          [PointMetadata.sourceReferencePoint]: referencePointId,
+        },
+      },
+    ]);
+    const phase2 = await ship(2);
+    await releaseProxySlots(operationId);
+
+    step(`verifying ${production.vm} against the protective point`);
+    await withSummary(control.fenceWrites, `Refuse every earlier writer to ${production.vm}`, [
+      { vm: production, token: `${operationId}-verified` },
+    ]);
+    const verified = await withSummary(
+      control.verifyProductionMatches,
+      `Verify ${production.vm} equals the replica`,
+      [
+        {
+          replica: replica.replica,
+          pointId: protectiveId,
+          production,
+          disks: replica.disks,
+          checkpointId: `ckpt-${operationId}-verify`,
+        },
+      ],
+      waitingOptions,
+    );
+    if (!verified.identical) {
+      throw ApplicationFailure.create({
+        type: FailureTypes.verificationFailed,
+        message: `${production.vm} differs from the replica in ${verified.mismatchedBlocks} block(s) after failback`,
+        nonRetryable: true,
+      });
+    }
+    // Production's state now equals the protective point: track its changes from here, for the next job run.
+    const checkpointId = `ckpt-${operationId}-reference`;
+    await withSummary(control.createCheckpoint, `Checkpoint ${production.vm}`, [{ vm: production, checkpointId }]);
+    await withSummary(control.promoteCheckpoint, 'Keep it as the reference point of the next job run', [
+      { vm: production, checkpointId, referencePointId },
+    ]);
+    const bytesCopied = phase1.bytesShipped + phase2.bytesShipped;
+    let detail = `${formatBytes(bytesCopied)} copied to ${production.vm} (${formatBytes(phase2.bytesShipped)} with the replica off), verified; protective point ${protectiveId}`;
+    let productionBytesOverwritten: number | undefined;
+    if (productionRan) {
+      productionBytesOverwritten = phase1.productionChangedBytes ?? bytesCopied;
+      detail += `; ${production.vm} had run since the failover: ${formatBytes(productionBytesOverwritten)} it wrote were overwritten (confirmed by ${input.payload.requestedBy})`;
+    }
+    if (payload.powerOnProduction) {
+      step(`powering ${production.vm} on`);
+      await withSummary(control.powerOnVm, `Power on ${production.vm}`, [{ vm: production }], waitingOptions);
+      detail += `; ${production.vm} powered on`;
+    }
+    return finish('Failback', detail, {
+      failbackTo: production,
+      bytesCopied,
+      ...(productionBytesOverwritten !== undefined ? { productionBytesOverwritten } : {}),
+    });
+  } catch (err) {
+    await CancellationScope.nonCancellable(async () => {
+      await releaseProxySlots(operationId);
+      // The service must not stay down: the replica runs again from where it stopped (its protective point,
+      // or its running layer if the seal had not happened), and a new failback starts over.
+      if (replicaStopped)
+        await bestEffort(`Restarting the replica of ${vm} after the failed failback`, () =>
+          withSummary(control.powerOnVm, `Power the replica of ${vm} on again`, [{ vm: replicaVm }], waitingOptions),
+        );
+    });
+    throw ApplicationFailure.create({
+      type: FailureTypes.hypervisor,
+      message: `${failureMessage(err)}${replicaStopped ? '; the replica was powered on again and serves as before' : ''}`,
+      nonRetryable: true,
+      cause: err instanceof Error ? err : undefined,
+    });
+  }
+}
+
+function requireSource(replica: ReplicaDescription, vm: string): VmLocation {
   if (replica.source) return replica.source;
   throw ApplicationFailure.create({
     type: FailureTypes.hypervisor + ':not_found',

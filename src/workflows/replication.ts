@@ -1,7 +1,9 @@
 import {
   ApplicationFailure,
   CancellationScope,
+  isCancellation,
   log,
+  ParentClosePolicy,
   startChild,
   upsertSearchAttributes,
   uuid4,
@@ -17,11 +19,12 @@ import {
   type ReplicationJobResult,
   type ReplicationSessionInput,
   type ReplicationSessionResult,
-  type RestorePointSummary,
+  type SessionReport,
 } from '../contract';
-import { jobRunSkipReason } from '../domain/replica-state';
+import { hostRefusesJobRun, jobRunSkipReason } from '../domain/replica-state';
+import { PointMetadata } from '../domain/restore-points';
 import { formatBytes } from '../domain/units';
-import { control, failureMessage, refusedInput, showStep, waitingOptions, withSummary } from './common';
+import { bestEffort, control, failureMessage, refusedInput, showStep, waitingOptions, withSummary } from './common';
 import {
   acquireReplica,
   bytesOf,
@@ -34,12 +37,21 @@ import {
 
 const DEFAULT_PROXY_WAIT_SECONDS = 3600;
 
-/** One run of a replication job: every VM in a session of its own, in parallel as far as proxy slots allow. */
+/**
+ * One run of a replication job: every VM in a session of its own, in parallel as far as proxy slots allow. The
+ * requester must be a configured user allowed to replicate (schedules run as the configured `scheduler` user).
+ * Terminating or cancelling the run asks its sessions to stop; each gives back what it holds.
+ */
 export async function replicationJob(input: unknown): Promise<ReplicationJobResult> {
   const checked = validate(replicationJobInputSchema, input);
   if (!checked.ok) throw refusedInput('The replicationJob input', checked.problems);
   const request: ReplicationJobInput = checked.value;
   upsertSearchAttributes([{ key: SearchAttributes.FailoverJob, value: request.job }]);
+  await withSummary(control.checkOperator, `Check that ${request.requestedBy} may replicate`, [
+    { user: request.requestedBy, permission: 'replicate' },
+  ]).catch((err: unknown) => {
+    throw refusedInput('The replicationJob input', [{ path: 'requestedBy', message: failureMessage(err) }]);
+  });
   const plan = await withSummary(control.planJob, `Read job ${request.job} from the configuration`, [request.job]);
   const unknown = (request.vms ?? []).filter((vm) => !plan.vms.includes(vm));
   if (unknown.length > 0) {
@@ -67,6 +79,8 @@ export async function replicationJob(input: unknown): Promise<ReplicationJobResu
         workflowId: sessionWorkflowId(vm, sessionId),
         args,
         staticSummary: `Replicate ${vm} (job ${plan.job})`,
+        // A terminated run must not leave sessions cut off while they hold the replica and proxy slots.
+        parentClosePolicy: ParentClosePolicy.REQUEST_CANCEL,
       });
     }),
   );
@@ -80,34 +94,49 @@ export async function replicationJob(input: unknown): Promise<ReplicationJobResu
   return { job: plan.job, sessions };
 }
 
-/** One VM's replication session: a new restore point with exactly the blocks changed since the last one. */
+/**
+ * One VM's replication session: a new restore point with exactly the blocks changed since the last one. What the
+ * DR host shows overrides what the entity said: a replica that runs there, or became production, is never written.
+ */
 export async function replicationSession(input: ReplicationSessionInput): Promise<ReplicationSessionResult> {
   const { vm, job, sessionId } = input;
   upsertSearchAttributes([
     { key: SearchAttributes.FailoverVm, value: vm },
     { key: SearchAttributes.FailoverJob, value: job },
   ]);
-  const state = await acquireReplica(vm, job, {
-    sessionId,
-    kind: 'jobRun',
-    requestedBy: input.requestedBy,
-    reason: input.reason,
-  });
-  let report: { outcome: string; state?: 'Ready'; restorePoints?: RestorePointSummary[] } = { outcome: 'failed' };
+  let report: Omit<SessionReport, 'sessionId'> = { outcome: 'failed' };
+  const skipped = (detail: string): ReplicationSessionResult => {
+    showStep('Skipped', detail);
+    report = { ...report, outcome: `skipped: ${detail}` };
+    return { vm, sessionId, outcome: 'skipped', detail };
+  };
+  let grant;
   try {
-    const skip = jobRunSkipReason(state);
-    if (skip) {
-      showStep('Skipped', skip);
-      report = { outcome: `skipped: ${skip}` };
-      return { vm, sessionId, outcome: 'skipped', detail: skip };
-    }
+    grant = await acquireReplica(
+      vm,
+      job,
+      { sessionId, kind: 'jobRun', requestedBy: input.requestedBy, reason: input.reason },
+      input.proxyWaitTimeoutSeconds,
+    );
+  } catch (err) {
+    if (err instanceof ApplicationFailure && err.type === FailureTypes.replicaBusy) return skipped(err.message);
+    throw err;
+  }
+  try {
+    const skip = jobRunSkipReason(grant.state);
+    if (skip) return skipped(skip);
     showStep('Preparing', `finding ${vm} and its replica`);
-    const target = await withSummary(control.prepareReplication, `Find ${vm} and its replica`, [{ vm, job }]);
+    const target = await withSummary(control.prepareReplication, `Find ${vm} and its replica`, [
+      { vm, job, productionVm: grant.productionVm },
+    ]);
+    const refused = hostRefusesJobRun(target.host);
+    if (refused) {
+      report = { state: refused.state, restorePoints: target.restorePoints };
+      return skipped(refused.reason);
+    }
     if (target.dataSource === 'backup' && !target.backup) {
-      const detail = 'no backup point is newer than the replica';
-      showStep('Skipped', detail);
-      report = { outcome: `skipped: ${detail}`, state: 'Ready', restorePoints: target.restorePoints };
-      return { vm, sessionId, outcome: 'skipped', detail };
+      report = { state: 'Ready', restorePoints: target.restorePoints };
+      return skipped('no backup point is newer than the replica');
     }
     const leases = await leaseProxySlots({
       sessionId,
@@ -119,26 +148,39 @@ export async function replicationSession(input: ReplicationSessionInput): Promis
     const checkpointId = `ckpt-${sessionId}`;
     const referencePointId = `ref-${sessionId}`;
     const pointId = `rp-${sessionId}`;
-    const fromBackup = target.dataSource === 'backup' && target.backup;
+    const fromBackup = target.dataSource === 'backup' ? target.backup : null;
     try {
       showStep('Syncing', `copying changed blocks of ${target.disks.length} disk(s) to ${target.replica.host}`);
-      if (!fromBackup) {
-        await withSummary(control.createCheckpoint, `Checkpoint ${vm} for a consistent read`, [
+      let provenance: Record<string, string>;
+      if (fromBackup) {
+        provenance = {
+          [PointMetadata.sourceKind]: 'backup',
+          [PointMetadata.sourceBackup]: fromBackup.id,
+          [PointMetadata.sourceTime]: fromBackup.createdAt,
+          [PointMetadata.sourceVm]: target.source.vm,
+        };
+      } else {
+        const checkpoint = await withSummary(control.createCheckpoint, `Checkpoint ${vm} for a consistent read`, [
           { vm: target.source, checkpointId },
         ]);
+        provenance = {
+          [PointMetadata.sourceKind]: 'checkpoint',
+          [PointMetadata.sourceHost]: target.source.host,
+          [PointMetadata.sourceVm]: target.source.vm,
+          [PointMetadata.sourceCheckpoint]: checkpointId,
+          [PointMetadata.sourceTime]: checkpoint.createdAt,
+          [PointMetadata.sourceReferencePoint]: referencePointId,
+        };
       }
-      const metadata: Record<string, string> = fromBackup
-        ? { session: sessionId, sourceBackup: fromBackup.id, sourceBackupTime: fromBackup.createdAt }
-        : { session: sessionId, sourceReferencePoint: referencePointId };
       await withSummary(control.beginRestorePoint, `Open restore point ${pointId}`, [
-        { replica: target.replica, pointId, kind: 'regular', metadata },
+        { replica: target.replica, pointId, kind: 'regular', metadata: { [PointMetadata.session]: sessionId } },
       ]);
       const source: CopySource = fromBackup
         ? { kind: 'backup', backupId: fromBackup.id }
         : { kind: 'checkpoint', vm: target.source, checkpointId, baseReferencePointId: target.baseReferencePointId };
       const copies = await copyDisks({ vm, target, leases, source, pointId, replicaHeadPointId: target.headPointId });
       const point = await withSummary(control.sealRestorePoint, `Seal restore point ${pointId}`, [
-        { replica: target.replica, pointId },
+        { replica: target.replica, pointId, metadata: provenance },
       ]);
       if (!fromBackup) {
         await withSummary(control.promoteCheckpoint, 'Keep the checkpoint as the next reference point', [
@@ -167,19 +209,27 @@ export async function replicationSession(input: ReplicationSessionInput): Promis
         copy: { bytesCopied, modes, transports },
       };
     } catch (err) {
-      if (!fromBackup) {
-        await CancellationScope.nonCancellable(() =>
-          withSummary(control.discardCheckpoint, 'Drop the checkpoint of the failed run', [
-            { vm: target.source, checkpointId },
+      // Nothing half-done stays behind: the checkpoint's copy-on-write data, the open point's blocks.
+      await CancellationScope.nonCancellable(async () => {
+        if (!fromBackup)
+          await bestEffort('Dropping the checkpoint of the failed run', () =>
+            withSummary(control.discardCheckpoint, 'Drop the checkpoint of the failed run', [
+              { vm: target.source, checkpointId },
+            ]),
+          );
+        await bestEffort('Dropping the unfinished restore point', () =>
+          withSummary(control.discardRestorePoint, 'Drop the unfinished restore point', [
+            { replica: target.replica, pointId },
           ]),
-        ).catch(() => undefined);
-      }
+        );
+      });
       throw err;
     } finally {
       await releaseProxySlots(sessionId);
     }
   } catch (err) {
-    showStep('Failed', failureMessage(err));
+    if (isCancellation(err)) showStep('Cancelled', 'the run was cancelled; nothing half-done was kept');
+    else showStep('Failed', failureMessage(err));
     throw err;
   } finally {
     await releaseReplica(vm, { sessionId, ...report });

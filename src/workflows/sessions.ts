@@ -4,6 +4,7 @@ import {
   CancellationScope,
   condition,
   getExternalWorkflowHandle,
+  log,
   proxyActivities,
   setHandler,
   workflowInfo,
@@ -18,42 +19,68 @@ import {
   sessionGrantedSignal,
   slotsGrantedSignal,
   type ProxyDeclaration,
-  type SessionReport,
+  type ReplicaGrant,
   type SessionRef,
+  type SessionReport,
   type SlotLease,
 } from '../contract';
-import type { ReplicaState } from '../domain/replica-state';
 import type { Activities } from '../activities';
 import type { ReplicationTarget } from '../activities/inventory';
 import type { CopyDiskResult, CopySource } from '../activities/replication';
-import { control, copyOptions, showStep, withSummary } from './common';
+import { control, copyOptions, failureMessage, showStep, withSummary } from './common';
 
-/** Waits, visibly, until the replica's entity grants this session the replica; returns the replica's state. */
+/**
+ * How often a waiting session asks again. The entity or the registry may have been terminated and started afresh
+ * meanwhile, knowing nothing of the first request; asking again is harmless to one that still has it.
+ */
+const ASK_AGAIN_MS = 60_000;
+
+/**
+ * Waits, visibly, until the replica's entity grants this session the replica, for at most `waitLimitSeconds`;
+ * returns the replica's state and the VM that runs production for it.
+ */
 export async function acquireReplica(
   vm: string,
   job: string,
   session: Omit<SessionRef, 'workflowId'>,
-): Promise<ReplicaState> {
-  let state: ReplicaState | undefined;
-  setHandler(sessionGrantedSignal, (grant) => {
-    state ??= grant.state;
+  waitLimitSeconds: number,
+): Promise<ReplicaGrant> {
+  let grant: ReplicaGrant | undefined;
+  setHandler(sessionGrantedSignal, (g) => {
+    grant ??= g;
   });
   showStep('WaitingForReplica', `waiting until no other session works on ${vm}`);
-  await withSummary(control.requestReplicaSession, `Ask replica/${vm} for its turn`, [
-    { vm, job, session: { ...session, workflowId: workflowInfo().workflowId } },
-  ]);
-  await condition(() => state !== undefined);
-  return state!;
+  const request = { vm, job, session: { ...session, workflowId: workflowInfo().workflowId, job } };
+  const ask = () => withSummary(control.requestReplicaSession, `Ask replica/${vm} for its turn`, [request]);
+  await ask();
+  const deadline = Date.now() + waitLimitSeconds * 1000;
+  while (!grant) {
+    const left = deadline - Date.now();
+    if (left <= 0) {
+      await releaseReplica(vm, { sessionId: session.sessionId });
+      throw ApplicationFailure.create({
+        type: FailureTypes.replicaBusy,
+        message: `replica/${vm} was busy with another session or operation for ${waitLimitSeconds} s`,
+        nonRetryable: true,
+      });
+    }
+    if (!(await condition(() => grant !== undefined, Math.min(left, ASK_AGAIN_MS)))) await ask();
+  }
+  return grant;
 }
 
 export async function reportToReplica(vm: string, report: SessionReport): Promise<void> {
   await getExternalWorkflowHandle(replicaWorkflowId(vm)).signal(replicaSignals.reportSession, report);
 }
 
+/**
+ * Gives the replica back, also from a cancelled session. A failure to signal (the entity is gone) must not turn
+ * the session's own result into a failure: a new entity rebuilds its state and takes the replica back by itself.
+ */
 export async function releaseReplica(vm: string, report: SessionReport): Promise<void> {
   await CancellationScope.nonCancellable(() =>
     getExternalWorkflowHandle(replicaWorkflowId(vm)).signal(replicaSignals.releaseSession, report),
-  );
+  ).catch((err: unknown) => log.warn('Could not give the replica back', { vm, error: failureMessage(err) }));
 }
 
 export interface SlotWish {
@@ -74,9 +101,11 @@ export async function leaseProxySlots(wish: SlotWish): Promise<SlotLease[]> {
     leases ??= grant.leases;
   });
   const { waitLimitSeconds, ...request } = wish;
-  await withSummary(control.requestProxySlots, `Ask for ${wish.slots} proxy slot(s)`, [
-    { ...request, workflowId: workflowInfo().workflowId },
-  ]);
+  const ask = () =>
+    withSummary(control.requestProxySlots, `Ask for ${wish.slots} proxy slot(s)`, [
+      { ...request, workflowId: workflowInfo().workflowId },
+    ]);
+  await ask();
   const deadline = Date.now() + waitLimitSeconds * 1000;
   while (!leases) {
     const left = deadline - Date.now();
@@ -89,15 +118,19 @@ export async function leaseProxySlots(wish: SlotWish): Promise<SlotLease[]> {
       });
     }
     showStep('WaitingForProxy', `waiting for ${wish.slots} free proxy slot(s), up to ${Math.ceil(left / 1000)} s more`);
-    await condition(() => leases !== undefined, Math.min(left, 60_000), { summary: 'Waiting for a free proxy slot' });
+    const granted = await condition(() => leases !== undefined, Math.min(left, ASK_AGAIN_MS), {
+      summary: 'Waiting for a free proxy slot',
+    });
+    if (!granted) await ask();
   }
   return leases;
 }
 
+/** Gives the slots back (or withdraws the request); like releaseReplica, never fails the session. */
 export async function releaseProxySlots(sessionId: string): Promise<void> {
   await CancellationScope.nonCancellable(() =>
     getExternalWorkflowHandle(PROXY_REGISTRY_WORKFLOW_ID).signal(proxySignals.releaseSlots, { sessionId }),
-  );
+  ).catch((err: unknown) => log.warn('Could not give the proxy slots back', { sessionId, error: failureMessage(err) }));
 }
 
 /** Runs one task per item with at most `lanes` at a time, in order: the disks of a VM over its leased slots. */

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { allocateSlots, type ProxyTable } from '../../src/domain/proxy-slots';
+import { allocateSlots, type ProxyChoice } from '../../src/domain/proxy-slots';
 import { checkTransition, jobRunSkipReason, ReplicaOperations, ReplicaStates } from '../../src/domain/replica-state';
 import { checkAccess, type Role } from '../../src/domain/roles';
 
@@ -65,23 +65,22 @@ describe('roles', () => {
 });
 
 describe('proxy slot allocation', () => {
-  type Proxy = ProxyTable[string];
-  const table = (): { p1: Proxy; p2: Proxy } => ({
-    p1: { slots: 2, enabled: true, online: true, leases: [] },
-    p2: { slots: 1, enabled: true, online: true, leases: [] },
-  });
+  const table = (): [ProxyChoice, ProxyChoice] => [
+    { name: 'p1', slots: 2, enabled: true, online: true, leased: 0 },
+    { name: 'p2', slots: 1, enabled: true, online: true, leased: 0 },
+  ];
 
   it('spreads over the least-loaded proxies', () => {
     assert.deepEqual(allocateSlots(table(), 'auto', 2), ['p1', 'p2']);
     assert.deepEqual(allocateSlots(table(), 'auto', 3), ['p1', 'p2', 'p1']);
     const busy = table();
-    busy.p1.leases = ['s0'];
+    busy[0].leased = 1;
     assert.deepEqual(allocateSlots(busy, 'auto', 1), ['p2']);
   });
 
   it('waits when too few slots are free, and respects the allowed list', () => {
     const t = table();
-    t.p1.leases = ['s1', 's1'];
+    t[0].leased = 2;
     assert.equal(allocateSlots(t, 'auto', 2), undefined);
     assert.deepEqual(allocateSlots(t, 'auto', 1), ['p2']);
     assert.equal(allocateSlots(t, ['p1'], 1), undefined);
@@ -91,10 +90,21 @@ describe('proxy slot allocation', () => {
     assert.deepEqual(allocateSlots(table(), ['p2'], 4), ['p2']);
   });
 
-  it('never leases offline or disabled proxies', () => {
+  it('never leases offline or disabled proxies, nor one the request does not declare', () => {
     const t = table();
-    t.p1.online = false;
-    t.p2.enabled = false;
+    t[0].online = false;
+    t[1].enabled = false;
     assert.equal(allocateSlots(t, 'auto', 1), undefined);
+    // A proxy removed from the configuration is simply not among the request's choices.
+    assert.deepEqual(allocateSlots([table()[1]], 'auto', 2), ['p2']);
+  });
+
+  it('breaks ties by code-point order, whatever the locale', () => {
+    // localeCompare puts 'a' before 'B' in most locales; code-point order puts 'B' (66) before 'a' (97).
+    const tie = [
+      { name: 'a', slots: 1, enabled: true, online: true, leased: 0 },
+      { name: 'B', slots: 1, enabled: true, online: true, leased: 0 },
+    ];
+    assert.deepEqual(allocateSlots(tie, 'auto', 1), ['B']);
   });
 });

@@ -1,0 +1,117 @@
+// A halted critical window and the operator decisions on it (updates retry, abort, forceFailover). Each halt is
+// numbered; a decision applies to the halt that was current when it arrived, and its update always returns: with
+// what the decision led to, or with the next halt that overtook it.
+import { allHandlersFinished, ApplicationFailure, condition, log, setHandler } from '@temporalio/workflow';
+import {
+  FailureTypes,
+  formatProblems,
+  haltedSessionUpdates,
+  operatorRequestSchema,
+  validate,
+  type HaltRecord,
+  type OperatorRequest,
+  type SessionProgress,
+} from '../contract';
+import type { Decision } from '../domain/critical-window';
+import { control, failureMessage, withSummary, type SessionStep } from './common';
+
+export interface TakenDecision {
+  kind: Decision;
+  request: OperatorRequest;
+}
+
+export class HaltDesk {
+  private current: HaltRecord | null = null;
+  private decision: (TakenDecision & { haltId: number }) | null = null;
+  /** The decided halt whose outcome the decision's update still waits for. */
+  private unsettled: HaltRecord | null = null;
+  private readonly answers = new Map<number, string>();
+
+  constructor(
+    private readonly progress: SessionProgress,
+    private readonly records: HaltRecord[],
+    private readonly show: (step: SessionStep, detail: string) => void,
+  ) {
+    for (const kind of ['retry', 'abort', 'forceFailover'] as const) {
+      setHandler(haltedSessionUpdates[kind], (request) => this.decide(kind, request), {
+        validator: (request) => {
+          const checked = validate(operatorRequestSchema, request);
+          if (!checked.ok)
+            throw ApplicationFailure.create({
+              type: FailureTypes.invalidInput,
+              message: formatProblems(`The ${kind} request`, checked.problems),
+              nonRetryable: true,
+            });
+          if (!this.current)
+            throw ApplicationFailure.create({
+              type: FailureTypes.wrongState,
+              message: `${kind} is only possible while the session is halted; it is at step ${this.progress.step}`,
+              nonRetryable: true,
+            });
+        },
+      });
+    }
+  }
+
+  private async decide(kind: Decision, request: OperatorRequest): Promise<string> {
+    const haltId = this.current!.id; // the halt this decision was sent for, taken before anything is awaited
+    try {
+      await withSummary(control.checkOperator, `Check that ${request.requestedBy} may decide`, [
+        { user: request.requestedBy, permission: 'failover' },
+      ]);
+    } catch (err) {
+      throw ApplicationFailure.create({
+        type: FailureTypes.accessDenied,
+        message: failureMessage(err),
+        nonRetryable: true,
+      });
+    }
+    if (this.current?.id !== haltId || this.decision !== null) {
+      throw ApplicationFailure.create({
+        type: FailureTypes.wrongState,
+        message: `halt #${haltId} this ${kind} was sent for was already decided${this.current ? `; the session is halted again (#${this.current.id}): decide that one` : ''}`,
+        nonRetryable: true,
+      });
+    }
+    this.decision = { kind, request, haltId };
+    await condition(() => this.answers.has(haltId));
+    return this.answers.get(haltId)!;
+  }
+
+  /** Halts the window at `step` and waits, with no time limit, for an operator's decision. */
+  async halt(step: string, reason: string): Promise<TakenDecision> {
+    this.settle(`the session halted again at ${step}: ${reason}`);
+    const record: HaltRecord = { id: this.records.length + 1, step, reason, since: new Date().toISOString() };
+    this.records.push(record);
+    this.current = record;
+    this.progress.halted = { id: record.id, step, reason, since: record.since };
+    this.show('Halted', `#${record.id} at ${step}: ${reason}. Waiting for an operator: retry, abort or forceFailover`);
+    log.warn('Critical window halted', { haltId: record.id, step, reason });
+    await condition(() => this.decision?.haltId === record.id);
+    const { kind, request } = this.decision!;
+    record.decision = kind;
+    record.decidedBy = request.requestedBy;
+    record.decisionReason = request.reason;
+    log.info('Operator decision on halted session', { haltId: record.id, decision: kind, ...request });
+    this.current = null;
+    this.decision = null;
+    this.progress.halted = null;
+    this.unsettled = record;
+    return { kind, request };
+  }
+
+  /** Answers the update of the last decision with what it led to. */
+  settle(outcome: string): void {
+    const record = this.unsettled;
+    if (!record) return;
+    record.outcome = outcome;
+    this.answers.set(record.id, outcome);
+    this.unsettled = null;
+  }
+
+  /** Before the session returns: no decision update is left waiting. */
+  async close(outcome: string): Promise<void> {
+    this.settle(outcome);
+    await condition(allHandlersFinished);
+  }
+}
