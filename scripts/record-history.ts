@@ -1,29 +1,37 @@
-// `npm run record-history`: re-records the workflow histories that test/replay.test.ts replays, from real runs
-// on a temporary Temporal server and lab. Run it after an intended, versioned change to workflow code, and
-// commit the new files with that change.
+// `npm run record-history`: records this release's workflow histories into test/histories/<version>/ (the
+// version from package.json), from real runs on a temporary Temporal server and lab. test/replay.test.ts replays
+// every release's histories against today's code, so that a change which would break workflows already running
+// (entities live for months, halted sessions for days) fails there. Histories are added per release and never
+// re-recorded: this refuses to write into a release directory that exists. An incompatible change goes behind
+// patched() instead.
 import { randomUUID } from 'node:crypto';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { WorkflowHandle } from '@temporalio/client';
+import type { Client, WorkflowHandle } from '@temporalio/client';
 import { historyToJSON } from '@temporalio/common/lib/proto-utils';
 import { Runtime } from '@temporalio/worker';
 import { startLab } from '../lab/server';
 import { parseConfiguration } from '../src/config/load';
 import {
+  haltedSessionUpdates,
   operationUpdates,
+  PROXY_REGISTRY_WORKFLOW_ID,
   replicaWorkflowId,
+  sessionQueries,
   sessionWorkflowId,
   TASK_QUEUE,
   WorkflowTypes,
+  type OperationName,
   type PlannedFailoverResult,
   type ReplicationJobResult,
 } from '../src/contract';
-import { LabHypervisor } from '../src/hypervisor/lab-adapter';
+import { LabControl, LabHypervisor } from '../src/hypervisor/lab-adapter';
 import { createLogger } from '../src/logging';
 import { createOrchestrator } from '../src/orchestrator';
 import { ensureTemporalCli, freePort, projectRoot, startDevServer } from './lib/dev-server';
 
+const VMS = ['vm1', 'vm2', 'vm3', 'vm4'];
 const estate = {
   sites: [
     {
@@ -32,7 +40,7 @@ const estate = {
       hosts: [
         {
           name: 'prod-a',
-          vms: [{ name: 'vm1', disks: [{ id: 'os', size: '4MiB' }], writeRate: 20, shutdownMs: 200, bootMs: 200 }],
+          vms: VMS.map((name) => ({ name, disks: [{ id: 'os', size: '4MiB' }], writeRate: 20, shutdownMs: 200, bootMs: 200 })),
         },
       ],
     },
@@ -48,17 +56,68 @@ const configuration = (url: string) =>
         { name: 'dr-a', role: 'dr', adapter: { type: 'lab', url } },
       ],
       proxies: [{ name: 'proxy-a', slots: 2 }],
-      jobs: [{ name: 'job1', vms: ['vm1'], targetHost: 'dr-a', restorePoints: 2 }],
+      jobs: VMS.map((vm) => ({ name: `job-${vm}`, vms: [vm], targetHost: 'dr-a', restorePoints: 3 })),
       users: [{ name: 'alice', roles: ['BackupAdministrator'] }],
     }),
   );
 
+const version = (JSON.parse(readFileSync(join(projectRoot, 'package.json'), 'utf8')) as { version: string }).version;
+const dir = join(projectRoot, 'test', 'histories', version);
+
 async function save(file: string, handle: WorkflowHandle): Promise<void> {
-  writeFileSync(join(projectRoot, 'test', 'histories', file), historyToJSON(await handle.fetchHistory()) + '\n');
-  console.log(`Recorded test/histories/${file}`);
+  writeFileSync(join(dir, file), historyToJSON(await handle.fetchHistory()) + '\n');
+  console.log(`Recorded test/histories/${version}/${file}`);
+}
+
+const request = (reason: string) => ({ requestedBy: 'alice', reason });
+
+async function waitFor<T>(what: string, probe: () => Promise<T | undefined>): Promise<T> {
+  for (let i = 0; i < 600; i++) {
+    const found = await probe().catch(() => undefined);
+    if (found !== undefined) return found;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`gave up waiting for ${what}`);
+}
+
+/** A planned failover of `vm` whose copy into helper point 2 fails until `decide` has been sent. */
+async function haltedFailover(
+  client: Client,
+  control: LabControl,
+  vm: string,
+  decide: (session: WorkflowHandle) => Promise<unknown>,
+): Promise<WorkflowHandle> {
+  await control.setFault('dr-a', {
+    kind: 'fail',
+    path: `^/v1/hosts/dr-a/replicas/${vm}_replica/points/[^/]*-helper2/disks/[^/]+/write$`,
+  });
+  const parent = await client.workflow.start(WorkflowTypes.plannedFailover, {
+    taskQueue: TASK_QUEUE,
+    workflowId: `record-${randomUUID()}`,
+    args: [{ vms: [vm], reason: 'recorded halt', requestedBy: 'alice' }],
+  });
+  const session = await waitFor('the halted session', async () => {
+    for await (const wf of client.workflow.list({
+      query: `FailoverVm="${vm}" AND WorkflowType="${WorkflowTypes.plannedFailoverSession}" AND ExecutionStatus="Running"`,
+    })) {
+      const handle = client.workflow.getHandle(wf.workflowId);
+      if ((await handle.query(sessionQueries.progress)).halted) return handle;
+    }
+    return undefined;
+  });
+  await control.clearFaults('dr-a');
+  await decide(session);
+  await parent.result().catch(() => undefined);
+  return session;
 }
 
 async function main(): Promise<void> {
+  if (existsSync(dir)) {
+    throw new Error(
+      `test/histories/${version}/ exists: a release's histories are recorded once and never again. Bump the version in package.json for a new release.`,
+    );
+  }
+  mkdirSync(dir, { recursive: true });
   Runtime.install({ logger: createLogger('WARN') });
   const workDir = mkdtempSync(join(tmpdir(), 'pf-record-'));
   const server = await startDevServer({
@@ -69,6 +128,7 @@ async function main(): Promise<void> {
   });
   const lab = await startLab({ estate, dataDir: join(workDir, 'lab'), port: 0 });
   const port = new LabHypervisor({ url: lab.url });
+  const control = new LabControl({ url: lab.url });
   const orchestrator = await createOrchestrator({
     connectionOptions: { address: server.address },
     namespace: 'default',
@@ -86,39 +146,57 @@ async function main(): Promise<void> {
     await save('planned-failover-invalid-input.json', invalid);
 
     for (const run of ['seed', 'incremental']) {
-      const job = await start(WorkflowTypes.replicationJob, { job: 'job1', requestedBy: 'alice' });
-      const result = (await job.result()) as ReplicationJobResult;
-      await save(`replication-job-${run}.json`, job);
-      const session = result.sessions[0]!;
-      await save(
-        `replication-session-${run}.json`,
-        client.workflow.getHandle(sessionWorkflowId(session.vm, session.sessionId)),
-      );
+      for (const vm of VMS) {
+        const job = await start(WorkflowTypes.replicationJob, { job: `job-${vm}`, requestedBy: 'alice' });
+        const result = (await job.result()) as ReplicationJobResult;
+        if (vm !== 'vm1') continue;
+        await save(`replication-job-${run}.json`, job);
+        const session = result.sessions[0]!;
+        await save(`replication-session-${run}.json`, client.workflow.getHandle(sessionWorkflowId(vm, session.sessionId)));
+      }
     }
 
-    const failover = await start(WorkflowTypes.plannedFailover, {
-      vms: ['vm1'],
-      reason: 'recorded',
-      requestedBy: 'alice',
-    });
+    const failover = await start(WorkflowTypes.plannedFailover, { vms: ['vm1'], reason: 'recorded', requestedBy: 'alice' });
     const outcome = (await failover.result()) as PlannedFailoverResult;
     await save('planned-failover.json', failover);
     const session = outcome.sessions[0]!;
-    await save(
-      'planned-failover-session.json',
-      client.workflow.getHandle(sessionWorkflowId(session.vm, session.sessionId)),
-    );
+    await save('planned-failover-session.json', client.workflow.getHandle(sessionWorkflowId('vm1', session.sessionId)));
 
-    // Finishing the failover: a failback and its commit, as updates of the replica's entity.
-    const entity = client.workflow.getHandle(replicaWorkflowId('vm1'));
-    const request = { requestedBy: 'alice', reason: 'recorded' };
-    const failback = await entity.executeUpdate(operationUpdates.failback, { args: [request] });
-    await save('replica-operation-failback.json', client.workflow.getHandle(failback.workflowId));
-    await entity.executeUpdate(operationUpdates.commitFailback, { args: [request] });
-    await save('replica-entity.json', entity);
+    // Halted sessions, each decided: retry, abort, force.
+    const decision = (name: 'retry' | 'abort' | 'forceFailover') => (s: WorkflowHandle) =>
+      s.executeUpdate(haltedSessionUpdates[name], { args: [request(`recorded ${name}`)] });
+    await save('planned-failover-session-halted-retry.json', await haltedFailover(client, control, 'vm2', decision('retry')));
+    await save('planned-failover-session-halted-abort.json', await haltedFailover(client, control, 'vm3', decision('abort')));
+    await save('planned-failover-session-halted-force.json', await haltedFailover(client, control, 'vm4', decision('forceFailover')));
+
+    // Every operation that finishes a failover, as updates of the replica's entity.
+    const operation = async (vm: string, name: OperationName, payload: object, file: string) => {
+      const result = await client.workflow
+        .getHandle(replicaWorkflowId(vm))
+        .executeUpdate(operationUpdates[name], { args: [{ ...request(`recorded ${name}`), ...payload }] });
+      await save(file, client.workflow.getHandle(result.workflowId));
+    };
+    await operation('vm1', 'failback', {}, 'replica-operation-failback.json');
+    await operation('vm1', 'undoFailback', {}, 'replica-operation-undo-failback.json');
+    await operation('vm1', 'failback', {}, 'replica-operation-failback-again.json');
+    await operation('vm1', 'commitFailback', {}, 'replica-operation-commit-failback.json');
+    await operation('vm2', 'undoFailover', {}, 'replica-operation-undo-failover.json');
+    const points = (await port.listRestorePoints({ host: 'dr-a', replica: 'vm2_replica' })).filter((p) => p.sealed);
+    await operation('vm2', 'failover', { restorePointId: points[0]!.id }, 'replica-operation-failover.json');
+    await operation('vm4', 'permanentFailover', { confirm: true }, 'replica-operation-permanent-failover.json');
+
+    await save('replica-entity-after-failback.json', client.workflow.getHandle(replicaWorkflowId('vm1')));
+    await save('replica-entity-after-failover.json', client.workflow.getHandle(replicaWorkflowId('vm2')));
+    await save('replica-entity-after-abort.json', client.workflow.getHandle(replicaWorkflowId('vm3')));
+    await save('replica-entity-permanent.json', client.workflow.getHandle(replicaWorkflowId('vm4')));
+    await save('proxy-slots.json', client.workflow.getHandle(PROXY_REGISTRY_WORKFLOW_ID));
+  } catch (err) {
+    rmSync(dir, { recursive: true, force: true }); // a release's histories are recorded whole, or not at all
+    throw err;
   } finally {
     await orchestrator.close();
     port.close();
+    control.close();
     await lab.stop();
     await server.stop();
     rmSync(workDir, { recursive: true, force: true });

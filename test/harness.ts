@@ -142,6 +142,19 @@ export async function within<T>(what: string, ms: number, probe: () => Promise<T
   }
 }
 
+/** Awaits `promise`, failing the test naming `what` if it has not settled after `ms`. */
+export async function settlesWithin<T>(what: string, ms: number, promise: Promise<T>): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms / 1000} s waiting for ${what}`)), ms);
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 /**
  * Sends an operation to replica/<vm> through the real `temporal` command, as an operator would: a signal returns
  * once the server recorded it, an update once the operation finished (its output says how).

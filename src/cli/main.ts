@@ -232,8 +232,9 @@ program
   .requiredOption('--reason <text>', 'why; recorded in the history')
   .addHelpText(
     'after',
-    '\nretry: run the final sync again.  abort: power the source back on; the replica stays Ready.\n' +
-      'forceFailover: fail over to helper restore point 1; what was not synced is recorded as lost.\n' +
+    '\nretry: run the failed step again.  abort: power the source back on first; the replica stays Ready.\n' +
+      'forceFailover: fail over to the newest verified helper point (point 1: what was not synced is recorded lost).\n' +
+      'A decision applies to the halt that is current when it arrives; a stale one is refused (exit code 2).\n' +
       'Find halted sessions with: temporal workflow list --query \'FailoverStep="Halted"\'',
   )
   .action(async (decision: string, o: { session: string; user: string; reason: string }) => {
@@ -243,10 +244,16 @@ program
     const checked = validate(operatorRequestSchema, { requestedBy: o.user, reason: o.reason });
     if (!checked.ok) refuse('The decision', checked.problems);
     await withClient(async (client) => {
-      const outcome = await client.workflow
-        .getHandle(o.session)
-        .executeUpdate(haltedSessionUpdates[decision], { args: [checked.value] });
-      console.log(outcome);
+      try {
+        const outcome = await client.workflow
+          .getHandle(o.session)
+          .executeUpdate(haltedSessionUpdates[decision], { args: [checked.value] });
+        console.log(outcome);
+      } catch (err) {
+        if (!(err instanceof WorkflowUpdateFailedError)) throw err;
+        console.error(`${decision} of ${o.session} refused: ${explain(err.cause ?? err).message}`);
+        process.exitCode = 2;
+      }
     });
   });
 

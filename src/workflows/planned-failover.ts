@@ -395,6 +395,7 @@ async function failOver(
   let helper1Sealed = false;
   try {
     // Step 1: copy what is not replicated yet while the VM runs; extra passes, if asked, shrink the last delta.
+    await slots.lease();
     step('Syncing', `copying unreplicated changes of ${vm} while it runs (helper restore point 1)`);
     await begin(helper1);
     let base = target.baseReferencePointId;

@@ -10,6 +10,7 @@
 //   pf-seal    step 3, sealing helper point 2 in flight
 //   pf-verify  step 3, the zero-data-loss verification in flight
 //   pf-on      step 5, the replica's power-on call in flight
+//   pf-forced  step 2, the forced power-off in flight after its guest shutdown timed out
 // The workers reach the lab through the test proxy of test/crash-harness.ts, which slows the copies down, holds the
 // answers of calls in flight until the kill, and counts what the lab received: bytes per restore point and disk,
 // and every power call with the lab's answer.
@@ -53,12 +54,15 @@ const PF = {
   on: 'pf-on',
 } as const;
 const PF_VMS = Object.values(PF);
+/** Its guest takes longer to shut down than its request allows: the session powers it off hard. */
+const FORCED = 'pf-forced';
 /** The step each failover session shows when the worker dies. */
 const STEP_AT_KILL: Record<string, string> = {
   [PF.sync]: 'Syncing',
   [PF.off]: 'PoweringOffSource',
   [PF.final]: 'FinalSync',
-  [PF.seal]: 'FinalSync',
+  // Helper point 2 is sealed only once verified: the seal runs while the session shows Verifying.
+  [PF.seal]: 'Verifying',
   [PF.verify]: 'Verifying',
   [PF.on]: 'PoweringOnReplica',
 };
@@ -76,10 +80,11 @@ const COPY_VMS = [REP, PF.sync, PF.final];
 /** Held at their shutdown until the copies are far enough: the lab adapter gives a control call 30 s, so their
  * call held at the kill must start shortly before it. */
 const LATE_VMS = [PF.seal, PF.verify, PF.on];
-const ALL_VMS = [REP, ...PF_VMS];
+const ALL_VMS = [REP, ...PF_VMS, FORCED];
 
 // The guests write only when told, so that every byte of every delta is known.
 const estate: EstateInput = estateOf(ALL_VMS, DISKS, { writeRate: 0, shutdownMs: 200, bootMs: 200 });
+for (const vm of estate.sites[0]!.hosts[0]!.vms!) if (vm.name === FORCED) vm.shutdownMs = 5_000;
 
 interface CrashRun {
   pointsBefore: Map<string, string[]>;
@@ -87,6 +92,7 @@ interface CrashRun {
   atKill: Map<string, CopyProgress>;
   job: ReplicationJobResult;
   failover: PlannedFailoverResult;
+  forced: PlannedFailoverResult;
 }
 
 describe('a worker killed with SIGKILL mid-operation, then restarted', () => {
@@ -184,6 +190,7 @@ describe('a worker killed with SIGKILL mid-operation, then restarted', () => {
       ),
       proxy.gate('response', (c) => c.path === `${replicaPath(PF.verify)}/canary`),
       proxy.gate('response', isPower(DR, replicaNameOf(PF.on), 'on')),
+      proxy.gate('response', isPower(PROD, FORCED, 'off')),
     ];
     // pf-final: the guest writes a large delta just before its shutdown, for the final sync to copy.
     const finalShutdown = proxy.gate('request', isPower(PROD, PF.final, 'shutdown'));
@@ -196,6 +203,12 @@ describe('a worker killed with SIGKILL mid-operation, then restarted', () => {
       reason: 'crash test',
       requestedBy: 'alice',
       options: { maxParallelJobs: PF_VMS.length },
+    });
+    const forcedHandle = await startPlannedFailover(client, {
+      vms: [FORCED],
+      reason: 'crash test: forced off',
+      requestedBy: 'alice',
+      options: { shutdownTimeoutSeconds: 1 },
     });
     await finalShutdown.arrived;
     await dirty(PF.final);
@@ -237,12 +250,16 @@ describe('a worker killed with SIGKILL mid-operation, then restarted', () => {
     proxy.written.push(new Map<string, number>());
     await site.startWorker();
 
-    const [job, failover] = await Promise.all([jobHandle.result(), failoverHandle.result()]);
+    const [job, failover, forced] = await Promise.all([
+      jobHandle.result(),
+      failoverHandle.result(),
+      forcedHandle.result(),
+    ]);
     console.log(
       `crash test: the worker was killed ${((killedAt - started) / 1000).toFixed(1)} s after the start; ` +
         `everything was done ${((Date.now() - killedAt) / 1000).toFixed(1)} s after the kill`,
     );
-    return { pointsBefore, atKill, job, failover };
+    return { pointsBefore, atKill, job, failover, forced };
   }
 
   let run: Promise<CrashRun> | undefined;
@@ -288,6 +305,16 @@ describe('a worker killed with SIGKILL mid-operation, then restarted', () => {
       );
     },
   );
+
+  it('a source forced off before the worker died is reported forced off, not shut down', { timeout: 300_000 }, async () => {
+    const r = await crashRun();
+    const session = r.forced.sessions[0]!;
+    assert.equal(session.outcome, 'failedOver', session.detail);
+    assert.equal(session.sourceShutdown, 'forced-off', 'the retried shutdown found it off and asked the host how');
+    assert.equal((await lab.port.getVm({ host: PROD, vm: FORCED })).lastStop, 'forced-off');
+    const offs = proxy.powerCalls.filter((c) => c.vm === FORCED && c.action === 'off' && c.status === 200);
+    assert.equal(offs.filter((c) => !c.answer.alreadyInState).length, 1, 'powered off hard once');
+  });
 
   it(
     'a planned failover killed at each step completes exactly once, with exact data and one power operation each',

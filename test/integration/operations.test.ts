@@ -5,6 +5,7 @@ import type { EstateInput } from '../../lab/estate';
 import { replicaNameOf } from '../../src/activities/inventory';
 import { startPlannedFailover, startReplicationJob } from '../../src/client';
 import {
+  FailureTypes,
   operationSignals,
   operationUpdates,
   replicaQueries,
@@ -12,6 +13,7 @@ import {
   WorkflowTypes,
   type OperationName,
   type PlannedFailoverSessionResult,
+  type RestorePointSummary,
 } from '../../src/contract';
 import type { ReplicaView } from '../../src/hypervisor/port';
 import {
@@ -29,7 +31,21 @@ const DISKS = [
   { id: 'os', size: 4 * MiB },
   { id: 'data', size: 2 * MiB },
 ];
-const VMS = ['undo1', 'back1', 'back2', 'perm1', 'pick1', 'state1', 'new1', 'queue1', 'rest1'];
+const VMS = [
+  'undo1',
+  'back1',
+  'back2',
+  'perm1',
+  'pick1',
+  'state1',
+  'new1',
+  'queue1',
+  'rest1',
+  'fail1',
+  'reg1',
+  'new2',
+  'at1',
+];
 
 const estate = (): EstateInput =>
   estateOf(VMS, DISKS, { writeRate: 40, hotSetFraction: 0.2, shutdownMs: 200, bootMs: 200 });
@@ -48,13 +64,15 @@ describe('finishing a failover: undo, permanent, failback with commit and undo, 
     for (const s of seeded.sessions) assert.equal(s.outcome, 'replicated', s.detail);
     const moved = await (
       await startPlannedFailover(o.client, {
-        vms: ['undo1', 'back1', 'back2', 'perm1', 'new1', 'queue1', 'rest1'],
+        vms: ['undo1', 'back1', 'back2', 'perm1', 'new1', 'queue1', 'rest1', 'fail1', 'new2'],
         reason: 'set-up',
         requestedBy: 'alice',
         options: { maxParallelJobs: 1 },
       })
     ).result();
     for (const s of moved.sessions) failedOver.set(s.vm, s);
+    // at1 gets a second restore point, for choosing one by time.
+    await (await startReplicationJob(o.client, { job: 'ops', requestedBy: 'alice', vms: ['at1'] })).result();
   });
 
   after(() => o?.close());
@@ -178,6 +196,23 @@ describe('finishing a failover: undo, permanent, failback with commit and undo, 
     assert.equal((await state('perm1')).state, 'Failover');
   });
 
+  it('says what a refusal is: a missing role is an access refusal, a bad payload names the field, neither retryable', async () => {
+    const causeOf = (vm: string, op: OperationName, payload: unknown) =>
+      update(vm, op, payload).then(
+        () => assert.fail(`${op} should be refused`),
+        (e: { cause?: { type?: string; message?: string; nonRetryable?: boolean } }) => e.cause!,
+      );
+    const roles = await causeOf('perm1', 'undoFailover', { ...who, requestedBy: 'carol' });
+    assert.equal(roles.type, FailureTypes.accessDenied);
+    assert.equal(roles.nonRetryable, true);
+    const schema = await causeOf('perm1', 'failback', { ...who, target: 'elsewhere' });
+    assert.equal(schema.type, FailureTypes.invalidInput);
+    assert.match(schema.message ?? '', /target: must be "original"/);
+    assert.equal(schema.nonRetryable, true);
+    const state = await causeOf('state1', 'undoFailover', who);
+    assert.equal(state.type, FailureTypes.wrongState);
+  });
+
   it('permanentFailover, confirmed and signalled at the Temporal CLI, merges every point; the job skips the VM', async () => {
     const request = { ...who, reason: 'permanent by signal', confirm: true };
     await operationByCli(o.namespace, 'signal', 'perm1', 'permanentFailover', request);
@@ -204,6 +239,14 @@ describe('finishing a failover: undo, permanent, failback with commit and undo, 
     // Production runs again (the default); the exact comparison is in the next test, where it stays off.
     assert.equal(await power('back1'), 'Running');
     assert.match(outcome.detail, /verified/);
+    // The data moved on a proxy, like every copy, under the proxy's slot accounting.
+    const history = await o.client.workflow.getHandle(outcome.workflowId).fetchHistory();
+    const shipped = (history.events ?? []).filter(
+      (e) => e.activityTaskScheduledEventAttributes?.activityType?.name === 'shipToProduction',
+    );
+    assert.equal(shipped.length, 2, 'two phases');
+    for (const e of shipped)
+      assert.equal(e.activityTaskScheduledEventAttributes?.taskQueue?.name, 'planned-failover-proxy-proxy-a');
 
     // Committed by a signal typed at the Temporal CLI.
     const commit = { ...who, reason: 'commit by signal' };
@@ -287,6 +330,71 @@ describe('finishing a failover: undo, permanent, failback with commit and undo, 
     const diskBytes = DISKS.reduce((n, d) => n + d.size, 0);
     assert.ok(shipped > 0 && shipped < diskBytes / 2, `${shipped} bytes shipped of ${diskBytes}: only what differs`);
     assert.equal(await power('rest1'), 'Off', 'the original source is not touched');
+  });
+
+  it('a failback that fails after the replica was stopped powers the replica on again; failback works again', async () => {
+    const vm = 'fail1';
+    // Production refuses the verification's checkpoint (a conflict: not retried): phase 2 is done, the replica off.
+    await o.lab.control.setFault(PROD, {
+      kind: 'fail',
+      status: 409,
+      path: `^/v1/hosts/${PROD}/vms/${vm}/checkpoints/ckpt-[^/]*-verify$`,
+    });
+    const failed = await refusal(vm, 'failback', { ...who, powerOnProduction: false });
+    assert.match(failed, /powered on again and serves as before/);
+    assert.equal((await replicaInfo(vm)).powerState, 'Running', 'the service is not left down');
+    assert.equal((await state(vm)).state, 'Failover');
+    await o.lab.control.clearFaults(PROD);
+    const again = await update(vm, 'failback', { ...who, powerOnProduction: false });
+    assert.equal(again.state, 'Failback');
+    const protective = (await state(vm)).restorePoints.filter((p) => p.kind === 'failback-protective').at(-1)!;
+    assert.ok(sameImages(await productionImage(vm), await replicaImage(vm, { pointId: protective.id })), 'exact failback');
+  });
+
+  it('failback onto a production VM that runs is refused unless confirmed; then its guest is shut down and the overwrite recorded', async () => {
+    const vm = 'reg1';
+    const point = (await state(vm)).restorePoints.at(-1)!;
+    await update(vm, 'failover', { ...who, restorePointId: point.id }); // a regular failover: production keeps running
+    assert.equal(await power(vm), 'Running');
+    const refused = await refusal(vm, 'failback', who);
+    assert.match(refused, /reg1 is Running: failing back overwrites what it wrote since the failover/);
+    assert.equal(await power(vm), 'Running', 'nothing was changed');
+    assert.equal((await replicaInfo(vm)).powerState, 'Running');
+    const outcome = await update(vm, 'failback', { ...who, confirm: true, powerOnProduction: false });
+    assert.equal(outcome.state, 'Failback');
+    assert.ok((outcome.productionBytesOverwritten ?? 0) > 0, `overwritten: ${outcome.productionBytesOverwritten}`);
+    assert.match(outcome.detail, /reg1 had run since the failover: .* it wrote were overwritten \(confirmed by alice\)/);
+    const production = await o.lab.port.getVm({ host: PROD, vm });
+    assert.equal(production.lastStop, 'guest-shutdown', 'shut down, not cut off');
+  });
+
+  it('after a failback to a new VM is committed, the job replicates the new VM, not the stale original', async () => {
+    const vm = 'new2';
+    const fresh = { host: PROD, vm: 'new2-fresh' };
+    await update(vm, 'failback', { ...who, target: { newVm: { name: fresh.vm, host: PROD } }, powerOnProduction: false });
+    const committed = await update(vm, 'commitFailback', who);
+    assert.match(committed.detail, /production is new2-fresh/);
+    assert.deepEqual((await state(vm)).productionVm, fresh);
+    const run = (await (await startReplicationJob(o.client, { job: 'ops', requestedBy: 'alice', vms: [vm] })).result())
+      .sessions[0]!;
+    assert.equal(run.outcome, 'replicated', run.detail);
+    assert.equal(run.restorePoint?.source.vm, fresh.vm, 'the new point was read from the new VM');
+    assert.ok(
+      sameImages(await replicaImage(vm, { pointId: run.restorePoint!.id }), await productionImage(fresh.vm)),
+      'the replica equals the VM that runs production now',
+    );
+  });
+
+  it('a regular failover to a time picks the newest point at or before that instant, whatever its offset', async () => {
+    const vm = 'at1';
+    const [first, second] = (await state(vm)).restorePoints as [RestorePointSummary, RestorePointSummary];
+    // The first point's instant, written in +02:00: as text it sorts after both points.
+    const firstMs = Date.parse(first.createdAt);
+    assert.ok(firstMs < Date.parse(second.createdAt));
+    const local = new Date(firstMs + 2 * 3600_000).toISOString().replace('Z', '+02:00');
+    const outcome = await update(vm, 'failover', { ...who, at: local });
+    assert.match(outcome.detail, new RegExp(`replica running from ${first.id}`));
+    assert.equal((await replicaInfo(vm)).headPointId, first.id);
   });
 
   it('regular failover to a chosen restore point, signalled at the Temporal CLI, leaves the source untouched', async () => {

@@ -10,6 +10,7 @@ import { startReplicationJob } from '../../src/client';
 import {
   FailureTypes,
   haltedSessionUpdates,
+  operationUpdates,
   PROXY_REGISTRY_WORKFLOW_ID,
   proxySignals,
   replicaQueries,
@@ -202,8 +203,28 @@ describe('planned failover against a real server and lab, bytes compared', () =>
         [helper1, helper2],
       );
       const d = session.downtime!;
-      assert.ok(d.totalMs >= d.guestShutdownMs + d.bootMs, `${vm} downtime adds up`);
+      assert.equal(
+        d.guestShutdownMs + d.finalSyncMs + d.switchMs + d.bootMs + d.haltedMs + d.orchestrationMs,
+        d.totalMs,
+        `${vm}: the parts add up to the total`,
+      );
+      assert.ok(d.orchestrationMs >= 0, `${vm}: no part is longer than the whole (${JSON.stringify(d)})`);
+      assert.equal(d.haltedMs, 0);
       assert.ok(d.guestShutdownMs >= 250 && d.bootMs >= 250, `${vm} shutdown and boot take the lab's configured time`);
+      assert.ok(d.finalSyncMs > 0, `${vm}: the final sync took time`);
+      // Zero data loss, proven twice: the copied blocks inside the window, then every block after power-on.
+      assert.equal(session.fullVerification?.identical, true, JSON.stringify(session.fullVerification));
+      assert.ok((session.fullVerification?.blocksCompared ?? 0) >= DISKS.reduce((n, k) => n + k.size / BLOCK_SIZE, 0));
+      assert.match(session.verification!.covered, /block\(s\)/);
+      assert.deepEqual(state.lastVerification?.identical, true);
+      // Every point says where and when its data came from.
+      for (const id of [helper1, helper2]) {
+        const point = state.restorePoints.find((p) => p.id === id)!;
+        assert.equal(point.source.kind, 'checkpoint', `${id} provenance`);
+        assert.equal(point.source.vm, vm);
+        assert.equal(point.source.host, PROD);
+        assert.ok(point.source.at && Date.parse(point.source.at) <= Date.parse(point.createdAt), `${id}: data instant`);
+      }
     }
     // web1's job replicates from a backup; its helper point 2 matched the live source above, not the backup.
     const sessionsOf = async (vm: string) => {
@@ -219,6 +240,26 @@ describe('planned failover against a real server and lab, bytes compared', () =>
     const [sql1, sql2, web1] = await Promise.all([sessionsOf('sql1'), sessionsOf('sql2'), sessionsOf('web1')]);
     assert.ok(sql1.end <= sql2.start, 'sessions of one job run one after another, in request order');
     assert.ok(web1.start < sql1.end && sql1.start < web1.end, 'lanes of different jobs run in parallel');
+  });
+
+  it('a backup job after a planned failover never copies a backup older than the replica over it', async () => {
+    // web1's backup is older than the helper points the planned failover copied from the live VM.
+    const entity = o.client.workflow.getHandle(replicaWorkflowId('web1'));
+    await entity.executeUpdate(operationUpdates.undoFailover, { args: [{ requestedBy: 'alice', reason: 'undo' }] });
+    const head = (await o.lab.port.getReplica({ host: DR, replica: replicaNameOf('web1') })).headPointId!;
+    const headImage = await Promise.all(DISKS.map((disk) => replicaDisk('web1', disk, head)));
+    const stale = (await (await startReplicationJob(o.client, { job: 'web', requestedBy: 'alice' })).result()).sessions[0]!;
+    assert.equal(stale.outcome, 'skipped');
+    assert.match(stale.detail, /no backup point is newer than the replica/);
+    const info = await o.lab.port.getReplica({ host: DR, replica: replicaNameOf('web1') });
+    assert.equal(info.headPointId, head, 'no point was added');
+    for (const [i, disk] of DISKS.entries())
+      assert.ok((await replicaDisk('web1', disk, head)).equals(headImage[i]!), 'the head is unchanged');
+    // A backup taken now is newer: it is copied, and its point says it came from that backup.
+    const backup = await o.lab.control.takeBackup('web1');
+    const fresh = (await (await startReplicationJob(o.client, { job: 'web', requestedBy: 'alice' })).result()).sessions[0]!;
+    assert.equal(fresh.outcome, 'replicated', fresh.detail);
+    assert.deepEqual(fresh.restorePoint?.source, { kind: 'backup', backupId: backup.id, vm: 'web1', at: backup.createdAt });
   });
 
   it('allows exactly Backup Administrator, or Backup Operator with Restore Operator; refusals change nothing', async () => {

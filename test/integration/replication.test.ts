@@ -234,4 +234,26 @@ describe('replication jobs against a real server and lab, bytes compared', () =>
     assert.match(cause.message, /No replication job 'nosuch'/);
     assert.equal(cause.type, FailureTypes.configuration);
   });
+
+  it('refuses a job run from an unknown user or one who may not replicate, before anything runs', async () => {
+    for (const [user, why] of [
+      ['mallory', /requestedBy: unknown user 'mallory'/],
+      ['dave', /requestedBy: user 'dave' holds RestoreOperator; this needs Backup Administrator or Backup Operator/],
+    ] as const) {
+      const err: unknown = await o.client.workflow
+        .execute(WorkflowTypes.replicationJob, {
+          taskQueue: TASK_QUEUE,
+          workflowId: `job/x/${randomUUID()}`,
+          args: [{ job: 'seed', requestedBy: user }],
+        })
+        .then(
+          () => undefined,
+          (e: unknown) => e,
+        );
+      assert.ok(err instanceof WorkflowFailedError && err.cause instanceof ApplicationFailure, String(err));
+      assert.equal(err.cause.type, FailureTypes.invalidInput);
+      assert.match(err.cause.message, why);
+      assert.equal(err.cause.nonRetryable, true);
+    }
+  });
 });

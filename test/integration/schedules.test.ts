@@ -47,6 +47,19 @@ describe('job schedules are Temporal Schedules kept in step with the configurati
       deleted: [],
     });
     assert.equal((await handle.describe()).spec.intervals?.[0]?.every, 1_800_000);
+    // A worker started with an older configuration creates what is missing only: it neither undoes the newer
+    // schedule nor deletes it.
+    assert.deepEqual(await syncJobSchedules(o.client, configure(url, '1h'), 'createOnly'), {
+      created: [],
+      updated: [],
+      deleted: [],
+    });
+    assert.deepEqual(await syncJobSchedules(o.client, configure(url), 'createOnly'), {
+      created: [],
+      updated: [],
+      deleted: [],
+    });
+    assert.equal((await handle.describe()).spec.intervals?.[0]?.every, 1_800_000, 'still the newer schedule');
     assert.deepEqual(await syncJobSchedules(o.client, configure(url)), {
       created: [],
       updated: [],
