@@ -269,7 +269,9 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
     }
   });
 
-  app.setErrorHandler((error, _request, reply) => {
+  app.setErrorHandler((error, request, reply) => {
+    // An upload refused part-way has a body still arriving: keeping the connection would leave it half-read.
+    if (!request.raw.complete) void reply.header('connection', 'close');
     if (error instanceof LabError) {
       return reply.code(error.status).send({ error: { code: error.code, message: error.message, field: error.field } });
     }
