@@ -131,6 +131,12 @@ export async function startLab(options: LabOptions): Promise<RunningLab> {
   };
 }
 
+/** Calls that change the estate; block reads are POSTs too, and faults are the lab's own controls. */
+function changesState(method: string, url: string): boolean {
+  const path = url.split('?', 1)[0]!;
+  return method !== 'GET' && !path.endsWith('/read') && !path.startsWith('/v1/lab/faults');
+}
+
 function hostOf(url: string): string | null {
   const m = /^\/v1\/hosts\/([^/?]+)/.exec(url);
   return m ? decodeURIComponent(m[1]!) : null;
@@ -267,6 +273,8 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
       request.raw.socket.destroy();
       return reply;
     }
+    const refused = site.storeRefusal();
+    if (refused && changesState(request.method, request.url)) throw refused;
   });
 
   app.setErrorHandler((error, request, reply) => {
@@ -602,7 +610,11 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
   });
 
   // Lab control (tests, demo, benchmarks): not part of the hypervisor port -----------------------
-  app.get('/v1/lab/status', () => ({ generation: site.generation, trackingLostAtStart: site.trackingLostAtStart }));
+  app.get('/v1/lab/status', () => ({
+    generation: site.generation,
+    trackingLostAtStart: site.trackingLostAtStart,
+    storeFailure: site.storeRefusal()?.message ?? null,
+  }));
   app.get('/v1/lab/faults', () => faults.list());
   app.put('/v1/lab/faults/:host', (req) => {
     const p = parse(P.host, req.params, 'params');

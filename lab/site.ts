@@ -187,7 +187,7 @@ class LabVm {
     this.meta.powerState = 'Starting';
     const persisted = this.site.persist();
     const epoch = this.haltEpoch;
-    this.boot = (async () => {
+    const boot = (async () => {
       await persisted;
       if (!(await this.sleep(this.meta.bootMs))) return;
       await this.startGuest();
@@ -199,6 +199,9 @@ class LabVm {
       this.meta.powerState = 'Running';
       await this.site.persist();
     })().finally(() => (this.boot = null));
+    // A boot started by the lab's own start-up has no caller to tell; a power-on awaits it and sees the failure.
+    boot.catch((e: unknown) => this.site.log(`boot of ${this.name} failed: ${String(e)}`));
+    this.boot = boot;
   }
 
   async startGuest(): Promise<void> {
@@ -338,6 +341,12 @@ export class LabSite {
   /** True when this run started after an unclean stop (tracking of earlier generations is gone). */
   trackingLostAtStart = false;
   private dead = false;
+  /**
+   * Set when saving the metadata failed. The state in memory may then hold changes that are not on disk (a seal, a
+   * new point), so the lab stops changing anything: answering later calls from that state would diverge from what
+   * a restart reloads.
+   */
+  private storeFailure: Error | null = null;
   private readonly controlLocks = new Map<string, Mutex>();
   private saveChain: Promise<void> = Promise.resolve();
   private pendingSave: Promise<void> | null = null;
@@ -506,19 +515,41 @@ export class LabSite {
   /** Saves metadata atomically; calls made while a save is queued share it. */
   persist(): Promise<void> {
     if (this.dead) return Promise.resolve();
+    const refused = this.storeRefusal();
+    if (refused) return Promise.reject(refused);
     if (!this.pendingSave) {
-      const save = this.saveChain.then(() => {
-        this.pendingSave = null;
-        return this.writeState();
-      });
+      const save = this.saveChain
+        .then(() => {
+          this.pendingSave = null;
+          return this.writeState();
+        })
+        .catch((e: unknown) => {
+          if (!this.storeFailure) {
+            this.storeFailure = e instanceof Error ? e : new Error(String(e));
+            this.log(`saving state failed; refusing changes until restarted: ${String(e)}`);
+          }
+          throw this.storeRefusal()!;
+        });
       this.pendingSave = save;
-      this.saveChain = save.catch((e) => this.log(`saving state failed: ${String(e)}`));
+      this.saveChain = save.catch(() => undefined);
     }
     return this.pendingSave;
   }
 
+  /** The answer to every change once saving the metadata failed; null while saving works. */
+  storeRefusal(): LabError | null {
+    if (!this.storeFailure) return null;
+    return new LabError(
+      503,
+      'store_failed',
+      `the lab's metadata store failed (${this.storeFailure.message}); it refuses changes until it is restarted, ` +
+        'which reloads its state from disk',
+    );
+  }
+
   private async writeState(): Promise<void> {
     if (this.dead) return;
+    if (this.storeFailure) throw this.storeFailure;
     const state: StateFile = {
       version: STATE_VERSION,
       generation: this.generation,
@@ -530,6 +561,8 @@ export class LabSite {
 
   /** Clean stop saves tracking and a marker; an unclean one (kill) leaves both out. */
   async stop(clean: boolean): Promise<void> {
+    // After a failed save, memory is not what the disk says: saving tracking for it would be a lie.
+    clean &&= !this.storeFailure;
     if (!clean) this.dead = true;
     for (const vm of this.vms.values()) await vm.halt();
     if (clean) {

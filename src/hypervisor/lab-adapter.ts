@@ -790,7 +790,8 @@ export class LabControl {
     return this.t.json({ method: 'POST', path: `/v1/lab/vms/${seg(vm)}/backups` });
   }
 
-  status(): Promise<{ generation: number; trackingLostAtStart: boolean }> {
+  /** `storeFailure`: why the lab refuses changes until it is restarted (its metadata could not be saved). */
+  status(): Promise<{ generation: number; trackingLostAtStart: boolean; storeFailure: string | null }> {
     return this.t.json({ method: 'GET', path: '/v1/lab/status' });
   }
 }
