@@ -82,6 +82,8 @@ interface FramedBody {
 const seg = encodeURIComponent;
 /** Deadline of one host-to-host send; callers send at most tens of MiB per call. */
 const SEND_TIMEOUT_MS = 10 * 60_000;
+/** Added to the control deadline of a power-on, which answers once the guest booted (minutes for some). */
+const BOOT_ALLOWANCE_MS = 15 * 60_000;
 
 /**
  * A block stream read from the lab. Iterating it decodes extents; when it is handed straight to
@@ -351,19 +353,20 @@ export class LabHypervisor implements HypervisorPort {
   }
 
   powerOff(ref: VmRef, o?: CallOptions): Promise<PowerResult> {
-    return this.power(ref, 'off', o);
+    return this.power(ref, 'off', this.t.timeoutMs, o);
   }
 
   powerOn(ref: VmRef, o?: CallOptions): Promise<PowerResult> {
-    return this.power(ref, 'on', o);
+    return this.power(ref, 'on', this.t.timeoutMs + BOOT_ALLOWANCE_MS, o);
   }
 
-  private power(ref: VmRef, action: 'on' | 'off', o?: CallOptions): Promise<PowerResult> {
+  private power(ref: VmRef, action: 'on' | 'off', timeoutMs: number, o?: CallOptions): Promise<PowerResult> {
     return this.t.json({
       method: 'POST',
       path: `${this.vmPath(ref)}/power`,
       host: ref.host,
       json: { action },
+      timeoutMs,
       signal: o?.signal,
     });
   }
