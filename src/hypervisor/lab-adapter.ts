@@ -746,12 +746,24 @@ export class LabHypervisor implements HypervisorPort {
   }
 }
 
+/**
+ * Which calls of its host a fault hits: all, or those of `method` and/or `path`, a regular expression tested
+ * against the decoded URL path (e.g. `/vms/r1/power$`). Faults of one kind with different scopes add up.
+ */
+export interface LabFaultScope {
+  method?: 'GET' | 'PUT' | 'POST' | 'DELETE';
+  path?: string;
+  durationMs?: number;
+}
+
 /** The lab's own controls for tests, the demo and benchmarks; deliberately not part of the port. */
-export type LabFault =
-  | { kind: 'unreachable'; durationMs?: number }
-  | { kind: 'fail'; status?: number; durationMs?: number }
-  | { kind: 'slow'; latencyMs: number; durationMs?: number }
-  | { kind: 'cut'; afterBytes: number; durationMs?: number };
+export type LabFault = LabFaultScope &
+  (
+    | { kind: 'unreachable' }
+    | { kind: 'fail'; status?: number }
+    | { kind: 'slow'; latencyMs: number }
+    | { kind: 'cut'; afterBytes: number }
+  );
 
 export class LabControl {
   private readonly t: LabTransport;
@@ -764,6 +776,7 @@ export class LabControl {
     this.t.close();
   }
 
+  /** Adds a fault to the host (replacing one of the same kind and scope). */
   async setFault(host: string, fault: LabFault): Promise<void> {
     await this.t.json({ method: 'PUT', path: `/v1/lab/faults/${seg(host)}`, json: fault });
   }
