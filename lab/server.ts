@@ -687,6 +687,24 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
     const data = await readView(v, p.block * BLOCK_SIZE, BLOCK_SIZE);
     return reply.type('application/octet-stream').send(data);
   });
+  app.post('/v1/lab/vms/:vm/disks/:disk/blocks/:block/corrupt', async (req, reply) => {
+    const p = parse(
+      z.strictObject({ vm: id, disk: id, block: z.coerce.number().int().nonnegative() }),
+      req.params,
+      'params',
+    );
+    const body = parse(
+      z.strictObject({ layer: z.union([z.literal('base'), z.strictObject({ pointId: id })]) }),
+      req.body,
+      'body',
+    );
+    const vm = labVm(p.vm);
+    const disk = vm.meta.disks.find((d) => d.id === p.disk);
+    if (!disk) throw new LabError(404, 'not_found', `disk ${p.vm}/${p.disk} not found`, 'params.disk');
+    if (p.block >= disk.sizeBytes / BLOCK_SIZE) throw badRequest('params.block', 'past the end of the disk');
+    await site.corruptBlock(vm, p.disk, p.block, body.layer);
+    return reply.code(204).send();
+  });
   app.post('/v1/lab/vms/:vm/backups', async (req) => {
     const vm = labVm(parse(z.strictObject({ vm: id }), req.params, 'params').vm);
     if (vm.meta.kind !== 'source') throw conflict(`${vm.name} is a replica`);

@@ -32,7 +32,7 @@ import { ReplicaDisk, SourceDisk } from './disks';
 import { Mutex, WriteGate } from './lock';
 import { conflict, LabError, notFound, trackingLost } from './errors';
 import { guestProfile, type Estate } from './estate';
-import { canaryBlock, GuestWorkload, readCanarySequence, type GuestProfile } from './guest';
+import { canaryBlock, corruptBlockContent, GuestWorkload, readCanarySequence, type GuestProfile } from './guest';
 import {
   finishSealing,
   STATE_VERSION,
@@ -1051,6 +1051,28 @@ export class LabSite {
     crashPoint('drop-point:after-metadata');
     await this.dropLayers(vm, layers);
     vm.dropPointGate(id);
+  }
+
+  /**
+   * Overwrites one block of one layer with corruptBlockContent, for tests of the verification: like a fault of the
+   * storage, it bypasses copy-on-write, change tracking, seals and fences.
+   */
+  async corruptBlock(vm: LabVm, disk: string, block: number, layer: 'base' | { pointId: string }): Promise<void> {
+    const data = corruptBlockContent(vm.name, disk, block);
+    if (vm.meta.kind === 'source') {
+      if (layer !== 'base') throw conflict(`${vm.name} is a source VM: it has no restore points, only its base`);
+      const d = vm.sourceDisk(disk);
+      await d.lock.run(() => d.base.write(block * BLOCK_SIZE, data));
+      return;
+    }
+    const d = vm.replicaDisk(disk);
+    let target = d.base;
+    if (layer !== 'base') {
+      const point = d.points.get(layer.pointId);
+      if (!point) throw notFound(`restore point ${vm.name}/${layer.pointId}`, 'body.layer.pointId');
+      target = point;
+    }
+    await d.lock.run(() => target.write(block * BLOCK_SIZE, data));
   }
 
   // Backups -------------------------------------------------------------------------------------

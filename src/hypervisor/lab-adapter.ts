@@ -802,6 +802,19 @@ export class LabControl {
     return this.t.readAll(res, { method: 'GET', path }, `GET ${path}`);
   }
 
+  /**
+   * Overwrites one block of the base of a VM, or of one restore point of a replica, with a pattern no guest
+   * writes (corruptBlockContent in lab/guest.ts), bypassing tracking, seals and fences: a storage fault for tests
+   * of the verification.
+   */
+  async corruptBlock(vm: string, disk: string, block: number, layer: 'base' | { pointId: string }): Promise<void> {
+    await this.t.json({
+      method: 'POST',
+      path: `/v1/lab/vms/${seg(vm)}/disks/${seg(disk)}/blocks/${block}/corrupt`,
+      json: { layer },
+    });
+  }
+
   takeBackup(vm: string): Promise<BackupPointInfo> {
     return this.t.json({ method: 'POST', path: `/v1/lab/vms/${seg(vm)}/backups` });
   }
