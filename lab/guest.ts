@@ -50,6 +50,18 @@ export function verifyGuestBlock(buf: Buffer, vm: string, disk: string, block: n
   return guestBlockContent(vm, disk, block, sequence).equals(buf) ? sequence : null;
 }
 
+const CORRUPT_MAGIC = 0x42414421; // "BAD!"
+
+/** What LabControl.corruptBlock writes: no guest writes it (not GST1), and it names where it was put. */
+export function corruptBlockContent(vm: string, disk: string, block: number): Buffer {
+  const buf = Buffer.alloc(BLOCK_SIZE, 0xde);
+  buf.writeUInt32BE(CORRUPT_MAGIC, 0);
+  buf.writeUInt32BE(fnv1a(vm), 4);
+  buf.writeUInt32BE(fnv1a(disk), 8);
+  buf.writeUInt32BE(block, 12);
+  return buf;
+}
+
 export function canaryContent(vm: string, sequence: number): Buffer {
   const buf = Buffer.alloc(BLOCK_SIZE);
   buf.writeUInt32BE(CANARY_MAGIC, 0);

@@ -1,9 +1,11 @@
 // Starts the lab site as a process: npm run lab -- --estate config/estate.yaml --data .data/lab --port 7300
 
 import { Command } from 'commander';
+import { checkCrashStep } from './crash';
 import { startLab } from './server';
 
 async function main(): Promise<void> {
+  checkCrashStep();
   const opts = new Command()
     .name('lab')
     .description('The lab site: simulated production and DR Hyper-V hosts over HTTP')

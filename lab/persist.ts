@@ -1,7 +1,8 @@
 import { mkdir, open, readFile, rename, unlink } from 'node:fs/promises';
 import { dirname } from 'node:path';
 
-async function fsyncDir(dir: string): Promise<void> {
+/** Makes the directory's entries (files created, renamed or removed in it) durable. */
+export async function fsyncDir(dir: string): Promise<void> {
   const h = await open(dir, 'r');
   try {
     await h.sync();
@@ -25,10 +26,15 @@ export async function writeFileAtomic(path: string, data: string): Promise<void>
   await fsyncDir(dirname(path));
 }
 
-export async function removeDurably(path: string): Promise<void> {
+/** Unlinks a file; one that is gone already is fine. */
+export async function removeFile(path: string): Promise<void> {
   await unlink(path).catch((e: NodeJS.ErrnoException) => {
     if (e.code !== 'ENOENT') throw e;
   });
+}
+
+export async function removeDurably(path: string): Promise<void> {
+  await removeFile(path);
   await fsyncDir(dirname(path));
 }
 

@@ -14,7 +14,7 @@ import {
 import { BLOCK_SIZE, type Extent, type ExtentData, type ReplicaView } from '../src/hypervisor/port';
 import { badRequest, conflict, LabError } from './errors';
 import { loadEstate, parseEstate, type Estate, type EstateInput } from './estate';
-import { faultSchema, Faults } from './faults';
+import { faultSchema, Faults, type FaultCall } from './faults';
 import { BufferRing, LabSite, readChunks, type LabVm } from './site';
 import { blocksToExtents, type Layer } from './storage/layer';
 import { DIGEST_ALGORITHM, digestView, readView, viewAllocatedBlocks, type View } from './storage/view';
@@ -129,6 +129,17 @@ export async function startLab(options: LabOptions): Promise<RunningLab> {
       await site.stop(false);
     },
   };
+}
+
+/** Calls that change the estate; block reads are POSTs too, and faults are the lab's own controls. */
+function changesState(method: string, url: string): boolean {
+  const path = url.split('?', 1)[0]!;
+  return method !== 'GET' && !path.endsWith('/read') && !path.startsWith('/v1/lab/faults');
+}
+
+/** A request as faults see it: its method and decoded path (ids hold no '/', so decoding is unambiguous). */
+function faultCall(request: FastifyRequest): FaultCall {
+  return { method: request.method, path: decodeURIComponent(request.url.split('?', 1)[0]!) };
 }
 
 function hostOf(url: string): string | null {
@@ -252,8 +263,8 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
    * A host's injected faults, applied to a call that reaches it: `slow` delays the call, `fail` throws the
    * injected failure; an unreachable host is returned, for the caller to act on as it can.
    */
-  const injectedFaults = async (host: string): Promise<'unreachable' | 'reachable'> => {
-    for (const f of faults.active(host)) {
+  const injectedFaults = async (host: string, call: FaultCall): Promise<'unreachable' | 'reachable'> => {
+    for (const f of faults.active(host, call)) {
       if (f.kind === 'unreachable') return 'unreachable';
       if (f.kind === 'slow') await new Promise((r) => setTimeout(r, f.latencyMs));
       if (f.kind === 'fail') throw new LabError(f.status, 'host_failure', `host ${host} failed (injected fault)`);
@@ -263,13 +274,17 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
 
   app.addHook('onRequest', async (request, reply) => {
     const host = hostOf(request.url);
-    if (host !== null && (await injectedFaults(host)) === 'unreachable') {
+    if (host !== null && (await injectedFaults(host, faultCall(request))) === 'unreachable') {
       request.raw.socket.destroy();
       return reply;
     }
+    const refused = site.storeRefusal();
+    if (refused && changesState(request.method, request.url)) throw refused;
   });
 
-  app.setErrorHandler((error, _request, reply) => {
+  app.setErrorHandler((error, request, reply) => {
+    // An upload refused part-way has a body still arriving: keeping the connection would leave it half-read.
+    if (!request.raw.complete) void reply.header('connection', 'close');
     if (error instanceof LabError) {
       return reply.code(error.status).send({ error: { code: error.code, message: error.message, field: error.field } });
     }
@@ -282,7 +297,7 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
     return reply.code(500).send({ error: { code: 'internal', message: String(e.message ?? error) } });
   });
 
-  const cutOf = (host: string): number | undefined => faults.get(host, 'cut')?.afterBytes;
+  const cutOf = (host: string, call: FaultCall): number | undefined => faults.get(host, 'cut', call)?.afterBytes;
   const vmOf = (p: { host: string; vm: string }): LabVm => site.vm(p.host, p.vm);
   const replicaOf = (p: { host: string; replica: string }): LabVm => {
     const vm = site.vm(p.host, p.replica);
@@ -407,7 +422,7 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
       reply,
       body.extents,
       (ring) => site.readExtents(disk.lock, at, body.extents, ring),
-      cutOf(p.host),
+      cutOf(p.host, faultCall(req)),
     );
   });
   app.get('/v1/hosts/:host/vms/:vm/canary', async (req) => {
@@ -429,7 +444,7 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
         { offset: piece.offset, data: Buffer.concat(piece.parts, piece.length) },
         q.fence,
       );
-    return { bytesWritten: await receiveFrames(req, disk.sizeBytes, write, cutOf(p.host)) };
+    return { bytesWritten: await receiveFrames(req, disk.sizeBytes, write, cutOf(p.host, faultCall(req))) };
   });
   app.put('/v1/hosts/:host/vms/:vm/write-fence', async (req, reply) => {
     const p = parse(P.vm, req.params, 'params');
@@ -461,7 +476,7 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
     const vm = replicaOf(p);
     const layer = site.openPointLayer(vm, p.pointId, p.disk);
     const write = (piece: FramePiece) => site.writePoint(vm, p.pointId, p.disk, piece.offset, piece.parts);
-    return { bytesWritten: await receiveFrames(req, layer.sizeBytes, write, cutOf(p.host)) };
+    return { bytesWritten: await receiveFrames(req, layer.sizeBytes, write, cutOf(p.host, faultCall(req))) };
   });
   // Host to host: the source host sends a checkpoint's blocks straight into a restore point on a DR host (QEMU's
   // push-mode backup to an NBD export); the caller only orders it. Both hosts' faults apply.
@@ -469,13 +484,19 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
     const p = parse(P.disk, req.params, 'params');
     const body = parse(z.strictObject({ checkpointId: id, extents, target: P.pointDisk }), req.body, 'body');
     const { disk, at } = checkpointRead(p, body);
-    // The DR end is reached through the source host: an unreachable one is the source host's error to report.
-    if ((await injectedFaults(body.target.host)) === 'unreachable')
+    // The DR end is reached through the source host: an unreachable one is the source host's error to report. Its
+    // faults see the send as the upload into the point that it stands for.
+    const t = body.target;
+    const drCall = {
+      method: 'POST',
+      path: `/v1/hosts/${t.host}/replicas/${t.replica}/points/${t.pointId}/disks/${t.disk}/write`,
+    };
+    if ((await injectedFaults(t.host, drCall)) === 'unreachable')
       throw new LabError(502, 'host_unreachable', `host ${body.target.host} unreachable (injected fault)`);
     const target = replicaOf(body.target);
     const layer = site.openPointLayer(target, body.target.pointId, body.target.disk);
     checkExtents(body.extents, layer.sizeBytes, 'body.target.disk');
-    const cuts = [cutOf(p.host), cutOf(body.target.host)].filter((c): c is number => c !== undefined);
+    const cuts = [cutOf(p.host, faultCall(req)), cutOf(t.host, drCall)].filter((c): c is number => c !== undefined);
     const cutAfter = cuts.length > 0 ? Math.min(...cuts) : undefined;
     let bytesWritten = 0;
     for await (const piece of site.readExtents(disk.lock, at, body.extents, new BufferRing(body.extents))) {
@@ -544,7 +565,7 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
       reply,
       body.extents,
       (ring) => site.readExtents(disk.lock, at, body.extents, ring),
-      cutOf(p.host),
+      cutOf(p.host, faultCall(req)),
     );
   });
   const viewFromQuery = (q: { pointId?: string | undefined }): ReplicaView =>
@@ -600,7 +621,11 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
   });
 
   // Lab control (tests, demo, benchmarks): not part of the hypervisor port -----------------------
-  app.get('/v1/lab/status', () => ({ generation: site.generation, trackingLostAtStart: site.trackingLostAtStart }));
+  app.get('/v1/lab/status', () => ({
+    generation: site.generation,
+    trackingLostAtStart: site.trackingLostAtStart,
+    storeFailure: site.storeRefusal()?.message ?? null,
+  }));
   app.get('/v1/lab/faults', () => faults.list());
   app.put('/v1/lab/faults/:host', (req) => {
     const p = parse(P.host, req.params, 'params');
@@ -661,6 +686,24 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
     if (p.block >= v.base.blocks) throw badRequest('params.block', 'past the end of the disk');
     const data = await readView(v, p.block * BLOCK_SIZE, BLOCK_SIZE);
     return reply.type('application/octet-stream').send(data);
+  });
+  app.post('/v1/lab/vms/:vm/disks/:disk/blocks/:block/corrupt', async (req, reply) => {
+    const p = parse(
+      z.strictObject({ vm: id, disk: id, block: z.coerce.number().int().nonnegative() }),
+      req.params,
+      'params',
+    );
+    const body = parse(
+      z.strictObject({ layer: z.union([z.literal('base'), z.strictObject({ pointId: id })]) }),
+      req.body,
+      'body',
+    );
+    const vm = labVm(p.vm);
+    const disk = vm.meta.disks.find((d) => d.id === p.disk);
+    if (!disk) throw new LabError(404, 'not_found', `disk ${p.vm}/${p.disk} not found`, 'params.disk');
+    if (p.block >= disk.sizeBytes / BLOCK_SIZE) throw badRequest('params.block', 'past the end of the disk');
+    await site.corruptBlock(vm, p.disk, p.block, body.layer);
+    return reply.code(204).send();
   });
   app.post('/v1/lab/vms/:vm/backups', async (req) => {
     const vm = labVm(parse(z.strictObject({ vm: id }), req.params, 'params').vm);

@@ -2,7 +2,7 @@
 // replica chains and backups, with durable metadata. The HTTP layer (server.ts) validates input
 // and calls these methods; they throw LabError for answers other than success.
 
-import { mkdir, rename } from 'node:fs/promises';
+import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import {
   BLOCK_SIZE,
@@ -12,7 +12,6 @@ import {
   type ExtentData,
   type HostInfo,
   type PowerResult,
-  type PowerState,
   type ReplicaInfo,
   type ReplicaView,
   type RestorePointInfo,
@@ -20,84 +19,36 @@ import {
   type ShutdownResult,
   type VmInfo,
 } from '../src/hypervisor/port';
+import { crashPoint } from './crash';
+import {
+  backupDir,
+  finishInterruptedSeals,
+  migrateVersion1Names,
+  moveRunningLayerFiles,
+  sweepUnreferenced,
+  vmDir,
+} from './data-dir';
 import { ReplicaDisk, SourceDisk } from './disks';
 import { Mutex, WriteGate } from './lock';
 import { conflict, LabError, notFound, trackingLost } from './errors';
 import { guestProfile, type Estate } from './estate';
-import { canaryBlock, GuestWorkload, readCanarySequence, type GuestProfile } from './guest';
-import { readJson, removeDurably, writeFileAtomic } from './persist';
-import { blocksToExtents, Layer } from './storage/layer';
+import { canaryBlock, corruptBlockContent, GuestWorkload, readCanarySequence, type GuestProfile } from './guest';
+import {
+  finishSealing,
+  STATE_VERSION,
+  stem,
+  type BackupMeta,
+  type CheckpointMeta,
+  type PointMeta,
+  type ReferencePointMeta,
+  type ReplicaMeta,
+  type StateFile,
+  type TrackingFile,
+  type VmMeta,
+} from './metadata';
+import { fsyncDir, readJson, removeDurably, writeFileAtomic } from './persist';
+import { blocksToExtents, createLayers, destroyLayers, Layer } from './storage/layer';
 import { readView, viewAllocatedBlocks, type View } from './storage/view';
-
-interface CheckpointMeta {
-  id: string;
-  createdAt: string;
-  generation: number;
-  epochs: Record<string, number>;
-}
-
-interface ReferencePointMeta extends CheckpointMeta {
-  checkpointId: string;
-}
-
-interface PointMeta {
-  id: string;
-  createdAt: string;
-  kind: string;
-  crashConsistent: boolean;
-  metadata: Record<string, string>;
-  sealed: boolean;
-}
-
-interface ReplicaMeta {
-  sourceVm: string;
-  /** Oldest first. */
-  points: PointMeta[];
-  headPointId: string | null;
-  running: boolean;
-  /** Permanent failover done: the guest writes straight into the base. */
-  consolidated: boolean;
-  /** A merge or consolidation in progress, redone after a crash. */
-  merging: string | null;
-}
-
-interface VmMeta {
-  name: string;
-  host: string;
-  kind: 'source' | 'replica';
-  powerState: PowerState;
-  disks: DiskInfo[];
-  profile: GuestProfile;
-  shutdownMs: number;
-  bootMs: number;
-  /** How it last went Off; absent in state files written before it was recorded. */
-  lastStop?: VmInfo['lastStop'];
-  /** Source-disk writes must carry this token once it is set (see fenceWrites). */
-  writeFence?: string;
-  checkpoints: CheckpointMeta[];
-  referencePoints: ReferencePointMeta[];
-  replica?: ReplicaMeta;
-}
-
-interface BackupMeta {
-  id: string;
-  vm: string;
-  createdAt: string;
-  disks: DiskInfo[];
-}
-
-interface StateFile {
-  version: 1;
-  /** Bumped by every unclean restart: tracking from older generations is gone. */
-  generation: number;
-  vms: VmMeta[];
-  backups: BackupMeta[];
-}
-
-interface TrackingFile {
-  generation: number;
-  disks: Record<string, { epoch: number; blocks: number[]; checkpoints: Record<string, number[]> }>;
-}
 
 const CONSOLIDATING = '*consolidate*';
 const DEFAULT_PROFILE: GuestProfile = { blocksPerSecond: 10, hotSetFraction: 0.1, hotWriteShare: 0.8 };
@@ -236,7 +187,7 @@ class LabVm {
     this.meta.powerState = 'Starting';
     const persisted = this.site.persist();
     const epoch = this.haltEpoch;
-    this.boot = (async () => {
+    const boot = (async () => {
       await persisted;
       if (!(await this.sleep(this.meta.bootMs))) return;
       await this.startGuest();
@@ -248,6 +199,9 @@ class LabVm {
       this.meta.powerState = 'Running';
       await this.site.persist();
     })().finally(() => (this.boot = null));
+    // A boot started by the lab's own start-up has no caller to tell; a power-on awaits it and sees the failure.
+    boot.catch((e: unknown) => this.site.log(`boot of ${this.name} failed: ${String(e)}`));
+    this.boot = boot;
   }
 
   async startGuest(): Promise<void> {
@@ -260,10 +214,12 @@ class LabVm {
       const disk = this.replicaDisks.get(d.id)!;
       return { id: d.id, blocks, write: (runs: ExtentData[]) => disk.guestWrite(runs) };
     });
-    if (this.meta.replica && !this.meta.replica.consolidated && !this.meta.replica.running) {
-      for (const d of this.replicaDisks.values())
-        d.running = await Layer.open(this.site.layerPath(this.name, `running-${d.id}`), d.sizeBytes);
-      this.meta.replica.running = true;
+    const r = this.meta.replica;
+    if (r && !r.consolidated && !r.running) {
+      const layers = await this.site.newLayers(this, stem.running);
+      crashPoint('power-on:after-running-files');
+      for (const d of this.replicaDisks.values()) d.running = layers.get(d.id)!;
+      r.running = true;
       await this.site.persist();
     }
     const identity = this.meta.replica?.sourceVm ?? this.name;
@@ -385,6 +341,12 @@ export class LabSite {
   /** True when this run started after an unclean stop (tracking of earlier generations is gone). */
   trackingLostAtStart = false;
   private dead = false;
+  /**
+   * Set when saving the metadata failed. The state in memory may then hold changes that are not on disk (a seal, a
+   * new point), so the lab stops changing anything: answering later calls from that state would diverge from what
+   * a restart reloads.
+   */
+  private storeFailure: Error | null = null;
   private readonly controlLocks = new Map<string, Mutex>();
   private saveChain: Promise<void> = Promise.resolve();
   private pendingSave: Promise<void> | null = null;
@@ -394,8 +356,22 @@ export class LabSite {
     readonly log: (message: string) => void,
   ) {}
 
-  layerPath(vm: string, name: string): string {
-    return join(this.dataDir, 'vms', vm, name);
+  /** A layer's path without its extension (see stem in metadata.ts). */
+  layerPath(vm: string, layerStem: string): string {
+    return join(vmDir(this.dataDir, vm), layerStem);
+  }
+
+  /** A new layer of the VM per disk, its file names durable before any metadata names them. */
+  async newLayers(vm: LabVm, stemOf: (disk: string) => string): Promise<Map<string, Layer>> {
+    const disks = vm.meta.disks;
+    const paths = disks.map((d) => ({ path: this.layerPath(vm.name, stemOf(d.id)), sizeBytes: d.sizeBytes }));
+    const layers = await createLayers(vmDir(this.dataDir, vm.name), paths);
+    return new Map(disks.map((d, i) => [d.id, layers[i]!]));
+  }
+
+  /** Removes layers the metadata no longer names (after it was persisted so). */
+  private dropLayers(vm: LabVm, layers: Layer[]): Promise<void> {
+    return destroyLayers(vmDir(this.dataDir, vm.name), layers);
   }
 
   private get statePath(): string {
@@ -425,6 +401,11 @@ export class LabSite {
     const clean = (await readJson<object>(site.markerPath)) !== null;
     const tracking = state && clean ? await readJson<TrackingFile>(site.trackingPath) : null;
     const metas: VmMeta[] = state?.vms ?? [];
+    const backups: BackupMeta[] = state?.backups ?? [];
+    // Before any layer is opened: the names the metadata uses, the steps a crash interrupted, the files they left.
+    if (state && state.version < STATE_VERSION) await migrateVersion1Names(dataDir, metas, log);
+    await finishInterruptedSeals(dataDir, metas);
+    await sweepUnreferenced(dataDir, metas, backups, log);
     site.generation = state?.generation ?? 1;
     if (state && !clean) {
       site.generation++;
@@ -453,10 +434,10 @@ export class LabSite {
             fresh.push(meta);
           }
 
-    for (const meta of metas) await site.loadVm(meta, tracking);
-    for (const b of state?.backups ?? []) {
+    for (const meta of metas) await site.loadVm(meta, tracking, fresh.includes(meta));
+    for (const b of backups) {
       const layers = new Map<string, Layer>();
-      for (const d of b.disks) layers.set(d.id, await Layer.open(join(dataDir, 'backups', b.id, d.id), d.sizeBytes));
+      for (const d of b.disks) layers.set(d.id, await Layer.open(join(backupDir(dataDir, b.id), d.id), d.sizeBytes));
       site.backups.set(b.id, { meta: b, layers });
     }
     for (const vm of site.vms.values()) {
@@ -480,12 +461,20 @@ export class LabSite {
     return site;
   }
 
-  private async loadVm(meta: VmMeta, tracking: TrackingFile | null): Promise<void> {
-    await mkdir(join(this.dataDir, 'vms', meta.name), { recursive: true });
+  /** Opens a VM's layers, or creates the empty disks of a new VM (`create`). */
+  private async loadVm(meta: VmMeta, tracking: TrackingFile | null, create: boolean): Promise<void> {
+    const dir = vmDir(this.dataDir, meta.name);
+    const bases: Layer[] = [];
+    if (create) {
+      await mkdir(dir, { recursive: true });
+      await fsyncDir(join(this.dataDir, 'vms'));
+      const paths = meta.disks.map((d) => ({ path: join(dir, stem.base(d.id)), sizeBytes: d.sizeBytes }));
+      bases.push(...(await createLayers(dir, paths)));
+    } else for (const d of meta.disks) bases.push(await Layer.open(join(dir, stem.base(d.id)), d.sizeBytes));
     const source = new Map<string, SourceDisk>();
     const replicaDisks = new Map<string, ReplicaDisk>();
-    for (const d of meta.disks) {
-      const base = await Layer.open(this.layerPath(meta.name, `base-${d.id}`), d.sizeBytes);
+    for (const [i, d] of meta.disks.entries()) {
+      const base = bases[i]!;
       if (meta.kind === 'source') {
         const disk = new SourceDisk(d.id, base);
         const t = tracking?.disks[`${meta.name}/${d.id}`];
@@ -494,16 +483,15 @@ export class LabSite {
           for (const [b, e] of unflatten(t.blocks)) disk.blockEpoch.set(b, e);
         }
         for (const cp of meta.checkpoints) {
-          const cow = await Layer.open(this.layerPath(meta.name, `cp-${cp.id}-${d.id}`), d.sizeBytes);
+          const cow = await Layer.open(join(dir, stem.checkpoint(cp.id, d.id)), d.sizeBytes);
           disk.checkpoints.set(cp.id, { cow, cowEpoch: unflatten(t?.checkpoints[cp.id] ?? []) });
         }
         source.set(d.id, disk);
       } else {
         const disk = new ReplicaDisk(d.id, base);
         for (const p of meta.replica!.points)
-          disk.points.set(p.id, await Layer.open(this.layerPath(meta.name, `pt-${p.id}-${d.id}`), d.sizeBytes));
-        if (meta.replica!.running)
-          disk.running = await Layer.open(this.layerPath(meta.name, `running-${d.id}`), d.sizeBytes);
+          disk.points.set(p.id, await Layer.open(join(dir, stem.point(p.id, d.id)), d.sizeBytes));
+        if (meta.replica!.running) disk.running = await Layer.open(join(dir, stem.running(d.id)), d.sizeBytes);
         replicaDisks.set(d.id, disk);
       }
     }
@@ -527,21 +515,43 @@ export class LabSite {
   /** Saves metadata atomically; calls made while a save is queued share it. */
   persist(): Promise<void> {
     if (this.dead) return Promise.resolve();
+    const refused = this.storeRefusal();
+    if (refused) return Promise.reject(refused);
     if (!this.pendingSave) {
-      const save = this.saveChain.then(() => {
-        this.pendingSave = null;
-        return this.writeState();
-      });
+      const save = this.saveChain
+        .then(() => {
+          this.pendingSave = null;
+          return this.writeState();
+        })
+        .catch((e: unknown) => {
+          if (!this.storeFailure) {
+            this.storeFailure = e instanceof Error ? e : new Error(String(e));
+            this.log(`saving state failed; refusing changes until restarted: ${String(e)}`);
+          }
+          throw this.storeRefusal()!;
+        });
       this.pendingSave = save;
-      this.saveChain = save.catch((e) => this.log(`saving state failed: ${String(e)}`));
+      this.saveChain = save.catch(() => undefined);
     }
     return this.pendingSave;
   }
 
+  /** The answer to every change once saving the metadata failed; null while saving works. */
+  storeRefusal(): LabError | null {
+    if (!this.storeFailure) return null;
+    return new LabError(
+      503,
+      'store_failed',
+      `the lab's metadata store failed (${this.storeFailure.message}); it refuses changes until it is restarted, ` +
+        'which reloads its state from disk',
+    );
+  }
+
   private async writeState(): Promise<void> {
     if (this.dead) return;
+    if (this.storeFailure) throw this.storeFailure;
     const state: StateFile = {
-      version: 1,
+      version: STATE_VERSION,
       generation: this.generation,
       vms: [...this.vms.values()].map((v) => v.meta),
       backups: [...this.backups.values()].map((b) => b.meta),
@@ -551,6 +561,8 @@ export class LabSite {
 
   /** Clean stop saves tracking and a marker; an unclean one (kill) leaves both out. */
   async stop(clean: boolean): Promise<void> {
+    // After a failed save, memory is not what the disk says: saving tracking for it would be a lie.
+    clean &&= !this.storeFailure;
     if (!clean) this.dead = true;
     for (const vm of this.vms.values()) await vm.halt();
     if (clean) {
@@ -637,6 +649,7 @@ export class LabSite {
         referencePoints: [],
       },
       null,
+      true,
     );
     await this.persist();
     return this.vm(host, name).info();
@@ -649,18 +662,19 @@ export class LabSite {
     if (existing) return existing;
     vm.sourceDisk(vm.meta.disks[0]!.id);
     const disks = [...vm.source.values()];
+    const stores = await this.newLayers(vm, (disk) => stem.checkpoint(id, disk));
     // All disks are locked together so the checkpoint is consistent across them.
     const meta = await lockAll(disks, async () => {
       const epochs: Record<string, number> = {};
       for (const d of disks) {
-        const cow = await Layer.open(this.layerPath(vm.name, `cp-${id}-${d.id}`), d.sizeBytes);
-        d.checkpoints.set(id, { cow, cowEpoch: new Map() });
+        d.checkpoints.set(id, { cow: stores.get(d.id)!, cowEpoch: new Map() });
         epochs[d.id] = d.epoch;
       }
       const m: CheckpointMeta = { id, createdAt: now(), generation: this.generation, epochs };
       vm.meta.checkpoints.push(m);
       return m;
     });
+    crashPoint('create-checkpoint:after-files');
     await this.persist();
     return meta;
   }
@@ -675,7 +689,8 @@ export class LabSite {
       return Promise.resolve(out);
     });
     await this.persist();
-    for (const l of layers) await l.destroy();
+    crashPoint('delete-checkpoint:after-metadata');
+    await this.dropLayers(vm, layers);
   }
 
   async createReferencePoint(vm: LabVm, id: string, checkpointId: string): Promise<ReferencePointMeta> {
@@ -797,6 +812,7 @@ export class LabSite {
         replica: { sourceVm, points: [], headPointId: null, running: false, consolidated: false, merging: null },
       },
       null,
+      true,
     );
     await this.persist();
     return this.vm(host, name).replicaInfo();
@@ -817,8 +833,9 @@ export class LabSite {
       throw conflict(`${vm.name} is reverted to ${r.headPointId ?? 'its base'}`);
     // An open point left by an abandoned run is replaced: its blocks were never sealed.
     for (const stale of r.points.filter((p) => !p.sealed)) await this.dropPoint(vm, stale.id);
-    for (const d of vm.replicaDisks.values())
-      d.points.set(id, await Layer.open(this.layerPath(vm.name, `pt-${id}-${d.id}`), d.sizeBytes));
+    const layers = await this.newLayers(vm, (disk) => stem.point(id, disk));
+    crashPoint('begin-point:after-files');
+    for (const d of vm.replicaDisks.values()) d.points.set(id, layers.get(d.id)!);
     const meta = newPointMeta(id, spec, false);
     r.points.push(meta);
     await this.persist();
@@ -904,56 +921,77 @@ export class LabSite {
     return vm.replicaInfo();
   }
 
-  /** Completes the merge recorded in metadata; repeating a partly done merge is harmless. */
+  /**
+   * Completes the merge recorded in metadata; repeating a partly done merge is harmless. A consolidation holds every
+   * disk's lock until its metadata is saved: a guest write into a base merged already would otherwise be
+   * overwritten by the older blocks when a crash makes the merge run again.
+   */
   private async finishMerge(vm: LabVm): Promise<void> {
     const r = vm.meta.replica;
     if (!r?.merging) return;
+    const disks = [...vm.replicaDisks.values()];
     const doomed: Layer[] = [];
     if (r.merging === CONSOLIDATING) {
       const chain = vm.headChain();
-      for (const d of vm.replicaDisks.values())
-        await d.lock.run(async () => {
+      await lockAll(disks, async () => {
+        for (const d of disks) {
           for (const id of chain) await d.mergeIntoBase(d.points.get(id)!);
           if (d.running) await d.mergeIntoBase(d.running);
+          crashPoint('merge:after-first-disk');
           doomed.push(...d.points.values());
           if (d.running) doomed.push(d.running);
           d.points.clear();
           d.running = null;
-        });
-      r.points = [];
-      r.headPointId = null;
-      r.running = false;
-      r.consolidated = true;
+        }
+        r.points = [];
+        r.headPointId = null;
+        r.running = false;
+        r.consolidated = true;
+        r.merging = null;
+        await this.persist();
+      });
     } else {
       const id = r.merging;
-      for (const d of vm.replicaDisks.values())
+      for (const d of disks)
         await d.lock.run(async () => {
           const layer = d.points.get(id);
           if (!layer) return;
           await d.mergeIntoBase(layer);
+          crashPoint('merge:after-first-disk');
           d.points.delete(id);
           doomed.push(layer);
         });
       r.points = r.points.filter((p) => p.id !== id);
       if (r.headPointId === id) r.headPointId = null;
+      r.merging = null;
+      await this.persist();
     }
-    r.merging = null;
-    await this.persist();
-    for (const l of doomed) await l.destroy();
+    await this.dropLayers(vm, doomed);
   }
 
   async discardRunning(vm: LabVm): Promise<ReplicaInfo> {
     const r = vm.replica;
     if (vm.meta.powerState !== 'Off') throw conflict(`${vm.name} is ${vm.meta.powerState}; power it off first`);
-    const layers = [...vm.replicaDisks.values()].flatMap((d) => (d.running ? [d.running] : []));
-    for (const d of vm.replicaDisks.values()) d.running = null;
+    const disks = [...vm.replicaDisks.values()];
+    // Under the disk locks: a read of the running view in flight finishes before its layer goes.
+    const layers = await lockAll(disks, async () => {
+      const out = disks.flatMap((d) => (d.running ? [d.running] : []));
+      for (const d of disks) d.running = null;
+      return out;
+    });
     r.running = false;
     r.headPointId = [...r.points].reverse().find((p) => p.sealed)?.id ?? null;
     await this.persist();
-    for (const l of layers) await l.destroy();
+    crashPoint('discard-running:after-metadata');
+    await this.dropLayers(vm, layers);
     return vm.replicaInfo();
   }
 
+  /**
+   * The running layer's files become the point's. The intent is saved first, so that a crash between the renames
+   * is finished at start-up (finishInterruptedSeals) instead of opening the running layer's old name as a new,
+   * empty layer.
+   */
   async sealRunning(vm: LabVm, id: string, spec: RestorePointSpec): Promise<RestorePointInfo> {
     const r = vm.replica;
     this.refuseConsolidated(vm, 'its running state is its base, there is no running layer to seal');
@@ -964,22 +1002,29 @@ export class LabSite {
     // The running layer sits on the head; points above a reverted head belong to an abandoned branch.
     const headIndex = r.headPointId === null ? -1 : r.points.findIndex((p) => p.id === r.headPointId);
     for (const p of r.points.slice(headIndex + 1)) await this.dropPoint(vm, p.id);
-    for (const d of vm.replicaDisks.values()) {
-      const running = d.running!;
-      await running.sync();
-      await running.close();
-      const target = this.layerPath(vm.name, `pt-${id}-${d.id}`);
-      await rename(`${running.path}.img`, `${target}.img`);
-      await rename(`${running.path}.map`, `${target}.map`);
-      d.points.set(id, await Layer.open(target, d.sizeBytes));
-      d.running = null;
-    }
-    const meta = newPointMeta(id, spec, true);
-    r.points.push(meta);
-    r.running = false;
-    r.headPointId = id;
-    await this.persist();
-    return vm.pointInfo(meta);
+    const disks = [...vm.replicaDisks.values()];
+    const point = await lockAll(disks, async () => {
+      for (const d of disks) {
+        await d.running!.sync();
+        await d.running!.close();
+      }
+      r.sealing = newPointMeta(id, spec, true);
+      await this.persist();
+      crashPoint('seal-running:after-intent');
+      await moveRunningLayerFiles(
+        vmDir(this.dataDir, vm.name),
+        disks.map((d) => d.id),
+        id,
+      );
+      for (const d of disks) {
+        d.points.set(id, await Layer.open(this.layerPath(vm.name, stem.point(id, d.id)), d.sizeBytes));
+        d.running = null;
+      }
+      const sealed = finishSealing(r);
+      await this.persist();
+      return sealed;
+    });
+    return vm.pointInfo(point);
   }
 
   /** Drops a point that was opened and never sealed; a sealed one is refused, an unknown one is gone already. */
@@ -992,16 +1037,42 @@ export class LabSite {
 
   private async dropPoint(vm: LabVm, id: string): Promise<void> {
     await vm.pointGate(id).close();
-    const layers: Layer[] = [];
-    for (const d of vm.replicaDisks.values()) {
-      const l = d.points.get(id);
-      if (l) layers.push(l);
-      d.points.delete(id);
-    }
+    const disks = [...vm.replicaDisks.values()];
+    const layers = await lockAll(disks, async () => {
+      const out = disks.flatMap((d) => {
+        const l = d.points.get(id);
+        return l ? [l] : [];
+      });
+      for (const d of disks) d.points.delete(id);
+      return out;
+    });
     vm.replica.points = vm.replica.points.filter((p) => p.id !== id);
     await this.persist();
-    for (const l of layers) await l.destroy();
+    crashPoint('drop-point:after-metadata');
+    await this.dropLayers(vm, layers);
     vm.dropPointGate(id);
+  }
+
+  /**
+   * Overwrites one block of one layer with corruptBlockContent, for tests of the verification: like a fault of the
+   * storage, it bypasses copy-on-write, change tracking, seals and fences.
+   */
+  async corruptBlock(vm: LabVm, disk: string, block: number, layer: 'base' | { pointId: string }): Promise<void> {
+    const data = corruptBlockContent(vm.name, disk, block);
+    if (vm.meta.kind === 'source') {
+      if (layer !== 'base') throw conflict(`${vm.name} is a source VM: it has no restore points, only its base`);
+      const d = vm.sourceDisk(disk);
+      await d.lock.run(() => d.base.write(block * BLOCK_SIZE, data));
+      return;
+    }
+    const d = vm.replicaDisk(disk);
+    let target = d.base;
+    if (layer !== 'base') {
+      const point = d.points.get(layer.pointId);
+      if (!point) throw notFound(`restore point ${vm.name}/${layer.pointId}`, 'body.layer.pointId');
+      target = point;
+    }
+    await d.lock.run(() => target.write(block * BLOCK_SIZE, data));
   }
 
   // Backups -------------------------------------------------------------------------------------
@@ -1012,9 +1083,17 @@ export class LabSite {
     await this.createCheckpoint(vm, cpId);
     const layers = new Map<string, Layer>();
     try {
-      for (const d of vm.source.values()) {
-        await mkdir(join(this.dataDir, 'backups', id), { recursive: true });
-        const layer = await Layer.open(join(this.dataDir, 'backups', id, d.id), d.sizeBytes);
+      // The backup's files come first; until its metadata is saved they are garbage to the start-up sweep.
+      const dir = backupDir(this.dataDir, id);
+      await mkdir(dir, { recursive: true });
+      await fsyncDir(join(this.dataDir, 'backups'));
+      const sources = [...vm.source.values()];
+      const made = await createLayers(
+        dir,
+        sources.map((d) => ({ path: join(dir, d.id), sizeBytes: d.sizeBytes })),
+      );
+      for (const [i, d] of sources.entries()) {
+        const layer = made[i]!;
         const extents = blocksToExtents(viewAllocatedBlocks(d.view(cpId)), 0, Number.MAX_SAFE_INTEGER).extents;
         for await (const chunk of this.readExtents(d.lock, () => d.view(cpId), extents))
           await layer.write(chunk.offset, chunk.data);

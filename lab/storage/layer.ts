@@ -2,8 +2,9 @@
 // holds. Source disks, checkpoint copy-on-write stores, restore points, running layers and backups
 // are all layers; a view of a disk is a stack of them over a base.
 
-import { open, unlink, type FileHandle } from 'node:fs/promises';
+import { open, type FileHandle } from 'node:fs/promises';
 import { BLOCK_SIZE } from '../../src/hypervisor/port';
+import { fsyncDir, removeFile } from '../persist';
 
 export class Layer {
   /** Blocks this layer holds data for. */
@@ -25,18 +26,24 @@ export class Layer {
     return this.sizeBytes / BLOCK_SIZE;
   }
 
-  /** Opens the layer's files, creating an empty sparse layer if they do not exist. */
+  /**
+   * Creates an empty sparse layer. Files left at that path (by a step a crash interrupted) are removed first and
+   * never taken for the layer: their blocks would show through. The caller makes the names durable (fsyncDir).
+   */
+  static async create(path: string, sizeBytes: number): Promise<Layer> {
+    await removeFile(`${path}.map`);
+    await removeFile(`${path}.img`);
+    const data = await open(`${path}.img`, 'wx+');
+    await data.truncate(sizeBytes);
+    return new Layer(path, sizeBytes, data, await open(`${path}.map`, 'wx+'));
+  }
+
+  /** Opens an existing layer (the metadata says it exists: missing files are an error, never a new empty layer). */
   static async open(path: string, sizeBytes: number): Promise<Layer> {
-    const data = await open(`${path}.img`, 'a+').then(async (h) => {
-      await h.close();
-      return open(`${path}.img`, 'r+');
-    });
+    const data = await open(`${path}.img`, 'r+');
     const st = await data.stat();
     if (st.size !== sizeBytes) await data.truncate(sizeBytes);
-    const journal = await open(`${path}.map`, 'a+').then(async (h) => {
-      await h.close();
-      return open(`${path}.map`, 'r+');
-    });
+    const journal = await open(`${path}.map`, 'r+');
     const layer = new Layer(path, sizeBytes, data, journal);
     const raw = await journal.readFile();
     // A record torn by a crash is ignored: its data write may not have completed either.
@@ -112,10 +119,11 @@ export class Layer {
     await this.journal.close().catch(() => undefined);
   }
 
+  /** The journal goes first: a journal marking blocks present over a missing or new data file must never be. */
   async destroy(): Promise<void> {
     await this.close();
-    await unlink(`${this.path}.img`).catch(() => undefined);
-    await unlink(`${this.path}.map`).catch(() => undefined);
+    await removeFile(`${this.path}.map`);
+    await removeFile(`${this.path}.img`);
   }
 
   private async writeAll(buffers: readonly Buffer[], offset: number): Promise<void> {
@@ -147,6 +155,20 @@ export class Layer {
       },
     );
   }
+}
+
+/** Creates layers in one directory (see Layer.create), then makes their names durable with one directory sync. */
+export async function createLayers(dir: string, layers: { path: string; sizeBytes: number }[]): Promise<Layer[]> {
+  const out: Layer[] = [];
+  for (const l of layers) out.push(await Layer.create(l.path, l.sizeBytes));
+  await fsyncDir(dir);
+  return out;
+}
+
+/** Destroys layers of one directory, then syncs it once. */
+export async function destroyLayers(dir: string, layers: Layer[]): Promise<void> {
+  for (const l of layers) await l.destroy();
+  await fsyncDir(dir);
 }
 
 /** Dirty bytes after which a layer starts flushing them in the background. */

@@ -82,6 +82,8 @@ interface FramedBody {
 const seg = encodeURIComponent;
 /** Deadline of one host-to-host send; callers send at most tens of MiB per call. */
 const SEND_TIMEOUT_MS = 10 * 60_000;
+/** Added to the control deadline of a power-on, which answers once the guest booted (minutes for some). */
+const BOOT_ALLOWANCE_MS = 15 * 60_000;
 
 /**
  * A block stream read from the lab. Iterating it decodes extents; when it is handed straight to
@@ -351,19 +353,20 @@ export class LabHypervisor implements HypervisorPort {
   }
 
   powerOff(ref: VmRef, o?: CallOptions): Promise<PowerResult> {
-    return this.power(ref, 'off', o);
+    return this.power(ref, 'off', this.t.timeoutMs, o);
   }
 
   powerOn(ref: VmRef, o?: CallOptions): Promise<PowerResult> {
-    return this.power(ref, 'on', o);
+    return this.power(ref, 'on', this.t.timeoutMs + BOOT_ALLOWANCE_MS, o);
   }
 
-  private power(ref: VmRef, action: 'on' | 'off', o?: CallOptions): Promise<PowerResult> {
+  private power(ref: VmRef, action: 'on' | 'off', timeoutMs: number, o?: CallOptions): Promise<PowerResult> {
     return this.t.json({
       method: 'POST',
       path: `${this.vmPath(ref)}/power`,
       host: ref.host,
       json: { action },
+      timeoutMs,
       signal: o?.signal,
     });
   }
@@ -743,12 +746,24 @@ export class LabHypervisor implements HypervisorPort {
   }
 }
 
+/**
+ * Which calls of its host a fault hits: all, or those of `method` and/or `path`, a regular expression tested
+ * against the decoded URL path (e.g. `/vms/r1/power$`). Faults of one kind with different scopes add up.
+ */
+export interface LabFaultScope {
+  method?: 'GET' | 'PUT' | 'POST' | 'DELETE';
+  path?: string;
+  durationMs?: number;
+}
+
 /** The lab's own controls for tests, the demo and benchmarks; deliberately not part of the port. */
-export type LabFault =
-  | { kind: 'unreachable'; durationMs?: number }
-  | { kind: 'fail'; status?: number; durationMs?: number }
-  | { kind: 'slow'; latencyMs: number; durationMs?: number }
-  | { kind: 'cut'; afterBytes: number; durationMs?: number };
+export type LabFault = LabFaultScope &
+  (
+    | { kind: 'unreachable' }
+    | { kind: 'fail'; status?: number }
+    | { kind: 'slow'; latencyMs: number }
+    | { kind: 'cut'; afterBytes: number }
+  );
 
 export class LabControl {
   private readonly t: LabTransport;
@@ -761,6 +776,7 @@ export class LabControl {
     this.t.close();
   }
 
+  /** Adds a fault to the host (replacing one of the same kind and scope). */
   async setFault(host: string, fault: LabFault): Promise<void> {
     await this.t.json({ method: 'PUT', path: `/v1/lab/faults/${seg(host)}`, json: fault });
   }
@@ -786,11 +802,25 @@ export class LabControl {
     return this.t.readAll(res, { method: 'GET', path }, `GET ${path}`);
   }
 
+  /**
+   * Overwrites one block of the base of a VM, or of one restore point of a replica, with a pattern no guest
+   * writes (corruptBlockContent in lab/guest.ts), bypassing tracking, seals and fences: a storage fault for tests
+   * of the verification.
+   */
+  async corruptBlock(vm: string, disk: string, block: number, layer: 'base' | { pointId: string }): Promise<void> {
+    await this.t.json({
+      method: 'POST',
+      path: `/v1/lab/vms/${seg(vm)}/disks/${seg(disk)}/blocks/${block}/corrupt`,
+      json: { layer },
+    });
+  }
+
   takeBackup(vm: string): Promise<BackupPointInfo> {
     return this.t.json({ method: 'POST', path: `/v1/lab/vms/${seg(vm)}/backups` });
   }
 
-  status(): Promise<{ generation: number; trackingLostAtStart: boolean }> {
+  /** `storeFailure`: why the lab refuses changes until it is restarted (its metadata could not be saved). */
+  status(): Promise<{ generation: number; trackingLostAtStart: boolean; storeFailure: string | null }> {
     return this.t.json({ method: 'GET', path: '/v1/lab/status' });
   }
 }

@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import {
+  BadRequestError,
   HostFailureError,
   HostTimeoutError,
   HostUnreachableError,
@@ -130,6 +131,37 @@ describe('faults on demand surface as the right error classes', () => {
     await assert.rejects(
       t.port.writeRestorePoint({ ...rep, disk: 'os' }, 'p2', t.port.readExtents({ ...src, disk: 'os' }, 'nope', whole)),
       { name: 'NotFoundError' },
+    );
+  });
+
+  test('faults scoped to a method or a path hit only those calls; several of one kind add up', async () => {
+    const other = { host: DR, replica: 'r-faults-2' };
+    await t.port.createReplica(other, { sourceVm: 'vm1', disks: [DISK] });
+    const spec = { kind: 'regular', crashConsistent: true };
+    await t.control.setFault(DR, { kind: 'fail', path: `/vms/${rep.replica}/power$` });
+    await t.control.setFault(DR, { kind: 'fail', status: 500, path: '/points/p-scoped$' });
+    await t.control.setFault(DR, { kind: 'unreachable', method: 'DELETE' });
+    const listed = ((await (await fetch(`${t.lab.url}/v1/lab/faults`)).json()) as Record<string, unknown[]>)[DR];
+    assert.equal(listed?.length, 3, 'the three faults are listed');
+
+    await assert.rejects(t.port.powerOn({ host: DR, vm: rep.replica }), isKind(HostFailureError, true));
+    await assert.rejects(t.port.beginRestorePoint(rep, 'p-scoped', spec), isKind(HostFailureError, true));
+    await assert.rejects(t.port.discardRestorePoint(rep, 'p-none'), isKind(HostUnreachableError, true));
+    // Calls outside every scope go through.
+    assert.equal((await t.port.powerOn({ host: DR, vm: other.replica })).state, 'Running');
+    await t.port.powerOff({ host: DR, vm: other.replica });
+    assert.equal((await t.port.getReplica(rep)).powerState, 'Off');
+    await t.port.beginRestorePoint(rep, 'p-other', spec);
+
+    await t.control.clearFaults(DR, 'fail');
+    await t.port.beginRestorePoint(rep, 'p-scoped', spec);
+    await assert.rejects(t.port.discardRestorePoint(rep, 'p-scoped'), isKind(HostUnreachableError, true));
+    await t.control.clearFaults(DR);
+    await t.port.discardRestorePoint(rep, 'p-scoped');
+
+    await assert.rejects(
+      t.control.setFault(DR, { kind: 'fail', path: '(' }),
+      (e: unknown) => e instanceof BadRequestError && e.field === 'body.path',
     );
   });
 

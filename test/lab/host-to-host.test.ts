@@ -87,4 +87,14 @@ describe('a host-to-host send: the source host writes a checkpoint into a DR res
     await t.port.sealRestorePoint(rep, 'p2');
     assert.ok((await atPoint('p2')).equals(await atCheckpoint()));
   });
+
+  test("the DR end's faults see a send as the upload into its point: a scoped fault hits only that point", async () => {
+    await t.port.beginRestorePoint(rep, 'p3', { kind: 'regular', crashConsistent: true });
+    await t.control.setFault(DR, { kind: 'cut', afterBytes: MiB, method: 'POST', path: '/points/p3/disks/os/write$' });
+    await assert.rejects(send('p3'), TransferInterruptedError);
+    await t.control.clearFaults(DR, 'cut');
+    await t.control.setFault(DR, { kind: 'cut', afterBytes: MiB, path: '/points/another/' });
+    assert.equal((await send('p3')).bytesWritten, DISK.sizeBytes);
+    await t.control.clearFaults(DR);
+  });
 });

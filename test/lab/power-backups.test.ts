@@ -3,6 +3,8 @@ import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { verifyGuestBlock } from '../../lab/guest';
+import { HostTimeoutError } from '../../src/hypervisor/errors';
+import { LabHypervisor } from '../../src/hypervisor/lab-adapter';
 import { BLOCK_SIZE } from '../../src/hypervisor/port';
 import {
   allPages,
@@ -127,5 +129,29 @@ describe('power and backups', () => {
     await writeFile(statePath, JSON.stringify(state));
     await t.restart();
     assert.deepEqual(await lastStops(), { vm1: null, restored01: null });
+  });
+});
+
+describe('a boot longer than the control deadline', () => {
+  let t: TestLab;
+  before(async () => {
+    t = await startTestLab(smallEstate({ bootMs: 1200, disks: [{ id: 'os', size: '2MiB' }] }));
+  });
+  after(async () => t.close());
+
+  test('power-on waits for the boot however long the adapter deadline of other calls is', async () => {
+    const impatient = new LabHypervisor({ url: t.lab.url, timeoutMs: 300 });
+    try {
+      await impatient.powerOff(vm);
+      const started = Date.now();
+      assert.deepEqual(await impatient.powerOn(vm), { state: 'Running', alreadyInState: false });
+      assert.ok(Date.now() - started >= 1100, 'it waited for the whole boot');
+      // Other calls keep the short deadline: a slow answer times out.
+      await t.control.setFault(PROD, { kind: 'slow', latencyMs: 600 });
+      await assert.rejects(impatient.getVm(vm), HostTimeoutError);
+    } finally {
+      impatient.close();
+      await t.control.clearFaults(PROD);
+    }
   });
 });
