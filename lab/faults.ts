@@ -21,7 +21,14 @@ const common = {
 
 export const faultSchema = z.discriminatedUnion('kind', [
   z.strictObject({ kind: z.literal('unreachable'), ...common }),
-  z.strictObject({ kind: z.literal('fail'), status: z.number().int().min(500).max(599).default(503), ...common }),
+  // A 5xx is a failure the caller retries; 409 is a refusal it does not (a conflict the host reports).
+  z.strictObject({
+    kind: z.literal('fail'),
+    status: z
+      .union([z.literal(409), z.number().int().min(500).max(599)], { error: 'must be 409 or 500 to 599' })
+      .default(503),
+    ...common,
+  }),
   z.strictObject({ kind: z.literal('slow'), latencyMs: z.number().int().positive().max(600_000), ...common }),
   z.strictObject({ kind: z.literal('cut'), afterBytes: z.number().int().nonnegative(), ...common }),
 ]);

@@ -267,7 +267,12 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
     for (const f of faults.active(host, call)) {
       if (f.kind === 'unreachable') return 'unreachable';
       if (f.kind === 'slow') await new Promise((r) => setTimeout(r, f.latencyMs));
-      if (f.kind === 'fail') throw new LabError(f.status, 'host_failure', `host ${host} failed (injected fault)`);
+      if (f.kind === 'fail')
+        throw new LabError(
+          f.status,
+          f.status === 409 ? 'conflict' : 'host_failure',
+          `host ${host} failed (injected fault)`,
+        );
     }
     return 'reachable';
   };

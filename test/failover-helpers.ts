@@ -77,7 +77,12 @@ export async function haltedSession(
   fault: { host: string; fault: LabFault; at?: string } = { host: DR, fault: { kind: 'fail' } },
   options: { clear?: boolean; input?: object } = {},
 ): Promise<{ handle: WorkflowHandle; session: WorkflowHandle; halt: { id: number; step: string; reason: string } }> {
-  const handle = await startFailover(client, { vms: [vm], reason: 'critical window', requestedBy: 'alice', ...options.input });
+  const handle = await startFailover(client, {
+    vms: [vm],
+    reason: 'critical window',
+    requestedBy: 'alice',
+    ...options.input,
+  });
   await sessionAt(client, vm, fault.at ?? 'PoweringOffSource');
   await lab.control.setFault(fault.host, fault.fault);
   const session = await sessionAt(client, vm, 'Halted');
@@ -124,4 +129,5 @@ export const sameImages = (a: Buffer[], b: Buffer[]): boolean =>
 export const powerOf = async (lab: TestLab, vm: string, host = PROD): Promise<string> =>
   (await lab.port.getVm({ host, vm })).powerState;
 
-export const replicaOnHost = (lab: TestLab, vm: string) => lab.port.getReplica({ host: DR, replica: replicaNameOf(vm) });
+export const replicaOnHost = (lab: TestLab, vm: string) =>
+  lab.port.getReplica({ host: DR, replica: replicaNameOf(vm) });

@@ -760,6 +760,7 @@ export interface LabFaultScope {
 export type LabFault = LabFaultScope &
   (
     | { kind: 'unreachable' }
+    /** 5xx (default 503): retried by callers; 409: a final refusal. */
     | { kind: 'fail'; status?: number }
     | { kind: 'slow'; latencyMs: number }
     | { kind: 'cut'; afterBytes: number }

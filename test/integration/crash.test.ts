@@ -306,15 +306,19 @@ describe('a worker killed with SIGKILL mid-operation, then restarted', () => {
     },
   );
 
-  it('a source forced off before the worker died is reported forced off, not shut down', { timeout: 300_000 }, async () => {
-    const r = await crashRun();
-    const session = r.forced.sessions[0]!;
-    assert.equal(session.outcome, 'failedOver', session.detail);
-    assert.equal(session.sourceShutdown, 'forced-off', 'the retried shutdown found it off and asked the host how');
-    assert.equal((await lab.port.getVm({ host: PROD, vm: FORCED })).lastStop, 'forced-off');
-    const offs = proxy.powerCalls.filter((c) => c.vm === FORCED && c.action === 'off' && c.status === 200);
-    assert.equal(offs.filter((c) => !c.answer.alreadyInState).length, 1, 'powered off hard once');
-  });
+  it(
+    'a source forced off before the worker died is reported forced off, not shut down',
+    { timeout: 300_000 },
+    async () => {
+      const r = await crashRun();
+      const session = r.forced.sessions[0]!;
+      assert.equal(session.outcome, 'failedOver', session.detail);
+      assert.equal(session.sourceShutdown, 'forced-off', 'the retried shutdown found it off and asked the host how');
+      assert.equal((await lab.port.getVm({ host: PROD, vm: FORCED })).lastStop, 'forced-off');
+      const offs = proxy.powerCalls.filter((c) => c.vm === FORCED && c.action === 'off' && c.status === 200);
+      assert.equal(offs.filter((c) => !c.answer.alreadyInState).length, 1, 'powered off hard once');
+    },
+  );
 
   it(
     'a planned failover killed at each step completes exactly once, with exact data and one power operation each',

@@ -213,7 +213,9 @@ describe('the entities survive continue-as-new, dead holders and their own loss'
     const state = await entityState(o.client, vm);
     assert.equal(state.state, 'Failback');
     assert.equal(state.failbackTo?.vm, vm);
-    const committed = await entity(vm).executeUpdate(operationUpdates.commitFailback, { args: [{ ...alice, reason: 'ok' }] });
+    const committed = await entity(vm).executeUpdate(operationUpdates.commitFailback, {
+      args: [{ ...alice, reason: 'ok' }],
+    });
     assert.equal(committed.state, 'Ready');
     await runJob(vm, 'replicated');
   });

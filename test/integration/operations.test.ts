@@ -348,7 +348,10 @@ describe('finishing a failover: undo, permanent, failback with commit and undo, 
     const again = await update(vm, 'failback', { ...who, powerOnProduction: false });
     assert.equal(again.state, 'Failback');
     const protective = (await state(vm)).restorePoints.filter((p) => p.kind === 'failback-protective').at(-1)!;
-    assert.ok(sameImages(await productionImage(vm), await replicaImage(vm, { pointId: protective.id })), 'exact failback');
+    assert.ok(
+      sameImages(await productionImage(vm), await replicaImage(vm, { pointId: protective.id })),
+      'exact failback',
+    );
   });
 
   it('failback onto a production VM that runs is refused unless confirmed; then its guest is shut down and the overwrite recorded', async () => {
@@ -363,7 +366,10 @@ describe('finishing a failover: undo, permanent, failback with commit and undo, 
     const outcome = await update(vm, 'failback', { ...who, confirm: true, powerOnProduction: false });
     assert.equal(outcome.state, 'Failback');
     assert.ok((outcome.productionBytesOverwritten ?? 0) > 0, `overwritten: ${outcome.productionBytesOverwritten}`);
-    assert.match(outcome.detail, /reg1 had run since the failover: .* it wrote were overwritten \(confirmed by alice\)/);
+    assert.match(
+      outcome.detail,
+      /reg1 had run since the failover: .* it wrote were overwritten \(confirmed by alice\)/,
+    );
     const production = await o.lab.port.getVm({ host: PROD, vm });
     assert.equal(production.lastStop, 'guest-shutdown', 'shut down, not cut off');
   });
@@ -371,7 +377,11 @@ describe('finishing a failover: undo, permanent, failback with commit and undo, 
   it('after a failback to a new VM is committed, the job replicates the new VM, not the stale original', async () => {
     const vm = 'new2';
     const fresh = { host: PROD, vm: 'new2-fresh' };
-    await update(vm, 'failback', { ...who, target: { newVm: { name: fresh.vm, host: PROD } }, powerOnProduction: false });
+    await update(vm, 'failback', {
+      ...who,
+      target: { newVm: { name: fresh.vm, host: PROD } },
+      powerOnProduction: false,
+    });
     const committed = await update(vm, 'commitFailback', who);
     assert.match(committed.detail, /production is new2-fresh/);
     assert.deepEqual((await state(vm)).productionVm, fresh);
@@ -380,7 +390,7 @@ describe('finishing a failover: undo, permanent, failback with commit and undo, 
     assert.equal(run.outcome, 'replicated', run.detail);
     assert.equal(run.restorePoint?.source.vm, fresh.vm, 'the new point was read from the new VM');
     assert.ok(
-      sameImages(await replicaImage(vm, { pointId: run.restorePoint!.id }), await productionImage(fresh.vm)),
+      sameImages(await replicaImage(vm, { pointId: run.restorePoint.id }), await productionImage(fresh.vm)),
       'the replica equals the VM that runs production now',
     );
   });

@@ -215,7 +215,7 @@ describe('planned failover against a real server and lab, bytes compared', () =>
       // Zero data loss, proven twice: the copied blocks inside the window, then every block after power-on.
       assert.equal(session.fullVerification?.identical, true, JSON.stringify(session.fullVerification));
       assert.ok((session.fullVerification?.blocksCompared ?? 0) >= DISKS.reduce((n, k) => n + k.size / BLOCK_SIZE, 0));
-      assert.match(session.verification!.covered, /block\(s\)/);
+      assert.match(session.verification.covered, /block\(s\)/);
       assert.deepEqual(state.lastVerification?.identical, true);
       // Every point says where and when its data came from.
       for (const id of [helper1, helper2]) {
@@ -248,7 +248,8 @@ describe('planned failover against a real server and lab, bytes compared', () =>
     await entity.executeUpdate(operationUpdates.undoFailover, { args: [{ requestedBy: 'alice', reason: 'undo' }] });
     const head = (await o.lab.port.getReplica({ host: DR, replica: replicaNameOf('web1') })).headPointId!;
     const headImage = await Promise.all(DISKS.map((disk) => replicaDisk('web1', disk, head)));
-    const stale = (await (await startReplicationJob(o.client, { job: 'web', requestedBy: 'alice' })).result()).sessions[0]!;
+    const stale = (await (await startReplicationJob(o.client, { job: 'web', requestedBy: 'alice' })).result())
+      .sessions[0]!;
     assert.equal(stale.outcome, 'skipped');
     assert.match(stale.detail, /no backup point is newer than the replica/);
     const info = await o.lab.port.getReplica({ host: DR, replica: replicaNameOf('web1') });
@@ -257,9 +258,15 @@ describe('planned failover against a real server and lab, bytes compared', () =>
       assert.ok((await replicaDisk('web1', disk, head)).equals(headImage[i]!), 'the head is unchanged');
     // A backup taken now is newer: it is copied, and its point says it came from that backup.
     const backup = await o.lab.control.takeBackup('web1');
-    const fresh = (await (await startReplicationJob(o.client, { job: 'web', requestedBy: 'alice' })).result()).sessions[0]!;
+    const fresh = (await (await startReplicationJob(o.client, { job: 'web', requestedBy: 'alice' })).result())
+      .sessions[0]!;
     assert.equal(fresh.outcome, 'replicated', fresh.detail);
-    assert.deepEqual(fresh.restorePoint?.source, { kind: 'backup', backupId: backup.id, vm: 'web1', at: backup.createdAt });
+    assert.deepEqual(fresh.restorePoint?.source, {
+      kind: 'backup',
+      backupId: backup.id,
+      vm: 'web1',
+      at: backup.createdAt,
+    });
   });
 
   it('allows exactly Backup Administrator, or Backup Operator with Restore Operator; refusals change nothing', async () => {
