@@ -1,7 +1,14 @@
 // A halted critical window and the operator decisions on it (updates retry, abort, forceFailover). Each halt is
 // numbered; a decision applies to the halt that was current when it arrived, and its update always returns: with
 // what the decision led to, or with the next halt that overtook it.
-import { allHandlersFinished, ApplicationFailure, condition, log, setHandler } from '@temporalio/workflow';
+import {
+  allHandlersFinished,
+  ApplicationFailure,
+  CancellationScope,
+  condition,
+  log,
+  setHandler,
+} from '@temporalio/workflow';
 import {
   FailureTypes,
   formatProblems,
@@ -33,23 +40,28 @@ export class HaltDesk {
     private readonly show: (step: SessionStep, detail: string) => void,
   ) {
     for (const kind of ['retry', 'abort', 'forceFailover'] as const) {
-      setHandler(haltedSessionUpdates[kind], (request) => this.decide(kind, request), {
-        validator: (request) => {
-          const checked = validate(operatorRequestSchema, request);
-          if (!checked.ok)
-            throw ApplicationFailure.create({
-              type: FailureTypes.invalidInput,
-              message: formatProblems(`The ${kind} request`, checked.problems),
-              nonRetryable: true,
-            });
-          if (!this.current)
-            throw ApplicationFailure.create({
-              type: FailureTypes.wrongState,
-              message: `${kind} is only possible while the session is halted; it is at step ${this.progress.step}`,
-              nonRetryable: true,
-            });
+      // A decision is what ends a halt that a cancellation caused: it must not be cancelled with the session.
+      setHandler(
+        haltedSessionUpdates[kind],
+        (request) => CancellationScope.nonCancellable(() => this.decide(kind, request)),
+        {
+          validator: (request) => {
+            const checked = validate(operatorRequestSchema, request);
+            if (!checked.ok)
+              throw ApplicationFailure.create({
+                type: FailureTypes.invalidInput,
+                message: formatProblems(`The ${kind} request`, checked.problems),
+                nonRetryable: true,
+              });
+            if (!this.current)
+              throw ApplicationFailure.create({
+                type: FailureTypes.wrongState,
+                message: `${kind} is only possible while the session is halted; it is at step ${this.progress.step}`,
+                nonRetryable: true,
+              });
+          },
         },
-      });
+      );
     }
   }
 

@@ -27,6 +27,7 @@ import {
   type PlannedFailoverResult,
   type PlannedFailoverSessionInput,
   type PlannedFailoverSessionResult,
+  type RestorePointSummary,
   type SessionProgress,
   type SessionReport,
   type SlotLease,
@@ -308,10 +309,7 @@ export async function plannedFailoverSession(
     }
     const slots = new Slots(sessionId, target, input.proxyWaitTimeoutSeconds);
     try {
-      const outcome = await failOver(input, target, slots, result, step, desk, cancel);
-      const restorePoints = await withSummary(control.listRestorePoints, 'Read the restore points from the DR host', [
-        target.replica,
-      ]);
+      const { outcome, restorePoints } = await failOver(input, target, slots, result, step, desk, cancel);
       report = {
         outcome: `${outcome}: ${result.detail}`,
         state: outcome === 'aborted' ? 'Ready' : 'Failover',
@@ -362,7 +360,7 @@ async function failOver(
   step: Step,
   desk: HaltDesk,
   cancel: { requested: boolean },
-): Promise<'failedOver' | 'aborted' | 'forcedFailover'> {
+): Promise<{ outcome: 'failedOver' | 'aborted' | 'forcedFailover'; restorePoints: RestorePointSummary[] }> {
   const { vm, sessionId } = input;
   const helper1 = `rp-${sessionId}-helper1`;
   const helper2 = `rp-${sessionId}-helper2`;
@@ -456,9 +454,24 @@ async function failOver(
 
   // From the source's power-off until the replica runs, nothing may cancel a step half-way: a cancellation
   // halts the window at the next step for an operator instead, and everything after it records the move.
-  return CancellationScope.nonCancellable(() =>
-    criticalWindow({ input, target, slots, result, step, desk, cancel, helper1, helper2, provenance }),
-  );
+  return CancellationScope.nonCancellable(async () => {
+    const outcome = await criticalWindow({
+      input,
+      target,
+      slots,
+      result,
+      step,
+      desk,
+      cancel,
+      helper1,
+      helper2,
+      provenance,
+    });
+    const restorePoints = await withSummary(control.listRestorePoints, 'Read the restore points from the DR host', [
+      target.replica,
+    ]);
+    return { outcome, restorePoints };
+  });
 }
 
 interface WindowContext {

@@ -337,6 +337,12 @@ export async function replica(input: ReplicaEntityInput): Promise<void> {
     (view.currentSession !== null && !granted && !adopted);
   const canContinueAsNew = () => workflowInfo().continueAsNewSuggested && allHandlersFinished();
   const watching = () => view.currentSession !== null && (adopted || view.waitingSessions.length > 0);
+  const rollOverDue = () => {
+    const info = workflowInfo();
+    if (rollingOver || !info.continueAsNewSuggested) return false;
+    suggestedAt ??= info.historyLength; // when this run was first told: deterministic, like the history itself
+    return info.historyLength > suggestedAt + ROLL_OVER_AFTER_EVENTS;
+  };
 
   if (rebuilding) {
     await rebuild('started without state');
@@ -344,14 +350,16 @@ export async function replica(input: ReplicaEntityInput): Promise<void> {
   }
   publish();
   for (;;) {
-    if (workflowInfo().continueAsNewSuggested) {
-      suggestedAt ??= workflowInfo().historyLength;
-      // Updates waiting for operations queued behind a long holder would keep the history growing for good.
-      if (workflowInfo().historyLength > suggestedAt + ROLL_OVER_AFTER_EVENTS) rollingOver = true;
-    }
-    // Without a timeout, condition resolves to undefined: only `false` means the check came due.
     const checkDue =
-      (await condition(() => runnable() || canContinueAsNew(), watching() ? watch.nextCheckMs() : undefined)) === false;
+      (await condition(
+        () => runnable() || canContinueAsNew() || rollOverDue(),
+        watching() ? watch.nextCheckMs() : undefined,
+      )) === false;
+    if (rollOverDue()) {
+      // Updates waiting for operations queued behind a long holder would keep the history growing for good.
+      rollingOver = true;
+      continue;
+    }
     if (checkDue) {
       await checkHolder();
       publish();

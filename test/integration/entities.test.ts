@@ -10,6 +10,7 @@ import { after, before, describe, it } from 'node:test';
 import { replicaNameOf } from '../../src/activities/inventory';
 import { startReplicationJob } from '../../src/client';
 import {
+  FailureTypes,
   haltedSessionUpdates,
   operationSignals,
   operationUpdates,
@@ -53,6 +54,7 @@ const VM = {
   failbackLost: 'en-back',
   adopted: 'en-adopt',
   entityGone: 'en-gone',
+  rolledOver: 'en-roll',
 } as const;
 const VMS = Object.values(VM);
 const SUGGEST_CONTINUE_AS_NEW = 60;
@@ -144,6 +146,40 @@ describe('the entities survive continue-as-new, dead holders and their own loss'
       (await entity(vm).describe()).runId !== firstRun ? true : undefined,
     );
     assert.equal((await entityState(o.client, vm)).state, 'Failover', 'the state travelled with the new run');
+  });
+
+  it('an update that would hold the history open for good is answered StillQueued; its operation stays queued', async () => {
+    const vm = VM.rolledOver;
+    await o.lab.control.setFault(DR, helper2Writes(vm));
+    await startFailover(o.client, { vms: [vm], reason: 'halt it', requestedBy: 'alice' });
+    const session = await sessionAt(o.client, vm, 'Halted');
+    await o.lab.control.clearFaults(DR);
+    const point = (await entityState(o.client, vm)).restorePoints[0]!;
+    const update = entity(vm).executeUpdate(operationUpdates.failover, {
+      args: [{ ...alice, reason: 'queued for long', restorePointId: point.id }],
+    });
+    update.catch(() => undefined); // awaited below
+    // Far past the suggestion (60) and the roll-over margin (2000 events more): the entity lets go of the update.
+    for (let i = 0; i < 450; i++)
+      await entity(vm).signal(operationSignals.commitFailback, { ...alice, reason: `refused ${i}` });
+    const answer = await settlesWithin(
+      'the update to be answered',
+      60_000,
+      update.then(
+        () => assert.fail('the update waited for its turn behind the halted session'),
+        (e: { cause?: { type?: string; message?: string } }) => e.cause!,
+      ),
+    );
+    assert.equal(answer.type, FailureTypes.stillQueued);
+    assert.match(answer.message ?? '', /still queued behind plannedFailover/);
+    // The operation itself waits in the queue of the entity's new run, and runs once the session is decided.
+    assert.ok((await entityState(o.client, vm)).waitingSessions.some((s) => s.kind === 'failover'));
+    await session.executeUpdate(haltedSessionUpdates.abort, { args: [{ ...alice, reason: 'let it run' }] });
+    const done = await within('the queued failover to run', 60_000, async () => {
+      const view = await entityState(o.client, vm);
+      return view.lastRun?.kind === 'failover' ? view : undefined;
+    });
+    assert.equal(done.state, 'Failover');
   });
 
   it('a planned failover terminated mid-sync stops cleanly: the next job run replicates, no slot leaks', async () => {
