@@ -497,9 +497,9 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
       path: `/v1/hosts/${t.host}/replicas/${t.replica}/points/${t.pointId}/disks/${t.disk}/write`,
     };
     if ((await injectedFaults(t.host, drCall)) === 'unreachable')
-      throw new LabError(502, 'host_unreachable', `host ${body.target.host} unreachable (injected fault)`);
-    const target = replicaOf(body.target);
-    const layer = site.openPointLayer(target, body.target.pointId, body.target.disk);
+      throw new LabError(502, 'host_unreachable', `host ${t.host} unreachable (injected fault)`);
+    const target = replicaOf(t);
+    const layer = site.openPointLayer(target, t.pointId, t.disk);
     checkExtents(body.extents, layer.sizeBytes, 'body.target.disk');
     const cuts = [cutOf(p.host, faultCall(req)), cutOf(t.host, drCall)].filter((c): c is number => c !== undefined);
     const cutAfter = cuts.length > 0 ? Math.min(...cuts) : undefined;
@@ -507,7 +507,7 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
     for await (const piece of site.readExtents(disk.lock, at, body.extents, new BufferRing(body.extents))) {
       if (cutAfter !== undefined && bytesWritten + piece.data.length > cutAfter)
         throw new LabError(502, 'transfer_interrupted', `transfer cut after ${bytesWritten} bytes (injected fault)`);
-      await site.writePoint(target, body.target.pointId, body.target.disk, piece.offset, piece.data);
+      await site.writePoint(target, t.pointId, t.disk, piece.offset, piece.data);
       bytesWritten += piece.data.length;
     }
     return { bytesWritten };

@@ -514,7 +514,8 @@ export class LabSite {
 
   /** Saves metadata atomically; calls made while a save is queued share it. */
   persist(): Promise<void> {
-    if (this.dead) return Promise.resolve();
+    // A step still in flight when the lab stopped must not go on as if saved (and remove files it still names).
+    if (this.dead) return Promise.reject(stopped());
     const refused = this.storeRefusal();
     if (refused) return Promise.reject(refused);
     if (!this.pendingSave) {
@@ -524,6 +525,7 @@ export class LabSite {
           return this.writeState();
         })
         .catch((e: unknown) => {
+          if (this.dead) throw e;
           if (!this.storeFailure) {
             this.storeFailure = e instanceof Error ? e : new Error(String(e));
             this.log(`saving state failed; refusing changes until restarted: ${String(e)}`);
@@ -548,7 +550,7 @@ export class LabSite {
   }
 
   private async writeState(): Promise<void> {
-    if (this.dead) return;
+    if (this.dead) throw stopped();
     if (this.storeFailure) throw this.storeFailure;
     const state: StateFile = {
       version: STATE_VERSION,
@@ -1117,6 +1119,8 @@ export class LabSite {
     return l;
   }
 }
+
+const stopped = (): LabError => new LabError(503, 'lab_stopped', 'the lab is stopping: nothing more is saved');
 
 function processAlive(pid: number): boolean {
   try {
