@@ -32,7 +32,8 @@ async function main(): Promise<void> {
   const address = `127.0.0.1:${port}`;
   let server: DevServer | undefined;
   if (await portInUse(port)) {
-    if (!serverHealthy(cli, address)) throw new Error(`Port ${port} is taken by a program that is not Temporal.`);
+    if (!(await serverHealthy(cli, address)))
+      throw new Error(`Port ${port} is taken by a program that is not Temporal.`);
     console.log(`Using the Temporal server already running at ${address}.`);
   } else {
     const dataDir = join(projectRoot, '.data', 'temporal');
