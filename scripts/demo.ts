@@ -7,8 +7,7 @@ import { followSessions } from '../src/cli/progress';
 import { plannedFailoverTable, replicationJobTable } from '../src/cli/report';
 import { startPlannedFailover, startReplicationJob } from '../src/client';
 import { loadConfiguration } from '../src/config/load';
-import type { Client } from '@temporalio/client';
-import { operationUpdates, replicaQueries, replicaWorkflowId, TASK_QUEUE } from '../src/contract';
+import { TASK_QUEUE } from '../src/contract';
 import { LabControl, LabHypervisor } from '../src/hypervisor/lab-adapter';
 import { createLogger } from '../src/logging';
 import { createOrchestrator } from '../src/orchestrator';
@@ -22,6 +21,7 @@ import {
   startDevServer,
   type DevServer,
 } from './lib/dev-server';
+import { finishEarlierDemo } from './lib/earlier-demo';
 import { ensureDemoLab } from './lib/lab';
 
 const port = 7233;
@@ -69,10 +69,16 @@ async function main(): Promise<void> {
     `Job schedules from the configuration: ${[...schedules.created, ...schedules.updated].join(', ') || 'none'}.`,
   );
 
-  await finishEarlierDemo(
-    orchestrator.client,
-    config.jobs.flatMap((j) => j.vms),
-  );
+  console.log('\nFinishing what earlier runs of the demo left...');
+  const dataDir = join(projectRoot, '.data');
+  await finishEarlierDemo({
+    client: orchestrator.client,
+    hypervisor,
+    vms: config.jobs.flatMap((j) => j.vms),
+    print: (line) => console.log(line),
+    freshStart: `rm -rf '${join(dataDir, 'temporal')}' '${join(dataDir, 'lab')}' && npm run demo`,
+    temporalCommand: (args) => `${cli} ${args}`,
+  });
 
   // The backup repository is filled by a backup job in real life; the demo plays that job.
   for (const job of config.jobs.filter((j) => j.dataSource === 'backup')) {
@@ -126,23 +132,6 @@ async function main(): Promise<void> {
   await lab?.stop();
   await server?.stop();
   console.log('Stopped.');
-}
-
-/** A second demo run starts where the first left off: replicas still failed over are first brought back to Ready. */
-async function finishEarlierDemo(client: Client, vms: string[]): Promise<void> {
-  const who = { requestedBy: 'alice', reason: 'demo: finish the previous run' };
-  for (const vm of vms) {
-    const entity = client.workflow.getHandle(replicaWorkflowId(vm));
-    const view = await entity.query(replicaQueries.state).catch(() => undefined);
-    const operation =
-      view?.state === 'Failover' ? 'undoFailover' : view?.state === 'Failback' ? 'commitFailback' : undefined;
-    if (view?.state === 'PermanentFailover') {
-      throw new Error(`${vm} was failed over permanently in an earlier run; delete .data/ to start the demo afresh.`);
-    }
-    if (!operation) continue;
-    const outcome = await entity.executeUpdate(operationUpdates[operation], { args: [who] });
-    console.log(`From an earlier run: ${operation} of ${vm}: ${outcome.detail}`);
-  }
 }
 
 main().then(
