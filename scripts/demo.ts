@@ -1,6 +1,7 @@
 // `npm run demo`: sets up what is missing, starts the Temporal server with its Web UI, the lab with the demo
 // estate and the orchestrator's workers, and shows the main job. It keeps running so you can try the Temporal
 // CLI against it. Ctrl-C, SIGTERM or SIGHUP, an error or a second run's refusal: it stops everything it started.
+import { mkdirSync, openSync, writeSync } from 'node:fs';
 import { join, relative } from 'node:path';
 import { ApplicationFailure } from '@temporalio/common';
 import { Runtime } from '@temporalio/worker';
@@ -12,7 +13,7 @@ import { loadConfiguration } from '../src/config/load';
 import type { Configuration } from '../src/config/schema';
 import { FailureTypes, TASK_QUEUE, type PlannedFailoverResult } from '../src/contract';
 import { LabControl, LabHypervisor } from '../src/hypervisor/lab-adapter';
-import { createLogger } from '../src/logging';
+import { createLogger, logLevelFromEnv } from '../src/logging';
 import { createOrchestrator, type Orchestrator } from '../src/orchestrator';
 import { syncJobSchedules } from '../src/schedules';
 import { DEFAULT_CONFIG_PATH } from '../src/worker';
@@ -26,6 +27,7 @@ import { StopPath, StopRequested } from './lib/stop';
 const dataDir = join(projectRoot, '.data');
 const serverDir = join(dataDir, 'temporal');
 const labDir = join(dataDir, 'lab');
+const logFile = join(dataDir, 'demo.log');
 const shown = (path: string): string => relative(process.cwd(), path) || '.';
 
 const stop = new StopPath((line) => console.log(line));
@@ -43,9 +45,16 @@ async function main(): Promise<void> {
   process.on('exit', () => pidFile.release());
   await refuseTakenPorts(ports);
 
+  // Operator logs (the SDK's, the workers' and the lab's) go to a file, so that the terminal tells the story.
+  // Written synchronously: no line is lost when the process exits.
+  mkdirSync(dataDir, { recursive: true });
+  const logFd = openSync(logFile, 'a');
+  const logger = createLogger(logLevelFromEnv(), { write: (line: string) => writeSync(logFd, line) });
   // The stop path handles the signals: the SDK's own handler would stop the workers under a waiting demo.
-  Runtime.install({ logger: createLogger('WARN'), shutdownSignals: [] });
+  Runtime.install({ logger, shutdownSignals: [] });
+  logger.info('Demo started', { pid: process.pid, ...ports });
   say(`Demo running as pid ${process.pid} (Ctrl-C or kill -TERM ${process.pid} stops it).`);
+  say(`Operator logs (the SDK's and the workers' JSON lines): ${shown(logFile)}`);
 
   const cli = ensureTemporalCli();
   const address = `127.0.0.1:${ports.temporal}`;
@@ -68,6 +77,7 @@ async function main(): Promise<void> {
     estatePath: join(projectRoot, 'config', 'estate.yaml'),
     dataDir: labDir,
     port: ports.lab,
+    log: (message) => logger.info(message, { component: 'lab' }),
   });
   stop.defer('the lab', () => lab.stop(), 3_000);
   say(`Lab site started at ${lab.url} (data in ${shown(labDir)}).`);
