@@ -30,8 +30,10 @@ export class StopPath {
     // npm passes SIGTERM to the shell that runs the script, not to us: once that shell is gone, stop as if we had
     // had the signal ourselves.
     const parent = process.ppid;
-    setInterval(() => {
-      if (process.ppid !== parent) this.request('the process that started the demo is gone');
+    const watch = setInterval(() => {
+      if (process.ppid === parent) return;
+      clearInterval(watch);
+      this.request('the process that started the demo is gone');
     }, 1_000).unref();
     // After SIGHUP the terminal may be gone; writing to it must not break the clean-up.
     for (const stream of [process.stdout, process.stderr]) stream.on('error', () => undefined);
