@@ -62,13 +62,13 @@ function describeListener(port: number): { who: string; stop: string } {
   const info = procInfo(listener.pid);
   const parent = info.parent ? procInfo(info.parent) : {};
   const demo = info.command?.includes('scripts/demo.ts')
-    ? { pid: listener.pid, cwd: info.cwd, what: 'the demo' }
+    ? { pid: listener.pid, cwd: info.cwd }
     : parent.command?.includes('scripts/demo.ts')
-      ? { pid: info.parent!, cwd: parent.cwd, what: 'the Temporal server of the demo' }
+      ? { pid: info.parent!, cwd: parent.cwd }
       : undefined;
   if (demo) {
     return {
-      who: `${demo.what}${demo.cwd ? ` running in ${demo.cwd}` : ''} (demo pid ${demo.pid})`,
+      who: `the demo running${demo.cwd ? ` in ${demo.cwd}` : ''} (pid ${demo.pid}) and its Temporal server`,
       stop: `Stop that demo (Ctrl-C in its terminal, or kill -TERM ${demo.pid})`,
     };
   }
@@ -87,12 +87,21 @@ export async function refuseTakenPorts(ports: DemoPorts): Promise<void> {
     ['the Temporal Web UI', ports.ui],
     ['the lab', ports.lab],
   ];
-  const taken: string[] = [];
+  // One line per holder: a demo of another checkout holds all three ports.
+  const holders = new Map<string, { stop: string; ports: string[] }>();
   for (const [role, port] of roles) {
     if (!(await portInUse(port))) continue;
     const { who, stop } = describeListener(port);
-    taken.push(`Port ${port}, which the demo wants for ${role}, is in use by ${who}. ${stop}, or use other ports.`);
+    const holder = holders.get(who) ?? { stop, ports: [] };
+    holder.ports.push(`${port} (${role})`);
+    holders.set(who, holder);
   }
+  const taken = [...holders].map(
+    ([who, { stop, ports: held }]) =>
+      `${held.length > 1 ? `Ports ${held.slice(0, -1).join(', ')} and ${held.at(-1)} are` : `Port ${held[0]} is`} ` +
+      `in use by ${who}. ` +
+      `${stop}, or use other ports.`,
+  );
   if (taken.length === 0) return;
   throw new Error(
     [
