@@ -1,59 +1,89 @@
 // `npm run demo`: sets up what is missing, starts the Temporal server with its Web UI, the lab with the demo
 // estate and the orchestrator's workers, and shows the main job. It keeps running so you can try the Temporal
-// CLI against it; Ctrl-C stops everything cleanly.
-import { join } from 'node:path';
+// CLI against it. Ctrl-C, SIGTERM or SIGHUP, an error or a second run's refusal: it stops everything it started.
+import { mkdirSync, openSync, writeSync } from 'node:fs';
+import { join, relative } from 'node:path';
+import { ApplicationFailure } from '@temporalio/common';
 import { Runtime } from '@temporalio/worker';
+import { startLab } from '../lab/server';
 import { followSessions } from '../src/cli/progress';
 import { plannedFailoverTable, replicationJobTable } from '../src/cli/report';
 import { startPlannedFailover, startReplicationJob } from '../src/client';
 import { loadConfiguration } from '../src/config/load';
-import type { Client } from '@temporalio/client';
-import { operationUpdates, replicaQueries, replicaWorkflowId, TASK_QUEUE } from '../src/contract';
+import type { Configuration } from '../src/config/schema';
+import { FailureTypes, TASK_QUEUE, type PlannedFailoverResult } from '../src/contract';
 import { LabControl, LabHypervisor } from '../src/hypervisor/lab-adapter';
-import { createLogger } from '../src/logging';
-import { createOrchestrator } from '../src/orchestrator';
+import { createLogger, logLevelFromEnv } from '../src/logging';
+import { createOrchestrator, type Orchestrator } from '../src/orchestrator';
 import { syncJobSchedules } from '../src/schedules';
 import { DEFAULT_CONFIG_PATH } from '../src/worker';
-import {
-  ensureTemporalCli,
-  portInUse,
-  projectRoot,
-  serverHealthy,
-  startDevServer,
-  type DevServer,
-} from './lib/dev-server';
-import { ensureDemoLab } from './lib/lab';
+import { ensureTemporalCli, projectRoot, startDevServer } from './lib/dev-server';
+import { finishEarlierDemo } from './lib/earlier-demo';
+import { describeError } from './lib/errors';
+import { DemoPidFile } from './lib/pid-file';
+import { demoPortsFromEnv, refuseTakenPorts, type DemoPorts } from './lib/ports';
+import { StopPath, StopRequested } from './lib/stop';
 
-const port = 7233;
-const uiUrl = 'http://127.0.0.1:8233';
+const dataDir = join(projectRoot, '.data');
+const serverDir = join(dataDir, 'temporal');
+const labDir = join(dataDir, 'lab');
+const logFile = join(dataDir, 'demo.log');
+const shown = (path: string): string => relative(process.cwd(), path) || '.';
+
+const stop = new StopPath((line) => console.log(line));
+/** The story; once stopping, work still in flight has nothing more to tell. */
+const say = (line: string): void => {
+  if (!stop.requested) console.log(line);
+};
+/** Set once the planned failover's result is shown: a stop after it is the demo's normal end. */
+let shownResult = false;
 
 async function main(): Promise<void> {
+  const ports = demoPortsFromEnv();
+  const pidFile = new DemoPidFile(join(dataDir, 'demo.pid'), join(serverDir, 'temporal.db'));
+  await pidFile.claim(ports, say);
+  process.on('exit', () => pidFile.release());
+  await refuseTakenPorts(ports);
+
+  // Operator logs (the SDK's, the workers' and the lab's) go to a file, so that the terminal tells the story.
+  // Written synchronously: no line is lost when the process exits.
+  mkdirSync(dataDir, { recursive: true });
+  const logFd = openSync(logFile, 'a');
+  const logger = createLogger(logLevelFromEnv(), { write: (line: string) => writeSync(logFd, line) });
+  // The stop path handles the signals: the SDK's own handler would stop the workers under a waiting demo.
+  Runtime.install({ logger, shutdownSignals: [] });
+  logger.info('Demo started', { pid: process.pid, ...ports });
+  say(`Demo running as pid ${process.pid} (Ctrl-C or kill -TERM ${process.pid} stops it).`);
+  say(`Operator logs (the SDK's and the workers' JSON lines): ${shown(logFile)}`);
+
   const cli = ensureTemporalCli();
-  const address = `127.0.0.1:${port}`;
-  let server: DevServer | undefined;
-  if (await portInUse(port)) {
-    if (!serverHealthy(cli, address)) throw new Error(`Port ${port} is taken by a program that is not Temporal.`);
-    console.log(`Using the Temporal server already running at ${address}.`);
-  } else {
-    const dataDir = join(projectRoot, '.data', 'temporal');
-    console.log(`Starting the Temporal server at ${address} (state in ${dataDir})...`);
-    server = await startDevServer({
-      cli,
-      port,
-      uiPort: 8233,
-      dbFile: join(dataDir, 'temporal.db'),
-      logFile: join(dataDir, 'server.log'),
-    });
-  }
+  const address = `127.0.0.1:${ports.temporal}`;
+  const uiUrl = `http://127.0.0.1:${ports.ui}`;
+  const serverLog = join(serverDir, 'server.log');
+  say(`Starting the Temporal server at ${address} (state in ${shown(serverDir)}, its log in ${shown(serverLog)})...`);
+  const server = await startDevServer({
+    cli,
+    port: ports.temporal,
+    uiPort: ports.ui,
+    dbFile: join(serverDir, 'temporal.db'),
+    logFile: serverLog,
+    signal: stop.signal,
+  });
+  stop.defer('the Temporal server', () => server.stop());
+  pidFile.recordServer(server.process.pid);
+  say(`Temporal server ready. Web UI: ${uiUrl}`);
 
-  const { url: labUrl, lab } = await ensureDemoLab();
-  console.log(
-    lab ? `Lab site started at ${labUrl} (data in .data/lab).` : `Using the lab already running at ${labUrl}.`,
-  );
-  const labControl = new LabControl({ url: labUrl });
-  const hypervisor = new LabHypervisor({ url: labUrl });
+  const lab = await startLab({
+    estatePath: join(projectRoot, 'config', 'estate.yaml'),
+    dataDir: labDir,
+    port: ports.lab,
+    log: (message) => logger.info(message, { component: 'lab' }),
+  });
+  stop.defer('the lab', () => lab.stop(), 3_000);
+  say(`Lab site started at ${lab.url} (data in ${shown(labDir)}).`);
+  const labControl = new LabControl({ url: lab.url });
+  const hypervisor = new LabHypervisor({ url: lab.url });
 
-  Runtime.install({ logger: createLogger('WARN') });
   const config = loadConfiguration(join(projectRoot, DEFAULT_CONFIG_PATH));
   const orchestrator = await createOrchestrator({
     connectionOptions: { address },
@@ -61,17 +91,41 @@ async function main(): Promise<void> {
     config,
     port: hypervisor,
   });
-  await orchestrator.startWorkers();
-  console.log(`Workers polling '${TASK_QUEUE}' and one task queue per proxy.`);
-  const schedules = await syncJobSchedules(orchestrator.client, config);
-  console.log(
-    `Job schedules from the configuration: ${[...schedules.created, ...schedules.updated].join(', ') || 'none'}.`,
-  );
+  // Only the workers: the client's connection stays open for calls still in flight, which end with the process.
+  stop.defer('the workers', () => orchestrator.stopWorkers());
+  await stop.untilStopped(orchestrator.startWorkers());
+  say(`Workers polling '${TASK_QUEUE}' and one task queue per proxy.`);
 
-  await finishEarlierDemo(
-    orchestrator.client,
-    config.jobs.flatMap((j) => j.vms),
-  );
+  // Raced against the stop: a client call still in flight then (a result, an update) ends with the process.
+  const commands = commandsFor(cli, ports);
+  await stop.untilStopped(showPlannedFailover({ orchestrator, hypervisor, labControl, uiUrl, commands }));
+  shownResult = true;
+  printCommandsToTry(commands, uiUrl, orchestrator.config);
+  await stop.untilStopped(new Promise<never>(() => undefined));
+}
+
+interface Demo {
+  orchestrator: Orchestrator;
+  hypervisor: LabHypervisor;
+  labControl: LabControl;
+  uiUrl: string;
+  commands: DemoCommands;
+}
+
+async function showPlannedFailover({ orchestrator, hypervisor, labControl, uiUrl, commands }: Demo): Promise<void> {
+  const { client, config } = orchestrator;
+  const schedules = await syncJobSchedules(client, config);
+  say(`Job schedules from the configuration: ${[...schedules.created, ...schedules.updated].join(', ') || 'none'}.`);
+
+  say('\nFinishing what earlier runs of the demo left...');
+  await finishEarlierDemo({
+    client,
+    hypervisor,
+    vms: config.jobs.flatMap((j) => j.vms),
+    print: say,
+    freshStart: `rm -rf '${serverDir}' '${labDir}' && ${commands.demo}`,
+    temporalCommand: commands.temporal,
+  });
 
   // The backup repository is filled by a backup job in real life; the demo plays that job.
   for (const job of config.jobs.filter((j) => j.dataSource === 'backup')) {
@@ -79,76 +133,93 @@ async function main(): Promise<void> {
   }
 
   for (const pass of ['Seeding the replicas', 'An incremental run while the guests write']) {
-    console.log(`\n${pass}...`);
+    say(`\n${pass}...`);
     const handles = await Promise.all(
       config.jobs.map((job) =>
-        startReplicationJob(orchestrator.client, { job: job.name, requestedBy: 'alice', reason: `demo: ${pass}` }),
+        startReplicationJob(client, { job: job.name, requestedBy: 'alice', reason: `demo: ${pass}` }),
       ),
     );
-    console.log(replicationJobTable(await Promise.all(handles.map((h) => h.result()))));
+    say(replicationJobTable(await Promise.all(handles.map((h) => h.result()))));
   }
 
   const job = config.jobs[0]!;
-  console.log(`\nPlanned failover of job ${job.name} (${job.vms.join(', ')}) while the guests keep writing...`);
-  const failover = await startPlannedFailover(orchestrator.client, {
+  say(`\nPlanned failover of job ${job.name} (${job.vms.join(', ')}) while the guests keep writing...`);
+  const failover = await startPlannedFailover(client, {
     vms: job.vms,
     reason: 'demo: datacenter maintenance',
     requestedBy: 'alice',
   });
-  const stopFollowing = followSessions(orchestrator.client, failover.workflowId, (line) => console.log(`  ${line}`));
-  const outcome = await failover.result().finally(stopFollowing);
-  console.log(`\n${plannedFailoverTable(outcome)}`);
-  console.log(`${uiUrl}/namespaces/default/workflows/${encodeURIComponent(failover.workflowId)}`);
-
-  console.log(`\nWeb UI: ${uiUrl}/namespaces/default/workflows`);
-  console.log('Try the Temporal CLI from another terminal, for example:');
-  const other = config.jobs[1]?.vms[0] ?? job.vms[0];
-  for (const line of [
-    `workflow list --query 'FailoverJob="${job.name}"'`,
-    `workflow query --workflow-id replica/${job.vms[0]} --type state`,
-    `workflow update execute --workflow-id replica/${job.vms[0]} --name failback --input '{"requestedBy":"alice","reason":"back home"}'`,
-    `workflow update execute --workflow-id replica/${job.vms[0]} --name commitFailback --input '{"requestedBy":"alice","reason":"done"}'`,
-    `workflow update execute --workflow-id replica/${job.vms[1] ?? job.vms[0]} --name undoFailover --input '{"requestedBy":"alice","reason":"undo"}'`,
-    `workflow start --task-queue ${TASK_QUEUE} --type plannedFailover --input '{"vms":["${other}"],"reason":"try it","requestedBy":"bob"}'`,
-  ])
-    console.log(`  ${cli} ${line}`);
-  console.log(`or the project CLI: npm run failover -- planned --vm ${other} --reason "try it" --user bob`);
-  console.log('Press Ctrl-C to stop the workers, the lab and the server.');
-
-  await new Promise<void>((resolveStop) => {
-    for (const signal of ['SIGINT', 'SIGTERM'] as const) process.once(signal, () => resolveStop());
-  });
-  console.log('\nStopping...');
-  await orchestrator.close();
-  hypervisor.close();
-  labControl.close();
-  await lab?.stop();
-  await server?.stop();
-  console.log('Stopped.');
+  const stopFollowing = followSessions(client, failover.workflowId, (line) => say(`  ${line}`));
+  let outcome: PlannedFailoverResult;
+  try {
+    outcome = await failover.result();
+  } catch (err) {
+    await stopFollowing();
+    const incomplete = incompleteResult(err);
+    if (incomplete) say(`\n${plannedFailoverTable(incomplete)}`);
+    throw new Error('The planned failover did not complete', { cause: err });
+  }
+  await stopFollowing();
+  say(`\n${plannedFailoverTable(outcome)}`);
+  say(`${uiUrl}/namespaces/default/workflows/${encodeURIComponent(failover.workflowId)}`);
 }
 
-/** A second demo run starts where the first left off: replicas still failed over are first brought back to Ready. */
-async function finishEarlierDemo(client: Client, vms: string[]): Promise<void> {
-  const who = { requestedBy: 'alice', reason: 'demo: finish the previous run' };
-  for (const vm of vms) {
-    const entity = client.workflow.getHandle(replicaWorkflowId(vm));
-    const view = await entity.query(replicaQueries.state).catch(() => undefined);
-    const operation =
-      view?.state === 'Failover' ? 'undoFailover' : view?.state === 'Failback' ? 'commitFailback' : undefined;
-    if (view?.state === 'PermanentFailover') {
-      throw new Error(`${vm} was failed over permanently in an earlier run; delete .data/ to start the demo afresh.`);
+/** The per-VM result that a failed planned failover carries when only some of its VMs failed over. */
+function incompleteResult(err: unknown): PlannedFailoverResult | undefined {
+  for (let e: unknown = err; e instanceof Error; e = e.cause) {
+    if (e instanceof ApplicationFailure && e.type === FailureTypes.plannedFailoverIncomplete) {
+      return e.details?.[0] as PlannedFailoverResult | undefined;
     }
-    if (!operation) continue;
-    const outcome = await entity.executeUpdate(operationUpdates[operation], { args: [who] });
-    console.log(`From an earlier run: ${operation} of ${vm}: ${outcome.detail}`);
   }
+  return undefined;
+}
+
+/** Command lines that a user can type against this demo. */
+interface DemoCommands {
+  /** This demo again, on the same ports. */
+  demo: string;
+  /** The Temporal CLI with these arguments. */
+  temporal: (args: string) => string;
+  /** The project CLI, to be followed by its command. */
+  project: string;
+}
+
+/** The Temporal CLI and the project CLI default to 127.0.0.1:7233: on other ports, each command names the demo's. */
+function commandsFor(cli: string, ports: DemoPorts): DemoCommands {
+  const address = `127.0.0.1:${ports.temporal}`;
+  const defaultAddress = ports.temporal === 7233;
+  const portVariables = ['PF_TEMPORAL_PORT', 'PF_TEMPORAL_UI_PORT', 'PF_LAB_PORT'].filter((name) => process.env[name]);
+  return {
+    demo: `${portVariables.map((name) => `${name}=${process.env[name]} `).join('')}npm run demo`,
+    temporal: (args) => `${cli} ${args}${defaultAddress ? '' : ` --address ${address}`}`,
+    project: `${defaultAddress ? '' : `TEMPORAL_ADDRESS=${address} `}npm run failover --`,
+  };
+}
+
+function printCommandsToTry(commands: DemoCommands, uiUrl: string, config: Configuration): void {
+  const job = config.jobs[0]!;
+  const [first, second = first] = job.vms;
+  const other = config.jobs[1]?.vms[0] ?? first;
+  say(`\nWeb UI: ${uiUrl}/namespaces/default/workflows`);
+  say('Try the Temporal CLI from another terminal, for example:');
+  for (const line of [
+    `workflow list --query 'FailoverJob="${job.name}"'`,
+    `workflow query --workflow-id replica/${first} --type state`,
+    `workflow update execute --workflow-id replica/${first} --name failback --input '{"requestedBy":"alice","reason":"back home"}'`,
+    `workflow update execute --workflow-id replica/${first} --name commitFailback --input '{"requestedBy":"alice","reason":"done"}'`,
+    `workflow update execute --workflow-id replica/${second} --name undoFailover --input '{"requestedBy":"alice","reason":"undo"}'`,
+    `workflow start --task-queue ${TASK_QUEUE} --type plannedFailover --input '{"vms":["${other}"],"reason":"try it","requestedBy":"bob"}'`,
+  ])
+    say(`  ${commands.temporal(line)}`);
+  say(`or the project CLI: ${commands.project} planned --vm ${other} --reason "try it" --user bob`);
+  say('Press Ctrl-C to stop the workers, the lab and the server.');
 }
 
 main().then(
-  // The SDK's native runtime keeps the event loop alive after everything is closed.
-  () => process.exit(0),
+  () => stop.finish(0),
   (err: unknown) => {
-    console.error(`error: ${err instanceof Error ? err.message : String(err)}`);
-    process.exit(1);
+    // Work that the stop interrupted fails with an error of its own; the stop is what happened.
+    if (err instanceof StopRequested || stop.requested) return stop.finish(shownResult ? 0 : 130);
+    return stop.finish(1, `error: ${describeError(err)}`);
   },
 );

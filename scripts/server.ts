@@ -10,7 +10,7 @@ async function main(): Promise<void> {
   const cli = ensureTemporalCli();
   const address = `127.0.0.1:${port}`;
   if (await portInUse(port)) {
-    if (serverHealthy(cli, address)) {
+    if (await serverHealthy(cli, address)) {
       console.log(`A Temporal server is already running at ${address} (Web UI http://127.0.0.1:${uiPort}).`);
       console.log('Not starting a second one. Stop the first with Ctrl-C in its terminal.');
       return;
@@ -23,7 +23,7 @@ async function main(): Promise<void> {
   const server = await startDevServer({ cli, port, uiPort, dbFile, logFile });
   console.log(`Temporal server ready at ${server.address}. Web UI: ${server.uiUrl}`);
   console.log(`Server log: ${logFile}. Press Ctrl-C to stop.`);
-  for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+  for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
     process.once(signal, () => {
       console.log('Stopping the Temporal server...');
       void server.stop();

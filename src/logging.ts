@@ -14,14 +14,16 @@ function jsonSafe(_key: string, value: unknown): unknown {
   return typeof value === 'bigint' ? value.toString() : value;
 }
 
-/** One JSON object per line on stderr, so logs stay machine-readable and stdout stays free for output. */
-export function writeJsonLogLine(entry: LogEntry): void {
+/** One JSON object per line, so logs stay machine-readable. */
+export function jsonLogLine(entry: LogEntry): string {
   const time = new Date(Number(entry.timestampNanos / 1_000_000n)).toISOString();
-  process.stderr.write(
-    `${JSON.stringify({ time, level: entry.level, msg: entry.message, ...entry.meta }, jsonSafe)}\n`,
-  );
+  return `${JSON.stringify({ time, level: entry.level, msg: entry.message, ...entry.meta }, jsonSafe)}\n`;
 }
 
-export function createLogger(level: LogLevel = logLevelFromEnv()): DefaultLogger {
-  return new DefaultLogger(level, writeJsonLogLine);
+/** Logs to stderr by default, so stdout stays free for output; the demo gives a log file instead. */
+export function createLogger(
+  level: LogLevel = logLevelFromEnv(),
+  out: { write(line: string): unknown } = process.stderr,
+): DefaultLogger {
+  return new DefaultLogger(level, (entry) => out.write(jsonLogLine(entry)));
 }

@@ -1,4 +1,4 @@
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { execFile, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { mkdirSync, openSync } from 'node:fs';
 import { createConnection, createServer } from 'node:net';
 import { dirname, join, resolve } from 'node:path';
@@ -47,12 +47,13 @@ export async function portInUse(port: number, host = '127.0.0.1'): Promise<boole
   });
 }
 
-export function serverHealthy(cli: string, address: string): boolean {
-  const result = spawnSync(cli, ['operator', 'cluster', 'health', '--address', address], {
-    encoding: 'utf8',
-    timeout: 5_000,
-  });
-  return result.status === 0 && result.stdout.includes('SERVING');
+/** Asynchronous, so that a signal is handled while a caller waits for the server. */
+export async function serverHealthy(cli: string, address: string): Promise<boolean> {
+  return new Promise((resolveHealth) =>
+    execFile(cli, ['operator', 'cluster', 'health', '--address', address], { timeout: 5_000 }, (err, stdout) =>
+      resolveHealth(!err && stdout.includes('SERVING')),
+    ),
+  );
 }
 
 export interface DevServerOptions {
@@ -67,6 +68,8 @@ export interface DevServerOptions {
   readyTimeoutMs?: number;
   /** Dynamic configuration of the server, e.g. { 'limit.historyCount.suggestContinueAsNew': 40 }. */
   dynamicConfig?: Record<string, string | number | boolean>;
+  /** Stops the server and rejects while it is still starting. */
+  signal?: AbortSignal;
 }
 
 export interface DevServer {
@@ -75,8 +78,12 @@ export interface DevServer {
   process: ChildProcess;
   /** Resolves when the server process has exited. */
   exited: Promise<number | null>;
+  /** SIGTERM, and SIGKILL if the server is still there after a short grace. */
   stop(): Promise<void>;
 }
+
+/** How long a stopping server may take to shut down before it is killed. */
+const STOP_GRACE_MS = 3_000;
 
 export async function startDevServer(options: DevServerOptions): Promise<DevServer> {
   const address = `127.0.0.1:${options.port}`;
@@ -106,22 +113,39 @@ export async function startDevServer(options: DevServerOptions): Promise<DevServ
   const child = spawn(options.cli, args, { stdio: ['ignore', log, log], detached: true });
   const exited = new Promise<number | null>((resolveExit) => child.once('exit', (code) => resolveExit(code)));
   let exitCode: number | null | undefined;
-  void exited.then((code) => (exitCode = code));
+  const killGroup = (signal: NodeJS.Signals): void => {
+    if (exitCode !== undefined || child.pid === undefined) return;
+    try {
+      process.kill(-child.pid, signal);
+    } catch {
+      // The group is gone already.
+    }
+  };
+  // Detached, it would outlive us: whatever way this process exits, the server goes with it.
+  const killOnExit = (): void => killGroup('SIGKILL');
+  process.once('exit', killOnExit);
+  void exited.then((code) => {
+    exitCode = code;
+    process.off('exit', killOnExit);
+  });
 
   const stop = async (): Promise<void> => {
-    if (exitCode !== undefined) return;
-    child.kill('SIGTERM');
-    const killed = await Promise.race([exited.then(() => true), delay(10_000).then(() => false)]);
-    if (!killed) {
-      child.kill('SIGKILL');
+    killGroup('SIGTERM');
+    const stopped = await Promise.race([exited.then(() => true), delay(STOP_GRACE_MS).then(() => false)]);
+    if (!stopped) {
+      killGroup('SIGKILL');
       await exited;
     }
   };
 
   const deadline = Date.now() + (options.readyTimeoutMs ?? 60_000);
-  while (!serverHealthy(options.cli, address)) {
+  while (!(await serverHealthy(options.cli, address))) {
     if (exitCode !== undefined) {
       throw new Error(`The Temporal server exited with code ${exitCode} before it was ready; see ${options.logFile}`);
+    }
+    if (options.signal?.aborted) {
+      await stop();
+      throw new Error('Stopped while the Temporal server was starting.');
     }
     if (Date.now() > deadline) {
       await stop();
