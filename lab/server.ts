@@ -550,6 +550,14 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
     const q = parse(page, req.query, 'query');
     return presentPage(replicaOf(p).replicaDisk(p.disk).running, q);
   });
+  app.get('/v1/hosts/:host/replicas/:replica/disks/:disk/allocated', (req) => {
+    const p = parse(P.replicaDisk, req.params, 'params');
+    const q = parse(page.extend(viewQuery.shape), req.query, 'query');
+    if ((q.pointId === undefined) === (q.running === undefined))
+      throw badRequest('query.pointId', 'give exactly one of pointId or running=true');
+    const vm = replicaOf(p);
+    return pageOf(viewAllocatedBlocks(replicaView(vm, p.disk, viewFromQuery(q))), q);
+  });
   app.get('/v1/hosts/:host/replicas/:replica/points/:pointId/disks/:disk/extents', (req) => {
     const p = parse(P.pointDisk, req.params, 'params');
     const q = parse(page, req.query, 'query');

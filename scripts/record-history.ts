@@ -40,7 +40,13 @@ const estate = {
       hosts: [
         {
           name: 'prod-a',
-          vms: VMS.map((name) => ({ name, disks: [{ id: 'os', size: '4MiB' }], writeRate: 20, shutdownMs: 200, bootMs: 200 })),
+          vms: VMS.map((name) => ({
+            name,
+            disks: [{ id: 'os', size: '4MiB' }],
+            writeRate: 20,
+            shutdownMs: 200,
+            bootMs: 200,
+          })),
         },
       ],
     },
@@ -152,11 +158,18 @@ async function main(): Promise<void> {
         if (vm !== 'vm1') continue;
         await save(`replication-job-${run}.json`, job);
         const session = result.sessions[0]!;
-        await save(`replication-session-${run}.json`, client.workflow.getHandle(sessionWorkflowId(vm, session.sessionId)));
+        await save(
+          `replication-session-${run}.json`,
+          client.workflow.getHandle(sessionWorkflowId(vm, session.sessionId)),
+        );
       }
     }
 
-    const failover = await start(WorkflowTypes.plannedFailover, { vms: ['vm1'], reason: 'recorded', requestedBy: 'alice' });
+    const failover = await start(WorkflowTypes.plannedFailover, {
+      vms: ['vm1'],
+      reason: 'recorded',
+      requestedBy: 'alice',
+    });
     const outcome = (await failover.result()) as PlannedFailoverResult;
     await save('planned-failover.json', failover);
     const session = outcome.sessions[0]!;
@@ -165,9 +178,18 @@ async function main(): Promise<void> {
     // Halted sessions, each decided: retry, abort, force.
     const decision = (name: 'retry' | 'abort' | 'forceFailover') => (s: WorkflowHandle) =>
       s.executeUpdate(haltedSessionUpdates[name], { args: [request(`recorded ${name}`)] });
-    await save('planned-failover-session-halted-retry.json', await haltedFailover(client, control, 'vm2', decision('retry')));
-    await save('planned-failover-session-halted-abort.json', await haltedFailover(client, control, 'vm3', decision('abort')));
-    await save('planned-failover-session-halted-force.json', await haltedFailover(client, control, 'vm4', decision('forceFailover')));
+    await save(
+      'planned-failover-session-halted-retry.json',
+      await haltedFailover(client, control, 'vm2', decision('retry')),
+    );
+    await save(
+      'planned-failover-session-halted-abort.json',
+      await haltedFailover(client, control, 'vm3', decision('abort')),
+    );
+    await save(
+      'planned-failover-session-halted-force.json',
+      await haltedFailover(client, control, 'vm4', decision('forceFailover')),
+    );
 
     // Every operation that finishes a failover, as updates of the replica's entity.
     const operation = async (vm: string, name: OperationName, payload: object, file: string) => {

@@ -633,6 +633,21 @@ export class LabHypervisor implements HypervisorPort {
     });
   }
 
+  listReplicaAllocatedExtents(
+    ref: ReplicaDiskRef,
+    view: ReplicaView,
+    page?: PageRequest,
+    o?: CallOptions,
+  ): Promise<ExtentPage> {
+    return this.t.json({
+      method: 'GET',
+      path: `${this.replicaPath(ref)}/disks/${seg(ref.disk)}/allocated`,
+      host: ref.host,
+      query: { ...viewQuery(view), ...pageQuery(page) },
+      signal: o?.signal,
+    });
+  }
+
   listRunningLayerExtents(ref: ReplicaDiskRef, page?: PageRequest, o?: CallOptions): Promise<ExtentPage> {
     return this.t.json({
       method: 'GET',

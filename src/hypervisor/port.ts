@@ -305,6 +305,13 @@ export interface HypervisorPort {
   ): Promise<RestorePointInfo>;
   /** Exactly the blocks the replica wrote since it was powered on (failback ships these). */
   listRunningLayerExtents(ref: ReplicaDiskRef, page?: PageRequest, options?: CallOptions): Promise<ExtentPage>;
+  /** Every block that may hold data in a view of the replica (any layer of its chain, or the base, holds it). */
+  listReplicaAllocatedExtents(
+    ref: ReplicaDiskRef,
+    view: ReplicaView,
+    page?: PageRequest,
+    options?: CallOptions,
+  ): Promise<ExtentPage>;
   /** Blocks present in that point's own layer (what it changed over the previous point). */
   listRestorePointExtents(
     ref: ReplicaDiskRef,

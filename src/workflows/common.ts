@@ -20,6 +20,7 @@ export type SessionStep =
   | 'Verifying'
   | 'Halted'
   | 'Aborting'
+  | 'Aborted'
   | 'Switching'
   | 'PoweringOnReplica'
   | 'VerifyingAllBlocks'
@@ -88,12 +89,17 @@ export function showStep(step: SessionStep, details: string): void {
   setCurrentDetails(`**${step}**: ${details}`);
 }
 
-/** Runs an activity, logging and swallowing its failure: for clean-up that must not turn a result into a failure. */
-export async function bestEffort(what: string, call: () => Promise<unknown>): Promise<void> {
+/**
+ * Runs an activity, logging and swallowing its failure: for clean-up that must not turn a result into a failure.
+ * Resolves to whether it succeeded.
+ */
+export async function bestEffort(what: string, call: () => Promise<unknown>): Promise<boolean> {
   try {
     await call();
+    return true;
   } catch (err) {
     log.warn(`${what} failed; left for later`, { error: failureMessage(err) });
+    return false;
   }
 }
 

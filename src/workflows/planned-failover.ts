@@ -617,7 +617,6 @@ async function criticalWindow(w: WindowContext): Promise<'failedOver' | 'aborted
             ),
           );
           result.helperPoints.push(helper2);
-          await slots.release();
           at = 'switch';
           break;
         case 'switch':
@@ -674,6 +673,7 @@ async function criticalWindow(w: WindowContext): Promise<'failedOver' | 'aborted
     }
   }
   const downtimeEndedAt = Date.now();
+  await slots.release();
   result.bytesCopied = result.bytesBeforePowerOff + result.bytesAfterPowerOff;
   result.downtime = downtimeOf(downtimeEndedAt - downtimeStartedAt, shutdown, boot, clock.parts);
 
@@ -841,6 +841,7 @@ async function abort(
     );
   }
   if (left.length > 0) result.detail += `; left for the next job run: ${left.join(', ')}`;
+  step('Aborted', result.detail);
   return true;
 }
 

@@ -340,20 +340,20 @@ async function failback(
       ...(productionBytesOverwritten !== undefined ? { productionBytesOverwritten } : {}),
     });
   } catch (err) {
-    await CancellationScope.nonCancellable(async () => {
+    const restarted = await CancellationScope.nonCancellable(async () => {
       await releaseProxySlots(operationId);
       // The service must not stay down: the replica runs again from where it stopped (its protective point,
       // or its running layer if the seal had not happened), and a new failback starts over.
-      if (replicaStopped)
-        await bestEffort(`Restarting the replica of ${vm} after the failed failback`, () =>
-          withSummary(control.powerOnVm, `Power the replica of ${vm} on again`, [{ vm: replicaVm }], waitingOptions),
-        );
+      if (!replicaStopped) return false;
+      return bestEffort(`Restarting the replica of ${vm} after the failed failback`, () =>
+        withSummary(control.powerOnVm, `Power the replica of ${vm} on again`, [{ vm: replicaVm }], waitingOptions),
+      );
     });
+    // Its own message, not a cause: the entity reports the deepest cause, and this one says what was put back.
     throw ApplicationFailure.create({
       type: FailureTypes.hypervisor,
-      message: `${failureMessage(err)}${replicaStopped ? '; the replica was powered on again and serves as before' : ''}`,
+      message: `${failureMessage(err)}${restarted ? '; the replica was powered on again and serves as before' : ''}`,
       nonRetryable: true,
-      cause: err instanceof Error ? err : undefined,
     });
   }
 }

@@ -155,21 +155,25 @@ describe('the entities survive continue-as-new, dead holders and their own loss'
     const session = await sessionAt(o.client, vm, 'Halted');
     await o.lab.control.clearFaults(DR);
     const point = (await entityState(o.client, vm)).restorePoints[0]!;
-    const update = entity(vm).executeUpdate(operationUpdates.failover, {
-      args: [{ ...alice, reason: 'queued for long', restorePointId: point.id }],
-    });
-    update.catch(() => undefined); // awaited below
-    // Far past the suggestion (60) and the roll-over margin (2000 events more): the entity lets go of the update.
-    for (let i = 0; i < 450; i++)
-      await entity(vm).signal(operationSignals.commitFailback, { ...alice, reason: `refused ${i}` });
-    const answer = await settlesWithin(
-      'the update to be answered',
-      60_000,
-      update.then(
+    let settled = false;
+    const answered = entity(vm)
+      .executeUpdate(operationUpdates.failover, {
+        args: [{ ...alice, reason: 'queued for long', restorePointId: point.id }],
+      })
+      .then(
         () => assert.fail('the update waited for its turn behind the halted session'),
         (e: { cause?: { type?: string; message?: string } }) => e.cause!,
-      ),
-    );
+      )
+      .finally(() => (settled = true));
+    // Refused signals push the history far past the suggestion (60 events) and the roll-over margin (2000 more):
+    // the entity then lets go of the update rather than keep its history growing.
+    for (let i = 0; i < 3000 && !settled; i += 25)
+      await Promise.all(
+        Array.from({ length: 25 }, (_, k) =>
+          entity(vm).signal(operationSignals.commitFailback, { ...alice, reason: `refused ${i + k}` }),
+        ),
+      );
+    const answer = await settlesWithin('the update to be answered', 60_000, answered);
     assert.equal(answer.type, FailureTypes.stillQueued);
     assert.match(answer.message ?? '', /still queued behind plannedFailover/);
     // The operation itself waits in the queue of the entity's new run, and runs once the session is decided.
@@ -278,11 +282,19 @@ describe('the entities survive continue-as-new, dead holders and their own loss'
     await o.lab.control.clearFaults(DR);
     await terminate(replicaWorkflowId(vm));
     const job = await startReplicationJob(o.client, { job: `job-${vm}`, requestedBy: 'alice' });
+    // A query of the terminated run still answers its old state: wait for the new run's.
     const state = await within('the new entity to adopt the halted session', 30_000, async () => {
       const view = await entityState(o.client, vm).catch(() => undefined);
-      return view?.currentSession?.workflowId === session.workflowId ? view : undefined;
+      return view?.currentSession?.workflowId === session.workflowId && view.waitingSessions.length > 0
+        ? view
+        : undefined;
     });
-    assert.equal(state.waitingSessions.length, 1, 'the job run waits behind the halted session');
+    assert.deepEqual(
+      state.waitingSessions.map((s) => s.kind),
+      ['jobRun'],
+      'the job run waits behind the halted session',
+    );
+    assert.equal(state.currentSession?.kind, 'plannedFailover');
     await session.executeUpdate(haltedSessionUpdates.abort, { args: [{ ...alice, reason: 'done' }] });
     const result = await settlesWithin('the job run', 60_000, job.result());
     assert.equal(result.sessions[0]!.outcome, 'replicated');

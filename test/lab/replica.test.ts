@@ -86,6 +86,38 @@ describe('replica chains', () => {
     assert.ok(blocksDiffering(expected.get('p1')!.os!, expected.get('p4')!.os!).length > 0);
   });
 
+  test('a view lists as allocated exactly the blocks some layer of its chain holds', async () => {
+    const chains: [string, string[]][] = [
+      ['p1', ['p1']],
+      ['p4', ['p1', 'p2', 'p3', 'p4']],
+    ];
+    for (const [pointId, chain] of chains) {
+      for (const d of DISKS) {
+        const disk = { ...rep, disk: d.id };
+        const listed = extentBlocks(
+          await allPages((page) => t.port.listReplicaAllocatedExtents(disk, { pointId }, page)),
+        );
+        const held = new Set<number>();
+        for (const id of chain)
+          for (const b of extentBlocks(await allPages((page) => t.port.listRestorePointExtents(disk, id, page))))
+            held.add(b);
+        assert.deepEqual(
+          listed,
+          [...held].sort((a, b) => a - b),
+          `${d.id} at ${pointId}`,
+        );
+        // Whatever holds data in the view is among them (a layer may also hold zeros, copied as they were).
+        const image = await readReplica(d.id, { pointId }, d.sizeBytes);
+        for (let b = 0; b < d.sizeBytes / BLOCK_SIZE; b++)
+          if (!image.subarray(b * BLOCK_SIZE, (b + 1) * BLOCK_SIZE).equals(Buffer.alloc(BLOCK_SIZE)))
+            assert.ok(held.has(b), `${d.id} block ${b} holds data at ${pointId} and is listed`);
+      }
+    }
+    await assert.rejects(t.port.listReplicaAllocatedExtents({ ...rep, disk: 'os' }, { pointId: 'nosuch' }), {
+      name: 'NotFoundError',
+    });
+  });
+
   test('retried begin, write and seal duplicate nothing', async () => {
     const before1 = await t.port.getReplica(rep);
     const again = await t.port.beginRestorePoint(rep, 'p4', { kind: 'regular', crashConsistent: true });
