@@ -70,8 +70,8 @@ export function stateFromHost(facts: HostReplicaFacts, lastOperationState: Repli
   return 'Ready';
 }
 
-/** Why a job run must not write into the replica the DR host shows, whatever its entity believes. */
-export function hostRefusesJobRun(facts: HostReplicaFacts): { state: ReplicaState; reason: string } | undefined {
+/** Why no session may write into the replica the DR host shows (a job run, a planned failover), whatever its entity believes. */
+export function hostRefusesReplication(facts: HostReplicaFacts): { state: ReplicaState; reason: string } | undefined {
   if (facts.consolidated)
     return {
       state: 'PermanentFailover',

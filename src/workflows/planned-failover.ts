@@ -33,7 +33,7 @@ import {
   type SlotLease,
 } from '../contract';
 import { forceTarget, replicaMayRun, retryFrom, type WindowStep } from '../domain/critical-window';
-import { checkTransition, hostRefusesJobRun } from '../domain/replica-state';
+import { checkTransition, hostRefusesReplication } from '../domain/replica-state';
 import { PointMetadata } from '../domain/restore-points';
 import { formatBytes } from '../domain/units';
 import {
@@ -298,7 +298,7 @@ export async function plannedFailoverSession(
     const target = await withSummary(control.prepareReplication, `Find ${vm} and its replica`, [
       { vm, job, fromProduction: true, productionVm: grant.productionVm },
     ]);
-    const refused = hostRefusesJobRun(target.host);
+    const refused = hostRefusesReplication(target.host);
     if (refused) {
       report = { outcome: `refused: ${refused.reason}`, state: refused.state };
       throw ApplicationFailure.create({
@@ -465,6 +465,7 @@ async function failOver(
       cancel,
       helper1,
       helper2,
+      ref1,
       provenance,
     });
     const restorePoints = await withSummary(control.listRestorePoints, 'Read the restore points from the DR host', [
@@ -484,6 +485,8 @@ interface WindowContext {
   cancel: { requested: boolean };
   helper1: string;
   helper2: string;
+  /** The reference point taken with helper point 1: the final sync copies what changed since. */
+  ref1: string;
   provenance: (checkpoint: { id: string; createdAt: string }, referencePointId: string) => Record<string, string>;
 }
 
@@ -565,7 +568,7 @@ async function criticalWindow(w: WindowContext): Promise<'failedOver' | 'aborted
               vm,
               target,
               leases,
-              source: { kind: 'checkpoint', vm: source, checkpointId, baseReferencePointId: `ref-${sessionId}-1` },
+              source: { kind: 'checkpoint', vm: source, checkpointId, baseReferencePointId: w.ref1 },
               pointId: helper2,
               replicaHeadPointId: w.helper1,
               options: criticalCopy,
@@ -585,7 +588,7 @@ async function criticalWindow(w: WindowContext): Promise<'failedOver' | 'aborted
                 {
                   source,
                   checkpointId,
-                  baseReferencePointId: `ref-${sessionId}-1`,
+                  baseReferencePointId: w.ref1,
                   replica: target.replica,
                   pointId: helper2,
                   disks: target.disks,

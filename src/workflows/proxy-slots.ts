@@ -121,16 +121,21 @@ export async function proxySlots(input: ProxyRegistryInput): Promise<void> {
 
   for (;;) {
     // Without a timeout, condition resolves to undefined: only `false` means the check came due.
+    // Someone starting (or ending) to wait changes whether the holders are watched: the wait restarts then.
+    const watched = someoneWaits();
     const checkDue =
       (await condition(
-        () => changed || regrants.length > 0 || canContinueAsNew(),
-        someoneWaits() ? watch.nextCheckMs() : undefined,
+        () => changed || regrants.length > 0 || canContinueAsNew() || someoneWaits() !== watched,
+        watched ? watch.nextCheckMs() : undefined,
       )) === false;
     if (checkDue) {
       await checkHolders();
       continue;
     }
-    if (!changed && regrants.length === 0) return continueAsNew<typeof proxySlots>({ carried: { proxies, queue } });
+    if (!changed && regrants.length === 0) {
+      if (canContinueAsNew()) return continueAsNew<typeof proxySlots>({ carried: { proxies, queue } });
+      continue; // only whether someone waits changed
+    }
     changed = false;
     for (const request of regrants.splice(0)) await grant(request, leasesOf(request.sessionId));
     while (queue.length > 0) {

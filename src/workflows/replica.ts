@@ -350,10 +350,12 @@ export async function replica(input: ReplicaEntityInput): Promise<void> {
   }
   publish();
   for (;;) {
+    // Someone starting (or ending) to wait changes whether the holder is watched: the wait restarts then.
+    const watched = watching();
     const checkDue =
       (await condition(
-        () => runnable() || canContinueAsNew() || rollOverDue(),
-        watching() ? watch.nextCheckMs() : undefined,
+        () => runnable() || canContinueAsNew() || rollOverDue() || watching() !== watched,
+        watched ? watch.nextCheckMs() : undefined,
       )) === false;
     if (rollOverDue()) {
       // Updates waiting for operations queued behind a long holder would keep the history growing for good.

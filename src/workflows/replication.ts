@@ -21,7 +21,7 @@ import {
   type ReplicationSessionResult,
   type SessionReport,
 } from '../contract';
-import { hostRefusesJobRun, jobRunSkipReason } from '../domain/replica-state';
+import { hostRefusesReplication, jobRunSkipReason } from '../domain/replica-state';
 import { PointMetadata } from '../domain/restore-points';
 import { formatBytes } from '../domain/units';
 import { bestEffort, control, failureMessage, refusedInput, showStep, waitingOptions, withSummary } from './common';
@@ -129,7 +129,7 @@ export async function replicationSession(input: ReplicationSessionInput): Promis
     const target = await withSummary(control.prepareReplication, `Find ${vm} and its replica`, [
       { vm, job, productionVm: grant.productionVm },
     ]);
-    const refused = hostRefusesJobRun(target.host);
+    const refused = hostRefusesReplication(target.host);
     if (refused) {
       report = { state: refused.state, restorePoints: target.restorePoints };
       return skipped(refused.reason);

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { forceTarget, replicaMayRun, retryFrom, WindowSteps } from '../../src/domain/critical-window';
-import { hostRefusesJobRun, stateFromHost, type HostReplicaFacts } from '../../src/domain/replica-state';
+import { hostRefusesReplication, stateFromHost, type HostReplicaFacts } from '../../src/domain/replica-state';
 import {
   dataInstantOf,
   newestBackupAfter,
@@ -103,9 +103,9 @@ describe('a replica state rebuilt from its DR host', () => {
   });
 
   it('refuses a job run into a replica that runs or became production, whatever the entity says', () => {
-    assert.equal(hostRefusesJobRun(facts({})), undefined);
-    assert.equal(hostRefusesJobRun(facts({ consolidated: true }))?.state, 'PermanentFailover');
-    assert.equal(hostRefusesJobRun(facts({ hasRunningLayer: true }))?.state, 'Failover');
+    assert.equal(hostRefusesReplication(facts({})), undefined);
+    assert.equal(hostRefusesReplication(facts({ consolidated: true }))?.state, 'PermanentFailover');
+    assert.equal(hostRefusesReplication(facts({ hasRunningLayer: true }))?.state, 'Failover');
   });
 });
 
