@@ -8,6 +8,7 @@ import { cpus, loadavg, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import type { WorkflowHandle } from '@temporalio/client';
 import { temporal } from '@temporalio/proto';
+import { MockActivityEnvironment } from '@temporalio/testing';
 import { Runtime } from '@temporalio/worker';
 import type { EstateInput } from '../lab/estate';
 import { startLab, type RunningLab } from '../lab/server';
@@ -152,6 +153,9 @@ export const median = (values: readonly number[]): number => {
   const s = [...values].sort((x, y) => x - y);
   return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
 };
+
+/** Runs an activity call with no worker, in an activity context of its own (heartbeats go nowhere). */
+export const asActivity = <R>(call: () => Promise<R>): Promise<R> => new MockActivityEnvironment().run(call);
 
 export const round1 = (n: number): number => Math.round(n * 10) / 10;
 export const round3 = (n: number): number => Math.round(n * 1000) / 1000;
