@@ -405,14 +405,15 @@ async function main(): Promise<void> {
         blockBytes: 65536,
         presync3Options: PRESYNC3,
         note:
-          'Every VM of (a) and (b) is fresh, seeded right after power-on, and moved sinceReplicationMs later; moves never ' +
-          'overlap; each round runs the three variants in a rotated order. Downtime on both sides = the shutDownSource ' +
-          "activity's startedAt to the powerOnVm activity's finishedAt, as those activities measured them (one process, " +
-          'one clock). Planned: the plannedFailover workflow; its window also holds the workflow tasks between steps, ' +
-          'the verification of helper point 2 and the switch signal; totalMs is its own report (server clock, from ' +
-          'scheduling the shutdown to recording the boot). Naive: the same activities called with no workflow: ' +
-          'shutDownSource, createCheckpoint, beginRestorePoint, copyDisk of every disk side by side (the proxy ' +
-          'transport), sealRestorePoint, powerOnVm of the replica.',
+          'Every VM of (a) and (b) is fresh, seeded right after power-on, and moved sinceReplicationMs later; moves ' +
+          'never overlap; each round runs the three variants in a rotated order. Downtime on both sides = the ' +
+          "shutDownSource activity's startedAt to the powerOnVm activity's finishedAt, as those activities measured " +
+          'them (one process, one clock). Planned: the plannedFailover workflow; its window also holds the workflow ' +
+          'tasks between steps, the verification of helper point 2, the slot release and the switch signal; totalMs ' +
+          'is its own report (server clock, from the workflow task that schedules the shutdown to the one that ' +
+          'records the boot). Naive: the same activities called with no workflow: shutDownSource, createCheckpoint, ' +
+          'beginRestorePoint, copyDisk of every disk side by side (the proxy transport), sealRestorePoint, ' +
+          'powerOnVm of the replica.',
       },
       downtime: {
         plannedMedianMs: Math.round(plannedMedian),

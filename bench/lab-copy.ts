@@ -279,13 +279,14 @@ async function main(): Promise<void> {
       bareHttpHopMedianMs: Math.round(median(hopMs)),
       target: 0.8,
       note:
-        'each lab copy = the beginRestorePoint, copyDisk and sealRestorePoint activities of src/activities/replication.ts, ' +
-        'called in this process through MockActivityEnvironment (no worker, no server): copyDisk lists the changed ' +
-        'extents and copies them in its 32 MiB batches; the seal fsyncs (the layer flushes in the background during the ' +
-        'copy). hostToHost: copyDisk with transport host-to-host, the source host sends the blocks to the DR host; ' +
-        'network: copyDisk with transport network, the blocks pass through this process, two HTTP hops, each frame ' +
-        'decoded and re-encoded as the product does. raw = pread/pwrite of the same extents into a new file on the same ' +
-        'disk + fdatasync. bare HTTP hop = the same bytes from memory over one Node HTTP connection between two processes.',
+        'each lab copy = the beginRestorePoint, copyDisk and sealRestorePoint activities of ' +
+        'src/activities/replication.ts, called in this process through MockActivityEnvironment (no worker, no ' +
+        'server): copyDisk lists the changed extents and copies them in its 32 MiB batches; the seal fsyncs (the ' +
+        'layer flushes in the background during the copy). hostToHost: copyDisk with transport host-to-host, the ' +
+        'source host sends the blocks to the DR host; network: copyDisk with transport network, the blocks pass ' +
+        'through this process, two HTTP hops, each frame decoded and re-encoded as the product does. raw = ' +
+        'pread/pwrite of the same extents into a new file on the same disk + fdatasync. bare HTTP hop = the same ' +
+        'bytes from memory over one Node HTTP connection between two processes.',
     };
     const path = await writeResult('lab-copy', result);
     console.log(JSON.stringify(result, null, 2));
