@@ -4,14 +4,22 @@
 // BENCH_ROUNDS (default 5) and BENCH_SINCE_REPLICATION_MS (default 18000) change the schedule;
 // BENCH_PROXY_TRANSPORT=host-to-host runs it with that proxy transport (→ bench/results/failover-host-to-host.json).
 
+import { createActivities, type Activities } from '../src/activities';
+import type { CopyDiskInput } from '../src/activities/replication';
 import { startPlannedFailover, startReplicationJob } from '../src/client';
 import {
+  PLANNED_FAILOVER_DEFAULTS,
   sessionWorkflowId,
   type DowntimeBreakdown,
   type PlannedFailoverOptions,
   type PlannedFailoverSessionResult,
 } from '../src/contract';
+import { PointMetadata } from '../src/domain/restore-points';
+import { LabHypervisor } from '../src/hypervisor/lab-adapter';
 import {
+  asActivity,
+  commitOf,
+  criticalWindow,
   DR,
   estateOf,
   historyStats,
@@ -24,12 +32,13 @@ import {
   round3,
   sleep,
   startEnvironment,
-  timeline,
+  stepMedians,
   USER,
   writeResult,
   type BenchEnvironment,
   type EstateVm,
   type HistoryStats,
+  type WindowStep,
 } from './lib';
 
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 5);
@@ -75,6 +84,8 @@ interface PlannedSample extends DowntimeBreakdown {
   variant: Variant;
   vm: string;
   sinceReplicationMs: number;
+  /** Shutdown start to boot done as the two activities measured them: timed as the naive move is. */
+  activitySpanMs: number;
   /** From the request to the workflow's result, pre-sync and bookkeeping included. */
   wallMs: number;
   bytesBeforePowerOff: number;
@@ -85,47 +96,18 @@ interface PlannedSample extends DowntimeBreakdown {
   criticalWindow: WindowStep[];
 }
 
-interface WindowStep {
-  step: string;
-  /** Scheduled to closed, server clock. */
-  ms: number;
-  /** Scheduled to picked up by a worker. */
-  queueMs?: number;
-}
-
-/** The activities and signals from the source's shutdown to the replica's power-on, and the gaps between them. */
-async function criticalWindow(env: BenchEnvironment, vm: string, workflowId: string): Promise<WindowStep[]> {
-  const entries = await timeline(env.orchestrator.client.workflow.getHandle(workflowId));
-  const first = entries.findIndex((e) => e.name === 'shutDownSource');
-  let last = entries.length - 1;
-  while (last > first && entries[last]!.name !== 'powerOnVm') last--;
-  const window = entries.slice(first, last + 1);
-  const steps: WindowStep[] = window.map((e) => ({
-    step: e.summary ? e.summary.split(vm).join('<vm>') : e.name.replace(/ to .*/, ''),
-    ms: Math.round(e.closedMs - e.scheduledMs),
-    queueMs: e.startedMs === undefined ? undefined : Math.round(e.startedMs - e.scheduledMs),
-  }));
-  // Copies of several disks overlap: count the time anything ran once.
-  let busy = 0;
-  let until = Number.NEGATIVE_INFINITY;
-  for (const e of [...window].sort((a, b) => a.scheduledMs - b.scheduledMs)) {
-    busy += Math.max(0, e.closedMs - Math.max(e.scheduledMs, until));
-    until = Math.max(until, e.closedMs);
-  }
-  const span = window.length ? window.at(-1)!.closedMs - window[0]!.scheduledMs : 0;
-  steps.push({ step: 'between steps (workflow tasks)', ms: Math.round(span - busy) });
-  return steps;
-}
-
 interface NaiveSample {
   round: number;
   vm: string;
   sinceReplicationMs: number;
+  /** Shutdown start to boot done, as the shutDownSource and powerOnVm activities measured them. */
   totalMs: number;
-  shutdownMs: number;
-  /** One replication job run of the powered-off VM: start to result. */
+  guestShutdownMs: number;
+  /** Shutdown done to power-on started: the checkpoint, open, copy and seal activities, one after another. */
   syncMs: number;
   bootMs: number;
+  /** Each activity of the sync, as the benchmark timed its call. */
+  steps: WindowStep[];
   bytesCopied: number;
 }
 
@@ -171,49 +153,109 @@ async function prepare(env: BenchEnvironment, task: Task): Promise<void> {
 async function measurePlanned(env: BenchEnvironment, task: Task): Promise<PlannedSample> {
   const sinceReplicationMs = performance.now() - task.replicatedAt!;
   const { session, wallMs } = await failOver(env, task.vm, task.variant === 'presync3' ? PRESYNC3 : undefined);
-  const window = await criticalWindow(env, task.vm, sessionWorkflowId(task.vm, session.sessionId));
+  const sessionHandle = env.orchestrator.client.workflow.getHandle(sessionWorkflowId(task.vm, session.sessionId));
+  const window = await criticalWindow(sessionHandle, task.vm);
   return {
     round: task.round,
     variant: task.variant,
     vm: task.vm,
     sinceReplicationMs: Math.round(sinceReplicationMs),
     ...session.downtime!,
+    activitySpanMs: window.activitySpanMs,
     wallMs: Math.round(wallMs),
     bytesBeforePowerOff: session.bytesBeforePowerOff,
     bytesAfterPowerOff: session.bytesAfterPowerOff,
     passesBeforePowerOff: session.passesBeforePowerOff,
     verified: session.verification?.identical === true,
-    criticalWindow: window,
+    criticalWindow: window.steps,
   };
 }
 
-/** Power off, one job run of everything unreplicated, power on the replica: the move without the orchestrator. */
-async function measureNaive(env: BenchEnvironment, task: Task): Promise<NaiveSample> {
-  const started = performance.now();
-  const sinceReplicationMs = started - task.replicatedAt!;
-  const shutdown = await env.hypervisor.shutdownGuest({ host: PROD, vm: task.vm }, 300_000);
-  if (shutdown.outcome !== 'off') throw new Error(`shutdown of ${task.vm}: ${shutdown.outcome}`);
-  const off = performance.now();
-  const handle = await startReplicationJob(env.orchestrator.client, {
-    job: jobOf(task.vm),
-    requestedBy: USER,
-    reason: 'naive move: one sync of the powered-off VM',
-  });
-  const result = await handle.result();
-  const synced = performance.now();
-  const session = result.sessions[0];
-  if (session?.outcome !== 'replicated') throw new Error(`naive sync of ${task.vm}: ${session?.outcome}`);
-  await env.hypervisor.powerOn(replicaOf(task.vm));
-  const on = performance.now();
+/**
+ * The move without the orchestrator: the planned failover's own activities, called one after another with no
+ * workflow: power off, one sync of everything unreplicated since the last run (checkpoint, open a point, copy
+ * every disk side by side, seal), power on the replica.
+ */
+async function measureNaive(activities: Activities, task: Task): Promise<NaiveSample> {
+  const vm = task.vm;
+  // Found before the power-off, as the planned failover's session finds it before its window.
+  const target = await asActivity(() => activities.prepareReplication({ vm, job: jobOf(vm), fromProduction: true }));
+  const checkpointId = `ckpt-naive-${vm}`;
+  const pointId = `rp-naive-${vm}`;
+  const referencePointId = `ref-naive-${vm}`;
+  const steps: WindowStep[] = [];
+  const timed = async <T>(step: string, call: () => Promise<T>): Promise<T> => {
+    // Listed in the order started, as a history lists what a workflow scheduled.
+    const entry: WindowStep = { step, ms: 0 };
+    steps.push(entry);
+    const started = performance.now();
+    const out = await asActivity(call);
+    entry.ms = Math.round(performance.now() - started);
+    return out;
+  };
+
+  const sinceReplicationMs = performance.now() - task.replicatedAt!;
+  const shutdown = await asActivity(() =>
+    activities.shutDownSource({
+      vm: target.source,
+      timeoutMs: PLANNED_FAILOVER_DEFAULTS.shutdownTimeoutSeconds * 1000,
+    }),
+  );
+  if (shutdown.outcome !== 'shut-down') throw new Error(`shutdown of ${vm}: ${shutdown.outcome}`);
+  const checkpoint = await timed('checkpoint', () => activities.createCheckpoint({ vm: target.source, checkpointId }));
+  await timed('open restore point', () =>
+    activities.beginRestorePoint({
+      replica: target.replica,
+      pointId,
+      kind: 'regular',
+      metadata: { [PointMetadata.session]: `naive-${vm}` },
+    }),
+  );
+  const copies = await Promise.all(
+    target.disks.map((disk) => {
+      const input: CopyDiskInput = {
+        source: {
+          kind: 'checkpoint',
+          vm: target.source,
+          checkpointId,
+          baseReferencePointId: target.baseReferencePointId,
+        },
+        disk,
+        replica: target.replica,
+        pointId,
+        replicaHeadPointId: target.headPointId,
+      };
+      return timed(`copy ${disk.id}`, () => activities.copyDisk(input, PROXY_TRANSPORT));
+    }),
+  );
+  await timed('seal', () =>
+    activities.sealRestorePoint({
+      replica: target.replica,
+      pointId,
+      metadata: {
+        [PointMetadata.sourceKind]: 'checkpoint',
+        [PointMetadata.sourceHost]: target.source.host,
+        [PointMetadata.sourceVm]: target.source.vm,
+        [PointMetadata.sourceCheckpoint]: checkpointId,
+        [PointMetadata.sourceTime]: checkpoint.createdAt,
+        [PointMetadata.sourceReferencePoint]: referencePointId,
+      },
+    }),
+  );
+  const replicaVm = { host: target.replica.host, vm: target.replica.replica };
+  const boot = await asActivity(() => activities.powerOnVm({ vm: replicaVm }));
+  // After the downtime, as a job run does: the source keeps no checkpoint's copy-on-write data.
+  await asActivity(() => activities.promoteCheckpoint({ vm: target.source, checkpointId, referencePointId }));
   return {
     round: task.round,
-    vm: task.vm,
+    vm,
     sinceReplicationMs: Math.round(sinceReplicationMs),
-    totalMs: Math.round(on - started),
-    shutdownMs: Math.round(off - started),
-    syncMs: Math.round(synced - off),
-    bootMs: Math.round(on - synced),
-    bytesCopied: session.copy?.bytesCopied ?? 0,
+    totalMs: boot.finishedAt - shutdown.startedAt,
+    guestShutdownMs: shutdown.finishedAt - shutdown.startedAt,
+    syncMs: boot.startedAt - shutdown.finishedAt,
+    bootMs: boot.finishedAt - boot.startedAt,
+    steps,
+    bytesCopied: copies.reduce((n, c) => n + c.bytesCopied, 0),
   };
 }
 
@@ -254,6 +296,8 @@ async function historyBudget(env: BenchEnvironment, log: (line: string) => void)
 async function main(): Promise<void> {
   const log = (line: string) => console.log(line);
   const began = performance.now();
+  const commit = commitOf();
+  log(`Code: ${commit}`);
   const tasks: Task[] = [];
   for (let round = 0; round < ROUNDS; round++)
     // Rotate the order each round so that no variant always runs first or last.
@@ -276,6 +320,13 @@ async function main(): Promise<void> {
     jobs: () => vms.map((v) => ({ name: jobOf(v.name), vms: [v.name] })),
     log,
   });
+  // The naive move's activities get a port of their own, as the workers' activities do.
+  const naivePort = new LabHypervisor({ url: env.lab.url, timeoutMs: 120_000 });
+  const activities = createActivities({
+    port: naivePort,
+    config: env.orchestrator.config,
+    client: env.orchestrator.client,
+  });
   try {
     const planned: PlannedSample[] = [];
     const naive: NaiveSample[] = [];
@@ -291,16 +342,16 @@ async function main(): Promise<void> {
       const task = tasks[j]!;
       await sleep(task.replicatedAt! + SINCE_REPLICATION_MS - performance.now());
       if (task.variant === 'naive') {
-        const s = await measureNaive(env, task);
+        const s = await measureNaive(activities, task);
         naive.push(s);
         log(
-          `  round ${s.round} naive    ${s.vm}: downtime ${s.totalMs} ms (shutdown ${s.shutdownMs}, sync ${s.syncMs}, boot ${s.bootMs}), ${(s.bytesCopied / MiB).toFixed(1)} MiB after power-off`,
+          `  round ${s.round} naive    ${s.vm}: downtime ${s.totalMs} ms (shutdown ${s.guestShutdownMs}, sync ${s.syncMs}, boot ${s.bootMs}), ${(s.bytesCopied / MiB).toFixed(1)} MiB after power-off`,
         );
       } else {
         const s = await measurePlanned(env, task);
         planned.push(s);
         log(
-          `  round ${s.round} ${s.variant.padEnd(8)} ${s.vm}: downtime ${s.totalMs} ms (shutdown ${s.guestShutdownMs}, final sync ${s.finalSyncMs}, switch ${s.switchMs}, boot ${s.bootMs}, orchestration ${s.orchestrationMs}), ${(s.bytesBeforePowerOff / MiB).toFixed(1)} MiB before / ${(s.bytesAfterPowerOff / MiB).toFixed(1)} MiB after power-off, ${s.passesBeforePowerOff} pass(es)${s.verified ? '' : ', NOT VERIFIED'}`,
+          `  round ${s.round} ${s.variant.padEnd(8)} ${s.vm}: downtime ${s.activitySpanMs} ms (reported ${s.totalMs}: shutdown ${s.guestShutdownMs}, final sync ${s.finalSyncMs}, switch ${s.switchMs}, boot ${s.bootMs}, orchestration ${s.orchestrationMs}), ${(s.bytesBeforePowerOff / MiB).toFixed(1)} MiB before / ${(s.bytesAfterPowerOff / MiB).toFixed(1)} MiB after power-off, ${s.passesBeforePowerOff} pass(es)${s.verified ? '' : ', NOT VERIFIED'}`,
         );
       }
       // The replica's guest would keep writing: stop it, so that the background load stays the same.
@@ -312,10 +363,11 @@ async function main(): Promise<void> {
 
     const plain = planned.filter((s) => s.variant === 'planned');
     const presync = planned.filter((s) => s.variant === 'presync3');
-    const plannedMedian = median(plain.map((s) => s.totalMs));
+    const plannedMedian = median(plain.map((s) => s.activitySpanMs));
     const naiveMedian = median(naive.map((s) => s.totalMs));
-    const pairedRatios = plain.map((p) => p.totalMs / naive.find((n) => n.round === p.round)!.totalMs);
+    const pairedRatios = plain.map((p) => p.activitySpanMs / naive.find((n) => n.round === p.round)!.totalMs);
     const plannedFields: (keyof PlannedSample)[] = [
+      'activitySpanMs',
       'totalMs',
       'guestShutdownMs',
       'finalSyncMs',
@@ -329,28 +381,19 @@ async function main(): Promise<void> {
       'sinceReplicationMs',
     ];
     const presyncSummary = (samples: PlannedSample[]) => ({
-      medianDowntimeMs: Math.round(median(samples.map((s) => s.totalMs))),
+      medianDowntimeMs: Math.round(median(samples.map((s) => s.activitySpanMs))),
+      medianReportedDowntimeMs: Math.round(median(samples.map((s) => s.totalMs))),
       medianFinalSyncMs: Math.round(median(samples.map((s) => s.finalSyncMs))),
       medianBytesAfterPowerOff: Math.round(median(samples.map((s) => s.bytesAfterPowerOff))),
       medianBytesBeforePowerOff: Math.round(median(samples.map((s) => s.bytesBeforePowerOff))),
       medianWallMs: Math.round(median(samples.map((s) => s.wallMs))),
       passesTaken: samples.map((s) => s.passesBeforePowerOff),
     });
-    const windowMedians = (samples: PlannedSample[]) => {
-      const steps = samples[0]?.criticalWindow.map((w) => w.step) ?? [];
-      return steps.map((step, i) => ({
-        step,
-        medianMs: Math.round(median(samples.map((s) => s.criticalWindow[i]?.ms ?? Number.NaN))),
-        medianQueueMs:
-          samples[0]?.criticalWindow[i]?.queueMs === undefined
-            ? undefined
-            : Math.round(median(samples.map((s) => s.criticalWindow[i]?.queueMs ?? Number.NaN))),
-      }));
-    };
     const p0 = presyncSummary(plain);
     const p3 = presyncSummary(presync);
     const result = {
       benchmark: 'failover',
+      commit,
       date: new Date().toISOString(),
       machine: machine(),
       durationSeconds: Math.round((performance.now() - began) / 1000),
@@ -362,10 +405,15 @@ async function main(): Promise<void> {
         blockBytes: 65536,
         presync3Options: PRESYNC3,
         note:
-          'Every VM of (a) and (b) is fresh, seeded right after power-on, and moved sinceReplicationMs later; moves never ' +
-          'overlap; each round runs the three variants in a rotated order. Planned downtime comes from the workflow ' +
-          '(activity timestamps: shutdown start to replica boot done); naive downtime is measured by the benchmark: ' +
-          "shutdownGuest, one replicationJob run of the powered-off VM, powerOn of '<vm>_replica'.",
+          'Every VM of (a) and (b) is fresh, seeded right after power-on, and moved sinceReplicationMs later; moves ' +
+          'never overlap; each round runs the three variants in a rotated order. Downtime on both sides = the ' +
+          "shutDownSource activity's startedAt to the powerOnVm activity's finishedAt, as those activities measured " +
+          'them (one process, one clock). Planned: the plannedFailover workflow; its window also holds the workflow ' +
+          'tasks between steps, the verification of helper point 2, the slot release and the switch signal; totalMs ' +
+          'is its own report (server clock, from the workflow task that schedules the shutdown to the one that ' +
+          'records the boot). Naive: the same activities called with no workflow: shutDownSource, createCheckpoint, ' +
+          'beginRestorePoint, copyDisk of every disk side by side (the proxy transport), sealRestorePoint, ' +
+          'powerOnVm of the replica.',
       },
       downtime: {
         plannedMedianMs: Math.round(plannedMedian),
@@ -373,15 +421,16 @@ async function main(): Promise<void> {
         ratioPlannedToNaive: round3(plannedMedian / naiveMedian),
         medianOfPairedRatios: round3(median(pairedRatios)),
         plannedMedians: medians(plain, plannedFields),
-        plannedCriticalWindowMedians: windowMedians(plain),
+        plannedCriticalWindowMedians: stepMedians(plain.map((s) => s.criticalWindow)),
         naiveMedians: medians(naive, [
           'totalMs',
-          'shutdownMs',
+          'guestShutdownMs',
           'syncMs',
           'bootMs',
           'bytesCopied',
           'sinceReplicationMs',
         ]),
+        naiveStepMedians: stepMedians(naive.map((s) => s.steps)),
         planned: plain,
         naive,
       },
@@ -405,6 +454,7 @@ async function main(): Promise<void> {
     );
     log(`Results in ${path} (${result.durationSeconds} s)`);
   } finally {
+    naivePort.close();
     await env.cleanup();
   }
 }

@@ -1,26 +1,25 @@
-// Benchmark: copy changed blocks from a VM disk to a replica restore point through the lab adapter, both ways a
-// proxy can move them (host-to-host, and through the proxy over the network), against a raw copy of the same bytes
-// (same extents, same disk, fsync at the end) in the same run.
-// Run: npx tsx bench/lab-copy.ts   →   bench/results/lab-copy.json
+// Benchmark: copy changed blocks from a VM disk to a replica restore point with the product's copy activity
+// (copyDisk), both ways a proxy can move them (host-to-host, and through the proxy over the network), against a raw
+// copy of the same bytes (same extents, same disk, fsync at the end) in the same run.
+// Run: npx tsx bench/lab-copy.ts   →   bench/results/lab-copy.json   (BENCH_ROUNDS, default 6)
 
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { mkdir, open, rm, writeFile } from 'node:fs/promises';
 import http from 'node:http';
-import { cpus, loadavg } from 'node:os';
 import { join, resolve } from 'node:path';
-import { batchExtents } from '../src/activities/copy-plan';
+import type { ProxyTransport } from '../src/config/schema';
+import { createReplicationActivities } from '../src/activities/replication';
 import { LabHypervisor } from '../src/hypervisor/lab-adapter';
 import { BLOCK_SIZE, type Extent, type ExtentData } from '../src/hypervisor/port';
+import { asActivity, commitOf, machine, median, writeResult } from './lib';
 
 const ROOT = resolve(__dirname, '..');
 const WORK = join(ROOT, '.data', `bench-lab-copy-${process.pid}`);
 const DISK_BYTES = 1024 * 1024 * 1024;
 const CHANGED_TARGET = 256 * 1024 * 1024;
-/** Timed rounds: each of the three copies takes each place in the order twice. */
-const ROUNDS = 6;
+/** Timed rounds: with the default, each of the three copies takes each place in the order twice. */
+const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 6);
 const WARM_UP_ROUNDS = 2;
-/** The copy activity's batch: one request per 32 MiB of changed blocks. */
-const BATCH_BYTES = 32 * 1024 * 1024;
 type Variant = 'raw' | 'network' | 'hostToHost';
 const HOST = 'prod-bench';
 const DR = 'dr-bench';
@@ -158,12 +157,9 @@ async function settle(): Promise<void> {
   await new Promise((r) => setTimeout(r, 500));
 }
 
-const median = (a: number[]): number => {
-  const s = [...a].sort((x, y) => x - y);
-  return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
-};
-
 async function main(): Promise<void> {
+  const commit = commitOf();
+  console.log(`Code: ${commit}`);
   await rm(WORK, { recursive: true, force: true });
   await mkdir(WORK, { recursive: true });
   const estatePath = join(WORK, 'estate.yaml');
@@ -171,6 +167,7 @@ async function main(): Promise<void> {
   const dataDir = join(WORK, 'lab');
   const { child, url } = await startLabProcess(dataDir, estatePath);
   const port = new LabHypervisor({ url, timeoutMs: 120_000 });
+  const activities = createReplicationActivities(port);
   try {
     // Baseline checkpoint and reference point, then the guest's changes, then the checkpoint to copy from.
     await port.createCheckpoint(vm, 'cp0');
@@ -188,7 +185,6 @@ async function main(): Promise<void> {
     const sealMs: Record<Exclude<Variant, 'raw'>, number[]> = { network: [], hostToHost: [] };
     const sourceFile = join(dataDir, 'vms', 'bench01', 'base-d0.img');
     const rep = { host: DR, replica: 'bench01-replica' };
-    const source = { ...vm, disk: 'd0' };
     const expected = written.reduce((n, e) => n + e.length, 0);
     const rawFiles: string[] = [];
     const points: string[] = [];
@@ -203,42 +199,37 @@ async function main(): Promise<void> {
         await settle();
         return { ms: await rawCopy(sourceFile, rawFiles.at(-1)!, written) };
       },
-      network: () =>
-        labCopy((pointId, extents) =>
-          port.writeRestorePoint({ ...rep, disk: 'd0' }, pointId, port.readExtents(source, 'cp1', extents)),
-        ),
-      hostToHost: () =>
-        labCopy((pointId, extents) =>
-          port.sendToRestorePoint({ ...source, checkpointId: 'cp1' }, { ...rep, disk: 'd0', pointId }, extents),
-        ),
+      network: () => labCopy('network'),
+      hostToHost: () => labCopy('host-to-host'),
     };
 
-    /** What a job run does for one disk: list the changes, copy them in the activity's batches, seal. */
-    async function labCopy(
-      copy: (pointId: string, extents: Extent[]) => Promise<{ bytesWritten: number }>,
-    ): Promise<{ ms: number; sealMs: number }> {
+    /**
+     * What a job run does for one disk, with its activities outside a worker: open a point, copyDisk (it lists the
+     * changed extents and copies them in its batches, the given proxy's way), seal.
+     */
+    async function labCopy(transport: ProxyTransport): Promise<{ ms: number; sealMs: number }> {
       if (points.length >= 2) await port.mergeOldestRestorePoint(rep, points.shift()!);
       const pointId = `p${points.length}-${Math.round(performance.now())}`;
       points.push(pointId);
       await settle();
       const started = performance.now();
-      const extents: Extent[] = [];
-      let cursor: string | undefined;
-      do {
-        const page = await port.listChangedExtents(
-          source,
-          { referencePointId: 'rp0', checkpointId: 'cp1' },
-          { cursor, limit: 4096 },
-        );
-        extents.push(...page.extents);
-        cursor = page.nextCursor;
-      } while (cursor);
-      await port.beginRestorePoint(rep, pointId, { kind: 'regular', crashConsistent: true });
-      let bytes = 0;
-      for (const batch of batchExtents(extents, BATCH_BYTES)) bytes += (await copy(pointId, batch)).bytesWritten;
-      if (bytes !== expected) throw new Error(`copied ${bytes} bytes, expected ${expected}`);
+      await asActivity(() => activities.beginRestorePoint({ replica: rep, pointId, kind: 'regular', metadata: {} }));
+      const copied = await asActivity(() =>
+        activities.copyDisk(
+          {
+            source: { kind: 'checkpoint', vm, checkpointId: 'cp1', baseReferencePointId: 'rp0' },
+            disk: { id: 'd0', sizeBytes: DISK_BYTES },
+            replica: rep,
+            pointId,
+            replicaHeadPointId: points.length > 1 ? points.at(-2)! : null,
+          },
+          transport,
+        ),
+      );
+      if (copied.mode !== 'tracked' || copied.transport !== transport || copied.bytesCopied !== expected)
+        throw new Error(`copied ${JSON.stringify(copied)}, expected ${expected} tracked bytes via ${transport}`);
       const streamed = performance.now();
-      await port.sealRestorePoint(rep, pointId);
+      await asActivity(() => activities.sealRestorePoint({ replica: rep, pointId, metadata: {} }));
       const ended = performance.now();
       return { ms: ended - started, sealMs: ended - streamed };
     }
@@ -266,12 +257,9 @@ async function main(): Promise<void> {
     const round = (a: number[]) => a.map(Math.round);
     const result = {
       benchmark: 'lab-copy',
+      commit,
       date: new Date().toISOString(),
-      machine: {
-        cpus: cpus().length,
-        node: process.version,
-        loadAverage: loadavg().map((l) => Math.round(l * 100) / 100),
-      },
+      machine: machine(),
       changedBytes: expected,
       extents: written.length,
       diskBytes: DISK_BYTES,
@@ -291,16 +279,18 @@ async function main(): Promise<void> {
       bareHttpHopMedianMs: Math.round(median(hopMs)),
       target: 0.8,
       note:
-        'each lab copy = list changed extents + copy them in 32 MiB batches, as a job run does, into a restore point + seal ' +
-        '(fsync; the layer flushes in the background during the copy). hostToHost: a proxy with transport host-to-host, ' +
-        'the source host sends the blocks to the DR host; network: a proxy with transport network, the blocks pass ' +
-        'through the proxy (this process), two HTTP hops. raw = pread/pwrite of the same extents into a new file on the ' +
-        'same disk + fdatasync. bare HTTP hop = the same bytes from memory over one Node HTTP connection between two ' +
-        'processes.',
+        'each lab copy = the beginRestorePoint, copyDisk and sealRestorePoint activities of ' +
+        'src/activities/replication.ts, called in this process through MockActivityEnvironment (no worker, no ' +
+        'server): copyDisk lists the changed extents and copies them in its 32 MiB batches; the seal fsyncs (the ' +
+        'layer flushes in the background during the copy). hostToHost: copyDisk with transport host-to-host, the ' +
+        'source host sends the blocks to the DR host; network: copyDisk with transport network, the blocks pass ' +
+        'through this process, two HTTP hops, each frame decoded and re-encoded as the product does. raw = ' +
+        'pread/pwrite of the same extents into a new file on the same disk + fdatasync. bare HTTP hop = the same ' +
+        'bytes from memory over one Node HTTP connection between two processes.',
     };
-    await mkdir(join(ROOT, 'bench', 'results'), { recursive: true });
-    await writeFile(join(ROOT, 'bench', 'results', 'lab-copy.json'), `${JSON.stringify(result, null, 2)}\n`);
+    const path = await writeResult('lab-copy', result);
     console.log(JSON.stringify(result, null, 2));
+    console.log(`Results in ${path}`);
   } finally {
     port.close();
     child.kill('SIGTERM');

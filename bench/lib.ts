@@ -2,17 +2,19 @@
 // a lab site in a temporary directory, the orchestrator's workers wired to both, and a clean stop on success,
 // failure or Ctrl-C. Also medians, history statistics and result files.
 
+import { execFileSync } from 'node:child_process';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { cpus, loadavg, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import type { WorkflowHandle } from '@temporalio/client';
 import { temporal } from '@temporalio/proto';
+import { MockActivityEnvironment } from '@temporalio/testing';
 import { Runtime } from '@temporalio/worker';
 import type { EstateInput } from '../lab/estate';
 import { startLab, type RunningLab } from '../lab/server';
 import { ensureTemporalCli, freePort, startDevServer, type DevServer } from '../scripts/lib/dev-server';
 import { parseConfiguration } from '../src/config/load';
-import type { Configuration } from '../src/config/schema';
+import type { Configuration, ProxyTransport } from '../src/config/schema';
 import { LabControl, LabHypervisor } from '../src/hypervisor/lab-adapter';
 import { createLogger } from '../src/logging';
 import { createOrchestrator, type Orchestrator } from '../src/orchestrator';
@@ -35,7 +37,12 @@ export function estateOf(vms: EstateVm[]): EstateInput {
 }
 
 /** How the benchmarks' proxy moves blocks (BENCH_PROXY_TRANSPORT: network, the default, or host-to-host). */
-export const PROXY_TRANSPORT = process.env.BENCH_PROXY_TRANSPORT ?? 'network';
+export const PROXY_TRANSPORT = ((): ProxyTransport => {
+  const transport = process.env.BENCH_PROXY_TRANSPORT ?? 'network';
+  if (transport !== 'network' && transport !== 'host-to-host')
+    throw new Error(`BENCH_PROXY_TRANSPORT: '${transport}' is neither network nor host-to-host`);
+  return transport;
+})();
 
 /** Hosts prod-a and dr-a on the lab, one proxy, alice as Backup Administrator, and the given jobs. */
 export function configurationOf(
@@ -147,12 +154,26 @@ export const median = (values: readonly number[]): number => {
   return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
 };
 
+/** Runs an activity call with no worker, in an activity context of its own (heartbeats go nowhere). */
+export const asActivity = <R>(call: () => Promise<R>): Promise<R> => new MockActivityEnvironment().run(call);
+
 export const round1 = (n: number): number => Math.round(n * 10) / 10;
 export const round3 = (n: number): number => Math.round(n * 1000) / 1000;
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 export function machine(): { cpus: number; node: string; loadAverage: number[] } {
   return { cpus: cpus().length, node: process.version, loadAverage: loadavg().map((l) => Math.round(l * 100) / 100) };
+}
+
+/**
+ * The code a run measures: HEAD, marked when the working tree differs from it. Result files are left out: one
+ * written by an earlier benchmark changes no code.
+ */
+export function commitOf(): string {
+  const git = (...args: string[]) => execFileSync('git', args, { cwd: __dirname, encoding: 'utf8' }).trim();
+  const head = git('rev-parse', 'HEAD');
+  const dirty = git('status', '--porcelain', '--', ':/', ':(exclude,top)bench/results') !== '';
+  return dirty ? `${head} with uncommitted changes` : head;
 }
 
 export async function writeResult(name: string, result: unknown): Promise<string> {
@@ -239,6 +260,8 @@ export interface TimelineEntry {
   /** When it was picked up by a worker (activities only). */
   startedMs?: number;
   closedMs: number;
+  /** What a completed activity returned. */
+  result?: unknown;
 }
 
 const eventMs = (t: { seconds?: unknown; nanos?: number | null } | null | undefined): number =>
@@ -247,6 +270,7 @@ const eventMs = (t: { seconds?: unknown; nanos?: number | null } | null | undefi
 /** The activities and outgoing signals of a workflow, in the order they were scheduled. */
 export async function timeline(handle: WorkflowHandle): Promise<TimelineEntry[]> {
   const events = (await handle.fetchHistory()).events ?? [];
+  const { payloadConverter } = handle.client.options.loadedDataConverter;
   const t0 = eventMs(events[0]?.eventTime);
   const byId = new Map<string, TimelineEntry>();
   const out: TimelineEntry[] = [];
@@ -287,7 +311,90 @@ export async function timeline(handle: WorkflowHandle): Promise<TimelineEntry[]>
       const key = activity ? activity.scheduledEventId : signal?.initiatedEventId;
       const entry = key === undefined || key === null ? undefined : byId.get(String(key));
       if (entry) entry.closedMs = at;
+      const result = e.activityTaskCompletedEventAttributes?.result?.payloads?.[0];
+      if (entry && result) entry.result = payloadConverter.fromPayload(result);
     }
   }
   return out;
+}
+
+/** One activity or signal of a critical window. */
+export interface WindowStep {
+  step: string;
+  /** Scheduled to closed, server clock. */
+  ms: number;
+  /** Scheduled to picked up by a worker. */
+  queueMs?: number;
+}
+
+export interface CriticalWindow {
+  /** From the source's shutdown to the replica's power-on, in the order they were scheduled; then the gaps. */
+  steps: WindowStep[];
+  /**
+   * The shutdown's start to the power-on's end as those two activities measured them (the worker's clock): the
+   * downtime timed as the naive move's is.
+   */
+  activitySpanMs: number;
+}
+
+interface PowerTimes {
+  startedAt: number;
+  finishedAt: number;
+}
+
+/** The critical window of a planned failover session, from its history; `vm` is written `<vm>` in step names. */
+export async function criticalWindow(handle: WorkflowHandle, vm: string): Promise<CriticalWindow> {
+  const entries = await timeline(handle);
+  const first = entries.findIndex((e) => e.name === 'shutDownSource');
+  let last = entries.length - 1;
+  while (last > first && entries[last]!.name !== 'powerOnVm') last--;
+  if (first < 0 || last <= first) throw new Error(`${handle.workflowId}: no shutdown and power-on in its history`);
+  const window = entries.slice(first, last + 1);
+  const steps: WindowStep[] = window.map((e) => ({
+    step: e.summary ? e.summary.split(vm).join('<vm>') : e.name.replace(/ to .*/, ''),
+    ms: Math.round(e.closedMs - e.scheduledMs),
+    queueMs: e.startedMs === undefined ? undefined : Math.round(e.startedMs - e.scheduledMs),
+  }));
+  // Copies of several disks overlap: count the time anything ran once.
+  let busy = 0;
+  let until = Number.NEGATIVE_INFINITY;
+  for (const e of [...window].sort((a, b) => a.scheduledMs - b.scheduledMs)) {
+    busy += Math.max(0, e.closedMs - Math.max(e.scheduledMs, until));
+    until = Math.max(until, e.closedMs);
+  }
+  const span = window.at(-1)!.closedMs - window[0]!.scheduledMs;
+  steps.push({ step: 'between steps (workflow tasks)', ms: Math.round(span - busy) });
+  const shutdown = window[0]!.result as PowerTimes;
+  const boot = window.at(-1)!.result as PowerTimes;
+  return { steps, activitySpanMs: boot.finishedAt - shutdown.startedAt };
+}
+
+/**
+ * Median time of each step over several runs, listed in the first run's order. Steps are matched by name and
+ * occurrence (parallel copies may be scheduled in either order; a name may come twice, as the helper point's
+ * opening does); `sameOrder` says whether every run scheduled its steps in the first run's order.
+ */
+export function stepMedians(runs: readonly WindowStep[][]): {
+  sameOrder: boolean;
+  steps: { step: string; medianMs: number; medianQueueMs?: number }[];
+} {
+  const keyed = runs.map((run) => {
+    const seen = new Map<string, number>();
+    return run.map((s) => {
+      const n = (seen.get(s.step) ?? 0) + 1;
+      seen.set(s.step, n);
+      return { key: `${s.step}#${n}`, ...s };
+    });
+  });
+  const order = (run: { key: string }[]) => run.map((s) => s.key).join('\n');
+  const first = keyed[0] ?? [];
+  const of = (key: string) => keyed.flatMap((run) => run.filter((s) => s.key === key));
+  return {
+    sameOrder: keyed.every((run) => order(run) === order(first)),
+    steps: first.map(({ key, step, queueMs }) => ({
+      step,
+      medianMs: Math.round(median(of(key).map((s) => s.ms))),
+      medianQueueMs: queueMs === undefined ? undefined : Math.round(median(of(key).map((s) => s.queueMs ?? 0))),
+    })),
+  };
 }

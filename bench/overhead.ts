@@ -9,17 +9,21 @@ import { startPlannedFailover, startReplicationJob } from '../src/client';
 import { sessionWorkflowId } from '../src/contract';
 import type { BareActivities } from './bare-workflow';
 import {
+  commitOf,
+  criticalWindow,
   estateOf,
   historyStats,
   machine,
   median,
   round3,
   startEnvironment,
+  stepMedians,
   timeline,
   USER,
   writeResult,
   type EstateVm,
   type HistoryStats,
+  type WindowStep,
 } from './lib';
 
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 10);
@@ -41,12 +45,16 @@ interface PlannedRun {
   bootMs: number;
   bytesCopied: number;
   /** Scheduled to closed of each activity or signal of the session, in order. */
-  sessionSteps: { step: string; ms: number }[];
+  sessionSteps: WindowStep[];
+  /** The session's steps from the shutdown to the replica's power-on, in the order they were scheduled. */
+  criticalWindow: WindowStep[];
 }
 
 async function main(): Promise<void> {
   const log = (line: string) => console.log(line);
   const began = performance.now();
+  const commit = commitOf();
+  log(`Code: ${commit}`);
   const vms: EstateVm[] = Array.from({ length: WARMUP + ROUNDS }, (_, i) => ({
     name: `ov-${i}`,
     disks: [{ id: 'os', size: '64MiB' }],
@@ -91,7 +99,8 @@ async function main(): Promise<void> {
       if (session.bytesCopied > 65536)
         throw new Error(`${vm}: ${session.bytesCopied} bytes copied, expected at most the canary block`);
       const sessionId = sessionWorkflowId(vm, session.sessionId);
-      const steps = await timeline(client.workflow.getHandle(sessionId));
+      const sessionHandle = client.workflow.getHandle(sessionId);
+      const steps = await timeline(sessionHandle);
       return {
         vm,
         workflowId: handle.workflowId,
@@ -108,6 +117,7 @@ async function main(): Promise<void> {
           step: s.summary ? s.summary.split(vm).join('<vm>') : s.name.replace(/ to .*/, ''),
           ms: Math.round(s.closedMs - s.scheduledMs),
         })),
+        criticalWindow: (await criticalWindow(sessionHandle, vm)).steps,
       };
     };
     const runBare = async (): Promise<number> => {
@@ -153,12 +163,10 @@ async function main(): Promise<void> {
 
     const plannedMedian = median(planned.map((p) => p.wallMs));
     const bareMedian = median(bareMs);
-    const steps = planned[0]!.sessionSteps.map((s, i) => ({
-      step: s.step,
-      medianMs: Math.round(median(planned.map((p) => p.sessionSteps[i]?.ms ?? Number.NaN))),
-    }));
+    const window = stepMedians(planned.map((p) => p.criticalWindow));
     const result = {
       benchmark: 'overhead',
+      commit,
       date: new Date().toISOString(),
       machine: machine(),
       durationSeconds: Math.round((performance.now() - began) / 1000),
@@ -177,7 +185,8 @@ async function main(): Promise<void> {
       plannedBytesCopied: planned.map((p) => p.bytesCopied),
       plannedFailoverMs: planned.map((p) => p.wallMs),
       bareWorkflowMs: bareMs.map(Math.round),
-      plannedSessionStepMedians: steps,
+      plannedSessionStepMedians: stepMedians(planned.map((p) => p.sessionSteps)),
+      plannedCriticalWindowMedians: window,
       histories,
       note:
         'planned = startPlannedFailover to its result for a VM with writeRate 0, already replicated, shutdownMs 0, ' +
@@ -185,6 +194,8 @@ async function main(): Promise<void> {
         'entities); bare = a workflow of five sequential no-op activities on its own worker and task queue, same server.',
     };
     const path = await writeResult('overhead', result);
+    log(`Critical window, in order${window.sameOrder ? '' : ' (of the first run; the order varied)'}:`);
+    for (const s of window.steps) log(`  ${s.step}: ${s.medianMs} ms`);
     log(
       `\nMedian: planned failover ${result.plannedFailoverMedianMs} ms, bare workflow ${result.bareWorkflowMedianMs} ms, ` +
         `ratio ${result.ratio}`,
