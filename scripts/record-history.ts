@@ -124,7 +124,7 @@ async function main(): Promise<void> {
     );
   }
   mkdirSync(dir, { recursive: true });
-  Runtime.install({ logger: createLogger('WARN') });
+  Runtime.install({ logger: createLogger('ERROR') });
   const workDir = mkdtempSync(join(tmpdir(), 'pf-record-'));
   const server = await startDevServer({
     cli: ensureTemporalCli(),
