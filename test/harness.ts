@@ -50,8 +50,14 @@ export async function createTestNamespace(server = temporalAddress()): Promise<s
 
 export interface TestOrchestrator extends Orchestrator {
   lab: TestLab;
-  /** Starts more workers on the same namespace, configuration and lab (a proxy's own worker, say). */
-  startWorkersFor(roles: WorkerRoles): Promise<{ stop(): Promise<void> }>;
+  /**
+   * Starts more workers on the same namespace and lab (a proxy's own worker, say), with the same configuration or
+   * another one (as an operator's edit of the file would give the next worker).
+   */
+  startWorkersFor(
+    roles: WorkerRoles,
+    configure?: (labUrl: string) => Configuration,
+  ): Promise<{ stop(): Promise<void> }>;
 }
 
 /** The demo configuration's shape, pointed at a test lab: jobs and proxies as the test needs them. */
@@ -100,11 +106,11 @@ export async function startOrchestrator(options: {
   const namespace = await createTestNamespace(server);
   const lab = await startTestLab(options.estate);
   const config = options.configure(lab.lab.url);
-  const create = (roles: WorkerRoles | undefined) =>
+  const create = (roles: WorkerRoles | undefined, configuration = config) =>
     createOrchestrator({
       connectionOptions: { address: server },
       namespace,
-      config,
+      config: configuration,
       port: lab.port,
       workflowBundle: { codePath: required('PF_TEST_WORKFLOW_BUNDLE') },
       roles,
@@ -115,8 +121,8 @@ export async function startOrchestrator(options: {
   return {
     ...orchestrator,
     lab,
-    async startWorkersFor(roles) {
-      const more = await create(roles);
+    async startWorkersFor(roles, configure) {
+      const more = await create(roles, configure?.(lab.lab.url));
       extra.push(more);
       await more.startWorkers();
       return { stop: () => more.close() };

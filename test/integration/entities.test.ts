@@ -21,6 +21,7 @@ import {
 } from '../../src/contract';
 import type { LabFault } from '../../src/hypervisor/lab-adapter';
 import { freePort, startDevServer, type DevServer } from '../../scripts/lib/dev-server';
+import { ALL_ROLES } from '../../src/worker';
 import {
   entityState,
   haltOf,
@@ -55,6 +56,7 @@ const VM = {
   adopted: 'en-adopt',
   entityGone: 'en-gone',
   rolledOver: 'en-roll',
+  moved: 'en-moved',
 } as const;
 const VMS = Object.values(VM);
 const SUGGEST_CONTINUE_AS_NEW = 60;
@@ -77,23 +79,26 @@ describe('the entities survive continue-as-new, dead holders and their own loss'
     o = await startOrchestrator({
       server: server.address,
       estate: estateOf(VMS, DISKS, { writeRate: 0, shutdownMs: 100, bootMs: 100 }),
-      configure: (url) =>
-        testConfiguration(url, {
-          // Exactly one slot per disk on the dead session's proxy: its leaked slots would block the next run.
-          proxies: [
-            { name: 'proxy-a', slots: 8 },
-            { name: 'proxy-tight', slots: 2 },
-          ],
-          jobs: VMS.map((vm) => ({
-            name: `job-${vm}`,
-            vms: [vm],
-            targetHost: DR,
-            ...(vm === VM.deadSession ? { proxies: ['proxy-tight'] } : {}),
-          })),
-        }),
+      configure: (url) => configuration(url),
     });
     await Promise.all(VMS.map((vm) => runJob(vm, 'replicated')));
   });
+
+  /** The test's configuration; `movedTo` puts en-moved in another job, as an operator's edit would. */
+  const configuration = (url: string, movedTo?: string) =>
+    testConfiguration(url, {
+      // Exactly one slot per disk on the dead session's proxy: its leaked slots would block the next run.
+      proxies: [
+        { name: 'proxy-a', slots: 8 },
+        { name: 'proxy-tight', slots: 2 },
+      ],
+      jobs: VMS.map((vm) => ({
+        name: vm === VM.moved && movedTo ? movedTo : `job-${vm}`,
+        vms: [vm],
+        targetHost: DR,
+        ...(vm === VM.deadSession ? { proxies: ['proxy-tight'] } : {}),
+      })),
+    });
 
   after(async () => {
     await o?.close();
@@ -101,8 +106,8 @@ describe('the entities survive continue-as-new, dead holders and their own loss'
     rmSync(dir, { recursive: true, force: true });
   });
 
-  async function runJob(vm: string, expected: string, ms = 60_000) {
-    const handle = await startReplicationJob(o.client, { job: `job-${vm}`, requestedBy: 'alice' });
+  async function runJob(vm: string, expected: string, ms = 60_000, job = `job-${vm}`) {
+    const handle = await startReplicationJob(o.client, { job, requestedBy: 'alice' });
     const result = await settlesWithin(`the job run of ${vm}`, ms, handle.result());
     const session = result.sessions[0]!;
     assert.equal(session.outcome, expected, `${vm}: ${session.detail}`);
@@ -298,5 +303,27 @@ describe('the entities survive continue-as-new, dead holders and their own loss'
     await session.executeUpdate(haltedSessionUpdates.abort, { args: [{ ...alice, reason: 'done' }] });
     const result = await settlesWithin('the job run', 60_000, job.result());
     assert.equal(result.sessions[0]!.outcome, 'replicated');
+  });
+
+  it('a VM moved to another job in the configuration is replicated and operated on under its new job', async () => {
+    const vm = VM.moved;
+    await o.stopWorkers();
+    const moved = await o.startWorkersFor(ALL_ROLES, (url) => configuration(url, 'job-renamed'));
+    try {
+      await runJob(vm, 'replicated', 60_000, 'job-renamed');
+      assert.equal((await entityState(o.client, vm)).job, 'job-renamed', 'the entity follows the configuration');
+      await settlesWithin(
+        'the failover',
+        60_000,
+        (await startFailover(o.client, { vms: [vm], reason: 'moved', requestedBy: 'alice' })).result(),
+      );
+      const undone = await entity(vm).executeUpdate(operationUpdates.undoFailover, {
+        args: [{ ...alice, reason: 'back' }],
+      });
+      assert.equal(undone.state, 'Ready');
+    } finally {
+      await moved.stop();
+      await o.startWorkers();
+    }
   });
 });
