@@ -14,7 +14,7 @@ import {
   type PlannedFailoverOptions,
   type PlannedFailoverSessionResult,
 } from '../src/contract';
-import { PointMetadata } from '../src/domain/restore-points';
+import { checkpointProvenance, PointMetadata } from '../src/domain/restore-points';
 import { LabHypervisor } from '../src/hypervisor/lab-adapter';
 import {
   asActivity,
@@ -232,14 +232,7 @@ async function measureNaive(activities: Activities, task: Task): Promise<NaiveSa
     activities.sealRestorePoint({
       replica: target.replica,
       pointId,
-      metadata: {
-        [PointMetadata.sourceKind]: 'checkpoint',
-        [PointMetadata.sourceHost]: target.source.host,
-        [PointMetadata.sourceVm]: target.source.vm,
-        [PointMetadata.sourceCheckpoint]: checkpointId,
-        [PointMetadata.sourceTime]: checkpoint.createdAt,
-        [PointMetadata.sourceReferencePoint]: referencePointId,
-      },
+      metadata: checkpointProvenance(target.source, checkpoint, referencePointId),
     }),
   );
   const replicaVm = { host: target.replica.host, vm: target.replica.replica };

@@ -87,8 +87,8 @@ export interface SessionReport {
 export interface ReplicaEntityInput {
   vm: string;
   job: string;
-  /** Carried over by continue-as-new: the view, and the payloads of queued operations. */
-  carried?: Omit<ReplicaView, 'vm' | 'job'> & { queuedOperations: QueuedOperation[] };
+  /** Carried over by continue-as-new: the view, the payloads of queued operations, whether the holder was adopted. */
+  carried?: Omit<ReplicaView, 'vm' | 'job'> & { queuedOperations: QueuedOperation[]; holderAdopted?: boolean };
 }
 
 export interface QueuedOperation {

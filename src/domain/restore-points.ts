@@ -23,6 +23,22 @@ export const PointMetadata = {
 
 export type SourceKind = 'checkpoint' | 'backup' | 'replica';
 
+/** The provenance of a point copied from a checkpoint of a VM, with the reference point taken with it. */
+export function checkpointProvenance(
+  source: { host: string; vm: string },
+  checkpoint: { id: string; createdAt: string },
+  referencePointId: string,
+): Record<string, string> {
+  return {
+    [PointMetadata.sourceKind]: 'checkpoint',
+    [PointMetadata.sourceHost]: source.host,
+    [PointMetadata.sourceVm]: source.vm,
+    [PointMetadata.sourceCheckpoint]: checkpoint.id,
+    [PointMetadata.sourceTime]: checkpoint.createdAt,
+    [PointMetadata.sourceReferencePoint]: referencePointId,
+  };
+}
+
 /** A point's provenance as the state query and the CLI show it. */
 export interface PointSource {
   kind: SourceKind | 'unknown';

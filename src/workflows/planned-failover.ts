@@ -34,7 +34,7 @@ import {
 } from '../contract';
 import { forceTarget, replicaMayRun, retryFrom, type WindowStep } from '../domain/critical-window';
 import { checkTransition, hostRefusesReplication } from '../domain/replica-state';
-import { PointMetadata } from '../domain/restore-points';
+import { checkpointProvenance, PointMetadata } from '../domain/restore-points';
 import { formatBytes } from '../domain/units';
 import {
   bestEffort,
@@ -366,14 +366,8 @@ async function failOver(
   const helper2 = `rp-${sessionId}-helper2`;
   const ref1 = `ref-${sessionId}-1`;
   const source = target.source;
-  const provenance = (checkpoint: { id: string; createdAt: string }, referencePointId: string) => ({
-    [PointMetadata.sourceKind]: 'checkpoint',
-    [PointMetadata.sourceHost]: source.host,
-    [PointMetadata.sourceVm]: source.vm,
-    [PointMetadata.sourceCheckpoint]: checkpoint.id,
-    [PointMetadata.sourceTime]: checkpoint.createdAt,
-    [PointMetadata.sourceReferencePoint]: referencePointId,
-  });
+  const provenance = (checkpoint: { id: string; createdAt: string }, referencePointId: string) =>
+    checkpointProvenance(source, checkpoint, referencePointId);
   const begin = (pointId: string, options: ActivityOptions = controlOptions) =>
     withSummary(
       control.beginRestorePoint,
@@ -818,12 +812,7 @@ async function abort(
   if (sealed) {
     if (!result.helperPoints.includes(w.helper2)) result.helperPoints.push(w.helper2);
     await dr('keeping the final checkpoint as the reference point', () =>
-      withSummary(
-        control.promoteCheckpoint,
-        'Keep the final checkpoint as the next reference point',
-        [{ vm: target.source, checkpointId, referencePointId: ref2 }],
-        persistentOptions,
-      ),
+      promoteFinalCheckpoint(w, checkpointId, ref2, persistentOptions),
     );
   } else {
     await dr('dropping the unverified helper restore point 2', () =>
@@ -847,6 +836,15 @@ async function abort(
   step('Aborted', result.detail);
   return true;
 }
+
+/** The powered-off source's final checkpoint becomes the reference point the next job run tracks from. */
+const promoteFinalCheckpoint = (w: WindowContext, checkpointId: string, ref2: string, options: ActivityOptions) =>
+  withSummary(
+    control.promoteCheckpoint,
+    'Keep the final checkpoint as the next reference point',
+    [{ vm: w.target.source, checkpointId, referencePointId: ref2 }],
+    options,
+  );
 
 /**
  * Zero data loss, proven for every block: helper point 2 against the powered-off source's final checkpoint, both
@@ -874,12 +872,7 @@ async function verifyAllBlocks(w: WindowContext, checkpointId: string, ref2: str
   }
   if (result.fullVerification.identical === true) {
     await bestEffort('Keeping the final checkpoint as the reference point', () =>
-      withSummary(
-        control.promoteCheckpoint,
-        'Keep the final checkpoint as the next reference point',
-        [{ vm: target.source, checkpointId, referencePointId: ref2 }],
-        waitingOptions,
-      ),
+      promoteFinalCheckpoint(w, checkpointId, ref2, waitingOptions),
     );
   } else {
     log.error('Zero data loss not proven for the planned failover', { vm: input.vm, ...result.fullVerification });

@@ -64,7 +64,7 @@ const ROLL_OVER_AFTER_EVENTS = 2000;
  * that its holder still runs and takes the replica back (and rebuilds) when it does not.
  */
 export async function replica(input: ReplicaEntityInput): Promise<void> {
-  const { queuedOperations = [], ...carriedView } = input.carried ?? {};
+  const { queuedOperations = [], holderAdopted = false, ...carriedView } = input.carried ?? {};
   const view: ReplicaView = {
     vm: input.vm,
     job: input.job,
@@ -85,7 +85,7 @@ export async function replica(input: ReplicaEntityInput): Promise<void> {
   const outcomes = new Map<string, OperationOutcome | Refusal>();
   let granted = view.currentSession !== null; // a session carried over was already told
   /** The holder was found running by a rebuild, not granted by this entity: watched until it ends. */
-  let adopted = false;
+  let adopted = holderAdopted;
   let rollingOver = false;
   let suggestedAt: number | undefined;
   /** Until the state is rebuilt, requests are checked against their schema only, and against the state after. */
@@ -373,7 +373,7 @@ export async function replica(input: ReplicaEntityInput): Promise<void> {
       return continueAsNew<typeof replica>({
         vm,
         job,
-        carried: { ...carried, queuedOperations: [...operations.values()] },
+        carried: { ...carried, queuedOperations: [...operations.values()], holderAdopted: adopted },
       });
     }
     if (view.currentSession === null && view.waitingSessions.length > 0) {

@@ -22,7 +22,7 @@ import {
   type SessionReport,
 } from '../contract';
 import { hostRefusesReplication, jobRunSkipReason } from '../domain/replica-state';
-import { PointMetadata } from '../domain/restore-points';
+import { checkpointProvenance, PointMetadata } from '../domain/restore-points';
 import { formatBytes } from '../domain/units';
 import { bestEffort, control, failureMessage, refusedInput, showStep, waitingOptions, withSummary } from './common';
 import {
@@ -163,14 +163,7 @@ export async function replicationSession(input: ReplicationSessionInput): Promis
         const checkpoint = await withSummary(control.createCheckpoint, `Checkpoint ${vm} for a consistent read`, [
           { vm: target.source, checkpointId },
         ]);
-        provenance = {
-          [PointMetadata.sourceKind]: 'checkpoint',
-          [PointMetadata.sourceHost]: target.source.host,
-          [PointMetadata.sourceVm]: target.source.vm,
-          [PointMetadata.sourceCheckpoint]: checkpointId,
-          [PointMetadata.sourceTime]: checkpoint.createdAt,
-          [PointMetadata.sourceReferencePoint]: referencePointId,
-        };
+        provenance = checkpointProvenance(target.source, checkpoint, referencePointId);
       }
       await withSummary(control.beginRestorePoint, `Open restore point ${pointId}`, [
         { replica: target.replica, pointId, kind: 'regular', metadata: { [PointMetadata.session]: sessionId } },
