@@ -544,20 +544,22 @@ async function criticalWindow(w: WindowContext): Promise<'failedOver' | 'aborted
           step('FinalSync', `copying the last changes of ${vm} (helper restore point 2)`);
           const copies = await clock.time('finalSyncMs', async () => {
             const leases = await slots.lease();
-            // A retry after a halt: the point is still open (a sealed point is never copied into).
-            await withSummary(
-              control.beginRestorePoint,
-              'Open helper restore point 2',
-              [
-                {
-                  replica: target.replica,
-                  pointId: helper2,
-                  kind: 'planned-failover-helper',
-                  metadata: { session: sessionId },
-                },
-              ],
-              criticalControl,
-            );
+            // Opened before power-off. After a halt it is opened again, in case someone dropped it meanwhile (a
+            // sealed point is never copied into: the seal comes after the verification).
+            if (result.halts.length > 0)
+              await withSummary(
+                control.beginRestorePoint,
+                'Open helper restore point 2 again',
+                [
+                  {
+                    replica: target.replica,
+                    pointId: helper2,
+                    kind: 'planned-failover-helper',
+                    metadata: { session: sessionId },
+                  },
+                ],
+                criticalControl,
+              );
             return copyDisks({
               vm,
               target,
