@@ -11,6 +11,7 @@ import {
   haltedSessionUpdates,
   PROXY_REGISTRY_WORKFLOW_ID,
   proxyQueries,
+  replicaWorkflowId,
   SearchAttributes,
   type OperatorRequest,
   type PlannedFailoverSessionResult,
@@ -29,7 +30,14 @@ import {
   startFailover,
   type Disk,
 } from '../failover-helpers';
-import { operationByCli, settlesWithin, startOrchestrator, testConfiguration, type TestOrchestrator } from '../harness';
+import {
+  operationByCli,
+  settlesWithin,
+  startOrchestrator,
+  testConfiguration,
+  within,
+  type TestOrchestrator,
+} from '../harness';
 import { DR, estateOf, MiB, PROD } from '../lab/helpers';
 
 const DISKS: Disk[] = [
@@ -49,6 +57,10 @@ const VM = {
   stale: 'cw-stale',
   forceAgain: 'cw-force-again',
   corrupt: 'cw-corrupt',
+  powerOffFails: 'cw-poweroff',
+  checkpointFails: 'cw-checkpoint',
+  sealFails: 'cw-seal',
+  switchFails: 'cw-switch',
 } as const;
 const VMS = Object.values(VM);
 
@@ -353,6 +365,83 @@ describe('the critical window halts on every failure and every decision works fr
     assert.equal(s.outcome, 'forcedFailover');
     assert.equal(s.dataLoss, undefined);
     assert.equal(s.fullVerification?.identical, true);
+  });
+
+  it('a source that cannot be shut down halts at power-off; abort leaves it running', async () => {
+    const vm = VM.powerOffFails;
+    await o.lab.control.setFault(PROD, { kind: 'fail', path: `^/v1/hosts/${PROD}/vms/${vm}/power$` });
+    const handle = await startFailover(o.client, { vms: [vm], reason: 'power-off fails', requestedBy: 'alice' });
+    const session = await sessionAt(o.client, vm, 'Halted');
+    assert.equal((await haltOf(session)).step, 'powerOff');
+    await o.lab.control.clearFaults(PROD);
+    await session.executeUpdate(haltedSessionUpdates.abort, { args: alice('not now') });
+    assert.equal((await resultOfFailed(handle)).sessions[0]!.outcome, 'aborted');
+    assert.equal(await powerOf(o.lab, vm), 'Running');
+    await replicatesNormally(vm);
+  });
+
+  it('a final checkpoint that fails halts; retry completes the failover', async () => {
+    const vm = VM.checkpointFails;
+    await o.lab.control.setFault(PROD, {
+      kind: 'fail',
+      path: `^/v1/hosts/${PROD}/vms/${vm}/checkpoints/ckpt-[^/]*-final$`,
+    });
+    const handle = await startFailover(o.client, { vms: [vm], reason: 'checkpoint fails', requestedBy: 'alice' });
+    const session = await sessionAt(o.client, vm, 'Halted');
+    assert.equal((await haltOf(session)).step, 'checkpoint');
+    await o.lab.control.clearFaults(PROD);
+    await session.executeUpdate(haltedSessionUpdates.retry, { args: alice('prod back') });
+    const s = ((await handle.result()) as { sessions: PlannedFailoverSessionResult[] }).sessions[0]!;
+    assert.equal(s.outcome, 'failedOver');
+    assert.equal(s.fullVerification?.identical, true);
+  });
+
+  it('a seal that fails halts; force then moves to helper point 1, since the host shows helper point 2 unsealed', async () => {
+    const vm = VM.sealFails;
+    const { session, halt } = await halted(vm, {
+      kind: 'fail',
+      path: `^${replicaPath(vm)}/points/[^/]*-helper2/seal$`,
+    });
+    assert.equal(halt.step, 'seal');
+    await o.lab.control.clearFaults(DR);
+    assert.match(
+      await session.executeUpdate(haltedSessionUpdates.forceFailover, { args: alice('seal broken') }),
+      /forced failover to helper restore point 1/,
+    );
+    const s = await sessionResult(session);
+    assert.equal(s.outcome, 'forcedFailover');
+    assert.equal((await replicaOnHost(o.lab, vm)).headPointId, s.helperPoints[0]);
+  });
+
+  it('a switch that cannot reach the replica entity halts; once the entity is back, retry completes', async () => {
+    const vm = VM.switchFails;
+    // Halt at the copy, then take the entity away: the switch after the retried copy has nobody to tell.
+    const { handle, session } = await halted(vm, helper2Writes(vm));
+    await o.lab.control.clearFaults(DR);
+    await o.client.workflow.getHandle(replicaWorkflowId(vm)).terminate('test: the entity is lost');
+    await session.executeUpdate(haltedSessionUpdates.retry, { args: alice('copy again') });
+    const second = await within('the halt at the switch', 60_000, async () => {
+      const h = await haltOf(session);
+      return h.id === 2 ? h : undefined;
+    });
+    assert.equal(second.step, 'switch');
+    // A job run starts the entity again: it rebuilds, finds the halted session holding the replica, waits.
+    const job = await startReplicationJob(o.client, { job: `job-${vm}`, requestedBy: 'alice' });
+    await within('the new entity to adopt the session', 30_000, async () => {
+      const view = await entityState(o.client, vm).catch(() => undefined);
+      return view?.currentSession?.workflowId === session.workflowId && view.waitingSessions.length > 0
+        ? true
+        : undefined;
+    });
+    await session.executeUpdate(haltedSessionUpdates.retry, { args: alice('entity back') });
+    const s = ((await handle.result()) as { sessions: PlannedFailoverSessionResult[] }).sessions[0]!;
+    assert.equal(s.outcome, 'failedOver');
+    assert.equal((await entityState(o.client, vm)).state, 'Failover');
+    assert.equal(
+      (await job.result()).sessions[0]!.outcome,
+      'skipped',
+      'the job run waited, then skipped the failed-over replica',
+    );
   });
 
   it('the whole-disk comparison after power-on finds what the window check cannot, and shouts it', async () => {
