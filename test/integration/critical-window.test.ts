@@ -136,6 +136,9 @@ describe('the critical window halts on every failure and every decision works fr
   }
 
   const sessionResult = (session: WorkflowHandle) => session.result() as Promise<PlannedFailoverSessionResult>;
+  /** The outcome of the only VM of a planned failover that completed. */
+  const onlySessionOf = async (handle: WorkflowHandle) =>
+    ((await handle.result()) as { sessions: PlannedFailoverSessionResult[] }).sessions[0]!;
 
   /** The next job run replicates, incrementally, and the replica's new point equals the source at that run. */
   async function replicatesNormally(vm: string, modes = ['tracked', 'tracked']): Promise<void> {
@@ -192,8 +195,7 @@ describe('the critical window halts on every failure and every decision works fr
       await session.executeUpdate(haltedSessionUpdates.retry, { args: alice('DR back') }),
       /retrying from verify/,
     );
-    const result = (await handle.result()) as { sessions: PlannedFailoverSessionResult[] };
-    const s = result.sessions[0]!;
+    const s = await onlySessionOf(handle);
     assert.equal(s.outcome, 'failedOver');
     assert.equal(s.verification?.identical, true);
     assert.equal(s.fullVerification?.identical, true, JSON.stringify(s.fullVerification));
@@ -254,7 +256,7 @@ describe('the critical window halts on every failure and every decision works fr
       await session.executeUpdate(haltedSessionUpdates.retry, { args: alice('power back') }),
       /retrying from powerOn/,
     );
-    const s = ((await handle.result()) as { sessions: PlannedFailoverSessionResult[] }).sessions[0]!;
+    const s = await onlySessionOf(handle);
     assert.equal(s.outcome, 'failedOver');
     assert.equal((await replicaOnHost(o.lab, vm)).powerState, 'Running');
     assert.ok(s.downtime!.haltedMs > 0, 'the downtime counts the halt');
@@ -302,7 +304,7 @@ describe('the critical window halts on every failure and every decision works fr
     assert.match(halt.reason, /schedule.?to.?start|ScheduleToStart|not picked up|timed out/i);
     proxyWorker = await o.startWorkersFor({ orchestration: false, proxies: ['proxy-n'] });
     await session.executeUpdate(haltedSessionUpdates.retry, { args: alice('proxy back') });
-    const s = ((await handle.result()) as { sessions: PlannedFailoverSessionResult[] }).sessions[0]!;
+    const s = await onlySessionOf(handle);
     assert.equal(s.outcome, 'failedOver');
     assert.equal(s.fullVerification?.identical, true);
   });
@@ -391,7 +393,7 @@ describe('the critical window halts on every failure and every decision works fr
     assert.equal((await haltOf(session)).step, 'checkpoint');
     await o.lab.control.clearFaults(PROD);
     await session.executeUpdate(haltedSessionUpdates.retry, { args: alice('prod back') });
-    const s = ((await handle.result()) as { sessions: PlannedFailoverSessionResult[] }).sessions[0]!;
+    const s = await onlySessionOf(handle);
     assert.equal(s.outcome, 'failedOver');
     assert.equal(s.fullVerification?.identical, true);
   });
@@ -434,7 +436,7 @@ describe('the critical window halts on every failure and every decision works fr
         : undefined;
     });
     await session.executeUpdate(haltedSessionUpdates.retry, { args: alice('entity back') });
-    const s = ((await handle.result()) as { sessions: PlannedFailoverSessionResult[] }).sessions[0]!;
+    const s = await onlySessionOf(handle);
     assert.equal(s.outcome, 'failedOver');
     assert.equal((await entityState(o.client, vm)).state, 'Failover');
     assert.equal(

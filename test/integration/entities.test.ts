@@ -7,6 +7,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
+import type { WorkflowHandle } from '@temporalio/client';
 import { replicaNameOf } from '../../src/activities/inventory';
 import { startReplicationJob } from '../../src/client';
 import {
@@ -119,6 +120,15 @@ describe('the entities survive continue-as-new, dead holders and their own loss'
     kind: 'fail',
     path: `^${replicaPath(vm)}/points/[^/]*-helper2/disks/[^/]+/write$`,
   });
+  /** A planned failover of `vm` halted in its critical window: helper point 2 could not be written. */
+  async function haltedAtHelper2(vm: string): Promise<WorkflowHandle> {
+    await o.lab.control.setFault(DR, helper2Writes(vm));
+    await startFailover(o.client, { vms: [vm], reason: 'halt it', requestedBy: 'alice' });
+    const session = await sessionAt(o.client, vm, 'Halted');
+    await haltOf(session);
+    await o.lab.control.clearFaults(DR);
+    return session;
+  }
   const slowHelper1 = (vm: string): LabFault => ({
     kind: 'slow',
     latencyMs: 5_000,
@@ -129,11 +139,7 @@ describe('the entities survive continue-as-new, dead holders and their own loss'
 
   it('an update queued behind a halted session at continue-as-new completes once the session ends', async () => {
     const vm = VM.queuedUpdate;
-    await o.lab.control.setFault(DR, helper2Writes(vm));
-    await startFailover(o.client, { vms: [vm], reason: 'halt it', requestedBy: 'alice' });
-    const session = await sessionAt(o.client, vm, 'Halted');
-    await haltOf(session);
-    await o.lab.control.clearFaults(DR);
+    const session = await haltedAtHelper2(vm);
     const firstRun = (await entity(vm).describe()).runId;
     const point = (await entityState(o.client, vm)).restorePoints[0]!;
     // The update waits for its turn behind the halted session.
@@ -155,10 +161,7 @@ describe('the entities survive continue-as-new, dead holders and their own loss'
 
   it('an update that would hold the history open for good is answered StillQueued; its operation stays queued', async () => {
     const vm = VM.rolledOver;
-    await o.lab.control.setFault(DR, helper2Writes(vm));
-    await startFailover(o.client, { vms: [vm], reason: 'halt it', requestedBy: 'alice' });
-    const session = await sessionAt(o.client, vm, 'Halted');
-    await o.lab.control.clearFaults(DR);
+    const session = await haltedAtHelper2(vm);
     const point = (await entityState(o.client, vm)).restorePoints[0]!;
     let settled = false;
     const answered = entity(vm)
@@ -267,10 +270,7 @@ describe('the entities survive continue-as-new, dead holders and their own loss'
 
   it('a session whose entity is gone when it ends keeps its own result', async () => {
     const vm = VM.entityGone;
-    await o.lab.control.setFault(DR, helper2Writes(vm));
-    await startFailover(o.client, { vms: [vm], reason: 'halt it', requestedBy: 'alice' });
-    const session = await sessionAt(o.client, vm, 'Halted');
-    await o.lab.control.clearFaults(DR);
+    const session = await haltedAtHelper2(vm);
     await terminate(replicaWorkflowId(vm));
     await session.executeUpdate(haltedSessionUpdates.abort, { args: [{ ...alice, reason: 'nobody to tell' }] });
     const result = await settlesWithin('the session', 60_000, session.result() as Promise<{ outcome: string }>);
@@ -281,10 +281,7 @@ describe('the entities survive continue-as-new, dead holders and their own loss'
 
   it('a new entity finds a halted session holding the replica and waits for it', async () => {
     const vm = VM.adopted;
-    await o.lab.control.setFault(DR, helper2Writes(vm));
-    await startFailover(o.client, { vms: [vm], reason: 'halt it', requestedBy: 'alice' });
-    const session = await sessionAt(o.client, vm, 'Halted');
-    await o.lab.control.clearFaults(DR);
+    const session = await haltedAtHelper2(vm);
     await terminate(replicaWorkflowId(vm));
     const job = await startReplicationJob(o.client, { job: `job-${vm}`, requestedBy: 'alice' });
     // A query of the terminated run still answers its old state: wait for the new run's.

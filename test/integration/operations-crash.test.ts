@@ -10,7 +10,6 @@
 //   op-unback   undoFailback       the guest shutdown of production
 //   op-pick     failover           the replica's power-on after the revert
 import assert from 'node:assert/strict';
-import { randomUUID } from 'node:crypto';
 import { after, before, describe, it } from 'node:test';
 import type { Client } from '@temporalio/client';
 import type { EstateInput } from '../../lab/estate';
@@ -27,7 +26,8 @@ import {
 import type { ReplicaView } from '../../src/hypervisor/port';
 import { isPower, startCrashSite, type CrashSite, type Gate, type LabProxy } from '../crash-harness';
 import { operationByCli, operationFinished, within } from '../harness';
-import { assemble, DR, estateOf, MiB, PROD, type TestLab } from '../lab/helpers';
+import { replicaImage as replicaImageOf, sameImages, sourceImage } from '../failover-helpers';
+import { DR, estateOf, MiB, PROD, type TestLab } from '../lab/helpers';
 
 const DISKS = [
   { id: 'os', size: 2 * MiB },
@@ -66,30 +66,8 @@ describe('a worker killed with SIGKILL during each operation that finishes a fai
   const replicaPath = (vm: string) => `/v1/hosts/${DR}/replicas/${replicaNameOf(vm)}`;
 
   /** The replica's disks as seen through `view`: its running state, or a restore point. */
-  const replicaImage = (vm: string, view: ReplicaView): Promise<Buffer[]> =>
-    Promise.all(
-      DISKS.map((d) =>
-        assemble(
-          lab.port.readReplicaExtents({ ...replicaRef(vm), disk: d.id }, view, [{ offset: 0, length: d.size }]),
-          d.size,
-        ),
-      ),
-    );
-  async function productionImage(vm: string): Promise<Buffer[]> {
-    const ref = { host: PROD, vm };
-    const checkpointId = `test-${randomUUID()}`;
-    await lab.port.createCheckpoint(ref, checkpointId);
-    try {
-      return await Promise.all(
-        DISKS.map((d) =>
-          assemble(lab.port.readExtents({ ...ref, disk: d.id }, checkpointId, [{ offset: 0, length: d.size }]), d.size),
-        ),
-      );
-    } finally {
-      await lab.port.deleteCheckpoint(ref, checkpointId);
-    }
-  }
-  const sameImages = (a: Buffer[], b: Buffer[]): boolean => a.every((x, i) => x.equals(b[i]!));
+  const replicaImage = (vm: string, view: ReplicaView) => replicaImageOf(lab, vm, DISKS, view);
+  const productionImage = (vm: string) => sourceImage(lab, vm, DISKS);
   const sourcePower = async (vm: string) => (await lab.port.getVm({ host: PROD, vm })).powerState;
 
   /** Makes the replica's guest write these blocks of its data disk now. */
