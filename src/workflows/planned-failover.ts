@@ -555,7 +555,7 @@ async function criticalWindow(w: WindowContext): Promise<'failedOver' | 'aborted
                     replica: target.replica,
                     pointId: helper2,
                     kind: 'planned-failover-helper',
-                    metadata: { session: sessionId },
+                    metadata: { [PointMetadata.session]: sessionId },
                   },
                 ],
                 criticalControl,
