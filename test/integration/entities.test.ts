@@ -58,6 +58,7 @@ const VM = {
   entityGone: 'en-gone',
   rolledOver: 'en-roll',
   moved: 'en-moved',
+  busy: 'en-busy',
 } as const;
 const VMS = Object.values(VM);
 const SUGGEST_CONTINUE_AS_NEW = 60;
@@ -300,6 +301,28 @@ describe('the entities survive continue-as-new, dead holders and their own loss'
     await session.executeUpdate(haltedSessionUpdates.abort, { args: [{ ...alice, reason: 'done' }] });
     const result = await settlesWithin('the job run', 60_000, job.result());
     assert.equal(result.sessions[0]!.outcome, 'replicated');
+  });
+
+  it('a job run that waits for its replica longer than its limit gives its place back and is skipped', async () => {
+    const vm = VM.busy;
+    const session = await haltedAtHelper2(vm);
+    const job = await startReplicationJob(o.client, {
+      job: `job-${vm}`,
+      requestedBy: 'alice',
+      options: { proxyWaitTimeoutSeconds: 5 },
+    });
+    const run = (await settlesWithin('the job run', 60_000, job.result())).sessions[0]!;
+    assert.equal(run.outcome, 'skipped', run.detail);
+    assert.match(run.detail, /busy with another session or operation for 5 s/);
+    await within('the job run to leave the queue', 30_000, async () => {
+      const view = await entityState(o.client, vm);
+      return view.waitingSessions.length === 0 && view.currentSession?.workflowId === session.workflowId
+        ? true
+        : undefined;
+    });
+    await session.executeUpdate(haltedSessionUpdates.abort, { args: [{ ...alice, reason: 'done' }] });
+    await settlesWithin('the session', 60_000, session.result());
+    await runJob(vm, 'replicated');
   });
 
   it('a VM moved to another job in the configuration is replicated and operated on under its new job', async () => {
