@@ -256,7 +256,9 @@ async function receiveFrames(
 }
 
 function buildApp(site: LabSite, faults: Faults): FastifyInstance {
-  const app = Fastify({ bodyLimit: 64 * 1024 * 1024, keepAliveTimeout: 30_000 });
+  // JSON control bodies are small (the longest, a batch's extent list, a few hundred KiB); block data comes as
+  // streams, which this limit does not apply to.
+  const app = Fastify({ bodyLimit: 4 * 1024 * 1024, keepAliveTimeout: 30_000 });
   app.addContentTypeParser('application/octet-stream', (_req, _payload, done) => done(null, undefined));
 
   /**
@@ -287,6 +289,11 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
     if (refused && changesState(request.method, request.url)) throw refused;
   });
 
+  app.setNotFoundHandler((request, reply) =>
+    reply.code(404).send({
+      error: { code: 'not_found', message: `no such endpoint: ${request.method} ${request.url.split('?')[0]}` },
+    }),
+  );
   app.setErrorHandler((error, request, reply) => {
     // An upload refused part-way has a body still arriving: keeping the connection would leave it half-read.
     if (!request.raw.complete) void reply.header('connection', 'close');

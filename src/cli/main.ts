@@ -1,5 +1,5 @@
 // The project CLI: `npm run failover -- <command>`. Exit codes: 0 done, 1 the operation failed, 2 bad input.
-import { Command, InvalidArgumentError } from 'commander';
+import { Command, CommanderError, InvalidArgumentError } from 'commander';
 import { WorkflowFailedError, WorkflowUpdateFailedError, type Client } from '@temporalio/client';
 import { ApplicationFailure } from '@temporalio/common';
 import { connectClient, startPlannedFailover, startReplicationJob } from '../client';
@@ -77,7 +77,9 @@ const program = new Command()
     'Planned failover of VMs to their DR replicas, driven through Temporal.\n' +
       "Connection settings are the Temporal CLI's: TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE, TEMPORAL_API_KEY, temporal.toml profiles.",
   )
-  .showHelpAfterError();
+  .showHelpAfterError()
+  // Bad flags exit 2, like every other refused input; help and --version still exit 0.
+  .exitOverride();
 
 program
   .command('planned')
@@ -393,7 +395,9 @@ program
   });
 
 program.parseAsync().catch((err: unknown) => {
-  if (err instanceof UsageError) {
+  if (err instanceof CommanderError) {
+    process.exitCode = err.exitCode === 0 ? 0 : 2; // commander has printed its message already
+  } else if (err instanceof UsageError) {
     console.error(err.message);
     process.exitCode = 2;
   } else {

@@ -20,7 +20,11 @@ const hostSchema = z.strictObject({
 const proxySchema = z.strictObject({
   name,
   /** One task is one VM disk being copied. */
-  slots: z.number({ error: 'must be a number' }).int({ error: 'must be a whole number' }).min(1).max(64),
+  slots: z
+    .number({ error: 'must be a number' })
+    .int({ error: 'must be a whole number' })
+    .min(1, { error: 'must be at least 1' })
+    .max(64, { error: 'must be at most 64' }),
   /** Proxies can be taken offline by configuration; sessions then wait for the others. */
   enabled: z.boolean({ error: 'must be true or false' }).default(true),
   /**

@@ -74,7 +74,7 @@ export class HaltDesk {
     } catch (err) {
       throw ApplicationFailure.create({
         type: FailureTypes.accessDenied,
-        message: failureMessage(err),
+        message: `requestedBy: ${failureMessage(err)}`,
         nonRetryable: true,
       });
     }

@@ -1,0 +1,236 @@
+// Every case of the bad-input matrix (test/bad-input-matrix.ts) against a real server and lab: refused with an
+// error that names the field and says what is wrong, and nothing changed on the hosts, in the entities or in the
+// halted session. Also checks that docs/bad-input.md shows the same table.
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { promisify } from 'node:util';
+import { WorkflowFailedError, WorkflowUpdateFailedError, type WorkflowHandle } from '@temporalio/client';
+import { ApplicationFailure } from '@temporalio/common';
+import { EstateError, parseEstate } from '../../lab/estate';
+import { replicaNameOf } from '../../src/activities/inventory';
+import { startReplicationJob } from '../../src/client';
+import { ConfigurationError, parseConfiguration } from '../../src/config/load';
+import {
+  FailureTypes,
+  haltedSessionUpdates,
+  operationSignals,
+  operationUpdates,
+  replicaWorkflowId,
+  sessionQueries,
+  TASK_QUEUE,
+  WorkflowTypes,
+  type OperationName,
+} from '../../src/contract';
+import { BAD_INPUT_CASES, renderBadInputTable, type Send } from '../bad-input-matrix';
+import { entityState, haltedSession } from '../failover-helpers';
+import { startOrchestrator, temporalAddress, testConfiguration, within, type TestOrchestrator } from '../harness';
+import { DR, estateOf, MiB, PROD } from '../lab/helpers';
+
+const execute = promisify(execFile);
+/** A refused request is bad input, or a requester without the role. */
+const REFUSED_TYPES: readonly string[] = [FailureTypes.invalidInput, FailureTypes.accessDenied];
+const DISKS = [{ id: 'os', size: 2 * MiB }];
+const VMS = ['vm1', 'vm2'];
+/** Halted in its critical window for the decision cases. */
+const HALTED = 'vm1';
+/** Ready, for the operation cases. */
+const READY = 'vm2';
+
+/** What a refusal said: the error text and, where the entry point has one, the field it names on its own. */
+interface Refusal {
+  message: string;
+  field?: string;
+}
+
+describe('the bad-input matrix: every entry point refuses, naming the field, and changes nothing', () => {
+  let o: TestOrchestrator;
+  let halted: WorkflowHandle;
+
+  before(async () => {
+    o = await startOrchestrator({
+      estate: estateOf(VMS, DISKS, { writeRate: 0, shutdownMs: 100, bootMs: 100 }),
+      configure: (url) =>
+        testConfiguration(url, { jobs: VMS.map((vm) => ({ name: `job-${vm}`, vms: [vm], targetHost: DR })) }),
+    });
+    for (const vm of VMS)
+      await (await startReplicationJob(o.client, { job: `job-${vm}`, requestedBy: 'alice' })).result();
+    ({ session: halted } = await haltedSession(o.client, o.lab, HALTED));
+  });
+  after(() => o?.close());
+
+  /** What the bad inputs must leave alone: the VMs and replicas on the hosts, the entities, the halted session. */
+  async function snapshot(): Promise<unknown> {
+    const hosts = await Promise.all(
+      VMS.map(async (vm) => {
+        const { lastStop: _, ...source } = await o.lab.port.getVm({ host: PROD, vm });
+        const replica = await o.lab.port.getReplica({ host: DR, replica: replicaNameOf(vm) });
+        const referencePoints = await o.lab.port.listReferencePoints({ host: PROD, vm });
+        return { source, replica, referencePoints };
+      }),
+    );
+    // A refused signal is recorded as the last rejection: that is its answer, not a change.
+    const entities = await Promise.all(
+      VMS.map(async (vm) => {
+        const { lastRejection: _, ...view } = await entityState(o.client, vm);
+        return view;
+      }),
+    );
+    const session = await halted.query(sessionQueries.progress);
+    const faults = await (await fetch(`${o.lab.lab.url}/v1/lab/faults`)).json();
+    return { hosts, entities, session, faults };
+  }
+
+  const failureOf = (err: unknown): ApplicationFailure => {
+    const cause = err instanceof WorkflowFailedError || err instanceof WorkflowUpdateFailedError ? err.cause : err;
+    assert.ok(cause instanceof ApplicationFailure, `expected an ApplicationFailure, got ${String(err)}`);
+    assert.equal(cause.nonRetryable, true, 'a refusal is not retryable');
+    return cause;
+  };
+
+  async function refusalOf(send: Send): Promise<Refusal> {
+    switch (send.kind) {
+      case 'start': {
+        const handle = await o.client.workflow.start(WorkflowTypes[send.workflow], {
+          taskQueue: TASK_QUEUE,
+          workflowId: `bad-input-${randomUUID()}`,
+          args: [send.input],
+        });
+        const failure = failureOf(
+          await handle.result().then(
+            () => assert.fail('the workflow completed'),
+            (e: unknown) => e,
+          ),
+        );
+        assert.ok(REFUSED_TYPES.includes(failure.type ?? ''), `failure type ${failure.type}`);
+        // Refused before anything was started: no session, no copy, no power operation.
+        const events = (await handle.fetchHistory()).events ?? [];
+        assert.ok(!events.some((e) => e.startChildWorkflowExecutionInitiatedEventAttributes), 'no session was started');
+        return { message: failure.message };
+      }
+      case 'update': {
+        const entity = o.client.workflow.getHandle(replicaWorkflowId(READY));
+        const before = (await entity.fetchHistory()).events?.length;
+        const update = operationUpdates[send.operation as OperationName];
+        const failure = failureOf(
+          await entity.executeUpdate(update, { args: [send.payload as never] }).then(
+            () => assert.fail('the update was accepted'),
+            (e: unknown) => e,
+          ),
+        );
+        assert.equal(failure.type, FailureTypes.invalidInput);
+        // Refused by the update's validator: not even written to the entity's history.
+        assert.equal((await entity.fetchHistory()).events?.length, before, 'the history did not grow');
+        return { message: failure.message };
+      }
+      case 'signal': {
+        const entity = o.client.workflow.getHandle(replicaWorkflowId(READY));
+        await entity.signal(operationSignals[send.operation as OperationName], send.payload);
+        // Each signal case sends another operation: the newest rejection of this one is this case's.
+        const rejection = await within('the refused signal to be recorded', 30_000, async () => {
+          const last = (await entityState(o.client, READY)).lastRejection;
+          return last?.operation === send.operation ? last : undefined;
+        });
+        return { message: rejection.reason };
+      }
+      case 'decision': {
+        const failure = failureOf(
+          await halted.executeUpdate(haltedSessionUpdates[send.decision], { args: [send.payload as never] }).then(
+            () => assert.fail('the decision was taken'),
+            (e: unknown) => e,
+          ),
+        );
+        assert.ok(REFUSED_TYPES.includes(failure.type ?? ''), `failure type ${failure.type}`);
+        return { message: failure.message };
+      }
+      case 'cli': {
+        const env = { ...process.env, TEMPORAL_ADDRESS: temporalAddress(), TEMPORAL_NAMESPACE: o.namespace };
+        const run = await execute(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', ...send.args], { env }).then(
+          () => assert.fail('the CLI accepted it'),
+          (e: { code: number; stderr: string }) => e,
+        );
+        assert.equal(run.code, 2, `exit code 2 for a refused request: ${run.stderr}`);
+        return { message: run.stderr };
+      }
+      case 'http': {
+        const res = await fetch(`${o.lab.lab.url}${send.path}`, {
+          method: send.method,
+          ...(send.body !== undefined ? { body: send.body } : {}),
+          headers: send.contentType ? { 'content-type': send.contentType } : {},
+        });
+        assert.ok(res.status >= 400 && res.status < 500, `a 4xx status, got ${res.status}`);
+        const { error } = (await res.json()) as { error: { code: string; message: string; field?: string } };
+        return { message: error.message, ...(error.field ? { field: error.field } : {}) };
+      }
+      case 'configuration':
+        try {
+          parseConfiguration(send.yaml, 'matrix.yaml');
+        } catch (err) {
+          assert.ok(err instanceof ConfigurationError, String(err));
+          return { message: err.message };
+        }
+        return assert.fail('the configuration was accepted');
+      case 'estate':
+        try {
+          parseEstate(send.estate, 'matrix estate');
+        } catch (err) {
+          assert.ok(err instanceof EstateError, String(err));
+          return { message: err.message };
+        }
+        return assert.fail('the estate was accepted');
+    }
+  }
+
+  it(`refuses each of the ${BAD_INPUT_CASES.length} cases, naming the field, and changes nothing`, async () => {
+    assert.ok(BAD_INPUT_CASES.length >= 40);
+    const unchanged = await snapshot();
+    const wrong: string[] = [];
+    for (const [i, c] of BAD_INPUT_CASES.entries()) {
+      const label = `#${i + 1} ${c.entry}: ${c.what}`;
+      try {
+        const refusal = await refusalOf(c.send);
+        const named = refusal.field === c.field || refusal.message.includes(c.field);
+        if (!named) wrong.push(`${label}: does not name ${c.field}: ${refusal.message.slice(0, 300)}`);
+        else if (!refusal.message.includes(c.says))
+          wrong.push(`${label}: does not say '${c.says}': ${refusal.message.slice(0, 300)}`);
+      } catch (err) {
+        wrong.push(`${label}: ${err instanceof Error ? err.message : String(err)}`);
+      }
+      assert.deepEqual(await snapshot(), unchanged, `${label} changed something`);
+    }
+    assert.deepEqual(wrong, []);
+  });
+
+  it('docs/bad-input.md shows the matrix as the test runs it', () => {
+    // Compared cell by cell: Prettier aligns the columns of the Markdown table.
+    const rows = (table: string) =>
+      table
+        .split('\n')
+        .filter((line) => /^\|\s*\d+\s*\|/.test(line))
+        .map((line) =>
+          line
+            .split(/(?<!\\)\|/)
+            .slice(1, -1)
+            .map((cell) => cell.trim()),
+        );
+    const docs = readFileSync(join(__dirname, '..', '..', 'docs', 'bad-input.md'), 'utf8');
+    assert.deepEqual(
+      rows(docs),
+      rows(renderBadInputTable()),
+      'regenerate with: node --import tsx test/bad-input-matrix.ts',
+    );
+  });
+
+  it('the halted session still takes a good decision afterwards', async () => {
+    assert.match(
+      await halted.executeUpdate(haltedSessionUpdates.abort, {
+        args: [{ requestedBy: 'alice', reason: 'matrix done' }],
+      }),
+      /aborted/,
+    );
+    assert.equal((await entityState(o.client, HALTED)).state, 'Ready');
+  });
+});
