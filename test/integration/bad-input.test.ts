@@ -46,6 +46,17 @@ interface Refusal {
   field?: string;
 }
 
+/** A file's parse refused with its own error class. */
+function refusedFile(parse: () => unknown, refusal: new (...args: never[]) => Error): Refusal {
+  try {
+    parse();
+  } catch (err) {
+    assert.ok(err instanceof refusal, String(err));
+    return { message: err.message };
+  }
+  return assert.fail('the file was accepted');
+}
+
 describe('the bad-input matrix: every entry point refuses, naming the field, and changes nothing', () => {
   let o: TestOrchestrator;
   let halted: WorkflowHandle;
@@ -166,21 +177,9 @@ describe('the bad-input matrix: every entry point refuses, naming the field, and
         return { message: error.message, ...(error.field ? { field: error.field } : {}) };
       }
       case 'configuration':
-        try {
-          parseConfiguration(send.yaml, 'matrix.yaml');
-        } catch (err) {
-          assert.ok(err instanceof ConfigurationError, String(err));
-          return { message: err.message };
-        }
-        return assert.fail('the configuration was accepted');
+        return refusedFile(() => parseConfiguration(send.yaml, 'matrix.yaml'), ConfigurationError);
       case 'estate':
-        try {
-          parseEstate(send.estate, 'matrix estate');
-        } catch (err) {
-          assert.ok(err instanceof EstateError, String(err));
-          return { message: err.message };
-        }
-        return assert.fail('the estate was accepted');
+        return refusedFile(() => parseEstate(send.estate, 'matrix estate'), EstateError);
     }
   }
 
