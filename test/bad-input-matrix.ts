@@ -9,6 +9,7 @@ export type EntryPoint =
   | 'replicationJob input'
   | 'operation update'
   | 'operation signal'
+  | 'proxy registry signal'
   | 'halted-session decision'
   | 'project CLI'
   | 'lab HTTP'
@@ -19,6 +20,7 @@ export type EntryPoint =
 export type Send =
   | { kind: 'start'; workflow: 'plannedFailover' | 'replicationJob'; input: unknown }
   | { kind: 'update' | 'signal'; operation: string; payload: unknown }
+  | { kind: 'proxySignal'; payload: unknown }
   | { kind: 'decision'; decision: 'retry' | 'abort' | 'forceFailover'; payload: unknown }
   | { kind: 'cli'; args: string[] }
   | { kind: 'http'; method: 'GET' | 'PUT' | 'POST'; path: string; body?: string; contentType?: string }
@@ -290,6 +292,22 @@ export const BAD_INPUT_CASES: BadInputCase[] = [
     says: 'give exactly one of restorePointId or at',
   },
 
+  // setProxyOnline on the proxy-slots registry, as the Temporal CLI sends it (the project CLI checks it first).
+  {
+    entry: 'proxy registry signal',
+    what: 'online as text',
+    send: { kind: 'proxySignal', payload: { proxy: 'proxy-a', online: 'no' } },
+    field: 'online',
+    says: 'must be true or false',
+  },
+  {
+    entry: 'proxy registry signal',
+    what: 'a proxy nobody configured',
+    send: { kind: 'proxySignal', payload: { proxy: 'proxy-z', online: false } },
+    field: 'proxy',
+    says: "'proxy-z' is no proxy the registry knows",
+  },
+
   // Decisions on a session halted in its critical window.
   {
     entry: 'halted-session decision',
@@ -355,6 +373,14 @@ export const BAD_INPUT_CASES: BadInputCase[] = [
     send: cli('failover-to', '--vm', 'vm2', '--user', 'alice', '--reason', 'r', '--at', 'yesterday'),
     field: 'at',
     says: 'must be an ISO 8601 time',
+  },
+
+  {
+    entry: 'project CLI',
+    what: 'proxy offline with a bad proxy name',
+    send: cli('proxy', 'offline', 'proxy a'),
+    field: 'proxy',
+    says: 'must be a proxy name',
   },
 
   // The lab's HTTP API, as an adapter or a script calls it.

@@ -9,6 +9,7 @@ import {
   haltedSessionUpdates,
   PROXY_REGISTRY_WORKFLOW_ID,
   proxySignals,
+  setProxyOnlineSchema,
   replicaQueries,
   replicaWorkflowId,
   validate,
@@ -386,10 +387,10 @@ program
   .action(async (state: string, proxy: string) => {
     if (state !== 'offline' && state !== 'online')
       refuse('The proxy command', [{ path: 'state', message: 'must be offline or online' }]);
+    const checked = validate(setProxyOnlineSchema, { proxy, online: state === 'online' });
+    if (!checked.ok) refuse('The proxy command', checked.problems);
     await withClient(async (client) => {
-      await client.workflow
-        .getHandle(PROXY_REGISTRY_WORKFLOW_ID)
-        .signal(proxySignals.setProxyOnline, { proxy, online: state === 'online' });
+      await client.workflow.getHandle(PROXY_REGISTRY_WORKFLOW_ID).signal(proxySignals.setProxyOnline, checked.value);
       console.log(`Proxy ${proxy} is ${state}.`);
     });
   });

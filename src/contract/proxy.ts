@@ -1,4 +1,5 @@
 import { defineQuery, defineSignal } from '@temporalio/workflow';
+import { z } from 'zod';
 
 /** One registry of every proxy's task slots: a single owner makes leases exact across all workers. */
 export const PROXY_REGISTRY_WORKFLOW_ID = 'proxy-slots';
@@ -32,6 +33,8 @@ export interface ProxyRegistryView {
   /** Slots and enabled as the newest request declared them (the configuration owns them); online and leases are the registry's. */
   proxies: { name: string; slots: number; enabled: boolean; online: boolean; leasedTo: string[] }[];
   waiting: { sessionId: string; slots: number }[];
+  /** The newest setProxyOnline this run of the registry refused, and why (a signal cannot answer its sender). */
+  lastRejection: { at: string; reason: string } | null;
 }
 
 /** One slot held by a session; the workflow id lets the registry see whether its holder still runs. */
@@ -51,8 +54,20 @@ export const proxySignals = {
   requestSlots: defineSignal<[SlotRequest]>('requestSlots'),
   releaseSlots: defineSignal<[{ sessionId: string }]>('releaseSlots'),
   /** Takes a proxy offline (no new leases; current ones finish) or back online. */
-  setProxyOnline: defineSignal<[{ proxy: string; online: boolean }]>('setProxyOnline'),
+  setProxyOnline: defineSignal<[SetProxyOnline]>('setProxyOnline'),
 };
+
+/** What an operator sends to take a proxy offline or back online (also from the Temporal CLI, unchecked). */
+export const setProxyOnlineSchema = z.strictObject(
+  {
+    proxy: z
+      .string({ error: 'must be a proxy name' })
+      .regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/, { error: 'must be a proxy name' }),
+    online: z.boolean({ error: 'must be true or false' }),
+  },
+  { error: 'must be a JSON object like {"proxy":"proxy01","online":false}' },
+);
+export type SetProxyOnline = z.output<typeof setProxyOnlineSchema>;
 
 export const proxyQueries = {
   slots: defineQuery<ProxyRegistryView>('slots'),

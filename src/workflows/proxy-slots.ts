@@ -9,10 +9,13 @@ import {
   workflowInfo,
 } from '@temporalio/workflow';
 import {
+  formatProblems,
   proxyQueries,
   proxySignals,
   proxyTaskQueue,
+  setProxyOnlineSchema,
   slotsGrantedSignal,
+  validate,
   type HeldSlot,
   type ProxyDeclaration,
   type ProxyRegistryInput,
@@ -41,6 +44,7 @@ export async function proxySlots(input: ProxyRegistryInput): Promise<void> {
   const regrants: SlotRequest[] = [];
   const watch = new HolderWatch();
   let changed = true;
+  let lastRejection: ProxyRegistryView['lastRejection'] = null;
 
   const entry = (name: string): ProxyEntry => (proxies[name] ??= { online: true, leases: [], declared: null });
   const leasesOf = (sessionId: string): SlotLease[] =>
@@ -65,10 +69,16 @@ export async function proxySlots(input: ProxyRegistryInput): Promise<void> {
     changed = true;
   });
 
-  setHandler(proxySignals.setProxyOnline, ({ proxy, online }) => {
-    const p = proxies[proxy];
-    if (!p) return log.warn('setProxyOnline for an unknown proxy', { proxy });
-    p.online = online;
+  setHandler(proxySignals.setProxyOnline, (request: unknown) => {
+    const refuse = (reason: string) => {
+      lastRejection = { at: new Date().toISOString(), reason };
+      log.warn('setProxyOnline refused', { reason });
+    };
+    const checked = validate(setProxyOnlineSchema, request);
+    if (!checked.ok) return refuse(formatProblems('The setProxyOnline signal', checked.problems));
+    const p = proxies[checked.value.proxy];
+    if (!p) return refuse(`proxy: '${checked.value.proxy}' is no proxy the registry knows`);
+    p.online = checked.value.online;
     changed = true;
   });
 
@@ -81,6 +91,7 @@ export async function proxySlots(input: ProxyRegistryInput): Promise<void> {
       leasedTo: p.leases.map((s) => s.sessionId),
     })),
     waiting: queue.map((q) => ({ sessionId: q.sessionId, slots: q.slots })),
+    lastRejection,
   }));
 
   /** Tells the session its slots; a session that is gone gets its slots taken back. */

@@ -19,6 +19,9 @@ import {
   haltedSessionUpdates,
   operationSignals,
   operationUpdates,
+  PROXY_REGISTRY_WORKFLOW_ID,
+  proxyQueries,
+  proxySignals,
   replicaWorkflowId,
   sessionQueries,
   TASK_QUEUE,
@@ -91,9 +94,12 @@ describe('the bad-input matrix: every entry point refuses, naming the field, and
       }),
     );
     const session = await halted.query(sessionQueries.progress);
+    const { lastRejection: _, ...proxies } = await registry().query(proxyQueries.slots);
     const faults = await (await fetch(`${o.lab.lab.url}/v1/lab/faults`)).json();
-    return { hosts, entities, session, faults };
+    return { hosts, entities, session, proxies, faults };
   }
+
+  const registry = () => o.client.workflow.getHandle(PROXY_REGISTRY_WORKFLOW_ID);
 
   const failureOf = (err: unknown): ApplicationFailure => {
     const cause = err instanceof WorkflowFailedError || err instanceof WorkflowUpdateFailedError ? err.cause : err;
@@ -144,6 +150,15 @@ describe('the bad-input matrix: every entry point refuses, naming the field, and
         const rejection = await within('the refused signal to be recorded', 30_000, async () => {
           const last = (await entityState(o.client, READY)).lastRejection;
           return last?.operation === send.operation ? last : undefined;
+        });
+        return { message: rejection.reason };
+      }
+      case 'proxySignal': {
+        const before = JSON.stringify((await registry().query(proxyQueries.slots)).lastRejection);
+        await registry().signal(proxySignals.setProxyOnline, send.payload as never);
+        const rejection = await within('the refused signal to be recorded', 30_000, async () => {
+          const last = (await registry().query(proxyQueries.slots)).lastRejection;
+          return last && JSON.stringify(last) !== before ? last : undefined;
         });
         return { message: rejection.reason };
       }
