@@ -368,28 +368,13 @@ async function failOver(
   const source = target.source;
   const provenance = (checkpoint: { id: string; createdAt: string }, referencePointId: string) =>
     checkpointProvenance(source, checkpoint, referencePointId);
-  const begin = (pointId: string, options: ActivityOptions = controlOptions) =>
-    withSummary(
-      control.beginRestorePoint,
-      `Open helper restore point ${pointId === helper1 ? 1 : 2}`,
-      [
-        {
-          replica: target.replica,
-          pointId,
-          kind: 'planned-failover-helper',
-          metadata: { [PointMetadata.session]: sessionId },
-        },
-      ],
-      options,
-    );
-
   const created: string[] = [];
   let helper1Sealed = false;
   try {
     // Step 1: copy what is not replicated yet while the VM runs; extra passes, if asked, shrink the last delta.
     await slots.lease();
     step('Syncing', `copying unreplicated changes of ${vm} while it runs (helper restore point 1)`);
-    await begin(helper1);
+    await openHelperPoint(target, sessionId, helper1, 'Open helper restore point 1');
     let base = target.baseReferencePointId;
     let previousBytes = Number.POSITIVE_INFINITY;
     let lastCheckpoint: { id: string; createdAt: string };
@@ -426,7 +411,7 @@ async function failOver(
     helper1Sealed = true;
     result.helperPoints.push(helper1);
     // Opened before power-off: one round trip less while the workload is down.
-    await begin(helper2);
+    await openHelperPoint(target, sessionId, helper2, 'Open helper restore point 2');
   } catch (err) {
     // Before the window the source still runs: leave nothing half-done behind on either host.
     await CancellationScope.nonCancellable(async () => {
@@ -468,6 +453,28 @@ async function failOver(
     return { outcome, restorePoints };
   });
 }
+
+/** Opens a helper restore point of the session on the replica (idempotent on the host). */
+const openHelperPoint = (
+  target: ReplicationTarget,
+  sessionId: string,
+  pointId: string,
+  summary: string,
+  options: ActivityOptions = controlOptions,
+) =>
+  withSummary(
+    control.beginRestorePoint,
+    summary,
+    [
+      {
+        replica: target.replica,
+        pointId,
+        kind: 'planned-failover-helper',
+        metadata: { [PointMetadata.session]: sessionId },
+      },
+    ],
+    options,
+  );
 
 interface WindowContext {
   input: PlannedFailoverSessionInput;
@@ -547,19 +554,7 @@ async function criticalWindow(w: WindowContext): Promise<'failedOver' | 'aborted
             // Opened before power-off. After a halt it is opened again, in case someone dropped it meanwhile (a
             // sealed point is never copied into: the seal comes after the verification).
             if (result.halts.length > 0)
-              await withSummary(
-                control.beginRestorePoint,
-                'Open helper restore point 2 again',
-                [
-                  {
-                    replica: target.replica,
-                    pointId: helper2,
-                    kind: 'planned-failover-helper',
-                    metadata: { [PointMetadata.session]: sessionId },
-                  },
-                ],
-                criticalControl,
-              );
+              await openHelperPoint(target, sessionId, helper2, 'Open helper restore point 2 again', criticalControl);
             return copyDisks({
               vm,
               target,
