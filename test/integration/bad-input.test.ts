@@ -66,7 +66,8 @@ describe('the bad-input matrix: every entry point refuses, naming the field, and
 
   before(async () => {
     o = await startOrchestrator({
-      estate: estateOf(VMS, DISKS, { writeRate: 0, shutdownMs: 100, bootMs: 100 }),
+      // The guest shutdown lasts long enough for the test to see the session at PoweringOffSource and set its fault.
+      estate: estateOf(VMS, DISKS, { writeRate: 0, shutdownMs: 2000, bootMs: 100 }),
       configure: (url) =>
         testConfiguration(url, { jobs: VMS.map((vm) => ({ name: `job-${vm}`, vms: [vm], targetHost: DR })) }),
     });
