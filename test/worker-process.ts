@@ -5,12 +5,14 @@
 //   PF_WORKER_CONFIG     the configuration, as JSON (or YAML) text
 //   PF_WORKER_LAB_URL    where the hypervisor port reaches the lab
 //   PF_WORKER_BUNDLE     the pre-built workflow bundle
+//   PF_WORKER_ROLES      optional, JSON WorkerRoles: which workers this process runs (all of them when unset)
 // Prints "ready" on stdout once every worker polls, then runs until it is killed (or stops on SIGINT/SIGTERM).
 import { Runtime } from '@temporalio/worker';
 import { parseConfiguration } from '../src/config/load';
 import { LabHypervisor } from '../src/hypervisor/lab-adapter';
 import { createLogger } from '../src/logging';
 import { createOrchestrator } from '../src/orchestrator';
+import type { WorkerRoles } from '../src/worker';
 
 function required(name: string): string {
   const value = process.env[name];
@@ -28,6 +30,7 @@ async function main(): Promise<void> {
     config,
     port,
     workflowBundle: { codePath: required('PF_WORKER_BUNDLE') },
+    roles: process.env.PF_WORKER_ROLES ? (JSON.parse(process.env.PF_WORKER_ROLES) as WorkerRoles) : undefined,
   });
   try {
     await orchestrator.startWorkers();

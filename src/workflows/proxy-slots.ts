@@ -4,6 +4,7 @@ import {
   continueAsNew,
   getExternalWorkflowHandle,
   log,
+  patched,
   setCurrentDetails,
   setHandler,
   workflowInfo,
@@ -33,9 +34,10 @@ type ProxyEntry = { online: boolean; leases: HeldSlot[]; declared: ProxyDeclarat
  * The one owner of every proxy's runtime state: who holds which slot, and which proxies an operator took offline.
  * Requests queue in arrival order; the head of the queue is served first, so a large request is not starved by
  * small ones. How many slots a proxy has, and whether it is enabled, is configuration: each request brings it as
- * its worker read it, and a request is served only from the proxies it declares. While sessions wait, the
- * registry checks that the holders of leased slots still run, and takes back the slots of those that do not
- * (terminated, reset or timed out without giving them back). Leases survive continue-as-new.
+ * its worker read it, and a request is served only from the proxies it declares. While any slot is leased, the
+ * registry checks that its holders still run, and takes back the slots of those that do not (terminated, reset
+ * or timed out without giving them back), so that the `slots` query never shows a dead lease for long. Leases
+ * survive continue-as-new.
  */
 export async function proxySlots(input: ProxyRegistryInput): Promise<void> {
   const proxies: Record<string, ProxyEntry> = input.carried?.proxies ?? {};
@@ -108,7 +110,7 @@ export async function proxySlots(input: ProxyRegistryInput): Promise<void> {
     }
   }
 
-  /** Takes back the slots of holders that no longer run; asked only while someone waits for slots. */
+  /** Takes back the slots of holders that no longer run. */
   async function checkHolders(): Promise<void> {
     const holders = [...new Set(Object.values(proxies).flatMap((p) => p.leases.map((s) => s.workflowId)))];
     if (holders.length === 0) return;
@@ -128,15 +130,19 @@ export async function proxySlots(input: ProxyRegistryInput): Promise<void> {
 
   const canContinueAsNew = () =>
     workflowInfo().continueAsNewSuggested && allHandlersFinished() && regrants.length === 0;
-  const someoneWaits = () => queue.length > 0 && Object.values(proxies).some((p) => p.leases.length > 0);
+  const leased = () => Object.values(proxies).some((p) => p.leases.length > 0);
+  // 0.2.0 watched the holders only while someone waited for slots: a dead holder's lease then stayed in the
+  // `slots` query until the next request queued (the fault suite found it). Runs started before keep that rule.
+  const watchEveryLease = patched('proxy-slots-watch-every-lease');
+  const watchedNow = watchEveryLease ? leased : () => queue.length > 0 && leased();
 
   for (;;) {
     // Without a timeout, condition resolves to undefined: only `false` means the check came due.
-    // Someone starting (or ending) to wait changes whether the holders are watched: the wait restarts then.
-    const watched = someoneWaits();
+    // Whether the holders are watched can change (a first lease, someone starting to wait): the wait restarts.
+    const watched = watchedNow();
     const checkDue =
       (await condition(
-        () => changed || regrants.length > 0 || canContinueAsNew() || someoneWaits() !== watched,
+        () => changed || regrants.length > 0 || canContinueAsNew() || watchedNow() !== watched,
         watched ? watch.nextCheckMs() : undefined,
       )) === false;
     if (checkDue) {

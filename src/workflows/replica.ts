@@ -8,6 +8,7 @@ import {
   isCancellation,
   log,
   ParentClosePolicy,
+  patched,
   setCurrentDetails,
   setHandler,
   upsertMemo,
@@ -336,7 +337,11 @@ export async function replica(input: ReplicaEntityInput): Promise<void> {
     (view.currentSession === null && view.waitingSessions.length > 0) ||
     (view.currentSession !== null && !granted && !adopted);
   const canContinueAsNew = () => workflowInfo().continueAsNewSuggested && allHandlersFinished();
-  const watching = () => view.currentSession !== null && (adopted || view.waitingSessions.length > 0);
+  // 0.2.0 watched a granted holder only while someone waited: a dead one stayed currentSession (and a source it
+  // left off went unreported) until the next request. Runs started before keep that rule.
+  const watchEveryHolder = patched('replica-watch-every-holder');
+  const watching = () =>
+    view.currentSession !== null && (watchEveryHolder || adopted || view.waitingSessions.length > 0);
   const rollOverDue = () => {
     const info = workflowInfo();
     if (rollingOver || !info.continueAsNewSuggested) return false;

@@ -213,13 +213,27 @@ describe('the entities survive continue-as-new, dead holders and their own loss'
     );
   });
 
-  it('a session terminated while it holds the replica and its slots: both are taken back', async () => {
+  it('a session terminated while it holds the replica and its slots: both are taken back, the slots unasked', async () => {
     const vm = VM.deadSession;
     await o.lab.control.setFault(DR, slowHelper1(vm));
     await startFailover(o.client, { vms: [vm], reason: 'kill the session', requestedBy: 'alice' });
     const session = await sessionAt(o.client, vm, 'Syncing');
+    const leasedTo = async () =>
+      (await o.client.workflow.getHandle(PROXY_REGISTRY_WORKFLOW_ID).query(proxyQueries.slots)).proxies.find(
+        (p) => p.name === 'proxy-tight',
+      )!.leasedTo;
+    await within('the session to lease its slots', 30_000, async () =>
+      (await leasedTo()).length > 0 ? true : undefined,
+    );
     await terminate(session.workflowId); // no clean-up of its own runs
     await o.lab.control.clearFaults(DR);
+    // Nobody waits: the registry and the entity find the dead holder by themselves (0.2.0 waited for a request).
+    await within('the registry to take the slots back', 30_000, async () =>
+      (await leasedTo()).length === 0 ? true : undefined,
+    );
+    await within('the entity to take the replica back', 30_000, async () =>
+      (await entityState(o.client, vm)).currentSession === null ? true : undefined,
+    );
     const run = await runJob(vm, 'replicated', 60_000);
     assert.ok(run.restorePoint, 'a new point');
     const state = await entityState(o.client, vm);

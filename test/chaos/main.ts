@@ -1,0 +1,200 @@
+// `npm run chaos [-- --seed S --rounds N --minutes M --out DIR]`: the fault suite. Rounds of planned failovers,
+// undo, failback, permanent and regular failover and job runs on the lab, with processes killed, the server
+// restarted, workflows terminated or reset, proxies taken offline and hosts failing at random moments drawn
+// from the printed seed; invariants from the hosts and the histories after every round. Loopback only; stops by
+// itself after N rounds or M minutes, or at the first round that breaks an invariant (its histories are saved).
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { Command, InvalidArgumentError } from 'commander';
+import { Client, Connection } from '@temporalio/client';
+import { historyToJSON } from '@temporalio/common/lib/proto-utils';
+import { bundleWorkflowCode } from '@temporalio/worker';
+import { ensureTemporalCli, freePort, projectRoot } from '../../scripts/lib/dev-server';
+import { LabControl, LabHypervisor } from '../../src/hypervisor/lab-adapter';
+import { TASK_QUEUE, WorkflowTypes, type ReplicationJobResult } from '../../src/contract';
+import { chaosConfiguration, chaosEstate, DR_HOST, JOBS, OPERATOR, PRODUCTION_HOST, PROXIES, VM_DISKS } from './estate';
+import { Ledger } from './invariants';
+import { ChaosSite } from './processes';
+import { Chance, randomSeed } from './random';
+import { Recorder } from './recorder';
+import { FAULT_KINDS, Round, type FaultKind, type RoundRecord, type World } from './round';
+import { summaryMarkdown, type ChaosSummary } from './summary';
+
+const whole = (min: number) => (value: string) => {
+  if (!/^\d+$/.test(value) || Number(value) < min) throw new InvalidArgumentError(`must be a whole number ≥ ${min}`);
+  return Number(value);
+};
+
+function commitOf(): string {
+  try {
+    return execFileSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: projectRoot, encoding: 'utf8' }).trim();
+  } catch {
+    return 'unknown';
+  }
+}
+
+async function saveHistories(client: Client, since: Date, dir: string): Promise<number> {
+  mkdirSync(dir, { recursive: true });
+  let n = 0;
+  const query = `StartTime >= "${since.toISOString()}" OR WorkflowType IN ("${WorkflowTypes.replica}", "${WorkflowTypes.proxySlots}")`;
+  for await (const wf of client.workflow.list({ query })) {
+    const history = await client.workflow.getHandle(wf.workflowId, wf.runId).fetchHistory();
+    writeFileSync(
+      join(dir, `${wf.workflowId.replace(/[^A-Za-z0-9._-]/g, '_')}-${wf.runId}.json`),
+      historyToJSON(history),
+    );
+    n++;
+  }
+  return n;
+}
+
+async function main(): Promise<number> {
+  const opts = new Command()
+    .name('chaos')
+    .description('The fault suite: random kills, outages and restarts over many rounds, every invariant checked')
+    .option('--seed <n>', 'the seed to draw every choice from (printed; a random one when omitted)', whole(1))
+    .option('--rounds <n>', 'rounds to run', whole(1), 10)
+    .option('--minutes <n>', 'start no round after this many minutes', whole(1), 90)
+    .option('--out <dir>', 'where the summary (and a failing round’s histories) go', '.chaos')
+    .option('--suggest-continue-as-new <events>', 'the server’s continue-as-new suggestion', whole(10), 60)
+    .option('--keep-going', 'run the remaining rounds after a violation', false)
+    .exitOverride()
+    .parse()
+    .opts<{
+      seed?: number;
+      rounds: number;
+      minutes: number;
+      out: string;
+      suggestContinueAsNew: number;
+      keepGoing: boolean;
+    }>();
+  const seed = opts.seed ?? randomSeed();
+  const started = Date.now();
+  const out = resolve(opts.out, `seed-${seed}`);
+  mkdirSync(out, { recursive: true });
+  const log = (line: string): void => console.log(line);
+  log(`chaos: seed ${seed}, ${opts.rounds} rounds (replay: npm run chaos -- --seed ${seed} --rounds ${opts.rounds})`);
+
+  const workDir = mkdtempSync(join(tmpdir(), 'pf-chaos-'));
+  const cli = ensureTemporalCli();
+  const [serverPort, labPort] = [await freePort(), await freePort()];
+  const labUrl = `http://127.0.0.1:${labPort}`;
+  const recorder = new Recorder({
+    labUrl,
+    productionHost: PRODUCTION_HOST,
+    drHost: DR_HOST,
+    disksOf: (vm) => VM_DISKS[vm]!,
+  });
+  const recorderUrl = await recorder.listen();
+  const { code } = await bundleWorkflowCode({
+    workflowsPath: require.resolve('../../src/workflows'),
+    logger: { info() {}, warn() {}, error: console.error, debug() {}, trace() {}, log() {} },
+  });
+  const bundlePath = join(workDir, 'workflow-bundle.js');
+  writeFileSync(bundlePath, code);
+  const site = new ChaosSite({
+    workDir,
+    cli,
+    serverPort,
+    labPort,
+    recorderUrl,
+    estate: chaosEstate(),
+    configuration: chaosConfiguration(recorderUrl),
+    proxies: PROXIES,
+    bundlePath,
+    suggestContinueAsNew: opts.suggestContinueAsNew,
+  });
+  const lab = new LabHypervisor({ url: labUrl });
+  const operatorPort = new LabHypervisor({ url: recorderUrl });
+  const control = new LabControl({ url: labUrl });
+  const rounds: RoundRecord[] = [];
+  const totals = Object.fromEntries(FAULT_KINDS.map((k) => [k, 0])) as Record<FaultKind, number>;
+  let client: Client | undefined;
+  const summary = (): ChaosSummary => ({
+    seed,
+    commit: commitOf(),
+    startedAt: new Date(started).toISOString(),
+    wallTimeSeconds: Math.round((Date.now() - started) / 1000),
+    roundsPlanned: opts.rounds,
+    suggestContinueAsNew: opts.suggestContinueAsNew,
+    rounds,
+  });
+  const writeSummary = (): void => {
+    const s = summary();
+    writeFileSync(join(out, 'summary.json'), JSON.stringify(s, null, 2) + '\n');
+    writeFileSync(join(out, 'summary.md'), summaryMarkdown(s));
+  };
+  try {
+    await site.startServer();
+    await site.heal();
+    client = new Client({ connection: await Connection.connect({ address: site.address }), namespace: 'default' });
+    const world: World = { client, site, recorder, lab, operatorPort, control, cli, ledger: new Ledger(), totals, log };
+
+    // Seeding, without faults: every replica gets its first point before the rounds begin.
+    const seeds = await Promise.all(
+      JOBS.map(async (job) => {
+        const handle = await client!.workflow.start(WorkflowTypes.replicationJob, {
+          taskQueue: TASK_QUEUE,
+          workflowId: `job-seed-${job.name}`,
+          args: [{ job: job.name, requestedBy: OPERATOR, reason: 'chaos: seeding' }],
+        });
+        return (await handle.result()) as ReplicationJobResult;
+      }),
+    );
+    const unseeded = seeds.flatMap((r) => r.sessions.filter((s) => s.outcome !== 'replicated'));
+    if (unseeded.length > 0) throw new Error(`seeding failed: ${JSON.stringify(unseeded)}`);
+
+    const master = new Chance(seed);
+    for (let i = 1; i <= opts.rounds; i++) {
+      if (Date.now() - started > opts.minutes * 60_000) {
+        log(`chaos: time is up after ${i - 1} rounds`);
+        break;
+      }
+      const round = new Round(world, master.fork(), i);
+      log(`round ${i} (seed ${round.record.seed})`);
+      await round.startOperations();
+      round.scheduleFaults();
+      await round.runFor(25_000);
+      await round.heal();
+      const stillRunning = await round.settle(300_000);
+      const closing = await round.closingRuns();
+      const record = round.finish(await round.check(stillRunning, closing));
+      await round.tendAttention();
+      rounds.push(record);
+      log(
+        `round ${i}: ${JSON.stringify(record.operations)} faults ${JSON.stringify(record.faults)} ` +
+          `${record.invariantsChecked} checks, ${record.violations.length} violations (${Math.round(record.durationMs / 1000)} s)`,
+      );
+      writeSummary();
+      if (record.violations.length > 0) {
+        for (const v of record.violations) log(`  VIOLATION ${v.name}: ${v.detail ?? ''}`);
+        const saved = await saveHistories(client, round.since, join(out, `round-${i}-histories`));
+        log(`  ${saved} histories saved in ${join(out, `round-${i}-histories`)}`);
+        if (!opts.keepGoing) break;
+      }
+    }
+  } finally {
+    writeSummary();
+    await client?.connection.close().catch(() => undefined);
+    await site.close();
+    await recorder.close();
+    lab.close();
+    operatorPort.close();
+    control.close();
+    rmSync(workDir, { recursive: true, force: true });
+  }
+  const s = summary();
+  log(summaryMarkdown(s));
+  log(`chaos: summary in ${out}/summary.{json,md}`);
+  return s.rounds.some((r) => r.violations.length > 0) ? 1 : 0;
+}
+
+main().then(
+  (code) => process.exit(code),
+  (err: unknown) => {
+    console.error(err instanceof Error ? (err.stack ?? err.message) : err);
+    process.exit(2);
+  },
+);

@@ -1,0 +1,192 @@
+// The suite's site, every part a process of its own that a fault can kill for real: the Temporal dev server on a
+// persistent SQLite file, the lab, the orchestration worker and one worker per proxy. The workers reach the lab
+// through the recorder (recorder.ts), which lives in the suite's process and so survives every fault.
+import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { startDevServer, type DevServer } from '../../scripts/lib/dev-server';
+import type { EstateInput } from '../../lab/estate';
+import type { WorkerRoles } from '../../src/worker';
+
+const READY_MS = 90_000;
+
+/** A child process that prints a line matching `ready` once it serves; its output's tail is kept for reports. */
+export class ManagedProcess {
+  private child: ChildProcessWithoutNullStreams | undefined;
+  private tail = '';
+  /** How many times it was started (the first start included). */
+  starts = 0;
+
+  constructor(
+    readonly name: string,
+    private readonly args: string[],
+    private readonly env: Record<string, string>,
+    private readonly ready: RegExp,
+  ) {}
+
+  get alive(): boolean {
+    return this.child !== undefined && this.child.exitCode === null && this.child.signalCode === null;
+  }
+
+  output(): string {
+    return this.tail;
+  }
+
+  async start(): Promise<void> {
+    if (this.alive) return;
+    const child = spawn(process.execPath, this.args, { env: { ...process.env, ...this.env } });
+    this.child = child;
+    this.starts++;
+    const keep = (d: Buffer): void => {
+      this.tail = (this.tail + d.toString()).slice(-20_000);
+    };
+    child.stdout.on('data', keep);
+    child.stderr.on('data', keep);
+    await new Promise<void>((resolve, reject) => {
+      let seen = '';
+      const timer = setTimeout(() => reject(new Error(`${this.name} not ready after ${READY_MS / 1000} s`)), READY_MS);
+      const onData = (d: Buffer): void => {
+        seen += d.toString();
+        if (this.ready.test(seen)) {
+          clearTimeout(timer);
+          child.stdout.off('data', onData);
+          resolve();
+        }
+      };
+      child.stdout.on('data', onData);
+      child.once('exit', (code, signal) => {
+        clearTimeout(timer);
+        reject(new Error(`${this.name} exited (${code ?? signal}) before it was ready:\n${this.tail.slice(-4000)}`));
+      });
+    });
+  }
+
+  /** SIGKILL: no clean stop, no flush; resolves once the process is gone. */
+  async kill(): Promise<void> {
+    const child = this.child;
+    if (!child || !this.alive) return;
+    const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+    child.kill('SIGKILL');
+    await exited;
+  }
+}
+
+export interface SiteOptions {
+  workDir: string;
+  cli: string;
+  serverPort: number;
+  labPort: number;
+  recorderUrl: string;
+  estate: EstateInput;
+  /** The orchestrator's configuration, as JSON. */
+  configuration: object;
+  proxies: string[];
+  bundlePath: string;
+  suggestContinueAsNew: number;
+}
+
+export class ChaosSite {
+  server: DevServer | undefined;
+  serverStarts = 0;
+  readonly lab: ManagedProcess;
+  readonly workflowWorker: ManagedProcess;
+  readonly proxyWorkers: Map<string, ManagedProcess>;
+
+  constructor(private readonly o: SiteOptions) {
+    const estatePath = join(o.workDir, 'estate.json');
+    writeFileSync(estatePath, JSON.stringify(o.estate));
+    this.lab = new ManagedProcess(
+      'lab',
+      [
+        '--import',
+        'tsx',
+        'lab/main.ts',
+        '--estate',
+        estatePath,
+        '--data',
+        join(o.workDir, 'lab'),
+        '--port',
+        String(o.labPort),
+      ],
+      {},
+      /listening on http/,
+    );
+    const worker = (roles: WorkerRoles): Record<string, string> => ({
+      PF_WORKER_ADDRESS: this.address,
+      PF_WORKER_NAMESPACE: 'default',
+      PF_WORKER_CONFIG: JSON.stringify(o.configuration),
+      PF_WORKER_LAB_URL: o.recorderUrl,
+      PF_WORKER_BUNDLE: o.bundlePath,
+      PF_WORKER_ROLES: JSON.stringify(roles),
+    });
+    const args = ['--import', 'tsx', 'test/worker-process.ts'];
+    this.workflowWorker = new ManagedProcess(
+      'workflow worker',
+      args,
+      worker({ orchestration: true, proxies: [] }),
+      /^ready$/m,
+    );
+    this.proxyWorkers = new Map(
+      o.proxies.map((p) => [
+        p,
+        new ManagedProcess(`proxy worker ${p}`, args, worker({ orchestration: false, proxies: [p] }), /^ready$/m),
+      ]),
+    );
+  }
+
+  get address(): string {
+    return `127.0.0.1:${this.o.serverPort}`;
+  }
+
+  get labUrl(): string {
+    return `http://127.0.0.1:${this.o.labPort}`;
+  }
+
+  async startServer(): Promise<void> {
+    if (this.server) return;
+    this.server = await startDevServer({
+      cli: this.o.cli,
+      port: this.o.serverPort,
+      dbFile: join(this.o.workDir, 'temporal.db'),
+      logFile: join(this.o.workDir, 'temporal.log'),
+      readyTimeoutMs: 120_000,
+      dynamicConfig: { 'limit.historyCount.suggestContinueAsNew': this.o.suggestContinueAsNew },
+    });
+    this.serverStarts++;
+  }
+
+  /** SIGTERM with a grace (a clean stop), or SIGKILL of its process group (hard). */
+  async stopServer(hard = false): Promise<void> {
+    const server = this.server;
+    this.server = undefined;
+    if (!server) return;
+    if (hard && server.process.pid !== undefined) {
+      try {
+        process.kill(-server.process.pid, 'SIGKILL');
+      } catch {
+        // Gone already.
+      }
+      await server.exited;
+    } else await server.stop();
+  }
+
+  /** Every process that should run and does not is started again (the server first, the workers last). */
+  async heal(): Promise<string[]> {
+    const started: string[] = [];
+    if (!this.server) {
+      await this.startServer();
+      started.push('temporal server');
+    }
+    for (const p of [this.lab, this.workflowWorker, ...this.proxyWorkers.values()]) {
+      if (p.alive) continue;
+      await p.start();
+      started.push(p.name);
+    }
+    return started;
+  }
+
+  async close(): Promise<void> {
+    for (const p of [this.workflowWorker, ...this.proxyWorkers.values(), this.lab]) await p.kill();
+    await this.stopServer();
+  }
+}

@@ -1,0 +1,219 @@
+// The workers reach the lab through this recorder, in the suite's own process: it forwards every call and writes
+// down what the host was told to do, so that the invariants rest on what happened on the host, not on what the
+// workflows report. It records
+//  - every power call and the host's answer;
+//  - the image of every checkpoint a session takes, read before the answer goes back (a checkpoint never
+//    changes, so each restore point copied from it can later be compared with it, byte for byte);
+//  - a production VM's image when it goes off and again just before it is powered on: nothing may change it
+//    while it is off, except a failback, and then it must boot exactly its failback-protective point.
+// When the lab is down it answers 502, as a dead host behind a load balancer would.
+import http from 'node:http';
+import { type AddressInfo } from 'node:net';
+import { replicaNameOf } from '../../src/activities/inventory';
+import { LabHypervisor } from '../../src/hypervisor/lab-adapter';
+import { pointDigest, sourceDigest, type DiskShape } from './images';
+
+export interface PowerRecord {
+  at: number;
+  host: string;
+  vm: string;
+  action: string;
+  status: number;
+  outcome?: string;
+  state?: string;
+  already?: boolean;
+}
+
+export interface RecorderOptions {
+  labUrl: string;
+  productionHost: string;
+  drHost: string;
+  disksOf: (vm: string) => readonly DiskShape[];
+}
+
+const POWER = /^\/v1\/hosts\/([^/]+)\/vms\/([^/]+)\/power$/;
+const CHECKPOINT = /^\/v1\/hosts\/([^/]+)\/vms\/([^/]+)\/checkpoints\/([^/]+)$/;
+const SOURCE_WRITE = /^\/v1\/hosts\/([^/]+)\/vms\/([^/]+)\/disks\/[^/]+\/write$/;
+
+async function bodyOf(stream: NodeJS.ReadableStream): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of stream) chunks.push(Buffer.from(chunk as Buffer));
+  return Buffer.concat(chunks);
+}
+
+export class Recorder {
+  readonly power: PowerRecord[] = [];
+  /**
+   * Checkpoint id → digests of the VM's disks at that checkpoint: more than one when a workflow took the same id
+   * again after deleting it (a reset replays its steps).
+   */
+  readonly checkpoints = new Map<string, { vm: string; digests: string[] }>();
+  /** Checkpoints taken and not deleted: taking one of these again must show the same data. */
+  private readonly liveCheckpoints = new Set<string>();
+  /** What the recorder compared as it happened, and whether it held; the round's invariants collect them. */
+  private readonly results: { name: string; ok: boolean; detail: string }[] = [];
+  /** Checkpoints whose image could not be read (the lab died under the read): their points go unchecked. */
+  unreadCheckpoints = 0;
+  private readonly offImage = new Map<string, string | null>();
+  private readonly writtenWhileOff = new Set<string>();
+  private readonly lab: LabHypervisor;
+  private readonly server: http.Server;
+  private readonly agent = new http.Agent({ keepAlive: false });
+  private readonly target: URL;
+
+  constructor(private readonly o: RecorderOptions) {
+    this.target = new URL(o.labUrl);
+    this.lab = new LabHypervisor({ url: o.labUrl });
+    this.server = http.createServer((req, res) => {
+      this.forward(req, res).catch(() => {
+        if (!res.headersSent && !res.destroyed) res.writeHead(502).end();
+        else res.destroy();
+      });
+    });
+  }
+
+  async listen(port = 0): Promise<string> {
+    await new Promise<void>((resolve) => this.server.listen(port, '127.0.0.1', resolve));
+    return `http://127.0.0.1:${(this.server.address() as AddressInfo).port}`;
+  }
+
+  async close(): Promise<void> {
+    this.server.closeAllConnections();
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    this.agent.destroy();
+    this.lab.close();
+  }
+
+  /** Takes the comparisons so far (each is reported once). */
+  takeResults(): { name: string; ok: boolean; detail: string }[] {
+    return this.results.splice(0);
+  }
+
+  private result(name: string, ok: boolean, detail: string): void {
+    this.results.push({ name, ok, detail });
+  }
+
+  private async forward(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+    const path = decodeURIComponent(new URL(req.url ?? '/', this.target).pathname);
+    const method = req.method ?? 'GET';
+    const power = method === 'POST' ? POWER.exec(path) : null;
+    const checkpoint = method === 'PUT' ? CHECKPOINT.exec(path) : null;
+    const deleted = method === 'DELETE' ? CHECKPOINT.exec(path) : null;
+    const sourceWrite = method === 'POST' ? SOURCE_WRITE.exec(path) : null;
+    const body = power ? await bodyOf(req) : undefined;
+    const action = body ? ((JSON.parse(body.toString() || '{}') as { action?: string }).action ?? '?') : undefined;
+    const production = (host: string | undefined) => host === this.o.productionHost;
+
+    if (sourceWrite && production(sourceWrite[1])) this.writtenWhileOff.add(sourceWrite[2]!);
+    if (power && action === 'on' && production(power[1])) await this.beforeBoot(power[2]!);
+
+    const upstream = http.request(new URL(req.url ?? '/', this.target), {
+      method,
+      headers: req.headers,
+      agent: this.agent,
+    });
+    res.once('close', () => {
+      if (!res.writableFinished) upstream.destroy();
+    });
+    const answered = new Promise<http.IncomingMessage>((resolve, reject) => {
+      upstream.once('response', resolve);
+      upstream.once('error', reject);
+    });
+    if (body) upstream.end(body);
+    else req.pipe(upstream);
+    const answer = await answered;
+    const status = answer.statusCode ?? 502;
+    if (deleted && (status < 300 || status === 404)) this.liveCheckpoints.delete(deleted[3]!);
+    if (!power && !(checkpoint && status < 300)) {
+      res.writeHead(status, answer.headers);
+      answer.pipe(res);
+      return;
+    }
+    const data = await bodyOf(answer);
+    if (power) {
+      const parsed = JSON.parse(data.toString() || '{}') as {
+        outcome?: string;
+        state?: string;
+        alreadyInState?: boolean;
+      };
+      const [, host, vm] = power as unknown as [string, string, string];
+      this.power.push({
+        at: Date.now(),
+        host,
+        vm,
+        action: action!,
+        status,
+        outcome: parsed.outcome,
+        state: parsed.state,
+        already: parsed.alreadyInState,
+      });
+      if (status < 300 && action !== 'on' && production(host) && parsed.state === 'Off') await this.afterOff(vm);
+    }
+    if (checkpoint) await this.recordCheckpoint(checkpoint[1]!, checkpoint[2]!, checkpoint[3]!);
+    if (res.destroyed) return;
+    res.writeHead(status, answer.headers).end(data);
+  }
+
+  private async recordCheckpoint(host: string, vm: string, id: string): Promise<void> {
+    let digest: string;
+    try {
+      digest = await sourceDigest(this.lab, host, vm, this.o.disksOf(vm), id);
+    } catch {
+      this.unreadCheckpoints++;
+      return;
+    }
+    const known = this.checkpoints.get(id) ?? { vm, digests: [] };
+    if (this.liveCheckpoints.has(id))
+      this.result('a checkpoint never changes', known.digests.includes(digest), `${vm}: checkpoint ${id} taken again`);
+    if (!known.digests.includes(digest)) known.digests.push(digest);
+    this.checkpoints.set(id, known);
+    this.liveCheckpoints.add(id);
+  }
+
+  private async afterOff(vm: string): Promise<void> {
+    if (this.offImage.has(vm)) return; // Off already: a repeated off changes nothing.
+    this.writtenWhileOff.delete(vm);
+    this.offImage.set(vm, await this.imageNow(vm));
+  }
+
+  private async beforeBoot(vm: string): Promise<void> {
+    const info = await this.lab.getVm({ host: this.o.productionHost, vm }).catch(() => undefined);
+    if (info?.powerState !== 'Off') return;
+    const offImage = this.offImage.get(vm);
+    this.offImage.delete(vm);
+    const written = this.writtenWhileOff.delete(vm);
+    const now = await this.imageNow(vm);
+    if (now === null) return;
+    if (!written) {
+      if (offImage === undefined || offImage === null) return;
+      this.result('production boots with the data it had when it went off', now === offImage, vm);
+      return;
+    }
+    const replica = await this.lab
+      .getReplica({ host: this.o.drHost, replica: replicaNameOf(vm) })
+      .catch(() => undefined);
+    const protective = replica?.points.filter((p) => p.sealed && p.kind === 'failback-protective').at(-1);
+    if (!protective) {
+      this.result('production written while off boots its failback-protective point', false, `${vm}: no such point`);
+      return;
+    }
+    const expected = await pointDigest(this.lab, this.o.drHost, vm, this.o.disksOf(vm), protective.id).catch(
+      () => null,
+    );
+    if (expected === null) return;
+    this.result(
+      'production written while off boots its failback-protective point',
+      now === expected,
+      `${vm}: ${protective.id}`,
+    );
+  }
+
+  /** True when a production VM was written while off (a failback) and has not booted since. */
+  writtenSinceOff(vm: string): boolean {
+    return this.writtenWhileOff.has(vm);
+  }
+
+  private imageNow(vm: string): Promise<string | null> {
+    return sourceDigest(this.lab, this.o.productionHost, vm, this.o.disksOf(vm)).catch(() => null);
+  }
+}

@@ -1,0 +1,79 @@
+// The run's summary, per round and overall, as JSON (summary.json) and Markdown (summary.md).
+import { FAULT_KINDS, type RoundRecord } from './round';
+
+export interface ChaosSummary {
+  seed: number;
+  commit: string;
+  startedAt: string;
+  wallTimeSeconds: number;
+  roundsPlanned: number;
+  suggestContinueAsNew: number;
+  rounds: RoundRecord[];
+}
+
+function sum(records: Record<string, number>[]): Record<string, number> {
+  const out: Record<string, number> = {};
+  for (const r of records) for (const [k, v] of Object.entries(r)) out[k] = (out[k] ?? 0) + v;
+  return out;
+}
+
+const listOf = (r: Record<string, number | undefined>): string =>
+  Object.entries(r)
+    .filter(([, v]) => v)
+    .map(([k, v]) => `${k} ${v}`)
+    .join(', ') || '–';
+
+export function totalsOf(s: ChaosSummary) {
+  return {
+    operations: sum(s.rounds.map((r) => r.operations)),
+    faults: sum(s.rounds.map((r) => r.faults as Record<string, number>)),
+    decisions: sum(s.rounds.map((r) => r.decisions)),
+    checked: sum(s.rounds.map((r) => r.checked)),
+    invariantsChecked: s.rounds.reduce((n, r) => n + r.invariantsChecked, 0),
+    violations: s.rounds.reduce((n, r) => n + r.violations.length, 0),
+  };
+}
+
+export function summaryMarkdown(s: ChaosSummary): string {
+  const t = totalsOf(s);
+  const lines = [
+    `# Chaos run, seed ${s.seed}`,
+    '',
+    `Commit ${s.commit}, started ${s.startedAt}, ${s.rounds.length} of ${s.roundsPlanned} rounds in ${s.wallTimeSeconds} s; ` +
+      `continue-as-new suggested after ${s.suggestContinueAsNew} events. Replay: \`npm run chaos -- --seed ${s.seed} --rounds ${s.roundsPlanned}\`.`,
+    '',
+    '## Overall',
+    '',
+    '| | |',
+    '|---|---|',
+    `| operations | ${listOf(t.operations)} |`,
+    `| halt decisions | ${listOf(t.decisions)} |`,
+    `| invariants checked | ${t.invariantsChecked} |`,
+    `| violations | ${t.violations} |`,
+    '',
+    '| invariant | checked |',
+    '|---|---|',
+    ...Object.entries(t.checked)
+      .sort(([a], [b]) => (a < b ? -1 : 1))
+      .map(([name, n]) => `| ${name} | ${n} |`),
+    '',
+    '| fault | injected |',
+    '|---|---|',
+    ...FAULT_KINDS.map((k) => `| ${k} | ${t.faults[k] ?? 0} |`),
+    '',
+    '## Rounds',
+    '',
+    '| round | seed | operations | faults | decisions | checks | violations | s |',
+    '|---|---|---|---|---|---|---|---|',
+    ...s.rounds.map(
+      (r) =>
+        `| ${r.round} | ${r.seed} | ${listOf(r.operations)} | ${listOf(r.faults)} | ${listOf(r.decisions)} | ` +
+        `${r.invariantsChecked} | ${r.violations.length} | ${Math.round(r.durationMs / 1000)} |`,
+    ),
+  ];
+  const violations = s.rounds.flatMap((r) =>
+    r.violations.map((v) => `- round ${r.round}: **${v.name}**: ${v.detail ?? ''}`),
+  );
+  if (violations.length > 0) lines.push('', '## Violations', '', ...violations);
+  return lines.join('\n') + '\n';
+}
