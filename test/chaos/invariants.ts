@@ -247,8 +247,10 @@ export async function checkVm(
   // After a planned failover the replica started from exactly the powered-off source; after a failback that did
   // not power production on, production holds exactly the failback-protective point.
   if (!prodOn && replica) {
+    // A failover forced to helper point 1 runs from data older than the source at power-off, and says so.
+    const forcedOlder = /forced failover to helper restore point 1/.test(settledView.lastRun?.outcome ?? '');
     const expected =
-      state === 'Failover' && view.lastRun?.kind === 'plannedFailover'
+      state === 'Failover' && settledView.lastRun?.kind === 'plannedFailover' && !forcedOlder
         ? replica.headPointId
         : state === 'Failback' && recorder.writtenSinceOff(vm)
           ? sealed.filter((p) => p.kind === 'failback-protective').at(-1)?.id

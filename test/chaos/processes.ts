@@ -4,6 +4,7 @@
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { setTimeout as delay } from 'node:timers/promises';
 import { startDevServer, type DevServer } from '../../scripts/lib/dev-server';
 import type { EstateInput } from '../../lab/estate';
 import type { WorkerRoles } from '../../src/worker';
@@ -16,6 +17,8 @@ export class ManagedProcess {
   private tail = '';
   /** How many times it was started (the first start included). */
   starts = 0;
+  /** Kills and starts one after the other: two faults on one process must not interleave. */
+  private turn: Promise<unknown> = Promise.resolve();
 
   constructor(
     readonly name: string,
@@ -59,6 +62,30 @@ export class ManagedProcess {
         reject(new Error(`${this.name} exited (${code ?? signal}) before it was ready:\n${this.tail.slice(-4000)}`));
       });
     });
+  }
+
+  /** SIGKILL, down for `downMs`, started again; after any kill or start already under way. */
+  bounce(downMs: number): Promise<void> {
+    return this.inTurn(async () => {
+      await this.kill();
+      await delay(downMs);
+      await this.start();
+    });
+  }
+
+  /** Started if it is not running (after any bounce under way). */
+  ensureRunning(): Promise<boolean> {
+    return this.inTurn(async () => {
+      if (this.alive) return false;
+      await this.start();
+      return true;
+    });
+  }
+
+  private inTurn<T>(step: () => Promise<T>): Promise<T> {
+    const next = this.turn.then(step, step);
+    this.turn = next.catch(() => undefined);
+    return next;
   }
 
   /** SIGKILL: no clean stop, no flush; resolves once the process is gone. */
@@ -170,18 +197,29 @@ export class ChaosSite {
     } else await server.stop();
   }
 
+  private serverTurn: Promise<unknown> = Promise.resolve();
+
+  /** Stops the server and starts it again on its database, after any restart already under way. */
+  bounceServer(hard: boolean, downMs: number): Promise<void> {
+    const next = this.serverTurn.then(async () => {
+      await this.stopServer(hard);
+      await delay(downMs);
+      await this.startServer();
+    });
+    this.serverTurn = next.catch(() => undefined);
+    return next;
+  }
+
   /** Every process that should run and does not is started again (the server first, the workers last). */
   async heal(): Promise<string[]> {
     const started: string[] = [];
+    await this.serverTurn;
     if (!this.server) {
       await this.startServer();
       started.push('temporal server');
     }
-    for (const p of [this.lab, this.workflowWorker, ...this.proxyWorkers.values()]) {
-      if (p.alive) continue;
-      await p.start();
-      started.push(p.name);
-    }
+    for (const p of [this.lab, this.workflowWorker, ...this.proxyWorkers.values()])
+      if (await p.ensureRunning()) started.push(p.name);
     return started;
   }
 

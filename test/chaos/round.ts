@@ -274,7 +274,7 @@ export class Round {
             },
             (e: unknown) => {
               this.w.totals[kind]--;
-              this.note(`fault ${kind} could not be injected: ${messageOf(e)}`);
+              this.note(`fault ${kind} could not be injected: ${messageOf(e).split('\n')[0]}`);
             },
           ),
         ),
@@ -288,30 +288,22 @@ export class Round {
     switch (kind) {
       case 'workflowWorkerKill':
         this.note(`SIGKILL workflow worker, restart after ${down} ms`);
-        await site.workflowWorker.kill();
-        await delay(down);
-        await site.workflowWorker.start();
+        await site.workflowWorker.bounce(down);
         return true;
       case 'proxyWorkerKill': {
         const proxy = site.proxyWorkers.get(c.pick(PROXIES))!;
         this.note(`SIGKILL ${proxy.name}, restart after ${down} ms`);
-        await proxy.kill();
-        await delay(down);
-        await proxy.start();
+        await proxy.bounce(down);
         return true;
       }
       case 'labKill':
         this.note(`SIGKILL lab, restart after ${down / 2} ms`);
-        await site.lab.kill();
-        await delay(down / 2);
-        await site.lab.start();
+        await site.lab.bounce(down / 2);
         return true;
       case 'serverRestart': {
         const hard = c.chance(0.5);
         this.note(`Temporal server ${hard ? 'SIGKILL' : 'SIGTERM'}, restart after ${down / 2} ms`);
-        await site.stopServer(hard);
-        await delay(down / 2);
-        await site.startServer();
+        await site.bounceServer(hard, down / 2);
         return true;
       }
       case 'terminate':
@@ -367,9 +359,14 @@ export class Round {
     return true;
   }
 
+  /**
+   * A host fault: short (1–6 s, often outlasted by the steps' retries), or aimed at a planned failover's critical
+   * window and long enough (8–20 s) to exhaust a step's attempts there, so that the session halts.
+   */
   private async hostFault(kind: FaultKind, c: Chance): Promise<boolean> {
     const host = c.pick([PRODUCTION_HOST, DR_HOST]);
-    const durationMs = c.int(1_000, 6_000);
+    const aimed = c.chance(0.5);
+    let durationMs = c.int(1_000, 6_000);
     const transfer = '/(write|send|read)$';
     let fault: LabFault;
     if (kind === 'hostUnreachable') fault = { kind: 'unreachable', durationMs };
@@ -378,9 +375,37 @@ export class Round {
     else fault = { kind: 'cut', afterBytes: c.int(0, 1024 * 1024), path: transfer, durationMs };
     if (kind !== 'transferCut' && c.chance(0.4))
       fault.path = c.pick([transfer, '/power$', '/points/', '/checkpoints/']);
-    this.note(`${host}: ${JSON.stringify(fault)}`);
+    let at = '';
+    if (aimed) {
+      const session = await this.sessionInWindow(15_000);
+      if (session) {
+        durationMs = c.int(8_000, 20_000);
+        fault.durationMs = durationMs;
+        if (kind === 'hostSlow' && fault.kind === 'slow') fault.latencyMs = c.int(5_000, 15_000);
+        at = ` aimed at ${session}`;
+      }
+    }
+    this.note(`${host}: ${JSON.stringify(fault)}${at}`);
     await this.w.control.setFault(host, fault);
     return true;
+  }
+
+  /** A planned failover session between its source's power-off and its replica's power-on, if one comes soon. */
+  private async sessionInWindow(ms: number): Promise<string | undefined> {
+    const steps = ['PoweringOffSource', 'FinalSync', 'Verifying', 'Switching', 'PoweringOnReplica'];
+    const query =
+      `ExecutionStatus="Running" AND WorkflowType="${WorkflowTypes.plannedFailoverSession}" AND ` +
+      `FailoverStep IN (${steps.map((st) => `"${st}"`).join(', ')})`;
+    const end = Date.now() + ms;
+    while (Date.now() < end) {
+      const found = await attempt(async () => {
+        for await (const wf of this.w.client.workflow.list({ query })) return wf.workflowId;
+        return undefined;
+      });
+      if (found) return found;
+      await delay(250);
+    }
+    return undefined;
   }
 
   // Operators ---------------------------------------------------------------------------------------------------
