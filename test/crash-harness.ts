@@ -12,6 +12,7 @@ import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { Client, Connection } from '@temporalio/client';
 import type { EstateInput } from '../lab/estate';
+import { forwardTo } from './forward';
 import { createTestNamespace, temporalAddress } from './harness';
 import { DR, PROD, startTestLab, type TestLab } from './lab/helpers';
 
@@ -125,18 +126,7 @@ export class LabProxy {
     for (const gate of gates.filter((g) => g.phase === 'request')) await gate.pass();
     if (res.destroyed) return;
 
-    const upstream = http.request(new URL(req.url ?? '/', this.target), {
-      method: req.method,
-      headers: req.headers,
-      agent: this.agent,
-    });
-    res.once('close', () => {
-      if (!res.writableFinished) upstream.destroy();
-    });
-    const answered = new Promise<http.IncomingMessage>((resolve, reject) => {
-      upstream.once('response', resolve);
-      upstream.once('error', reject);
-    });
+    const { upstream, answered } = forwardTo(this.target, this.agent, req, res);
     if (body) upstream.end(body);
     else if (write) {
       // Counted for the worker process that sent the request, even as its last bytes drain after a kill.

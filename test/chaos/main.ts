@@ -72,6 +72,7 @@ async function main(): Promise<number> {
     }>();
   const seed = opts.seed ?? randomSeed();
   const started = Date.now();
+  const commit = commitOf(); // the code that runs, even if the checkout moves on meanwhile
   const out = resolve(opts.out, `seed-${seed}`);
   mkdirSync(out, { recursive: true });
   const log = (line: string): void => console.log(line);
@@ -114,7 +115,7 @@ async function main(): Promise<number> {
   let client: Client | undefined;
   const summary = (): ChaosSummary => ({
     seed,
-    commit: commitOf(),
+    commit,
     startedAt: new Date(started).toISOString(),
     wallTimeSeconds: Math.round((Date.now() - started) / 1000),
     roundsPlanned: opts.rounds,

@@ -11,6 +11,7 @@ import http from 'node:http';
 import { type AddressInfo } from 'node:net';
 import { replicaNameOf } from '../../src/activities/inventory';
 import { LabHypervisor } from '../../src/hypervisor/lab-adapter';
+import { forwardTo } from '../forward';
 import { pointDigest, sourceDigest, type DiskShape } from './images';
 
 export interface PowerRecord {
@@ -107,18 +108,7 @@ export class Recorder {
     if (sourceWrite && production(sourceWrite[1])) this.writtenWhileOff.add(sourceWrite[2]!);
     if (power && action === 'on' && production(power[1])) await this.beforeBoot(power[2]!);
 
-    const upstream = http.request(new URL(req.url ?? '/', this.target), {
-      method,
-      headers: req.headers,
-      agent: this.agent,
-    });
-    res.once('close', () => {
-      if (!res.writableFinished) upstream.destroy();
-    });
-    const answered = new Promise<http.IncomingMessage>((resolve, reject) => {
-      upstream.once('response', resolve);
-      upstream.once('error', reject);
-    });
+    const { upstream, answered } = forwardTo(this.target, this.agent, req, res);
     if (body) upstream.end(body);
     else req.pipe(upstream);
     const answer = await answered;
