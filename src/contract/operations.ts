@@ -104,6 +104,8 @@ export interface ReplicaOperationInput {
   failbackTo: VmLocation | null;
   /** The VM that runs production for this replica when it is not the job's VM (see ReplicaView). */
   productionVm: VmLocation | null;
+  /** See ReplicaView: a failback that may have left the production VM partly overwritten. */
+  unfinishedFailback?: { operationId: string; vm: string; at: string } | null;
 }
 
 export interface ReplicaOperationResult {

@@ -72,6 +72,11 @@ export interface ReplicaView {
   productionVm: VmLocation | null;
   /** Something an operator should look at, found when the state was rebuilt (e.g. a source left off). */
   attention: string | null;
+  /**
+   * A failback onto the production VM that did not finish (it failed or was terminated), so the VM's disks may be
+   * partly overwritten: undoFailover does not power it on until a failback finishes.
+   */
+  unfinishedFailback?: { operationId: string; vm: string; at: string } | null;
 }
 
 /** What a session reports to its replica's entity while it holds the replica. */

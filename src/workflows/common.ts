@@ -110,6 +110,14 @@ export function failureMessage(err: unknown): string {
   return deepest instanceof Error ? deepest.message : String(deepest);
 }
 
+/** True when an operation failed with a refusal it raises before it changes anything (wrong state, bad input). */
+export function refusedBeforeStart(err: unknown): boolean {
+  const before = new Set<string>([FailureTypes.wrongState, FailureTypes.invalidInput, FailureTypes.accessDenied]);
+  for (let f: unknown = err; f instanceof Error; f = f.cause)
+    if (f instanceof ApplicationFailure && f.type && before.has(f.type)) return true;
+  return false;
+}
+
 /** A request refused before anything is touched: non-retryable, naming every problem, with them as details. */
 export function refusedInput(what: string, problems: InputProblem[]): ApplicationFailure {
   return ApplicationFailure.create({

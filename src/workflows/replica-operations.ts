@@ -77,12 +77,23 @@ export async function replicaOperation(input: ReplicaOperationInput): Promise<Re
   switch (operation) {
     case 'undoFailover': {
       const payload = input.payload as OperationPayload<'undoFailover'>;
+      const torn = input.unfinishedFailback;
+      if (payload.powerOnSource && torn) {
+        // Checked before anything is touched: the replica keeps running, a failback can still finish the job.
+        throw ApplicationFailure.create({
+          type: FailureTypes.wrongState,
+          message: `undoFailover would power on ${torn.vm}, which failback ${torn.operationId} may have partly overwritten before it stopped (${torn.at}): run failback again to finish it, or undoFailover with powerOnSource=false to discard the replica's changes and leave ${torn.vm} off`,
+          nonRetryable: true,
+        });
+      }
       step('powering the replica off and discarding what it wrote since failover');
       await withSummary(control.powerOffVm, `Power off the replica of ${vm}`, [{ vm: replicaVm }]);
       await withSummary(control.discardRunningLayer, 'Discard the changes made since failover', [
         { replica: replica.replica },
       ]);
       let detail = 'replica off, its changes since failover discarded';
+      if (torn && !payload.powerOnSource)
+        detail += `; ${torn.vm} stays off: failback ${torn.operationId} may have partly overwritten it`;
       if (payload.powerOnSource) {
         const source = requireSource(replica, vm);
         await withSummary(control.powerOnVm, `Power on ${source.vm}`, [{ vm: source }], waitingOptions);

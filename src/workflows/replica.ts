@@ -32,6 +32,7 @@ import {
   type AnyOperationPayload,
   type OperationName,
   type OperationOutcome,
+  type OperationPayload,
   type QueuedOperation,
   type RejectionRecord,
   type ReplicaEntityInput,
@@ -40,7 +41,7 @@ import {
   type SessionReport,
 } from '../contract';
 import { checkTransition } from '../domain/replica-state';
-import { control, failureMessage, persistentOptions, withSummary } from './common';
+import { control, failureMessage, persistentOptions, refusedBeforeStart, withSummary } from './common';
 import { HolderWatch } from './holders';
 import { replicaOperation } from './replica-operations';
 
@@ -258,6 +259,7 @@ export async function replica(input: ReplicaEntityInput): Promise<void> {
         state: view.state,
         failbackTo: view.failbackTo,
         productionVm: view.productionVm,
+        unfinishedFailback: view.unfinishedFailback ?? null,
       },
     ];
     try {
@@ -273,6 +275,10 @@ export async function replica(input: ReplicaEntityInput): Promise<void> {
       view.restorePoints = result.restorePoints;
       view.failbackTo = result.failbackTo;
       view.productionVm = result.productionVm;
+      if ((operation === 'failback' || operation === 'undoFailover') && view.unfinishedFailback) {
+        view.unfinishedFailback = null;
+        view.attention = null;
+      }
       finish(
         {
           operation,
@@ -290,6 +296,14 @@ export async function replica(input: ReplicaEntityInput): Promise<void> {
       if (isCancellation(err)) throw err;
       // The operation's own history says which step failed; its clean-up left the replica as the state says.
       const reason = `${operation} failed: ${failureMessage(err)}`;
+      const target = (checked.payload as OperationPayload<'failback'>).target;
+      if (operation === 'failback' && target === 'original' && !refusedBeforeStart(err)) {
+        // It may have written to production before it stopped: booting that VM would run a torn mix of old data
+        // and the replica's (the fault suite found undoFailover doing so).
+        const production = view.productionVm?.vm ?? view.vm;
+        view.unfinishedFailback = { operationId, vm: production, at: new Date().toISOString() };
+        view.attention = `failback ${operationId} stopped before it finished: ${production}'s disks may be partly overwritten; run failback again to finish it (undoFailover leaves ${production} off meanwhile)`;
+      }
       finish({ refused: reason, type: FailureTypes.hypervisor }, reason);
     }
   }

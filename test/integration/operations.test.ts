@@ -42,6 +42,7 @@ const VMS = [
   'queue1',
   'rest1',
   'fail1',
+  'torn1',
   'reg1',
   'new2',
   'at1',
@@ -64,7 +65,7 @@ describe('finishing a failover: undo, permanent, failback with commit and undo, 
     for (const s of seeded.sessions) assert.equal(s.outcome, 'replicated', s.detail);
     const moved = await (
       await startPlannedFailover(o.client, {
-        vms: ['undo1', 'back1', 'back2', 'perm1', 'new1', 'queue1', 'rest1', 'fail1', 'new2'],
+        vms: ['undo1', 'back1', 'back2', 'perm1', 'new1', 'queue1', 'rest1', 'fail1', 'torn1', 'new2'],
         reason: 'set-up',
         requestedBy: 'alice',
         options: { maxParallelJobs: 1 },
@@ -352,6 +353,31 @@ describe('finishing a failover: undo, permanent, failback with commit and undo, 
       sameImages(await productionImage(vm), await replicaImage(vm, { pointId: protective.id })),
       'exact failback',
     );
+  });
+
+  it('after a failback that stopped once it had written to production, undoFailover does not boot that VM', async () => {
+    const vm = 'torn1';
+    // Both phases have written to production when its verification checkpoint is refused: the failback fails.
+    await o.lab.control.setFault(PROD, {
+      kind: 'fail',
+      status: 409,
+      path: `^/v1/hosts/${PROD}/vms/${vm}/checkpoints/ckpt-[^/]*-verify$`,
+    });
+    await refusal(vm, 'failback', { ...who, powerOnProduction: false });
+    await o.lab.control.clearFaults(PROD);
+    const marked = await state(vm);
+    assert.equal(marked.unfinishedFailback?.vm, vm);
+    assert.match(marked.attention ?? '', /torn1's disks may be partly overwritten; run failback again/);
+    // 0.2.0 powered torn1 on here, with a mix of its own data and the replica's (found by the fault suite).
+    const refused = await refusal(vm, 'undoFailover', who);
+    assert.match(refused, /undoFailover would power on torn1, which failback .* may have partly overwritten/);
+    assert.equal(await power(vm), 'Off', 'production stays off');
+    assert.equal((await replicaInfo(vm)).powerState, 'Running', 'the replica still serves');
+    const finished = await update(vm, 'failback', { ...who, powerOnProduction: false });
+    assert.equal(finished.state, 'Failback');
+    const after = await state(vm);
+    assert.equal(after.unfinishedFailback, null);
+    assert.equal(after.attention, null);
   });
 
   it('failback onto a production VM that runs is refused unless confirmed; then its guest is shut down and the overwrite recorded', async () => {
