@@ -127,6 +127,14 @@ async function main(): Promise<number> {
     writeFileSync(join(out, 'summary.json'), JSON.stringify(s, null, 2) + '\n');
     writeFileSync(join(out, 'summary.md'), summaryMarkdown(s));
   };
+  // Ctrl-C (or a CI timeout) stops every process the suite started: the server and the lab are detached groups.
+  for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
+    process.once(signal, () => {
+      log(`chaos: ${signal}, stopping the site (summary so far in ${out})`);
+      writeSummary();
+      void site.close().finally(() => process.exit(130));
+    });
+  }
   try {
     await site.startServer();
     await site.heal();
