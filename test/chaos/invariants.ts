@@ -1,5 +1,6 @@
 // The invariants checked after every round, from the DR and production hosts' data, the recorder's log of what
 // the hosts were told, and Temporal's histories and visibility: never from a workflow's own report.
+import { setTimeout as delay } from 'node:timers/promises';
 import { WorkflowFailedError, type Client } from '@temporalio/client';
 import { ApplicationFailure } from '@temporalio/common';
 import { replicaNameOf } from '../../src/activities/inventory';
@@ -63,6 +64,8 @@ export class Checks {
 }
 
 export const CLOSING_RUN_PREFIX = 'job-closing-';
+/** The registry's longest wait between two checks of its holders (src/workflows/holders.ts), and some slack. */
+const HOLDER_CHECK_BOUND_MS = 5 * 60_000 + 30_000;
 const TERMINAL_OK = new Set(['COMPLETED', 'CONTINUED_AS_NEW']);
 const KNOWN_FAILURES = new Set<string>(Object.values(FailureTypes));
 const ROUND_TYPES = [
@@ -285,7 +288,15 @@ export function checkPower(recorder: Recorder, ledger: Ledger, checks: Checks): 
 
 /** No proxy slot leased once everything settled, and every proxy back online. */
 export async function checkSlots(client: Client, checks: Checks): Promise<void> {
-  const view = await client.workflow.getHandle(PROXY_REGISTRY_WORKFLOW_ID).query(proxyQueries.slots);
+  // Once the round settled every lease is a dead holder's. The registry checks its holders less often the longer
+  // they ran (at most every five minutes): it may take that long to find one that was terminated.
+  const registry = client.workflow.getHandle(PROXY_REGISTRY_WORKFLOW_ID);
+  const deadline = Date.now() + HOLDER_CHECK_BOUND_MS;
+  let view = await registry.query(proxyQueries.slots);
+  while (view.proxies.some((p) => p.leasedTo.length > 0) && Date.now() < deadline) {
+    await delay(2_000);
+    view = await registry.query(proxyQueries.slots);
+  }
   for (const p of view.proxies) {
     checks.check('no proxy slot leaked', p.leasedTo.length === 0, `${p.name} leased to ${p.leasedTo.join(', ')}`);
     checks.check('every proxy online after the round', p.online, `${p.name} offline`);
