@@ -3,6 +3,7 @@ import { createHash, randomUUID } from 'node:crypto';
 import { replicaNameOf } from '../../src/activities/inventory';
 import type { LabHypervisor } from '../../src/hypervisor/lab-adapter';
 import type { ExtentData } from '../../src/hypervisor/port';
+import { assemble } from '../lab/helpers';
 
 export interface DiskShape {
   id: string;
@@ -15,9 +16,7 @@ async function digestOf(
 ): Promise<string> {
   const hash = createHash('sha256');
   for (const d of disks) {
-    const image = Buffer.alloc(d.size);
-    for await (const { offset, data } of read(d)) data.copy(image, offset);
-    hash.update(d.id).update(image);
+    hash.update(d.id).update(await assemble(read(d), d.size));
   }
   return hash.digest('hex');
 }

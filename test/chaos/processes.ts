@@ -15,8 +15,6 @@ const READY_MS = 90_000;
 export class ManagedProcess {
   private child: ChildProcessWithoutNullStreams | undefined;
   private tail = '';
-  /** How many times it was started (the first start included). */
-  starts = 0;
   /** Kills and starts one after the other: two faults on one process must not interleave. */
   private turn: Promise<unknown> = Promise.resolve();
 
@@ -31,15 +29,10 @@ export class ManagedProcess {
     return this.child !== undefined && this.child.exitCode === null && this.child.signalCode === null;
   }
 
-  output(): string {
-    return this.tail;
-  }
-
   async start(): Promise<void> {
     if (this.alive) return;
     const child = spawn(process.execPath, this.args, { env: { ...process.env, ...this.env } });
     this.child = child;
-    this.starts++;
     const keep = (d: Buffer): void => {
       this.tail = (this.tail + d.toString()).slice(-20_000);
     };
@@ -114,7 +107,6 @@ export interface SiteOptions {
 
 export class ChaosSite {
   server: DevServer | undefined;
-  serverStarts = 0;
   readonly lab: ManagedProcess;
   readonly workflowWorker: ManagedProcess;
   readonly proxyWorkers: Map<string, ManagedProcess>;
@@ -179,7 +171,6 @@ export class ChaosSite {
       readyTimeoutMs: 120_000,
       dynamicConfig: { 'limit.historyCount.suggestContinueAsNew': this.o.suggestContinueAsNew },
     });
-    this.serverStarts++;
   }
 
   /** SIGTERM with a grace (a clean stop), or SIGKILL of its process group (hard). */

@@ -115,6 +115,13 @@ describe('finishing a failover: undo, permanent, failback with commit and undo, 
   }
   const sameImages = (a: Buffer[], b: Buffer[]) => a.length === b.length && a.every((x, i) => x.equals(b[i]!));
   const power = async (vm: string) => (await o.lab.port.getVm({ host: PROD, vm })).powerState;
+  /** Production refuses the failback's verification checkpoint (a conflict: not retried), after both phases. */
+  const refuseVerification = (vm: string) =>
+    o.lab.control.setFault(PROD, {
+      kind: 'fail',
+      status: 409,
+      path: `^/v1/hosts/${PROD}/vms/${vm}/checkpoints/ckpt-[^/]*-verify$`,
+    });
   const replicaInfo = (vm: string) => o.lab.port.getReplica({ host: DR, replica: replicaNameOf(vm) });
 
   it('undoFailover, typed at the Temporal CLI, discards the replica changes and the next run is incremental', async () => {
@@ -336,11 +343,7 @@ describe('finishing a failover: undo, permanent, failback with commit and undo, 
   it('a failback that fails after the replica was stopped powers the replica on again; failback works again', async () => {
     const vm = 'fail1';
     // Production refuses the verification's checkpoint (a conflict: not retried): phase 2 is done, the replica off.
-    await o.lab.control.setFault(PROD, {
-      kind: 'fail',
-      status: 409,
-      path: `^/v1/hosts/${PROD}/vms/${vm}/checkpoints/ckpt-[^/]*-verify$`,
-    });
+    await refuseVerification(vm);
     const failed = await refusal(vm, 'failback', { ...who, powerOnProduction: false });
     assert.match(failed, /powered on again and serves as before/);
     assert.equal((await replicaInfo(vm)).powerState, 'Running', 'the service is not left down');
@@ -358,11 +361,7 @@ describe('finishing a failover: undo, permanent, failback with commit and undo, 
   it('after a failback that stopped once it had written to production, undoFailover does not boot that VM', async () => {
     const vm = 'torn1';
     // Both phases have written to production when its verification checkpoint is refused: the failback fails.
-    await o.lab.control.setFault(PROD, {
-      kind: 'fail',
-      status: 409,
-      path: `^/v1/hosts/${PROD}/vms/${vm}/checkpoints/ckpt-[^/]*-verify$`,
-    });
+    await refuseVerification(vm);
     await refusal(vm, 'failback', { ...who, powerOnProduction: false });
     await o.lab.control.clearFaults(PROD);
     const marked = await state(vm);
