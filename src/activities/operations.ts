@@ -9,6 +9,7 @@ import {
   type DiskInfo,
   type Extent,
   type HypervisorPort,
+  type ReplicaInfo,
   type ReplicaRef,
   type ReplicaView,
   type RestorePointKind,
@@ -36,9 +37,29 @@ export interface ReplicaDescription {
   restorePoints: RestorePointSummary[];
   /** What the DR host shows, checked before an operation changes anything. */
   host: HostReplicaFacts;
+  /**
+   * The failback-protective point the replica stopped at (off, no running layer), with the production VM and
+   * reference point it was sealed for: in Failover, a failback that sealed it and was stopped before it finished
+   * (terminated, its worker gone for good); the next failback resumes from it. Absent from 0.2.0 histories.
+   */
+  sealedProtectivePoint?: { id: string; production: VmLocation; referencePointId: string | null } | null;
   /** The job's proxies, for the operations that move data (failback). */
   proxies: string[] | 'auto';
   declaredProxies: ProxyDeclaration[];
+}
+
+function sealedProtectivePointOf(info: ReplicaInfo): ReplicaDescription['sealedProtectivePoint'] {
+  const head = info.points.find((p) => p.id === info.headPointId);
+  if (!head?.sealed || head.kind !== 'failback-protective' || info.hasRunningLayer || info.powerState !== 'Off')
+    return null;
+  const host = head.metadata[PointMetadata.productionHost];
+  const vm = head.metadata[PointMetadata.productionVm];
+  if (!host || !vm) return null;
+  return {
+    id: head.id,
+    production: { host, vm },
+    referencePointId: head.metadata[PointMetadata.sourceReferencePoint] ?? null,
+  };
 }
 
 export interface ShipResult {
@@ -99,6 +120,7 @@ export function createOperationActivities(port: HypervisorPort, config: Configur
           headReferencePointId: head?.metadata[PointMetadata.sourceReferencePoint] ?? null,
           restorePoints: info.points.filter((p) => p.sealed).map(summarizePoint),
           host: hostFactsOf(info),
+          sealedProtectivePoint: sealedProtectivePointOf(info),
           proxies: job.proxies,
           declaredProxies: config.proxies.map((p) => ({ name: p.name, slots: p.slots, enabled: p.enabled })),
         };

@@ -175,9 +175,16 @@ export async function checkVm(
       },
       state === 'Failback' ? 'Failback' : null,
     );
+    // A failback cut off after it sealed its protective point leaves the replica off on it; the entity stays in
+    // Failover with the unfinished failback named, for the next failback to finish from that point.
+    const cutOffFailback =
+      state === 'Failover' &&
+      view.unfinishedFailback != null &&
+      fromHost === 'Ready' &&
+      sealed.find((p) => p.id === replica.headPointId)?.kind === 'failback-protective';
     checks.check(
       'entity state matches the DR host',
-      fromHost === state || failed,
+      fromHost === state || failed || cutOffFailback,
       `${vm}: entity ${state}, host ${fromHost}; last run ${settledView.lastRun?.kind}: ${settledView.lastRun?.outcome}`,
     );
   } else checks.check('entity state matches the DR host', state === 'Unseeded', `${vm}: entity ${state}, no replica`);

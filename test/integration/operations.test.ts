@@ -43,6 +43,7 @@ const VMS = [
   'rest1',
   'fail1',
   'torn1',
+  'torn2',
   'reg1',
   'new2',
   'at1',
@@ -65,7 +66,7 @@ describe('finishing a failover: undo, permanent, failback with commit and undo, 
     for (const s of seeded.sessions) assert.equal(s.outcome, 'replicated', s.detail);
     const moved = await (
       await startPlannedFailover(o.client, {
-        vms: ['undo1', 'back1', 'back2', 'perm1', 'new1', 'queue1', 'rest1', 'fail1', 'torn1', 'new2'],
+        vms: ['undo1', 'back1', 'back2', 'perm1', 'new1', 'queue1', 'rest1', 'fail1', 'torn1', 'torn2', 'new2'],
         reason: 'set-up',
         requestedBy: 'alice',
         options: { maxParallelJobs: 1 },
@@ -377,6 +378,50 @@ describe('finishing a failover: undo, permanent, failback with commit and undo, 
     const after = await state(vm);
     assert.equal(after.unfinishedFailback, null);
     assert.equal(after.attention, null);
+  });
+
+  it('a failback terminated after it sealed its protective point: the failback the attention asks for finishes it', async () => {
+    const vm = 'torn2';
+    // Its verification hangs: both phases have written to production and the protective point is sealed.
+    await o.lab.control.setFault(PROD, {
+      kind: 'slow',
+      latencyMs: 15_000,
+      path: `^/v1/hosts/${PROD}/vms/${vm}/checkpoints/ckpt-[^/]*-verify$`,
+    });
+    const cutOff = refusal(vm, 'failback', { ...who, powerOnProduction: true });
+    const sealed = await within('the protective point sealed, the replica off', 30_000, async () => {
+      const info = await replicaInfo(vm);
+      const head = info.points.find((p) => p.id === info.headPointId);
+      return info.powerState === 'Off' && !info.hasRunningLayer && head?.kind === 'failback-protective' && head.sealed
+        ? head
+        : undefined;
+    });
+    // No clean-up runs: the replica stays off on that point (an operator's terminate, a reset gone wrong).
+    await o.client.workflow.getHandle((await state(vm)).currentSession!.workflowId).terminate('test: cut off');
+    assert.match(await cutOff, /failback failed: .*terminated/i);
+    await o.lab.control.clearFaults(PROD);
+    const marked = await state(vm);
+    assert.equal(marked.state, 'Failover');
+    assert.match(marked.attention ?? '', /torn2's disks may be partly overwritten; run failback again/);
+    // 0.2.0 refused it here: the host shows the replica off, not failed over.
+    const finished = await update(vm, 'failback', { ...who, powerOnProduction: false });
+    assert.equal(finished.state, 'Failback', finished.detail);
+    assert.match(finished.detail, new RegExp(`protective point ${sealed.id}`));
+    const info = await replicaInfo(vm);
+    assert.equal(info.headPointId, sealed.id, 'resumed from that point, no second one');
+    assert.equal(info.points.filter((p) => p.kind === 'failback-protective').length, 1);
+    assert.ok(
+      sameImages(await productionImage(vm), await replicaImage(vm, { pointId: sealed.id })),
+      'production is the point',
+    );
+    const after = await state(vm);
+    assert.equal(after.unfinishedFailback, null);
+    assert.equal(after.attention, null);
+    // It was committed like any failback: the next job run is incremental from the point's reference.
+    await update(vm, 'commitFailback', who);
+    const run = (await (await startReplicationJob(o.client, { job: 'ops', requestedBy: 'alice', vms: [vm] })).result())
+      .sessions[0]!;
+    assert.equal(run.outcome, 'replicated', run.detail);
   });
 
   it('failback onto a production VM that runs is refused unless confirmed; then its guest is shut down and the overwrite recorded', async () => {
