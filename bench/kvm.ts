@@ -137,6 +137,7 @@ async function guestBench(dir: string) {
     'virshBootMs' | 'qemuBootMs' | 'virshShutdownMs' | 'qmpShutdownMs' | 'checkpointMs' | 'domstateMs',
     number
   >[] = [];
+  let qemu: ReturnType<typeof spawn> | undefined;
   try {
     const disk = join(dir, 'guest.qcow2');
     const serialLog = join(dir, 'guest.serial');
@@ -163,7 +164,6 @@ async function guestBench(dir: string) {
       // The same guest and disk under QEMU alone (its -serial file: starts a log of its own).
       const qemuLog = join(dir, `qemu-${r}.serial`);
       const qmpSocket = join(dir, 'qmp.sock');
-      let qemu: ReturnType<typeof spawn> | undefined;
       const exited = () => new Promise((resolve) => qemu!.once('exit', resolve));
       const qemuBootMs = await timed(async () => {
         qemu = spawn('qemu-system-x86_64', guestQemuArgs({ files, disk, serialLog: qemuLog, qmpSocket, workload }), {
@@ -182,6 +182,7 @@ async function guestBench(dir: string) {
       samples.push({ virshBootMs, qemuBootMs, virshShutdownMs, qmpShutdownMs, checkpointMs, domstateMs });
     }
   } finally {
+    if (qemu?.exitCode === null) qemu.kill('SIGKILL'); // a failed round must not leave a guest running
     await host.stop();
   }
   const m = (k: keyof (typeof samples)[number]) => round3(median(samples.map((s) => s[k])));
