@@ -20,10 +20,9 @@ import {
   type GuestLine,
 } from '../kvm/guest/guest';
 import { guestDomainXml } from '../kvm/libvirt/domain';
-import { LibvirtInstance } from '../kvm/libvirt/instance';
+import { CAPABILITIES_CACHE, LibvirtInstance } from '../kvm/libvirt/instance';
 import { QmpClient } from '../kvm/qmp';
 import { NbdClient } from '../src/nbd/client';
-import { projectRoot } from '../scripts/lib/dev-server';
 import { commitOf, machine, median, MiB, round3, sleep, writeResult } from './lib';
 
 const run = promisify(execFile);
@@ -131,7 +130,7 @@ async function guestBench(dir: string) {
   const workload = { pauseSeconds: 0.2, blocksPerIteration: 4 };
   const host = await LibvirtInstance.start({
     dir: join(dir, 'host'),
-    capabilitiesCache: join(projectRoot, '.cache', 'libvirt-capabilities'),
+    capabilitiesCache: CAPABILITIES_CACHE,
   });
   const samples: Record<
     'virshBootMs' | 'qemuBootMs' | 'virshShutdownMs' | 'qmpShutdownMs' | 'checkpointMs' | 'domstateMs',

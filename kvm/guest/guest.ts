@@ -6,10 +6,10 @@ import { open, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
+import { projectRoot } from '../../scripts/lib/dev-server';
 
 const execFileAsync = promisify(execFile);
 
-export const projectRoot = path.resolve(__dirname, '..', '..');
 export const installScript = path.join(projectRoot, 'scripts', 'install-kvm.sh');
 
 /** The guest's block size: the canary and every data block are one 4 KiB block. */

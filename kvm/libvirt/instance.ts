@@ -6,7 +6,11 @@ import { spawnSync } from 'node:child_process';
 import { copyFileSync, cpSync, existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { projectRoot } from '../../scripts/lib/dev-server';
 import { Virsh } from './virsh';
+
+/** Where tests, benchmarks and the demo keep libvirt's QEMU capability probe between instances. */
+export const CAPABILITIES_CACHE = join(projectRoot, '.cache', 'libvirt-capabilities');
 
 const BOUND = ['run', 'lib', 'cache', 'log', 'etc'] as const;
 const MOUNT_POINTS: Record<(typeof BOUND)[number], string> = {

@@ -17,10 +17,9 @@ import {
   type GuestLine,
 } from '../../kvm/guest/guest';
 import { guestDomainXml } from '../../kvm/libvirt/domain';
-import { LibvirtInstance } from '../../kvm/libvirt/instance';
+import { CAPABILITIES_CACHE, LibvirtInstance } from '../../kvm/libvirt/instance';
 import { NbdClient } from '../../src/nbd/client';
 import { dirtyBitmapContext, STATE_DIRTY } from '../../src/nbd/protocol';
-import { projectRoot } from '../../scripts/lib/dev-server';
 
 const BLOCKS_PER_ITERATION = 4;
 const DISK_BYTES = 64 * 1024 * 1024;
@@ -58,7 +57,7 @@ describe('a real guest under a private libvirtd', () => {
     dir = mkdtempSync(join(tmpdir(), 'pf-libvirt-'));
     host = await LibvirtInstance.start({
       dir: join(dir, 'host'),
-      capabilitiesCache: join(projectRoot, '.cache', 'libvirt-capabilities'),
+      capabilitiesCache: CAPABILITIES_CACHE,
     });
     disk = join(dir, 'guest1.qcow2');
     serialLog = join(dir, 'guest1.serial');
