@@ -9,7 +9,7 @@ import http from 'node:http';
 import { join, resolve } from 'node:path';
 import type { ProxyTransport } from '../src/config/schema';
 import { createReplicationActivities } from '../src/activities/replication';
-import { LabHypervisor } from '../src/hypervisor/lab-adapter';
+import { HostApiHypervisor } from '../src/hypervisor/host-api-adapter';
 import { BLOCK_SIZE, type Extent, type ExtentData } from '../src/hypervisor/port';
 import { asActivity, commitOf, machine, median, writeResult } from './lib';
 
@@ -166,7 +166,7 @@ async function main(): Promise<void> {
   await writeFile(estatePath, estate);
   const dataDir = join(WORK, 'lab');
   const { child, url } = await startLabProcess(dataDir, estatePath);
-  const port = new LabHypervisor({ url, timeoutMs: 120_000 });
+  const port = new HostApiHypervisor({ url, timeoutMs: 120_000 });
   const activities = createReplicationActivities(port);
   try {
     // Baseline checkpoint and reference point, then the guest's changes, then the checkpoint to copy from.

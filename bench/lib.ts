@@ -15,7 +15,7 @@ import { startLab, type RunningLab } from '../lab/server';
 import { ensureTemporalCli, freePort, startDevServer, type DevServer } from '../scripts/lib/dev-server';
 import { parseConfiguration } from '../src/config/load';
 import type { Configuration, ProxyTransport } from '../src/config/schema';
-import { LabControl, LabHypervisor } from '../src/hypervisor/lab-adapter';
+import { LabControl, HostApiHypervisor } from '../src/hypervisor/host-api-adapter';
 import { createLogger } from '../src/logging';
 import { createOrchestrator, type Orchestrator } from '../src/orchestrator';
 
@@ -69,7 +69,7 @@ export interface BenchEnvironment {
   workDir: string;
   server: DevServer;
   lab: RunningLab;
-  hypervisor: LabHypervisor;
+  hypervisor: HostApiHypervisor;
   control: LabControl;
   orchestrator: Orchestrator;
   /** Stops whatever was started, in reverse order, and removes the temporary directory; safe to call twice. */
@@ -125,12 +125,12 @@ export async function startEnvironment(options: {
     undo.push(() => server.stop());
     const lab = await startLab({ estate: options.estate, dataDir: join(workDir, 'lab'), port: 0 });
     undo.push(() => lab.stop());
-    const hypervisor = new LabHypervisor({ url: lab.url, timeoutMs: 120_000 });
+    const hypervisor = new HostApiHypervisor({ url: lab.url, timeoutMs: 120_000 });
     const control = new LabControl({ url: lab.url });
     undo.push(() => hypervisor.close());
     undo.push(() => control.close());
     // The workers get a port of their own, so the benchmark's own lab calls never share its connections.
-    const workerPort = new LabHypervisor({ url: lab.url, timeoutMs: 120_000 });
+    const workerPort = new HostApiHypervisor({ url: lab.url, timeoutMs: 120_000 });
     undo.push(() => workerPort.close());
     log(`Lab at ${lab.url}; bundling the workflows and starting the workers...`);
     const orchestrator = await createOrchestrator({

@@ -1,23 +1,35 @@
-// The lab's HTTP API. JSON for control; framed binary streams (src/hypervisor/lab-protocol.ts)
+// The lab's HTTP API. JSON for control; framed binary streams (src/host-api/frames.ts)
 // for block data. Every parameter and body is checked with zod before anything changes.
 
-import type { ServerResponse } from 'node:http';
-import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { z } from 'zod';
+import { DIGEST_ALGORITHM } from '../src/host-api/digests';
+import { badRequest, conflict, HostApiError } from '../src/host-api/errors';
+import { framedLength, type FramePiece } from '../src/host-api/frames';
 import {
-  encodeFrames,
-  FRAME_HEADER_BYTES,
-  FrameError,
-  FrameReader,
-  type FramePiece,
-} from '../src/hypervisor/lab-protocol';
+  blockRange,
+  checkBlockRange,
+  checkExtents,
+  diskInfo,
+  extents,
+  fenceToken,
+  id,
+  page,
+  params as P,
+  parse,
+  pointMetadata,
+  pointSpec,
+  powerAction,
+  view,
+  viewQuery,
+} from '../src/host-api/schemas';
+import { hostApiServer, receiveFrames, streamFrames } from '../src/host-api/server';
 import { BLOCK_SIZE, type Extent, type ExtentData, type ReplicaView } from '../src/hypervisor/port';
-import { badRequest, conflict, LabError } from './errors';
 import { loadEstate, parseEstate, type Estate, type EstateInput } from './estate';
 import { faultSchema, Faults, type FaultCall } from './faults';
 import { BufferRing, LabSite, readChunks, type LabVm } from './site';
 import { blocksToExtents, type Layer } from './storage/layer';
-import { DIGEST_ALGORITHM, digestView, readView, viewAllocatedBlocks, type View } from './storage/view';
+import { digestView, readView, viewAllocatedBlocks, type View } from './storage/view';
 
 export interface LabOptions {
   estatePath?: string;
@@ -35,68 +47,6 @@ export interface RunningLab {
   stop(): Promise<void>;
   /** Unclean stop, as if the host lost power: nothing more is saved. */
   kill(): Promise<void>;
-}
-
-// Identifiers end up in file names: keep them to a safe alphabet.
-const id = z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$/, 'letters, digits, ".", "_", ":" or "-" (max 128)');
-const diskInfo = z.strictObject({
-  id,
-  sizeBytes: z.number().int().positive().multipleOf(BLOCK_SIZE),
-});
-const extent = z.strictObject({
-  offset: z.number().int().nonnegative().multipleOf(BLOCK_SIZE),
-  length: z.number().int().positive().multipleOf(BLOCK_SIZE),
-});
-const extents = z.array(extent).max(100_000);
-const page = z.strictObject({
-  cursor: z.string().regex(/^\d+$/, 'a cursor returned by a previous page').optional(),
-  limit: z.coerce.number().int().min(1).max(100_000).default(4096),
-});
-const pointMetadata = z.record(z.string().max(128), z.string().max(4096));
-const pointSpec = z.strictObject({
-  kind: z.string().min(1).max(64),
-  crashConsistent: z.boolean(),
-  metadata: pointMetadata.optional(),
-});
-/** An opaque write-fence token (an orchestrator's session or attempt id). */
-const fenceToken = z.string().regex(/^[\x21-\x7e]{1,256}$/, 'printable ASCII without spaces (max 256)');
-const view = z.union([z.strictObject({ pointId: id }), z.strictObject({ running: z.literal(true) })]);
-const viewQuery = z
-  .strictObject({ pointId: id.optional(), running: z.enum(['true']).optional() })
-  .refine(
-    (v) => (v.pointId === undefined) !== (v.running === undefined),
-    'give exactly one of pointId or running=true',
-  );
-const blockRange = {
-  startBlock: z.coerce.number().int().nonnegative(),
-  count: z.coerce.number().int().min(1).max(16_384),
-};
-
-function parse<S extends z.ZodType>(schema: S, value: unknown, where: string): z.output<S> {
-  const r = schema.safeParse(value ?? {});
-  if (r.success) return r.data;
-  const issue = r.error.issues[0]!;
-  const field = [where, ...issue.path.map(String)].join('.');
-  throw badRequest(field, issue.message);
-}
-
-const P = {
-  host: z.strictObject({ host: id }),
-  vm: z.strictObject({ host: id, vm: id }),
-  disk: z.strictObject({ host: id, vm: id, disk: id }),
-  checkpoint: z.strictObject({ host: id, vm: id, checkpointId: id }),
-  reference: z.strictObject({ host: id, vm: id, referencePointId: id }),
-  replica: z.strictObject({ host: id, replica: id }),
-  replicaDisk: z.strictObject({ host: id, replica: id, disk: id }),
-  point: z.strictObject({ host: id, replica: id, pointId: id }),
-  pointDisk: z.strictObject({ host: id, replica: id, pointId: id, disk: id }),
-};
-
-function checkExtents(list: { offset: number; length: number }[], sizeBytes: number, field: string): void {
-  list.forEach((e, i) => {
-    if (e.offset + e.length > sizeBytes)
-      throw badRequest(`${field}.${i}`, `extent ends past the disk size ${sizeBytes}`);
-  });
 }
 
 export async function startLab(options: LabOptions): Promise<RunningLab> {
@@ -147,119 +97,20 @@ function hostOf(url: string): string | null {
   return m ? decodeURIComponent(m[1]!) : null;
 }
 
-/** Resolves once everything written so far left for the socket; rejects if the connection closed. */
-function drained(res: ServerResponse): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const done = (error?: Error) => {
-      res.off('drain', onDrain);
-      res.off('close', onClose);
-      if (error) reject(error);
-      else resolve();
-    };
-    const onDrain = () => done();
-    const onClose = () => done(new Error('connection closed'));
-    res.on('drain', onDrain);
-    res.on('close', onClose);
-  });
-}
-
-/**
- * Streams the frames of `read(ring)` with an exact content-length. Each piece is flushed before
- * the next is taken, which is what lets the reader reuse its BufferRing. A `cut` fault breaks the
- * connection after that many bytes.
- */
-async function streamFrames(
+/** Streams a read in the lab's pieces (readChunks), whose buffers the reader reuses from a BufferRing. */
+function serveRead(
   request: FastifyRequest,
   reply: FastifyReply,
   extents: Extent[],
   read: (ring: BufferRing) => AsyncIterable<ExtentData>,
   cutAfter?: number,
 ): Promise<void> {
-  let length = FRAME_HEADER_BYTES;
-  for (const c of readChunks(extents)) length += FRAME_HEADER_BYTES + c.length;
   const ring = new BufferRing(extents);
-  reply.hijack();
-  const res = reply.raw;
-  res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': length });
-  let sent = 0;
-  try {
-    for await (const chunk of encodeFrames(read(ring))) {
-      const cut = cutAfter !== undefined && sent + chunk.length > cutAfter;
-      const piece = cut ? chunk.subarray(0, cutAfter - sent) : chunk;
-      if (!res.write(piece)) await drained(res);
-      sent += piece.length;
-      if (cut) {
-        // Give the partial bytes a moment to leave before the connection drops.
-        await new Promise((r) => setTimeout(r, 20));
-        request.raw.socket.destroy();
-        return;
-      }
-    }
-    res.end();
-  } catch {
-    // The client sees a short stream: its decoder reports the transfer as interrupted.
-    res.destroy();
-  }
-}
-
-/** Bytes gathered into one write: slices of the received chunks, written with one writev. */
-const WRITE_PIECE_BYTES = 4 * 1024 * 1024;
-/** Writes queued while the next piece arrives; beyond this the upload waits (backpressure). */
-const WRITES_IN_FLIGHT = 3;
-
-/**
- * Writes the frames of an upload as they arrive, straight from the received chunks (no copy), and
- * returns the bytes written. A `cut` fault breaks the connection after that many bytes.
- */
-async function receiveFrames(
-  request: FastifyRequest,
-  sizeBytes: number,
-  write: (piece: FramePiece) => Promise<void>,
-  cutAfter?: number,
-): Promise<number> {
-  const reader = new FrameReader(WRITE_PIECE_BYTES);
-  const inFlight: { piece: FramePiece; done: Promise<void> }[] = [];
-  let received = 0;
-  let bytes = 0;
-  try {
-    for await (const chunk of request.raw as AsyncIterable<Buffer>) {
-      received += chunk.length;
-      if (cutAfter !== undefined && received > cutAfter) {
-        request.raw.socket.destroy();
-        throw new FrameError('transfer cut by fault injection');
-      }
-      for (const piece of reader.push(chunk)) {
-        const field = `frames.${piece.frame}.offset`;
-        if (piece.offset % BLOCK_SIZE !== 0 || piece.length % BLOCK_SIZE !== 0)
-          throw badRequest(field, `offset and length must be multiples of ${BLOCK_SIZE}`);
-        if (piece.offset + piece.length > sizeBytes)
-          throw badRequest(field, `extent ends past the disk size ${sizeBytes}`);
-        // Writes in flight may land in any order: one that overlaps them waits, so the last one wins.
-        const overlaps = inFlight.some(
-          (w) => piece.offset < w.piece.offset + w.piece.length && w.piece.offset < piece.offset + piece.length,
-        );
-        while (inFlight.length > 0 && (overlaps || inFlight.length >= WRITES_IN_FLIGHT)) await inFlight.shift()!.done;
-        const done = write(piece);
-        done.catch(() => undefined); // awaited in turn; this only keeps it from counting as unhandled
-        inFlight.push({ piece, done });
-        bytes += piece.length;
-      }
-    }
-    reader.end();
-    while (inFlight.length > 0) await inFlight.shift()!.done;
-  } catch (e) {
-    await Promise.allSettled(inFlight.map((w) => w.done));
-    if (e instanceof FrameError) throw badRequest('body', e.message);
-    throw e;
-  }
-  return bytes;
+  return streamFrames(request, reply, framedLength(readChunks(extents)), () => read(ring), cutAfter);
 }
 
 function buildApp(site: LabSite, faults: Faults): FastifyInstance {
-  // JSON control bodies are small (the longest, a batch's extent list, a few hundred KiB); block data comes as
-  // streams, which this limit does not apply to.
-  const app = Fastify({ bodyLimit: 4 * 1024 * 1024, keepAliveTimeout: 30_000 });
-  app.addContentTypeParser('application/octet-stream', (_req, _payload, done) => done(null, undefined));
+  const app = hostApiServer({ log: (message) => site.log(message) });
 
   /**
    * A host's injected faults, applied to a call that reaches it: `slow` delays the call, `fail` throws the
@@ -270,7 +121,7 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
       if (f.kind === 'unreachable') return 'unreachable';
       if (f.kind === 'slow') await new Promise((r) => setTimeout(r, f.latencyMs));
       if (f.kind === 'fail')
-        throw new LabError(
+        throw new HostApiError(
           f.status,
           f.status === 409 ? 'conflict' : 'host_failure',
           `host ${host} failed (injected fault)`,
@@ -287,26 +138,6 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
     }
     const refused = site.storeRefusal();
     if (refused && changesState(request.method, request.url)) throw refused;
-  });
-
-  app.setNotFoundHandler((request, reply) =>
-    reply.code(404).send({
-      error: { code: 'not_found', message: `no such endpoint: ${request.method} ${request.url.split('?')[0]}` },
-    }),
-  );
-  app.setErrorHandler((error, request, reply) => {
-    // An upload refused part-way has a body still arriving: keeping the connection would leave it half-read.
-    if (!request.raw.complete) void reply.header('connection', 'close');
-    if (error instanceof LabError) {
-      return reply.code(error.status).send({ error: { code: error.code, message: error.message, field: error.field } });
-    }
-    const e = error as { statusCode?: number; message?: string };
-    if (e.statusCode && e.statusCode < 500)
-      return reply
-        .code(e.statusCode)
-        .send({ error: { code: 'bad_request', message: e.message ?? 'bad request', field: 'body' } });
-    site.log(`internal error: ${String(error)}`);
-    return reply.code(500).send({ error: { code: 'internal', message: String(e.message ?? error) } });
   });
 
   const cutOf = (host: string, call: FaultCall): number | undefined => faults.get(host, 'cut', call)?.afterBytes;
@@ -349,15 +180,7 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
   // Power ---------------------------------------------------------------------------------------
   app.post('/v1/hosts/:host/vms/:vm/power', async (req) => {
     const vm = vmOf(parse(P.vm, req.params, 'params'));
-    const body = parse(
-      z.discriminatedUnion('action', [
-        z.strictObject({ action: z.literal('shutdown'), timeoutMs: z.number().int().min(0).max(3_600_000) }),
-        z.strictObject({ action: z.literal('off') }),
-        z.strictObject({ action: z.literal('on') }),
-      ]),
-      req.body,
-      'body',
-    );
+    const body = parse(powerAction, req.body, 'body');
     if (body.action === 'shutdown') return vm.shutdownGuest(body.timeoutMs);
     return body.action === 'off' ? vm.powerOff() : vm.powerOn();
   });
@@ -420,8 +243,7 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
     const vm = vmOf(p);
     const v = vm.checkpointView(p.disk, q.checkpointId);
     const disk = vm.sourceDisk(p.disk);
-    if (q.startBlock + q.count > disk.sizeBytes / BLOCK_SIZE)
-      throw badRequest('query.count', 'range ends past the disk');
+    checkBlockRange(q, disk.sizeBytes);
     const digests = await disk.lock.run(() => digestView(v, q.startBlock, q.count));
     return { algorithm: DIGEST_ALGORITHM, startBlock: q.startBlock, digests };
   });
@@ -429,7 +251,7 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
     const p = parse(P.disk, req.params, 'params');
     const body = parse(z.strictObject({ checkpointId: id, extents }), req.body, 'body');
     const { disk, at } = checkpointRead(p, body);
-    return streamFrames(
+    return serveRead(
       req,
       reply,
       body.extents,
@@ -504,7 +326,7 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
       path: `/v1/hosts/${t.host}/replicas/${t.replica}/points/${t.pointId}/disks/${t.disk}/write`,
     };
     if ((await injectedFaults(t.host, drCall)) === 'unreachable')
-      throw new LabError(502, 'host_unreachable', `host ${t.host} unreachable (injected fault)`);
+      throw new HostApiError(502, 'host_unreachable', `host ${t.host} unreachable (injected fault)`);
     const target = replicaOf(t);
     const layer = site.openPointLayer(target, t.pointId, t.disk);
     checkExtents(body.extents, layer.sizeBytes, 'body.target.disk');
@@ -513,7 +335,11 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
     let bytesWritten = 0;
     for await (const piece of site.readExtents(disk.lock, at, body.extents, new BufferRing(body.extents))) {
       if (cutAfter !== undefined && bytesWritten + piece.data.length > cutAfter)
-        throw new LabError(502, 'transfer_interrupted', `transfer cut after ${bytesWritten} bytes (injected fault)`);
+        throw new HostApiError(
+          502,
+          'transfer_interrupted',
+          `transfer cut after ${bytesWritten} bytes (injected fault)`,
+        );
       await site.writePoint(target, t.pointId, t.disk, piece.offset, piece.data);
       bytesWritten += piece.data.length;
     }
@@ -580,7 +406,7 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
     replicaView(vm, p.disk, body.view);
     checkExtents(body.extents, disk.sizeBytes, 'body.extents');
     const at = () => replicaView(vm, p.disk, body.view);
-    return streamFrames(
+    return serveRead(
       req,
       reply,
       body.extents,
@@ -604,8 +430,7 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
     );
     const vm = replicaOf(p);
     const disk = vm.replicaDisk(p.disk);
-    if (q.startBlock + q.count > disk.sizeBytes / BLOCK_SIZE)
-      throw badRequest('query.count', 'range ends past the disk');
+    checkBlockRange(q, disk.sizeBytes);
     const v = replicaView(vm, p.disk, viewFromQuery(q));
     const digests = await disk.lock.run(() => digestView(v, q.startBlock, q.count));
     return { algorithm: DIGEST_ALGORITHM, startBlock: q.startBlock, digests };
@@ -635,7 +460,7 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
     checkExtents(body.extents, layer.sizeBytes, 'body.extents');
     const backupView: View = { layers: [], base: layer };
     const unlocked = { run: <T>(fn: () => Promise<T>) => fn() };
-    return streamFrames(req, reply, body.extents, (ring) =>
+    return serveRead(req, reply, body.extents, (ring) =>
       site.readExtents(unlocked, () => backupView, body.extents, ring),
     );
   });
@@ -666,7 +491,7 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
   });
   const labVm = (name: string): LabVm => {
     const vm = site.vms.get(name);
-    if (!vm) throw new LabError(404, 'not_found', `VM ${name} not found`, 'vm');
+    if (!vm) throw new HostApiError(404, 'not_found', `VM ${name} not found`, 'vm');
     return vm;
   };
   app.post('/v1/lab/vms/:vm/guest-writes', async (req) => {
@@ -690,7 +515,7 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
       req.body,
       'body',
     );
-    if (!disk) throw new LabError(404, 'not_found', `disk ${p.vm}/${body.disk} not found`, 'body.disk');
+    if (!disk) throw new HostApiError(404, 'not_found', `disk ${p.vm}/${body.disk} not found`, 'body.disk');
     if (!vm.guest || vm.meta.powerState !== 'Running')
       throw conflict(`${vm.name} is ${vm.meta.powerState}; its guest is not running`);
     return { sequence: await vm.guest.writeBlocks(body.disk, body.blocks) };
@@ -720,7 +545,7 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
     );
     const vm = labVm(p.vm);
     const disk = vm.meta.disks.find((d) => d.id === p.disk);
-    if (!disk) throw new LabError(404, 'not_found', `disk ${p.vm}/${p.disk} not found`, 'params.disk');
+    if (!disk) throw new HostApiError(404, 'not_found', `disk ${p.vm}/${p.disk} not found`, 'params.disk');
     if (p.block >= disk.sizeBytes / BLOCK_SIZE) throw badRequest('params.block', 'past the end of the disk');
     await site.corruptBlock(vm, p.disk, p.block, body.layer);
     return reply.code(204).send();

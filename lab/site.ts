@@ -1,6 +1,6 @@
 // The lab's whole estate: hosts, source and replica VMs, power, checkpoints, change tracking,
 // replica chains and backups, with durable metadata. The HTTP layer (server.ts) validates input
-// and calls these methods; they throw LabError for answers other than success.
+// and calls these methods; they throw HostApiError for answers other than success.
 
 import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -30,7 +30,7 @@ import {
 } from './data-dir';
 import { ReplicaDisk, SourceDisk } from './disks';
 import { Mutex, WriteGate } from './lock';
-import { conflict, LabError, notFound, trackingLost } from './errors';
+import { conflict, HostApiError, notFound, trackingLost } from '../src/host-api/errors';
 import { guestProfile, type Estate } from './estate';
 import { canaryBlock, corruptBlockContent, GuestWorkload, readCanarySequence, type GuestProfile } from './guest';
 import {
@@ -539,9 +539,9 @@ export class LabSite {
   }
 
   /** The answer to every change once saving the metadata failed; null while saving works. */
-  storeRefusal(): LabError | null {
+  storeRefusal(): HostApiError | null {
     if (!this.storeFailure) return null;
-    return new LabError(
+    return new HostApiError(
       503,
       'store_failed',
       `the lab's metadata store failed (${this.storeFailure.message}); it refuses changes until it is restarted, ` +
@@ -1120,7 +1120,7 @@ export class LabSite {
   }
 }
 
-const stopped = (): LabError => new LabError(503, 'lab_stopped', 'the lab is stopping: nothing more is saved');
+const stopped = (): HostApiError => new HostApiError(503, 'lab_stopped', 'the lab is stopping: nothing more is saved');
 
 function processAlive(pid: number): boolean {
   try {
@@ -1145,7 +1145,6 @@ async function lockAll<T>(
 }
 
 export type { LabVm };
-export { LabError };
 
 /** A restore point's metadata as it is first written, open or (from a running layer) already sealed. */
 function newPointMeta(id: string, spec: RestorePointSpec, sealed: boolean): PointMeta {

@@ -12,7 +12,7 @@ import { startPlannedFailover, startReplicationJob } from '../src/client';
 import { loadConfiguration } from '../src/config/load';
 import type { Configuration } from '../src/config/schema';
 import { FailureTypes, TASK_QUEUE, type PlannedFailoverResult } from '../src/contract';
-import { LabControl, LabHypervisor } from '../src/hypervisor/lab-adapter';
+import { LabControl, HostApiHypervisor } from '../src/hypervisor/host-api-adapter';
 import { createLogger, logLevelFromEnv } from '../src/logging';
 import { createOrchestrator, type Orchestrator } from '../src/orchestrator';
 import { syncJobSchedules } from '../src/schedules';
@@ -82,7 +82,7 @@ async function main(): Promise<void> {
   stop.defer('the lab', () => lab.stop(), 3_000);
   say(`Lab site started at ${lab.url} (data in ${shown(labDir)}).`);
   const labControl = new LabControl({ url: lab.url });
-  const hypervisor = new LabHypervisor({ url: lab.url });
+  const hypervisor = new HostApiHypervisor({ url: lab.url });
 
   const config = loadConfiguration(join(projectRoot, DEFAULT_CONFIG_PATH));
   const orchestrator = await createOrchestrator({
@@ -106,7 +106,7 @@ async function main(): Promise<void> {
 
 interface Demo {
   orchestrator: Orchestrator;
-  hypervisor: LabHypervisor;
+  hypervisor: HostApiHypervisor;
   labControl: LabControl;
   uiUrl: string;
   commands: DemoCommands;

@@ -26,7 +26,7 @@ import {
   type PlannedFailoverResult,
   type ReplicationJobResult,
 } from '../src/contract';
-import { LabControl, LabHypervisor } from '../src/hypervisor/lab-adapter';
+import { LabControl, HostApiHypervisor } from '../src/hypervisor/host-api-adapter';
 import { createLogger } from '../src/logging';
 import { createOrchestrator } from '../src/orchestrator';
 import { ensureTemporalCli, freePort, projectRoot, startDevServer } from './lib/dev-server';
@@ -133,7 +133,7 @@ async function main(): Promise<void> {
     logFile: join(workDir, 'server.log'),
   });
   const lab = await startLab({ estate, dataDir: join(workDir, 'lab'), port: 0 });
-  const port = new LabHypervisor({ url: lab.url });
+  const port = new HostApiHypervisor({ url: lab.url });
   const control = new LabControl({ url: lab.url });
   const orchestrator = await createOrchestrator({
     connectionOptions: { address: server.address },

@@ -15,7 +15,7 @@ import {
   type ReplicaView as ReplicaEntityView,
 } from '../src/contract';
 import type { ReplicaView } from '../src/hypervisor/port';
-import type { LabFault } from '../src/hypervisor/lab-adapter';
+import type { LabFault } from '../src/hypervisor/host-api-adapter';
 import { within } from './harness';
 import { assemble, DR, PROD, type TestLab } from './lab/helpers';
 

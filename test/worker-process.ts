@@ -9,7 +9,7 @@
 // Prints "ready" on stdout once every worker polls, then runs until it is killed (or stops on SIGINT/SIGTERM).
 import { Runtime } from '@temporalio/worker';
 import { parseConfiguration } from '../src/config/load';
-import { LabHypervisor } from '../src/hypervisor/lab-adapter';
+import { HostApiHypervisor } from '../src/hypervisor/host-api-adapter';
 import { createLogger } from '../src/logging';
 import { createOrchestrator } from '../src/orchestrator';
 import type { WorkerRoles } from '../src/worker';
@@ -23,7 +23,7 @@ function required(name: string): string {
 async function main(): Promise<void> {
   Runtime.install({ logger: createLogger('WARN') });
   const config = parseConfiguration(required('PF_WORKER_CONFIG'), 'PF_WORKER_CONFIG');
-  const port = new LabHypervisor({ url: required('PF_WORKER_LAB_URL') });
+  const port = new HostApiHypervisor({ url: required('PF_WORKER_LAB_URL') });
   const orchestrator = await createOrchestrator({
     connectionOptions: { address: required('PF_WORKER_ADDRESS') },
     namespace: required('PF_WORKER_NAMESPACE'),

@@ -1,11 +1,9 @@
 // Reads through a stack of layers: for each block the topmost layer holding it wins, else the base.
 // Runs of contiguous blocks served by one layer become one read (I/O batched to ≥1 MiB).
 
-import { createHash } from 'node:crypto';
 import { BLOCK_SIZE } from '../../src/hypervisor/port';
 import type { Layer } from './layer';
-
-export const DIGEST_ALGORITHM = 'sha256-128';
+import { blockDigest } from '../../src/host-api/digests';
 
 export interface View {
   /** Topmost first; the base is not included. */
@@ -44,10 +42,6 @@ export function viewAllocatedBlocks(view: View): number[] {
   const all = new Set<number>(view.base.present);
   for (const l of view.layers) for (const b of l.present) all.add(b);
   return [...all].sort((a, b) => a - b);
-}
-
-export function blockDigest(block: Buffer): string {
-  return createHash('sha256').update(block).digest('hex').slice(0, 32);
 }
 
 const ZERO_DIGEST = blockDigest(Buffer.alloc(BLOCK_SIZE));

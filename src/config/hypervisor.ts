@@ -1,4 +1,4 @@
-import { LabHypervisor } from '../hypervisor/lab-adapter';
+import { HostApiHypervisor } from '../hypervisor/host-api-adapter';
 import type { HypervisorPort } from '../hypervisor/port';
 import type { Configuration } from './schema';
 
@@ -17,5 +17,5 @@ export function connectHypervisor(config: Configuration): HypervisorPort & { clo
       `Every host must be reached through one lab URL for now; the configuration names ${[...urls].join(', ')}`,
     );
   }
-  return new LabHypervisor({ url });
+  return new HostApiHypervisor({ url });
 }

@@ -1,7 +1,7 @@
 // Whole-disk images of source VMs and of replica points, as digests: what the invariants compare byte for byte.
 import { createHash, randomUUID } from 'node:crypto';
 import { replicaNameOf } from '../../src/activities/inventory';
-import type { LabHypervisor } from '../../src/hypervisor/lab-adapter';
+import type { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import type { ExtentData } from '../../src/hypervisor/port';
 import { assemble } from '../lab/helpers';
 
@@ -23,7 +23,7 @@ async function digestOf(
 
 /** The source VM's disks at one of its checkpoints, or now (through a checkpoint of the suite's own). */
 export async function sourceDigest(
-  lab: LabHypervisor,
+  lab: HostApiHypervisor,
   host: string,
   vm: string,
   disks: readonly DiskShape[],
@@ -43,7 +43,7 @@ export async function sourceDigest(
 
 /** A replica's disks as one of its restore points shows them. */
 export const pointDigest = (
-  lab: LabHypervisor,
+  lab: HostApiHypervisor,
   drHost: string,
   vm: string,
   disks: readonly DiskShape[],

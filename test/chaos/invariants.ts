@@ -14,7 +14,7 @@ import {
 } from '../../src/contract';
 import { stateFromHost, type ReplicaState } from '../../src/domain/replica-state';
 import { PointMetadata } from '../../src/domain/restore-points';
-import type { LabHypervisor } from '../../src/hypervisor/lab-adapter';
+import type { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import type { ReplicaInfo } from '../../src/hypervisor/port';
 import { DR_HOST, JOBS, jobOf, PRODUCTION_HOST, VM_DISKS } from './estate';
 import { pointDigest, sourceDigest } from './images';
@@ -131,7 +131,7 @@ export interface HostFacts {
   replica: ReplicaInfo | null;
 }
 
-export async function hostFacts(lab: LabHypervisor, vm: string): Promise<HostFacts> {
+export async function hostFacts(lab: HostApiHypervisor, vm: string): Promise<HostFacts> {
   const production = await lab.getVm({ host: PRODUCTION_HOST, vm });
   const replica = await lab.getReplica({ host: DR_HOST, replica: replicaNameOf(vm) }).catch((e: unknown) => {
     if (e instanceof Error && /not found|404/i.test(e.message)) return null;
@@ -144,7 +144,7 @@ const sealedOf = (r: ReplicaInfo | null) => (r?.points ?? []).filter((p) => p.se
 
 /** One VM after the round: its entity, its hosts, its points and its data. */
 export async function checkVm(
-  lab: LabHypervisor,
+  lab: HostApiHypervisor,
   recorder: Recorder,
   ledger: Ledger,
   checks: Checks,

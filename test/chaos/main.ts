@@ -12,7 +12,7 @@ import { Client, Connection } from '@temporalio/client';
 import { historyToJSON } from '@temporalio/common/lib/proto-utils';
 import { bundleWorkflowCode } from '@temporalio/worker';
 import { ensureTemporalCli, freePort, projectRoot } from '../../scripts/lib/dev-server';
-import { LabControl, LabHypervisor } from '../../src/hypervisor/lab-adapter';
+import { LabControl, HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import { TASK_QUEUE, WorkflowTypes, type ReplicationJobResult } from '../../src/contract';
 import { chaosConfiguration, chaosEstate, DR_HOST, JOBS, OPERATOR, PRODUCTION_HOST, PROXIES, VM_DISKS } from './estate';
 import { Ledger } from './invariants';
@@ -107,8 +107,8 @@ async function main(): Promise<number> {
     bundlePath,
     suggestContinueAsNew: opts.suggestContinueAsNew,
   });
-  const lab = new LabHypervisor({ url: labUrl });
-  const operatorPort = new LabHypervisor({ url: recorderUrl });
+  const lab = new HostApiHypervisor({ url: labUrl });
+  const operatorPort = new HostApiHypervisor({ url: recorderUrl });
   const control = new LabControl({ url: labUrl });
   const rounds: RoundRecord[] = [];
   const totals = Object.fromEntries(FAULT_KINDS.map((k) => [k, 0])) as Record<FaultKind, number>;

@@ -10,7 +10,7 @@
 import http from 'node:http';
 import { type AddressInfo } from 'node:net';
 import { replicaNameOf } from '../../src/activities/inventory';
-import { LabHypervisor } from '../../src/hypervisor/lab-adapter';
+import { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import { forwardTo } from '../forward';
 import { pointDigest, sourceDigest, type DiskShape } from './images';
 
@@ -55,14 +55,14 @@ export class Recorder {
   private readonly results: { name: string; ok: boolean; detail: string }[] = [];
   private readonly offImage = new Map<string, string | null>();
   private readonly writtenWhileOff = new Set<string>();
-  private readonly lab: LabHypervisor;
+  private readonly lab: HostApiHypervisor;
   private readonly server: http.Server;
   private readonly agent = new http.Agent({ keepAlive: false });
   private readonly target: URL;
 
   constructor(private readonly o: RecorderOptions) {
     this.target = new URL(o.labUrl);
-    this.lab = new LabHypervisor({ url: o.labUrl });
+    this.lab = new HostApiHypervisor({ url: o.labUrl });
     this.server = http.createServer((req, res) => {
       this.forward(req, res).catch(() => {
         if (!res.headersSent && !res.destroyed) res.writeHead(502).end();

@@ -21,7 +21,7 @@ import {
   type ReplicationJobResult,
 } from '../../src/contract';
 import { replicaNameOf } from '../../src/activities/inventory';
-import type { LabControl, LabFault, LabHypervisor } from '../../src/hypervisor/lab-adapter';
+import type { LabControl, LabFault, HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import { DR_HOST, JOBS, jobOf, OPERATOR, PRODUCTION_HOST, PROXIES, RETIRABLE, VMS } from './estate';
 import {
   checkClosingRun,
@@ -64,9 +64,9 @@ export interface World {
   site: ChaosSite;
   recorder: Recorder;
   /** The suite's own way to the lab, past the recorder. */
-  lab: LabHypervisor;
+  lab: HostApiHypervisor;
   /** What the suite does as an operator on the hosts goes through the recorder, like the workers' calls. */
-  operatorPort: LabHypervisor;
+  operatorPort: HostApiHypervisor;
   control: LabControl;
   cli: string;
   ledger: Ledger;

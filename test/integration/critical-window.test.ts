@@ -16,7 +16,7 @@ import {
   type OperatorRequest,
   type PlannedFailoverSessionResult,
 } from '../../src/contract';
-import type { LabFault } from '../../src/hypervisor/lab-adapter';
+import type { LabFault } from '../../src/hypervisor/host-api-adapter';
 import {
   entityState,
   haltOf,

@@ -20,7 +20,7 @@ import {
   replicaWorkflowId,
   type OperationOutcome,
 } from '../../src/contract';
-import type { LabFault } from '../../src/hypervisor/lab-adapter';
+import type { LabFault } from '../../src/hypervisor/host-api-adapter';
 import { freePort, startDevServer, type DevServer } from '../../scripts/lib/dev-server';
 import { ALL_ROLES } from '../../src/worker';
 import {

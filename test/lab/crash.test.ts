@@ -11,7 +11,7 @@ import { after, describe, test } from 'node:test';
 import type { CrashStep } from '../../lab/crash';
 import { startLab } from '../../lab/server';
 import { HypervisorError, NotFoundError } from '../../src/hypervisor/errors';
-import { LabControl, LabHypervisor } from '../../src/hypervisor/lab-adapter';
+import { LabControl, HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import { BLOCK_SIZE, type ReplicaView } from '../../src/hypervisor/port';
 import { startLabProcess } from './lab-process';
 import { allPages, assemble, DR, MiB, PROD, single, smallEstate, until } from './helpers';
@@ -28,7 +28,7 @@ const regular = { kind: 'regular', crashConsistent: true };
 const protective = { kind: 'failback-protective', crashConsistent: true };
 
 interface Lab {
-  port: LabHypervisor;
+  port: HostApiHypervisor;
   control: LabControl;
 }
 
@@ -47,7 +47,7 @@ async function dataDir(): Promise<string> {
 /** Runs `fn` against an in-process lab on `dir`, then stops it cleanly. */
 async function withLab<T>(dir: string, fn: (lab: Lab) => Promise<T>): Promise<T> {
   const running = await startLab({ estate, dataDir: dir });
-  const lab = { port: new LabHypervisor({ url: running.url }), control: new LabControl({ url: running.url }) };
+  const lab = { port: new HostApiHypervisor({ url: running.url }), control: new LabControl({ url: running.url }) };
   try {
     return await fn(lab);
   } finally {

@@ -8,7 +8,7 @@ import {
   HypervisorError,
   TransferInterruptedError,
 } from '../../src/hypervisor/errors';
-import { LabHypervisor } from '../../src/hypervisor/lab-adapter';
+import { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import { collect, DR, MiB, PROD, single, sleep, smallEstate, startTestLab, type TestLab } from './helpers';
 
 const src = { host: PROD, vm: 'vm1' };
@@ -59,7 +59,7 @@ describe('faults on demand surface as the right error classes', () => {
     const started = Date.now();
     await t.port.getVm(src);
     assert.ok(Date.now() - started >= 240, 'the call took the added latency');
-    const impatient = new LabHypervisor({ url: t.lab.url, timeoutMs: 100 });
+    const impatient = new HostApiHypervisor({ url: t.lab.url, timeoutMs: 100 });
     try {
       await assert.rejects(impatient.getVm(src), isKind(HostTimeoutError, true));
     } finally {
@@ -166,7 +166,7 @@ describe('faults on demand surface as the right error classes', () => {
   });
 
   test('a stopped lab is unreachable', async () => {
-    const gone = new LabHypervisor({ url: 'http://127.0.0.1:9', timeoutMs: 2000 });
+    const gone = new HostApiHypervisor({ url: 'http://127.0.0.1:9', timeoutMs: 2000 });
     try {
       await assert.rejects(gone.listHosts(), isKind(HostUnreachableError, true));
     } finally {

@@ -8,7 +8,7 @@ import { startLab, type RunningLab } from '../../lab/server';
 import type { EstateInput } from '../../lab/estate';
 
 type EstateVmInput = NonNullable<EstateInput['sites'][number]['hosts'][number]['vms']>[number];
-import { LabControl, LabHypervisor } from '../../src/hypervisor/lab-adapter';
+import { LabControl, HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import { BLOCK_SIZE, type ExtentData, type ExtentPage, type PageRequest } from '../../src/hypervisor/port';
 
 export const MiB = 1024 * 1024;
@@ -60,7 +60,7 @@ export function smallEstate(
 
 export interface TestLab {
   lab: RunningLab;
-  port: LabHypervisor;
+  port: HostApiHypervisor;
   control: LabControl;
   dataDir: string;
   /** Restarts the lab on the same data directory (after stop or kill). */
@@ -72,14 +72,14 @@ export async function startTestLab(estate: EstateInput = smallEstate(), dataDir?
   const dir = dataDir ?? (await mkdtemp(join(tmpdir(), 'lab-test-')));
   const t: TestLab = {
     lab: await startLab({ estate, dataDir: dir, port: 0 }),
-    port: undefined as unknown as LabHypervisor,
+    port: undefined as unknown as HostApiHypervisor,
     control: undefined as unknown as LabControl,
     dataDir: dir,
     async restart() {
       this.port.close();
       this.control.close();
       this.lab = await startLab({ estate, dataDir: dir, port: 0 });
-      this.port = new LabHypervisor({ url: this.lab.url });
+      this.port = new HostApiHypervisor({ url: this.lab.url });
       this.control = new LabControl({ url: this.lab.url });
     },
     async close() {
@@ -89,7 +89,7 @@ export async function startTestLab(estate: EstateInput = smallEstate(), dataDir?
       await rm(dir, { recursive: true, force: true });
     },
   };
-  t.port = new LabHypervisor({ url: t.lab.url });
+  t.port = new HostApiHypervisor({ url: t.lab.url });
   t.control = new LabControl({ url: t.lab.url });
   return t;
 }

@@ -6,11 +6,11 @@ import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { CrashStep } from '../../lab/crash';
 import type { EstateInput } from '../../lab/estate';
-import { LabControl, LabHypervisor } from '../../src/hypervisor/lab-adapter';
+import { LabControl, HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 
 export interface LabProcess {
   url: string;
-  port: LabHypervisor;
+  port: HostApiHypervisor;
   control: LabControl;
   /** How the process ended: a crash hook ends it with SIGKILL. */
   exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
@@ -43,7 +43,7 @@ export async function startLabProcess(estate: EstateInput, dataDir: string, cras
       reject(new Error(`lab exited (${code ?? signal}) before listening:\n${output}`)),
     );
   });
-  const port = new LabHypervisor({ url });
+  const port = new HostApiHypervisor({ url });
   const control = new LabControl({ url });
   return {
     url,

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { guestBlockContent } from '../../lab/guest';
-import { blockDigest } from '../../lab/storage/view';
+import { blockDigest } from '../../src/host-api/digests';
 import { BLOCK_SIZE } from '../../src/hypervisor/port';
 import {
   allPages,

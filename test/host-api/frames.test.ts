@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { test } from 'node:test';
-import { decodeFrames, encodeFrames, FrameError, FrameReader } from '../../src/hypervisor/lab-protocol';
+import { decodeFrames, encodeFrames, FrameError, FrameReader } from '../../src/host-api/frames';
 import type { ExtentData } from '../../src/hypervisor/port';
 
 const BLOCK = 65536;

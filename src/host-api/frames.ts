@@ -1,9 +1,10 @@
-// Wire format of block data between the lab and its adapter (both directions): a sequence of
+// Wire format of block data between a host (the lab, or our process on a KVM host) and the adapter, both
+// directions: a sequence of
 // frames, each a 24-byte header [magic u32 | kind u32 | offset u64 | length u32 | reserved u32]
 // followed by `length` bytes of data, closed by an END frame. The END frame lets a receiver tell a
 // complete stream from one cut short, even when the connection closes cleanly.
 
-import type { ExtentData } from './port';
+import type { Extent, ExtentData } from '../hypervisor/port';
 
 export const FRAME_MAGIC = 0x4c424b31; // "LBK1"
 export const FRAME_HEADER_BYTES = 24;
@@ -119,7 +120,9 @@ export async function* decodeFrames(source: AsyncIterable<Buffer>): AsyncGenerat
   reader.end();
 }
 
-/** Error body of every non-2xx lab answer. */
-export interface LabErrorBody {
-  error: { code: string; message: string; field?: string };
+/** Bytes on the wire of a stream whose frames carry exactly these pieces (each at most MAX_FRAME_BYTES). */
+export function framedLength(pieces: Iterable<Extent>): number {
+  let length = FRAME_HEADER_BYTES;
+  for (const p of pieces) length += FRAME_HEADER_BYTES + p.length;
+  return length;
 }

@@ -1,5 +1,5 @@
-// The hypervisor port over the lab site's HTTP API. Control calls are JSON; block data travels as
-// frames (lab-protocol.ts) streamed in both directions. Network and HTTP failures become the
+// The hypervisor port over the host API (src/host-api/) that the lab site and our KVM host process both serve.
+// Control calls are JSON; block data travels as frames (src/host-api/frames.ts) streamed in both directions. Network and HTTP failures become the
 // port's error classes so activities can decide what to retry.
 
 import http from 'node:http';
@@ -15,7 +15,8 @@ import {
   TrackingLostError,
   TransferInterruptedError,
 } from './errors';
-import { decodeFrames, encodeFrames, type LabErrorBody } from './lab-protocol';
+import type { HostApiErrorBody } from '../host-api/errors';
+import { decodeFrames, encodeFrames } from '../host-api/frames';
 import type {
   BackupPointInfo,
   BackupRef,
@@ -48,7 +49,7 @@ import type {
   WriteResult,
 } from './port';
 
-export interface LabClientOptions {
+export interface HostApiClientOptions {
   /** Base URL of the lab, e.g. http://127.0.0.1:7300 */
   url: string;
   /** Deadline of a control call (power calls add the guest's own timeout). Default 30 s. */
@@ -90,11 +91,11 @@ const BOOT_ALLOWANCE_MS = 15 * 60_000;
  * one of the lab's write calls, its framed bytes are forwarded as they are (the proxy copies
  * without decoding and re-encoding, like splice).
  */
-class LabBlockStream implements AsyncIterable<ExtentData> {
+class HostBlockStream implements AsyncIterable<ExtentData> {
   private claimed = false;
 
   constructor(
-    private readonly transport: LabTransport,
+    private readonly transport: HostApiTransport,
     private readonly spec: RequestSpec,
   ) {}
 
@@ -116,13 +117,13 @@ class LabBlockStream implements AsyncIterable<ExtentData> {
 }
 
 /** HTTP transport shared by the port adapter and the lab control client. */
-class LabTransport {
+class HostApiTransport {
   private readonly base: URL;
   private readonly agent = new http.Agent({ keepAlive: true, maxSockets: 32 });
   readonly timeoutMs: number;
   private readonly idleTimeoutMs: number;
 
-  constructor(options: LabClientOptions) {
+  constructor(options: HostApiClientOptions) {
     this.base = new URL(options.url);
     this.timeoutMs = options.timeoutMs ?? 30_000;
     this.idleTimeoutMs = options.idleTimeoutMs ?? 30_000;
@@ -289,9 +290,9 @@ function asError(reason: unknown): Error {
   return reason instanceof Error ? reason : new Error(String(reason));
 }
 
-function parseErrorBody(raw: Buffer): Partial<LabErrorBody['error']> {
+function parseErrorBody(raw: Buffer): Partial<HostApiErrorBody['error']> {
   try {
-    return (JSON.parse(raw.toString('utf8')) as LabErrorBody).error ?? {};
+    return (JSON.parse(raw.toString('utf8')) as HostApiErrorBody).error ?? {};
   } catch {
     return { message: raw.toString('utf8').slice(0, 200) };
   }
@@ -305,11 +306,11 @@ function viewQuery(view: ReplicaView): Record<string, string> {
   return 'pointId' in view ? { pointId: view.pointId } : { running: 'true' };
 }
 
-export class LabHypervisor implements HypervisorPort {
-  private readonly t: LabTransport;
+export class HostApiHypervisor implements HypervisorPort {
+  private readonly t: HostApiTransport;
 
-  constructor(options: LabClientOptions) {
-    this.t = new LabTransport(options);
+  constructor(options: HostApiClientOptions) {
+    this.t = new HostApiTransport(options);
   }
 
   /** Releases pooled connections. */
@@ -458,7 +459,7 @@ export class LabHypervisor implements HypervisorPort {
   }
 
   readExtents(ref: DiskRef, checkpointId: string, extents: Extent[], o?: CallOptions): AsyncIterable<ExtentData> {
-    return new LabBlockStream(this.t, {
+    return new HostBlockStream(this.t, {
       method: 'POST',
       path: `${this.vmPath(ref)}/disks/${seg(ref.disk)}/read`,
       host: ref.host,
@@ -679,7 +680,7 @@ export class LabHypervisor implements HypervisorPort {
     extents: Extent[],
     o?: CallOptions,
   ): AsyncIterable<ExtentData> {
-    return new LabBlockStream(this.t, {
+    return new HostBlockStream(this.t, {
       method: 'POST',
       path: `${this.replicaPath(ref)}/disks/${seg(ref.disk)}/read`,
       host: ref.host,
@@ -727,7 +728,7 @@ export class LabHypervisor implements HypervisorPort {
   }
 
   readBackupExtents(ref: BackupRef, extents: Extent[], o?: CallOptions): AsyncIterable<ExtentData> {
-    return new LabBlockStream(this.t, {
+    return new HostBlockStream(this.t, {
       method: 'POST',
       path: `/v1/backups/${seg(ref.backupId)}/disks/${seg(ref.disk)}/read`,
       json: { extents },
@@ -744,7 +745,7 @@ export class LabHypervisor implements HypervisorPort {
   ): Promise<WriteResult> {
     // A lab block stream is forwarded as framed bytes; anything else is framed here.
     const body: FramedBody =
-      data instanceof LabBlockStream
+      data instanceof HostBlockStream
         ? await data.raw()
         : { stream: Readable.from(encodeFrames(data)), failure: (e) => asError(e) };
     try {
@@ -782,10 +783,10 @@ export type LabFault = LabFaultScope &
   );
 
 export class LabControl {
-  private readonly t: LabTransport;
+  private readonly t: HostApiTransport;
 
-  constructor(options: LabClientOptions) {
-    this.t = new LabTransport(options);
+  constructor(options: HostApiClientOptions) {
+    this.t = new HostApiTransport(options);
   }
 
   close(): void {

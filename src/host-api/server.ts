@@ -1,0 +1,141 @@
+// The server half of the host API that the lab and the KVM host process share: one Fastify set-up (limits,
+// error bodies, unknown routes) and the framed block streams in both directions.
+
+import type { ServerResponse } from 'node:http';
+import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
+import { BLOCK_SIZE, type ExtentData } from '../hypervisor/port';
+import { badRequest, HostApiError } from './errors';
+import { encodeFrames, FrameError, FrameReader, type FramePiece } from './frames';
+
+/** A Fastify instance that answers the host API's way: JSON error bodies with a code and, for 400, the field. */
+export function hostApiServer(options: { log: (message: string) => void }): FastifyInstance {
+  // JSON control bodies are small (the longest, a batch's extent list, a few hundred KiB); block data comes as
+  // streams, which this limit does not apply to.
+  const app = Fastify({ bodyLimit: 4 * 1024 * 1024, keepAliveTimeout: 30_000 });
+  app.addContentTypeParser('application/octet-stream', (_req, _payload, done) => done(null, undefined));
+  app.setNotFoundHandler((request, reply) =>
+    reply.code(404).send({
+      error: { code: 'not_found', message: `no such endpoint: ${request.method} ${request.url.split('?')[0]}` },
+    }),
+  );
+  app.setErrorHandler((error, request, reply) => {
+    // An upload refused part-way has a body still arriving: keeping the connection would leave it half-read.
+    if (!request.raw.complete) void reply.header('connection', 'close');
+    if (error instanceof HostApiError) {
+      return reply.code(error.status).send({ error: { code: error.code, message: error.message, field: error.field } });
+    }
+    const e = error as { statusCode?: number; message?: string };
+    if (e.statusCode && e.statusCode < 500)
+      return reply
+        .code(e.statusCode)
+        .send({ error: { code: 'bad_request', message: e.message ?? 'bad request', field: 'body' } });
+    options.log(`internal error: ${String(error)}`);
+    return reply.code(500).send({ error: { code: 'internal', message: String(e.message ?? error) } });
+  });
+  return app;
+}
+
+/** Resolves once everything written so far left for the socket; rejects if the connection closed. */
+function drained(res: ServerResponse): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const done = (error?: Error) => {
+      res.off('drain', onDrain);
+      res.off('close', onClose);
+      if (error) reject(error);
+      else resolve();
+    };
+    const onDrain = () => done();
+    const onClose = () => done(new Error('connection closed'));
+    res.on('drain', onDrain);
+    res.on('close', onClose);
+  });
+}
+
+/**
+ * Streams the frames of `pieces` with an exact content-length (`length`, from framedLength of the same pieces).
+ * Each piece is flushed before the next is taken, which lets a reader reuse its buffers. `cutAfter` (the lab's
+ * fault injection) breaks the connection after that many bytes. A failed read ends the stream short, which the
+ * client's decoder reports as an interrupted transfer.
+ */
+export async function streamFrames(
+  request: FastifyRequest,
+  reply: FastifyReply,
+  length: number,
+  pieces: () => AsyncIterable<ExtentData>,
+  cutAfter?: number,
+): Promise<void> {
+  reply.hijack();
+  const res = reply.raw;
+  res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': length });
+  let sent = 0;
+  try {
+    for await (const chunk of encodeFrames(pieces())) {
+      const cut = cutAfter !== undefined && sent + chunk.length > cutAfter;
+      const piece = cut ? chunk.subarray(0, cutAfter - sent) : chunk;
+      if (!res.write(piece)) await drained(res);
+      sent += piece.length;
+      if (cut) {
+        // Give the partial bytes a moment to leave before the connection drops.
+        await new Promise((r) => setTimeout(r, 20));
+        request.raw.socket.destroy();
+        return;
+      }
+    }
+    res.end();
+  } catch {
+    res.destroy();
+  }
+}
+
+/** Bytes gathered into one write: slices of the received chunks, written with one writev. */
+const WRITE_PIECE_BYTES = 4 * 1024 * 1024;
+/** Writes queued while the next piece arrives; beyond this the upload waits (backpressure). */
+const WRITES_IN_FLIGHT = 3;
+
+/**
+ * Writes the frames of an upload as they arrive, straight from the received chunks (no copy), and returns the
+ * bytes written. `cutAfter` (the lab's fault injection) breaks the connection after that many bytes.
+ */
+export async function receiveFrames(
+  request: FastifyRequest,
+  sizeBytes: number,
+  write: (piece: FramePiece) => Promise<void>,
+  cutAfter?: number,
+): Promise<number> {
+  const reader = new FrameReader(WRITE_PIECE_BYTES);
+  const inFlight: { piece: FramePiece; done: Promise<void> }[] = [];
+  let received = 0;
+  let bytes = 0;
+  try {
+    for await (const chunk of request.raw as AsyncIterable<Buffer>) {
+      received += chunk.length;
+      if (cutAfter !== undefined && received > cutAfter) {
+        request.raw.socket.destroy();
+        throw new FrameError('transfer cut by fault injection');
+      }
+      for (const piece of reader.push(chunk)) {
+        const field = `frames.${piece.frame}.offset`;
+        if (piece.offset % BLOCK_SIZE !== 0 || piece.length % BLOCK_SIZE !== 0)
+          throw badRequest(field, `offset and length must be multiples of ${BLOCK_SIZE}`);
+        if (piece.offset + piece.length > sizeBytes)
+          throw badRequest(field, `extent ends past the disk size ${sizeBytes}`);
+        // Writes in flight may land in any order: one that overlaps them waits, so the last one wins.
+        const overlaps = inFlight.some(
+          (w) => piece.offset < w.piece.offset + w.piece.length && w.piece.offset < piece.offset + piece.length,
+        );
+        while (inFlight.length > 0 && (overlaps || inFlight.length >= WRITES_IN_FLIGHT)) await inFlight.shift()!.done;
+        const done = write(piece);
+        done.catch(() => undefined); // awaited in turn; this only keeps it from counting as unhandled
+        inFlight.push({ piece, done });
+        bytes += piece.length;
+      }
+    }
+    reader.end();
+    while (inFlight.length > 0) await inFlight.shift()!.done;
+  } catch (e) {
+    await Promise.allSettled(inFlight.map((w) => w.done));
+    if (e instanceof FrameError) throw badRequest('body', e.message);
+    throw e;
+  }
+  return bytes;
+}
