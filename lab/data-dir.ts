@@ -7,7 +7,7 @@ import { copyFile, readdir, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { crashPoint } from './crash';
 import { finishSealing, layerStems, stem, type BackupMeta, type VmMeta } from './metadata';
-import { fsyncDir } from './persist';
+import { fsyncDir } from '../src/host-api/persist';
 
 const EXTENSIONS = ['.img', '.map'] as const;
 

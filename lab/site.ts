@@ -46,7 +46,7 @@ import {
   type TrackingFile,
   type VmMeta,
 } from './metadata';
-import { fsyncDir, readJson, removeDurably, writeFileAtomic } from './persist';
+import { fsyncDir, readJson, removeDurably, writeFileAtomic } from '../src/host-api/persist';
 import { blocksToExtents, createLayers, destroyLayers, Layer } from './storage/layer';
 import { readView, viewAllocatedBlocks, type View } from './storage/view';
 

@@ -149,7 +149,7 @@ export class LibvirtInstance {
     const dir = join(this.dir, 'run', 'qemu');
     if (!existsSync(dir)) return [];
     return readdirSync(dir)
-      .filter((f) => f.endsWith('.pid'))
+      .filter((f) => f.endsWith('.pid') && f !== 'driver.pid') // driver.pid is libvirtd's own
       .map((f) => pidIn(join(dir, f)))
       .filter(alive);
   }

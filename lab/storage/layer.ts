@@ -4,7 +4,7 @@
 
 import { open, type FileHandle } from 'node:fs/promises';
 import { BLOCK_SIZE } from '../../src/hypervisor/port';
-import { fsyncDir, removeFile } from '../persist';
+import { fsyncDir, removeFile } from '../../src/host-api/persist';
 
 export class Layer {
   /** Blocks this layer holds data for. */

@@ -1,3 +1,5 @@
+// Durable files for a host's own state (the lab's and a KVM host process's): whole or not at all, and still there after
+// a power loss.
 import { mkdir, open, readFile, rename, unlink } from 'node:fs/promises';
 import { dirname } from 'node:path';
 

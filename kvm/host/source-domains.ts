@@ -1,0 +1,535 @@
+// The source side of the port on a KVM host, through its libvirt: power, checkpoints and change tracking, and
+// consistent reads of the guests' disks.
+//
+// A checkpoint of the port is a libvirt pull backup: `backup-begin` creates the libvirt checkpoint of the same name
+// and exports the disks as they were at that instant over NBD (a scratch file absorbs the guest's later writes),
+// with the blocks changed since the newest reference point's checkpoint as a dirty-bitmap context. A reference
+// point names the libvirt checkpoint of a copy that really completed, so the next backup counts changes from there.
+// libvirt runs one backup job per domain: a new checkpoint ends an older view first (its session is gone: the
+// replica's sessions run one at a time). A domain that is off is started paused for its backup (libvirt 9.0 backs
+// up no shut-off domain) and destroyed again when the view closes; meanwhile it is Off to the orchestrator.
+import { mkdir, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { parseCanary, GUEST_BLOCK_SIZE } from '../guest/guest';
+import { lines, Virsh, VirshError } from '../libvirt/virsh';
+import { blockDigest, DIGEST_ALGORITHM } from '../../src/host-api/digests';
+import { conflict, HostApiError, notFound, trackingLost } from '../../src/host-api/errors';
+import {
+  BLOCK_SIZE,
+  type BlockDigests,
+  type CheckpointInfo,
+  type DiskInfo,
+  type Extent,
+  type ExtentData,
+  type PowerResult,
+  type PowerState,
+  type ReferencePointInfo,
+  type ShutdownResult,
+  type VmInfo,
+} from '../../src/hypervisor/port';
+import { NbdClient } from '../../src/nbd/client';
+import { BASE_ALLOCATION, dirtyBitmapContext, STATE_DIRTY, STATE_ZERO } from '../../src/nbd/protocol';
+import { HostState, type CheckpointRecord, type ReferenceRecord } from './state';
+
+/** Block reads go out in pieces of this size (each one frame of the host API). */
+export const READ_PIECE_BYTES = 4 * 1024 * 1024;
+const POLL_MS = 100;
+const bitmapExport = (disk: string) => `backup-${disk}`;
+/** How libvirt reports a checkpoint's bitmap that QEMU no longer trusts or has (it was killed while tracking). */
+const BITMAP_LOST = /inconsistent|not found in backing chain/i;
+
+/** Extents cut into the pieces reads are served in. */
+export function* readPieces(extents: Extent[]): Generator<Extent> {
+  for (const e of extents)
+    for (let at = e.offset; at < e.offset + e.length; at += READ_PIECE_BYTES)
+      yield { offset: at, length: Math.min(READ_PIECE_BYTES, e.offset + e.length - at) };
+}
+
+/** Extents widened to whole BLOCK_SIZE blocks and merged where they touch. */
+export function toBlocks(extents: Extent[]): Extent[] {
+  const out: Extent[] = [];
+  for (const e of extents) {
+    const start = Math.floor(e.offset / BLOCK_SIZE) * BLOCK_SIZE;
+    const end = Math.ceil((e.offset + e.length) / BLOCK_SIZE) * BLOCK_SIZE;
+    const last = out.at(-1);
+    if (last && start <= last.offset + last.length) last.length = Math.max(last.length, end - last.offset);
+    else out.push({ offset: start, length: end - start });
+  }
+  return out;
+}
+
+interface DomainDisk {
+  target: string;
+  source: string;
+}
+
+/** The state libvirt reports (`domstate --reason`): `running (booted)`, `shut off (shutdown)`, … */
+function parseDomState(text: string): { state: string; reason: string } {
+  const m = /^(.*?)\s*\(([^)]*)\)\s*$/.exec(text.trim());
+  return m ? { state: m[1]!, reason: m[2]! } : { state: text.trim(), reason: '' };
+}
+
+export interface KvmSourceOptions {
+  /** This host's name in the estate. */
+  host: string;
+  virsh: Virsh;
+  /** Where the host process keeps its state, sockets and scratch files. */
+  stateDir: string;
+  log: (message: string) => void;
+}
+
+export class KvmSourceDomains {
+  private readonly virsh: Virsh;
+  private readonly locks = new Map<string, Promise<unknown>>();
+  /** Open NBD connections to checkpoint views, by `<domain>/<checkpoint>/<disk>`; rebuilt on demand. */
+  private readonly exports = new Map<string, Promise<NbdClient>>();
+
+  private constructor(
+    private readonly options: KvmSourceOptions,
+    private readonly state: HostState,
+  ) {
+    this.virsh = options.virsh;
+  }
+
+  static async open(options: KvmSourceOptions): Promise<KvmSourceDomains> {
+    for (const sub of ['run', 'scratch', 'xml']) await mkdir(join(options.stateDir, sub), { recursive: true });
+    const socket = join(options.stateDir, 'run', `${'x'.repeat(64)}.sock`);
+    if (Buffer.byteLength(socket) > 107) throw new Error(`state directory ${options.stateDir} is too long for sockets`);
+    return new KvmSourceDomains(options, await HostState.load(options.stateDir));
+  }
+
+  async close(): Promise<void> {
+    const clients = await Promise.allSettled(this.exports.values());
+    this.exports.clear();
+    for (const c of clients) if (c.status === 'fulfilled') c.value.destroy();
+  }
+
+  /** One change at a time per domain (libvirt itself serializes backup jobs by a lock that hangs the second). */
+  private exclusive<T>(domain: string, fn: () => Promise<T>): Promise<T> {
+    const previous = this.locks.get(domain) ?? Promise.resolve();
+    const run = previous.then(fn, fn);
+    const tail = run.catch(() => undefined);
+    this.locks.set(domain, tail);
+    void tail.then(() => {
+      if (this.locks.get(domain) === tail) this.locks.delete(domain);
+    });
+    return run;
+  }
+
+  private async virshOr404<T>(domain: string, call: () => Promise<T>): Promise<T> {
+    try {
+      return await call();
+    } catch (e) {
+      if (e instanceof VirshError && /failed to get domain|Domain not found/i.test(e.detail))
+        throw notFound(`VM ${domain}`, 'vm');
+      throw e;
+    }
+  }
+
+  // Inventory -----------------------------------------------------------------------------------
+
+  async listVms(): Promise<VmInfo[]> {
+    const out: VmInfo[] = [];
+    for (const name of await this.virsh.domains()) {
+      try {
+        out.push(await this.getVm(name));
+      } catch (e) {
+        if (!(e instanceof HostApiError && e.status === 404)) throw e; // undefined meanwhile
+      }
+    }
+    return out;
+  }
+
+  async getVm(domain: string): Promise<VmInfo> {
+    const { state, reason } = parseDomState(
+      await this.virshOr404(domain, () => this.virsh.run(['domstate', '--reason', domain])),
+    );
+    const record = this.state.domain(domain);
+    const paused = state === 'paused' && record.checkpoints.some((c) => c.pausedStart);
+    return {
+      name: domain,
+      host: this.options.host,
+      kind: 'source',
+      powerState: paused ? 'Off' : powerStateOf(state),
+      disks: await this.disks(domain),
+      lastStop: record.lastStop ?? lastStopFromReason(state, reason),
+    };
+  }
+
+  private async domainDisks(domain: string): Promise<DomainDisk[]> {
+    const out: DomainDisk[] = [];
+    for (const line of lines(
+      await this.virshOr404(domain, () => this.virsh.run(['domblklist', '--details', domain])),
+    )) {
+      const [type, device, target, source] = line.split(/\s+/);
+      if (device === 'disk' && type === 'file' && target && source) out.push({ target, source });
+    }
+    return out;
+  }
+
+  private async disks(domain: string): Promise<DiskInfo[]> {
+    const out: DiskInfo[] = [];
+    for (const d of await this.domainDisks(domain)) {
+      const info = await this.virsh.run(['domblkinfo', domain, d.target]);
+      const capacity = /Capacity:\s+(\d+)/.exec(info);
+      if (!capacity) throw new Error(`no capacity for ${domain}/${d.target}: ${info}`);
+      out.push({ id: d.target, sizeBytes: Number(capacity[1]) });
+    }
+    return out;
+  }
+
+  private async domState(domain: string): Promise<{ state: string; reason: string }> {
+    return parseDomState(await this.virshOr404(domain, () => this.virsh.run(['domstate', '--reason', domain])));
+  }
+
+  // Power -----------------------------------------------------------------------------------------
+
+  /** ACPI power button, then waits for the guest to stop; `timed-out` leaves the forced power-off to the caller. */
+  shutdownGuest(domain: string, timeoutMs: number, signal?: AbortSignal): Promise<ShutdownResult> {
+    return this.exclusive(domain, async () => {
+      await this.closeViewsOfPausedStart(domain);
+      if ((await this.domState(domain)).state === 'shut off') return { outcome: 'already-off', state: 'Off' };
+      await this.virsh.run(['shutdown', '--mode', 'acpi', domain]).catch((e: unknown) => {
+        // It may have stopped between the two calls.
+        if (!(e instanceof VirshError && /not running/i.test(e.detail))) throw e;
+      });
+      const deadline = Date.now() + timeoutMs;
+      for (;;) {
+        const { state } = await this.domState(domain);
+        if (state === 'shut off') {
+          await this.state.update(domain, (d) => void (d.lastStop = 'guest-shutdown'));
+          return { outcome: 'off', state: 'Off' };
+        }
+        if (Date.now() >= deadline || signal?.aborted) return { outcome: 'timed-out', state: powerStateOf(state) };
+        await sleep(POLL_MS);
+      }
+    });
+  }
+
+  powerOff(domain: string): Promise<PowerResult> {
+    return this.exclusive(domain, async () => {
+      await this.closeViewsOfPausedStart(domain);
+      if ((await this.domState(domain)).state === 'shut off') return { state: 'Off', alreadyInState: true };
+      await this.virsh.run(['destroy', domain]).catch((e: unknown) => {
+        if (!(e instanceof VirshError && /not running/i.test(e.detail))) throw e;
+      });
+      await this.state.update(domain, (d) => void (d.lastStop = 'forced-off'));
+      return { state: 'Off', alreadyInState: false };
+    });
+  }
+
+  powerOn(domain: string): Promise<PowerResult> {
+    return this.exclusive(domain, async () => {
+      await this.closeViewsOfPausedStart(domain);
+      const { state } = await this.domState(domain);
+      if (state === 'running') return { state: 'Running', alreadyInState: true };
+      if (state === 'paused') await this.virsh.run(['resume', domain]);
+      else await this.virsh.run(['start', domain]);
+      await this.state.update(domain, (d) => void (d.lastStop = null));
+      return { state: 'Running', alreadyInState: false };
+    });
+  }
+
+  // Checkpoints and change tracking -------------------------------------------------------------
+
+  createCheckpoint(domain: string, checkpointId: string): Promise<CheckpointInfo> {
+    return this.exclusive(domain, async () => {
+      const known = this.state.domain(domain).checkpoints.find((c) => c.id === checkpointId);
+      if (known?.status === 'open' && (await this.backupRunning(domain)))
+        return { id: known.id, vm: domain, createdAt: known.createdAt };
+      // Whatever view is left (another session's, or this one's begun and lost in a crash) ends here.
+      for (const old of this.state.domain(domain).checkpoints) await this.closeView(domain, old);
+
+      const record = this.state.domain(domain);
+      const { state, reason } = await this.domState(domain);
+      const pausedStart = state === 'shut off';
+      // Change tracking goes on from the newest reference point whose tracking is still whole.
+      const base = [...record.referencePoints].reverse().find((r) => r.trackingValid);
+      const checkpoint: CheckpointRecord = {
+        id: checkpointId,
+        createdAt: new Date().toISOString(),
+        incrementalFrom: base?.checkpointId ?? null,
+        pausedStart,
+        disks: await this.disks(domain),
+        status: 'beginning',
+      };
+      await this.state.update(domain, (d) => {
+        d.checkpoints.push(checkpoint);
+        // The paused start ends in a destroy, which libvirt then gives as the reason: keep how it really stopped.
+        if (pausedStart) d.lastStop ??= lastStopFromReason(state, reason);
+      });
+      if (pausedStart) await this.virsh.run(['start', '--paused', domain]);
+      await this.dropCheckpointsWithoutReference(domain);
+      try {
+        await this.beginBackup(domain, checkpoint);
+      } catch (e) {
+        if (!(checkpoint.incrementalFrom && e instanceof VirshError && BITMAP_LOST.test(e.detail))) throw e;
+        // QEMU stopped without writing its bitmaps back: nothing since the reference point can be trusted.
+        this.options.log(`${domain}: change tracking lost (${e.detail}); the view has no changed extents`);
+        await this.state.update(domain, (d) => {
+          for (const r of d.referencePoints) r.trackingValid = false;
+        });
+        checkpoint.incrementalFrom = null;
+        await this.beginBackup(domain, checkpoint);
+      }
+      await this.state.update(domain, (d) => {
+        const c = d.checkpoints.find((x) => x.id === checkpointId);
+        if (c) Object.assign(c, { status: 'open', incrementalFrom: checkpoint.incrementalFrom });
+      });
+      return { id: checkpointId, vm: domain, createdAt: checkpoint.createdAt };
+    });
+  }
+
+  private socketOf(domain: string): string {
+    return join(this.options.stateDir, 'run', `${domain}.sock`);
+  }
+
+  private scratchOf(domain: string, disk: string): string {
+    return join(this.options.stateDir, 'scratch', `${domain}.${disk}.qcow2`);
+  }
+
+  private async beginBackup(domain: string, checkpoint: CheckpointRecord): Promise<void> {
+    const disks = await this.domainDisks(domain);
+    const x = (s: string) => s.replace(/[<>&'"]/g, (c) => `&#${c.charCodeAt(0)};`);
+    const backupXml =
+      `<domainbackup mode='pull'>` +
+      (checkpoint.incrementalFrom ? `<incremental>${x(checkpoint.incrementalFrom)}</incremental>` : '') +
+      `<server transport='unix' socket='${x(this.socketOf(domain))}'/><disks>` +
+      disks
+        .map(
+          (d) =>
+            `<disk name='${x(d.target)}' backup='yes' type='file'><scratch file='${x(this.scratchOf(domain, d.target))}'/></disk>`,
+        )
+        .join('') +
+      `</disks></domainbackup>`;
+    const checkpointXml =
+      `<domaincheckpoint><name>${x(checkpoint.id)}</name><disks>` +
+      disks.map((d) => `<disk name='${x(d.target)}' checkpoint='bitmap'/>`).join('') +
+      `</disks></domaincheckpoint>`;
+    const dir = join(this.options.stateDir, 'xml');
+    const backupFile = join(dir, `${domain}.backup.xml`);
+    const checkpointFile = join(dir, `${domain}.checkpoint.xml`);
+    await writeFile(backupFile, backupXml);
+    await writeFile(checkpointFile, checkpointXml);
+    for (const d of disks) await rm(this.scratchOf(domain, d.target), { force: true });
+    await this.deleteLibvirtCheckpoint(domain, checkpoint.id); // one a failed begin left behind
+    await this.virsh.run(['backup-begin', domain, backupFile, checkpointFile]);
+  }
+
+  private async backupRunning(domain: string): Promise<boolean> {
+    const info = await this.virsh.run(['domjobinfo', domain]).catch(() => '');
+    return /Job type:\s+(Unbounded|Bounded)/.test(info) && /Operation:\s+Backup/.test(info);
+  }
+
+  /**
+   * Ends a view: its backup job, its record, the libvirt checkpoints nothing stands for any more (libvirt deletes
+   * checkpoints only of a running domain), and, for a paused start, the domain's run.
+   */
+  private async closeView(domain: string, c: CheckpointRecord): Promise<void> {
+    for (const [key, client] of this.exports)
+      if (key.startsWith(`${domain}/${c.id}/`)) {
+        this.exports.delete(key);
+        void client.then((x) => x.destroy()).catch(() => undefined);
+      }
+    if (await this.backupRunning(domain)) await this.virsh.run(['domjobabort', domain]).catch(() => undefined);
+    await this.state.update(domain, (d) => void (d.checkpoints = d.checkpoints.filter((x) => x.id !== c.id)));
+    await this.dropCheckpointsWithoutReference(domain);
+    if (c.pausedStart && (await this.domState(domain)).state === 'paused') await this.virsh.run(['destroy', domain]);
+    for (const d of await this.domainDisks(domain)) await rm(this.scratchOf(domain, d.target), { force: true });
+  }
+
+  /** Before anyone powers a domain on or off, a paused start of ours for a view ends (its view goes with it). */
+  private async closeViewsOfPausedStart(domain: string): Promise<void> {
+    for (const c of this.state.domain(domain).checkpoints) if (c.pausedStart) await this.closeView(domain, c);
+  }
+
+  private async libvirtCheckpoints(domain: string): Promise<string[]> {
+    return lines(await this.virsh.run(['checkpoint-list', domain, '--name', '--topological']));
+  }
+
+  private async deleteLibvirtCheckpoint(domain: string, name: string): Promise<void> {
+    if (!(await this.libvirtCheckpoints(domain)).includes(name)) return;
+    // Deleting merges its bitmap into its parent's, so changes since the parent stay counted. A bitmap QEMU dropped
+    // (inconsistent after a kill) leaves only libvirt's record of it to delete.
+    await this.virsh.run(['checkpoint-delete', domain, name]).catch(async (e: unknown) => {
+      if (!(e instanceof VirshError && BITMAP_LOST.test(e.detail))) throw e;
+      await this.virsh.run(['checkpoint-delete', '--metadata', domain, name]);
+    });
+  }
+
+  /** libvirt checkpoints that neither a reference point nor an open view stands for (failed copies) go. */
+  private async dropCheckpointsWithoutReference(domain: string): Promise<void> {
+    if ((await this.domState(domain)).state === 'shut off') return; // done at its next checkpoint
+    const record = this.state.domain(domain);
+    const referenced = new Set(record.referencePoints.map((r) => r.checkpointId));
+    const open = new Set(record.checkpoints.map((c) => c.id));
+    for (const name of await this.libvirtCheckpoints(domain))
+      if (!referenced.has(name) && !open.has(name)) await this.deleteLibvirtCheckpoint(domain, name);
+  }
+
+  deleteCheckpoint(domain: string, checkpointId: string): Promise<void> {
+    return this.exclusive(domain, async () => {
+      const c = this.state.domain(domain).checkpoints.find((x) => x.id === checkpointId);
+      if (!c) throw notFound(`checkpoint ${domain}/${checkpointId}`, 'checkpointId');
+      await this.closeView(domain, c);
+    });
+  }
+
+  createReferencePoint(domain: string, referencePointId: string, checkpointId: string): Promise<ReferencePointInfo> {
+    return this.exclusive(domain, async () => {
+      const record = this.state.domain(domain);
+      const known = record.referencePoints.find((r) => r.id === referencePointId);
+      if (known) return this.referenceInfo(domain, known);
+      const c = record.checkpoints.find((x) => x.id === checkpointId);
+      if (!c || c.status !== 'open') throw notFound(`checkpoint ${domain}/${checkpointId}`, 'checkpointId');
+      const next = await this.state.update(domain, (d) => {
+        d.referencePoints.push({
+          id: referencePointId,
+          checkpointId,
+          createdAt: new Date().toISOString(),
+          trackingValid: true,
+        });
+      });
+      return this.referenceInfo(domain, next.referencePoints.at(-1)!);
+    });
+  }
+
+  private referenceInfo(domain: string, r: ReferenceRecord): ReferencePointInfo {
+    return {
+      id: r.id,
+      vm: domain,
+      checkpointId: r.checkpointId,
+      createdAt: r.createdAt,
+      trackingValid: r.trackingValid,
+    };
+  }
+
+  async listReferencePoints(domain: string): Promise<ReferencePointInfo[]> {
+    await this.domState(domain); // 404 for an unknown domain
+    return this.state.domain(domain).referencePoints.map((r) => this.referenceInfo(domain, r));
+  }
+
+  deleteReferencePoint(domain: string, referencePointId: string): Promise<void> {
+    return this.exclusive(domain, async () => {
+      const r = this.state.domain(domain).referencePoints.find((x) => x.id === referencePointId);
+      if (!r) throw notFound(`reference point ${domain}/${referencePointId}`, 'referencePointId');
+      await this.state.update(domain, (d) => {
+        d.referencePoints = d.referencePoints.filter((x) => x.id !== referencePointId);
+      });
+      await this.dropCheckpointsWithoutReference(domain);
+    });
+  }
+
+  // Reads of a checkpoint view --------------------------------------------------------------------
+
+  private openView(domain: string, checkpointId: string): CheckpointRecord {
+    const c = this.state.domain(domain).checkpoints.find((x) => x.id === checkpointId);
+    if (!c) throw notFound(`checkpoint ${domain}/${checkpointId}`, 'checkpointId');
+    if (c.status !== 'open') throw conflict(`checkpoint ${domain}/${checkpointId} is not open: create it again`);
+    return c;
+  }
+
+  /** The NBD export of one disk of an open view (one connection, shared by concurrent reads). */
+  async viewExport(domain: string, checkpointId: string, disk: string): Promise<NbdClient> {
+    const c = this.openView(domain, checkpointId);
+    this.viewDiskSize(domain, checkpointId, disk);
+    const key = `${domain}/${checkpointId}/${disk}`;
+    let client = this.exports.get(key);
+    if (!client) {
+      const metaContexts = [BASE_ALLOCATION, ...(c.incrementalFrom ? [dirtyBitmapContext(bitmapExport(disk))] : [])];
+      client = NbdClient.connect({ path: this.socketOf(domain), exportName: disk, metaContexts });
+      this.exports.set(key, client);
+      client.catch(() => this.exports.delete(key));
+    }
+    const ready = await client;
+    if (ready.closed) {
+      this.exports.delete(key);
+      return this.viewExport(domain, checkpointId, disk);
+    }
+    return ready;
+  }
+
+  /** A disk's size in an open view (what reads are checked against). */
+  viewDiskSize(domain: string, checkpointId: string, disk: string): number {
+    const d = this.openView(domain, checkpointId).disks.find((x) => x.id === disk);
+    if (!d) throw notFound(`disk ${domain}/${disk}`, 'disk');
+    return d.sizeBytes;
+  }
+
+  /** Blocks changed since the reference point, as the backup's dirty bitmap has them. */
+  async changedExtents(
+    domain: string,
+    disk: string,
+    referencePointId: string,
+    checkpointId: string,
+  ): Promise<Extent[]> {
+    const reference = this.state.domain(domain).referencePoints.find((r) => r.id === referencePointId);
+    if (!reference) throw notFound(`reference point ${domain}/${referencePointId}`, 'referencePointId');
+    const c = this.openView(domain, checkpointId);
+    if (!reference.trackingValid) throw trackingLost(`change tracking of ${domain} since ${referencePointId} was lost`);
+    if (c.incrementalFrom !== reference.checkpointId)
+      throw trackingLost(`checkpoint ${checkpointId} counts no changes since ${referencePointId}`);
+    const nbd = await this.viewExport(domain, checkpointId, disk);
+    const map = await nbd.blockStatus(dirtyBitmapContext(bitmapExport(disk)), 0, nbd.size);
+    return toBlocks(map.filter((e) => (e.flags & STATE_DIRTY) !== 0));
+  }
+
+  /** Blocks that may hold data at the checkpoint: all but those that read as zeroes. */
+  async allocatedExtents(domain: string, disk: string, checkpointId: string): Promise<Extent[]> {
+    const nbd = await this.viewExport(domain, checkpointId, disk);
+    const map = await nbd.blockStatus(BASE_ALLOCATION, 0, nbd.size);
+    return toBlocks(map.filter((e) => (e.flags & STATE_ZERO) === 0));
+  }
+
+  async *readExtents(
+    domain: string,
+    disk: string,
+    checkpointId: string,
+    extents: Extent[],
+  ): AsyncGenerator<ExtentData> {
+    const nbd = await this.viewExport(domain, checkpointId, disk);
+    for await (const piece of nbd.readExtents([...readPieces(extents)], { pieceSize: READ_PIECE_BYTES }))
+      yield { offset: piece.offset, data: piece.data };
+  }
+
+  async blockDigests(
+    domain: string,
+    disk: string,
+    checkpointId: string,
+    range: { startBlock: number; count: number },
+  ): Promise<BlockDigests> {
+    const digests: string[] = [];
+    const whole = [{ offset: range.startBlock * BLOCK_SIZE, length: range.count * BLOCK_SIZE }];
+    for await (const piece of this.readExtents(domain, disk, checkpointId, whole))
+      for (let at = 0; at < piece.data.length; at += BLOCK_SIZE)
+        digests.push(blockDigest(piece.data.subarray(at, at + BLOCK_SIZE)));
+    return { algorithm: DIGEST_ALGORITHM, startBlock: range.startBlock, digests };
+  }
+
+  /** The guest's write sequence on its first disk at the checkpoint (0 for a guest that keeps none). */
+  async readCanary(domain: string, checkpointId: string): Promise<number> {
+    const [first] = this.openView(domain, checkpointId).disks;
+    if (!first) return 0;
+    const nbd = await this.viewExport(domain, checkpointId, first.id);
+    try {
+      return parseCanary(await nbd.read(0, GUEST_BLOCK_SIZE));
+    } catch (e) {
+      if (e instanceof Error && /corrupt canary/.test(e.message)) return 0;
+      throw e;
+    }
+  }
+}
+
+function powerStateOf(state: string): PowerState {
+  if (state === 'shut off' || state === 'crashed') return 'Off';
+  if (state === 'in shutdown') return 'Stopping';
+  return 'Running';
+}
+
+function lastStopFromReason(state: string, reason: string): VmInfo['lastStop'] {
+  if (state !== 'shut off') return null;
+  if (reason === 'shutdown') return 'guest-shutdown';
+  if (reason === 'destroyed' || reason === 'crashed') return 'forced-off';
+  return null;
+}

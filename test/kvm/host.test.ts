@@ -1,0 +1,312 @@
+import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import {
+  createGuestDisk,
+  GUEST_BLOCK_SIZE,
+  guestBlockNumbers,
+  guestFiles,
+  guestKernelCmdline,
+  parseDataBlock,
+  waitForGuest,
+  type GuestLine,
+} from '../../kvm/guest/guest';
+import { startKvmHost, type RunningKvmHost } from '../../kvm/host/server';
+import { guestDomainXml } from '../../kvm/libvirt/domain';
+import { CAPABILITIES_CACHE, LibvirtInstance } from '../../kvm/libvirt/instance';
+import { blockDigest } from '../../src/host-api/digests';
+import { HostFailureError, NotFoundError, TrackingLostError } from '../../src/hypervisor/errors';
+import { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
+import { BLOCK_SIZE, type Extent, type ExtentPage, type PageRequest } from '../../src/hypervisor/port';
+
+const DISK_BYTES = 64 * 1024 * 1024;
+const BLOCKS_PER_ITERATION = 4;
+const HOST = 'kvm-prod1';
+const VM = 'pf-src1';
+const lastSeq = (lines: GuestLine[]) => lines.filter((l) => l.kind === 'seq').at(-1)?.seq;
+
+async function allPages(list: (page: PageRequest) => Promise<ExtentPage>): Promise<Extent[]> {
+  const out: Extent[] = [];
+  let cursor: string | undefined;
+  do {
+    const page = await list({ cursor, limit: 7 }); // small pages: the cursor is exercised
+    out.push(...page.extents);
+    cursor = page.nextCursor;
+  } while (cursor !== undefined);
+  return out;
+}
+
+const bytesOf = (extents: Extent[]) => extents.reduce((n, e) => n + e.length, 0);
+const covers = (extents: Extent[], offset: number) =>
+  extents.some((e) => offset >= e.offset && offset < e.offset + e.length);
+
+// The orchestrator's adapter against our host process on a real libvirt host: the same calls it makes of the lab,
+// answered from libvirt's checkpoints and pull backups of a real guest.
+describe('the KVM host process, source side, on a private libvirtd', () => {
+  let dir: string;
+  let libvirt: LibvirtInstance;
+  let kvmHost: RunningKvmHost;
+  let port: HostApiHypervisor;
+  let serialLog: string;
+  const vm = { host: HOST, vm: VM };
+  const disk = { ...vm, disk: 'vda' };
+  /** A replica kept as a plain buffer: what the orchestrator would have written into restore points. */
+  const copy = Buffer.alloc(DISK_BYTES);
+
+  const startHost = async () => {
+    kvmHost = await startKvmHost({
+      name: HOST,
+      site: 'primary',
+      role: 'production',
+      libvirtUri: libvirt.virsh.uri,
+      stateDir: join(dir, 'state'),
+    });
+    port = new HostApiHypervisor({ url: kvmHost.url });
+  };
+  const guestLines = () => waitForGuest(serialLog, (lines) => lines, { timeoutMs: 1 });
+  const seqAtLeast = (n: number) =>
+    waitForGuest(serialLog, (lines) => ((lastSeq(lines) ?? 0) >= n ? lastSeq(lines) : undefined), {
+      timeoutMs: 60_000,
+    });
+  const bootAndWrite = async () => {
+    const before = (await guestLines()).length;
+    await port.powerOn(vm);
+    await waitForGuest(serialLog, (lines) => lines.slice(before).find((l) => l.kind === 'ready'), {
+      timeoutMs: 60_000,
+    });
+    return seqAtLeast((lastSeq(await guestLines()) ?? 0) + 3);
+  };
+  async function applyTo(target: Buffer, checkpointId: string, extents: Extent[]): Promise<number> {
+    let bytes = 0;
+    for await (const piece of port.readExtents(disk, checkpointId, extents)) {
+      piece.data.copy(target, piece.offset);
+      bytes += piece.data.length;
+    }
+    return bytes;
+  }
+  async function assertCopyEquals(checkpointId: string): Promise<void> {
+    const blocks = DISK_BYTES / BLOCK_SIZE;
+    const { digests, algorithm } = await port.blockDigests(disk, checkpointId, { startBlock: 0, count: blocks });
+    assert.equal(algorithm, 'sha256-128');
+    const differing = digests.flatMap((d, b) =>
+      d === blockDigest(copy.subarray(b * BLOCK_SIZE, (b + 1) * BLOCK_SIZE)) ? [] : [b],
+    );
+    assert.deepEqual(differing, [], `blocks of the copy that differ from ${checkpointId}`);
+  }
+
+  before(async () => {
+    const files = guestFiles();
+    dir = mkdtempSync(join(tmpdir(), 'pf-kvmhost-'));
+    libvirt = await LibvirtInstance.start({ dir: join(dir, 'libvirt'), capabilitiesCache: CAPABILITIES_CACHE });
+    const image = join(dir, `${VM}.qcow2`);
+    serialLog = join(dir, `${VM}.serial`);
+    writeFileSync(serialLog, '');
+    await createGuestDisk(image, '64M');
+    const xml = join(dir, `${VM}.xml`);
+    writeFileSync(
+      xml,
+      guestDomainXml({
+        name: VM,
+        disk: image,
+        ...files,
+        cmdline: guestKernelCmdline({ pauseSeconds: 0.05, blocksPerIteration: BLOCKS_PER_ITERATION, printEvery: 1 }),
+        serialLog,
+      }),
+    );
+    await libvirt.virsh.run(['define', xml]);
+    await startHost();
+  });
+
+  after(async () => {
+    port?.close();
+    await kvmHost?.stop();
+    await libvirt?.stop();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  test('inventory: the host and its libvirt domain, with its disk; calls for other hosts or replicas are refused', async () => {
+    assert.deepEqual(await port.listHosts(), [{ name: HOST, site: 'primary', role: 'production' }]);
+    const [info, ...others] = await port.listVms(HOST);
+    assert.equal(others.length, 0);
+    assert.deepEqual(info, {
+      name: VM,
+      host: HOST,
+      kind: 'source',
+      powerState: 'Off',
+      disks: [{ id: 'vda', sizeBytes: DISK_BYTES }],
+      lastStop: null,
+    });
+    await assert.rejects(port.getVm({ host: HOST, vm: 'nosuch' }), NotFoundError);
+    await assert.rejects(port.getVm({ host: 'other', vm: VM }), NotFoundError);
+    await assert.rejects(
+      port.getReplica({ host: HOST, replica: 'r' }),
+      (e: Error) => e instanceof HostFailureError && /not served by KVM hosts yet/.test(e.message),
+    );
+  });
+
+  test('a first full copy from a checkpoint of the running guest, then an incremental one from the changed extents: each equals its checkpoint', async () => {
+    const written = await bootAndWrite();
+    assert.equal((await port.getVm(vm)).powerState, 'Running');
+
+    const c1 = await port.createCheckpoint(vm, 'c1');
+    assert.deepEqual(await port.createCheckpoint(vm, 'c1'), c1, 'a retried create returns the same checkpoint');
+    const allocated = await allPages((page) => port.listAllocatedExtents(disk, 'c1', page));
+    assert.ok(covers(allocated, 0), 'the canary block holds data');
+    assert.ok(bytesOf(allocated) < DISK_BYTES / 2, `${bytesOf(allocated)} bytes allocated of a mostly empty disk`);
+    await applyTo(copy, 'c1', allocated);
+    await assertCopyEquals('c1');
+    const canary1 = (await port.readCanary(vm, 'c1')).sequence;
+    assert.ok(canary1 >= written, `canary ${canary1} at c1, the guest said ${written} before it`);
+    await assert.rejects(
+      port.listChangedExtents(disk, { referencePointId: 'nosuch', checkpointId: 'c1' }),
+      NotFoundError,
+    );
+    // The copy is sealed: c1 becomes the reference point, as promoteCheckpoint does it.
+    await port.createReferencePoint(vm, 'r1', 'c1');
+    await port.deleteCheckpoint(vm, 'c1');
+    await assert.rejects(port.readCanary(vm, 'c1'), NotFoundError, 'a deleted checkpoint is gone');
+
+    const later = await seqAtLeast(canary1 + 6);
+    await port.createCheckpoint(vm, 'c2');
+    const changed = await allPages((page) =>
+      port.listChangedExtents(disk, { referencePointId: 'r1', checkpointId: 'c2' }, page),
+    );
+    assert.ok(bytesOf(changed) < DISK_BYTES / 4, `${bytesOf(changed)} bytes changed since c1`);
+    assert.ok(covers(changed, 0), 'the canary changed');
+    // Iteration canary1 + 1 may have begun before c1; the next one began after its canary, so after c1.
+    for (let seq = canary1 + 2; seq <= later; seq++)
+      for (const block of guestBlockNumbers(seq, DISK_BYTES, BLOCKS_PER_ITERATION))
+        assert.ok(covers(changed, block * GUEST_BLOCK_SIZE), `block ${block} of iteration ${seq} is among the changes`);
+    await applyTo(copy, 'c2', changed);
+    await assertCopyEquals('c2');
+    // Crash-consistent: every block of the iteration the canary names is there.
+    const canary2 = (await port.readCanary(vm, 'c2')).sequence;
+    for (const block of guestBlockNumbers(canary2, DISK_BYTES, BLOCKS_PER_ITERATION)) {
+      const b = block * GUEST_BLOCK_SIZE;
+      const data = parseDataBlock(copy.subarray(b, b + GUEST_BLOCK_SIZE));
+      assert.ok(data && data.seq >= canary2, `block ${block}: ${JSON.stringify(data)} at canary ${canary2}`);
+    }
+  });
+
+  test('a restart of the host process keeps its reference points and the open view', async () => {
+    port.close();
+    await kvmHost.stop();
+    await startHost();
+    assert.deepEqual(
+      (await port.listReferencePoints(vm)).map((r) => [r.id, r.checkpointId, r.trackingValid]),
+      [['r1', 'c1', true]],
+    );
+    await assertCopyEquals('c2');
+    await port.createReferencePoint(vm, 'r2', 'c2');
+    await port.deleteCheckpoint(vm, 'c2');
+    await port.deleteReferencePoint(vm, 'r1');
+    assert.deepEqual(
+      (await port.listReferencePoints(vm)).map((r) => r.id),
+      ['r2'],
+    );
+    const checkpoints = (await libvirt.virsh.run(['checkpoint-list', VM, '--name'])).trim().split('\n');
+    assert.deepEqual(checkpoints, ['c2'], 'libvirt keeps only the checkpoint the reference point stands for');
+  });
+
+  test('ACPI shutdown, then the final copy of the powered-off guest (a paused start): exact, and the domain stays off', async () => {
+    const shutdown = await port.shutdownGuest(vm, 60_000);
+    assert.deepEqual(shutdown, { outcome: 'off', state: 'Off' });
+    const clean = await waitForGuest(serialLog, (lines) => lines.filter((l) => l.kind === 'clean-shutdown').at(-1), {
+      timeoutMs: 5_000,
+    });
+    assert.deepEqual(await port.shutdownGuest(vm, 1_000), { outcome: 'already-off', state: 'Off' });
+
+    await port.createCheckpoint(vm, 'final');
+    const during = await port.getVm(vm);
+    assert.equal(during.powerState, 'Off', 'started paused for the backup, still Off to the orchestrator');
+    assert.equal(during.lastStop, 'guest-shutdown');
+    const changed = await allPages((page) =>
+      port.listChangedExtents(disk, { referencePointId: 'r2', checkpointId: 'final' }, page),
+    );
+    await applyTo(copy, 'final', changed);
+    await assertCopyEquals('final');
+    assert.equal((await port.readCanary(vm, 'final')).sequence, clean.seq, 'the canary of the clean shutdown');
+    await port.createReferencePoint(vm, 'r3', 'final');
+    await port.deleteCheckpoint(vm, 'final');
+    await port.deleteReferencePoint(vm, 'r2');
+    assert.equal(await libvirt.virsh.domainState(VM), 'shut off', 'the paused start is over');
+    assert.equal((await port.getVm(vm)).lastStop, 'guest-shutdown', 'how it stopped survives the paused start');
+  });
+
+  test('a second checkpoint ends the first one’s backup job instead of hanging on libvirt’s lock', async () => {
+    await bootAndWrite();
+    await port.createCheckpoint(vm, 'stale');
+    await port.createCheckpoint(vm, 'fresh');
+    await assert.rejects(port.readCanary(vm, 'stale'), NotFoundError);
+    const changed = await allPages((page) =>
+      port.listChangedExtents(disk, { referencePointId: 'r3', checkpointId: 'fresh' }, page),
+    );
+    await applyTo(copy, 'fresh', changed);
+    await assertCopyEquals('fresh');
+    await port.createReferencePoint(vm, 'r4', 'fresh');
+    await port.deleteCheckpoint(vm, 'fresh');
+    await port.deleteReferencePoint(vm, 'r3');
+  });
+
+  test('libvirtd restarted during a copy: the export and the backup job go on, and the copy is exact', async () => {
+    await port.createCheckpoint(vm, 'across-restart');
+    const allocated = await allPages((page) => port.listAllocatedExtents(disk, 'across-restart', page));
+    const restarted = libvirt.restartDaemon();
+    const bytes = await applyTo(copy, 'across-restart', allocated);
+    await restarted;
+    assert.equal(bytes, bytesOf(allocated));
+    await assertCopyEquals('across-restart');
+    // Through the restarted daemon: the job is still there to end, and its checkpoint goes.
+    await port.deleteCheckpoint(vm, 'across-restart');
+    const checkpoints = (await libvirt.virsh.run(['checkpoint-list', VM, '--name'])).trim().split('\n');
+    assert.deepEqual(checkpoints, ['fresh'], 'only the reference point’s checkpoint is left');
+  });
+
+  test('QEMU killed: tracking lost is the port’s TrackingLostError, and a digest comparison still copies exactly', async () => {
+    const [pid, ...more] = libvirt.qemuPids();
+    assert.ok(pid !== undefined && more.length === 0, 'one QEMU runs');
+    process.kill(pid, 'SIGKILL');
+    for (let i = 0; i < 100 && (await libvirt.virsh.domainState(VM)) !== 'shut off'; i++)
+      await new Promise((r) => setTimeout(r, 100));
+    assert.equal((await port.getVm(vm)).lastStop, 'forced-off');
+    await bootAndWrite();
+    await port.createCheckpoint(vm, 'after-kill');
+    await assert.rejects(
+      port.listChangedExtents(disk, { referencePointId: 'r4', checkpointId: 'after-kill' }),
+      TrackingLostError,
+    );
+    assert.deepEqual(
+      (await port.listReferencePoints(vm)).map((r) => [r.id, r.trackingValid]),
+      [['r4', false]],
+    );
+    // What the orchestrator then does: compare block digests and copy the blocks that differ.
+    const blocks = DISK_BYTES / BLOCK_SIZE;
+    const { digests } = await port.blockDigests(disk, 'after-kill', { startBlock: 0, count: blocks });
+    const differing = digests.flatMap((d, b) =>
+      d === blockDigest(copy.subarray(b * BLOCK_SIZE, (b + 1) * BLOCK_SIZE))
+        ? []
+        : [{ offset: b * BLOCK_SIZE, length: BLOCK_SIZE }],
+    );
+    assert.ok(differing.length > 0, 'the guest wrote since the last copy');
+    await applyTo(copy, 'after-kill', differing);
+    await assertCopyEquals('after-kill');
+    // Tracking from the new reference point is whole again.
+    await port.createReferencePoint(vm, 'r5', 'after-kill');
+    await port.deleteCheckpoint(vm, 'after-kill');
+    await port.deleteReferencePoint(vm, 'r4');
+    await seqAtLeast((lastSeq(await guestLines()) ?? 0) + 3);
+    await port.createCheckpoint(vm, 'c6');
+    const changed = await allPages((page) =>
+      port.listChangedExtents(disk, { referencePointId: 'r5', checkpointId: 'c6' }, page),
+    );
+    await applyTo(copy, 'c6', changed);
+    await assertCopyEquals('c6');
+    await port.deleteCheckpoint(vm, 'c6');
+    const off = await port.powerOff(vm);
+    assert.deepEqual(off, { state: 'Off', alreadyInState: false });
+    assert.equal((await port.getVm(vm)).lastStop, 'forced-off');
+    assert.deepEqual(await port.powerOff(vm), { state: 'Off', alreadyInState: true });
+  });
+});
