@@ -1,21 +1,27 @@
 import { HostApiHypervisor } from '../hypervisor/host-api-adapter';
-import type { HypervisorPort } from '../hypervisor/port';
+import { RoutedHypervisor, type ClosablePort } from '../hypervisor/routed';
 import type { Configuration } from './schema';
 
 /**
- * The hypervisor port for the configured hosts. Every host and the backup repository are reached through
- * the lab adapter today; one lab plays them all, so they must share its URL.
+ * The hypervisor port for the configured hosts and backup repository: one client per host API server, shared by
+ * the hosts it serves (a lab plays many; a KVM host process serves its own host), routed by host when there are
+ * several servers.
  */
-export function connectHypervisor(config: Configuration): HypervisorPort & { close(): void } {
-  const urls = new Set([
-    ...config.hosts.map((h) => h.adapter.url),
-    ...(config.backupRepository ? [config.backupRepository.adapter.url] : []),
-  ]);
-  const [url] = urls;
-  if (urls.size !== 1 || !url) {
-    throw new Error(
-      `Every host must be reached through one lab URL for now; the configuration names ${[...urls].join(', ')}`,
-    );
-  }
-  return new HostApiHypervisor({ url });
+export function connectHypervisor(config: Configuration): ClosablePort {
+  const clients = new Map<string, HostApiHypervisor>();
+  const clientOf = (url: string): HostApiHypervisor => {
+    // Spellings of one URL (a trailing slash, the scheme's own port) name one server.
+    const key = new URL(url).href;
+    let client = clients.get(key);
+    if (!client) {
+      client = new HostApiHypervisor({ url });
+      clients.set(key, client);
+    }
+    return client;
+  };
+  const hosts = new Map(config.hosts.map((h) => [h.name, clientOf(h.adapter.url)]));
+  const backups = config.backupRepository && clientOf(config.backupRepository.adapter.url);
+  const [only] = clients.values();
+  if (clients.size === 1 && only) return only;
+  return new RoutedHypervisor({ hosts, backups });
 }

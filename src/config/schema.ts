@@ -10,9 +10,20 @@ const httpUrl = z.url({ protocol: /^https?$/, error: 'must be an http:// or http
 const hostSchema = z.strictObject({
   name,
   role: z.enum(['production', 'dr'], { error: "must be 'production' or 'dr'" }),
-  /** How the orchestrator reaches the host. Today: the lab site's HTTP API. */
+  /**
+   * How the orchestrator reaches the host: the HTTP host API at `url`, served by the lab site (`lab`, which may
+   * play every host) or by our host process on a KVM host (`kvm`, which serves that host alone).
+   */
   adapter: z.strictObject({
-    type: z.literal('lab', { error: "must be 'lab' (the only adapter shipped so far)" }),
+    type: z.enum(['lab', 'kvm'], { error: "must be 'lab' or 'kvm'" }),
+    url: httpUrl,
+  }),
+});
+
+/** Only the lab site keeps backups so far. */
+const backupRepositorySchema = z.strictObject({
+  adapter: z.strictObject({
+    type: z.literal('lab', { error: "must be 'lab' (the only backup repository shipped so far)" }),
     url: httpUrl,
   }),
 });
@@ -73,7 +84,7 @@ export const configurationSchema = z
   .strictObject({
     hosts: z.array(hostSchema).min(1, { error: 'must list at least one host' }),
     /** Where backup points are read for jobs whose data source is 'backup'. */
-    backupRepository: z.strictObject({ adapter: hostSchema.shape.adapter }).optional(),
+    backupRepository: backupRepositorySchema.optional(),
     proxies: z.array(proxySchema).min(1, { error: 'must list at least one proxy' }),
     jobs: z.array(jobSchema).default([]),
     users: z.array(userSchema).min(1, { error: 'must list at least one user' }),

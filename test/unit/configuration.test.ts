@@ -46,6 +46,31 @@ describe('configuration file', () => {
     assert.deepEqual(problems, ["proxies[0].transport (line 6): must be 'network' or 'host-to-host'"]);
   });
 
+  it('takes lab and KVM hosts in one estate, each at its own host API URL', () => {
+    // The first host only.
+    const config = parseConfiguration(
+      base.replace('type: lab, url: http://127.0.0.1:7300', 'type: kvm, url: http://10.0.0.5:7400'),
+    );
+    assert.deepEqual(
+      config.hosts.map((h) => [h.name, h.adapter.type, h.adapter.url]),
+      [
+        ['prod', 'kvm', 'http://10.0.0.5:7400'],
+        ['dr', 'lab', 'http://127.0.0.1:7300'],
+      ],
+    );
+  });
+
+  it("refuses an adapter type it does not know, naming both it knows; a backup repository is the lab's", () => {
+    const problems = problemsOf(
+      `${base.replace('{ name: dr, role: dr, adapter: { type: lab', '{ name: dr, role: dr, adapter: { type: hyperv')}` +
+        'backupRepository:\n  adapter: { type: kvm, url: http://127.0.0.1:7300 }\n',
+    );
+    assert.deepEqual(problems, [
+      "hosts[1].adapter.type (line 4): must be 'lab' or 'kvm'",
+      "backupRepository.adapter.type (line 10): must be 'lab' (the only backup repository shipped so far)",
+    ]);
+  });
+
   it('names the path and line of every problem', () => {
     const problems = problemsOf(
       `${base}jobs:\n  - name: j\n    vms: []\n    targetHost: dr\n    restorePoints: 29\n    colour: blue\n`,
