@@ -9,6 +9,7 @@ import { Runtime } from '@temporalio/worker';
 import type { EstateInput } from '../lab/estate';
 import { parseConfiguration } from '../src/config/load';
 import type { Configuration } from '../src/config/schema';
+import type { HypervisorPort } from '../src/hypervisor/port';
 import type { Client } from '@temporalio/client';
 import {
   replicaQueries,
@@ -63,7 +64,7 @@ export interface TestOrchestrator extends Orchestrator {
 /** The demo configuration's shape, pointed at a test lab: jobs and proxies as the test needs them. */
 export function testConfiguration(
   labUrl: string,
-  overrides: Partial<Record<'jobs' | 'proxies' | 'users', unknown>>,
+  overrides: Partial<Record<'hosts' | 'jobs' | 'proxies' | 'users', unknown>>,
 ): Configuration {
   const adapter = { type: 'lab', url: labUrl };
   return parseConfiguration(
@@ -97,6 +98,8 @@ export async function startOrchestrator(options: {
   roles?: WorkerRoles;
   /** Another Temporal server than the run's (host:port), e.g. one with other dynamic configuration. */
   server?: string;
+  /** How the workers reach the hosts, when not only through the test lab (an estate with KVM hosts). */
+  connect?: (config: Configuration) => HypervisorPort;
 }): Promise<TestOrchestrator> {
   if (!runtimeInstalled) {
     Runtime.install({ logger: createLogger('ERROR') });
@@ -111,7 +114,7 @@ export async function startOrchestrator(options: {
       connectionOptions: { address: server },
       namespace,
       config: configuration,
-      port: lab.port,
+      port: options.connect?.(configuration) ?? lab.port,
       workflowBundle: { codePath: required('PF_TEST_WORKFLOW_BUNDLE') },
       roles,
     });

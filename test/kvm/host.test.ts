@@ -1,31 +1,23 @@
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import {
-  createGuestDisk,
-  GUEST_BLOCK_SIZE,
-  guestBlockNumbers,
-  guestFiles,
-  guestKernelCmdline,
-  parseDataBlock,
-  waitForGuest,
-  type GuestLine,
-} from '../../kvm/guest/guest';
-import { startKvmHost, type RunningKvmHost } from '../../kvm/host/server';
-import { guestDomainXml } from '../../kvm/libvirt/domain';
-import { CAPABILITIES_CACHE, LibvirtInstance } from '../../kvm/libvirt/instance';
+import { GUEST_BLOCK_SIZE, guestBlockNumbers, parseDataBlock, waitForGuest } from '../../kvm/guest/guest';
 import { blockDigest } from '../../src/host-api/digests';
 import { HostFailureError, NotFoundError, TrackingLostError } from '../../src/hypervisor/errors';
 import { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import { BLOCK_SIZE, type Extent, type ExtentPage, type PageRequest } from '../../src/hypervisor/port';
+import {
+  BLOCKS_PER_ITERATION,
+  GUEST_DISK_BYTES as DISK_BYTES,
+  lastSeq,
+  startTestKvmHost,
+  type TestKvmHost,
+} from './helpers';
 
-const DISK_BYTES = 64 * 1024 * 1024;
-const BLOCKS_PER_ITERATION = 4;
 const HOST = 'kvm-prod1';
 const VM = 'pf-src1';
-const lastSeq = (lines: GuestLine[]) => lines.filter((l) => l.kind === 'seq').at(-1)?.seq;
 
 async function allPages(list: (page: PageRequest) => Promise<ExtentPage>): Promise<Extent[]> {
   const out: Extent[] = [];
@@ -46,36 +38,20 @@ const covers = (extents: Extent[], offset: number) =>
 // answered from libvirt's checkpoints and pull backups of a real guest.
 describe('the KVM host process, source side, on a private libvirtd', () => {
   let dir: string;
-  let libvirt: LibvirtInstance;
-  let kvmHost: RunningKvmHost;
+  let kvm: TestKvmHost;
   let port: HostApiHypervisor;
   let serialLog: string;
   const vm = { host: HOST, vm: VM };
   const disk = { ...vm, disk: 'vda' };
   /** A replica kept as a plain buffer: what the orchestrator would have written into restore points. */
   const copy = Buffer.alloc(DISK_BYTES);
-
-  const startHost = async () => {
-    kvmHost = await startKvmHost({
-      name: HOST,
-      site: 'primary',
-      role: 'production',
-      libvirtUri: libvirt.virsh.uri,
-      stateDir: join(dir, 'state'),
-    });
-    port = new HostApiHypervisor({ url: kvmHost.url });
-  };
-  const guestLines = () => waitForGuest(serialLog, (lines) => lines, { timeoutMs: 1 });
-  const seqAtLeast = (n: number) =>
-    waitForGuest(serialLog, (lines) => ((lastSeq(lines) ?? 0) >= n ? lastSeq(lines) : undefined), {
-      timeoutMs: 60_000,
-    });
+  const libvirt = () => kvm.libvirt;
+  const guestLines = () => kvm.guestLines();
+  const seqAtLeast = (n: number) => kvm.seqAtLeast(n);
   const bootAndWrite = async () => {
     const before = (await guestLines()).length;
     await port.powerOn(vm);
-    await waitForGuest(serialLog, (lines) => lines.slice(before).find((l) => l.kind === 'ready'), {
-      timeoutMs: 60_000,
-    });
+    await kvm.readyAfter(before);
     return seqAtLeast((lastSeq(await guestLines()) ?? 0) + 3);
   };
   async function applyTo(target: Buffer, checkpointId: string, extents: Extent[]): Promise<number> {
@@ -97,32 +73,15 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
   }
 
   before(async () => {
-    const files = guestFiles();
     dir = mkdtempSync(join(tmpdir(), 'pf-kvmhost-'));
-    libvirt = await LibvirtInstance.start({ dir: join(dir, 'libvirt'), capabilitiesCache: CAPABILITIES_CACHE });
-    const image = join(dir, `${VM}.qcow2`);
-    serialLog = join(dir, `${VM}.serial`);
-    writeFileSync(serialLog, '');
-    await createGuestDisk(image, '64M');
-    const xml = join(dir, `${VM}.xml`);
-    writeFileSync(
-      xml,
-      guestDomainXml({
-        name: VM,
-        disk: image,
-        ...files,
-        cmdline: guestKernelCmdline({ pauseSeconds: 0.05, blocksPerIteration: BLOCKS_PER_ITERATION, printEvery: 1 }),
-        serialLog,
-      }),
-    );
-    await libvirt.virsh.run(['define', xml]);
-    await startHost();
+    kvm = await startTestKvmHost({ dir, name: HOST, domain: VM });
+    serialLog = kvm.serialLog;
+    port = new HostApiHypervisor({ url: kvm.host.url });
   });
 
   after(async () => {
     port?.close();
-    await kvmHost?.stop();
-    await libvirt?.stop();
+    await kvm?.stop();
     rmSync(dir, { recursive: true, force: true });
   });
 
@@ -192,8 +151,8 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
 
   test('a restart of the host process keeps its reference points and the open view', async () => {
     port.close();
-    await kvmHost.stop();
-    await startHost();
+    await kvm.host.stop();
+    port = new HostApiHypervisor({ url: (await kvm.restartHost()).url });
     assert.deepEqual(
       (await port.listReferencePoints(vm)).map((r) => [r.id, r.checkpointId, r.trackingValid]),
       [['r1', 'c1', true]],
@@ -206,7 +165,7 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
       (await port.listReferencePoints(vm)).map((r) => r.id),
       ['r2'],
     );
-    const checkpoints = (await libvirt.virsh.run(['checkpoint-list', VM, '--name'])).trim().split('\n');
+    const checkpoints = (await libvirt().virsh.run(['checkpoint-list', VM, '--name'])).trim().split('\n');
     assert.deepEqual(checkpoints, ['c2'], 'libvirt keeps only the checkpoint the reference point stands for');
   });
 
@@ -231,7 +190,7 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
     await port.createReferencePoint(vm, 'r3', 'final');
     await port.deleteCheckpoint(vm, 'final');
     await port.deleteReferencePoint(vm, 'r2');
-    assert.equal(await libvirt.virsh.domainState(VM), 'shut off', 'the paused start is over');
+    assert.equal(await libvirt().virsh.domainState(VM), 'shut off', 'the paused start is over');
     assert.equal((await port.getVm(vm)).lastStop, 'guest-shutdown', 'how it stopped survives the paused start');
   });
 
@@ -253,22 +212,22 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
   test('libvirtd restarted during a copy: the export and the backup job go on, and the copy is exact', async () => {
     await port.createCheckpoint(vm, 'across-restart');
     const allocated = await allPages((page) => port.listAllocatedExtents(disk, 'across-restart', page));
-    const restarted = libvirt.restartDaemon();
+    const restarted = libvirt().restartDaemon();
     const bytes = await applyTo(copy, 'across-restart', allocated);
     await restarted;
     assert.equal(bytes, bytesOf(allocated));
     await assertCopyEquals('across-restart');
     // Through the restarted daemon: the job is still there to end, and its checkpoint goes.
     await port.deleteCheckpoint(vm, 'across-restart');
-    const checkpoints = (await libvirt.virsh.run(['checkpoint-list', VM, '--name'])).trim().split('\n');
+    const checkpoints = (await libvirt().virsh.run(['checkpoint-list', VM, '--name'])).trim().split('\n');
     assert.deepEqual(checkpoints, ['fresh'], 'only the reference point’s checkpoint is left');
   });
 
   test('QEMU killed: tracking lost is the port’s TrackingLostError, and a digest comparison still copies exactly', async () => {
-    const [pid, ...more] = libvirt.qemuPids();
+    const [pid, ...more] = libvirt().qemuPids();
     assert.ok(pid !== undefined && more.length === 0, 'one QEMU runs');
     process.kill(pid, 'SIGKILL');
-    for (let i = 0; i < 100 && (await libvirt.virsh.domainState(VM)) !== 'shut off'; i++)
+    for (let i = 0; i < 100 && (await libvirt().virsh.domainState(VM)) !== 'shut off'; i++)
       await new Promise((r) => setTimeout(r, 100));
     assert.equal((await port.getVm(vm)).lastStop, 'forced-off');
     await bootAndWrite();
