@@ -8,6 +8,7 @@
 // libvirt runs one backup job per domain: a new checkpoint ends an older view first (its session is gone: the
 // replica's sessions run one at a time). A domain that is off is started paused for its backup (libvirt 9.0 backs
 // up no shut-off domain) and destroyed again when the view closes; meanwhile it is Off to the orchestrator.
+import { createHash } from 'node:crypto';
 import { mkdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -94,8 +95,8 @@ export class KvmSourceDomains {
 
   static async open(options: KvmSourceOptions): Promise<KvmSourceDomains> {
     for (const sub of ['run', 'scratch', 'xml']) await mkdir(join(options.stateDir, sub), { recursive: true });
-    const socket = join(options.stateDir, 'run', `${'x'.repeat(64)}.sock`);
-    if (Buffer.byteLength(socket) > 107) throw new Error(`state directory ${options.stateDir} is too long for sockets`);
+    if (Buffer.byteLength(socketPath(options.stateDir, '')) > 107)
+      throw new Error(`state directory ${options.stateDir} is too long for unix sockets in it`);
     return new KvmSourceDomains(options, await HostState.load(options.stateDir));
   }
 
@@ -282,7 +283,7 @@ export class KvmSourceDomains {
   }
 
   private socketOf(domain: string): string {
-    return join(this.options.stateDir, 'run', `${domain}.sock`);
+    return socketPath(this.options.stateDir, domain);
   }
 
   private scratchOf(domain: string, disk: string): string {
@@ -519,6 +520,11 @@ export class KvmSourceDomains {
       throw e;
     }
   }
+}
+
+/** A view's NBD socket: named by a hash, as a unix socket path holds 107 bytes and a domain name up to 128. */
+function socketPath(stateDir: string, domain: string): string {
+  return join(stateDir, 'run', `${createHash('sha256').update(domain).digest('hex').slice(0, 16)}.sock`);
 }
 
 function powerStateOf(state: string): PowerState {
