@@ -2,23 +2,30 @@
 // The orchestrator reaches it with the same adapter as the lab.
 import type { FastifyInstance } from 'fastify';
 import { z } from 'zod';
-import { HostApiError, notFound } from '../../src/host-api/errors';
+import { notFound } from '../../src/host-api/errors';
 import { framedLength } from '../../src/host-api/frames';
 import {
   blockRange,
   checkBlockRange,
   checkExtents,
+  diskInfo,
   extents,
   id,
   page,
   params as P,
   parse,
+  pointMetadata,
+  pointSpec,
   powerAction,
+  view,
+  viewQuery,
 } from '../../src/host-api/schemas';
-import { hostApiServer, streamFrames } from '../../src/host-api/server';
-import type { Extent, HostInfo, SiteRole } from '../../src/hypervisor/port';
+import { hostApiServer, receiveFrames, streamFrames } from '../../src/host-api/server';
+import type { Extent, HostInfo, ReplicaView, SiteRole } from '../../src/hypervisor/port';
 import { Virsh } from '../libvirt/virsh';
+import { KvmReplicas, notOnKvmYet } from './replicas';
 import { KvmSourceDomains, readPieces } from './source-domains';
+import { HostState } from './state';
 
 export interface KvmHostOptions {
   name: string;
@@ -49,18 +56,18 @@ function pageOf(all: Extent[], q: { cursor?: string | undefined; limit: number }
   return { extents, nextCursor: String(last.offset + last.length) };
 }
 
-const notOnKvmYet = (what: string) =>
-  new HostApiError(501, 'not_implemented', `${what} is not served by KVM hosts yet (only by the lab)`);
-
 export async function startKvmHost(options: KvmHostOptions): Promise<RunningKvmHost> {
   const log = options.log ?? (() => undefined);
+  const state = await HostState.load(options.stateDir);
   const domains = await KvmSourceDomains.open({
     host: options.name,
     virsh: new Virsh(options.libvirtUri),
     stateDir: options.stateDir,
+    state,
     log,
   });
-  const app = buildApp(options, domains, log);
+  const replicas = new KvmReplicas({ host: options.name, stateDir: options.stateDir, state });
+  const app = buildApp(options, domains, replicas, log);
   await app.listen({ port: options.port ?? 0, host: options.listen ?? '127.0.0.1' });
   const address = app.server.address();
   if (address === null || typeof address === 'string') throw new Error('no TCP address');
@@ -70,11 +77,17 @@ export async function startKvmHost(options: KvmHostOptions): Promise<RunningKvmH
       app.server.closeAllConnections();
       await app.close();
       await domains.close();
+      await replicas.close();
     },
   };
 }
 
-function buildApp(options: KvmHostOptions, domains: KvmSourceDomains, log: (m: string) => void): FastifyInstance {
+function buildApp(
+  options: KvmHostOptions,
+  domains: KvmSourceDomains,
+  replicas: KvmReplicas,
+  log: (m: string) => void,
+): FastifyInstance {
   const app = hostApiServer({ log });
   const self: HostInfo = { name: options.name, site: options.site, role: options.role };
   /** Path parameters, checked, for this host only: a call for another host reached the wrong process. */
@@ -149,6 +162,77 @@ function buildApp(options: KvmHostOptions, domains: KvmSourceDomains, log: (m: s
     return { sequence: await domains.readCanary(p.vm, q.checkpointId) };
   });
 
+  // Replica side: restore points as qcow2 chains ---------------------------------------------------
+  const viewOf = (q: { pointId?: string | undefined }): ReplicaView =>
+    q.pointId !== undefined ? { pointId: q.pointId } : { running: true };
+  app.put('/v1/hosts/:host/replicas/:replica', (req) => {
+    const p = at(P.replica, req.params);
+    const body = parse(z.strictObject({ sourceVm: id, disks: z.array(diskInfo).min(1).max(16) }), req.body, 'body');
+    return replicas.createReplica(p.replica, body.sourceVm, body.disks);
+  });
+  app.get('/v1/hosts/:host/replicas/:replica', (req) => replicas.getReplica(at(P.replica, req.params).replica));
+  app.get('/v1/hosts/:host/replicas/:replica/points', (req) =>
+    replicas.listRestorePoints(at(P.replica, req.params).replica),
+  );
+  app.put('/v1/hosts/:host/replicas/:replica/points/:pointId', (req) => {
+    const p = at(P.point, req.params);
+    return replicas.beginRestorePoint(p.replica, p.pointId, parse(pointSpec, req.body, 'body'));
+  });
+  app.post('/v1/hosts/:host/replicas/:replica/points/:pointId/disks/:disk/write', async (req) => {
+    const p = at(P.pointDisk, req.params);
+    const { sizeBytes } = replicas.openPointDisk(p.replica, p.pointId, p.disk);
+    const bytesWritten = await receiveFrames(req, sizeBytes, (piece) =>
+      replicas.writePoint(p.replica, p.pointId, p.disk, piece.offset, piece.parts),
+    );
+    await replicas.countWritten(p.replica, p.pointId, bytesWritten);
+    return { bytesWritten };
+  });
+  app.post('/v1/hosts/:host/replicas/:replica/points/:pointId/seal', (req) => {
+    const p = at(P.point, req.params);
+    const body = parse(z.strictObject({ metadata: pointMetadata.optional() }), req.body, 'body');
+    return replicas.sealRestorePoint(p.replica, p.pointId, body.metadata);
+  });
+  app.delete('/v1/hosts/:host/replicas/:replica/points/:pointId', async (req, reply) => {
+    const p = at(P.point, req.params);
+    await replicas.discardRestorePoint(p.replica, p.pointId);
+    return reply.code(204).send();
+  });
+  app.post('/v1/hosts/:host/replicas/:replica/points/:pointId/merge', (req) => {
+    const p = at(P.point, req.params);
+    return replicas.mergeOldest(p.replica, p.pointId);
+  });
+  app.get('/v1/hosts/:host/replicas/:replica/disks/:disk/allocated', async (req) => {
+    const p = at(P.replicaDisk, req.params);
+    const q = parse(page.extend({ pointId: id.optional(), running: z.enum(['true']).optional() }), req.query, 'query');
+    return pageOf(await replicas.allocatedExtents(p.replica, viewOf(q), p.disk), q);
+  });
+  app.get('/v1/hosts/:host/replicas/:replica/points/:pointId/disks/:disk/extents', async (req) => {
+    const p = at(P.pointDisk, req.params);
+    return pageOf(await replicas.pointExtents(p.replica, p.pointId, p.disk), parse(page, req.query, 'query'));
+  });
+  app.post('/v1/hosts/:host/replicas/:replica/disks/:disk/read', (req, reply) => {
+    const p = at(P.replicaDisk, req.params);
+    const body = parse(z.strictObject({ view, extents }), req.body, 'body');
+    checkExtents(body.extents, replicas.viewDiskSize(p.replica, body.view, p.disk), 'body.extents');
+    return streamFrames(req, reply, framedLength(readPieces(body.extents)), () =>
+      replicas.readExtents(p.replica, body.view, p.disk, body.extents),
+    );
+  });
+  app.get('/v1/hosts/:host/replicas/:replica/disks/:disk/digests', (req) => {
+    const p = at(P.replicaDisk, req.params);
+    const q = parse(
+      z.strictObject({ pointId: id.optional(), running: z.enum(['true']).optional(), ...blockRange }),
+      req.query,
+      'query',
+    );
+    checkBlockRange(q, replicas.viewDiskSize(p.replica, viewOf(q), p.disk));
+    return replicas.blockDigests(p.replica, viewOf(q), p.disk, q);
+  });
+  app.get('/v1/hosts/:host/replicas/:replica/canary', async (req) => {
+    const p = at(P.replica, req.params);
+    const q = parse(viewQuery, req.query, 'query');
+    return { sequence: await replicas.readCanary(p.replica, viewOf(q)) };
+  });
   // What KVM hosts do not serve yet: answered as such, never as a success or a plain 404 a caller could ignore.
   const later: [string, string, string][] = [
     ['PUT', '/v1/hosts/:host/vms/:vm', 'creating a VM'],
@@ -156,17 +240,19 @@ function buildApp(options: KvmHostOptions, domains: KvmSourceDomains, log: (m: s
     ['PUT', '/v1/hosts/:host/vms/:vm/write-fence', 'a write fence'],
     ['POST', '/v1/hosts/:host/vms/:vm/disks/:disk/send', 'sending host to host'],
     ['GET', '/v1/backups', 'a backup repository'],
+    ['POST', '/v1/hosts/:host/replicas/:replica/revert', 'reverting a replica'],
+    ['POST', '/v1/hosts/:host/replicas/:replica/consolidate', 'consolidating a replica'],
+    ['DELETE', '/v1/hosts/:host/replicas/:replica/running-layer', "a replica's running layer"],
+    ['POST', '/v1/hosts/:host/replicas/:replica/running-layer/seal', "a replica's running layer"],
+    ['GET', '/v1/hosts/:host/replicas/:replica/disks/:disk/running-extents', "a replica's running layer"],
   ];
   for (const [method, url, what] of later)
     app.route({
-      method: method,
+      method,
       url,
       handler: () => {
         throw notOnKvmYet(what);
       },
     });
-  app.all('/v1/hosts/:host/replicas/*', () => {
-    throw notOnKvmYet('the replica side');
-  });
   return app;
 }

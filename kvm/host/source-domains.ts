@@ -31,7 +31,7 @@ import {
 } from '../../src/hypervisor/port';
 import { NbdClient } from '../../src/nbd/client';
 import { BASE_ALLOCATION, dirtyBitmapContext, STATE_DIRTY, STATE_ZERO } from '../../src/nbd/protocol';
-import { HostState, type CheckpointRecord, type ReferenceRecord } from './state';
+import type { CheckpointRecord, HostState, ReferenceRecord } from './state';
 
 /** Block reads go out in pieces of this size (each one frame of the host API). */
 export const READ_PIECE_BYTES = 4 * 1024 * 1024;
@@ -77,6 +77,7 @@ export interface KvmSourceOptions {
   virsh: Virsh;
   /** Where the host process keeps its state, sockets and scratch files. */
   stateDir: string;
+  state: HostState;
   log: (message: string) => void;
 }
 
@@ -86,18 +87,19 @@ export class KvmSourceDomains {
   /** Open NBD connections to checkpoint views, by `<domain>/<checkpoint>/<disk>`; rebuilt on demand. */
   private readonly exports = new Map<string, Promise<NbdClient>>();
 
-  private constructor(
-    private readonly options: KvmSourceOptions,
-    private readonly state: HostState,
-  ) {
+  private readonly state: HostState;
+
+  private constructor(private readonly options: KvmSourceOptions) {
     this.virsh = options.virsh;
+    this.state = options.state;
   }
 
   static async open(options: KvmSourceOptions): Promise<KvmSourceDomains> {
-    for (const sub of ['run', 'scratch', 'xml']) await mkdir(join(options.stateDir, sub), { recursive: true });
+    for (const sub of ['run', 'scratch', 'xml', 'replicas'])
+      await mkdir(join(options.stateDir, sub), { recursive: true });
     if (Buffer.byteLength(socketPath(options.stateDir, '')) > 107)
       throw new Error(`state directory ${options.stateDir} is too long for unix sockets in it`);
-    return new KvmSourceDomains(options, await HostState.load(options.stateDir));
+    return new KvmSourceDomains(options);
   }
 
   async close(): Promise<void> {

@@ -30,11 +30,35 @@ const domainRecord = z.strictObject({
   /** How the domain last stopped by this host's hand; null: ask libvirt (it stopped by itself or an operator). */
   lastStop: z.enum(['guest-shutdown', 'forced-off']).nullable(),
 });
-const stateFile = z.strictObject({ version: z.literal(1), domains: z.record(z.string(), domainRecord) });
+const pointRecord = z.strictObject({
+  id: z.string(),
+  createdAt: z.string(),
+  kind: z.string(),
+  crashConsistent: z.boolean(),
+  metadata: z.record(z.string(), z.string()),
+  bytesWritten: z.number(),
+  sealed: z.boolean(),
+});
+const replicaRecord = z.strictObject({
+  sourceVm: z.string(),
+  disks: z.array(z.strictObject({ id: z.string(), sizeBytes: z.number() })),
+  /** Oldest first; each point's file of a disk is an overlay on the previous point's (the first on the base). */
+  points: z.array(pointRecord),
+  headPointId: z.string().nullable(),
+  /** The oldest point being merged into the base (recorded before the first file changes); null: none. */
+  merging: z.string().nullable().default(null),
+});
+const stateFile = z.strictObject({
+  version: z.literal(1),
+  domains: z.record(z.string(), domainRecord),
+  replicas: z.record(z.string(), replicaRecord).default({}),
+});
 
 export type CheckpointRecord = z.infer<typeof checkpointRecord>;
 export type ReferenceRecord = z.infer<typeof referenceRecord>;
 export type DomainRecord = z.infer<typeof domainRecord>;
+export type PointRecord = z.infer<typeof pointRecord>;
+export type ReplicaRecord = z.infer<typeof replicaRecord>;
 
 const emptyDomain = (): DomainRecord => ({ checkpoints: [], referencePoints: [], lastStop: null });
 
@@ -47,7 +71,7 @@ export class HostState {
   static async load(stateDir: string): Promise<HostState> {
     const path = join(stateDir, 'host-state.json');
     const raw = await readJson<unknown>(path);
-    if (raw === null) return new HostState(path, { version: 1, domains: {} });
+    if (raw === null) return new HostState(path, { version: 1, domains: {}, replicas: {} });
     const parsed = stateFile.safeParse(raw);
     if (!parsed.success) throw new Error(`${path}: not a host state file: ${parsed.error.issues[0]?.message ?? ''}`);
     return new HostState(path, parsed.data);
@@ -62,9 +86,30 @@ export class HostState {
   async update(name: string, change: (d: DomainRecord) => void): Promise<DomainRecord> {
     const next = this.domain(name);
     change(next);
-    const domains = { ...this.file.domains, [name]: next };
-    await writeFileAtomic(this.path, `${JSON.stringify({ version: 1, domains }, null, 2)}\n`);
-    this.file.domains = domains;
+    await this.write({ ...this.file, domains: { ...this.file.domains, [name]: next } });
     return structuredClone(next);
+  }
+
+  replicaNames(): string[] {
+    return Object.keys(this.file.replicas).sort();
+  }
+
+  /** A copy, or null for a replica this host does not hold. */
+  replica(name: string): ReplicaRecord | null {
+    const r = this.file.replicas[name];
+    return r ? structuredClone(r) : null;
+  }
+
+  /** Writes the replica's record (null: removes it), as update() does. */
+  async setReplica(name: string, record: ReplicaRecord | null): Promise<void> {
+    const replicas = { ...this.file.replicas };
+    if (record) replicas[name] = structuredClone(record);
+    else delete replicas[name];
+    await this.write({ ...this.file, replicas });
+  }
+
+  private async write(next: z.infer<typeof stateFile>): Promise<void> {
+    await writeFileAtomic(this.path, `${JSON.stringify(next, null, 2)}\n`);
+    Object.assign(this.file, next);
   }
 }

@@ -14,7 +14,9 @@ export const lastSeq = (lines: GuestLine[]): number | undefined => lines.filter(
 export interface TestKvmHost {
   libvirt: LibvirtInstance;
   host: RunningKvmHost;
+  /** The guest's serial console and disk image (a host without a guest has neither). */
   serialLog: string;
+  image: string;
   /** Starts the host process again on the same state (after host.stop()). */
   restartHost(): Promise<RunningKvmHost>;
   /** What the guest said on its serial console so far. */
@@ -26,30 +28,38 @@ export interface TestKvmHost {
   stop(): Promise<void>;
 }
 
-export async function startTestKvmHost(options: { dir: string; name: string; domain: string }): Promise<TestKvmHost> {
+export async function startTestKvmHost(options: {
+  dir: string;
+  name: string;
+  /** The guest's domain; none for a DR host. */
+  domain?: string;
+  role?: 'production' | 'dr';
+}): Promise<TestKvmHost> {
   const { dir, domain } = options;
   const libvirt = await LibvirtInstance.start({ dir: join(dir, 'libvirt'), capabilitiesCache: CAPABILITIES_CACHE });
-  const image = join(dir, `${domain}.qcow2`);
-  const serialLog = join(dir, `${domain}.serial`);
+  const image = join(dir, `${domain ?? 'none'}.qcow2`);
+  const serialLog = join(dir, `${domain ?? 'none'}.serial`);
   writeFileSync(serialLog, '');
-  await createGuestDisk(image, '64M');
-  const xml = join(dir, `${domain}.xml`);
-  writeFileSync(
-    xml,
-    guestDomainXml({
-      name: domain,
-      disk: image,
-      ...guestFiles(),
-      cmdline: guestKernelCmdline({ pauseSeconds: 0.05, blocksPerIteration: BLOCKS_PER_ITERATION, printEvery: 1 }),
-      serialLog,
-    }),
-  );
-  await libvirt.virsh.run(['define', xml]);
+  if (domain) {
+    await createGuestDisk(image, '64M');
+    const xml = join(dir, `${domain}.xml`);
+    writeFileSync(
+      xml,
+      guestDomainXml({
+        name: domain,
+        disk: image,
+        ...guestFiles(),
+        cmdline: guestKernelCmdline({ pauseSeconds: 0.05, blocksPerIteration: BLOCKS_PER_ITERATION, printEvery: 1 }),
+        serialLog,
+      }),
+    );
+    await libvirt.virsh.run(['define', xml]);
+  }
   const start = () =>
     startKvmHost({
       name: options.name,
-      site: 'primary',
-      role: 'production',
+      site: options.role === 'dr' ? 'dr' : 'primary',
+      role: options.role ?? 'production',
       libvirtUri: libvirt.virsh.uri,
       stateDir: join(dir, 'state'),
     });
@@ -58,6 +68,7 @@ export async function startTestKvmHost(options: { dir: string; name: string; dom
     libvirt,
     host: await start(),
     serialLog,
+    image,
     async restartHost() {
       t.host = await start();
       return t.host;

@@ -99,8 +99,9 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
     });
     await assert.rejects(port.getVm({ host: HOST, vm: 'nosuch' }), NotFoundError);
     await assert.rejects(port.getVm({ host: 'other', vm: VM }), NotFoundError);
+    await assert.rejects(port.getReplica({ host: HOST, replica: 'r' }), NotFoundError);
     await assert.rejects(
-      port.getReplica({ host: HOST, replica: 'r' }),
+      port.discardRunningLayer({ host: HOST, replica: 'r' }),
       (e: Error) => e instanceof HostFailureError && /not served by KVM hosts yet/.test(e.message),
     );
   });

@@ -1,0 +1,191 @@
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { CAPABILITIES_CACHE, LibvirtInstance } from '../../kvm/libvirt/instance';
+import { projectRoot } from '../../scripts/lib/dev-server';
+import { blockDigest } from '../../src/host-api/digests';
+import { BadRequestError, ConflictError, NotFoundError } from '../../src/hypervisor/errors';
+import { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
+import { BLOCK_SIZE, type Extent, type ExtentData } from '../../src/hypervisor/port';
+
+const HOST = 'kvm-dr1';
+const DISK_BYTES = 16 * 1024 * 1024;
+const replica = { host: HOST, replica: 'vm9_replica' };
+const disk = { ...replica, disk: 'vda' };
+const spec = { kind: 'regular', crashConsistent: true };
+
+async function* pieces(list: ExtentData[]): AsyncGenerator<ExtentData> {
+  for (const p of list) yield p;
+}
+const randomExtents = (blocks: number[]): ExtentData[] =>
+  blocks.map((b) => ({ offset: b * BLOCK_SIZE, data: randomBytes(BLOCK_SIZE) }));
+/** Blocks as extents, adjacent ones merged (as the host answers them). */
+function extentsOf(blocks: number[]): Extent[] {
+  const out: Extent[] = [];
+  for (const b of [...new Set(blocks)].sort((x, y) => x - y)) {
+    const last = out.at(-1);
+    if (last && last.offset + last.length === b * BLOCK_SIZE) last.length += BLOCK_SIZE;
+    else out.push({ offset: b * BLOCK_SIZE, length: BLOCK_SIZE });
+  }
+  return out;
+}
+
+// The replica side of the KVM host process, run as the process an operator runs (npm run kvm-host), killed with
+// SIGKILL in the middle of a restore point: its qcow2 chain and its state file must carry on.
+describe('restore points as qcow2 chains on a KVM DR host, through a SIGKILL of its host process', () => {
+  let dir: string;
+  let libvirt: LibvirtInstance;
+  let child: ChildProcess | undefined;
+  let port: HostApiHypervisor;
+  /** What each block of the disk must read as, by point: the test's own model of the chain. */
+  const expected = new Map<string, Map<number, Buffer>>();
+
+  async function startProcess(): Promise<void> {
+    const proc = spawn(
+      process.execPath,
+      [
+        ...['--import', 'tsx', join(projectRoot, 'kvm', 'host', 'main.ts')],
+        ...['--name', HOST, '--site', 'dr', '--role', 'dr', '--port', '0'],
+        ...['--libvirt', libvirt.virsh.uri, '--state', join(dir, 'state')],
+      ],
+      { stdio: ['ignore', 'pipe', 'inherit'] },
+    );
+    child = proc;
+    const url = await new Promise<string>((resolve, reject) => {
+      let out = '';
+      proc.stdout.on('data', (d: Buffer) => {
+        out += d.toString();
+        const m = /listening on (http:\/\/\S+)/.exec(out);
+        if (m) resolve(m[1]!);
+      });
+      proc.once('exit', (code) => reject(new Error(`kvm-host exited ${code}: ${out}`)));
+    });
+    port = new HostApiHypervisor({ url });
+  }
+  async function kill(): Promise<void> {
+    port.close();
+    const exited = new Promise((r) => child!.once('exit', r));
+    child!.kill('SIGKILL');
+    await exited;
+  }
+  async function digestsOf(pointId: string): Promise<string[]> {
+    return (await port.replicaBlockDigests(disk, { pointId }, { startBlock: 0, count: DISK_BYTES / BLOCK_SIZE }))
+      .digests;
+  }
+  const zeroDigest = blockDigest(Buffer.alloc(BLOCK_SIZE));
+  async function assertPoint(pointId: string): Promise<void> {
+    const want = expected.get(pointId)!;
+    const got = await digestsOf(pointId);
+    const differing = got.flatMap((d, b) => (d === (want.has(b) ? blockDigest(want.get(b)!) : zeroDigest) ? [] : [b]));
+    assert.deepEqual(differing, [], `blocks of ${pointId} that differ`);
+  }
+
+  before(async () => {
+    dir = mkdtempSync(join(tmpdir(), 'pf-kvmchain-'));
+    libvirt = await LibvirtInstance.start({ dir: join(dir, 'libvirt'), capabilitiesCache: CAPABILITIES_CACHE });
+    await startProcess();
+  });
+
+  after(async () => {
+    port?.close();
+    if (child?.exitCode === null) child.kill('SIGTERM');
+    await libvirt?.stop();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  test('a point written, the host process killed, the writes retried and sealed: exact', async () => {
+    await port.createReplica(replica, { sourceVm: 'vm9', disks: [{ id: 'vda', sizeBytes: DISK_BYTES }] });
+    await assert.rejects(
+      port.createReplica(replica, { sourceVm: 'other', disks: [{ id: 'vda', sizeBytes: DISK_BYTES }] }),
+      ConflictError,
+    );
+    await port.beginRestorePoint(replica, 'p1', spec);
+    const first = randomExtents([0, 3, 4, 5, 100, 255]);
+    await port.writeRestorePoint(disk, 'p1', pieces(first));
+    await kill(); // its qemu-storage-daemon is left holding the point's image
+    await startProcess();
+    assert.equal((await port.getReplica(replica)).points[0]!.sealed, false, 'the open point survived');
+    // The copy is retried from the start, as a copy activity does after losing its worker.
+    await port.writeRestorePoint(disk, 'p1', pieces(first));
+    const sealed = await port.sealRestorePoint(replica, 'p1', { metadata: { source: 'test' } });
+    assert.equal(sealed.sealed, true);
+    assert.equal(sealed.metadata.source, 'test');
+    expected.set('p1', new Map(first.map((e) => [e.offset / BLOCK_SIZE, e.data])));
+    await assertPoint('p1');
+    await assert.rejects(
+      port.writeRestorePoint(disk, 'p1', pieces(first)),
+      ConflictError,
+      'a sealed point is read-only',
+    );
+    await assert.rejects(port.discardRestorePoint(replica, 'p1'), ConflictError);
+  });
+
+  test('an abandoned point is replaced; a point’s own extents, the chain’s, and retention merging the oldest', async () => {
+    await port.beginRestorePoint(replica, 'abandoned', spec);
+    await port.writeRestorePoint(disk, 'abandoned', pieces(randomExtents([7, 8])));
+    await kill();
+    await startProcess();
+    await port.beginRestorePoint(replica, 'p2', spec); // replaces the abandoned one
+    assert.deepEqual(
+      (await port.listRestorePoints(replica)).map((p) => [p.id, p.sealed]),
+      [
+        ['p1', true],
+        ['p2', false],
+      ],
+    );
+    const second = randomExtents([4, 5, 6, 200]);
+    await port.writeRestorePoint(disk, 'p2', pieces(second));
+    await port.sealRestorePoint(replica, 'p2');
+    const p2 = new Map(expected.get('p1'));
+    for (const e of second) p2.set(e.offset / BLOCK_SIZE, e.data);
+    expected.set('p2', p2);
+    await assertPoint('p2');
+    assert.deepEqual(
+      (await port.listRestorePointExtents(disk, 'p2')).extents,
+      [
+        { offset: 4 * BLOCK_SIZE, length: 3 * BLOCK_SIZE },
+        { offset: 200 * BLOCK_SIZE, length: BLOCK_SIZE },
+      ],
+      'p2’s own layer holds what was written into it, and not 7 or 8',
+    );
+    assert.deepEqual(
+      (await port.listReplicaAllocatedExtents(disk, { pointId: 'p2' })).extents,
+      extentsOf([...p2.keys()]),
+    );
+
+    await assert.rejects(port.mergeOldestRestorePoint(replica, 'p2'), ConflictError, 'only the oldest merges');
+    const merged = await port.mergeOldestRestorePoint(replica, 'p1');
+    assert.deepEqual(
+      merged.points.map((p) => p.id),
+      ['p2'],
+    );
+    assert.deepEqual(await port.mergeOldestRestorePoint(replica, 'p1'), merged, 'merged already is fine');
+    await assertPoint('p2');
+    await assert.rejects(port.mergeOldestRestorePoint(replica, 'p2'), ConflictError, 'retention keeps the last one');
+  });
+
+  test('bad input changes nothing and names the field', async () => {
+    await port.beginRestorePoint(replica, 'p3', spec);
+    await assert.rejects(
+      port.writeRestorePoint(disk, 'p3', pieces([{ offset: DISK_BYTES, data: Buffer.alloc(BLOCK_SIZE) }])),
+      (e: Error) => e instanceof BadRequestError && /frames\.0\.offset/.test(e.message),
+    );
+    await assert.rejects(port.getReplica({ host: HOST, replica: 'nosuch' }), NotFoundError);
+    await assert.rejects(port.beginRestorePoint({ host: HOST, replica: 'nosuch' }, 'p', spec), NotFoundError);
+    await assert.rejects(
+      port.readReplicaCanary(replica, { pointId: 'p3' }),
+      ConflictError,
+      'an open point is not a view yet',
+    );
+    await port.discardRestorePoint(replica, 'p3');
+    assert.deepEqual(
+      (await port.listRestorePoints(replica)).map((p) => p.id),
+      ['p2'],
+    );
+    await assertPoint('p2');
+  });
+});
