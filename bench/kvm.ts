@@ -21,6 +21,7 @@ import {
 } from '../kvm/guest/guest';
 import { guestDomainXml } from '../kvm/libvirt/domain';
 import { CAPABILITIES_CACHE, LibvirtInstance } from '../kvm/libvirt/instance';
+import { exportImage } from '../kvm/host/storage-daemon';
 import { QmpClient } from '../kvm/qmp';
 import { NbdClient } from '../src/nbd/client';
 import { commitOf, machine, median, MiB, round3, sleep, writeResult } from './lib';
@@ -37,32 +38,9 @@ async function timed<T>(fn: () => Promise<T>): Promise<number> {
   return Number(process.hrtime.bigint() - started) / 1e6;
 }
 
-/** A qemu-storage-daemon exporting one qcow2 image over NBD on a unix socket; resolves once it listens. */
-async function exportImage(dir: string, name: string, image: string, writable: boolean) {
-  const socket = join(dir, `${name}.sock`);
-  const pidfile = join(dir, `${name}.pid`);
-  const daemon = spawn(
-    'qemu-storage-daemon',
-    [
-      ...['--blockdev', `driver=file,node-name=${name}-file,filename=${image}`],
-      ...['--blockdev', `driver=qcow2,node-name=${name},file=${name}-file`],
-      ...['--nbd-server', `addr.type=unix,addr.path=${socket}`],
-      ...['--export', `type=nbd,id=${name}-export,node-name=${name},name=${name},writable=${writable ? 'on' : 'off'}`],
-      ...['--pidfile', pidfile],
-    ],
-    { stdio: 'ignore' },
-  );
-  for (let i = 0; i < 200; i++) {
-    try {
-      await run('test', ['-s', pidfile]);
-      return { socket, stop: () => daemon.kill('SIGTERM') };
-    } catch {
-      await sleep(25);
-    }
-  }
-  daemon.kill('SIGKILL');
-  throw new Error(`qemu-storage-daemon for ${image} did not start`);
-}
+/** A qemu-storage-daemon exporting one qcow2 image over NBD, the way the KVM host process exports restore points. */
+const exportIn = (dir: string, name: string, image: string, writable: boolean) =>
+  exportImage({ image, socket: join(dir, `${name}.sock`), pidFile: join(dir, `${name}.pid`), writable });
 
 async function copyBench(dir: string) {
   const source = join(dir, 'source.qcow2');
@@ -76,15 +54,15 @@ async function copyBench(dir: string) {
   const raw = join(dir, 'same-bytes.raw');
   await run('dd', ['if=/dev/urandom', `of=${raw}`, 'bs=1M', `count=${(EXTENTS * EXTENT_BYTES) / MiB}`, 'status=none']);
   const samples: { nbdMs: number; cpMs: number }[] = [];
-  const exported = await exportImage(dir, 'source', source, false);
+  const exported = await exportIn(dir, 'source', source, false);
   try {
     for (let r = 0; r <= ROUNDS; r++) {
       const target = join(dir, `target-${r}.qcow2`);
       await run('qemu-img', ['create', '-q', '-f', 'qcow2', target, String(DISK_BYTES)]);
-      const into = await exportImage(dir, `target${r}`, target, true);
+      const into = await exportIn(dir, `target${r}`, target, true);
       try {
-        const from = await NbdClient.connect({ path: exported.socket, exportName: 'source' });
-        const to = await NbdClient.connect({ path: into.socket, exportName: `target${r}` });
+        const from = await NbdClient.connect({ path: exported.socket, exportName: 'disk' });
+        const to = await NbdClient.connect({ path: into.socket, exportName: 'disk' });
         const nbdMs = await timed(async () => {
           const writing: Promise<void>[] = [];
           for await (const piece of from.readExtents(extents)) {
@@ -99,13 +77,12 @@ async function copyBench(dir: string) {
         await rm(join(dir, `copy-${r}.raw`));
         if (r > 0) samples.push({ nbdMs, cpMs }); // round 0 warms the page cache
       } finally {
-        into.stop();
-        await sleep(100);
+        await into.stop();
         await rm(target, { force: true });
       }
     }
   } finally {
-    exported.stop();
+    await exported.stop();
   }
   const bytes = EXTENTS * EXTENT_BYTES;
   return {

@@ -18,9 +18,13 @@ export function hostApiServer(options: { log: (message: string) => void }): Fast
       error: { code: 'not_found', message: `no such endpoint: ${request.method} ${request.url.split('?')[0]}` },
     }),
   );
-  app.setErrorHandler((error, request, reply) => {
-    // An upload refused part-way has a body still arriving: keeping the connection would leave it half-read.
-    if (!request.raw.complete) void reply.header('connection', 'close');
+  app.setErrorHandler(async (error, request, reply) => {
+    // An upload refused part-way has a body still arriving: it is read to its end (for a while) so that the client
+    // gets this answer rather than a broken pipe, and the connection is not kept half-read.
+    if (!request.raw.complete) {
+      await drain(request.raw, DRAIN_MS);
+      void reply.header('connection', 'close');
+    }
     if (error instanceof HostApiError) {
       return reply.code(error.status).send({ error: { code: error.code, message: error.message, field: error.field } });
     }
@@ -33,6 +37,23 @@ export function hostApiServer(options: { log: (message: string) => void }): Fast
     return reply.code(500).send({ error: { code: 'internal', message: String(e.message ?? error) } });
   });
   return app;
+}
+
+/** How long a refused upload's remaining body is read and dropped before the connection closes anyway. */
+const DRAIN_MS = 2_000;
+
+/** Reads and drops what is left of a request body; resolves at its end, when it breaks, or after `ms`. */
+function drain(body: FastifyRequest['raw'], ms: number): Promise<void> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(done, ms);
+    function done() {
+      clearTimeout(timer);
+      body.off('end', done).off('close', done).off('error', done);
+      resolve();
+    }
+    body.on('end', done).on('close', done).on('error', done);
+    body.resume();
+  });
 }
 
 /** Resolves once everything written so far left for the socket; rejects if the connection closed. */

@@ -116,11 +116,14 @@ describe('restore points as qcow2 chains on a KVM DR host, through a SIGKILL of 
     assert.equal(sealed.metadata.source, 'test');
     expected.set('p1', new Map(first.map((e) => [e.offset / BLOCK_SIZE, e.data])));
     await assertPoint('p1');
-    await assert.rejects(
-      port.writeRestorePoint(disk, 'p1', pieces(first)),
-      ConflictError,
-      'a sealed point is read-only',
-    );
+    // Refused at once, while the upload is still arriving: the client must get the refusal, not a broken pipe.
+    const large = randomExtents(Array.from({ length: 128 }, (_, i) => i));
+    for (let i = 0; i < 3; i++)
+      await assert.rejects(
+        port.writeRestorePoint(disk, 'p1', pieces(large)),
+        ConflictError,
+        'a sealed point is read-only',
+      );
     await assert.rejects(port.discardRestorePoint(replica, 'p1'), ConflictError);
   });
 
