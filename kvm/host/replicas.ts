@@ -9,7 +9,7 @@ import { access, mkdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { GUEST_BLOCK_SIZE, parseCanary } from '../guest/guest';
-import { blockDigest, DIGEST_ALGORITHM } from '../../src/host-api/digests';
+import { digestsOf } from '../../src/host-api/digests';
 import { conflict, HostApiError, notFound } from '../../src/host-api/errors';
 import { fsyncDir } from '../../src/host-api/persist';
 import {
@@ -375,12 +375,8 @@ export class KvmReplicas {
     disk: string,
     range: { startBlock: number; count: number },
   ): Promise<BlockDigests> {
-    const digests: string[] = [];
     const whole = [{ offset: range.startBlock * BLOCK_SIZE, length: range.count * BLOCK_SIZE }];
-    for await (const piece of this.readExtents(replica, view, disk, whole))
-      for (let at = 0; at < piece.data.length; at += BLOCK_SIZE)
-        digests.push(blockDigest(piece.data.subarray(at, at + BLOCK_SIZE)));
-    return { algorithm: DIGEST_ALGORITHM, startBlock: range.startBlock, digests };
+    return digestsOf(this.readExtents(replica, view, disk, whole), range.startBlock);
   }
 
   async readCanary(replica: string, view: ReplicaView): Promise<number> {

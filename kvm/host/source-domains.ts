@@ -14,7 +14,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseCanary, GUEST_BLOCK_SIZE } from '../guest/guest';
 import { lines, Virsh, VirshError } from '../libvirt/virsh';
-import { blockDigest, DIGEST_ALGORITHM } from '../../src/host-api/digests';
+import { digestsOf } from '../../src/host-api/digests';
 import { conflict, HostApiError, notFound, trackingLost } from '../../src/host-api/errors';
 import {
   BLOCK_SIZE,
@@ -502,12 +502,8 @@ export class KvmSourceDomains {
     checkpointId: string,
     range: { startBlock: number; count: number },
   ): Promise<BlockDigests> {
-    const digests: string[] = [];
     const whole = [{ offset: range.startBlock * BLOCK_SIZE, length: range.count * BLOCK_SIZE }];
-    for await (const piece of this.readExtents(domain, disk, checkpointId, whole))
-      for (let at = 0; at < piece.data.length; at += BLOCK_SIZE)
-        digests.push(blockDigest(piece.data.subarray(at, at + BLOCK_SIZE)));
-    return { algorithm: DIGEST_ALGORITHM, startBlock: range.startBlock, digests };
+    return digestsOf(this.readExtents(domain, disk, checkpointId, whole), range.startBlock);
   }
 
   /** The guest's write sequence on its first disk at the checkpoint (0 for a guest that keeps none). */
