@@ -5,7 +5,7 @@
 // its overlay, which sees the whole chain below it. Sealed files never change while anything stands on them.
 import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { access, mkdir, rm } from 'node:fs/promises';
+import { access, mkdir, readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { GUEST_BLOCK_SIZE, parseCanary } from '../guest/guest';
@@ -47,8 +47,18 @@ export class KvmReplicas {
   private readonly locks = new Map<string, Promise<unknown>>();
   /** NBD exports by image file: writable ones of open points, read-only ones of sealed points. */
   private readonly exports = new Map<string, Promise<OpenExport>>();
+  private readonly gates = new Map<string, { closed: boolean; inFlight: Set<Promise<void>> }>();
 
   constructor(private readonly options: { host: string; stateDir: string; state: HostState }) {}
+
+  /**
+   * Every export daemon a previous run of the process left (it was killed) is stopped: their pid files are in the
+   * run directory, and nothing of this run uses them yet.
+   */
+  async stopLeftoverExports(): Promise<void> {
+    const run = join(this.options.stateDir, 'run');
+    for (const f of await readdir(run).catch(() => [])) if (f.endsWith('.nbd.pid')) await stopStaleExport(join(run, f));
+  }
 
   async close(): Promise<void> {
     for (const image of [...this.exports.keys()]) await this.closeExport(image);
@@ -156,6 +166,7 @@ export class KvmReplicas {
       const next = this.record(replica);
       next.points.push(point);
       await this.options.state.setReplica(replica, next);
+      this.gates.delete(`${replica}/${pointId}`); // a point of that id dropped before is another point
       return pointInfo(point);
     });
   }
@@ -206,7 +217,7 @@ export class KvmReplicas {
     await e.daemon.stop();
   }
 
-  /** Writes one piece into an open point; checked for every piece, so nothing lands once the point is sealed. */
+  /** Writes one piece into an open point; checked for every piece, so nothing lands once its seal has begun. */
   async writePoint(
     replica: string,
     pointId: string,
@@ -214,9 +225,34 @@ export class KvmReplicas {
     offset: number,
     parts: readonly Buffer[],
   ): Promise<void> {
+    const gate = this.gateOf(replica, pointId);
+    if (gate.closed) throw conflict(`restore point ${pointId} is sealed`);
     this.openPointDisk(replica, pointId, disk);
-    const nbd = await this.exportOf(this.imageOf(replica, pointId, disk), true);
-    await nbd.write(offset, parts.length === 1 ? parts[0]! : Buffer.concat(parts));
+    const write = (async () => {
+      const nbd = await this.exportOf(this.imageOf(replica, pointId, disk), true);
+      await nbd.write(offset, parts.length === 1 ? parts[0]! : Buffer.concat(parts));
+    })();
+    gate.inFlight.add(write);
+    try {
+      await write;
+    } finally {
+      gate.inFlight.delete(write);
+    }
+  }
+
+  /** The writes in flight into an open point, and whether its seal (or drop) has begun. */
+  private gateOf(replica: string, pointId: string): { closed: boolean; inFlight: Set<Promise<void>> } {
+    const key = `${replica}/${pointId}`;
+    let gate = this.gates.get(key);
+    if (!gate) this.gates.set(key, (gate = { closed: false, inFlight: new Set() }));
+    return gate;
+  }
+
+  /** Refuses new writes into the point and waits for those in flight, so none reopens its image afterwards. */
+  private async closeGate(replica: string, pointId: string): Promise<void> {
+    const gate = this.gateOf(replica, pointId);
+    gate.closed = true;
+    await Promise.allSettled([...gate.inFlight]);
   }
 
   async countWritten(replica: string, pointId: string, bytes: number): Promise<void> {
@@ -235,6 +271,7 @@ export class KvmReplicas {
       const p = r.points.find((x) => x.id === pointId);
       if (!p) throw notFound(`restore point ${replica}/${pointId}`, 'pointId');
       if (p.sealed) return pointInfo(p);
+      await this.closeGate(replica, pointId);
       for (const d of r.disks) {
         const image = this.imageOf(replica, pointId, d.id);
         const open = this.exports.get(image);
@@ -260,6 +297,7 @@ export class KvmReplicas {
 
   /** Record first, then files: a crash in between leaves files no record names, removed at the next begin. */
   private async dropPoint(replica: string, pointId: string): Promise<void> {
+    await this.closeGate(replica, pointId);
     const r = this.record(replica);
     r.points = r.points.filter((x) => x.id !== pointId);
     await this.options.state.setReplica(replica, r);

@@ -67,6 +67,7 @@ export async function startKvmHost(options: KvmHostOptions): Promise<RunningKvmH
     log,
   });
   const replicas = new KvmReplicas({ host: options.name, stateDir: options.stateDir, state });
+  await replicas.stopLeftoverExports();
   const app = buildApp(options, domains, replicas, log);
   await app.listen({ port: options.port ?? 0, host: options.listen ?? '127.0.0.1' });
   const address = app.server.address();

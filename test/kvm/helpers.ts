@@ -64,9 +64,13 @@ export async function startTestKvmHost(options: {
       stateDir: join(dir, 'state'),
     });
   const guestLines = () => waitForGuest(serialLog, (lines) => lines, { timeoutMs: 1 });
+  const host = await start().catch(async (e: unknown) => {
+    await libvirt.stop();
+    throw e;
+  });
   const t: TestKvmHost = {
     libvirt,
-    host: await start(),
+    host,
     serialLog,
     image,
     async restartHost() {
