@@ -20,6 +20,7 @@ import {
   pointMetadata,
   pointSpec,
   powerAction,
+  replicaSpec,
   view,
   viewQuery,
 } from '../src/host-api/schemas';
@@ -171,6 +172,10 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
   app.get('/v1/hosts', () => [...site.hosts.values()]);
   app.get('/v1/hosts/:host/vms', (req) => site.listVms(parse(P.host, req.params, 'params').host));
   app.get('/v1/hosts/:host/vms/:vm', (req) => vmOf(parse(P.vm, req.params, 'params')).info());
+  app.get('/v1/hosts/:host/vms/:vm/definition', (req) => {
+    vmOf(parse(P.vm, req.params, 'params'));
+    return { definition: null }; // a lab VM is its metadata; a lab replica gets it from the lab itself
+  });
   app.put('/v1/hosts/:host/vms/:vm', async (req) => {
     const p = parse(P.vm, req.params, 'params');
     const body = parse(z.strictObject({ disks: z.array(diskInfo).min(1).max(16) }), req.body, 'body');
@@ -290,7 +295,8 @@ function buildApp(site: LabSite, faults: Faults): FastifyInstance {
   // Replica side --------------------------------------------------------------------------------
   app.put('/v1/hosts/:host/replicas/:replica', async (req) => {
     const p = parse(P.replica, req.params, 'params');
-    const body = parse(z.strictObject({ sourceVm: id, disks: z.array(diskInfo).min(1).max(16) }), req.body, 'body');
+    // A definition is accepted and not needed: the lab defines its replicas itself.
+    const body = parse(replicaSpec, req.body, 'body');
     return site.exclusive(p.replica, () => site.createReplica(p.host, p.replica, body.sourceVm, body.disks));
   });
   app.get('/v1/hosts/:host/replicas/:replica', (req) =>

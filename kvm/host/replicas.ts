@@ -5,25 +5,33 @@
 // its overlay, which sees the whole chain below it. Sealed files never change while anything stands on them.
 import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { access, mkdir, readdir, rm } from 'node:fs/promises';
+import { access, mkdir, readdir, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { GUEST_BLOCK_SIZE, parseCanary } from '../guest/guest';
 import { digestsOf } from '../../src/host-api/digests';
-import { conflict, HostApiError, notFound } from '../../src/host-api/errors';
-import { fsyncDir } from '../../src/host-api/persist';
+import { badRequest, conflict, HostApiError, notFound } from '../../src/host-api/errors';
+import { fsyncDir, writeFileAtomic } from '../../src/host-api/persist';
 import {
   BLOCK_SIZE,
   type BlockDigests,
   type DiskInfo,
   type Extent,
   type ExtentData,
+  type PowerResult,
+  type PowerState,
   type ReplicaInfo,
   type ReplicaView,
   type RestorePointInfo,
   type RestorePointSpec,
+  type ShutdownResult,
+  type VmDefinition,
+  type VmInfo,
 } from '../../src/hypervisor/port';
+import { lines, VirshError, type Virsh } from '../libvirt/virsh';
 import { NbdClient } from '../../src/nbd/client';
+import { acpiShutdown, destroyDomain, parseDomState, powerStateOf } from './power';
+import { ReplicaDefinitionError, replicaDomainXml } from './replica-domain';
 import { READ_PIECE_BYTES, readPieces, toBlocks } from './source-domains';
 import type { HostState, PointRecord, ReplicaRecord } from './state';
 import { exportImage, stopStaleExport, type ImageExport } from './storage-daemon';
@@ -49,7 +57,7 @@ export class KvmReplicas {
   private readonly exports = new Map<string, Promise<OpenExport>>();
   private readonly gates = new Map<string, { closed: boolean; inFlight: Set<Promise<void>> }>();
 
-  constructor(private readonly options: { host: string; stateDir: string; state: HostState }) {}
+  constructor(private readonly options: { host: string; stateDir: string; state: HostState; virsh: Virsh }) {}
 
   /**
    * Every export daemon a previous run of the process left (it was killed) is stopped: their pid files are in the
@@ -89,34 +97,43 @@ export class KvmReplicas {
     return r;
   }
 
-  private info(replica: string, r: ReplicaRecord): ReplicaInfo {
+  private async info(replica: string, r: ReplicaRecord): Promise<ReplicaInfo> {
     return {
       name: replica,
       host: this.options.host,
       sourceVm: r.sourceVm,
-      powerState: 'Off',
+      powerState: (await this.domainState(replica)).power,
       disks: r.disks,
       points: r.points.map(pointInfo),
       headPointId: r.headPointId,
-      hasRunningLayer: false,
-      consolidated: false,
+      hasRunningLayer: r.running,
+      consolidated: r.consolidated,
     };
+  }
+
+  has(name: string): boolean {
+    return this.options.state.replica(name) !== null;
   }
 
   names(): string[] {
     return this.options.state.replicaNames();
   }
 
-  getReplica(replica: string): ReplicaInfo {
+  getReplica(replica: string): Promise<ReplicaInfo> {
     return this.info(replica, this.record(replica));
   }
 
-  createReplica(replica: string, sourceVm: string, disks: DiskInfo[]): Promise<ReplicaInfo> {
+  createReplica(replica: string, sourceVm: string, disks: DiskInfo[], definition?: VmDefinition): Promise<ReplicaInfo> {
     return this.exclusive(replica, async () => {
       const known = this.options.state.replica(replica);
       if (known) {
         const same = known.sourceVm === sourceVm && JSON.stringify(known.disks) === JSON.stringify(disks);
         if (!same) throw conflict(`a replica named ${replica} already exists with another source or disks`);
+        // The source's definition as it is now (an operator may have given it memory): used at the next power-on.
+        if (definition && definition.text !== known.definition) {
+          known.definition = checkedDefinition(replica, known, definition);
+          await this.options.state.setReplica(replica, known);
+        }
         return this.info(replica, known);
       }
       // Files first, then the record: a crash in between leaves files no record names, made again on the retry.
@@ -124,7 +141,19 @@ export class KvmReplicas {
       for (const d of disks)
         await run('qemu-img', ['create', '-q', '-f', 'qcow2', this.imageOf(replica, null, d.id), String(d.sizeBytes)]);
       await fsyncDir(this.dirOf(replica));
-      const record: ReplicaRecord = { sourceVm, disks, points: [], headPointId: null, merging: null };
+      const record: ReplicaRecord = {
+        sourceVm,
+        disks,
+        points: [],
+        headPointId: null,
+        merging: null,
+        definition: null,
+        running: false,
+        sealingRunning: null,
+        consolidating: false,
+        consolidated: false,
+      };
+      if (definition) record.definition = checkedDefinition(replica, record, definition);
       await this.options.state.setReplica(replica, record);
       return this.info(replica, record);
     });
@@ -135,6 +164,9 @@ export class KvmReplicas {
       const r = this.record(replica);
       const existing = r.points.find((p) => p.id === pointId);
       if (existing) return pointInfo(existing);
+      if (r.consolidated || r.consolidating) throw conflict(`${replica} is permanently failed over (consolidated)`);
+      if (r.running)
+        throw conflict(`${replica} has a running layer (it was failed over); no restore point goes under it`);
       const newestSealed = [...r.points].reverse().find((p) => p.sealed);
       if ((newestSealed?.id ?? null) !== r.headPointId)
         throw conflict(`${replica} is reverted to ${r.headPointId ?? 'its base'}`);
@@ -322,7 +354,10 @@ export class KvmReplicas {
         if (i < 0) return this.info(replica, r); // merged already
         if (i !== 0) throw conflict(`restore point ${pointId} is not the oldest (${r.points[0]!.id} is)`);
         if (!r.points[0]!.sealed) throw conflict(`restore point ${pointId} is not sealed`);
-        if (r.points.length === 1) throw conflict(`restore point ${pointId} is the only one; retention keeps it`);
+        if (r.points.length === 1 && !r.running)
+          throw conflict(`restore point ${pointId} is the only one; retention keeps it`);
+        // The guest's QEMU holds the chain open: its files are not rewritten under it.
+        await this.refuseRunning(replica, 'merging its oldest point');
         r.merging = pointId;
         await this.options.state.setReplica(replica, r);
       }
@@ -345,14 +380,15 @@ export class KvmReplicas {
       const base = this.imageOf(replica, null, d.id);
       if (await exists(file)) {
         await run('qemu-img', ['commit', '-q', '-d', file]);
-        if (next)
-          await run('qemu-img', ['rebase', '-u', '-b', base, '-F', 'qcow2', this.imageOf(replica, next.id, d.id)]);
+        const above = next ? this.imageOf(replica, next.id, d.id) : r.running ? this.runningImage(replica, d.id) : null;
+        if (above) await run('qemu-img', ['rebase', '-u', '-b', base, '-F', 'qcow2', above]);
         await run('sync', ['-f', base]);
         await rm(file, { force: true });
       }
     }
     await fsyncDir(this.dirOf(replica));
     r.points = r.points.filter((p) => p.id !== oldest);
+    if (r.headPointId === oldest) r.headPointId = null;
     r.merging = null;
     await this.options.state.setReplica(replica, r);
   }
@@ -361,24 +397,299 @@ export class KvmReplicas {
     return this.record(replica).points.map(pointInfo);
   }
 
-  /** The sealed point a view shows, and its disk. */
-  private viewImage(replica: string, view: ReplicaView, disk: string): { image: string; sizeBytes: number } {
-    if (!('pointId' in view)) throw notOnKvmYet("a replica's running layer");
+  // The replica as a VM: its libvirt domain, made from the source's definition, boots from a running layer ------
+
+  /** libvirt's state of the replica's domain; a replica never powered on has none, and is Off. */
+  private async domainState(replica: string): Promise<{ state: string; power: PowerState }> {
+    try {
+      const { state } = parseDomState(await this.options.virsh.run(['domstate', '--reason', replica]));
+      return { state, power: powerStateOf(state) };
+    } catch (e) {
+      if (e instanceof VirshError && /failed to get domain|Domain not found/i.test(e.detail))
+        return { state: 'shut off', power: 'Off' };
+      throw e;
+    }
+  }
+
+  private async refuseRunning(replica: string, what: string): Promise<void> {
+    const { power } = await this.domainState(replica);
+    if (power !== 'Off') throw conflict(`${replica} is ${power}; ${what} needs it Off`);
+  }
+
+  async vmInfo(replica: string): Promise<VmInfo> {
     const r = this.record(replica);
+    return {
+      name: replica,
+      host: this.options.host,
+      kind: 'replica',
+      powerState: (await this.domainState(replica)).power,
+      disks: r.disks,
+      lastStop: null,
+    };
+  }
+
+  private runningImage(replica: string, disk: string): string {
+    return this.imageOf(replica, '_running', disk);
+  }
+
+  /** What the replica's domain boots from: its running layer, or the base once it is consolidated. */
+  private bootImage(replica: string, r: ReplicaRecord, disk: string): string {
+    return r.consolidated ? this.imageOf(replica, null, disk) : this.runningImage(replica, disk);
+  }
+
+  /**
+   * Boots the replica from its head: a running layer (an overlay per disk on the head point) is made first,
+   * recorded, and the domain defined anew from the source's definition on these files, then started.
+   */
+  powerOn(replica: string): Promise<PowerResult> {
+    return this.exclusive(replica, async () => {
+      await this.finishSealingRunning(replica);
+      const { state } = await this.domainState(replica);
+      if (state === 'running') return { state: 'Running', alreadyInState: true };
+      if (state === 'paused') {
+        await this.options.virsh.run(['resume', replica]);
+        return { state: 'Running', alreadyInState: false };
+      }
+      let r = this.record(replica);
+      if (r.consolidating) await this.finishConsolidation(replica);
+      r = this.record(replica);
+      if (r.definition === null)
+        throw conflict(`no definition of ${r.sourceVm} has reached ${replica}: replicate it from its KVM host first`);
+      const open = r.points.find((p) => !p.sealed);
+      if (open) throw conflict(`restore point ${open.id} of ${replica} is still being written`);
+      if (!r.consolidated && !r.running) {
+        for (const d of r.disks)
+          await run('qemu-img', [
+            'create',
+            '-q',
+            '-f',
+            'qcow2',
+            '-b',
+            this.imageOf(replica, r.headPointId, d.id),
+            '-F',
+            'qcow2',
+            this.runningImage(replica, d.id),
+          ]);
+        await fsyncDir(this.dirOf(replica));
+        r.running = true;
+        await this.options.state.setReplica(replica, r);
+      }
+      // Exports of the running layer read it as it was: the guest is about to change it.
+      for (const d of r.disks) await this.closeExport(this.runningImage(replica, d.id));
+      // Defined anew at every power-on (the definition or the layers may have changed), under the same UUID.
+      const uuid = await this.options.virsh.run(['domuuid', replica]).then(
+        (out) => out.trim(),
+        () => undefined,
+      );
+      const xml = replicaDomainXml(r.definition, {
+        name: replica,
+        ...(uuid ? { uuid } : {}),
+        disks: new Map(r.disks.map((d) => [d.id, this.bootImage(replica, r, d.id)])),
+        consoleLog: join(this.dirOf(replica), 'console.log'),
+      });
+      const file = join(this.options.stateDir, 'xml', `${replica}.xml`);
+      await writeFileAtomic(file, xml);
+      await this.options.virsh.run(['define', file]);
+      await this.options.virsh.run(['start', replica]);
+      return { state: 'Running', alreadyInState: false };
+    });
+  }
+
+  shutdownGuest(replica: string, timeoutMs: number, signal?: AbortSignal): Promise<ShutdownResult> {
+    return this.exclusive(replica, async () => {
+      if ((await this.domainState(replica)).state === 'shut off') return { outcome: 'already-off', state: 'Off' };
+      const end = await acpiShutdown(this.options.virsh, replica, timeoutMs, () => this.domainState(replica), signal);
+      return end.off ? { outcome: 'off', state: 'Off' } : { outcome: 'timed-out', state: end.state };
+    });
+  }
+
+  powerOff(replica: string): Promise<PowerResult> {
+    return this.exclusive(replica, async () => {
+      if ((await this.domainState(replica)).state === 'shut off') return { state: 'Off', alreadyInState: true };
+      await destroyDomain(this.options.virsh, replica);
+      return { state: 'Off', alreadyInState: false };
+    });
+  }
+
+  /** Makes the replica show (and boot from) that sealed point; later points are kept. */
+  revert(replica: string, pointId: string): Promise<ReplicaInfo> {
+    return this.exclusive(replica, async () => {
+      const r = this.record(replica);
+      if (r.consolidated || r.consolidating) throw conflict(`${replica} is permanently failed over (consolidated)`);
+      const p = r.points.find((x) => x.id === pointId);
+      if (!p) throw notFound(`restore point ${replica}/${pointId}`, 'pointId');
+      if (!p.sealed) throw conflict(`restore point ${pointId} is not sealed`);
+      await this.refuseRunning(replica, 'a revert');
+      if (r.running) throw conflict(`${replica} has a running layer; discard it first`);
+      r.headPointId = pointId;
+      await this.options.state.setReplica(replica, r);
+      return this.info(replica, r);
+    });
+  }
+
+  /** Undo: what the replica wrote since power-on goes; the head returns to the newest sealed point. */
+  discardRunningLayer(replica: string): Promise<ReplicaInfo> {
+    return this.exclusive(replica, async () => {
+      await this.refuseRunning(replica, 'discarding its running layer');
+      const r = this.record(replica);
+      if (r.consolidated) throw conflict(`${replica} is permanently failed over: its running state is its base`);
+      // Record first: a crash before the files go leaves files no record names, made anew at the next power-on.
+      r.running = false;
+      r.headPointId = [...r.points].reverse().find((p) => p.sealed)?.id ?? null;
+      await this.options.state.setReplica(replica, r);
+      for (const d of r.disks) {
+        await this.closeExport(this.runningImage(replica, d.id));
+        await rm(this.runningImage(replica, d.id), { force: true });
+      }
+      await fsyncDir(this.dirOf(replica));
+      return this.info(replica, r);
+    });
+  }
+
+  /** The stopped running layer becomes a sealed point on the head (e.g. failback-protective). */
+  sealRunningLayer(replica: string, pointId: string, spec: RestorePointSpec): Promise<RestorePointInfo> {
+    return this.exclusive(replica, async () => {
+      await this.finishSealingRunning(replica);
+      let r = this.record(replica);
+      const existing = r.points.find((p) => p.id === pointId);
+      if (existing) return pointInfo(existing);
+      if (r.consolidated) throw conflict(`${replica} is permanently failed over: there is no running layer to seal`);
+      await this.refuseRunning(replica, 'sealing its running layer');
+      if (!r.running) throw conflict(`${replica} has no running layer`);
+      // The running layer stands on the head; points above a reverted head belong to an abandoned branch.
+      const headIndex = r.headPointId === null ? -1 : r.points.findIndex((p) => p.id === r.headPointId);
+      for (const p of r.points.slice(headIndex + 1)) await this.dropPoint(replica, p.id);
+      r = this.record(replica);
+      for (const d of r.disks) await this.closeExport(this.runningImage(replica, d.id));
+      r.sealingRunning = {
+        id: pointId,
+        createdAt: new Date().toISOString(),
+        kind: spec.kind,
+        crashConsistent: spec.crashConsistent,
+        metadata: spec.metadata ?? {},
+        bytesWritten: 0,
+        sealed: true,
+      };
+      await this.options.state.setReplica(replica, r);
+      await this.finishSealingRunning(replica);
+      return pointInfo(this.record(replica).points.find((p) => p.id === pointId)!);
+    });
+  }
+
+  /** Renames the running layer's files to the point's, as recorded; each step can run again after a crash. */
+  private async finishSealingRunning(replica: string): Promise<void> {
+    const r = this.record(replica);
+    const point = r.sealingRunning;
+    if (!point) return;
+    for (const d of r.disks) {
+      const from = this.runningImage(replica, d.id);
+      if (await exists(from)) {
+        await run('sync', ['-f', from]);
+        await rename(from, this.imageOf(replica, point.id, d.id));
+      }
+    }
+    await fsyncDir(this.dirOf(replica));
+    r.points.push(point);
+    r.headPointId = point.id;
+    r.running = false;
+    r.sealingRunning = null;
+    await this.options.state.setReplica(replica, r);
+  }
+
+  /**
+   * Permanent failover: the head's chain and the running layer are merged into the base, which the replica then
+   * runs on alone. A running replica is committed live (`virsh blockcommit --active --pivot`), a stopped one with
+   * `qemu-img commit`. Recorded first; a repeated commit of the same layers writes the same blocks again.
+   */
+  consolidate(replica: string): Promise<ReplicaInfo> {
+    return this.exclusive(replica, async () => {
+      const r = this.record(replica);
+      if (r.consolidated) return this.info(replica, r);
+      const open = r.points.find((p) => !p.sealed);
+      if (open) throw conflict(`restore point ${open.id} of ${replica} is still being written`);
+      r.consolidating = true;
+      await this.options.state.setReplica(replica, r);
+      await this.finishConsolidation(replica);
+      return this.info(replica, this.record(replica));
+    });
+  }
+
+  private async finishConsolidation(replica: string): Promise<void> {
+    const r = this.record(replica);
+    for (const image of [...this.exports.keys()])
+      if (image.startsWith(this.dirOf(replica))) await this.closeExport(image);
+    const live = (await this.domainState(replica)).power !== 'Off';
+    for (const d of r.disks) {
+      const base = this.imageOf(replica, null, d.id);
+      if (live) {
+        const sources = await this.options.virsh.run(['domblklist', replica]);
+        const current = lines(sources)
+          .map((l) => l.split(/\s+/))
+          .find(([target]) => target === d.id)?.[1];
+        if (current !== base)
+          await this.options.virsh.run(['blockcommit', replica, d.id, '--active', '--pivot', '--wait'], {
+            timeoutMs: 30 * 60_000,
+          });
+      } else {
+        const top = r.running
+          ? this.runningImage(replica, d.id)
+          : r.headPointId && this.imageOf(replica, r.headPointId, d.id);
+        if (top && (await exists(top))) await run('qemu-img', ['commit', '-q', '-b', base, top]);
+      }
+      await run('sync', ['-f', base]);
+    }
+    // Every layer's data is in the bases now: the files go, then the record says so.
+    for (const d of r.disks) {
+      await rm(this.runningImage(replica, d.id), { force: true });
+      for (const p of r.points) await rm(this.imageOf(replica, p.id, d.id), { force: true });
+    }
+    await fsyncDir(this.dirOf(replica));
+    Object.assign(r, { points: [], headPointId: null, running: false, consolidating: false, consolidated: true });
+    await this.options.state.setReplica(replica, r);
+  }
+
+  /** Exactly the blocks the replica wrote since power-on: its running layer's own clusters. */
+  async runningLayerExtents(replica: string, disk: string): Promise<Extent[]> {
+    const r = this.record(replica);
+    if (!r.running) throw conflict(`${replica} has no running layer`);
+    if (!r.disks.some((d) => d.id === disk)) throw notFound(`disk ${replica}/${disk}`, 'disk');
+    await this.refuseRunning(replica, 'reading its running layer');
+    return this.mapped({ image: this.runningImage(replica, disk), open: false }, true);
+  }
+
+  /**
+   * The image a view shows, and its disk: a point, or (the replica off) its running state. An open point is read
+   * through its writer's export, which has every write it acknowledged (a final sync is verified before its seal).
+   */
+  private viewImage(
+    replica: string,
+    view: ReplicaView,
+    disk: string,
+  ): { image: string; sizeBytes: number; open: boolean } {
+    const r = this.record(replica);
+    if (!('pointId' in view)) {
+      const d = r.disks.find((x) => x.id === disk);
+      if (!d) throw notFound(`disk ${replica}/${disk}`, 'disk');
+      if (!r.running && !r.consolidated) throw conflict(`${replica} has no running layer`);
+      return { image: this.bootImage(replica, r, disk), sizeBytes: d.sizeBytes, open: false };
+    }
     const p = r.points.find((x) => x.id === view.pointId);
     if (!p) throw notFound(`restore point ${replica}/${view.pointId}`, 'pointId');
-    if (!p.sealed) throw conflict(`restore point ${view.pointId} is not sealed yet`);
     const d = r.disks.find((x) => x.id === disk);
     if (!d) throw notFound(`disk ${replica}/${disk}`, 'disk');
-    return { image: this.imageOf(replica, p.id, disk), sizeBytes: d.sizeBytes };
+    return { image: this.imageOf(replica, p.id, disk), sizeBytes: d.sizeBytes, open: !p.sealed };
   }
 
   viewDiskSize(replica: string, view: ReplicaView, disk: string): number {
     return this.viewImage(replica, view, disk).sizeBytes;
   }
 
-  /** `qemu-img map` of a point's overlay: `ownOnly` keeps what that layer itself holds. */
-  private async mapped(image: string, ownOnly: boolean): Promise<Extent[]> {
+  /**
+   * `qemu-img map` of a point's overlay: `ownOnly` keeps what that layer itself holds. An open point's writer is
+   * flushed first, so that the file's own metadata names every cluster it acknowledged.
+   */
+  private async mapped({ image, open }: { image: string; open: boolean }, ownOnly: boolean): Promise<Extent[]> {
+    if (open) await (await this.exportOf(image, true)).flush();
     const { stdout } = await run('qemu-img', ['map', '-U', '--output=json', image], { maxBuffer: 256 * 1024 * 1024 });
     const entries = JSON.parse(stdout) as {
       start: number;
@@ -395,15 +706,16 @@ export class KvmReplicas {
   }
 
   async allocatedExtents(replica: string, view: ReplicaView, disk: string): Promise<Extent[]> {
-    return this.mapped(this.viewImage(replica, view, disk).image, false);
+    return this.mapped(this.viewImage(replica, view, disk), false);
   }
 
   async pointExtents(replica: string, pointId: string, disk: string): Promise<Extent[]> {
-    return this.mapped(this.viewImage(replica, { pointId }, disk).image, true);
+    return this.mapped(this.viewImage(replica, { pointId }, disk), true);
   }
 
   async *readExtents(replica: string, view: ReplicaView, disk: string, extents: Extent[]): AsyncGenerator<ExtentData> {
-    const nbd = await this.exportOf(this.viewImage(replica, view, disk).image, false);
+    const { image, open } = this.viewImage(replica, view, disk);
+    const nbd = await this.exportOf(image, open);
     for await (const piece of nbd.readExtents([...readPieces(extents)], { pieceSize: READ_PIECE_BYTES })) yield piece;
   }
 
@@ -429,6 +741,21 @@ export class KvmReplicas {
     }
     return 0;
   }
+}
+
+/** The definition, checked now (it must become this replica's domain), so a bad one is refused where it arrives. */
+function checkedDefinition(replica: string, r: ReplicaRecord, definition: VmDefinition): string {
+  try {
+    replicaDomainXml(definition.text, {
+      name: replica,
+      disks: new Map(r.disks.map((d) => [d.id, `/${d.id}`])),
+      consoleLog: '/console.log',
+    });
+  } catch (e) {
+    if (e instanceof ReplicaDefinitionError) throw badRequest('body.definition.text', e.message);
+    throw e;
+  }
+  return definition.text;
 }
 
 function pointInfo(p: PointRecord): RestorePointInfo {

@@ -2,13 +2,12 @@
 // The orchestrator reaches it with the same adapter as the lab.
 import type { FastifyInstance } from 'fastify';
 import { z } from 'zod';
-import { notFound } from '../../src/host-api/errors';
+import { conflict, notFound } from '../../src/host-api/errors';
 import { framedLength } from '../../src/host-api/frames';
 import {
   blockRange,
   checkBlockRange,
   checkExtents,
-  diskInfo,
   extents,
   id,
   page,
@@ -17,6 +16,7 @@ import {
   pointMetadata,
   pointSpec,
   powerAction,
+  replicaSpec,
   view,
   viewQuery,
 } from '../../src/host-api/schemas';
@@ -59,14 +59,15 @@ function pageOf(all: Extent[], q: { cursor?: string | undefined; limit: number }
 export async function startKvmHost(options: KvmHostOptions): Promise<RunningKvmHost> {
   const log = options.log ?? (() => undefined);
   const state = await HostState.load(options.stateDir);
+  const virsh = new Virsh(options.libvirtUri);
   const domains = await KvmSourceDomains.open({
     host: options.name,
-    virsh: new Virsh(options.libvirtUri),
+    virsh,
     stateDir: options.stateDir,
     state,
     log,
   });
-  const replicas = new KvmReplicas({ host: options.name, stateDir: options.stateDir, state });
+  const replicas = new KvmReplicas({ host: options.name, stateDir: options.stateDir, state, virsh });
   await replicas.stopLeftoverExports();
   const app = buildApp(options, domains, replicas, log);
   await app.listen({ port: options.port ?? 0, host: options.listen ?? '127.0.0.1' });
@@ -99,16 +100,28 @@ function buildApp(
   };
 
   app.get('/v1/hosts', () => [self]);
-  app.get('/v1/hosts/:host/vms', (req) => {
+  // A replica is a VM of its DR host too (powered on at failover); its domain carries the replica's name.
+  app.get('/v1/hosts/:host/vms', async (req) => {
     at(P.host, req.params);
-    return domains.listVms();
+    const sources = await domains.listVms();
+    const replicaVms = await Promise.all(replicas.names().map((r) => replicas.vmInfo(r)));
+    return [...sources, ...replicaVms];
   });
-  app.get('/v1/hosts/:host/vms/:vm', (req) => domains.getVm(at(P.vm, req.params).vm));
+  app.get('/v1/hosts/:host/vms/:vm', (req) => {
+    const { vm } = at(P.vm, req.params);
+    return replicas.has(vm) ? replicas.vmInfo(vm) : domains.getVm(vm);
+  });
+  app.get('/v1/hosts/:host/vms/:vm/definition', async (req) => {
+    const { vm } = at(P.vm, req.params);
+    if (replicas.has(vm)) throw conflict(`${vm} is a replica; its definition is its source's`);
+    return { definition: await domains.definition(vm) };
+  });
   app.post('/v1/hosts/:host/vms/:vm/power', async (req) => {
     const { vm } = at(P.vm, req.params);
     const body = parse(powerAction, req.body, 'body');
-    if (body.action === 'shutdown') return domains.shutdownGuest(vm, body.timeoutMs);
-    return body.action === 'off' ? domains.powerOff(vm) : domains.powerOn(vm);
+    const target = replicas.has(vm) ? replicas : domains;
+    if (body.action === 'shutdown') return target.shutdownGuest(vm, body.timeoutMs);
+    return body.action === 'off' ? target.powerOff(vm) : target.powerOn(vm);
   });
 
   app.put('/v1/hosts/:host/vms/:vm/checkpoints/:checkpointId', (req) => {
@@ -168,8 +181,8 @@ function buildApp(
     q.pointId !== undefined ? { pointId: q.pointId } : { running: true };
   app.put('/v1/hosts/:host/replicas/:replica', (req) => {
     const p = at(P.replica, req.params);
-    const body = parse(z.strictObject({ sourceVm: id, disks: z.array(diskInfo).min(1).max(16) }), req.body, 'body');
-    return replicas.createReplica(p.replica, body.sourceVm, body.disks);
+    const body = parse(replicaSpec, req.body, 'body');
+    return replicas.createReplica(p.replica, body.sourceVm, body.disks, body.definition);
   });
   app.get('/v1/hosts/:host/replicas/:replica', (req) => replicas.getReplica(at(P.replica, req.params).replica));
   app.get('/v1/hosts/:host/replicas/:replica/points', (req) =>
@@ -234,6 +247,25 @@ function buildApp(
     const q = parse(viewQuery, req.query, 'query');
     return { sequence: await replicas.readCanary(p.replica, viewOf(q)) };
   });
+  app.post('/v1/hosts/:host/replicas/:replica/revert', (req) => {
+    const p = at(P.replica, req.params);
+    return replicas.revert(p.replica, parse(z.strictObject({ pointId: id }), req.body, 'body').pointId);
+  });
+  app.post('/v1/hosts/:host/replicas/:replica/consolidate', (req) =>
+    replicas.consolidate(at(P.replica, req.params).replica),
+  );
+  app.delete('/v1/hosts/:host/replicas/:replica/running-layer', (req) =>
+    replicas.discardRunningLayer(at(P.replica, req.params).replica),
+  );
+  app.post('/v1/hosts/:host/replicas/:replica/running-layer/seal', (req) => {
+    const p = at(P.replica, req.params);
+    const { pointId, ...spec } = parse(pointSpec.extend({ pointId: id }), req.body, 'body');
+    return replicas.sealRunningLayer(p.replica, pointId, spec);
+  });
+  app.get('/v1/hosts/:host/replicas/:replica/disks/:disk/running-extents', async (req) => {
+    const p = at(P.replicaDisk, req.params);
+    return pageOf(await replicas.runningLayerExtents(p.replica, p.disk), parse(page, req.query, 'query'));
+  });
   // What KVM hosts do not serve yet: answered as such, never as a success or a plain 404 a caller could ignore.
   const later: [string, string, string][] = [
     ['PUT', '/v1/hosts/:host/vms/:vm', 'creating a VM'],
@@ -241,11 +273,6 @@ function buildApp(
     ['PUT', '/v1/hosts/:host/vms/:vm/write-fence', 'a write fence'],
     ['POST', '/v1/hosts/:host/vms/:vm/disks/:disk/send', 'sending host to host'],
     ['GET', '/v1/backups', 'a backup repository'],
-    ['POST', '/v1/hosts/:host/replicas/:replica/revert', 'reverting a replica'],
-    ['POST', '/v1/hosts/:host/replicas/:replica/consolidate', 'consolidating a replica'],
-    ['DELETE', '/v1/hosts/:host/replicas/:replica/running-layer', "a replica's running layer"],
-    ['POST', '/v1/hosts/:host/replicas/:replica/running-layer/seal', "a replica's running layer"],
-    ['GET', '/v1/hosts/:host/replicas/:replica/disks/:disk/running-extents', "a replica's running layer"],
   ];
   for (const [method, url, what] of later)
     app.route({

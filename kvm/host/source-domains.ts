@@ -11,7 +11,6 @@
 import { createHash } from 'node:crypto';
 import { mkdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { parseCanary, GUEST_BLOCK_SIZE } from '../guest/guest';
 import { lines, Virsh, VirshError } from '../libvirt/virsh';
 import { digestsOf } from '../../src/host-api/digests';
@@ -24,18 +23,18 @@ import {
   type Extent,
   type ExtentData,
   type PowerResult,
-  type PowerState,
   type ReferencePointInfo,
   type ShutdownResult,
+  type VmDefinition,
   type VmInfo,
 } from '../../src/hypervisor/port';
 import { NbdClient } from '../../src/nbd/client';
 import { BASE_ALLOCATION, dirtyBitmapContext, STATE_DIRTY, STATE_ZERO } from '../../src/nbd/protocol';
+import { acpiShutdown, destroyDomain, parseDomState, powerStateOf } from './power';
 import type { CheckpointRecord, HostState, ReferenceRecord } from './state';
 
 /** Block reads go out in pieces of this size (each one frame of the host API). */
 export const READ_PIECE_BYTES = 4 * 1024 * 1024;
-const POLL_MS = 100;
 const bitmapExport = (disk: string) => `backup-${disk}`;
 /** How libvirt reports a checkpoint's bitmap that QEMU no longer trusts or has (it was killed while tracking). */
 const BITMAP_LOST = /inconsistent|not found in backing chain/i;
@@ -66,10 +65,6 @@ interface DomainDisk {
 }
 
 /** The state libvirt reports (`domstate --reason`): `running (booted)`, `shut off (shutdown)`, … */
-function parseDomState(text: string): { state: string; reason: string } {
-  const m = /^(.*?)\s*\(([^)]*)\)\s*$/.exec(text.trim());
-  return m ? { state: m[1]!, reason: m[2]! } : { state: text.trim(), reason: '' };
-}
 
 export interface KvmSourceOptions {
   /** This host's name in the estate. */
@@ -132,9 +127,11 @@ export class KvmSourceDomains {
 
   // Inventory -----------------------------------------------------------------------------------
 
+  /** The source domains: every libvirt domain but the replicas this host process runs. */
   async listVms(): Promise<VmInfo[]> {
     const out: VmInfo[] = [];
     for (const name of await this.virsh.domains()) {
+      if (this.state.replica(name)) continue;
       try {
         out.push(await this.getVm(name));
       } catch (e) {
@@ -158,6 +155,12 @@ export class KvmSourceDomains {
       disks: await this.disks(domain),
       lastStop: record.lastStop ?? lastStopFromReason(state, reason),
     };
+  }
+
+  /** The domain's persistent XML, as its replica is to be defined from it. */
+  async definition(domain: string): Promise<VmDefinition> {
+    const text = await this.virshOr404(domain, () => this.virsh.run(['dumpxml', '--inactive', domain]));
+    return { format: 'libvirt-domain-xml', text };
   }
 
   private async domainDisks(domain: string): Promise<DomainDisk[]> {
@@ -193,20 +196,10 @@ export class KvmSourceDomains {
     return this.exclusive(domain, async () => {
       await this.closeViewsOfPausedStart(domain);
       if ((await this.domState(domain)).state === 'shut off') return { outcome: 'already-off', state: 'Off' };
-      await this.virsh.run(['shutdown', '--mode', 'acpi', domain]).catch((e: unknown) => {
-        // It may have stopped between the two calls.
-        if (!(e instanceof VirshError && /not running/i.test(e.detail))) throw e;
-      });
-      const deadline = Date.now() + timeoutMs;
-      for (;;) {
-        const { state } = await this.domState(domain);
-        if (state === 'shut off') {
-          await this.state.update(domain, (d) => void (d.lastStop = 'guest-shutdown'));
-          return { outcome: 'off', state: 'Off' };
-        }
-        if (Date.now() >= deadline || signal?.aborted) return { outcome: 'timed-out', state: powerStateOf(state) };
-        await sleep(POLL_MS);
-      }
+      const end = await acpiShutdown(this.virsh, domain, timeoutMs, () => this.domState(domain), signal);
+      if (!end.off) return { outcome: 'timed-out', state: end.state };
+      await this.state.update(domain, (d) => void (d.lastStop = 'guest-shutdown'));
+      return { outcome: 'off', state: 'Off' };
     });
   }
 
@@ -214,9 +207,7 @@ export class KvmSourceDomains {
     return this.exclusive(domain, async () => {
       await this.closeViewsOfPausedStart(domain);
       if ((await this.domState(domain)).state === 'shut off') return { state: 'Off', alreadyInState: true };
-      await this.virsh.run(['destroy', domain]).catch((e: unknown) => {
-        if (!(e instanceof VirshError && /not running/i.test(e.detail))) throw e;
-      });
+      await destroyDomain(this.virsh, domain);
       await this.state.update(domain, (d) => void (d.lastStop = 'forced-off'));
       return { state: 'Off', alreadyInState: false };
     });
@@ -523,12 +514,6 @@ export class KvmSourceDomains {
 /** A view's NBD socket: named by a hash, as a unix socket path holds 107 bytes and a domain name up to 128. */
 function socketPath(stateDir: string, domain: string): string {
   return join(stateDir, 'run', `${createHash('sha256').update(domain).digest('hex').slice(0, 16)}.sock`);
-}
-
-function powerStateOf(state: string): PowerState {
-  if (state === 'shut off' || state === 'crashed') return 'Off';
-  if (state === 'in shutdown') return 'Stopping';
-  return 'Running';
 }
 
 function lastStopFromReason(state: string, reason: string): VmInfo['lastStop'] {

@@ -47,6 +47,15 @@ const replicaRecord = z.strictObject({
   headPointId: z.string().nullable(),
   /** The oldest point being merged into the base (recorded before the first file changes); null: none. */
   merging: z.string().nullable().default(null),
+  /** The source domain's XML as last replicated; the replica's domain is made from it at each power-on. */
+  definition: z.string().nullable().default(null),
+  /** The replica has a running layer: one overlay per disk on the head, what the replica wrote since power-on. */
+  running: z.boolean().default(false),
+  /** The point the running layer is becoming (recorded before its files are renamed); null: none. */
+  sealingRunning: pointRecord.nullable().default(null),
+  /** Every layer is being (or was) merged into the base: a permanent failover; recorded before the merge starts. */
+  consolidating: z.boolean().default(false),
+  consolidated: z.boolean().default(false),
 });
 const stateFile = z.strictObject({
   version: z.literal(1),

@@ -127,7 +127,13 @@ export function createInventoryActivities(port: HypervisorPort, config: Configur
         const source = await locateVm(input.vm, input.productionVm);
         const vmInfo = await port.getVm(source);
         const replica: ReplicaRef = { host: job.targetHost, replica: replicaNameOf(input.vm) };
-        const info = await port.createReplica(replica, { sourceVm: input.vm, disks: vmInfo.disks });
+        // The source's definition travels with every cycle, so the replica boots as the machine the source is now.
+        const definition = await port.getVmDefinition(source);
+        const info = await port.createReplica(replica, {
+          sourceVm: input.vm,
+          disks: vmInfo.disks,
+          ...(definition ? { definition } : {}),
+        });
         const sealed = info.points.filter((p) => p.sealed);
         const head = sealed.find((p) => p.id === info.headPointId) ?? sealed.at(-1);
 

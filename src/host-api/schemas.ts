@@ -13,6 +13,21 @@ export const diskInfo = z.strictObject({
   id,
   sizeBytes: z.number().int().positive().multipleOf(BLOCK_SIZE),
 });
+
+/** A VM's definition as its replica receives it (a libvirt domain's XML is a few KiB). */
+export const vmDefinition = z.strictObject({
+  format: z.literal('libvirt-domain-xml'),
+  text: z
+    .string()
+    .min(1)
+    .max(256 * 1024),
+});
+
+export const replicaSpec = z.strictObject({
+  sourceVm: id,
+  disks: z.array(diskInfo).min(1).max(16),
+  definition: vmDefinition.optional(),
+});
 export const extent = z.strictObject({
   offset: z.number().int().nonnegative().multipleOf(BLOCK_SIZE),
   length: z.number().int().positive().multipleOf(BLOCK_SIZE),

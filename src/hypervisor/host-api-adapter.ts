@@ -39,11 +39,13 @@ import type {
   ReplicaDiskRef,
   ReplicaInfo,
   ReplicaRef,
+  ReplicaSpec,
   ReplicaView,
   RestorePointInfo,
   RestorePointSpec,
   ShutdownResult,
   TransferOptions,
+  VmDefinition,
   VmInfo,
   VmRef,
   WriteResult,
@@ -342,6 +344,16 @@ export class HostApiHypervisor implements HypervisorPort {
     return this.t.json({ method: 'PUT', path: this.vmPath(ref), host: ref.host, json: { disks }, signal: o?.signal });
   }
 
+  async getVmDefinition(ref: VmRef, o?: CallOptions): Promise<VmDefinition | null> {
+    const answer = await this.t.json<{ definition: VmDefinition | null }>({
+      method: 'GET',
+      path: `${this.vmPath(ref)}/definition`,
+      host: ref.host,
+      signal: o?.signal,
+    });
+    return answer.definition;
+  }
+
   shutdownGuest(ref: VmRef, timeoutMs: number, o?: CallOptions): Promise<ShutdownResult> {
     return this.t.json({
       method: 'POST',
@@ -494,7 +506,7 @@ export class HostApiHypervisor implements HypervisorPort {
     });
   }
 
-  createReplica(ref: ReplicaRef, spec: { sourceVm: string; disks: DiskInfo[] }, o?: CallOptions): Promise<ReplicaInfo> {
+  createReplica(ref: ReplicaRef, spec: ReplicaSpec, o?: CallOptions): Promise<ReplicaInfo> {
     return this.t.json({ method: 'PUT', path: this.replicaPath(ref), host: ref.host, json: spec, signal: o?.signal });
   }
 

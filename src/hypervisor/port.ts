@@ -34,6 +34,22 @@ export interface VmInfo {
   lastStop: 'guest-shutdown' | 'forced-off' | null;
 }
 
+/**
+ * How a VM is defined on its hypervisor, carried to its replica so that the DR host can boot it as the same machine
+ * (processors, memory, devices) on its own disks. Opaque to the orchestrator; only a host of the same kind reads it.
+ */
+export interface VmDefinition {
+  format: 'libvirt-domain-xml';
+  text: string;
+}
+
+export interface ReplicaSpec {
+  sourceVm: string;
+  disks: DiskInfo[];
+  /** The source's definition as of this replication; a host that defines replicas itself (the lab) needs none. */
+  definition?: VmDefinition;
+}
+
 export interface VmRef {
   host: string;
   vm: string;
@@ -196,6 +212,8 @@ export interface HypervisorPort {
   getVm(ref: VmRef, options?: CallOptions): Promise<VmInfo>;
   /** Creates an empty VM on a production host (failback to a new VM); idempotent for the same disks. */
   createVm(ref: VmRef, disks: DiskInfo[], options?: CallOptions): Promise<VmInfo>;
+  /** The VM's definition to give its replica; null when its host keeps none the replica's host would need. */
+  getVmDefinition(ref: VmRef, options?: CallOptions): Promise<VmDefinition | null>;
 
   // Power (source and replica VMs alike; every call is idempotent)
   shutdownGuest(ref: VmRef, timeoutMs: number, options?: CallOptions): Promise<ShutdownResult>;
@@ -243,11 +261,7 @@ export interface HypervisorPort {
   fenceWrites(ref: VmRef, token: string, options?: CallOptions): Promise<void>;
 
   // Replica side on a DR host
-  createReplica(
-    ref: ReplicaRef,
-    spec: { sourceVm: string; disks: DiskInfo[] },
-    options?: CallOptions,
-  ): Promise<ReplicaInfo>;
+  createReplica(ref: ReplicaRef, spec: ReplicaSpec, options?: CallOptions): Promise<ReplicaInfo>;
   getReplica(ref: ReplicaRef, options?: CallOptions): Promise<ReplicaInfo>;
   /** Opens a restore point layer over the newest one; a retried begin returns the same open point. */
   beginRestorePoint(

@@ -24,11 +24,13 @@ import type {
   ReplicaDiskRef,
   ReplicaInfo,
   ReplicaRef,
+  ReplicaSpec,
   ReplicaView,
   RestorePointInfo,
   RestorePointSpec,
   ShutdownResult,
   TransferOptions,
+  VmDefinition,
   VmInfo,
   VmRef,
   WriteResult,
@@ -175,15 +177,15 @@ export class RoutedHypervisor implements HypervisorPort {
     return this.portOf(ref.host).writeExtents(ref, data, o);
   }
 
+  async getVmDefinition(ref: VmRef, o?: CallOptions): Promise<VmDefinition | null> {
+    return this.portOf(ref.host).getVmDefinition(ref, o);
+  }
+
   async fenceWrites(ref: VmRef, token: string, o?: CallOptions): Promise<void> {
     return this.portOf(ref.host).fenceWrites(ref, token, o);
   }
 
-  async createReplica(
-    ref: ReplicaRef,
-    spec: { sourceVm: string; disks: DiskInfo[] },
-    o?: CallOptions,
-  ): Promise<ReplicaInfo> {
+  async createReplica(ref: ReplicaRef, spec: ReplicaSpec, o?: CallOptions): Promise<ReplicaInfo> {
     return this.portOf(ref.host).createReplica(ref, spec, o);
   }
 

@@ -1,0 +1,201 @@
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { after, before, describe, test } from 'node:test';
+import { waitForGuest, type GuestLine } from '../../kvm/guest/guest';
+import { replicaNameOf } from '../../src/activities/inventory';
+import { connectHypervisor } from '../../src/config/hypervisor';
+import {
+  operationUpdates,
+  replicaQueries,
+  replicaWorkflowId,
+  TASK_QUEUE,
+  WorkflowTypes,
+  type PlannedFailoverResult,
+  type ReplicationJobResult,
+} from '../../src/contract';
+import type { HypervisorPort } from '../../src/hypervisor/port';
+import { startOrchestrator, testConfiguration, type TestOrchestrator } from '../harness';
+import { lastSeq, startTestKvmHost, type TestKvmHost } from './helpers';
+
+const exec = promisify(execFile);
+
+/** The sequence number the guest said it stopped at, at its last clean shutdown. */
+function cleanStop(lines: GuestLine[]): number {
+  const stops = lines.flatMap((l) => (l.kind === 'clean-shutdown' ? [l.seq] : []));
+  assert.ok(stops.length > 0, 'the guest shut down cleanly');
+  return stops.at(-1)!;
+}
+const PROD = 'kvm-prod1';
+const DR = 'kvm-dr1';
+const VM = 'pf-fo1';
+/** A step that hangs (a session halted in its critical window waits for an operator) fails the test instead. */
+const MINUTES_3 = 180_000;
+
+// Planned failover of a real guest, writing throughout, from one KVM host to another (two libvirt instances, each
+// with our host process), by the orchestrator's own workflows; then undo, a second failover and a permanent one.
+// The replica is a libvirt domain on the DR host made from the source's definition, booting from a running layer.
+describe('planned failover of a real guest between two KVM hosts, undo, and permanent failover', () => {
+  let dir: string;
+  let prod: TestKvmHost;
+  let dr: TestKvmHost;
+  let o: TestOrchestrator;
+  let port: HypervisorPort & { close(): void };
+  const vm = { host: PROD, vm: VM };
+  const replica = { host: DR, replica: replicaNameOf(VM) };
+  const replicaVm = { host: DR, vm: replica.replica };
+  const replicaDir = () => join(dir, 'dr', 'state', 'replicas', replica.replica);
+  const replicaConsole = () => join(replicaDir(), 'console.log');
+
+  before(async () => {
+    dir = mkdtempSync(join(tmpdir(), 'pf-kvmfo-'));
+    prod = await startTestKvmHost({ dir: join(dir, 'prod'), name: PROD, domain: VM });
+    dr = await startTestKvmHost({ dir: join(dir, 'dr'), name: DR, role: 'dr' });
+    o = await startOrchestrator({
+      // The lab the harness always starts has no host of this estate: every call goes to a KVM host process.
+      estate: { sites: [{ name: 'dr', role: 'dr', hosts: [{ name: 'dr-unused' }] }] },
+      configure: (labUrl) =>
+        testConfiguration(labUrl, {
+          hosts: [
+            { name: PROD, role: 'production', adapter: { type: 'kvm', url: prod.host.url } },
+            { name: DR, role: 'dr', adapter: { type: 'kvm', url: dr.host.url } },
+          ],
+          jobs: [{ name: 'kvm', vms: [VM], targetHost: DR, restorePoints: 3 }],
+        }),
+      connect: (config) => (port = connectHypervisor(config)),
+    });
+  });
+
+  after(async () => {
+    await o?.close();
+    port?.close();
+    await prod?.stop();
+    await dr?.stop();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  const entity = () => o.client.workflow.getHandle(replicaWorkflowId(VM));
+  const who = { requestedBy: 'alice', reason: 'kvm test' };
+  const replicaLines = (): Promise<GuestLine[]> =>
+    existsSync(replicaConsole())
+      ? waitForGuest(replicaConsole(), (lines) => lines, { timeoutMs: 1 })
+      : Promise.resolve([]);
+
+  async function replicate(): Promise<void> {
+    const result = await o.client.workflow.execute<(input: unknown) => Promise<ReplicationJobResult>>(
+      WorkflowTypes.replicationJob,
+      {
+        taskQueue: TASK_QUEUE,
+        workflowId: `job/kvm/${randomUUID()}`,
+        args: [{ job: 'kvm', requestedBy: 'alice' }],
+      },
+    );
+    assert.equal(result.sessions[0]!.outcome, 'replicated', result.sessions[0]!.detail);
+  }
+
+  /** A planned failover with the guest writing: exact by the workflow's own checks and by qemu-img compare. */
+  async function failOver(): Promise<void> {
+    const since = (await replicaLines()).length;
+    await prod.seqAtLeast((lastSeq(await prod.guestLines()) ?? 0) + 3); // writing when the failover starts
+    const result = await o.client.workflow.execute<(input: unknown) => Promise<PlannedFailoverResult>>(
+      WorkflowTypes.plannedFailover,
+      {
+        taskQueue: TASK_QUEUE,
+        workflowId: `pf-${randomUUID()}`,
+        args: [{ vms: [VM], ...who }],
+      },
+    );
+    const s = result.sessions[0]!;
+    assert.equal(s.outcome, 'failedOver', s.detail);
+    assert.equal(s.sourceShutdown, 'shut-down', 'ACPI shutdown of the real guest');
+    assert.equal(s.verification?.identical, true, JSON.stringify(s.verification));
+    assert.equal(s.fullVerification?.identical, true, JSON.stringify(s.fullVerification));
+    assert.ok(s.downtime, 'downtime measured');
+
+    // The source's last write is in helper point 2, which QEMU's own tools read as the source's disk.
+    const stoppedAt = cleanStop(await prod.guestLines());
+    assert.equal(s.verification?.sourceCanary, stoppedAt);
+    const helper2 = s.helperPoints.at(-1)!;
+    await exec('qemu-img', ['compare', '-U', join(replicaDir(), `${helper2}.vda.qcow2`), prod.image]);
+
+    // The replica's guest booted on the DR host from that point and goes on from the source's last write.
+    const ready = await waitForGuest(replicaConsole(), (lines) => lines.slice(since).find((l) => l.kind === 'ready'), {
+      timeoutMs: 60_000,
+    });
+    assert.equal(ready.kind === 'ready' && ready.resume, stoppedAt, 'the replica resumes at the source’s last write');
+    await waitForGuest(
+      replicaConsole(),
+      (lines) => ((lastSeq(lines.slice(since)) ?? 0) >= stoppedAt + 3 ? true : undefined),
+      { timeoutMs: 60_000 },
+    );
+    assert.equal((await port.getVm(vm)).powerState, 'Off');
+    assert.equal((await port.getVm(replicaVm)).powerState, 'Running');
+    assert.equal((await port.getReplica(replica)).hasRunningLayer, true);
+  }
+
+  test(
+    'seed, then a planned failover while the guest writes: the replica boots on the DR host and goes on',
+    { timeout: MINUTES_3 },
+    async () => {
+      await port.powerOn(vm);
+      await prod.seqAtLeast(5);
+      await replicate();
+      await failOver();
+      // The replica's domain is a machine of the DR host's libvirt, named for the replica, on its running layer.
+      const disks = await dr.libvirt.virsh.run(['domblklist', replica.replica]);
+      assert.match(disks, new RegExp(`vda\\s+${join(replicaDir(), '_running.vda.qcow2')}`));
+    },
+  );
+
+  test(
+    'undo: the replica stops, what it wrote is discarded, the source runs again from where it stopped',
+    { timeout: MINUTES_3 },
+    async () => {
+      const stoppedAt = cleanStop(await prod.guestLines());
+      const since = (await prod.guestLines()).length;
+      const outcome = await entity().executeUpdate(operationUpdates.undoFailover, { args: [who] });
+      assert.match(JSON.stringify(outcome), /undo/i);
+      assert.equal((await port.getVm(replicaVm)).powerState, 'Off');
+      const info = await port.getReplica(replica);
+      assert.equal(info.hasRunningLayer, false);
+      assert.equal(info.headPointId, info.points.at(-1)!.id, 'the head is the newest point again');
+      assert.equal(existsSync(join(replicaDir(), '_running.vda.qcow2')), false, 'the running layer’s file is gone');
+      await prod.readyAfter(since);
+      const resumed = (await prod.guestLines()).slice(since).find((l) => l.kind === 'ready');
+      assert.equal(
+        resumed?.kind === 'ready' && resumed.resume,
+        stoppedAt,
+        'the source did not see the replica’s writes',
+      );
+      assert.equal((await entity().query(replicaQueries.state)).state, 'Ready');
+    },
+  );
+
+  test(
+    'a second planned failover (incremental), then permanent failover of the running replica',
+    { timeout: MINUTES_3 },
+    async () => {
+      await replicate();
+      await failOver();
+      await entity().executeUpdate(operationUpdates.permanentFailover, { args: [{ ...who, confirm: true }] });
+      const info = await port.getReplica(replica);
+      assert.equal(info.consolidated, true);
+      assert.deepEqual(info.points, []);
+      assert.equal((await port.getVm(replicaVm)).powerState, 'Running', 'committed live, the replica kept running');
+      // It runs on its base alone now: no overlay is left under it, and it keeps writing.
+      const disks = await dr.libvirt.virsh.run(['domblklist', replica.replica]);
+      assert.match(disks, new RegExp(`vda\\s+${join(replicaDir(), '_base.vda.qcow2')}`));
+      const { stdout } = await exec('qemu-img', ['info', '-U', '--output=json', join(replicaDir(), '_base.vda.qcow2')]);
+      assert.equal((JSON.parse(stdout) as { 'backing-filename'?: string })['backing-filename'], undefined);
+      const before = lastSeq(await replicaLines()) ?? 0;
+      await waitForGuest(replicaConsole(), (lines) => ((lastSeq(lines) ?? 0) >= before + 3 ? true : undefined), {
+        timeoutMs: 60_000,
+      });
+      assert.equal((await entity().query(replicaQueries.state)).state, 'PermanentFailover');
+    },
+  );
+});
