@@ -170,7 +170,7 @@ export class LabProxy {
 
 const children = new Set<ChildProcessWithoutNullStreams>();
 
-async function startWorkerProcess(env: Record<string, string>): Promise<ChildProcessWithoutNullStreams> {
+export async function startWorkerProcess(env: Record<string, string>): Promise<ChildProcessWithoutNullStreams> {
   const child = spawn(process.execPath, ['--import', 'tsx', 'test/worker-process.ts'], {
     env: { ...process.env, ...env },
   });
@@ -199,7 +199,7 @@ async function startWorkerProcess(env: Record<string, string>): Promise<ChildPro
   return child;
 }
 
-async function kill(child: ChildProcessWithoutNullStreams): Promise<void> {
+export async function kill(child: ChildProcessWithoutNullStreams): Promise<void> {
   if (child.exitCode !== null || child.signalCode !== null) return;
   const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
   child.kill('SIGKILL');

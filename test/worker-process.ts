@@ -3,12 +3,14 @@
 //   PF_WORKER_ADDRESS    the Temporal server (host:port)
 //   PF_WORKER_NAMESPACE  the test's namespace
 //   PF_WORKER_CONFIG     the configuration, as JSON (or YAML) text
-//   PF_WORKER_LAB_URL    where the hypervisor port reaches the lab
+//   PF_WORKER_LAB_URL    optional, where the hypervisor port reaches the lab (a test proxy); unset: the hosts'
+//                        adapters of the configuration (KVM host processes)
 //   PF_WORKER_BUNDLE     the pre-built workflow bundle
 //   PF_WORKER_ROLES      optional, JSON WorkerRoles: which workers this process runs (all of them when unset)
 // Prints "ready" on stdout once every worker polls, then runs until it is killed (or stops on SIGINT/SIGTERM).
 import { Runtime } from '@temporalio/worker';
 import { parseConfiguration } from '../src/config/load';
+import { connectHypervisor } from '../src/config/hypervisor';
 import { HostApiHypervisor } from '../src/hypervisor/host-api-adapter';
 import { createLogger } from '../src/logging';
 import { createOrchestrator } from '../src/orchestrator';
@@ -23,7 +25,8 @@ function required(name: string): string {
 async function main(): Promise<void> {
   Runtime.install({ logger: createLogger('WARN') });
   const config = parseConfiguration(required('PF_WORKER_CONFIG'), 'PF_WORKER_CONFIG');
-  const port = new HostApiHypervisor({ url: required('PF_WORKER_LAB_URL') });
+  const labUrl = process.env.PF_WORKER_LAB_URL;
+  const port = labUrl ? new HostApiHypervisor({ url: labUrl }) : connectHypervisor(config);
   const orchestrator = await createOrchestrator({
     connectionOptions: { address: required('PF_WORKER_ADDRESS') },
     namespace: required('PF_WORKER_NAMESPACE'),

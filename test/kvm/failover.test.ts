@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { after, before, describe, test } from 'node:test';
-import { waitForGuest, type GuestLine } from '../../kvm/guest/guest';
+import { waitForGuest } from '../../kvm/guest/guest';
 import { replicaNameOf } from '../../src/activities/inventory';
 import { connectHypervisor } from '../../src/config/hypervisor';
 import {
@@ -20,16 +20,10 @@ import {
 } from '../../src/contract';
 import type { HypervisorPort } from '../../src/hypervisor/port';
 import { startOrchestrator, testConfiguration, type TestOrchestrator } from '../harness';
-import { lastSeq, startTestKvmHost, type TestKvmHost } from './helpers';
+import { assertFailedOver, cleanStop, consoleLines, lastSeq, startTestKvmHost, type TestKvmHost } from './helpers';
 
 const exec = promisify(execFile);
 
-/** The sequence number the guest said it stopped at, at its last clean shutdown. */
-function cleanStop(lines: GuestLine[]): number {
-  const stops = lines.flatMap((l) => (l.kind === 'clean-shutdown' ? [l.seq] : []));
-  assert.ok(stops.length > 0, 'the guest shut down cleanly');
-  return stops.at(-1)!;
-}
 const PROD = 'kvm-prod1';
 const DR = 'kvm-dr1';
 const VM = 'pf-fo1';
@@ -80,10 +74,7 @@ describe('planned failover of a real guest between two KVM hosts, undo, and perm
 
   const entity = () => o.client.workflow.getHandle(replicaWorkflowId(VM));
   const who = { requestedBy: 'alice', reason: 'kvm test' };
-  const replicaLines = (): Promise<GuestLine[]> =>
-    existsSync(replicaConsole())
-      ? waitForGuest(replicaConsole(), (lines) => lines, { timeoutMs: 1 })
-      : Promise.resolve([]);
+  const replicaLines = () => consoleLines(replicaConsole());
 
   async function replicate(): Promise<void> {
     const result = await o.client.workflow.execute<(input: unknown) => Promise<ReplicationJobResult>>(
@@ -109,29 +100,7 @@ describe('planned failover of a real guest between two KVM hosts, undo, and perm
         args: [{ vms: [VM], ...who }],
       },
     );
-    const s = result.sessions[0]!;
-    assert.equal(s.outcome, 'failedOver', s.detail);
-    assert.equal(s.sourceShutdown, 'shut-down', 'ACPI shutdown of the real guest');
-    assert.equal(s.verification?.identical, true, JSON.stringify(s.verification));
-    assert.equal(s.fullVerification?.identical, true, JSON.stringify(s.fullVerification));
-    assert.ok(s.downtime, 'downtime measured');
-
-    // The source's last write is in helper point 2, which QEMU's own tools read as the source's disk.
-    const stoppedAt = cleanStop(await prod.guestLines());
-    assert.equal(s.verification?.sourceCanary, stoppedAt);
-    const helper2 = s.helperPoints.at(-1)!;
-    await exec('qemu-img', ['compare', '-U', join(replicaDir(), `${helper2}.vda.qcow2`), prod.image]);
-
-    // The replica's guest booted on the DR host from that point and goes on from the source's last write.
-    const ready = await waitForGuest(replicaConsole(), (lines) => lines.slice(since).find((l) => l.kind === 'ready'), {
-      timeoutMs: 60_000,
-    });
-    assert.equal(ready.kind === 'ready' && ready.resume, stoppedAt, 'the replica resumes at the source’s last write');
-    await waitForGuest(
-      replicaConsole(),
-      (lines) => ((lastSeq(lines.slice(since)) ?? 0) >= stoppedAt + 3 ? true : undefined),
-      { timeoutMs: 60_000 },
-    );
+    await assertFailedOver(result.sessions[0]!, { prod, replicaDir: replicaDir(), consoleSince: since });
     assert.equal((await port.getVm(vm)).powerState, 'Off');
     assert.equal((await port.getVm(replicaVm)).powerState, 'Running');
     assert.equal((await port.getReplica(replica)).hasRunningLayer, true);

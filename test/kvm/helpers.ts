@@ -1,15 +1,62 @@
 // A KVM host for tests: a private libvirtd with one tiny guest defined as a domain, and our host process serving it.
-import { writeFileSync } from 'node:fs';
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { existsSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { promisify } from 'node:util';
 import { createGuestDisk, guestFiles, guestKernelCmdline, waitForGuest, type GuestLine } from '../../kvm/guest/guest';
 import { startKvmHost, type RunningKvmHost } from '../../kvm/host/server';
 import { guestDomainXml } from '../../kvm/libvirt/domain';
 import { CAPABILITIES_CACHE, LibvirtInstance } from '../../kvm/libvirt/instance';
+import type { PlannedFailoverSessionResult } from '../../src/contract';
+
+const exec = promisify(execFile);
 
 export const GUEST_DISK_BYTES = 64 * 1024 * 1024;
 export const BLOCKS_PER_ITERATION = 4;
 
 export const lastSeq = (lines: GuestLine[]): number | undefined => lines.filter((l) => l.kind === 'seq').at(-1)?.seq;
+
+/** The sequence number the guest said it stopped at, at its last clean shutdown. */
+export function cleanStop(lines: GuestLine[]): number {
+  const stops = lines.flatMap((l) => (l.kind === 'clean-shutdown' ? [l.seq] : []));
+  assert.ok(stops.length > 0, 'the guest shut down cleanly');
+  return stops.at(-1)!;
+}
+
+/** What a guest said so far on a console log that may not exist yet (a replica never powered on). */
+export const consoleLines = (path: string): Promise<GuestLine[]> =>
+  existsSync(path) ? waitForGuest(path, (lines) => lines, { timeoutMs: 1 }) : Promise.resolve([]);
+
+/**
+ * A planned failover of a real guest from `prod`, checked: the workflow's own verifications, the source's last
+ * write in helper point 2 by `qemu-img compare` against the source's image, and the replica's guest booted on the
+ * DR host, resuming at the source's last sequence number and writing on (`consoleSince`: its console lines before).
+ */
+export async function assertFailedOver(
+  s: PlannedFailoverSessionResult,
+  t: { prod: TestKvmHost; replicaDir: string; consoleSince: number },
+): Promise<void> {
+  assert.equal(s.outcome, 'failedOver', s.detail);
+  assert.equal(s.sourceShutdown, 'shut-down', 'ACPI shutdown of the real guest');
+  assert.equal(s.verification?.identical, true, JSON.stringify(s.verification));
+  assert.equal(s.fullVerification?.identical, true, JSON.stringify(s.fullVerification));
+  assert.ok(s.downtime, 'downtime measured');
+  const stoppedAt = cleanStop(await t.prod.guestLines());
+  assert.equal(s.verification?.sourceCanary, stoppedAt);
+  const helper2 = s.helperPoints.at(-1)!;
+  await exec('qemu-img', ['compare', '-U', join(t.replicaDir, `${helper2}.vda.qcow2`), t.prod.image]);
+  const console = join(t.replicaDir, 'console.log');
+  const ready = await waitForGuest(console, (lines) => lines.slice(t.consoleSince).find((l) => l.kind === 'ready'), {
+    timeoutMs: 60_000,
+  });
+  assert.equal(ready.kind === 'ready' && ready.resume, stoppedAt, 'the replica resumes at the source’s last write');
+  await waitForGuest(
+    console,
+    (lines) => ((lastSeq(lines.slice(t.consoleSince)) ?? 0) >= stoppedAt + 3 ? true : undefined),
+    { timeoutMs: 60_000 },
+  );
+}
 
 export interface TestKvmHost {
   libvirt: LibvirtInstance;

@@ -100,8 +100,10 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
     await assert.rejects(port.getVm({ host: HOST, vm: 'nosuch' }), NotFoundError);
     await assert.rejects(port.getVm({ host: 'other', vm: VM }), NotFoundError);
     await assert.rejects(port.getReplica({ host: HOST, replica: 'r' }), NotFoundError);
+    await assert.rejects(port.discardRunningLayer({ host: HOST, replica: 'r' }), NotFoundError);
+    // What KVM hosts do not serve yet says so (501), never a success or a 404 a caller would take for "gone".
     await assert.rejects(
-      port.discardRunningLayer({ host: HOST, replica: 'r' }),
+      port.fenceWrites(vm, 'fence-1'),
       (e: Error) => e instanceof HostFailureError && /not served by KVM hosts yet/.test(e.message),
     );
   });
