@@ -1,6 +1,8 @@
 // `npm run demo`: sets up what is missing, starts the Temporal server with its Web UI, the lab with the demo
 // estate and the orchestrator's workers, and shows the main job. It keeps running so you can try the Temporal
 // CLI against it. Ctrl-C, SIGTERM or SIGHUP, an error or a second run's refusal: it stops everything it started.
+// `npm run demo -- --hypervisor kvm` tells the same story on real guests: two KVM hosts (private libvirt
+// instances with our host process each) instead of the lab.
 import { mkdirSync, openSync, writeSync } from 'node:fs';
 import { join, relative } from 'node:path';
 import { ApplicationFailure } from '@temporalio/common';
@@ -9,16 +11,19 @@ import { startLab } from '../lab/server';
 import { followSessions } from '../src/cli/progress';
 import { plannedFailoverTable, replicationJobTable } from '../src/cli/report';
 import { startPlannedFailover, startReplicationJob } from '../src/client';
+import { connectHypervisor } from '../src/config/hypervisor';
 import { loadConfiguration } from '../src/config/load';
 import type { Configuration } from '../src/config/schema';
 import { FailureTypes, TASK_QUEUE, type PlannedFailoverResult } from '../src/contract';
 import { LabControl, HostApiHypervisor } from '../src/hypervisor/host-api-adapter';
+import type { ClosablePort } from '../src/hypervisor/routed';
 import { createLogger, logLevelFromEnv } from '../src/logging';
 import { createOrchestrator, type Orchestrator } from '../src/orchestrator';
 import { syncJobSchedules } from '../src/schedules';
 import { DEFAULT_CONFIG_PATH } from '../src/worker';
 import { ensureTemporalCli, projectRoot, startDevServer } from './lib/dev-server';
 import { finishEarlierDemo } from './lib/earlier-demo';
+import { startKvmDemoSite, type KvmDemoSite } from './lib/kvm-site';
 import { describeError } from './lib/errors';
 import { DemoPidFile } from './lib/pid-file';
 import { demoPortsFromEnv, refuseTakenPorts, type DemoPorts } from './lib/ports';
@@ -27,6 +32,18 @@ import { StopPath, StopRequested } from './lib/stop';
 const dataDir = join(projectRoot, '.data');
 const serverDir = join(dataDir, 'temporal');
 const labDir = join(dataDir, 'lab');
+const kvmDir = join(dataDir, 'kvm');
+const KVM_CONFIG_PATH = 'config/planned-failover-kvm.yaml';
+
+/** The demo's one flag; anything else is refused by name before anything starts. */
+function hypervisorFromArgs(args: readonly string[]): 'lab' | 'kvm' {
+  if (args.length === 0) return 'lab';
+  const [flag, value] = args;
+  if (flag !== '--hypervisor' || args.length !== 2)
+    throw new Error(`usage: npm run demo [-- --hypervisor lab|kvm]; not understood: ${args.join(' ')}`);
+  if (value !== 'lab' && value !== 'kvm') throw new Error(`--hypervisor: '${value}' is neither lab nor kvm`);
+  return value;
+}
 const logFile = join(dataDir, 'demo.log');
 const shown = (path: string): string => relative(process.cwd(), path) || '.';
 
@@ -39,6 +56,7 @@ const say = (line: string): void => {
 let shownResult = false;
 
 async function main(): Promise<void> {
+  const hypervisorKind = hypervisorFromArgs(process.argv.slice(2));
   const ports = demoPortsFromEnv();
   const pidFile = new DemoPidFile(join(dataDir, 'demo.pid'), join(serverDir, 'temporal.db'));
   await pidFile.claim(ports, say);
@@ -73,18 +91,36 @@ async function main(): Promise<void> {
   pidFile.recordServer(server.process.pid);
   say(`Temporal server ready. Web UI: ${uiUrl}`);
 
-  const lab = await startLab({
-    estatePath: join(projectRoot, 'config', 'estate.yaml'),
-    dataDir: labDir,
-    port: ports.lab,
-    log: (message) => logger.info(message, { component: 'lab' }),
-  });
-  stop.defer('the lab', () => lab.stop(), 3_000);
-  say(`Lab site started at ${lab.url} (data in ${shown(labDir)}).`);
-  const labControl = new LabControl({ url: lab.url });
-  const hypervisor = new HostApiHypervisor({ url: lab.url });
+  let labControl: LabControl | undefined;
+  let config: Configuration;
+  let hypervisor: ClosablePort;
+  let kvmSite: KvmDemoSite | undefined;
+  if (hypervisorKind === 'lab') {
+    const lab = await startLab({
+      estatePath: join(projectRoot, 'config', 'estate.yaml'),
+      dataDir: labDir,
+      port: ports.lab,
+      log: (message) => logger.info(message, { component: 'lab' }),
+    });
+    stop.defer('the lab', () => lab.stop(), 3_000);
+    say(`Lab site started at ${lab.url} (data in ${shown(labDir)}).`);
+    labControl = new LabControl({ url: lab.url });
+    hypervisor = new HostApiHypervisor({ url: lab.url });
+    config = loadConfiguration(join(projectRoot, DEFAULT_CONFIG_PATH));
+  } else {
+    config = loadConfiguration(join(projectRoot, KVM_CONFIG_PATH));
+    say(`Starting the KVM hosts of ${KVM_CONFIG_PATH} (data in ${shown(kvmDir)})...`);
+    const site = await startKvmDemoSite({
+      config,
+      dataDir: kvmDir,
+      say,
+      log: (message) => logger.info(message, { component: 'kvm-host' }),
+    });
+    kvmSite = site;
+    stop.defer('the KVM hosts', () => site.stop(), 30_000);
+    hypervisor = connectHypervisor(config);
+  }
 
-  const config = loadConfiguration(join(projectRoot, DEFAULT_CONFIG_PATH));
   const orchestrator = await createOrchestrator({
     connectionOptions: { address },
     namespace: 'default',
@@ -97,22 +133,44 @@ async function main(): Promise<void> {
   say(`Workers polling '${TASK_QUEUE}' and one task queue per proxy.`);
 
   // Raced against the stop: a client call still in flight then (a result, an update) ends with the process.
-  const commands = commandsFor(cli, ports);
-  await stop.untilStopped(showPlannedFailover({ orchestrator, hypervisor, labControl, uiUrl, commands }));
+  const commands = commandsFor(cli, ports, hypervisorKind);
+  const result = await stop.untilStopped(
+    showPlannedFailover({
+      orchestrator,
+      hypervisor,
+      labControl,
+      uiUrl,
+      commands,
+      guestsWriting: kvmSite?.guestsWriting,
+    }),
+  );
+  if (kvmSite) {
+    say('\nOn the real guests:');
+    for (const line of await stop.untilStopped(kvmSite.checkFailover(result))) say(`  ${line}`);
+  }
   shownResult = true;
-  printCommandsToTry(commands, uiUrl, orchestrator.config);
+  printCommandsToTry(commands, uiUrl, orchestrator.config, hypervisorKind);
   await stop.untilStopped(new Promise<never>(() => undefined));
 }
 
 interface Demo {
   orchestrator: Orchestrator;
-  hypervisor: HostApiHypervisor;
-  labControl: LabControl;
+  hypervisor: ClosablePort;
+  labControl: LabControl | undefined;
   uiUrl: string;
   commands: DemoCommands;
+  /** Resolves once the real guests are up and writing (the lab's guests write from their start). */
+  guestsWriting?: (() => Promise<void>) | undefined;
 }
 
-async function showPlannedFailover({ orchestrator, hypervisor, labControl, uiUrl, commands }: Demo): Promise<void> {
+async function showPlannedFailover({
+  orchestrator,
+  hypervisor,
+  labControl,
+  uiUrl,
+  commands,
+  guestsWriting,
+}: Demo): Promise<PlannedFailoverResult> {
   const { client, config } = orchestrator;
   const schedules = await syncJobSchedules(client, config);
   say(`Job schedules from the configuration: ${[...schedules.created, ...schedules.updated].join(', ') || 'none'}.`);
@@ -123,13 +181,18 @@ async function showPlannedFailover({ orchestrator, hypervisor, labControl, uiUrl
     hypervisor,
     vms: config.jobs.flatMap((j) => j.vms),
     print: say,
-    freshStart: `rm -rf '${serverDir}' '${labDir}' && ${commands.demo}`,
+    freshStart: `rm -rf '${serverDir}' '${labDir}' '${kvmDir}' && ${commands.demo}`,
     temporalCommand: commands.temporal,
   });
 
   // The backup repository is filled by a backup job in real life; the demo plays that job.
   for (const job of config.jobs.filter((j) => j.dataSource === 'backup')) {
-    for (const vm of job.vms) await labControl.takeBackup(vm);
+    for (const vm of job.vms) await labControl?.takeBackup(vm);
+  }
+
+  if (guestsWriting) {
+    say('\nWaiting for the guests to boot and write...');
+    await guestsWriting();
   }
 
   for (const pass of ['Seeding the replicas', 'An incremental run while the guests write']) {
@@ -162,6 +225,7 @@ async function showPlannedFailover({ orchestrator, hypervisor, labControl, uiUrl
   await stopFollowing();
   say(`\n${plannedFailoverTable(outcome)}`);
   say(`${uiUrl}/namespaces/default/workflows/${encodeURIComponent(failover.workflowId)}`);
+  return outcome;
 }
 
 /** The per-VM result that a failed planned failover carries when only some of its VMs failed over. */
@@ -185,34 +249,49 @@ interface DemoCommands {
 }
 
 /** The Temporal CLI and the project CLI default to 127.0.0.1:7233: on other ports, each command names the demo's. */
-function commandsFor(cli: string, ports: DemoPorts): DemoCommands {
+function commandsFor(cli: string, ports: DemoPorts, hypervisorKind: 'lab' | 'kvm'): DemoCommands {
   const address = `127.0.0.1:${ports.temporal}`;
   const defaultAddress = ports.temporal === 7233;
   const portVariables = ['PF_TEMPORAL_PORT', 'PF_TEMPORAL_UI_PORT', 'PF_LAB_PORT'].filter((name) => process.env[name]);
   return {
-    demo: `${portVariables.map((name) => `${name}=${process.env[name]} `).join('')}npm run demo`,
+    demo: `${portVariables.map((name) => `${name}=${process.env[name]} `).join('')}npm run demo${hypervisorKind === 'kvm' ? ' -- --hypervisor kvm' : ''}`,
     temporal: (args) => `${cli} ${args}${defaultAddress ? '' : ` --address ${address}`}`,
     project: `${defaultAddress ? '' : `TEMPORAL_ADDRESS=${address} `}npm run failover --`,
   };
 }
 
-function printCommandsToTry(commands: DemoCommands, uiUrl: string, config: Configuration): void {
+function printCommandsToTry(
+  commands: DemoCommands,
+  uiUrl: string,
+  config: Configuration,
+  hypervisorKind: 'lab' | 'kvm',
+): void {
   const job = config.jobs[0]!;
   const [first, second = first] = job.vms;
   const other = config.jobs[1]?.vms[0] ?? first;
   say(`\nWeb UI: ${uiUrl}/namespaces/default/workflows`);
   say('Try the Temporal CLI from another terminal, for example:');
+  // KVM hosts do not fail back yet: their demo offers undo and permanent failover instead.
+  const finish =
+    hypervisorKind === 'lab'
+      ? [
+          `workflow update execute --workflow-id replica/${first} --name failback --input '{"requestedBy":"alice","reason":"back home"}'`,
+          `workflow update execute --workflow-id replica/${first} --name commitFailback --input '{"requestedBy":"alice","reason":"done"}'`,
+          `workflow update execute --workflow-id replica/${second} --name undoFailover --input '{"requestedBy":"alice","reason":"undo"}'`,
+        ]
+      : [
+          `workflow update execute --workflow-id replica/${first} --name undoFailover --input '{"requestedBy":"alice","reason":"undo"}'`,
+          `workflow update execute --workflow-id replica/${second} --name permanentFailover --input '{"requestedBy":"alice","reason":"stay","confirm":true}'`,
+        ];
   for (const line of [
     `workflow list --query 'FailoverJob="${job.name}"'`,
     `workflow query --workflow-id replica/${first} --type state`,
-    `workflow update execute --workflow-id replica/${first} --name failback --input '{"requestedBy":"alice","reason":"back home"}'`,
-    `workflow update execute --workflow-id replica/${first} --name commitFailback --input '{"requestedBy":"alice","reason":"done"}'`,
-    `workflow update execute --workflow-id replica/${second} --name undoFailover --input '{"requestedBy":"alice","reason":"undo"}'`,
+    ...finish,
     `workflow start --task-queue ${TASK_QUEUE} --type plannedFailover --input '{"vms":["${other}"],"reason":"try it","requestedBy":"bob"}'`,
   ])
     say(`  ${commands.temporal(line)}`);
   say(`or the project CLI: ${commands.project} planned --vm ${other} --reason "try it" --user bob`);
-  say('Press Ctrl-C to stop the workers, the lab and the server.');
+  say(`Press Ctrl-C to stop the workers, ${hypervisorKind === 'lab' ? 'the lab' : 'the KVM hosts'} and the server.`);
 }
 
 main().then(

@@ -2,7 +2,7 @@
 // behind, and a taken port is refused before anything starts. The demo starts its own server; the test run's
 // shared one is not used.
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { cpSync, existsSync, mkdtempSync, readFileSync, rmSync, symlinkSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -41,7 +41,7 @@ describe('npm run demo', () => {
   before(async () => {
     // A copy, not symlinks: the demo finds its checkout (and .data) from where its own files really are.
     checkout = mkdtempSync(join(tmpdir(), 'pf-demo-'));
-    for (const entry of ['scripts', 'src', 'lab', 'config', 'package.json', 'tsconfig.json']) {
+    for (const entry of ['scripts', 'src', 'lab', 'kvm', 'config', 'package.json', 'tsconfig.json']) {
       cpSync(join(projectRoot, entry), join(checkout, entry), { recursive: true });
     }
     for (const entry of ['node_modules', '.cache']) symlinkSync(join(projectRoot, entry), join(checkout, entry));
@@ -52,8 +52,8 @@ describe('npm run demo', () => {
     rmSync(checkout, { recursive: true, force: true });
   });
 
-  function startDemo(): DemoRun {
-    const child = spawn(process.execPath, ['--import', 'tsx', 'scripts/demo.ts'], {
+  function startDemo(args: string[] = []): DemoRun {
+    const child = spawn(process.execPath, ['--import', 'tsx', 'scripts/demo.ts', ...args], {
       cwd: checkout,
       env: {
         ...process.env,
@@ -107,5 +107,33 @@ describe('npm run demo', () => {
     assert.equal(alive(serverPid), false, 'the Temporal server is gone');
     for (const port of Object.values(ports)) assert.equal(await portInUse(port), false, `port ${port} is free`);
     assert.equal(existsSync(join(checkout, '.data', 'demo.pid')), false);
+  });
+
+  it('refuses an unknown hypervisor by its flag, before starting anything', async () => {
+    const demo = startDemo(['--hypervisor', 'vmware']);
+    assert.equal(await demo.exited, 1, demo.output());
+    assert.match(demo.output(), /--hypervisor: 'vmware' is neither lab nor kvm/);
+    assert.doesNotMatch(demo.output(), /Starting the Temporal server/);
+    assert.equal(await portInUse(ports.temporal), false);
+  });
+
+  it('--hypervisor kvm: the same story on real guests, two libvirt instances; exact, and nothing left running', async () => {
+    const demo = startDemo(['--hypervisor', 'kvm']);
+    await until('the commands to try', () => demo.output().includes('Press Ctrl-C'), 300_000);
+    const out = demo.output();
+    assert.match(out, /kvm-app01 +kvm-apps +failedOver/);
+    assert.match(out, /kvm-app02 +kvm-apps +failedOver/);
+    const checks = [...out.matchAll(/(kvm-app0\d): replica canary (\d+) = source's last write (\d+); .*: (.*)/g)];
+    assert.equal(checks.length, 2, out);
+    for (const [, vm, replica, source, compared] of checks) {
+      assert.equal(replica, source, `${vm}: the replica resumes at the source's last write`);
+      assert.ok(Number(source) > 0, `${vm} wrote`);
+      assert.equal(compared, 'Images are identical.', `${vm}: qemu-img compare`);
+    }
+    demo.child.kill('SIGTERM');
+    assert.equal(await demo.exited, 0, demo.output());
+    assert.match(demo.output(), /Stopping the workers, the KVM hosts and the Temporal server\.\.\.\nStopped\./);
+    const left = spawnSync('pgrep', ['-f', join(checkout, '.data')], { encoding: 'utf8' }).stdout.trim();
+    assert.equal(left, '', 'no libvirtd, QEMU or qemu-storage-daemon of the demo is left');
   });
 });
