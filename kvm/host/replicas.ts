@@ -43,6 +43,10 @@ const exists = (path: string) =>
     () => false,
   );
 
+/** A qcow2 file whose reads fall through to `backing` wherever it holds nothing of its own. */
+const createOverlay = (backing: string, file: string) =>
+  run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', backing, '-F', 'qcow2', file]);
+
 export const notOnKvmYet = (what: string): HostApiError =>
   new HostApiError(501, 'not_implemented', `${what} is not served by KVM hosts yet (only by the lab)`);
 
@@ -172,19 +176,8 @@ export class KvmReplicas {
         throw conflict(`${replica} is reverted to ${r.headPointId ?? 'its base'}`);
       // An open point left by an abandoned run is replaced: its blocks were never sealed.
       for (const stale of r.points.filter((p) => !p.sealed)) await this.dropPoint(replica, stale.id);
-      for (const d of r.disks) {
-        await run('qemu-img', [
-          'create',
-          '-q',
-          '-f',
-          'qcow2',
-          '-b',
-          this.imageOf(replica, r.headPointId, d.id),
-          '-F',
-          'qcow2',
-          this.imageOf(replica, pointId, d.id),
-        ]);
-      }
+      for (const d of r.disks)
+        await createOverlay(this.imageOf(replica, r.headPointId, d.id), this.imageOf(replica, pointId, d.id));
       await fsyncDir(this.dirOf(replica));
       const point: PointRecord = {
         id: pointId,
@@ -459,17 +452,7 @@ export class KvmReplicas {
       if (open) throw conflict(`restore point ${open.id} of ${replica} is still being written`);
       if (!r.consolidated && !r.running) {
         for (const d of r.disks)
-          await run('qemu-img', [
-            'create',
-            '-q',
-            '-f',
-            'qcow2',
-            '-b',
-            this.imageOf(replica, r.headPointId, d.id),
-            '-F',
-            'qcow2',
-            this.runningImage(replica, d.id),
-          ]);
+          await createOverlay(this.imageOf(replica, r.headPointId, d.id), this.runningImage(replica, d.id));
         await fsyncDir(this.dirOf(replica));
         r.running = true;
         await this.options.state.setReplica(replica, r);
