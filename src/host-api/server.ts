@@ -128,7 +128,11 @@ export async function receiveFrames(
   let received = 0;
   let bytes = 0;
   try {
+    // A malformed frame is answered once the body has arrived: leaving the loop early would destroy the request,
+    // and its sender would get a broken pipe (retried as an interrupted transfer) instead of the 400.
+    let malformed: HostApiError | undefined;
     for await (const chunk of request.raw as AsyncIterable<Buffer>) {
+      if (malformed) continue;
       received += chunk.length;
       if (cutAfter !== undefined && received > cutAfter) {
         request.raw.socket.destroy();
@@ -137,9 +141,10 @@ export async function receiveFrames(
       for (const piece of reader.push(chunk)) {
         const field = `frames.${piece.frame}.offset`;
         if (piece.offset % BLOCK_SIZE !== 0 || piece.length % BLOCK_SIZE !== 0)
-          throw badRequest(field, `offset and length must be multiples of ${BLOCK_SIZE}`);
-        if (piece.offset + piece.length > sizeBytes)
-          throw badRequest(field, `extent ends past the disk size ${sizeBytes}`);
+          malformed = badRequest(field, `offset and length must be multiples of ${BLOCK_SIZE}`);
+        else if (piece.offset + piece.length > sizeBytes)
+          malformed = badRequest(field, `extent ends past the disk size ${sizeBytes}`);
+        if (malformed) break;
         // Writes in flight may land in any order: one that overlaps them waits, so the last one wins.
         const overlaps = inFlight.some(
           (w) => piece.offset < w.piece.offset + w.piece.length && w.piece.offset < piece.offset + piece.length,
@@ -151,6 +156,7 @@ export async function receiveFrames(
         bytes += piece.length;
       }
     }
+    if (malformed) throw malformed;
     reader.end();
     while (inFlight.length > 0) await inFlight.shift()!.done;
   } catch (e) {
