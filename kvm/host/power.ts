@@ -17,6 +17,10 @@ export function powerStateOf(state: string): PowerState {
   return 'Running';
 }
 
+/** libvirt's answer for a domain it has no definition of. */
+export const isNoSuchDomain = (e: unknown): boolean =>
+  e instanceof VirshError && /failed to get domain|Domain not found/i.test(e.detail);
+
 /** It may have stopped between our look and our call. */
 const unlessNotRunning = (e: unknown): void => {
   if (!(e instanceof VirshError && /not running/i.test(e.detail))) throw e;

@@ -28,9 +28,9 @@ import {
   type VmDefinition,
   type VmInfo,
 } from '../../src/hypervisor/port';
-import { lines, VirshError, type Virsh } from '../libvirt/virsh';
+import { lines, type Virsh } from '../libvirt/virsh';
 import { NbdClient } from '../../src/nbd/client';
-import { acpiShutdown, destroyDomain, parseDomState, powerStateOf } from './power';
+import { acpiShutdown, destroyDomain, isNoSuchDomain, parseDomState, powerStateOf } from './power';
 import { ReplicaDefinitionError, replicaDomainXml } from './replica-domain';
 import { READ_PIECE_BYTES, readPieces, toBlocks } from './source-domains';
 import type { HostState, PointRecord, ReplicaRecord } from './state';
@@ -168,7 +168,7 @@ export class KvmReplicas {
       const r = this.record(replica);
       const existing = r.points.find((p) => p.id === pointId);
       if (existing) return pointInfo(existing);
-      if (r.consolidated || r.consolidating) throw conflict(`${replica} is permanently failed over (consolidated)`);
+      refuseConsolidated(replica, r);
       if (r.running)
         throw conflict(`${replica} has a running layer (it was failed over); no restore point goes under it`);
       const newestSealed = [...r.points].reverse().find((p) => p.sealed);
@@ -179,15 +179,7 @@ export class KvmReplicas {
       for (const d of r.disks)
         await createOverlay(this.imageOf(replica, r.headPointId, d.id), this.imageOf(replica, pointId, d.id));
       await fsyncDir(this.dirOf(replica));
-      const point: PointRecord = {
-        id: pointId,
-        createdAt: new Date().toISOString(),
-        kind: spec.kind,
-        crashConsistent: spec.crashConsistent,
-        metadata: spec.metadata ?? {},
-        bytesWritten: 0,
-        sealed: false,
-      };
+      const point = newPointRecord(pointId, spec, false);
       const next = this.record(replica);
       next.points.push(point);
       await this.options.state.setReplica(replica, next);
@@ -398,8 +390,7 @@ export class KvmReplicas {
       const { state } = parseDomState(await this.options.virsh.run(['domstate', '--reason', replica]));
       return { state, power: powerStateOf(state) };
     } catch (e) {
-      if (e instanceof VirshError && /failed to get domain|Domain not found/i.test(e.detail))
-        return { state: 'shut off', power: 'Off' };
+      if (isNoSuchDomain(e)) return { state: 'shut off', power: 'Off' };
       throw e;
     }
   }
@@ -425,6 +416,11 @@ export class KvmReplicas {
     return this.imageOf(replica, '_running', disk);
   }
 
+  /** Exports of the running layer hold its metadata as it was when they opened: closed whenever it changes. */
+  private async closeRunningExports(replica: string, r: ReplicaRecord): Promise<void> {
+    for (const d of r.disks) await this.closeExport(this.runningImage(replica, d.id));
+  }
+
   /** What the replica's domain boots from: its running layer, or the base once it is consolidated. */
   private bootImage(replica: string, r: ReplicaRecord, disk: string): string {
     return r.consolidated ? this.imageOf(replica, null, disk) : this.runningImage(replica, disk);
@@ -448,8 +444,7 @@ export class KvmReplicas {
       r = this.record(replica);
       if (r.definition === null)
         throw conflict(`no definition of ${r.sourceVm} has reached ${replica}: replicate it from its KVM host first`);
-      const open = r.points.find((p) => !p.sealed);
-      if (open) throw conflict(`restore point ${open.id} of ${replica} is still being written`);
+      refuseOpenPoint(replica, r);
       if (!r.consolidated && !r.running) {
         for (const d of r.disks)
           await createOverlay(this.imageOf(replica, r.headPointId, d.id), this.runningImage(replica, d.id));
@@ -458,7 +453,7 @@ export class KvmReplicas {
         await this.options.state.setReplica(replica, r);
       }
       // Exports of the running layer read it as it was: the guest is about to change it.
-      for (const d of r.disks) await this.closeExport(this.runningImage(replica, d.id));
+      await this.closeRunningExports(replica, r);
       // Defined anew at every power-on (the definition or the layers may have changed), under the same UUID.
       const uuid = await this.options.virsh.run(['domuuid', replica]).then(
         (out) => out.trim(),
@@ -498,7 +493,7 @@ export class KvmReplicas {
   revert(replica: string, pointId: string): Promise<ReplicaInfo> {
     return this.exclusive(replica, async () => {
       const r = this.record(replica);
-      if (r.consolidated || r.consolidating) throw conflict(`${replica} is permanently failed over (consolidated)`);
+      refuseConsolidated(replica, r);
       const p = r.points.find((x) => x.id === pointId);
       if (!p) throw notFound(`restore point ${replica}/${pointId}`, 'pointId');
       if (!p.sealed) throw conflict(`restore point ${pointId} is not sealed`);
@@ -520,10 +515,8 @@ export class KvmReplicas {
       r.running = false;
       r.headPointId = [...r.points].reverse().find((p) => p.sealed)?.id ?? null;
       await this.options.state.setReplica(replica, r);
-      for (const d of r.disks) {
-        await this.closeExport(this.runningImage(replica, d.id));
-        await rm(this.runningImage(replica, d.id), { force: true });
-      }
+      await this.closeRunningExports(replica, r);
+      for (const d of r.disks) await rm(this.runningImage(replica, d.id), { force: true });
       await fsyncDir(this.dirOf(replica));
       return this.info(replica, r);
     });
@@ -543,16 +536,8 @@ export class KvmReplicas {
       const headIndex = r.headPointId === null ? -1 : r.points.findIndex((p) => p.id === r.headPointId);
       for (const p of r.points.slice(headIndex + 1)) await this.dropPoint(replica, p.id);
       r = this.record(replica);
-      for (const d of r.disks) await this.closeExport(this.runningImage(replica, d.id));
-      r.sealingRunning = {
-        id: pointId,
-        createdAt: new Date().toISOString(),
-        kind: spec.kind,
-        crashConsistent: spec.crashConsistent,
-        metadata: spec.metadata ?? {},
-        bytesWritten: 0,
-        sealed: true,
-      };
+      await this.closeRunningExports(replica, r);
+      r.sealingRunning = newPointRecord(pointId, spec, true);
       await this.options.state.setReplica(replica, r);
       await this.finishSealingRunning(replica);
       return pointInfo(this.record(replica).points.find((p) => p.id === pointId)!);
@@ -588,8 +573,7 @@ export class KvmReplicas {
     return this.exclusive(replica, async () => {
       const r = this.record(replica);
       if (r.consolidated) return this.info(replica, r);
-      const open = r.points.find((p) => !p.sealed);
-      if (open) throw conflict(`restore point ${open.id} of ${replica} is still being written`);
+      refuseOpenPoint(replica, r);
       r.consolidating = true;
       await this.options.state.setReplica(replica, r);
       await this.finishConsolidation(replica);
@@ -724,6 +708,28 @@ export class KvmReplicas {
     }
     return 0;
   }
+}
+
+function newPointRecord(id: string, spec: RestorePointSpec, sealed: boolean): PointRecord {
+  return {
+    id,
+    createdAt: new Date().toISOString(),
+    kind: spec.kind,
+    crashConsistent: spec.crashConsistent,
+    metadata: spec.metadata ?? {},
+    bytesWritten: 0,
+    sealed,
+  };
+}
+
+function refuseConsolidated(replica: string, r: ReplicaRecord): void {
+  if (r.consolidated || r.consolidating) throw conflict(`${replica} is permanently failed over (consolidated)`);
+}
+
+/** A point still being written (a replication in flight) must be sealed or discarded first. */
+function refuseOpenPoint(replica: string, r: ReplicaRecord): void {
+  const open = r.points.find((p) => !p.sealed);
+  if (open) throw conflict(`restore point ${open.id} of ${replica} is still being written`);
 }
 
 /** The definition, checked now (it must become this replica's domain), so a bad one is refused where it arrives. */

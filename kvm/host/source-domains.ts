@@ -30,7 +30,7 @@ import {
 } from '../../src/hypervisor/port';
 import { NbdClient } from '../../src/nbd/client';
 import { BASE_ALLOCATION, dirtyBitmapContext, STATE_DIRTY, STATE_ZERO } from '../../src/nbd/protocol';
-import { acpiShutdown, destroyDomain, parseDomState, powerStateOf } from './power';
+import { acpiShutdown, destroyDomain, isNoSuchDomain, parseDomState, powerStateOf } from './power';
 import type { CheckpointRecord, HostState, ReferenceRecord } from './state';
 
 /** Block reads go out in pieces of this size (each one frame of the host API). */
@@ -119,8 +119,7 @@ export class KvmSourceDomains {
     try {
       return await call();
     } catch (e) {
-      if (e instanceof VirshError && /failed to get domain|Domain not found/i.test(e.detail))
-        throw notFound(`VM ${domain}`, 'vm');
+      if (isNoSuchDomain(e)) throw notFound(`VM ${domain}`, 'vm');
       throw e;
     }
   }
