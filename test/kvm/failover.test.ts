@@ -117,6 +117,12 @@ describe('planned failover of a real guest between two KVM hosts, undo, and perm
       // The replica's domain is a machine of the DR host's libvirt, named for the replica, on its running layer.
       const disks = await dr.libvirt.virsh.run(['domblklist', replica.replica]);
       assert.match(disks, new RegExp(`vda\\s+${join(replicaDir(), '_running.vda.qcow2')}`));
+      // Its running state read while it runs, then once it is off: the second read sees where the guest stopped,
+      // not what an export opened during the first read last knew.
+      await port.readReplicaCanary(replica, { running: true });
+      assert.equal((await port.shutdownGuest(replicaVm, 60_000)).outcome, 'off');
+      const stoppedAt = cleanStop(await replicaLines());
+      assert.equal((await port.readReplicaCanary(replica, { running: true })).sequence, stoppedAt);
     },
   );
 
