@@ -7,7 +7,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Runtime } from '@temporalio/worker';
-import { ensureGuest } from '../kvm/guest/guest';
+import { ensureGuest, lastSeq } from '../kvm/guest/guest';
 import { replicaNameOf } from '../src/activities/inventory';
 import { startPlannedFailover, startReplicationJob } from '../src/client';
 import { connectHypervisor } from '../src/config/hypervisor';
@@ -16,7 +16,7 @@ import { operationUpdates, replicaWorkflowId, type DowntimeBreakdown } from '../
 import { createLogger } from '../src/logging';
 import { createOrchestrator } from '../src/orchestrator';
 import { ensureTemporalCli, freePort, startDevServer } from '../scripts/lib/dev-server';
-import { lastSeq, startTestKvmHost } from '../test/kvm/helpers';
+import { startTestKvmHost } from '../test/kvm/helpers';
 import { commitOf, machine, median, round3, sleep, writeResult } from './lib';
 
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 5);

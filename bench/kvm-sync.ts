@@ -6,10 +6,10 @@
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { ensureGuest } from '../kvm/guest/guest';
+import { ensureGuest, lastSeq } from '../kvm/guest/guest';
 import { HostApiHypervisor } from '../src/hypervisor/host-api-adapter';
 import type { Extent } from '../src/hypervisor/port';
-import { lastSeq, startTestKvmHost } from '../test/kvm/helpers';
+import { startTestKvmHost } from '../test/kvm/helpers';
 import { commitOf, machine, median, round3, sleep, writeResult } from './lib';
 
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 5);

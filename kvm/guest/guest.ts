@@ -154,6 +154,14 @@ export async function waitForGuest<T>(
   }
 }
 
+/** What the guest said on a serial log so far; none while the log does not exist (a guest never started). */
+export const readGuestLines = (serialLog: string): Promise<GuestLine[]> =>
+  waitForGuest(serialLog, (lines) => lines, { timeoutMs: 0 });
+
+/** The last iteration the guest said it wrote. */
+export const lastSeq = (lines: GuestLine[]): number | undefined =>
+  lines.flatMap((l) => (l.kind === 'seq' ? [l.seq] : [])).at(-1);
+
 // --- The disk ---
 
 export interface DiskReadOptions {

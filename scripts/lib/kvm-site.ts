@@ -6,7 +6,14 @@ import { execFile } from 'node:child_process';
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { createGuestDisk, guestFiles, guestKernelCmdline, waitForGuest, type GuestLine } from '../../kvm/guest/guest';
+import {
+  createGuestDisk,
+  guestFiles,
+  guestKernelCmdline,
+  lastSeq,
+  readGuestLines,
+  waitForGuest,
+} from '../../kvm/guest/guest';
 import { startKvmHost, type RunningKvmHost } from '../../kvm/host/server';
 import { guestDomainXml } from '../../kvm/libvirt/domain';
 import { CAPABILITIES_CACHE, LibvirtInstance } from '../../kvm/libvirt/instance';
@@ -86,12 +93,13 @@ export async function startKvmDemoSite(options: {
     throw e;
   }
   const drDir = (host: string, replica: string) => join(dataDir, host, 'state', 'replicas', replica);
-  const lastSeq = (lines: GuestLine[]) => lines.flatMap((l) => (l.kind === 'seq' ? [l.seq] : [])).at(-1) ?? 0;
   return {
     guestsWriting: async () => {
       for (const serial of serials.values()) {
-        const from = existsSync(serial) ? lastSeq(await waitForGuest(serial, (lines) => lines, { timeoutMs: 1 })) : 0;
-        await waitForGuest(serial, (lines) => (lastSeq(lines) >= from + 3 ? true : undefined), { timeoutMs: 120_000 });
+        const from = lastSeq(await readGuestLines(serial)) ?? 0;
+        await waitForGuest(serial, (lines) => ((lastSeq(lines) ?? 0) >= from + 3 ? true : undefined), {
+          timeoutMs: 120_000,
+        });
       }
     },
     async checkFailover(result) {

@@ -12,7 +12,8 @@ import { replicaQueries, replicaWorkflowId, type PlannedFailoverResult } from '.
 import { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import { kill, startWorkerProcess } from '../crash-harness';
 import { createTestNamespace, temporalAddress, within } from '../harness';
-import { assertFailedOver, lastSeq, startTestKvmHost, type TestKvmHost } from './helpers';
+import { lastSeq } from '../../kvm/guest/guest';
+import { assertFailedOver, startTestKvmHost, type TestKvmHost } from './helpers';
 
 const PROD = 'kvm-prod1';
 const DR = 'kvm-dr1';

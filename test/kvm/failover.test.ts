@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { after, before, describe, test } from 'node:test';
-import { waitForGuest } from '../../kvm/guest/guest';
+import { lastSeq, readGuestLines, waitForGuest } from '../../kvm/guest/guest';
 import { replicaNameOf } from '../../src/activities/inventory';
 import { connectHypervisor } from '../../src/config/hypervisor';
 import {
@@ -20,7 +20,7 @@ import {
 } from '../../src/contract';
 import type { HypervisorPort } from '../../src/hypervisor/port';
 import { startOrchestrator, testConfiguration, type TestOrchestrator } from '../harness';
-import { assertFailedOver, cleanStop, consoleLines, lastSeq, startTestKvmHost, type TestKvmHost } from './helpers';
+import { assertFailedOver, cleanStop, startTestKvmHost, type TestKvmHost } from './helpers';
 
 const exec = promisify(execFile);
 
@@ -74,7 +74,7 @@ describe('planned failover of a real guest between two KVM hosts, undo, and perm
 
   const entity = () => o.client.workflow.getHandle(replicaWorkflowId(VM));
   const who = { requestedBy: 'alice', reason: 'kvm test' };
-  const replicaLines = () => consoleLines(replicaConsole());
+  const replicaLines = () => readGuestLines(replicaConsole());
 
   async function replicate(): Promise<void> {
     const result = await o.client.workflow.execute<(input: unknown) => Promise<ReplicationJobResult>>(

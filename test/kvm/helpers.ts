@@ -1,10 +1,18 @@
 // A KVM host for tests: a private libvirtd with one tiny guest defined as a domain, and our host process serving it.
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { existsSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { createGuestDisk, guestFiles, guestKernelCmdline, waitForGuest, type GuestLine } from '../../kvm/guest/guest';
+import {
+  createGuestDisk,
+  guestFiles,
+  guestKernelCmdline,
+  lastSeq,
+  readGuestLines,
+  waitForGuest,
+  type GuestLine,
+} from '../../kvm/guest/guest';
 import { startKvmHost, type RunningKvmHost } from '../../kvm/host/server';
 import { guestDomainXml } from '../../kvm/libvirt/domain';
 import { CAPABILITIES_CACHE, LibvirtInstance } from '../../kvm/libvirt/instance';
@@ -15,18 +23,12 @@ const exec = promisify(execFile);
 export const GUEST_DISK_BYTES = 64 * 1024 * 1024;
 export const BLOCKS_PER_ITERATION = 4;
 
-export const lastSeq = (lines: GuestLine[]): number | undefined => lines.filter((l) => l.kind === 'seq').at(-1)?.seq;
-
 /** The sequence number the guest said it stopped at, at its last clean shutdown. */
 export function cleanStop(lines: GuestLine[]): number {
   const stops = lines.flatMap((l) => (l.kind === 'clean-shutdown' ? [l.seq] : []));
   assert.ok(stops.length > 0, 'the guest shut down cleanly');
   return stops.at(-1)!;
 }
-
-/** What a guest said so far on a console log that may not exist yet (a replica never powered on). */
-export const consoleLines = (path: string): Promise<GuestLine[]> =>
-  existsSync(path) ? waitForGuest(path, (lines) => lines, { timeoutMs: 1 }) : Promise.resolve([]);
 
 /**
  * A planned failover of a real guest from `prod`, checked: the workflow's own verifications, the source's last
@@ -110,7 +112,7 @@ export async function startTestKvmHost(options: {
       libvirtUri: libvirt.virsh.uri,
       stateDir: join(dir, 'state'),
     });
-  const guestLines = () => waitForGuest(serialLog, (lines) => lines, { timeoutMs: 1 });
+  const guestLines = () => readGuestLines(serialLog);
   const host = await start().catch(async (e: unknown) => {
     await libvirt.stop();
     throw e;

@@ -3,18 +3,12 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { GUEST_BLOCK_SIZE, guestBlockNumbers, parseDataBlock, waitForGuest } from '../../kvm/guest/guest';
+import { GUEST_BLOCK_SIZE, guestBlockNumbers, lastSeq, parseDataBlock, waitForGuest } from '../../kvm/guest/guest';
 import { blockDigest } from '../../src/host-api/digests';
 import { HostFailureError, NotFoundError, TrackingLostError } from '../../src/hypervisor/errors';
 import { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import { BLOCK_SIZE, type Extent, type ExtentPage, type PageRequest } from '../../src/hypervisor/port';
-import {
-  BLOCKS_PER_ITERATION,
-  GUEST_DISK_BYTES as DISK_BYTES,
-  lastSeq,
-  startTestKvmHost,
-  type TestKvmHost,
-} from './helpers';
+import { BLOCKS_PER_ITERATION, GUEST_DISK_BYTES as DISK_BYTES, startTestKvmHost, type TestKvmHost } from './helpers';
 
 const HOST = 'kvm-prod1';
 const VM = 'pf-src1';

@@ -12,9 +12,9 @@ import {
   guestKernelCmdline,
   parseCanary,
   parseDataBlock,
+  lastSeq,
   readCanary,
   waitForGuest,
-  type GuestLine,
 } from '../../kvm/guest/guest';
 import { guestDomainXml } from '../../kvm/libvirt/domain';
 import { CAPABILITIES_CACHE, LibvirtInstance } from '../../kvm/libvirt/instance';
@@ -23,7 +23,6 @@ import { dirtyBitmapContext, STATE_DIRTY } from '../../src/nbd/protocol';
 
 const BLOCKS_PER_ITERATION = 4;
 const DISK_BYTES = 64 * 1024 * 1024;
-const lastSeq = (lines: GuestLine[]) => lines.filter((l) => l.kind === 'seq').at(-1)?.seq;
 
 // A libvirt host of its own, as an operator's KVM host is: the guest is a libvirt domain, change tracking is
 // libvirt's checkpoints, and a consistent read of the running guest is a pull backup exported over NBD.

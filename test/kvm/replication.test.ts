@@ -6,13 +6,13 @@ import { join } from 'node:path';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import { after, before, describe, test } from 'node:test';
-import { GUEST_BLOCK_SIZE, parseCanary, waitForGuest } from '../../kvm/guest/guest';
+import { GUEST_BLOCK_SIZE, lastSeq, parseCanary, waitForGuest } from '../../kvm/guest/guest';
 import { replicaNameOf } from '../../src/activities/inventory';
 import { connectHypervisor } from '../../src/config/hypervisor';
 import { TASK_QUEUE, WorkflowTypes, type ReplicationJobResult } from '../../src/contract';
 import { BLOCK_SIZE, type HypervisorPort } from '../../src/hypervisor/port';
 import { startOrchestrator, testConfiguration, type TestOrchestrator } from '../harness';
-import { GUEST_DISK_BYTES, lastSeq, startTestKvmHost, type TestKvmHost } from './helpers';
+import { GUEST_DISK_BYTES, startTestKvmHost, type TestKvmHost } from './helpers';
 
 const exec = promisify(execFile);
 const KVM_HOST = 'kvm-prod1';
