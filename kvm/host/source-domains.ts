@@ -141,9 +141,7 @@ export class KvmSourceDomains {
   }
 
   async getVm(domain: string): Promise<VmInfo> {
-    const { state, reason } = parseDomState(
-      await this.virshOr404(domain, () => this.virsh.run(['domstate', '--reason', domain])),
-    );
+    const { state, reason } = await this.domState(domain);
     const record = this.state.domain(domain);
     const paused = state === 'paused' && record.checkpoints.some((c) => c.pausedStart);
     return {
