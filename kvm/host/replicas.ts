@@ -615,12 +615,15 @@ export class KvmReplicas {
     await this.options.state.setReplica(replica, r);
   }
 
-  /** Exactly the blocks the replica wrote since power-on: its running layer's own clusters. */
+  /**
+   * The blocks the replica wrote since power-on: its running layer's own clusters. Read while the replica runs
+   * (failback's first phase), the file's metadata may lack the newest clusters; its second phase reads the sealed
+   * layer, which has them all.
+   */
   async runningLayerExtents(replica: string, disk: string): Promise<Extent[]> {
     const r = this.record(replica);
     if (!r.running) throw conflict(`${replica} has no running layer`);
     if (!r.disks.some((d) => d.id === disk)) throw notFound(`disk ${replica}/${disk}`, 'disk');
-    await this.refuseRunning(replica, 'reading its running layer');
     return this.mapped({ image: this.runningImage(replica, disk), open: false }, true);
   }
 

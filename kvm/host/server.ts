@@ -2,13 +2,14 @@
 // The orchestrator reaches it with the same adapter as the lab.
 import type { FastifyInstance } from 'fastify';
 import { z } from 'zod';
-import { conflict, notFound } from '../../src/host-api/errors';
+import { notFound } from '../../src/host-api/errors';
 import { framedLength } from '../../src/host-api/frames';
 import {
   blockRange,
   checkBlockRange,
   checkExtents,
   extents,
+  fenceToken,
   id,
   page,
   params as P,
@@ -113,8 +114,8 @@ function buildApp(
   });
   app.get('/v1/hosts/:host/vms/:vm/definition', async (req) => {
     const { vm } = at(P.vm, req.params);
-    if (replicas.has(vm)) throw conflict(`${vm} is a replica; its definition is its source's`);
-    return { definition: await domains.definition(vm) };
+    // A replica has no definition of its own: its domain is made from its source's at each power-on.
+    return { definition: replicas.has(vm) ? null : await domains.definition(vm) };
   });
   app.post('/v1/hosts/:host/vms/:vm/power', async (req) => {
     const { vm } = at(P.vm, req.params);
@@ -169,6 +170,19 @@ function buildApp(
     return streamFrames(req, reply, framedLength(readPieces(body.extents)), () =>
       domains.readExtents(p.vm, p.disk, body.checkpointId, body.extents),
     );
+  });
+  app.post('/v1/hosts/:host/vms/:vm/disks/:disk/write', async (req) => {
+    const p = at(P.disk, req.params);
+    const q = parse(z.strictObject({ fence: fenceToken.optional() }), req.query, 'query');
+    const bytesWritten = await domains.writeDisk(p.vm, p.disk, q.fence, (sizeBytes, write) =>
+      receiveFrames(req, sizeBytes, write),
+    );
+    return { bytesWritten };
+  });
+  app.put('/v1/hosts/:host/vms/:vm/write-fence', async (req, reply) => {
+    const p = at(P.vm, req.params);
+    await domains.fenceWrites(p.vm, parse(z.strictObject({ token: fenceToken }), req.body, 'body').token);
+    return reply.code(204).send();
   });
   app.get('/v1/hosts/:host/vms/:vm/canary', async (req) => {
     const p = at(P.vm, req.params);
@@ -269,8 +283,6 @@ function buildApp(
   // What KVM hosts do not serve yet: answered as such, never as a success or a plain 404 a caller could ignore.
   const later: [string, string, string][] = [
     ['PUT', '/v1/hosts/:host/vms/:vm', 'creating a VM'],
-    ['POST', '/v1/hosts/:host/vms/:vm/disks/:disk/write', 'writing a powered-off disk'],
-    ['PUT', '/v1/hosts/:host/vms/:vm/write-fence', 'a write fence'],
     ['POST', '/v1/hosts/:host/vms/:vm/disks/:disk/send', 'sending host to host'],
     ['GET', '/v1/backups', 'a backup repository'],
   ];

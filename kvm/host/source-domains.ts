@@ -14,6 +14,7 @@ import { join } from 'node:path';
 import { parseCanary, GUEST_BLOCK_SIZE } from '../guest/guest';
 import { lines, Virsh, VirshError } from '../libvirt/virsh';
 import { digestsOf } from '../../src/host-api/digests';
+import type { FramePiece } from '../../src/host-api/frames';
 import { conflict, HostApiError, notFound, trackingLost } from '../../src/host-api/errors';
 import {
   BLOCK_SIZE,
@@ -32,6 +33,7 @@ import { NbdClient } from '../../src/nbd/client';
 import { BASE_ALLOCATION, dirtyBitmapContext, STATE_DIRTY, STATE_ZERO } from '../../src/nbd/protocol';
 import { acpiShutdown, destroyDomain, isNoSuchDomain, parseDomState, powerStateOf } from './power';
 import type { CheckpointRecord, HostState, ReferenceRecord } from './state';
+import { exportImage, type ImageExport } from './storage-daemon';
 
 /** Block reads go out in pieces of this size (each one frame of the host API). */
 export const READ_PIECE_BYTES = 4 * 1024 * 1024;
@@ -232,43 +234,52 @@ export class KvmSourceDomains {
       // Whatever view is left (another session's, or this one's begun and lost in a crash) ends here.
       for (const old of this.state.domain(domain).checkpoints) await this.closeView(domain, old);
 
-      const record = this.state.domain(domain);
-      const { state, reason } = await this.domState(domain);
-      const pausedStart = state === 'shut off';
       // Change tracking goes on from the newest reference point whose tracking is still whole.
-      const base = [...record.referencePoints].reverse().find((r) => r.trackingValid);
+      const base = [...this.state.domain(domain).referencePoints].reverse().find((r) => r.trackingValid);
       const checkpoint: CheckpointRecord = {
         id: checkpointId,
         createdAt: new Date().toISOString(),
         incrementalFrom: base?.checkpointId ?? null,
-        pausedStart,
+        pausedStart: false,
         disks: await this.disks(domain),
         status: 'beginning',
       };
-      await this.state.update(domain, (d) => {
-        d.checkpoints.push(checkpoint);
-        // The paused start ends in a destroy, which libvirt then gives as the reason: keep how it really stopped.
-        if (pausedStart) d.lastStop ??= lastStopFromReason(state, reason);
-      });
-      if (pausedStart) await this.virsh.run(['start', '--paused', domain]);
-      await this.dropCheckpointsWithoutReference(domain);
-      try {
-        await this.beginBackup(domain, checkpoint);
-      } catch (e) {
-        if (!(checkpoint.incrementalFrom && e instanceof VirshError && BITMAP_LOST.test(e.detail))) throw e;
-        // QEMU stopped without writing its bitmaps back: nothing since the reference point can be trusted.
-        this.options.log(`${domain}: change tracking lost (${e.detail}); the view has no changed extents`);
-        await this.state.update(domain, (d) => {
-          for (const r of d.referencePoints) r.trackingValid = false;
-        });
-        checkpoint.incrementalFrom = null;
-        await this.beginBackup(domain, checkpoint);
-      }
-      await this.state.update(domain, (d) => {
-        const c = d.checkpoints.find((x) => x.id === checkpointId);
-        if (c) Object.assign(c, { status: 'open', incrementalFrom: checkpoint.incrementalFrom });
-      });
+      await this.beginView(domain, checkpoint);
       return { id: checkpointId, vm: domain, createdAt: checkpoint.createdAt };
+    });
+  }
+
+  /**
+   * Starts a view's backup job, which creates (or, for an interrupted view, creates again) the libvirt checkpoint of
+   * its name; a domain that is off is started paused for it. Recorded as beginning first, then as open.
+   */
+  private async beginView(domain: string, checkpoint: CheckpointRecord): Promise<void> {
+    const { state, reason } = await this.domState(domain);
+    checkpoint.pausedStart = state === 'shut off';
+    checkpoint.status = 'beginning';
+    await this.state.update(domain, (d) => {
+      d.checkpoints = [...d.checkpoints.filter((c) => c.id !== checkpoint.id), checkpoint];
+      // The paused start ends in a destroy, which libvirt then gives as the reason: keep how it really stopped.
+      if (checkpoint.pausedStart) d.lastStop ??= lastStopFromReason(state, reason);
+    });
+    if (checkpoint.pausedStart) await this.virsh.run(['start', '--paused', domain]);
+    await this.dropCheckpointsWithoutReference(domain);
+    try {
+      await this.beginBackup(domain, checkpoint);
+    } catch (e) {
+      if (!(checkpoint.incrementalFrom && e instanceof VirshError && BITMAP_LOST.test(e.detail))) throw e;
+      // QEMU stopped without writing its bitmaps back: nothing since the reference point can be trusted.
+      this.options.log(`${domain}: change tracking lost (${e.detail}); the view has no changed extents`);
+      await this.state.update(domain, (d) => {
+        for (const r of d.referencePoints) r.trackingValid = false;
+      });
+      checkpoint.incrementalFrom = null;
+      await this.beginBackup(domain, checkpoint);
+    }
+    checkpoint.status = 'open';
+    await this.state.update(domain, (d) => {
+      const c = d.checkpoints.find((x) => x.id === checkpoint.id);
+      if (c) Object.assign(c, { status: 'open', incrementalFrom: checkpoint.incrementalFrom });
     });
   }
 
@@ -318,15 +329,36 @@ export class KvmSourceDomains {
    * checkpoints only of a running domain), and, for a paused start, the domain's run.
    */
   private async closeView(domain: string, c: CheckpointRecord): Promise<void> {
-    for (const [key, client] of this.exports)
-      if (key.startsWith(`${domain}/${c.id}/`)) {
-        this.exports.delete(key);
-        void client.then((x) => x.destroy()).catch(() => undefined);
-      }
+    this.dropViewExports(domain, c.id);
     if (await this.backupRunning(domain)) await this.virsh.run(['domjobabort', domain]).catch(() => undefined);
     await this.state.update(domain, (d) => void (d.checkpoints = d.checkpoints.filter((x) => x.id !== c.id)));
     await this.dropCheckpointsWithoutReference(domain);
     if (c.pausedStart && (await this.domState(domain)).state === 'paused') await this.virsh.run(['destroy', domain]);
+    for (const d of await this.domainDisks(domain)) await rm(this.scratchOf(domain, d.target), { force: true });
+  }
+
+  private dropViewExports(domain: string, checkpointId: string): void {
+    for (const [key, client] of this.exports)
+      if (key.startsWith(`${domain}/${checkpointId}/`)) {
+        this.exports.delete(key);
+        void client.then((x) => x.destroy()).catch(() => undefined);
+      }
+  }
+
+  /**
+   * A write into the disk of a domain that is off ends its views (a paused start holds the image): recorded as
+   * interrupted first, so that a read after the write takes the view again.
+   */
+  private async interruptViews(domain: string): Promise<void> {
+    const views = this.state.domain(domain).checkpoints;
+    if (views.length === 0) return;
+    await this.state.update(domain, (d) => {
+      for (const c of d.checkpoints) if (c.status === 'open') c.status = 'interrupted';
+    });
+    for (const c of views) this.dropViewExports(domain, c.id);
+    if (await this.backupRunning(domain)) await this.virsh.run(['domjobabort', domain]).catch(() => undefined);
+    if (views.some((c) => c.pausedStart) && (await this.domState(domain)).state === 'paused')
+      await this.virsh.run(['destroy', domain]);
     for (const d of await this.domainDisks(domain)) await rm(this.scratchOf(domain, d.target), { force: true });
   }
 
@@ -412,18 +444,105 @@ export class KvmSourceDomains {
     });
   }
 
+  // Writes into a powered-off disk (failback) ---------------------------------------------------------
+
+  /** From now on only writes that carry this token land; it returns once no write under an older one is in flight. */
+  fenceWrites(domain: string, token: string): Promise<void> {
+    return this.exclusive(domain, async () => {
+      await this.domState(domain); // 404 for an unknown domain
+      await this.state.update(domain, (d) => void (d.writeFence = token));
+    });
+  }
+
+  /**
+   * One write request into a powered-off domain's disk. libvirt writes no disk, so a qemu-storage-daemon of ours
+   * opens the image for the request: the checkpoints' bitmaps in it count the writes as they would a guest's. The
+   * first piece that arrives checks the fence and the power state and ends the domain's views; the domain's other
+   * changes wait for the request to end, so a fence set meanwhile waits for it too.
+   */
+  writeDisk(
+    domain: string,
+    disk: string,
+    fence: string | undefined,
+    receive: (sizeBytes: number, write: (piece: FramePiece) => Promise<void>) => Promise<number>,
+  ): Promise<number> {
+    return this.exclusive(domain, async () => {
+      const source = (await this.domainDisks(domain)).find((d) => d.target === disk);
+      const size = (await this.disks(domain)).find((d) => d.id === disk)?.sizeBytes;
+      if (!source || size === undefined) throw notFound(`disk ${domain}/${disk}`, 'disk');
+      let writer: Promise<{ daemon: ImageExport; nbd: NbdClient }> | undefined;
+      const open = async () => {
+        const record = this.state.domain(domain);
+        if (record.writeFence !== null && fence !== record.writeFence)
+          throw conflict(`writes to ${domain} are fenced: this writer's fence token is not the current one`);
+        const { state } = await this.domState(domain);
+        const ourPausedStart = state === 'paused' && record.checkpoints.some((c) => c.pausedStart);
+        if (state !== 'shut off' && !ourPausedStart)
+          throw conflict(`${domain} is ${powerStateOf(state)}; writes need it Off`);
+        await this.interruptViews(domain);
+        const key = createHash('sha256').update(`${domain}/${disk}`).digest('hex').slice(0, 16);
+        // Named like the DR side's export daemons, so a restarted host process stops one a kill left running.
+        const socket = join(this.options.stateDir, 'run', `${key}.write.sock`);
+        const daemon = await exportImage({
+          image: source.source,
+          socket,
+          pidFile: join(this.options.stateDir, 'run', `${key}.nbd.pid`),
+          writable: true,
+        });
+        try {
+          return { daemon, nbd: await NbdClient.connect({ path: socket, exportName: 'disk', metaContexts: [] }) };
+        } catch (e) {
+          await daemon.stop();
+          throw e;
+        }
+      };
+      try {
+        const bytes = await receive(size, async (piece) => {
+          writer ??= open();
+          const { nbd } = await writer;
+          await nbd.write(piece.offset, piece.parts.length === 1 ? piece.parts[0]! : Buffer.concat(piece.parts));
+        });
+        if (writer) await (await writer).nbd.flush();
+        return bytes;
+      } finally {
+        const w = await writer?.catch(() => null);
+        if (w) {
+          await w.nbd.close().catch(() => w.nbd.destroy());
+          await w.daemon.stop(); // the daemon stores the bitmaps back as it exits
+        }
+      }
+    });
+  }
+
   // Reads of a checkpoint view --------------------------------------------------------------------
 
   private openView(domain: string, checkpointId: string): CheckpointRecord {
     const c = this.state.domain(domain).checkpoints.find((x) => x.id === checkpointId);
     if (!c) throw notFound(`checkpoint ${domain}/${checkpointId}`, 'checkpointId');
-    if (c.status !== 'open') throw conflict(`checkpoint ${domain}/${checkpointId} is not open: create it again`);
+    if (c.status === 'beginning') throw conflict(`checkpoint ${domain}/${checkpointId} is not open: create it again`);
     return c;
+  }
+
+  /**
+   * The view, its backup job running: one a write into the powered-off disk interrupted is taken again first, so
+   * it shows the disk with those writes (a failback reads each disk before it writes it).
+   */
+  private async liveView(domain: string, checkpointId: string): Promise<CheckpointRecord> {
+    if (this.openView(domain, checkpointId).status === 'interrupted')
+      await this.exclusive(domain, async () => {
+        const c = this.openView(domain, checkpointId);
+        if (c.status !== 'interrupted') return;
+        await this.interruptViews(domain); // one a crash cut short
+        if ((await this.domState(domain)).state !== 'shut off')
+          throw conflict(`checkpoint ${domain}/${checkpointId} was interrupted and ${domain} runs: create it again`);
+        await this.beginView(domain, c);
+      });
+    return this.openView(domain, checkpointId);
   }
 
   /** The NBD export of one disk of an open view (one connection, shared by concurrent reads). */
   async viewExport(domain: string, checkpointId: string, disk: string): Promise<NbdClient> {
-    const c = this.openView(domain, checkpointId);
+    const c = await this.liveView(domain, checkpointId);
     this.viewDiskSize(domain, checkpointId, disk);
     const key = `${domain}/${checkpointId}/${disk}`;
     let client = this.exports.get(key);
@@ -457,7 +576,7 @@ export class KvmSourceDomains {
   ): Promise<Extent[]> {
     const reference = this.state.domain(domain).referencePoints.find((r) => r.id === referencePointId);
     if (!reference) throw notFound(`reference point ${domain}/${referencePointId}`, 'referencePointId');
-    const c = this.openView(domain, checkpointId);
+    const c = await this.liveView(domain, checkpointId);
     if (!reference.trackingValid) throw trackingLost(`change tracking of ${domain} since ${referencePointId} was lost`);
     if (c.incrementalFrom !== reference.checkpointId)
       throw trackingLost(`checkpoint ${checkpointId} counts no changes since ${referencePointId}`);

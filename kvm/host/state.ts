@@ -1,6 +1,7 @@
 // What a KVM host process keeps beside libvirt: which libvirt checkpoint each reference point stands for (the last
-// one whose copy really completed), the checkpoint views it has open, and how each domain last stopped when libvirt
-// cannot say. One JSON file, rewritten atomically after every change, so a restart of the process finds it whole.
+// one whose copy really completed), the checkpoint views it has open, how each domain last stopped when libvirt
+// cannot say, and each domain's write fence. One JSON file, rewritten atomically after every change, so a restart
+// of the process finds it whole.
 import { join } from 'node:path';
 import { z } from 'zod';
 import { readJson, writeFileAtomic } from '../../src/host-api/persist';
@@ -14,8 +15,11 @@ const checkpointRecord = z.strictObject({
   pausedStart: z.boolean(),
   /** The disks the view exports, as they were at its start: reads need nothing from libvirtd (it may restart). */
   disks: z.array(z.strictObject({ id: z.string(), sizeBytes: z.number() })),
-  /** `beginning` is written before the backup job starts, so a crash between the two is found and cleaned up. */
-  status: z.enum(['beginning', 'open']),
+  /**
+   * `beginning` is written before the backup job starts, so a crash between the two is found and cleaned up.
+   * `interrupted`: a write into the powered-off disk ended the view's paused start; its next read takes it again.
+   */
+  status: z.enum(['beginning', 'open', 'interrupted']),
 });
 const referenceRecord = z.strictObject({
   id: z.string(),
@@ -29,6 +33,8 @@ const domainRecord = z.strictObject({
   referencePoints: z.array(referenceRecord),
   /** How the domain last stopped by this host's hand; null: ask libvirt (it stopped by itself or an operator). */
   lastStop: z.enum(['guest-shutdown', 'forced-off']).nullable(),
+  /** Writes into the domain's disks (failback) must carry this token once it is set; null: none set. */
+  writeFence: z.string().nullable().default(null),
 });
 const pointRecord = z.strictObject({
   id: z.string(),
@@ -69,7 +75,7 @@ export type DomainRecord = z.infer<typeof domainRecord>;
 export type PointRecord = z.infer<typeof pointRecord>;
 export type ReplicaRecord = z.infer<typeof replicaRecord>;
 
-const emptyDomain = (): DomainRecord => ({ checkpoints: [], referencePoints: [], lastStop: null });
+const emptyDomain = (): DomainRecord => ({ checkpoints: [], referencePoints: [], lastStop: null, writeFence: null });
 
 export class HostState {
   private constructor(

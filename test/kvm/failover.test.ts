@@ -1,6 +1,5 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { randomUUID } from 'node:crypto';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -9,18 +8,10 @@ import { after, before, describe, test } from 'node:test';
 import { lastSeq, readGuestLines, waitForGuest } from '../../kvm/guest/guest';
 import { replicaNameOf } from '../../src/activities/inventory';
 import { connectHypervisor } from '../../src/config/hypervisor';
-import {
-  operationUpdates,
-  replicaQueries,
-  replicaWorkflowId,
-  TASK_QUEUE,
-  WorkflowTypes,
-  type PlannedFailoverResult,
-  type ReplicationJobResult,
-} from '../../src/contract';
+import { operationUpdates, replicaQueries, replicaWorkflowId } from '../../src/contract';
 import type { HypervisorPort } from '../../src/hypervisor/port';
 import { startOrchestrator, testConfiguration, type TestOrchestrator } from '../harness';
-import { assertFailedOver, cleanStop, startTestKvmHost, type TestKvmHost } from './helpers';
+import { cleanStop, failOverWritingGuest, replicateJob, startTestKvmHost, type TestKvmHost } from './helpers';
 
 const exec = promisify(execFile);
 
@@ -76,35 +67,8 @@ describe('planned failover of a real guest between two KVM hosts, undo, and perm
   const who = { requestedBy: 'alice', reason: 'kvm test' };
   const replicaLines = () => readGuestLines(replicaConsole());
 
-  async function replicate(): Promise<void> {
-    const result = await o.client.workflow.execute<(input: unknown) => Promise<ReplicationJobResult>>(
-      WorkflowTypes.replicationJob,
-      {
-        taskQueue: TASK_QUEUE,
-        workflowId: `job/kvm/${randomUUID()}`,
-        args: [{ job: 'kvm', requestedBy: 'alice' }],
-      },
-    );
-    assert.equal(result.sessions[0]!.outcome, 'replicated', result.sessions[0]!.detail);
-  }
-
-  /** A planned failover with the guest writing: exact by the workflow's own checks and by qemu-img compare. */
-  async function failOver(): Promise<void> {
-    const since = (await replicaLines()).length;
-    await prod.seqAtLeast((lastSeq(await prod.guestLines()) ?? 0) + 3); // writing when the failover starts
-    const result = await o.client.workflow.execute<(input: unknown) => Promise<PlannedFailoverResult>>(
-      WorkflowTypes.plannedFailover,
-      {
-        taskQueue: TASK_QUEUE,
-        workflowId: `pf-${randomUUID()}`,
-        args: [{ vms: [VM], ...who }],
-      },
-    );
-    await assertFailedOver(result.sessions[0]!, { prod, replicaDir: replicaDir(), consoleSince: since });
-    assert.equal((await port.getVm(vm)).powerState, 'Off');
-    assert.equal((await port.getVm(replicaVm)).powerState, 'Running');
-    assert.equal((await port.getReplica(replica)).hasRunningLayer, true);
-  }
+  const replicate = () => replicateJob(o.client, 'kvm');
+  const failOver = () => failOverWritingGuest(o.client, port, { prod, vm, replica, replicaDir: replicaDir() });
 
   test(
     'seed, then a planned failover while the guest writes: the replica boots on the DR host and goes on',

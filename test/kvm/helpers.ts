@@ -16,7 +16,10 @@ import {
 import { startKvmHost, type RunningKvmHost } from '../../kvm/host/server';
 import { guestDomainXml } from '../../kvm/libvirt/domain';
 import { CAPABILITIES_CACHE, LibvirtInstance } from '../../kvm/libvirt/instance';
-import type { PlannedFailoverSessionResult } from '../../src/contract';
+import type { Client } from '@temporalio/client';
+import { startPlannedFailover, startReplicationJob } from '../../src/client';
+import type { PlannedFailoverSessionResult, ReplicationJobResult } from '../../src/contract';
+import type { HypervisorPort, ReplicaRef, VmRef } from '../../src/hypervisor/port';
 
 const exec = promisify(execFile);
 
@@ -60,6 +63,32 @@ export async function assertFailedOver(
   );
 }
 
+/** A replication job run to its end: every session replicated. */
+export async function replicateJob(client: Client, job: string): Promise<ReplicationJobResult> {
+  const result = await (await startReplicationJob(client, { job, requestedBy: 'alice' })).result();
+  for (const s of result.sessions) assert.equal(s.outcome, 'replicated', s.detail);
+  return result;
+}
+
+/**
+ * A planned failover of the one guest of `prod`, started while it writes, checked by assertFailedOver: afterwards
+ * the source is off and the replica runs with its running layer.
+ */
+export async function failOverWritingGuest(
+  client: Client,
+  port: HypervisorPort,
+  t: { prod: TestKvmHost; vm: VmRef; replica: ReplicaRef; replicaDir: string },
+): Promise<void> {
+  const since = (await readGuestLines(join(t.replicaDir, 'console.log'))).length;
+  await t.prod.seqAtLeast((lastSeq(await t.prod.guestLines()) ?? 0) + 3); // writing when the failover starts
+  const handle = await startPlannedFailover(client, { vms: [t.vm.vm], requestedBy: 'alice', reason: 'kvm test' });
+  const result = await handle.result();
+  await assertFailedOver(result.sessions[0]!, { prod: t.prod, replicaDir: t.replicaDir, consoleSince: since });
+  assert.equal((await port.getVm(t.vm)).powerState, 'Off');
+  assert.equal((await port.getVm({ host: t.replica.host, vm: t.replica.replica })).powerState, 'Running');
+  assert.equal((await port.getReplica(t.replica)).hasRunningLayer, true);
+}
+
 export interface TestKvmHost {
   libvirt: LibvirtInstance;
   host: RunningKvmHost;
@@ -85,6 +114,7 @@ export async function startTestKvmHost(options: {
   role?: 'production' | 'dr';
 }): Promise<TestKvmHost> {
   const { dir, domain } = options;
+  const guest = guestFiles(); // installs QEMU and libvirt first where they are missing (a fresh machine)
   const libvirt = await LibvirtInstance.start({ dir: join(dir, 'libvirt'), capabilitiesCache: CAPABILITIES_CACHE });
   const image = join(dir, `${domain ?? 'none'}.qcow2`);
   const serialLog = join(dir, `${domain ?? 'none'}.serial`);
@@ -97,7 +127,7 @@ export async function startTestKvmHost(options: {
       guestDomainXml({
         name: domain,
         disk: image,
-        ...guestFiles(),
+        ...guest,
         cmdline: guestKernelCmdline({ pauseSeconds: 0.05, blocksPerIteration: BLOCKS_PER_ITERATION, printEvery: 1 }),
         serialLog,
       }),

@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { GUEST_BLOCK_SIZE, guestBlockNumbers, lastSeq, parseDataBlock, waitForGuest } from '../../kvm/guest/guest';
 import { blockDigest } from '../../src/host-api/digests';
-import { HostFailureError, NotFoundError, TrackingLostError } from '../../src/hypervisor/errors';
+import { ConflictError, HostFailureError, NotFoundError, TrackingLostError } from '../../src/hypervisor/errors';
 import { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import { BLOCK_SIZE, type Extent, type ExtentPage, type PageRequest } from '../../src/hypervisor/port';
 import { BLOCKS_PER_ITERATION, GUEST_DISK_BYTES as DISK_BYTES, startTestKvmHost, type TestKvmHost } from './helpers';
@@ -97,7 +97,7 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
     await assert.rejects(port.discardRunningLayer({ host: HOST, replica: 'r' }), NotFoundError);
     // What KVM hosts do not serve yet says so (501), never a success or a 404 a caller would take for "gone".
     await assert.rejects(
-      port.fenceWrites(vm, 'fence-1'),
+      port.createVm({ host: HOST, vm: 'new1' }, [{ id: 'vda', sizeBytes: DISK_BYTES }]),
       (e: Error) => e instanceof HostFailureError && /not served by KVM hosts yet/.test(e.message),
     );
   });
@@ -264,5 +264,49 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
     assert.deepEqual(off, { state: 'Off', alreadyInState: false });
     assert.equal((await port.getVm(vm)).lastStop, 'forced-off');
     assert.deepEqual(await port.powerOff(vm), { state: 'Off', alreadyInState: true });
+  });
+
+  test('failback’s writes into the powered-off guest: fenced, refused while it runs, tracked, and a view read after them shows them', async () => {
+    assert.equal(await libvirt().virsh.domainState(VM), 'shut off');
+    const block = 1000; // not the canary's: the guest boots on afterwards
+    const at = { offset: block * BLOCK_SIZE, length: BLOCK_SIZE };
+    const data = Buffer.alloc(BLOCK_SIZE, 0x5a);
+    async function* frames(): AsyncGenerator<{ offset: number; data: Buffer }> {
+      yield { offset: at.offset, data };
+    }
+    const readBlock = async (checkpointId: string) => {
+      const pieces: Buffer[] = [];
+      for await (const piece of port.readExtents(disk, checkpointId, [at])) pieces.push(piece.data);
+      return Buffer.concat(pieces);
+    };
+
+    await port.fenceWrites(vm, 'failback-1');
+    await port.createCheckpoint(vm, 'fb-view'); // a paused start, as a failback's phase takes it
+    const before = await readBlock('fb-view');
+    assert.notDeepEqual(before, data);
+    await assert.rejects(port.writeExtents(disk, frames(), { fence: 'a-dead-writer' }), ConflictError);
+    await assert.rejects(port.writeExtents(disk, frames()), ConflictError, 'a write without the fence');
+    assert.deepEqual(await readBlock('fb-view'), before, 'a refused write changes nothing and ends no view');
+
+    assert.deepEqual(await port.writeExtents(disk, frames(), { fence: 'failback-1' }), { bytesWritten: BLOCK_SIZE });
+    assert.equal(await libvirt().virsh.domainState(VM), 'shut off', 'the write ended the paused start');
+    // The view is taken again when read: it shows the write, and the checkpoint's bitmap counted it.
+    assert.deepEqual(await readBlock('fb-view'), data);
+    const changed = await allPages((page) =>
+      port.listChangedExtents(disk, { referencePointId: 'r5', checkpointId: 'fb-view' }, page),
+    );
+    assert.ok(covers(changed, at.offset), 'the write is a change since the reference point');
+    await port.deleteCheckpoint(vm, 'fb-view');
+
+    await port.fenceWrites(vm, 'failback-2');
+    await assert.rejects(port.writeExtents(disk, frames(), { fence: 'failback-1' }), ConflictError);
+    await bootAndWrite();
+    await assert.rejects(
+      port.writeExtents(disk, frames(), { fence: 'failback-2' }),
+      (e: Error) => e instanceof ConflictError && /writes need it Off/.test(e.message),
+    );
+    await port.powerOff(vm);
+    const checkpoints = (await libvirt().virsh.run(['checkpoint-list', VM, '--name'])).trim().split('\n');
+    assert.deepEqual(checkpoints, ['after-kill'], 'the view’s libvirt checkpoint went with it');
   });
 });
