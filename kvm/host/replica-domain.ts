@@ -2,7 +2,9 @@
 // the same machine (processors, memory, firmware or kernel, devices, network cards with their MAC addresses, since
 // a replica runs only while its source is off) with its own name and identity, booting from the replica's disks on
 // this host. libvirt writes its XML in one fixed form (`virsh dumpxml`), so the few elements we change are found by
-// their tags; everything else is passed through untouched.
+// their tags; everything else is passed through untouched. A failback to a new VM makes that VM's domain on the
+// production host the same way, from the definition its replica keeps.
+import { badRequest } from '../../src/host-api/errors';
 
 export class ReplicaDefinitionError extends Error {}
 
@@ -69,4 +71,14 @@ export function replicaDomainXml(source: string, spec: ReplicaDomainSpec): strin
   return xml.replace(/<(serial|console|channel|parallel)\s+type='file'[^>]*>[\s\S]*?<\/\1>/g, (device) =>
     device.replace(/<source\b[^>]*?\/>/, (s) => setAttr(s, 'path', spec.consoleLog)),
   );
+}
+
+/** replicaDomainXml of a definition that came in a request: one that cannot be made into the domain is a 400. */
+export function domainXmlOfRequest(source: string, spec: ReplicaDomainSpec): string {
+  try {
+    return replicaDomainXml(source, spec);
+  } catch (e) {
+    if (e instanceof ReplicaDefinitionError) throw badRequest('body.definition.text', e.message);
+    throw e;
+  }
 }

@@ -5,13 +5,13 @@
 // its overlay, which sees the whole chain below it. Sealed files never change while anything stands on them.
 import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { access, mkdir, readdir, rename, rm } from 'node:fs/promises';
+import { mkdir, readdir, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { GUEST_BLOCK_SIZE, parseCanary } from '../guest/guest';
 import { digestsOf } from '../../src/host-api/digests';
-import { badRequest, conflict, HostApiError, notFound } from '../../src/host-api/errors';
-import { fsyncDir, writeFileAtomic } from '../../src/host-api/persist';
+import { conflict, HostApiError, notFound } from '../../src/host-api/errors';
+import { exists, fsyncDir, writeFileAtomic } from '../../src/host-api/persist';
 import {
   BLOCK_SIZE,
   type BlockDigests,
@@ -31,18 +31,12 @@ import {
 import { lines, type Virsh } from '../libvirt/virsh';
 import { NbdClient } from '../../src/nbd/client';
 import { acpiShutdown, destroyDomain, isNoSuchDomain, parseDomState, powerStateOf } from './power';
-import { ReplicaDefinitionError, replicaDomainXml } from './replica-domain';
+import { domainXmlOfRequest, replicaDomainXml } from './replica-domain';
 import { READ_PIECE_BYTES, readPieces, toBlocks } from './source-domains';
 import type { HostState, PointRecord, ReplicaRecord } from './state';
 import { exportImage, stopStaleExport, type ImageExport } from './storage-daemon';
 
 const run = promisify(execFile);
-const exists = (path: string) =>
-  access(path).then(
-    () => true,
-    () => false,
-  );
-
 /** A qcow2 file whose reads fall through to `backing` wherever it holds nothing of its own. */
 const createOverlay = (backing: string, file: string) =>
   run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', backing, '-F', 'qcow2', file]);
@@ -400,6 +394,12 @@ export class KvmReplicas {
     if (power !== 'Off') throw conflict(`${replica} is ${power}; ${what} needs it Off`);
   }
 
+  /** What the replica's domain is made from: its source's definition as last replicated (null: none reached it). */
+  definition(replica: string): VmDefinition | null {
+    const text = this.record(replica).definition;
+    return text === null ? null : { format: 'libvirt-domain-xml', text };
+  }
+
   async vmInfo(replica: string): Promise<VmInfo> {
     const r = this.record(replica);
     return {
@@ -737,16 +737,11 @@ function refuseOpenPoint(replica: string, r: ReplicaRecord): void {
 
 /** The definition, checked now (it must become this replica's domain), so a bad one is refused where it arrives. */
 function checkedDefinition(replica: string, r: ReplicaRecord, definition: VmDefinition): string {
-  try {
-    replicaDomainXml(definition.text, {
-      name: replica,
-      disks: new Map(r.disks.map((d) => [d.id, `/${d.id}`])),
-      consoleLog: '/console.log',
-    });
-  } catch (e) {
-    if (e instanceof ReplicaDefinitionError) throw badRequest('body.definition.text', e.message);
-    throw e;
-  }
+  domainXmlOfRequest(definition.text, {
+    name: replica,
+    disks: new Map(r.disks.map((d) => [d.id, `/${d.id}`])),
+    consoleLog: '/console.log',
+  });
   return definition.text;
 }
 

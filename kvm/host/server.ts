@@ -2,7 +2,7 @@
 // The orchestrator reaches it with the same adapter as the lab.
 import type { FastifyInstance } from 'fastify';
 import { z } from 'zod';
-import { notFound } from '../../src/host-api/errors';
+import { conflict, notFound } from '../../src/host-api/errors';
 import { framedLength } from '../../src/host-api/frames';
 import {
   blockRange,
@@ -20,6 +20,7 @@ import {
   replicaSpec,
   view,
   viewQuery,
+  vmSpec,
 } from '../../src/host-api/schemas';
 import { hostApiServer, receiveFrames, streamFrames } from '../../src/host-api/server';
 import type { Extent, HostInfo, ReplicaView, SiteRole } from '../../src/hypervisor/port';
@@ -112,10 +113,14 @@ function buildApp(
     const { vm } = at(P.vm, req.params);
     return replicas.has(vm) ? replicas.vmInfo(vm) : domains.getVm(vm);
   });
+  app.put('/v1/hosts/:host/vms/:vm', (req) => {
+    const { vm } = at(P.vm, req.params);
+    if (options.role !== 'production') throw conflict(`host ${options.name} is not a production host`);
+    return domains.createVm(vm, parse(vmSpec, req.body, 'body'));
+  });
   app.get('/v1/hosts/:host/vms/:vm/definition', async (req) => {
     const { vm } = at(P.vm, req.params);
-    // A replica has no definition of its own: its domain is made from its source's at each power-on.
-    return { definition: replicas.has(vm) ? null : await domains.definition(vm) };
+    return { definition: replicas.has(vm) ? replicas.definition(vm) : await domains.definition(vm) };
   });
   app.post('/v1/hosts/:host/vms/:vm/power', async (req) => {
     const { vm } = at(P.vm, req.params);
@@ -282,7 +287,6 @@ function buildApp(
   });
   // What KVM hosts do not serve yet: answered as such, never as a success or a plain 404 a caller could ignore.
   const later: [string, string, string][] = [
-    ['PUT', '/v1/hosts/:host/vms/:vm', 'creating a VM'],
     ['POST', '/v1/hosts/:host/vms/:vm/disks/:disk/send', 'sending host to host'],
     ['GET', '/v1/backups', 'a backup repository'],
   ];

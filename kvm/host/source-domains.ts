@@ -9,13 +9,16 @@
 // replica's sessions run one at a time). A domain that is off is started paused for its backup (libvirt 9.0 backs
 // up no shut-off domain) and destroyed again when the view closes; meanwhile it is Off to the orchestrator.
 import { createHash } from 'node:crypto';
-import { mkdir, rm, writeFile } from 'node:fs/promises';
+import { execFile } from 'node:child_process';
+import { mkdir, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { promisify } from 'node:util';
 import { parseCanary, GUEST_BLOCK_SIZE } from '../guest/guest';
 import { lines, Virsh, VirshError } from '../libvirt/virsh';
 import { digestsOf } from '../../src/host-api/digests';
 import type { FramePiece } from '../../src/host-api/frames';
-import { conflict, HostApiError, notFound, trackingLost } from '../../src/host-api/errors';
+import { badRequest, conflict, HostApiError, notFound, trackingLost } from '../../src/host-api/errors';
+import { exists, fsyncDir, writeFileAtomic } from '../../src/host-api/persist';
 import {
   BLOCK_SIZE,
   type BlockDigests,
@@ -28,10 +31,12 @@ import {
   type ShutdownResult,
   type VmDefinition,
   type VmInfo,
+  type VmSpec,
 } from '../../src/hypervisor/port';
 import { NbdClient } from '../../src/nbd/client';
 import { BASE_ALLOCATION, dirtyBitmapContext, STATE_DIRTY, STATE_ZERO } from '../../src/nbd/protocol';
 import { acpiShutdown, destroyDomain, isNoSuchDomain, parseDomState, powerStateOf } from './power';
+import { domainXmlOfRequest } from './replica-domain';
 import type { CheckpointRecord, HostState, ReferenceRecord } from './state';
 import { exportImage, type ImageExport } from './storage-daemon';
 
@@ -41,6 +46,7 @@ const bitmapExport = (disk: string) => `backup-${disk}`;
 /** How libvirt reports a checkpoint's bitmap that QEMU no longer trusts or has (it was killed while tracking). */
 const BITMAP_LOST = /inconsistent|not found in backing chain/i;
 
+const run = promisify(execFile);
 /** Extents cut into the pieces reads are served in. */
 export function* readPieces(extents: Extent[]): Generator<Extent> {
   for (const e of extents)
@@ -154,6 +160,49 @@ export class KvmSourceDomains {
       disks: await this.disks(domain),
       lastStop: record.lastStop ?? lastStopFromReason(state, reason),
     };
+  }
+
+  /**
+   * A new VM (failback to a new VM): a libvirt domain made from the given definition (its replica's, which is the
+   * source's) under the new name, with a UUID of its own from libvirt and empty qcow2 disks of the given sizes in
+   * the host process's state directory. The same name with the same disks again is the VM made before.
+   */
+  createVm(domain: string, spec: VmSpec): Promise<VmInfo> {
+    return this.exclusive(domain, async () => {
+      const dir = join(this.options.stateDir, 'vms', domain);
+      const images = new Map(spec.disks.map((d) => [d.id, join(dir, `${d.id}.qcow2`)]));
+      if ((await this.virsh.domains()).includes(domain)) {
+        const vm = await this.getVm(domain);
+        const have = await this.domainDisks(domain);
+        const same =
+          have.length === images.size &&
+          have.every((d) => images.get(d.target) === d.source) &&
+          spec.disks.every((d) => vm.disks.some((x) => x.id === d.id && x.sizeBytes === d.sizeBytes));
+        if (same) return vm;
+        throw conflict(`a domain named ${domain} already exists on ${this.options.host}`);
+      }
+      if (!spec.definition)
+        throw badRequest('body.definition', `a KVM host makes a new VM from a libvirt domain definition, and got none`);
+      const xml = domainXmlOfRequest(spec.definition.text, {
+        name: domain,
+        disks: images,
+        consoleLog: join(dir, 'console.log'),
+      });
+      await mkdir(dir, { recursive: true });
+      for (const d of spec.disks) {
+        const image = images.get(d.id)!;
+        // Nothing writes to the images before their domain exists: one a crash left behind is as good as new.
+        if (!(await exists(image)))
+          await run('qemu-img', ['create', '-q', '-f', 'qcow2', `${image}.new`, String(d.sizeBytes)]).then(() =>
+            rename(`${image}.new`, image),
+          );
+      }
+      await fsyncDir(dir);
+      const file = join(this.options.stateDir, 'xml', `${domain}.xml`);
+      await writeFileAtomic(file, xml);
+      await this.virsh.run(['define', file]);
+      return this.getVm(domain);
+    });
   }
 
   /** The domain's persistent XML, as its replica is to be defined from it. */

@@ -144,8 +144,11 @@ export function createOperationActivities(port: HypervisorPort, config: Configur
       return found;
     },
 
-    /** A new, empty VM on a production host with the replica's disk layout (failback to a new VM). */
-    async createProductionVm(input: { vm: VmRef; disks: DiskInfo[] }): Promise<void> {
+    /**
+     * A new, empty VM on a production host with the replica's disk layout (failback to a new VM), made from the
+     * definition the replica's host keeps for it, where it keeps one (a KVM host: the source's libvirt domain).
+     */
+    async createProductionVm(input: { vm: VmRef; disks: DiskInfo[]; replica?: ReplicaRef }): Promise<void> {
       const host = config.hosts.find((h) => h.name === input.vm.host);
       if (host?.role !== 'production')
         throw ApplicationFailure.create({
@@ -153,7 +156,13 @@ export function createOperationActivities(port: HypervisorPort, config: Configur
           message: `'${input.vm.host}' is not a production host in the configuration`,
           nonRetryable: true,
         });
-      await withHypervisorFailures(() => port.createVm(input.vm, input.disks));
+      await withHypervisorFailures(async () => {
+        // Histories of 0.2.0 schedule this without the replica: no definition then, as before.
+        const definition = input.replica
+          ? await port.getVmDefinition({ host: input.replica.host, vm: input.replica.replica })
+          : null;
+        await port.createVm(input.vm, { disks: input.disks, ...(definition ? { definition } : {}) });
+      });
     },
 
     /** Hard power-off; already off is success. */

@@ -1,9 +1,16 @@
 // Durable files for a host's own state (the lab's and a KVM host process's): whole or not at all, and still there after
 // a power loss.
-import { mkdir, open, readFile, rename, unlink } from 'node:fs/promises';
+import { access, mkdir, open, readFile, rename, unlink } from 'node:fs/promises';
 import { dirname } from 'node:path';
 
 /** Makes the directory's entries (files created, renamed or removed in it) durable. */
+/** Whether the path exists (any error reaching it counts as no). */
+export const exists = (path: string): Promise<boolean> =>
+  access(path).then(
+    () => true,
+    () => false,
+  );
+
 export async function fsyncDir(dir: string): Promise<void> {
   const h = await open(dir, 'r');
   try {

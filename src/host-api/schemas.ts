@@ -28,6 +28,10 @@ export const replicaSpec = z.strictObject({
   disks: z.array(diskInfo).min(1).max(16),
   definition: vmDefinition.optional(),
 });
+export const vmSpec = z.strictObject({
+  disks: z.array(diskInfo).min(1).max(16),
+  definition: vmDefinition.optional(),
+});
 export const extent = z.strictObject({
   offset: z.number().int().nonnegative().multipleOf(BLOCK_SIZE),
   length: z.number().int().positive().multipleOf(BLOCK_SIZE),

@@ -25,7 +25,6 @@ import type {
   CallOptions,
   CanaryReading,
   CheckpointInfo,
-  DiskInfo,
   DiskRef,
   Extent,
   ExtentData,
@@ -48,6 +47,7 @@ import type {
   VmDefinition,
   VmInfo,
   VmRef,
+  VmSpec,
   WriteResult,
 } from './port';
 
@@ -340,8 +340,8 @@ export class HostApiHypervisor implements HypervisorPort {
     return this.t.json({ method: 'GET', path: this.vmPath(ref), host: ref.host, signal: o?.signal });
   }
 
-  createVm(ref: VmRef, disks: DiskInfo[], o?: CallOptions): Promise<VmInfo> {
-    return this.t.json({ method: 'PUT', path: this.vmPath(ref), host: ref.host, json: { disks }, signal: o?.signal });
+  createVm(ref: VmRef, spec: VmSpec, o?: CallOptions): Promise<VmInfo> {
+    return this.t.json({ method: 'PUT', path: this.vmPath(ref), host: ref.host, json: spec, signal: o?.signal });
   }
 
   async getVmDefinition(ref: VmRef, o?: CallOptions): Promise<VmDefinition | null> {

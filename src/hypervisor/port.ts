@@ -50,6 +50,13 @@ export interface ReplicaSpec {
   definition?: VmDefinition;
 }
 
+/** A new VM (failback to a new VM). */
+export interface VmSpec {
+  disks: DiskInfo[];
+  /** The definition to make it from (the replica's); a host that defines VMs itself (the lab) needs none. */
+  definition?: VmDefinition;
+}
+
 export interface VmRef {
   host: string;
   vm: string;
@@ -211,7 +218,7 @@ export interface HypervisorPort {
   listVms(host: string, options?: CallOptions): Promise<VmInfo[]>;
   getVm(ref: VmRef, options?: CallOptions): Promise<VmInfo>;
   /** Creates an empty VM on a production host (failback to a new VM); idempotent for the same disks. */
-  createVm(ref: VmRef, disks: DiskInfo[], options?: CallOptions): Promise<VmInfo>;
+  createVm(ref: VmRef, spec: VmSpec, options?: CallOptions): Promise<VmInfo>;
   /** The VM's definition to give its replica; null when its host keeps none the replica's host would need. */
   getVmDefinition(ref: VmRef, options?: CallOptions): Promise<VmDefinition | null>;
 

@@ -10,7 +10,6 @@ import type {
   CallOptions,
   CanaryReading,
   CheckpointInfo,
-  DiskInfo,
   DiskRef,
   Extent,
   ExtentData,
@@ -33,6 +32,7 @@ import type {
   VmDefinition,
   VmInfo,
   VmRef,
+  VmSpec,
   WriteResult,
 } from './port';
 
@@ -102,8 +102,8 @@ export class RoutedHypervisor implements HypervisorPort {
     return this.portOf(ref.host).getVm(ref, o);
   }
 
-  async createVm(ref: VmRef, disks: DiskInfo[], o?: CallOptions): Promise<VmInfo> {
-    return this.portOf(ref.host).createVm(ref, disks, o);
+  async createVm(ref: VmRef, spec: VmSpec, o?: CallOptions): Promise<VmInfo> {
+    return this.portOf(ref.host).createVm(ref, spec, o);
   }
 
   async shutdownGuest(ref: VmRef, timeoutMs: number, o?: CallOptions): Promise<ShutdownResult> {

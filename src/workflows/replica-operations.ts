@@ -222,7 +222,7 @@ async function failback(
   } else {
     production = { host: target.newVm.host, vm: target.newVm.name };
     await withSummary(control.createProductionVm, `Create ${target.newVm.name} on ${target.newVm.host}`, [
-      { vm: production, disks: replica.disks },
+      { vm: production, disks: replica.disks, replica: replica.replica },
     ]);
   }
 

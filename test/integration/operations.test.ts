@@ -312,10 +312,7 @@ describe('finishing a failover: undo, permanent, failback with commit and undo, 
   it('failback to a VM restored elsewhere finds it by name and ships only the blocks that differ', async () => {
     // A VM restored elsewhere, under another name, from a recent copy: the replica as it runs now.
     const restored = { host: PROD, vm: 'rest1-restored' };
-    await o.lab.port.createVm(
-      restored,
-      DISKS.map((d) => ({ id: d.id, sizeBytes: d.size })),
-    );
+    await o.lab.port.createVm(restored, { disks: DISKS.map((d) => ({ id: d.id, sizeBytes: d.size })) });
     for (const d of DISKS) {
       const replicaDisk = { host: DR, replica: replicaNameOf('rest1'), disk: d.id };
       const whole = [{ offset: 0, length: d.size }];

@@ -23,8 +23,8 @@ const MINUTES_4 = 240_000;
 // Failback of a real guest from its replica on a KVM DR host to the original VM on the production KVM host, by the
 // orchestrator's own workflows: the first phase copies while the replica runs and writes, the second with the
 // replica off on its protective point; then commit (replication resumes, tracked), a second failback undone, and
-// a regular failover to an older restore point with the source untouched.
-describe('failback of a real guest between two KVM hosts: commit, undo, and a regular failover to a point', () => {
+// a regular failover to an older restore point with the source untouched, and a failback from it to a new VM.
+describe('failback of a real guest between two KVM hosts: commit, undo, a regular failover to a point, and failback to a new VM', () => {
   let dir: string;
   let prod: TestKvmHost;
   let dr: TestKvmHost;
@@ -182,6 +182,47 @@ describe('failback of a real guest between two KVM hosts: commit, undo, and a re
         (await prod.guestLines()).slice(sourceSince).every((l: GuestLine) => l.kind === 'seq'),
         'the source ran on without a restart',
       );
+    },
+  );
+
+  test(
+    'failback to a new VM on the production host: made from the replica’s definition, equal to the protective point, booting where the replica stopped; after commit it is the VM replicated',
+    { timeout: MINUTES_4 },
+    async () => {
+      const NEW = `${VM}-new`;
+      const newVm = { host: PROD, vm: NEW };
+      const newDir = join(dir, 'prod', 'state', 'vms', NEW);
+      const from = lastSeq(await replicaLines()) ?? 0;
+      await waitForGuest(replicaConsole(), (l) => ((lastSeq(l) ?? 0) >= from + 3 ? true : undefined), {
+        timeoutMs: 60_000,
+      });
+      const outcome = await operate('failback', {
+        target: { newVm: { name: NEW, host: PROD } },
+        powerOnProduction: false,
+      });
+      assert.equal(outcome.state, 'Failback', JSON.stringify(outcome));
+      const view = await state();
+      assert.deepEqual(view.failbackTo, newVm);
+      const protective = view.restorePoints.at(-1)!;
+      assert.equal(protective.kind, 'failback-protective');
+      await exec('qemu-img', ['compare', '-U', pointImage(protective.id), join(newDir, 'vda.qcow2')]);
+      // The source's machine under a name and identity of its own.
+      assert.match(await prod.libvirt.virsh.run(['dumpxml', NEW]), new RegExp(`<name>${NEW}</name>`));
+      assert.notEqual(
+        (await prod.libvirt.virsh.run(['domuuid', NEW])).trim(),
+        (await prod.libvirt.virsh.run(['domuuid', VM])).trim(),
+      );
+
+      const canary = (await port.readReplicaCanary(replica, { pointId: protective.id })).sequence;
+      const console = join(newDir, 'console.log');
+      await port.powerOn(newVm);
+      assert.equal((await readyAfter(console, 0)).resume, canary, 'the new VM resumes at the replica’s last write');
+      assert.equal((await operate('commitFailback', {})).state, 'Ready');
+      await waitForGuest(console, (l) => ((lastSeq(l) ?? 0) >= canary + 3 ? true : undefined), { timeoutMs: 60_000 });
+      assert.equal((await port.shutdownGuest(newVm, 60_000)).outcome, 'off');
+      await replicateJob(o.client, 'kvm');
+      const newest = (await state()).restorePoints.at(-1)!;
+      await exec('qemu-img', ['compare', '-U', pointImage(newest.id), join(newDir, 'vda.qcow2')]);
     },
   );
 });

@@ -97,7 +97,7 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
     await assert.rejects(port.discardRunningLayer({ host: HOST, replica: 'r' }), NotFoundError);
     // What KVM hosts do not serve yet says so (501), never a success or a 404 a caller would take for "gone".
     await assert.rejects(
-      port.createVm({ host: HOST, vm: 'new1' }, [{ id: 'vda', sizeBytes: DISK_BYTES }]),
+      port.createVm({ host: HOST, vm: 'new1' }, { disks: [{ id: 'vda', sizeBytes: DISK_BYTES }] }),
       (e: Error) => e instanceof HostFailureError && /not served by KVM hosts yet/.test(e.message),
     );
   });

@@ -101,9 +101,9 @@ describe('power and backups', () => {
 
   test('a new VM on a production host accepts writes while off', async () => {
     const nv = { host: PROD, vm: 'restored01' };
-    const info = await t.port.createVm(nv, [{ id: 'os', sizeBytes: SIZE }]);
+    const info = await t.port.createVm(nv, { disks: [{ id: 'os', sizeBytes: SIZE }] });
     assert.equal(info.powerState, 'Off');
-    assert.deepEqual(await t.port.createVm(nv, [{ id: 'os', sizeBytes: SIZE }]), info, 'idempotent');
+    assert.deepEqual(await t.port.createVm(nv, { disks: [{ id: 'os', sizeBytes: SIZE }] }), info, 'idempotent');
     const data = Buffer.alloc(2 * BLOCK_SIZE, 7);
     async function* blocks() {
       yield await Promise.resolve({ offset: 3 * BLOCK_SIZE, data });
