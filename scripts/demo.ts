@@ -271,18 +271,11 @@ function printCommandsToTry(
   const other = config.jobs[1]?.vms[0] ?? first;
   say(`\nWeb UI: ${uiUrl}/namespaces/default/workflows`);
   say('Try the Temporal CLI from another terminal, for example:');
-  // KVM hosts do not fail back yet: their demo offers undo and permanent failover instead.
-  const finish =
-    hypervisorKind === 'lab'
-      ? [
-          `workflow update execute --workflow-id replica/${first} --name failback --input '{"requestedBy":"alice","reason":"back home"}'`,
-          `workflow update execute --workflow-id replica/${first} --name commitFailback --input '{"requestedBy":"alice","reason":"done"}'`,
-          `workflow update execute --workflow-id replica/${second} --name undoFailover --input '{"requestedBy":"alice","reason":"undo"}'`,
-        ]
-      : [
-          `workflow update execute --workflow-id replica/${first} --name undoFailover --input '{"requestedBy":"alice","reason":"undo"}'`,
-          `workflow update execute --workflow-id replica/${second} --name permanentFailover --input '{"requestedBy":"alice","reason":"stay","confirm":true}'`,
-        ];
+  const finish = [
+    `workflow update execute --workflow-id replica/${first} --name failback --input '{"requestedBy":"alice","reason":"back home"}'`,
+    `workflow update execute --workflow-id replica/${first} --name commitFailback --input '{"requestedBy":"alice","reason":"done"}'`,
+    `workflow update execute --workflow-id replica/${second} --name undoFailover --input '{"requestedBy":"alice","reason":"undo"}'`,
+  ];
   for (const line of [
     `workflow list --query 'FailoverJob="${job.name}"'`,
     `workflow query --workflow-id replica/${first} --type state`,
