@@ -1,6 +1,6 @@
 // A KVM host for tests: a private libvirtd with one tiny guest defined as a domain, and our host process serving it.
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -16,6 +16,7 @@ import {
 import { startKvmHost, type RunningKvmHost } from '../../kvm/host/server';
 import { guestDomainXml } from '../../kvm/libvirt/domain';
 import { CAPABILITIES_CACHE, LibvirtInstance } from '../../kvm/libvirt/instance';
+import { projectRoot } from '../../scripts/lib/dev-server';
 import type { Client } from '@temporalio/client';
 import { startPlannedFailover, startReplicationJob } from '../../src/client';
 import type { PlannedFailoverSessionResult, ReplicationJobResult } from '../../src/contract';
@@ -87,6 +88,48 @@ export async function failOverWritingGuest(
   assert.equal((await port.getVm(t.vm)).powerState, 'Off');
   assert.equal((await port.getVm({ host: t.replica.host, vm: t.replica.replica })).powerState, 'Running');
   assert.equal((await port.getReplica(t.replica)).hasRunningLayer, true);
+}
+
+/** Our host process as an operator runs it (`npm run kvm-host`), in a process of its own that a test can kill. */
+export interface KvmHostProcess {
+  url: string;
+  /** SIGKILL, and waits for the exit. */
+  kill(): Promise<void>;
+  /** SIGTERM (a clean stop), and waits for the exit. */
+  stop(): Promise<void>;
+}
+
+export async function spawnKvmHostProcess(options: {
+  name: string;
+  role: 'production' | 'dr';
+  libvirtUri: string;
+  stateDir: string;
+}): Promise<KvmHostProcess> {
+  const proc = spawn(
+    process.execPath,
+    [
+      ...['--import', 'tsx', join(projectRoot, 'kvm', 'host', 'main.ts')],
+      ...['--name', options.name, '--site', options.role === 'dr' ? 'dr' : 'primary', '--role', options.role],
+      ...['--port', '0', '--libvirt', options.libvirtUri, '--state', options.stateDir],
+    ],
+    { stdio: ['ignore', 'pipe', 'inherit'] },
+  );
+  const url = await new Promise<string>((resolve, reject) => {
+    let out = '';
+    proc.stdout.on('data', (d: Buffer) => {
+      out += d.toString();
+      const m = /listening on (http:\/\/\S+)/.exec(out);
+      if (m) resolve(m[1]!);
+    });
+    proc.once('exit', (code) => reject(new Error(`kvm-host exited ${code}: ${out}`)));
+  });
+  const signal = async (name: NodeJS.Signals) => {
+    if (proc.exitCode !== null || proc.signalCode !== null) return;
+    const exited = new Promise((r) => proc.once('exit', r));
+    proc.kill(name);
+    await exited;
+  };
+  return { url, kill: () => signal('SIGKILL'), stop: () => signal('SIGTERM') };
 }
 
 export interface TestKvmHost {

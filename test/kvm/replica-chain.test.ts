@@ -1,16 +1,16 @@
 import assert from 'node:assert/strict';
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { CAPABILITIES_CACHE, LibvirtInstance } from '../../kvm/libvirt/instance';
-import { projectRoot } from '../../scripts/lib/dev-server';
 import { blockDigest } from '../../src/host-api/digests';
 import { BadRequestError, ConflictError, NotFoundError } from '../../src/hypervisor/errors';
 import { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import { BLOCK_SIZE, type Extent, type ExtentData } from '../../src/hypervisor/port';
+import { spawnKvmHostProcess, type KvmHostProcess } from './helpers';
 
 const HOST = 'kvm-dr1';
 const DISK_BYTES = 16 * 1024 * 1024;
@@ -40,38 +40,23 @@ function extentsOf(blocks: number[]): Extent[] {
 describe('restore points as qcow2 chains on a KVM DR host, through a SIGKILL of its host process', () => {
   let dir: string;
   let libvirt: LibvirtInstance;
-  let child: ChildProcess | undefined;
+  let child: KvmHostProcess | undefined;
   let port: HostApiHypervisor;
   /** What each block of the disk must read as, by point: the test's own model of the chain. */
   const expected = new Map<string, Map<number, Buffer>>();
 
   async function startProcess(): Promise<void> {
-    const proc = spawn(
-      process.execPath,
-      [
-        ...['--import', 'tsx', join(projectRoot, 'kvm', 'host', 'main.ts')],
-        ...['--name', HOST, '--site', 'dr', '--role', 'dr', '--port', '0'],
-        ...['--libvirt', libvirt.virsh.uri, '--state', join(dir, 'state')],
-      ],
-      { stdio: ['ignore', 'pipe', 'inherit'] },
-    );
-    child = proc;
-    const url = await new Promise<string>((resolve, reject) => {
-      let out = '';
-      proc.stdout.on('data', (d: Buffer) => {
-        out += d.toString();
-        const m = /listening on (http:\/\/\S+)/.exec(out);
-        if (m) resolve(m[1]!);
-      });
-      proc.once('exit', (code) => reject(new Error(`kvm-host exited ${code}: ${out}`)));
+    child = await spawnKvmHostProcess({
+      name: HOST,
+      role: 'dr',
+      libvirtUri: libvirt.virsh.uri,
+      stateDir: join(dir, 'state'),
     });
-    port = new HostApiHypervisor({ url });
+    port = new HostApiHypervisor({ url: child.url });
   }
   async function kill(): Promise<void> {
     port.close();
-    const exited = new Promise((r) => child!.once('exit', r));
-    child!.kill('SIGKILL');
-    await exited;
+    await child!.kill();
   }
   async function digestsOf(pointId: string): Promise<string[]> {
     return (await port.replicaBlockDigests(disk, { pointId }, { startBlock: 0, count: DISK_BYTES / BLOCK_SIZE }))
@@ -93,11 +78,7 @@ describe('restore points as qcow2 chains on a KVM DR host, through a SIGKILL of 
 
   after(async () => {
     port?.close();
-    if (child?.exitCode === null) {
-      const exited = new Promise((r) => child!.once('exit', r));
-      child.kill('SIGTERM');
-      await exited;
-    }
+    await child?.stop();
     await libvirt?.stop();
     // The killed runs' export daemons were stopped by the next run, and its own by its clean stop.
     const left = spawnSync('pgrep', ['-f', join(dir, 'state')], { encoding: 'utf8' }).stdout.trim();
