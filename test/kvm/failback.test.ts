@@ -1,17 +1,14 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { after, before, describe, test } from 'node:test';
 import { lastSeq, readGuestLines, waitForGuest, type GuestLine } from '../../kvm/guest/guest';
 import { replicaNameOf } from '../../src/activities/inventory';
-import { connectHypervisor } from '../../src/config/hypervisor';
 import { operationUpdates, replicaQueries, replicaWorkflowId, type ReplicaView } from '../../src/contract';
 import type { HypervisorPort } from '../../src/hypervisor/port';
-import { startOrchestrator, testConfiguration, type TestOrchestrator } from '../harness';
-import { failOverWritingGuest, replicateJob, startTestKvmHost, type TestKvmHost } from './helpers';
+import type { TestOrchestrator } from '../harness';
+import { failOverWritingGuest, replicateJob, startKvmEstate, type KvmEstate, type TestKvmHost } from './helpers';
 
 const exec = promisify(execFile);
 
@@ -27,7 +24,6 @@ const MINUTES_4 = 240_000;
 describe('failback of a real guest between two KVM hosts: commit, undo, a regular failover to a point, and failback to a new VM', () => {
   let dir: string;
   let prod: TestKvmHost;
-  let dr: TestKvmHost;
   let o: TestOrchestrator;
   let port: HypervisorPort & { close(): void };
   const vm = { host: PROD, vm: VM };
@@ -36,31 +32,12 @@ describe('failback of a real guest between two KVM hosts: commit, undo, a regula
   const replicaDir = () => join(dir, 'dr', 'state', 'replicas', replica.replica);
   const replicaConsole = () => join(replicaDir(), 'console.log');
 
+  let estate: KvmEstate | undefined;
   before(async () => {
-    dir = mkdtempSync(join(tmpdir(), 'pf-kvmfb-'));
-    prod = await startTestKvmHost({ dir: join(dir, 'prod'), name: PROD, domain: VM });
-    dr = await startTestKvmHost({ dir: join(dir, 'dr'), name: DR, role: 'dr' });
-    o = await startOrchestrator({
-      estate: { sites: [{ name: 'dr', role: 'dr', hosts: [{ name: 'dr-unused' }] }] },
-      configure: (labUrl) =>
-        testConfiguration(labUrl, {
-          hosts: [
-            { name: PROD, role: 'production', adapter: { type: 'kvm', url: prod.host.url } },
-            { name: DR, role: 'dr', adapter: { type: 'kvm', url: dr.host.url } },
-          ],
-          jobs: [{ name: 'kvm', vms: [VM], targetHost: DR, restorePoints: 4 }],
-        }),
-      connect: (config) => (port = connectHypervisor(config)),
-    });
+    estate = await startKvmEstate({ prefix: 'pf-kvmfb-', prod: PROD, dr: DR, vm: VM, restorePoints: 4 });
+    ({ dir, prod, o, port } = estate);
   });
-
-  after(async () => {
-    await o?.close();
-    port?.close();
-    await prod?.stop();
-    await dr?.stop();
-    rmSync(dir, { recursive: true, force: true });
-  });
+  after(() => estate?.close());
 
   const who = { requestedBy: 'alice', reason: 'kvm failback test' };
   const entity = () => o.client.workflow.getHandle(replicaWorkflowId(VM));

@@ -1,17 +1,22 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { after, before, describe, test } from 'node:test';
 import { lastSeq, readGuestLines, waitForGuest } from '../../kvm/guest/guest';
 import { replicaNameOf } from '../../src/activities/inventory';
-import { connectHypervisor } from '../../src/config/hypervisor';
 import { operationUpdates, replicaQueries, replicaWorkflowId } from '../../src/contract';
 import type { HypervisorPort } from '../../src/hypervisor/port';
-import { startOrchestrator, testConfiguration, type TestOrchestrator } from '../harness';
-import { cleanStop, failOverWritingGuest, replicateJob, startTestKvmHost, type TestKvmHost } from './helpers';
+import type { TestOrchestrator } from '../harness';
+import {
+  cleanStop,
+  failOverWritingGuest,
+  replicateJob,
+  startKvmEstate,
+  type KvmEstate,
+  type TestKvmHost,
+} from './helpers';
 
 const exec = promisify(execFile);
 
@@ -36,32 +41,12 @@ describe('planned failover of a real guest between two KVM hosts, undo, and perm
   const replicaDir = () => join(dir, 'dr', 'state', 'replicas', replica.replica);
   const replicaConsole = () => join(replicaDir(), 'console.log');
 
+  let estate: KvmEstate | undefined;
   before(async () => {
-    dir = mkdtempSync(join(tmpdir(), 'pf-kvmfo-'));
-    prod = await startTestKvmHost({ dir: join(dir, 'prod'), name: PROD, domain: VM });
-    dr = await startTestKvmHost({ dir: join(dir, 'dr'), name: DR, role: 'dr' });
-    o = await startOrchestrator({
-      // The lab the harness always starts has no host of this estate: every call goes to a KVM host process.
-      estate: { sites: [{ name: 'dr', role: 'dr', hosts: [{ name: 'dr-unused' }] }] },
-      configure: (labUrl) =>
-        testConfiguration(labUrl, {
-          hosts: [
-            { name: PROD, role: 'production', adapter: { type: 'kvm', url: prod.host.url } },
-            { name: DR, role: 'dr', adapter: { type: 'kvm', url: dr.host.url } },
-          ],
-          jobs: [{ name: 'kvm', vms: [VM], targetHost: DR, restorePoints: 3 }],
-        }),
-      connect: (config) => (port = connectHypervisor(config)),
-    });
+    estate = await startKvmEstate({ prefix: 'pf-kvmfo-', prod: PROD, dr: DR, vm: VM, restorePoints: 3 });
+    ({ dir, prod, dr, o, port } = estate);
   });
-
-  after(async () => {
-    await o?.close();
-    port?.close();
-    await prod?.stop();
-    await dr?.stop();
-    rmSync(dir, { recursive: true, force: true });
-  });
+  after(() => estate?.close());
 
   const entity = () => o.client.workflow.getHandle(replicaWorkflowId(VM));
   const who = { requestedBy: 'alice', reason: 'kvm test' };

@@ -1,7 +1,8 @@
 // A KVM host for tests: a private libvirtd with one tiny guest defined as a domain, and our host process serving it.
 import assert from 'node:assert/strict';
 import { execFile, spawn } from 'node:child_process';
-import { writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import {
@@ -20,7 +21,9 @@ import { projectRoot } from '../../scripts/lib/dev-server';
 import type { Client } from '@temporalio/client';
 import { startPlannedFailover, startReplicationJob } from '../../src/client';
 import type { PlannedFailoverSessionResult, ReplicationJobResult } from '../../src/contract';
+import { connectHypervisor } from '../../src/config/hypervisor';
 import type { HypervisorPort, ReplicaRef, VmRef } from '../../src/hypervisor/port';
+import { startOrchestrator, testConfiguration, type TestOrchestrator } from '../harness';
 
 const exec = promisify(execFile);
 
@@ -88,6 +91,60 @@ export async function failOverWritingGuest(
   assert.equal((await port.getVm(t.vm)).powerState, 'Off');
   assert.equal((await port.getVm({ host: t.replica.host, vm: t.replica.replica })).powerState, 'Running');
   assert.equal((await port.getReplica(t.replica)).hasRunningLayer, true);
+}
+
+/**
+ * The estate of the end-to-end KVM tests: a production KVM host with one tiny guest and a DR KVM host (two libvirt
+ * instances, each with our host process), and the orchestrator configured with them and job `kvm` of that guest.
+ */
+export interface KvmEstate {
+  dir: string;
+  prod: TestKvmHost;
+  dr: TestKvmHost;
+  o: TestOrchestrator;
+  port: HypervisorPort & { close(): void };
+  close(): Promise<void>;
+}
+
+export async function startKvmEstate(options: {
+  /** Of the temporary directory everything is kept in. */
+  prefix: string;
+  prod: string;
+  dr: string;
+  vm: string;
+  restorePoints: number;
+}): Promise<KvmEstate> {
+  const dir = mkdtempSync(join(tmpdir(), options.prefix));
+  const prod = await startTestKvmHost({ dir: join(dir, 'prod'), name: options.prod, domain: options.vm });
+  const dr = await startTestKvmHost({ dir: join(dir, 'dr'), name: options.dr, role: 'dr' });
+  let port!: HypervisorPort & { close(): void };
+  const o = await startOrchestrator({
+    // The lab the harness always starts has no host of this estate: every call goes to a KVM host process.
+    estate: { sites: [{ name: 'dr', role: 'dr', hosts: [{ name: 'dr-unused' }] }] },
+    configure: (labUrl) =>
+      testConfiguration(labUrl, {
+        hosts: [
+          { name: options.prod, role: 'production', adapter: { type: 'kvm', url: prod.host.url } },
+          { name: options.dr, role: 'dr', adapter: { type: 'kvm', url: dr.host.url } },
+        ],
+        jobs: [{ name: 'kvm', vms: [options.vm], targetHost: options.dr, restorePoints: options.restorePoints }],
+      }),
+    connect: (config) => (port = connectHypervisor(config)),
+  });
+  return {
+    dir,
+    prod,
+    dr,
+    o,
+    port,
+    async close() {
+      await o.close();
+      port.close();
+      await prod.stop();
+      await dr.stop();
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
 }
 
 /** Our host process as an operator runs it (`npm run kvm-host`), in a process of its own that a test can kill. */

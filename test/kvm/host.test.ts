@@ -5,7 +5,13 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { GUEST_BLOCK_SIZE, guestBlockNumbers, lastSeq, parseDataBlock, waitForGuest } from '../../kvm/guest/guest';
 import { blockDigest } from '../../src/host-api/digests';
-import { ConflictError, HostFailureError, NotFoundError, TrackingLostError } from '../../src/hypervisor/errors';
+import {
+  BadRequestError,
+  ConflictError,
+  HostFailureError,
+  NotFoundError,
+  TrackingLostError,
+} from '../../src/hypervisor/errors';
 import { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import { BLOCK_SIZE, type Extent, type ExtentPage, type PageRequest } from '../../src/hypervisor/port';
 import { BLOCKS_PER_ITERATION, GUEST_DISK_BYTES as DISK_BYTES, startTestKvmHost, type TestKvmHost } from './helpers';
@@ -97,9 +103,15 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
     await assert.rejects(port.discardRunningLayer({ host: HOST, replica: 'r' }), NotFoundError);
     // What KVM hosts do not serve yet says so (501), never a success or a 404 a caller would take for "gone".
     await assert.rejects(
-      port.createVm({ host: HOST, vm: 'new1' }, { disks: [{ id: 'vda', sizeBytes: DISK_BYTES }] }),
+      port.listBackups(VM),
       (e: Error) => e instanceof HostFailureError && /not served by KVM hosts yet/.test(e.message),
     );
+    // A new VM is made from a definition: without one, nothing is made, and the answer names the field.
+    await assert.rejects(
+      port.createVm({ host: HOST, vm: 'new1' }, { disks: [{ id: 'vda', sizeBytes: DISK_BYTES }] }),
+      (e: Error) => e instanceof BadRequestError && /body\.definition/.test(e.message),
+    );
+    assert.deepEqual(await libvirt().virsh.domains(), [VM]);
   });
 
   test('a first full copy from a checkpoint of the running guest, then an incremental one from the changed extents: each equals its checkpoint', async () => {
