@@ -1,5 +1,6 @@
-// The source side of the port on a KVM host, through its libvirt: power, checkpoints and change tracking, and
-// consistent reads of the guests' disks.
+// The source side of the port on a KVM host, through its libvirt: power, checkpoints and change tracking,
+// consistent reads of the guests' disks, and what a failback needs of a production host: fenced writes into a
+// powered-off domain's disks and new VMs.
 //
 // A checkpoint of the port is a libvirt pull backup: `backup-begin` creates the libvirt checkpoint of the same name
 // and exports the disks as they were at that instant over NBD (a scratch file absorbs the guest's later writes),
@@ -47,6 +48,7 @@ const bitmapExport = (disk: string) => `backup-${disk}`;
 const BITMAP_LOST = /inconsistent|not found in backing chain/i;
 
 const run = promisify(execFile);
+
 /** Extents cut into the pieces reads are served in. */
 export function* readPieces(extents: Extent[]): Generator<Extent> {
   for (const e of extents)
