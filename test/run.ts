@@ -2,6 +2,8 @@
 // once, runs every *.test.ts with Node's test runner, and always stops the server, also on failure or Ctrl-C.
 // PF_TEST_SUGGEST_CONTINUE_AS_NEW=<events> starts the server with that continue-as-new suggestion, so that the
 // long-lived entities continue as new many times during the run (CI runs the integration tests once so).
+// PF_TEST_SERVER=<host:port> runs the tests against a Temporal server that is already running (a cluster): no dev
+// server is started, and each test file creates its namespaces and search attributes there, as it does on its own.
 import { spawn } from 'node:child_process';
 import { mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -22,6 +24,14 @@ function testFiles(paths: string[]): string[] {
   return found;
 }
 
+/** The server to test against instead of a dev server of the run's own, if one is named. */
+function externalServer(): string | undefined {
+  const value = process.env.PF_TEST_SERVER;
+  if (value === undefined || value === '') return undefined;
+  if (!/^[A-Za-z0-9.-]+:\d{1,5}$/.test(value)) throw new Error(`PF_TEST_SERVER must be host:port, not '${value}'`);
+  return value;
+}
+
 function suggestedContinueAsNew(): number | undefined {
   const value = process.env.PF_TEST_SUGGEST_CONTINUE_AS_NEW;
   if (value === undefined || value === '') return undefined;
@@ -33,6 +43,11 @@ function suggestedContinueAsNew(): number | undefined {
 async function main(): Promise<number> {
   const started = Date.now();
   const suggestContinueAsNew = suggestedContinueAsNew();
+  const external = externalServer();
+  if (external && suggestContinueAsNew)
+    throw new Error(
+      'PF_TEST_SUGGEST_CONTINUE_AS_NEW sets up a dev server of its own: it cannot go with PF_TEST_SERVER',
+    );
   const files = testFiles(process.argv.length > 2 ? process.argv.slice(2) : [join(projectRoot, 'test')]);
   if (files.length === 0) throw new Error('No *.test.ts files found.');
 
@@ -52,21 +67,27 @@ async function main(): Promise<number> {
     });
   }
   try {
-    const port = await freePort();
-    server = await startDevServer({
-      cli,
-      port,
-      dbFile: join(workDir, 'temporal.db'),
-      logFile: join(workDir, 'server.log'),
-      readyTimeoutMs: 120_000,
-      ...(suggestContinueAsNew
-        ? { dynamicConfig: { 'limit.historyCount.suggestContinueAsNew': suggestContinueAsNew } }
-        : {}),
-    });
-    console.log(
-      `Temporal dev server for tests at ${server.address} (${((Date.now() - started) / 1000).toFixed(1)} s)` +
-        (suggestContinueAsNew ? `, continue-as-new suggested after ${suggestContinueAsNew} events` : ''),
-    );
+    let address: string;
+    if (external) {
+      address = external;
+      console.log(`Temporal server for tests: ${address} (PF_TEST_SERVER; no dev server started)`);
+    } else {
+      server = await startDevServer({
+        cli,
+        port: await freePort(),
+        dbFile: join(workDir, 'temporal.db'),
+        logFile: join(workDir, 'server.log'),
+        readyTimeoutMs: 120_000,
+        ...(suggestContinueAsNew
+          ? { dynamicConfig: { 'limit.historyCount.suggestContinueAsNew': suggestContinueAsNew } }
+          : {}),
+      });
+      address = server.address;
+      console.log(
+        `Temporal dev server for tests at ${address} (${((Date.now() - started) / 1000).toFixed(1)} s)` +
+          (suggestContinueAsNew ? `, continue-as-new suggested after ${suggestContinueAsNew} events` : ''),
+      );
+    }
 
     // Bundling takes seconds; doing it once here saves it in every test file's process.
     const { code } = await bundleWorkflowCode({
@@ -81,7 +102,7 @@ async function main(): Promise<number> {
       cwd: projectRoot,
       env: {
         ...process.env,
-        PF_TEST_TEMPORAL_ADDRESS: server.address,
+        PF_TEST_TEMPORAL_ADDRESS: address,
         PF_TEST_TEMPORAL_CLI: cli,
         PF_TEST_WORKFLOW_BUNDLE: bundlePath,
       },
