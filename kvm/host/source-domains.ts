@@ -226,13 +226,16 @@ export class KvmSourceDomains {
 
   private async disks(domain: string): Promise<DiskInfo[]> {
     const out: DiskInfo[] = [];
-    for (const d of await this.domainDisks(domain)) {
-      const info = await this.virsh.run(['domblkinfo', domain, d.target]);
-      const capacity = /Capacity:\s+(\d+)/.exec(info);
-      if (!capacity) throw new Error(`no capacity for ${domain}/${d.target}: ${info}`);
-      out.push({ id: d.target, sizeBytes: Number(capacity[1]) });
-    }
+    for (const d of await this.domainDisks(domain))
+      out.push({ id: d.target, sizeBytes: await this.capacity(domain, d.target) });
     return out;
+  }
+
+  private async capacity(domain: string, target: string): Promise<number> {
+    const info = await this.virsh.run(['domblkinfo', domain, target]);
+    const capacity = /Capacity:\s+(\d+)/.exec(info);
+    if (!capacity) throw new Error(`no capacity for ${domain}/${target}: ${info}`);
+    return Number(capacity[1]);
   }
 
   private async domState(domain: string): Promise<{ state: string; reason: string }> {
@@ -381,10 +384,19 @@ export class KvmSourceDomains {
    */
   private async closeView(domain: string, c: CheckpointRecord): Promise<void> {
     this.dropViewExports(domain, c.id);
-    if (await this.backupRunning(domain)) await this.virsh.run(['domjobabort', domain]).catch(() => undefined);
+    await this.abortBackup(domain);
     await this.state.update(domain, (d) => void (d.checkpoints = d.checkpoints.filter((x) => x.id !== c.id)));
     await this.dropCheckpointsWithoutReference(domain);
-    if (c.pausedStart && (await this.domState(domain)).state === 'paused') await this.virsh.run(['destroy', domain]);
+    await this.endPausedStart(domain, c.pausedStart);
+  }
+
+  private async abortBackup(domain: string): Promise<void> {
+    if (await this.backupRunning(domain)) await this.virsh.run(['domjobabort', domain]).catch(() => undefined);
+  }
+
+  /** The domain's paused run for a view (if it had one and it still runs) ends, and the views' scratch files go. */
+  private async endPausedStart(domain: string, pausedStart: boolean): Promise<void> {
+    if (pausedStart && (await this.domState(domain)).state === 'paused') await this.virsh.run(['destroy', domain]);
     for (const d of await this.domainDisks(domain)) await rm(this.scratchOf(domain, d.target), { force: true });
   }
 
@@ -407,10 +419,11 @@ export class KvmSourceDomains {
       for (const c of d.checkpoints) if (c.status === 'open') c.status = 'interrupted';
     });
     for (const c of views) this.dropViewExports(domain, c.id);
-    if (await this.backupRunning(domain)) await this.virsh.run(['domjobabort', domain]).catch(() => undefined);
-    if (views.some((c) => c.pausedStart) && (await this.domState(domain)).state === 'paused')
-      await this.virsh.run(['destroy', domain]);
-    for (const d of await this.domainDisks(domain)) await rm(this.scratchOf(domain, d.target), { force: true });
+    await this.abortBackup(domain);
+    await this.endPausedStart(
+      domain,
+      views.some((c) => c.pausedStart),
+    );
   }
 
   /** Before anyone powers a domain on or off, a paused start of ours for a view ends (its view goes with it). */
@@ -519,8 +532,8 @@ export class KvmSourceDomains {
   ): Promise<number> {
     return this.exclusive(domain, async () => {
       const source = (await this.domainDisks(domain)).find((d) => d.target === disk);
-      const size = (await this.disks(domain)).find((d) => d.id === disk)?.sizeBytes;
-      if (!source || size === undefined) throw notFound(`disk ${domain}/${disk}`, 'disk');
+      if (!source) throw notFound(`disk ${domain}/${disk}`, 'disk');
+      const size = await this.capacity(domain, disk);
       let writer: Promise<{ daemon: ImageExport; nbd: NbdClient }> | undefined;
       const open = async () => {
         const record = this.state.domain(domain);
