@@ -17,7 +17,7 @@ import {
   guestKernelCmdline,
   guestQemuArgs,
   waitForGuest,
-  type GuestLine,
+  waitForReady,
 } from '../kvm/guest/guest';
 import { guestDomainXml } from '../kvm/libvirt/domain';
 import { CAPABILITIES_CACHE, LibvirtInstance } from '../kvm/libvirt/instance';
@@ -96,10 +96,7 @@ async function copyBench(dir: string) {
   };
 }
 
-const readyAfter = (serialLog: string, seen: number) =>
-  waitForGuest(serialLog, (lines: GuestLine[]) => lines.slice(seen).find((l) => l.kind === 'ready'), {
-    timeoutMs: 120_000,
-  });
+const readyAfter = (serialLog: string, seen: number) => waitForReady(serialLog, seen, { timeoutMs: 120_000 });
 const linesSoFar = (serialLog: string) => waitForGuest(serialLog, (lines) => lines.length, { timeoutMs: 1 });
 
 async function guestBench(dir: string) {

@@ -162,6 +162,30 @@ export const readGuestLines = (serialLog: string): Promise<GuestLine[]> =>
 export const lastSeq = (lines: GuestLine[]): number | undefined =>
   lines.flatMap((l) => (l.kind === 'seq' ? [l.seq] : [])).at(-1);
 
+export type ReadyLine = Extract<GuestLine, { kind: 'ready' }>;
+
+/** Waits for the guest's first ready line after the log's first `since` lines (it booted), and returns it. */
+export const waitForReady = (serialLog: string, since: number, options: { timeoutMs: number }): Promise<ReadyLine> =>
+  waitForGuest(serialLog, (lines) => lines.slice(since).find((l): l is ReadyLine => l.kind === 'ready'), options);
+
+/**
+ * Waits until the guest said it wrote iteration `n` or a later one, after the log's first `since` lines; returns
+ * the last iteration it said.
+ */
+export const waitForSeq = (
+  serialLog: string,
+  n: number,
+  options: { timeoutMs: number; since?: number },
+): Promise<number> =>
+  waitForGuest(
+    serialLog,
+    (lines) => {
+      const seq = lastSeq(lines.slice(options.since ?? 0));
+      return seq !== undefined && seq >= n ? seq : undefined;
+    },
+    options,
+  );
+
 // --- The disk ---
 
 export interface DiskReadOptions {

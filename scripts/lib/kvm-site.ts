@@ -12,7 +12,7 @@ import {
   guestKernelCmdline,
   lastSeq,
   readGuestLines,
-  waitForGuest,
+  waitForSeq,
 } from '../../kvm/guest/guest';
 import { startKvmHost, type RunningKvmHost } from '../../kvm/host/server';
 import { guestDomainXml } from '../../kvm/libvirt/domain';
@@ -97,9 +97,7 @@ export async function startKvmDemoSite(options: {
     guestsWriting: async () => {
       for (const serial of serials.values()) {
         const from = lastSeq(await readGuestLines(serial)) ?? 0;
-        await waitForGuest(serial, (lines) => ((lastSeq(lines) ?? 0) >= from + 3 ? true : undefined), {
-          timeoutMs: 120_000,
-        });
+        await waitForSeq(serial, from + 3, { timeoutMs: 120_000 });
       }
     },
     async checkFailover(result) {

@@ -3,7 +3,7 @@ import { execFile } from 'node:child_process';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { after, before, describe, test } from 'node:test';
-import { lastSeq, readGuestLines, waitForGuest, type GuestLine } from '../../kvm/guest/guest';
+import { lastSeq, readGuestLines, waitForReady, waitForSeq, type GuestLine } from '../../kvm/guest/guest';
 import { replicaNameOf } from '../../src/activities/inventory';
 import { operationUpdates, replicaQueries, replicaWorkflowId, type ReplicaView } from '../../src/contract';
 import type { HypervisorPort } from '../../src/hypervisor/port';
@@ -47,13 +47,6 @@ describe('failback of a real guest between two KVM hosts: commit, undo, a regula
   const replicaLines = () => readGuestLines(replicaConsole());
   const failOver = () => failOverWritingGuest(o.client, port, { prod, vm, replica, replicaDir: replicaDir() });
   const pointImage = (pointId: string) => join(replicaDir(), `${pointId}.vda.qcow2`);
-  /** The guest's next ready line after `since` lines of a console. */
-  const readyAfter = (console: string, since: number) =>
-    waitForGuest(
-      console,
-      (lines) => lines.slice(since).find((l): l is Extract<GuestLine, { kind: 'ready' }> => l.kind === 'ready'),
-      { timeoutMs: 60_000 },
-    );
 
   /**
    * A failback to the original VM, production left off, with the replica writing until it is powered off: exact by
@@ -62,9 +55,7 @@ describe('failback of a real guest between two KVM hosts: commit, undo, a regula
    */
   async function failBack(): Promise<{ protectiveId: string; canary: number }> {
     const from = lastSeq(await replicaLines()) ?? 0;
-    await waitForGuest(replicaConsole(), (l) => ((lastSeq(l) ?? 0) >= from + 3 ? true : undefined), {
-      timeoutMs: 60_000,
-    });
+    await waitForSeq(replicaConsole(), from + 3, { timeoutMs: 60_000 });
     const outcome = await operate('failback', { powerOnProduction: false });
     assert.equal(outcome.state, 'Failback', JSON.stringify(outcome));
     assert.ok(outcome.bytesCopied > 0, 'the replica’s writes were copied back');
@@ -100,7 +91,7 @@ describe('failback of a real guest between two KVM hosts: commit, undo, a regula
       assert.equal(committed.state, 'Ready', JSON.stringify(committed));
       const since = (await prod.guestLines()).length;
       await port.powerOn(vm);
-      const ready = await readyAfter(prod.serialLog, since);
+      const ready = await prod.readyAfter(since);
       assert.equal(ready.resume, canary, 'production resumes at the replica’s last write');
 
       // The next job run counts production's changes from the failback's reference point: tracked, and exact.
@@ -130,7 +121,7 @@ describe('failback of a real guest between two KVM hosts: commit, undo, a regula
       assert.equal((await port.getVm(vm)).powerState, 'Off');
       assert.equal((await port.getVm(replicaVm)).powerState, 'Running');
       assert.equal((await port.getReplica(replica)).headPointId, protectiveId);
-      const ready = await readyAfter(replicaConsole(), since);
+      const ready = await waitForReady(replicaConsole(), since, { timeoutMs: 60_000 });
       assert.equal(ready.resume, canary, 'the replica resumes where it was cut off');
     },
   );
@@ -152,7 +143,7 @@ describe('failback of a real guest between two KVM hosts: commit, undo, a regula
       const outcome = await operate('failover', { restorePointId: older.id });
       assert.equal(outcome.state, 'Failover', JSON.stringify(outcome));
       assert.equal((await port.getReplica(replica)).headPointId, older.id);
-      const ready = await readyAfter(replicaConsole(), since);
+      const ready = await waitForReady(replicaConsole(), since, { timeoutMs: 60_000 });
       assert.equal(ready.resume, olderCanary, 'the replica boots on the chosen point');
       assert.equal((await port.getVm(vm)).powerState, 'Running', 'the source is untouched');
       assert.ok(
@@ -170,9 +161,7 @@ describe('failback of a real guest between two KVM hosts: commit, undo, a regula
       const newVm = { host: PROD, vm: NEW };
       const newDir = join(dir, 'prod', 'state', 'vms', NEW);
       const from = lastSeq(await replicaLines()) ?? 0;
-      await waitForGuest(replicaConsole(), (l) => ((lastSeq(l) ?? 0) >= from + 3 ? true : undefined), {
-        timeoutMs: 60_000,
-      });
+      await waitForSeq(replicaConsole(), from + 3, { timeoutMs: 60_000 });
       const outcome = await operate('failback', {
         target: { newVm: { name: NEW, host: PROD } },
         powerOnProduction: false,
@@ -193,9 +182,13 @@ describe('failback of a real guest between two KVM hosts: commit, undo, a regula
       const canary = (await port.readReplicaCanary(replica, { pointId: protective.id })).sequence;
       const console = join(newDir, 'console.log');
       await port.powerOn(newVm);
-      assert.equal((await readyAfter(console, 0)).resume, canary, 'the new VM resumes at the replica’s last write');
+      assert.equal(
+        (await waitForReady(console, 0, { timeoutMs: 60_000 })).resume,
+        canary,
+        'the new VM resumes at the replica’s last write',
+      );
       assert.equal((await operate('commitFailback', {})).state, 'Ready');
-      await waitForGuest(console, (l) => ((lastSeq(l) ?? 0) >= canary + 3 ? true : undefined), { timeoutMs: 60_000 });
+      await waitForSeq(console, canary + 3, { timeoutMs: 60_000 });
       assert.equal((await port.shutdownGuest(newVm, 60_000)).outcome, 'off');
       await replicateJob(o.client, 'kvm');
       const newest = (await state()).restorePoints.at(-1)!;

@@ -4,7 +4,7 @@ import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { after, before, describe, test } from 'node:test';
-import { lastSeq, readGuestLines, waitForGuest } from '../../kvm/guest/guest';
+import { lastSeq, readGuestLines, waitForSeq } from '../../kvm/guest/guest';
 import { replicaNameOf } from '../../src/activities/inventory';
 import { operationUpdates, replicaQueries, replicaWorkflowId } from '../../src/contract';
 import type { HypervisorPort } from '../../src/hypervisor/port';
@@ -88,13 +88,8 @@ describe('planned failover of a real guest between two KVM hosts, undo, and perm
       assert.equal(info.hasRunningLayer, false);
       assert.equal(info.headPointId, info.points.at(-1)!.id, 'the head is the newest point again');
       assert.equal(existsSync(join(replicaDir(), '_running.vda.qcow2')), false, 'the running layer’s file is gone');
-      await prod.readyAfter(since);
-      const resumed = (await prod.guestLines()).slice(since).find((l) => l.kind === 'ready');
-      assert.equal(
-        resumed?.kind === 'ready' && resumed.resume,
-        stoppedAt,
-        'the source did not see the replica’s writes',
-      );
+      const resumed = await prod.readyAfter(since);
+      assert.equal(resumed.resume, stoppedAt, 'the source did not see the replica’s writes');
       assert.equal((await entity().query(replicaQueries.state)).state, 'Ready');
     },
   );
@@ -116,9 +111,7 @@ describe('planned failover of a real guest between two KVM hosts, undo, and perm
       const { stdout } = await exec('qemu-img', ['info', '-U', '--output=json', join(replicaDir(), '_base.vda.qcow2')]);
       assert.equal((JSON.parse(stdout) as { 'backing-filename'?: string })['backing-filename'], undefined);
       const before = lastSeq(await replicaLines()) ?? 0;
-      await waitForGuest(replicaConsole(), (lines) => ((lastSeq(lines) ?? 0) >= before + 3 ? true : undefined), {
-        timeoutMs: 60_000,
-      });
+      await waitForSeq(replicaConsole(), before + 3, { timeoutMs: 60_000 });
       assert.equal((await entity().query(replicaQueries.state)).state, 'PermanentFailover');
     },
   );

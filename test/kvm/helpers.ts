@@ -11,7 +11,9 @@ import {
   guestKernelCmdline,
   lastSeq,
   readGuestLines,
-  waitForGuest,
+  waitForReady,
+  waitForSeq,
+  type ReadyLine,
   type GuestLine,
 } from '../../kvm/guest/guest';
 import { startKvmHost, type RunningKvmHost } from '../../kvm/host/server';
@@ -56,15 +58,9 @@ export async function assertFailedOver(
   const helper2 = s.helperPoints.at(-1)!;
   await exec('qemu-img', ['compare', '-U', join(t.replicaDir, `${helper2}.vda.qcow2`), t.prod.image]);
   const console = join(t.replicaDir, 'console.log');
-  const ready = await waitForGuest(console, (lines) => lines.slice(t.consoleSince).find((l) => l.kind === 'ready'), {
-    timeoutMs: 60_000,
-  });
-  assert.equal(ready.kind === 'ready' && ready.resume, stoppedAt, 'the replica resumes at the source’s last write');
-  await waitForGuest(
-    console,
-    (lines) => ((lastSeq(lines.slice(t.consoleSince)) ?? 0) >= stoppedAt + 3 ? true : undefined),
-    { timeoutMs: 60_000 },
-  );
+  const ready = await waitForReady(console, t.consoleSince, { timeoutMs: 60_000 });
+  assert.equal(ready.resume, stoppedAt, 'the replica resumes at the source’s last write');
+  await waitForSeq(console, stoppedAt + 3, { since: t.consoleSince, timeoutMs: 60_000 });
 }
 
 /** A replication job run to its end: every session replicated. */
@@ -115,36 +111,37 @@ export async function startKvmEstate(options: {
   restorePoints: number;
 }): Promise<KvmEstate> {
   const dir = mkdtempSync(join(tmpdir(), options.prefix));
-  const prod = await startTestKvmHost({ dir: join(dir, 'prod'), name: options.prod, domain: options.vm });
-  const dr = await startTestKvmHost({ dir: join(dir, 'dr'), name: options.dr, role: 'dr' });
-  let port!: HypervisorPort & { close(): void };
-  const o = await startOrchestrator({
-    // The lab the harness always starts has no host of this estate: every call goes to a KVM host process.
-    estate: { sites: [{ name: 'dr', role: 'dr', hosts: [{ name: 'dr-unused' }] }] },
-    configure: (labUrl) =>
-      testConfiguration(labUrl, {
-        hosts: [
-          { name: options.prod, role: 'production', adapter: { type: 'kvm', url: prod.host.url } },
-          { name: options.dr, role: 'dr', adapter: { type: 'kvm', url: dr.host.url } },
-        ],
-        jobs: [{ name: 'kvm', vms: [options.vm], targetHost: options.dr, restorePoints: options.restorePoints }],
-      }),
-    connect: (config) => (port = connectHypervisor(config)),
-  });
-  return {
-    dir,
-    prod,
-    dr,
-    o,
-    port,
-    async close() {
-      await o.close();
-      port.close();
-      await prod.stop();
-      await dr.stop();
-      rmSync(dir, { recursive: true, force: true });
-    },
+  // Stopped last started first, at close and when a later part fails to start (no libvirtd is left behind).
+  const started: { stop(): Promise<void> }[] = [];
+  const stopAll = async () => {
+    for (const part of started.reverse()) await part.stop();
+    rmSync(dir, { recursive: true, force: true });
   };
+  try {
+    const prod = await startTestKvmHost({ dir: join(dir, 'prod'), name: options.prod, domain: options.vm });
+    started.push(prod);
+    const dr = await startTestKvmHost({ dir: join(dir, 'dr'), name: options.dr, role: 'dr' });
+    started.push(dr);
+    let port!: HypervisorPort & { close(): void };
+    const o = await startOrchestrator({
+      // The lab the harness always starts has no host of this estate: every call goes to a KVM host process.
+      estate: { sites: [{ name: 'dr', role: 'dr', hosts: [{ name: 'dr-unused' }] }] },
+      configure: (labUrl) =>
+        testConfiguration(labUrl, {
+          hosts: [
+            { name: options.prod, role: 'production', adapter: { type: 'kvm', url: prod.host.url } },
+            { name: options.dr, role: 'dr', adapter: { type: 'kvm', url: dr.host.url } },
+          ],
+          jobs: [{ name: 'kvm', vms: [options.vm], targetHost: options.dr, restorePoints: options.restorePoints }],
+        }),
+      connect: (config) => (port = connectHypervisor(config)),
+    });
+    started.push({ stop: async () => port.close() }, { stop: () => o.close() });
+    return { dir, prod, dr, o, port, close: stopAll };
+  } catch (e) {
+    await stopAll().catch(() => undefined);
+    throw e;
+  }
 }
 
 /** Our host process as an operator runs it (`npm run kvm-host`), in a process of its own that a test can kill. */
@@ -201,8 +198,8 @@ export interface TestKvmHost {
   guestLines(): Promise<GuestLine[]>;
   /** Waits until the guest has written iteration `n`; returns the last one it said. */
   seqAtLeast(n: number): Promise<number>;
-  /** Waits for the guest's next ready line after `since` lines (it booted). */
-  readyAfter(since: number): Promise<void>;
+  /** Waits for the guest's next ready line after `since` lines (it booted), and returns it. */
+  readyAfter(since: number): Promise<ReadyLine>;
   stop(): Promise<void>;
 }
 
@@ -257,15 +254,8 @@ export async function startTestKvmHost(options: {
       return t.host;
     },
     guestLines,
-    seqAtLeast: (n) =>
-      waitForGuest(serialLog, (lines) => ((lastSeq(lines) ?? 0) >= n ? lastSeq(lines) : undefined), {
-        timeoutMs: 60_000,
-      }),
-    async readyAfter(since) {
-      await waitForGuest(serialLog, (lines) => lines.slice(since).find((l) => l.kind === 'ready'), {
-        timeoutMs: 60_000,
-      });
-    },
+    seqAtLeast: (n) => waitForSeq(serialLog, n, { timeoutMs: 60_000 }),
+    readyAfter: (since) => waitForReady(serialLog, since, { timeoutMs: 60_000 }),
     async stop() {
       await t.host.stop();
       await libvirt.stop();

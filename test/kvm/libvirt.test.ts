@@ -15,6 +15,8 @@ import {
   lastSeq,
   readCanary,
   waitForGuest,
+  waitForReady,
+  waitForSeq,
 } from '../../kvm/guest/guest';
 import { guestDomainXml } from '../../kvm/libvirt/domain';
 import { CAPABILITIES_CACHE, LibvirtInstance } from '../../kvm/libvirt/instance';
@@ -44,11 +46,7 @@ describe('a real guest under a private libvirtd', () => {
   async function boot(): Promise<number> {
     const before = await waitForGuest(serialLog, (lines) => lines, { timeoutMs: 1 });
     await virsh('start', domain);
-    return waitForGuest(
-      serialLog,
-      (lines) => lines.slice(before.length).find((l) => l.kind === 'ready') as { resume: number } | undefined,
-      { timeoutMs: 60_000 },
-    ).then((ready) => ready.resume);
+    return (await waitForReady(serialLog, before.length, { timeoutMs: 60_000 })).resume;
   }
 
   before(async () => {
@@ -83,7 +81,7 @@ describe('a real guest under a private libvirtd', () => {
 
   test('boots, writes, and on an ACPI shutdown stops cleanly with its canary on disk; a second boot resumes there', async () => {
     assert.equal(await boot(), 0, 'a zeroed disk starts from 0');
-    await waitForGuest(serialLog, (lines) => ((lastSeq(lines) ?? 0) >= 5 ? true : undefined), { timeoutMs: 30_000 });
+    await waitForSeq(serialLog, 5, { timeoutMs: 30_000 });
     await virsh('shutdown', domain);
     const ms = await shutOff(30_000);
     const clean = await waitForGuest(
@@ -102,11 +100,7 @@ describe('a real guest under a private libvirtd', () => {
     await virsh('checkpoint-create-as', domain, 'c1');
     // Iterations after the last one printed before the checkpoint may have started before it; the next one cannot.
     const atCheckpoint = lastSeq(await waitForGuest(serialLog, (l) => l, { timeoutMs: 1 }))!;
-    const later = await waitForGuest(
-      serialLog,
-      (lines) => ((lastSeq(lines) ?? 0) >= atCheckpoint + 6 ? lastSeq(lines) : undefined),
-      { timeoutMs: 30_000 },
-    );
+    const later = await waitForSeq(serialLog, atCheckpoint + 6, { timeoutMs: 30_000 });
 
     const socket = join(dir, 'backup.sock');
     const backupXml = join(dir, 'backup.xml');
