@@ -18,6 +18,7 @@ import { FailureTypes, TASK_QUEUE, type PlannedFailoverResult } from '../src/con
 import { LabControl, HostApiHypervisor } from '../src/hypervisor/host-api-adapter';
 import type { ClosablePort } from '../src/hypervisor/routed';
 import { createLogger, logLevelFromEnv } from '../src/logging';
+import { prometheusTelemetry } from '../src/metrics';
 import { createOrchestrator, type Orchestrator } from '../src/orchestrator';
 import { syncJobSchedules } from '../src/schedules';
 import { DEFAULT_CONFIG_PATH } from '../src/worker';
@@ -69,7 +70,11 @@ async function main(): Promise<void> {
   const logFd = openSync(logFile, 'a');
   const logger = createLogger(logLevelFromEnv(), { write: (line: string) => writeSync(logFd, line) });
   // The stop path handles the signals: the SDK's own handler would stop the workers under a waiting demo.
-  Runtime.install({ logger, shutdownSignals: [] });
+  Runtime.install({
+    logger,
+    shutdownSignals: [],
+    telemetryOptions: prometheusTelemetry(`127.0.0.1:${ports.workerMetrics}`),
+  });
   logger.info('Demo started', { pid: process.pid, ...ports });
   say(`Demo running as pid ${process.pid} (Ctrl-C or kill -TERM ${process.pid} stops it).`);
   say(`Operator logs (the SDK's and the workers' JSON lines): ${shown(logFile)}`);
@@ -83,6 +88,7 @@ async function main(): Promise<void> {
     cli,
     port: ports.temporal,
     uiPort: ports.ui,
+    metricsPort: ports.serverMetrics,
     dbFile: join(serverDir, 'temporal.db'),
     logFile: serverLog,
     signal: stop.signal,
@@ -149,6 +155,10 @@ async function main(): Promise<void> {
     for (const line of await stop.untilStopped(kvmSite.checkFailover(result))) say(`  ${line}`);
   }
   shownResult = true;
+  say(
+    `\nMetrics (Prometheus): the workers' at http://127.0.0.1:${ports.workerMetrics}/metrics, the Temporal ` +
+      `server's at http://127.0.0.1:${ports.serverMetrics}/metrics`,
+  );
   printCommandsToTry(commands, uiUrl, orchestrator.config, hypervisorKind);
   await stop.untilStopped(new Promise<never>(() => undefined));
 }
@@ -252,7 +262,13 @@ interface DemoCommands {
 function commandsFor(cli: string, ports: DemoPorts, hypervisorKind: 'lab' | 'kvm'): DemoCommands {
   const address = `127.0.0.1:${ports.temporal}`;
   const defaultAddress = ports.temporal === 7233;
-  const portVariables = ['PF_TEMPORAL_PORT', 'PF_TEMPORAL_UI_PORT', 'PF_LAB_PORT'].filter((name) => process.env[name]);
+  const portVariables = [
+    'PF_TEMPORAL_PORT',
+    'PF_TEMPORAL_UI_PORT',
+    'PF_LAB_PORT',
+    'PF_METRICS_PORT',
+    'PF_TEMPORAL_METRICS_PORT',
+  ].filter((name) => process.env[name]);
   return {
     demo: `${portVariables.map((name) => `${name}=${process.env[name]} `).join('')}npm run demo${hypervisorKind === 'kvm' ? ' -- --hypervisor kvm' : ''}`,
     temporal: (args) => `${cli} ${args}${defaultAddress ? '' : ` --address ${address}`}`,

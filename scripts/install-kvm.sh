@@ -18,40 +18,11 @@ host_packages=(qemu-system-x86 qemu-utils libnbd-bin libvirt-daemon-system libvi
 # In load order: virtio_blk for /dev/vda; evdev and button so that busybox acpid sees the ACPI power button.
 modules=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk evdev button)
 
-log() { echo "$@" >&2; }
-
-as_root() {
-  if [ "$(id -u)" -eq 0 ]; then
-    "$@"
-  elif command -v sudo >/dev/null 2>&1; then
-    sudo "$@"
-  else
-    log "error: installing packages needs root, and sudo is not available: run this script as root."
-    exit 1
-  fi
-}
-
-apt_install() {
-  local cmd=(env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@")
-  if ! as_root "${cmd[@]}" >&2; then
-    # Most often the package lists are missing (a fresh container) or stale: refresh them once and retry.
-    log "Installing $* failed; updating the package lists and retrying..."
-    as_root apt-get update >&2
-    as_root "${cmd[@]}" >&2
-  fi
-}
+# shellcheck source=lib/apt.sh
+source "$root/scripts/lib/apt.sh"
 
 # 1. Host packages.
-missing=()
-for package in "${host_packages[@]}"; do
-  if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed'; then
-    missing+=("$package")
-  fi
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  log "Installing ${missing[*]}..."
-  apt_install "${missing[@]}"
-fi
+apt_ensure "${host_packages[@]}"
 
 # 2. The guest. Its recipe is this script plus init.sh: a change to either rebuilds it.
 recipe=$(cat "${BASH_SOURCE[0]}" "$init_script" | sha256sum | cut -c1-16)

@@ -3,7 +3,8 @@ import { NativeConnection, type NativeConnectionOptions, type Worker, type Worke
 import { createActivities } from './activities';
 import type { Configuration } from './config/schema';
 import type { HypervisorPort } from './hypervisor/port';
-import { createWorkers, type WorkerRoles } from './worker';
+import { createWorkers } from './worker';
+import { ALL_ROLES, type WorkerRoles } from './worker-args';
 
 export interface OrchestratorOptions {
   /** As envconfig gives them: usable by the worker's native connection and the client alike. */
@@ -29,8 +30,14 @@ export interface Orchestrator {
 
 export async function createOrchestrator(options: OrchestratorOptions): Promise<Orchestrator> {
   const { namespace, config, port } = options;
+  const roles = options.roles ?? ALL_ROLES;
   const connection = await NativeConnection.connect(options.connectionOptions);
-  const client = new Client({ connection: await Connection.connect(options.connectionOptions), namespace });
+  // Only the orchestration's activities and its schedules use the client: a process that runs proxies alone (on a
+  // proxy's machine) copies with the worker's connection and never opens the client's.
+  const clientConnection = roles.orchestration
+    ? await Connection.connect(options.connectionOptions)
+    : Connection.lazy(options.connectionOptions);
+  const client = new Client({ connection: clientConnection, namespace });
   let workers: Worker[] = [];
   let running: Promise<unknown> = Promise.resolve();
   const orchestrator: Orchestrator = {
@@ -44,7 +51,7 @@ export async function createOrchestrator(options: OrchestratorOptions): Promise<
         config,
         activities: createActivities({ port, config, client }),
         workflowBundle: options.workflowBundle,
-        roles: options.roles,
+        roles,
       });
       running = Promise.all(workers.map((w) => w.run()));
     },

@@ -8,16 +8,18 @@ import { loadConfiguration } from './config/load';
 import type { Configuration } from './config/schema';
 import { proxyTaskQueue, TASK_QUEUE } from './contract';
 import { createLogger } from './logging';
+import { prometheusTelemetry } from './metrics';
+import {
+  ALL_ROLES,
+  parseWorkerArgs,
+  proxiesRunBy,
+  taskQueuesPolledBy,
+  workerRolesFor,
+  WorkerArgsError,
+  type WorkerRoles,
+} from './worker-args';
 
-export const DEFAULT_CONFIG_PATH = 'config/planned-failover.yaml';
-
-/** Which workers a process runs: the orchestration (workflows and control activities) and which proxies. */
-export interface WorkerRoles {
-  orchestration: boolean;
-  proxies: 'all' | string[];
-}
-
-export const ALL_ROLES: WorkerRoles = { orchestration: true, proxies: 'all' };
+export { ALL_ROLES, DEFAULT_CONFIG_PATH, type WorkerRoles } from './worker-args';
 
 export interface OrchestratorWorkerOptions {
   connection: NativeConnection;
@@ -33,7 +35,8 @@ const shutdown = { shutdownGraceTime: '10s', shutdownForceTime: '30s' } as const
 
 /**
  * The orchestrator's workers: workflows and control activities on the planned-failover task queue, and one
- * worker per proxy on the proxy's own task queue, running as many copies at once as the proxy has slots.
+ * worker per proxy on the proxy's own task queue, running as many copies at once as the proxy has slots; `roles`
+ * says which of them this process runs (all of them by default).
  */
 export async function createWorkers(options: OrchestratorWorkerOptions): Promise<Worker[]> {
   const { connection, namespace, config, activities } = options;
@@ -52,26 +55,47 @@ export async function createWorkers(options: OrchestratorWorkerOptions): Promise
       })
     : undefined;
   const proxies = await Promise.all(
-    config.proxies
-      .filter((proxy) => roles.proxies === 'all' || roles.proxies.includes(proxy.name))
-      .map((proxy) =>
-        Worker.create({
-          connection,
-          namespace,
-          taskQueue: proxyTaskQueue(proxy.name),
-          activities: proxyActivities(activities, proxy.transport),
-          maxConcurrentActivityTaskExecutions: proxy.slots,
-          ...shutdown,
-        }),
-      ),
+    proxiesRunBy(roles, config).map((proxy) =>
+      Worker.create({
+        connection,
+        namespace,
+        taskQueue: proxyTaskQueue(proxy.name),
+        activities: proxyActivities(activities, proxy.transport),
+        maxConcurrentActivityTaskExecutions: proxy.slots,
+        ...shutdown,
+      }),
+    ),
   );
   return [...(orchestrator ? [orchestrator] : []), ...proxies];
 }
 
-async function main(): Promise<void> {
-  Runtime.install({ logger: createLogger() });
-  const configPath = process.env.PF_CONFIG ?? DEFAULT_CONFIG_PATH;
-  const config = loadConfiguration(configPath);
+/** The configuration file; one that cannot be read at all is a mistake of the command line (or of PF_CONFIG). */
+function readConfiguration(path: string): Configuration {
+  try {
+    return loadConfiguration(path);
+  } catch (err) {
+    if (err instanceof Error && 'syscall' in err) throw new WorkerArgsError(`--config ${path}: ${err.message}`);
+    throw err;
+  }
+}
+
+/**
+ * `npm run worker -- [--only orchestration | --only proxy <name...>] [--config <file>] [--metrics <host:port>]` (see
+ * worker-args.ts).
+ */
+async function main(argv: readonly string[]): Promise<void> {
+  // The command line and the configuration are checked before anything connects: a refusal changes nothing.
+  const args = parseWorkerArgs(argv);
+  if ('help' in args) {
+    process.stdout.write(args.help);
+    return;
+  }
+  const config = readConfiguration(args.configPath);
+  const roles = workerRolesFor(args, config);
+  Runtime.install({
+    logger: createLogger(),
+    ...(args.metricsAddress ? { telemetryOptions: prometheusTelemetry(args.metricsAddress) } : {}),
+  });
   const settings = connectionSettings();
   const port = connectHypervisor(config);
   const orchestrator = await createOrchestrator({
@@ -79,18 +103,23 @@ async function main(): Promise<void> {
     namespace: settings.namespace,
     config,
     port,
+    roles,
   });
   try {
-    // A worker creates the schedules its configuration names and nobody created yet; `failover schedules` makes
-    // them match the configuration (a worker started with an older one must not undo newer schedules).
-    const schedules = await syncJobSchedules(orchestrator.client, config, 'createOnly');
-    Runtime.instance().logger.info('Missing job schedules created', { ...schedules });
+    // The orchestration's process creates the schedules its configuration names and nobody created yet (a proxy's
+    // process, maybe on another machine with another copy of the file, leaves them alone); `failover schedules`
+    // makes them match the configuration (a worker started with an older one must not undo newer schedules).
+    if (roles.orchestration) {
+      const schedules = await syncJobSchedules(orchestrator.client, config, 'createOnly');
+      Runtime.instance().logger.info('Missing job schedules created', { ...schedules });
+    }
     await orchestrator.startWorkers();
     Runtime.instance().logger.info('Workers polling', {
       address: settings.address,
       namespace: settings.namespace,
-      taskQueues: [TASK_QUEUE, ...config.proxies.map((p) => proxyTaskQueue(p.name))],
-      config: configPath,
+      taskQueues: taskQueuesPolledBy(roles, config),
+      config: args.configPath,
+      ...(args.metricsAddress ? { metrics: `http://${args.metricsAddress}/metrics` } : {}),
     });
     // The SDK stops polling on SIGINT/SIGTERM and lets in-flight work finish within shutdownForceTime.
     await new Promise<void>((resolveStop) => {
@@ -103,11 +132,13 @@ async function main(): Promise<void> {
 }
 
 if (require.main === module) {
-  main().then(
+  main(process.argv.slice(2)).then(
     () => process.exit(0),
     (err: unknown) => {
-      console.error(err);
-      process.exit(1);
+      // A refused command line is bad input, like the CLI's: exit code 2 and only the message.
+      const refused = err instanceof WorkerArgsError;
+      console.error(refused ? err.message : err);
+      process.exit(refused ? 2 : 1);
     },
   );
 }

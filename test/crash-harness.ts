@@ -5,7 +5,7 @@
 // records what the lab received: bytes per restore point and disk, every power call with the lab's answer, and
 // every call's method and path.
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
+import type { ChildProcessWithoutNullStreams } from 'node:child_process';
 import http from 'node:http';
 import { type AddressInfo } from 'node:net';
 import { Transform } from 'node:stream';
@@ -15,6 +15,7 @@ import type { EstateInput } from '../lab/estate';
 import { forwardTo } from './forward';
 import { createTestNamespace, temporalAddress } from './harness';
 import { DR, PROD, startTestLab, type TestLab } from './lab/helpers';
+import { kill, startWorkerProcess } from './processes';
 
 export interface Call {
   method: string;
@@ -166,46 +167,6 @@ export class LabProxy {
   }
 }
 
-// The worker process -------------------------------------------------------------------------------------------
-
-const children = new Set<ChildProcessWithoutNullStreams>();
-
-export async function startWorkerProcess(env: Record<string, string>): Promise<ChildProcessWithoutNullStreams> {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'test/worker-process.ts'], {
-    env: { ...process.env, ...env },
-  });
-  children.add(child);
-  child.once('exit', () => children.delete(child));
-  let stderr = '';
-  child.stderr.on('data', (d: Buffer) => {
-    stderr += d.toString();
-    if (stderr.length > 20_000) stderr = stderr.slice(-10_000);
-  });
-  await new Promise<void>((resolve, reject) => {
-    let stdout = '';
-    const timer = setTimeout(() => reject(new Error(`worker not ready after 60 s: ${stderr}`)), 60_000);
-    child.stdout.on('data', (d: Buffer) => {
-      stdout += d.toString();
-      if (/^ready$/m.test(stdout)) {
-        clearTimeout(timer);
-        resolve();
-      }
-    });
-    child.once('exit', (code, signal) => {
-      clearTimeout(timer);
-      reject(new Error(`worker exited (${code ?? signal}) before it was ready: ${stderr}`));
-    });
-  });
-  return child;
-}
-
-export async function kill(child: ChildProcessWithoutNullStreams): Promise<void> {
-  if (child.exitCode !== null || child.signalCode !== null) return;
-  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
-  child.kill('SIGKILL');
-  await exited;
-}
-
 // Helpers over the server ----------------------------------------------------------------------------------
 
 /** Matches a power call to the VM (with this action, when given). */
@@ -269,7 +230,7 @@ export async function startCrashSite(estate: EstateInput, vms: readonly string[]
       worker = await startWorkerProcess(env);
     },
     async close() {
-      for (const child of [...children]) await kill(child);
+      if (worker) await kill(worker);
       await client.connection.close();
       await proxy.close();
       await lab.close();

@@ -9,6 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { freePort, portInUse, projectRoot } from '../scripts/lib/dev-server';
+import type { DemoPorts } from '../scripts/lib/ports';
 
 interface DemoRun {
   child: ChildProcess;
@@ -35,7 +36,7 @@ async function until(what: string, check: () => boolean, timeoutMs: number): Pro
 
 describe('npm run demo', () => {
   let checkout: string;
-  let ports: { temporal: number; ui: number; lab: number };
+  let ports: DemoPorts;
   let run: DemoRun | undefined;
 
   before(async () => {
@@ -45,7 +46,13 @@ describe('npm run demo', () => {
       cpSync(join(projectRoot, entry), join(checkout, entry), { recursive: true });
     }
     for (const entry of ['node_modules', '.cache']) symlinkSync(join(projectRoot, entry), join(checkout, entry));
-    ports = { temporal: await freePort(), ui: await freePort(), lab: await freePort() };
+    ports = {
+      temporal: await freePort(),
+      ui: await freePort(),
+      lab: await freePort(),
+      workerMetrics: await freePort(),
+      serverMetrics: await freePort(),
+    };
   });
   after(() => {
     if (run?.child.exitCode === null) run.child.kill('SIGKILL');
@@ -60,6 +67,8 @@ describe('npm run demo', () => {
         PF_TEMPORAL_PORT: String(ports.temporal),
         PF_TEMPORAL_UI_PORT: String(ports.ui),
         PF_LAB_PORT: String(ports.lab),
+        PF_METRICS_PORT: String(ports.workerMetrics),
+        PF_TEMPORAL_METRICS_PORT: String(ports.serverMetrics),
       },
       stdio: ['ignore', 'pipe', 'pipe'],
     });
@@ -78,7 +87,10 @@ describe('npm run demo', () => {
       const demo = startDemo();
       assert.equal(await demo.exited, 1, demo.output());
       assert.match(demo.output(), new RegExp(`Port ${ports.lab} \\(the lab\\) is in use by pid ${process.pid}`));
-      assert.match(demo.output(), /PF_TEMPORAL_PORT=\d+ PF_TEMPORAL_UI_PORT=\d+ PF_LAB_PORT=\d+ npm run demo/);
+      assert.match(
+        demo.output(),
+        /PF_TEMPORAL_PORT=\d+ PF_TEMPORAL_UI_PORT=\d+ PF_LAB_PORT=\d+ PF_METRICS_PORT=\d+ npm run demo/,
+      );
       assert.equal(existsSync(join(checkout, '.data', 'temporal')), false, 'no Temporal server was started');
       assert.equal(await portInUse(ports.temporal), false);
     } finally {
@@ -105,7 +117,9 @@ describe('npm run demo', () => {
       /SIGTERM: stopping the demo\.\nStopping the workers, the lab and the Temporal server\.\.\.\nStopped\./,
     );
     assert.equal(alive(serverPid), false, 'the Temporal server is gone');
-    for (const port of Object.values(ports)) assert.equal(await portInUse(port), false, `port ${port} is free`);
+    const { temporal, ui, lab, workerMetrics, serverMetrics } = ports;
+    for (const port of [temporal, ui, lab, workerMetrics, serverMetrics])
+      assert.equal(await portInUse(port), false, `port ${port} is free`);
     assert.equal(existsSync(join(checkout, '.data', 'demo.pid')), false);
   });
 
@@ -130,6 +144,17 @@ describe('npm run demo', () => {
       assert.ok(Number(source) > 0, `${vm} wrote`);
       assert.equal(compared, 'Images are identical.', `${vm}: qemu-img compare`);
     }
+    // Both Prometheus endpoints it prints: the workers' (the SDK's and the orchestrator's own) and the server's.
+    assert.match(out, new RegExp(`http://127\\.0\\.0\\.1:${ports.workerMetrics}/metrics`));
+    const scrape = async (port: number) => (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+    const workers = await scrape(ports.workerMetrics);
+    const failedOver = (metric: string) =>
+      new RegExp(`^${metric}\\{[^}]*job="kvm-apps"[^}]*outcome="failedOver"[^}]*\\} 2$`, 'm');
+    assert.match(workers, failedOver('planned_failover_downtime_seconds_count'));
+    assert.match(workers, failedOver('planned_failover_sessions_total'));
+    assert.match(workers, /^planned_failover_bytes_copied_total\{[^}]*phase="after_power_off"[^}]*\} [1-9]/m);
+    assert.match(workers, /^temporal_activity_execution_latency_count\{[^}]*activity_type="copyDisk"/m);
+    assert.match(await scrape(ports.serverMetrics), /^service_requests\{/m);
     demo.child.kill('SIGTERM');
     assert.equal(await demo.exited, 0, demo.output());
     assert.match(demo.output(), /Stopping the workers, the KVM hosts and the Temporal server\.\.\.\nStopped\./);

@@ -1,16 +1,18 @@
 // What integration tests get from the run: the shared dev server, a namespace of their own (entity workflow
 // ids like replica/<vm> and proxy-slots are fixed by the contract, so tests must not share a namespace),
-// a lab site, and the orchestrator's real workers wired to both.
+// a lab site, and the orchestrator's real workers wired to both: in the test's process, or with
+// PF_TEST_SPLIT_WORKERS=1 as an operator deploys them on machines of their own, the orchestration in a process of
+// its own and each proxy in one of its own (test/worker-process.ts).
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
+import { execFile, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { promisify } from 'node:util';
+import { Client, Connection } from '@temporalio/client';
 import { Runtime } from '@temporalio/worker';
 import type { EstateInput } from '../lab/estate';
 import { parseConfiguration } from '../src/config/load';
 import type { Configuration } from '../src/config/schema';
 import type { HypervisorPort } from '../src/hypervisor/port';
-import type { Client } from '@temporalio/client';
 import {
   replicaQueries,
   replicaWorkflowId,
@@ -20,8 +22,9 @@ import {
 } from '../src/contract';
 import { createLogger } from '../src/logging';
 import { createOrchestrator, type Orchestrator } from '../src/orchestrator';
-import type { WorkerRoles } from '../src/worker';
+import { ALL_ROLES, proxiesRunBy, type WorkerRoles } from '../src/worker-args';
 import { startTestLab, type TestLab } from './lab/helpers';
+import { startWorkerProcess, terminate } from './processes';
 
 const run = promisify(execFile);
 
@@ -109,15 +112,21 @@ export async function startOrchestrator(options: {
   const namespace = await createTestNamespace(server);
   const lab = await startTestLab(options.estate);
   const config = options.configure(lab.lab.url);
-  const create = (roles: WorkerRoles | undefined, configuration = config) =>
-    createOrchestrator({
-      connectionOptions: { address: server },
-      namespace,
-      config: configuration,
-      port: options.connect?.(configuration) ?? lab.port,
-      workflowBundle: { codePath: required('PF_TEST_WORKFLOW_BUNDLE') },
-      roles,
-    });
+  const bundle = required('PF_TEST_WORKFLOW_BUNDLE');
+  // A test's own `connect` hands the workers a port of this process, which no other process can share: its
+  // workers stay here also with PF_TEST_SPLIT_WORKERS=1.
+  const split = process.env.PF_TEST_SPLIT_WORKERS === '1' && !options.connect;
+  const create = (roles: WorkerRoles | undefined, configuration = config): Promise<Orchestrator> =>
+    split
+      ? workerProcesses({ server, namespace, config: configuration, labUrl: lab.lab.url, bundle, roles })
+      : createOrchestrator({
+          connectionOptions: { address: server },
+          namespace,
+          config: configuration,
+          port: options.connect?.(configuration) ?? lab.port,
+          workflowBundle: { codePath: bundle },
+          roles,
+        });
   const orchestrator = await create(options.roles);
   const extra: Orchestrator[] = [];
   await orchestrator.startWorkers();
@@ -134,6 +143,60 @@ export async function startOrchestrator(options: {
       for (const more of extra) await more.close().catch(() => undefined);
       await orchestrator.close();
       await lab.close();
+    },
+  };
+}
+
+/**
+ * The workers of `roles` as processes of their own, as an operator deploys them: the orchestration in one and each
+ * proxy in one, reaching the lab at `labUrl`; with a client of the test's, as createOrchestrator gives it.
+ */
+async function workerProcesses(options: {
+  server: string;
+  namespace: string;
+  config: Configuration;
+  labUrl: string;
+  bundle: string;
+  roles: WorkerRoles | undefined;
+}): Promise<Orchestrator> {
+  const { server, namespace, config } = options;
+  const roles = options.roles ?? ALL_ROLES;
+  const client = new Client({ connection: await Connection.connect({ address: server }), namespace });
+  const env = {
+    PF_WORKER_ADDRESS: server,
+    PF_WORKER_NAMESPACE: namespace,
+    PF_WORKER_CONFIG: JSON.stringify(config),
+    PF_WORKER_LAB_URL: options.labUrl,
+    PF_WORKER_BUNDLE: options.bundle,
+  };
+  const perProcess: WorkerRoles[] = [
+    ...(roles.orchestration ? [{ orchestration: true, proxies: [] }] : []),
+    ...proxiesRunBy(roles, config).map((proxy) => ({ orchestration: false, proxies: [proxy.name] })),
+  ];
+  let running: ChildProcessWithoutNullStreams[] = [];
+  const stopWorkers = async (): Promise<void> => {
+    await Promise.all(running.map(terminate));
+    running = [];
+  };
+  return {
+    client,
+    config,
+    namespace,
+    async startWorkers() {
+      const started = await Promise.allSettled(
+        perProcess.map((own) => startWorkerProcess({ ...env, PF_WORKER_ROLES: JSON.stringify(own) })),
+      );
+      running = started.flatMap((s) => (s.status === 'fulfilled' ? [s.value] : []));
+      const failed = started.find((s): s is PromiseRejectedResult => s.status === 'rejected');
+      if (failed) {
+        await stopWorkers();
+        throw failed.reason;
+      }
+    },
+    stopWorkers,
+    async close() {
+      await stopWorkers();
+      await client.connection.close();
     },
   };
 }

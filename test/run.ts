@@ -4,6 +4,10 @@
 // long-lived entities continue as new many times during the run (CI runs the integration tests once so).
 // PF_TEST_SERVER=<host:port> runs the tests against a Temporal server that is already running (a cluster): no dev
 // server is started, and each test file creates its namespaces and search attributes there, as it does on its own.
+// PF_TEST_SPLIT_WORKERS=1 runs the orchestrator's workers of the integration tests as an operator deploys them on
+// machines of their own (`npm run worker -- --only ...`): not in the test's process but the orchestration in a
+// process of its own and each proxy in one of its own (test/harness.ts; a test that hands the workers a hypervisor
+// port of its own keeps them in its process). The test files inherit it with the rest of the environment.
 import { spawn } from 'node:child_process';
 import { mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -32,6 +36,13 @@ function externalServer(): string | undefined {
   return value;
 }
 
+function splitWorkers(): boolean {
+  const value = process.env.PF_TEST_SPLIT_WORKERS;
+  if (value === undefined || value === '' || value === '0') return false;
+  if (value !== '1') throw new Error(`PF_TEST_SPLIT_WORKERS must be 1 (or 0), not '${value}'`);
+  return true;
+}
+
 function suggestedContinueAsNew(): number | undefined {
   const value = process.env.PF_TEST_SUGGEST_CONTINUE_AS_NEW;
   if (value === undefined || value === '') return undefined;
@@ -44,6 +55,7 @@ async function main(): Promise<number> {
   const started = Date.now();
   const suggestContinueAsNew = suggestedContinueAsNew();
   const external = externalServer();
+  const split = splitWorkers();
   if (external && suggestContinueAsNew)
     throw new Error(
       'PF_TEST_SUGGEST_CONTINUE_AS_NEW sets up a dev server of its own: it cannot go with PF_TEST_SERVER',
@@ -88,6 +100,9 @@ async function main(): Promise<number> {
           (suggestContinueAsNew ? `, continue-as-new suggested after ${suggestContinueAsNew} events` : ''),
       );
     }
+
+    if (split)
+      console.log('Workers of the integration tests: the orchestration and each proxy in processes of their own');
 
     // Bundling takes seconds; doing it once here saves it in every test file's process.
     const { code } = await bundleWorkflowCode({

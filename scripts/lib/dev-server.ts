@@ -1,9 +1,10 @@
-import { execFile, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { execFile, spawnSync, type ChildProcess } from 'node:child_process';
 import { mkdirSync, openSync } from 'node:fs';
 import { createConnection, createServer } from 'node:net';
 import { dirname, join, resolve } from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import { SearchAttributes } from '../../src/contract';
+import { spawnProcessGroup } from './process-group';
 
 export const projectRoot = resolve(__dirname, '..', '..');
 
@@ -61,6 +62,8 @@ export interface DevServerOptions {
   port: number;
   /** The Web UI's port; omitted means headless. */
   uiPort?: number;
+  /** Where the server serves its Prometheus metrics (/metrics); omitted means nowhere. */
+  metricsPort?: number;
   /** SQLite file that keeps the server's state across restarts. */
   dbFile: string;
   /** Where the server's own log goes. */
@@ -100,6 +103,7 @@ export async function startDevServer(options: DevServerOptions): Promise<DevServ
     '--port',
     String(options.port),
     ...(options.uiPort === undefined ? ['--headless'] : ['--ui-port', String(options.uiPort)]),
+    ...(options.metricsPort === undefined ? [] : ['--metrics-port', String(options.metricsPort)]),
     '--log-level',
     'warn',
     ...searchAttributeArgs(),
@@ -108,39 +112,13 @@ export async function startDevServer(options: DevServerOptions): Promise<DevServ
       `${key}=${JSON.stringify(value)}`,
     ]),
   ];
-  // A process group of its own: Ctrl-C in the terminal reaches our process, which stops workers first and the
-  // server last, instead of the server dying under workers that are still draining.
-  const child = spawn(options.cli, args, { stdio: ['ignore', log, log], detached: true });
-  const exited = new Promise<number | null>((resolveExit) => child.once('exit', (code) => resolveExit(code)));
-  let exitCode: number | null | undefined;
-  const killGroup = (signal: NodeJS.Signals): void => {
-    if (exitCode !== undefined || child.pid === undefined) return;
-    try {
-      process.kill(-child.pid, signal);
-    } catch {
-      // The group is gone already.
-    }
-  };
-  // Detached, it would outlive us: whatever way this process exits, the server goes with it.
-  const killOnExit = (): void => killGroup('SIGKILL');
-  process.once('exit', killOnExit);
-  void exited.then((code) => {
-    exitCode = code;
-    process.off('exit', killOnExit);
-  });
-
-  const stop = async (): Promise<void> => {
-    killGroup('SIGTERM');
-    const stopped = await Promise.race([exited.then(() => true), delay(STOP_GRACE_MS).then(() => false)]);
-    if (!stopped) {
-      killGroup('SIGKILL');
-      await exited;
-    }
-  };
+  const server = spawnProcessGroup(options.cli, args, { stdio: ['ignore', log, log] });
+  const stop = (): Promise<void> => server.stop(STOP_GRACE_MS);
 
   const deadline = Date.now() + (options.readyTimeoutMs ?? 60_000);
   while (!(await serverHealthy(options.cli, address))) {
-    if (exitCode !== undefined) {
+    if (server.done) {
+      const exitCode = await server.exited;
       throw new Error(`The Temporal server exited with code ${exitCode} before it was ready; see ${options.logFile}`);
     }
     if (options.signal?.aborted) {
@@ -156,8 +134,8 @@ export async function startDevServer(options: DevServerOptions): Promise<DevServ
   return {
     address,
     uiUrl: options.uiPort === undefined ? undefined : `http://127.0.0.1:${options.uiPort}`,
-    process: child,
-    exited,
+    process: server.process,
+    exited: server.exited,
     stop,
   };
 }

@@ -5,3 +5,9 @@ export function describeError(err: unknown): string {
     if (!messages.includes(e.message)) messages.push(e.message);
   return messages.join(': ') || String(err);
 }
+
+/** What a failed command said: its stderr, else its stdout, else the error's message. */
+export function commandOutput(err: unknown): string {
+  const { stderr, stdout } = err as { stderr?: string; stdout?: string };
+  return (stderr?.trim() || stdout?.trim() || (err instanceof Error ? err.message : String(err))).trim();
+}

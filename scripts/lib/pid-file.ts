@@ -25,7 +25,7 @@ function alive(pid: number): boolean {
  * A pid is reused once its process is gone: where /proc tells, its command line must still say what it was (a
  * zombie's is empty, so it counts as gone).
  */
-function runs(pid: number, commandPart: string): boolean {
+export function runs(pid: number, commandPart: string): boolean {
   if (!alive(pid)) return false;
   try {
     return readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(commandPart);
@@ -70,7 +70,7 @@ export class DemoPidFile {
       print(
         `Stopping the Temporal server (pid ${earlier.serverPid}) that a killed demo of this checkout left running...`,
       );
-      await this.stopOrphan(earlier.serverPid);
+      await stopOrphanGroup(earlier.serverPid, this.serverDbFile, 'The Temporal server');
     }
     this.record = { pid: process.pid, startedAt: new Date().toISOString(), ports };
     this.write();
@@ -91,27 +91,29 @@ export class DemoPidFile {
     mkdirSync(dirname(this.file), { recursive: true });
     writeFileSync(this.file, `${JSON.stringify(this.record)}\n`);
   }
+}
 
-  private async stopOrphan(pid: number): Promise<void> {
-    // The server was started in a process group of its own, led by it.
-    const signalGroup = (signal: NodeJS.Signals): void => {
-      try {
-        process.kill(-pid, signal);
-      } catch {
-        // Gone already.
-      }
-    };
-    signalGroup('SIGTERM');
-    const gone = async (): Promise<boolean> => {
-      for (let waited = 0; waited < 3_000; waited += 100) {
-        if (!runs(pid, this.serverDbFile)) return true;
-        await delay(100);
-      }
-      return false;
-    };
-    if (await gone()) return;
-    signalGroup('SIGKILL');
-    if (!(await gone()))
-      throw new Error(`The Temporal server with pid ${pid} did not stop; stop it with kill -KILL ${pid}.`);
-  }
+/**
+ * Stops a process group that an earlier run started and left behind when it was killed: the group is led by the
+ * process, whose command line must still hold the marker (its pid may have been reused).
+ */
+export async function stopOrphanGroup(pid: number, marker: string, what: string, graceMs = 3_000): Promise<void> {
+  const signalGroup = (signal: NodeJS.Signals): void => {
+    try {
+      process.kill(-pid, signal);
+    } catch {
+      // Gone already.
+    }
+  };
+  signalGroup('SIGTERM');
+  const gone = async (): Promise<boolean> => {
+    for (let waited = 0; waited < graceMs; waited += 100) {
+      if (!runs(pid, marker)) return true;
+      await delay(100);
+    }
+    return false;
+  };
+  if (await gone()) return;
+  signalGroup('SIGKILL');
+  if (!(await gone())) throw new Error(`${what} with pid ${pid} did not stop; stop it with kill -KILL ${pid}.`);
 }

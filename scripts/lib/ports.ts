@@ -6,6 +6,9 @@ export interface DemoPorts {
   temporal: number;
   ui: number;
   lab: number;
+  /** Prometheus: the demo's workers, and the Temporal server. */
+  workerMetrics: number;
+  serverMetrics: number;
 }
 
 function portFromEnv(env: NodeJS.ProcessEnv, name: string, fallback: number): number {
@@ -18,13 +21,20 @@ function portFromEnv(env: NodeJS.ProcessEnv, name: string, fallback: number): nu
   return port;
 }
 
-/** PF_TEMPORAL_PORT, PF_TEMPORAL_UI_PORT (the Temporal port + 1000 by default, as the CLI has it), PF_LAB_PORT. */
+/**
+ * PF_TEMPORAL_PORT, PF_TEMPORAL_UI_PORT (the Temporal port + 1000 by default, as the CLI has it), PF_LAB_PORT,
+ * PF_METRICS_PORT (the workers' Prometheus endpoint) and PF_TEMPORAL_METRICS_PORT (the Temporal server's, the next
+ * port by default).
+ */
 export function demoPortsFromEnv(env: NodeJS.ProcessEnv = process.env): DemoPorts {
   const temporal = portFromEnv(env, 'PF_TEMPORAL_PORT', 7233);
+  const workerMetrics = portFromEnv(env, 'PF_METRICS_PORT', 9464);
   return {
     temporal,
     ui: portFromEnv(env, 'PF_TEMPORAL_UI_PORT', temporal + 1000),
     lab: portFromEnv(env, 'PF_LAB_PORT', 7300),
+    workerMetrics,
+    serverMetrics: portFromEnv(env, 'PF_TEMPORAL_METRICS_PORT', workerMetrics + 1),
   };
 }
 
@@ -86,6 +96,8 @@ export async function refuseTakenPorts(ports: DemoPorts): Promise<void> {
     ['the Temporal server', ports.temporal],
     ['the Temporal Web UI', ports.ui],
     ['the lab', ports.lab],
+    ["the workers' metrics", ports.workerMetrics],
+    ["the Temporal server's metrics", ports.serverMetrics],
   ];
   // One line per holder: a demo of another checkout holds all three ports.
   const holders = new Map<string, { stop: string; ports: string[] }>();
@@ -108,7 +120,7 @@ export async function refuseTakenPorts(ports: DemoPorts): Promise<void> {
       ...taken,
       'The demo starts its own Temporal server and lab; it does not use ones that it did not start.',
       'To run it on other ports:',
-      '  PF_TEMPORAL_PORT=17233 PF_TEMPORAL_UI_PORT=18233 PF_LAB_PORT=17300 npm run demo',
+      '  PF_TEMPORAL_PORT=17233 PF_TEMPORAL_UI_PORT=18233 PF_LAB_PORT=17300 PF_METRICS_PORT=19464 npm run demo',
     ].join('\n'),
   );
 }

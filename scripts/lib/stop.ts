@@ -1,7 +1,7 @@
 import { setTimeout as delay } from 'node:timers/promises';
 import { describeError } from './errors';
 
-/** A wait given up because the demo was asked to stop. */
+/** A wait given up because the command (the demo, the cluster) was asked to stop. */
 export class StopRequested extends Error {}
 
 interface Cleanup {
@@ -11,7 +11,7 @@ interface Cleanup {
 }
 
 /**
- * The one way the demo stops, whatever is in flight: SIGINT, SIGTERM or SIGHUP, its parent gone, an error, or its
+ * The one way a long-running command (the demo, the cluster) stops, whatever is in flight: SIGINT, SIGTERM or SIGHUP, its parent gone, an error, or its
  * end. Everything it started is registered here and stopped in reverse order, each within a budget, under a
  * deadline after which the process exits anyway; a second signal exits at once.
  */
@@ -25,6 +25,8 @@ export class StopPath {
   constructor(
     private readonly print: (line: string) => void,
     private readonly deadlineMs = 20_000,
+    /** What stops, as the messages name it. */
+    private readonly subject = 'the demo',
   ) {
     for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(signal, () => this.request(signal));
     // npm passes SIGTERM to the shell that runs the script, not to us: once that shell is gone, stop as if we had
@@ -33,11 +35,11 @@ export class StopPath {
     const watch = setInterval(() => {
       if (process.ppid === parent) return;
       clearInterval(watch);
-      this.request('the process that started the demo is gone');
+      this.request(`the process that started ${this.subject} is gone`);
     }, 1_000).unref();
     // After SIGHUP the terminal may be gone; writing to it must not break the clean-up.
     for (const stream of [process.stdout, process.stderr]) stream.on('error', () => undefined);
-    // An error that nobody caught ends the demo like any other, through the clean-up. Once stopping, calls that
+    // An error that nobody caught ends the command like any other, through the clean-up. Once stopping, calls that
     // were in flight fail as their connections close: they end with the process.
     const crash = (err: unknown): void => {
       if (!this.requested) void this.finish(1, `error: ${describeError(err)}`);
@@ -55,7 +57,7 @@ export class StopPath {
       this.print(`${why} again: exiting now.`);
       process.exit(130);
     }
-    this.print(`\n${why}: stopping the demo.`);
+    this.print(`\n${why}: stopping ${this.subject}.`);
     this.controller.abort(new StopRequested(why));
   }
 

@@ -8,3 +8,4 @@ export * from './proxy';
 export * from './replication';
 export * from './messages';
 export * from './operations';
+export * from './metrics';

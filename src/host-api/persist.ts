@@ -3,7 +3,6 @@
 import { access, mkdir, open, readFile, rename, unlink } from 'node:fs/promises';
 import { dirname } from 'node:path';
 
-/** Makes the directory's entries (files created, renamed or removed in it) durable. */
 /** Whether the path exists (any error reaching it counts as no). */
 export const exists = (path: string): Promise<boolean> =>
   access(path).then(
@@ -11,6 +10,7 @@ export const exists = (path: string): Promise<boolean> =>
     () => false,
   );
 
+/** Makes the directory's entries (files created, renamed or removed in it) durable. */
 export async function fsyncDir(dir: string): Promise<void> {
   const h = await open(dir, 'r');
   try {
@@ -21,10 +21,11 @@ export async function fsyncDir(dir: string): Promise<void> {
 }
 
 /** Write tmp, fsync, rename over, fsync the directory: readers see the old or the new file, whole. */
-export async function writeFileAtomic(path: string, data: string): Promise<void> {
+export async function writeFileAtomic(path: string, data: string, mode = 0o666): Promise<void> {
   await mkdir(dirname(path), { recursive: true });
   const tmp = `${path}.tmp`;
-  const h = await open(tmp, 'w');
+  if (mode !== 0o666) await removeFile(tmp); // one left by a crash keeps the mode it was created with
+  const h = await open(tmp, 'w', mode);
   try {
     await h.writeFile(data);
     await h.sync();

@@ -21,6 +21,7 @@ import {
 } from '../contract';
 import type { Decision } from '../domain/critical-window';
 import { control, failureMessage, withSummary, type SessionStep } from './common';
+import { recordHalt, recordHaltDecision } from './metrics';
 
 export interface TakenDecision {
   kind: Decision;
@@ -99,12 +100,14 @@ export class HaltDesk {
     this.progress.halted = { id: record.id, step, reason, since: record.since };
     this.show('Halted', `#${record.id} at ${step}: ${reason}. Waiting for an operator: retry, abort or forceFailover`);
     log.warn('Critical window halted', { haltId: record.id, step, reason });
+    recordHalt(step);
     await condition(() => this.decision?.haltId === record.id);
     const { kind, request } = this.decision!;
     record.decision = kind;
     record.decidedBy = request.requestedBy;
     record.decisionReason = request.reason;
     log.info('Operator decision on halted session', { haltId: record.id, decision: kind, ...request });
+    recordHaltDecision(kind);
     this.current = null;
     this.decision = null;
     this.progress.halted = null;

@@ -50,6 +50,7 @@ import {
   type SessionStep,
 } from './common';
 import { HaltDesk, type TakenDecision } from './halts';
+import { recordPlannedFailoverSession } from './metrics';
 import {
   acquireReplica,
   bytesOf,
@@ -223,7 +224,11 @@ const critical = (options: ActivityOptions): ActivityOptions => ({
   retry: criticalRetry,
 });
 const criticalControl = critical(controlOptions);
-const criticalCopy = critical(copyOptions);
+/**
+ * A copy heartbeats every 2 s. In the window a lost one (its proxy died, or its completion was lost to a Temporal
+ * server that went down meanwhile) is retried after 8 s instead of the 20 s a copy outside the window may take.
+ */
+const criticalCopy: ActivityOptions = { ...critical(copyOptions), heartbeatTimeout: '8s' };
 const criticalWaiting = critical(waitingOptions);
 
 type Step = (name: SessionStep, detail: string) => void;
@@ -333,6 +338,7 @@ export async function plannedFailoverSession(
     }
     throw err;
   } finally {
+    recordPlannedFailoverSession(result);
     await releaseReplica(vm, { sessionId, ...report });
     await CancellationScope.nonCancellable(() => desk.close(`the session ended: ${result.outcome}`));
   }

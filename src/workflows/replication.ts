@@ -25,6 +25,7 @@ import { hostRefusesReplication, jobRunSkipReason } from '../domain/replica-stat
 import { checkpointProvenance, PointMetadata } from '../domain/restore-points';
 import { formatBytes } from '../domain/units';
 import { bestEffort, control, failureMessage, refusedInput, showStep, waitingOptions, withSummary } from './common';
+import { recordReplicationSession } from './metrics';
 import {
   acquireReplica,
   bytesOf,
@@ -99,6 +100,18 @@ export async function replicationJob(input: unknown): Promise<ReplicationJobResu
  * DR host shows overrides what the entity said: a replica that runs there, or became production, is never written.
  */
 export async function replicationSession(input: ReplicationSessionInput): Promise<ReplicationSessionResult> {
+  try {
+    const result = await replicateOnce(input);
+    recordReplicationSession(input.job, result.outcome, result.copy?.bytesCopied ?? 0);
+    return result;
+  } catch (err) {
+    recordReplicationSession(input.job, isCancellation(err) ? 'cancelled' : 'failed', 0);
+    throw err;
+  }
+}
+
+/** The session's work; replicationSession counts how it ended. */
+async function replicateOnce(input: ReplicationSessionInput): Promise<ReplicationSessionResult> {
   const { vm, job, sessionId } = input;
   upsertSearchAttributes([
     { key: SearchAttributes.FailoverVm, value: vm },

@@ -2,12 +2,10 @@
 // error that names the field and says what is wrong, and nothing changed on the hosts, in the entities or in the
 // halted session. Also checks that docs/bad-input.md shows the same table.
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { promisify } from 'node:util';
 import { WorkflowFailedError, WorkflowUpdateFailedError, type WorkflowHandle } from '@temporalio/client';
 import { ApplicationFailure } from '@temporalio/common';
 import { EstateError, parseEstate } from '../../lab/estate';
@@ -32,8 +30,8 @@ import { BAD_INPUT_CASES, renderBadInputTable, type Send } from '../bad-input-ma
 import { entityState, haltedSession } from '../failover-helpers';
 import { startOrchestrator, temporalAddress, testConfiguration, within, type TestOrchestrator } from '../harness';
 import { DR, estateOf, MiB, PROD } from '../lab/helpers';
+import { runScript } from '../processes';
 
-const execute = promisify(execFile);
 /** A refused request is bad input, or a requester without the role. */
 const REFUSED_TYPES: readonly string[] = [FailureTypes.invalidInput, FailureTypes.accessDenied];
 const DISKS = [{ id: 'os', size: 2 * MiB }];
@@ -174,11 +172,8 @@ describe('the bad-input matrix: every entry point refuses, naming the field, and
         return { message: failure.message };
       }
       case 'cli': {
-        const env = { ...process.env, TEMPORAL_ADDRESS: temporalAddress(), TEMPORAL_NAMESPACE: o.namespace };
-        const run = await execute(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', ...send.args], { env }).then(
-          () => assert.fail('the CLI accepted it'),
-          (e: { code: number; stderr: string }) => e,
-        );
+        const env = { TEMPORAL_ADDRESS: temporalAddress(), TEMPORAL_NAMESPACE: o.namespace };
+        const run = await runScript('src/cli/main.ts', send.args, env);
         assert.equal(run.code, 2, `exit code 2 for a refused request: ${run.stderr}`);
         return { message: run.stderr };
       }

@@ -1,13 +1,10 @@
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
 import { after, before, describe, it } from 'node:test';
-import { promisify } from 'node:util';
 import { startReplicationJob } from '../../src/client';
 import type { PlannedFailoverResult } from '../../src/contract';
 import { startOrchestrator, temporalAddress, testConfiguration, type TestOrchestrator } from '../harness';
 import { DR, smallEstate } from '../lab/helpers';
-
-const execute = promisify(execFile);
+import { runScript } from '../processes';
 
 describe('the project CLI, as an operator runs it', () => {
   let o: TestOrchestrator;
@@ -25,11 +22,7 @@ describe('the project CLI, as an operator runs it', () => {
 
   /** Runs `failover ...` with the connection settings the Temporal CLI would read. */
   async function failover(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-    const env = { ...process.env, TEMPORAL_ADDRESS: temporalAddress(), TEMPORAL_NAMESPACE: o.namespace };
-    return execute(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', ...args], { env }).then(
-      ({ stdout, stderr }) => ({ code: 0, stdout, stderr }),
-      (e: { code: number; stdout: string; stderr: string }) => e,
-    );
+    return runScript('src/cli/main.ts', args, { TEMPORAL_ADDRESS: temporalAddress(), TEMPORAL_NAMESPACE: o.namespace });
   }
 
   it('refuses bad input with exit code 2, naming the field, before starting anything', async () => {

@@ -10,7 +10,7 @@ import { replicaNameOf } from '../../src/activities/inventory';
 import { startPlannedFailover, startReplicationJob } from '../../src/client';
 import { replicaQueries, replicaWorkflowId, type PlannedFailoverResult } from '../../src/contract';
 import { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
-import { kill, startWorkerProcess } from '../crash-harness';
+import { kill, startWorkerProcess } from '../processes';
 import { createTestNamespace, temporalAddress, within } from '../harness';
 import { lastSeq } from '../../kvm/guest/guest';
 import { assertFailedOver, startTestKvmHost, type TestKvmHost } from './helpers';
