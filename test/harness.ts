@@ -105,7 +105,11 @@ export async function startOrchestrator(options: {
   connect?: (config: Configuration) => HypervisorPort;
 }): Promise<TestOrchestrator> {
   if (!runtimeInstalled) {
-    Runtime.install({ logger: createLogger('ERROR') });
+    // The SDK core's own warnings (a poll retried while a test has the server down) go the same way, errors only.
+    Runtime.install({
+      logger: createLogger('ERROR'),
+      telemetryOptions: { logging: { filter: { core: 'ERROR', other: 'ERROR' }, forward: {} } },
+    });
     runtimeInstalled = true;
   }
   const server = options.server ?? temporalAddress();

@@ -210,6 +210,22 @@ export interface StartClusterOptions {
   signal: AbortSignal;
 }
 
+/** Why a server process exited, as the last error in its log says, and where the rest is. */
+function exitedWhy(server: ServerProcess): string {
+  let last = '';
+  try {
+    const lines = readFileSync(server.log, 'utf8').trimEnd().split('\n').reverse();
+    last =
+      lines.find((line) => line.startsWith('Unable to ')) ??
+      lines.find((line) => line.includes('"level":"error"')) ??
+      '';
+  } catch {
+    // No log: the message names where it should have been.
+  }
+  const said = last.length > 400 ? `${last.slice(0, 400)}...` : last;
+  return `The Temporal ${server.name} process exited${said ? `: ${said}` : ''}; see ${server.log}`;
+}
+
 /** The order the server processes start in; they stop in the reverse one. */
 function serverLayout(split: boolean): Pick<ServerProcess, 'name' | 'services'>[] {
   return split
@@ -296,14 +312,30 @@ export async function startCluster(options: StartClusterOptions): Promise<Runnin
     stoppers.push(async () => {
       for (const server of [...servers].reverse()) await server.group.stop(10_000);
     });
-    for (const layout of serverLayout(settings.split)) servers.push(startServer(layout));
+    const grpcPort = { server: ports.frontend, frontend: ports.frontend, history: ports.history };
+    for (const layout of serverLayout(settings.split)) {
+      const server = startServer(layout);
+      servers.push(server);
+      // On an empty database each process would write the cluster's metadata, and the loser of that race exits
+      // (a duplicate key): the next process starts once this one serves, its metadata written.
+      if (servers.length < serverLayout(settings.split).length) {
+        const started = Date.now();
+        while (!(await portInUse(grpcPort[server.name]))) {
+          checkStop();
+          if (server.group.done) throw new Error(exitedWhy(server));
+          if (Date.now() - started > 120_000)
+            throw new Error(`The Temporal ${server.name} process did not serve in 120 s`);
+          await delay(100);
+        }
+      }
+    }
 
     const address = `127.0.0.1:${ports.frontend}`;
     const deadline = Date.now() + 120_000;
     while (!(await serverHealthy(cli, address))) {
       checkStop();
       const dead = servers.find((s) => s.group.done);
-      if (dead) throw new Error(`The Temporal ${dead.name} process exited; see ${dead.log}`);
+      if (dead) throw new Error(exitedWhy(dead));
       if (Date.now() > deadline) throw new Error(`The Temporal frontend at ${address} was not ready in 120 s`);
       await delay(250);
     }
