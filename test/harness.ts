@@ -105,10 +105,12 @@ export async function startOrchestrator(options: {
   connect?: (config: Configuration) => HypervisorPort;
 }): Promise<TestOrchestrator> {
   if (!runtimeInstalled) {
-    // The SDK core's own warnings (a poll retried while a test has the server down) go the same way, errors only.
+    // The SDK core's own warnings (a poll retried while a test has the server down) are kept out too: core prints
+    // only its errors. Not forwarded to the logger: forwarding holds the process open until a worker of this process
+    // has run and shut down, and with PF_TEST_SPLIT_WORKERS=1 none does, so the test file would never exit.
     Runtime.install({
       logger: createLogger('ERROR'),
-      telemetryOptions: { logging: { filter: { core: 'ERROR', other: 'ERROR' }, forward: {} } },
+      telemetryOptions: { logging: { filter: { core: 'ERROR', other: 'ERROR' } } },
     });
     runtimeInstalled = true;
   }
