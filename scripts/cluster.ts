@@ -38,7 +38,7 @@ async function main(settings: ClusterSettings): Promise<string> {
   say(`  export TEMPORAL_ADDRESS=${address} TEMPORAL_NAMESPACE=${namespace}`);
   say('  npm run worker -- --only orchestration');
   say('  npm run worker -- --only proxy <proxy name from the configuration>');
-  say('  npm run failover -- vms');
+  say('  npm run failover -- state --vm <VM name from the configuration>');
   say('Press Ctrl-C to stop the cluster (its state stays).');
   const exited = await stop.untilStopped(cluster.firstExit());
   return `${exited.what} exited (code ${exited.code}); see ${exited.log}`;

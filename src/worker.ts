@@ -1,4 +1,4 @@
-import { NativeConnection, Runtime, Worker, type WorkerOptions } from '@temporalio/worker';
+import { bundleWorkflowCode, NativeConnection, Runtime, Worker, type WorkerOptions } from '@temporalio/worker';
 import { createOrchestrator } from './orchestrator';
 import { syncJobSchedules } from './schedules';
 import { proxyActivities, type Activities } from './activities';
@@ -33,6 +33,11 @@ export interface OrchestratorWorkerOptions {
 
 const shutdown = { shutdownGraceTime: '10s', shutdownForceTime: '30s' } as const;
 
+/** The workflows, bundled for a worker. Webpack's build report (dozens of lines) is kept out of the logs. */
+export async function bundleWorkflows(): Promise<{ code: string }> {
+  return bundleWorkflowCode({ workflowsPath: require.resolve('./workflows'), logger: createLogger('WARN') });
+}
+
 /**
  * The orchestrator's workers: workflows and control activities on the planned-failover task queue, and one
  * worker per proxy on the proxy's own task queue, running as many copies at once as the proxy has slots; `roles`
@@ -46,9 +51,7 @@ export async function createWorkers(options: OrchestratorWorkerOptions): Promise
         connection,
         namespace,
         taskQueue: TASK_QUEUE,
-        ...(options.workflowBundle
-          ? { workflowBundle: options.workflowBundle }
-          : { workflowsPath: require.resolve('./workflows') }),
+        workflowBundle: options.workflowBundle ?? (await bundleWorkflows()),
         activities,
         // Give running activities time to finish or heartbeat before a stop is forced.
         ...shutdown,

@@ -39,7 +39,7 @@ export interface ServingProcess {
 
 /**
  * Starts the script and resolves once a line it writes matches `ready`; fails quoting its output if it exits first
- * or takes longer than `ms`.
+ * or takes longer than `ms` (then it is killed).
  */
 export async function startScript(
   script: string,
@@ -64,7 +64,11 @@ export async function startScript(
   }
   const what = `${script} ${args.join(' ')}`.trim();
   const readyLine = await new Promise<string>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`${what} not ready after ${ms / 1000} s:\n${tail}`)), ms);
+    // Killed, not left running: a child's pipes would hold the test file's process open for good.
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`${what} not ready after ${ms / 1000} s:\n${tail}`));
+    }, ms);
     onLine = (line) => {
       if (!ready.test(line)) return;
       clearTimeout(timer);

@@ -12,8 +12,8 @@ import { spawn } from 'node:child_process';
 import { mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, relative, resolve } from 'node:path';
-import { bundleWorkflowCode } from '@temporalio/worker';
 import { ensureTemporalCli, freePort, projectRoot, startDevServer, type DevServer } from '../scripts/lib/dev-server';
+import { bundleWorkflows } from '../src/worker';
 
 function testFiles(paths: string[]): string[] {
   const found: string[] = [];
@@ -105,10 +105,7 @@ async function main(): Promise<number> {
       console.log('Workers of the integration tests: the orchestration and each proxy in processes of their own');
 
     // Bundling takes seconds; doing it once here saves it in every test file's process.
-    const { code } = await bundleWorkflowCode({
-      workflowsPath: require.resolve('../src/workflows'),
-      logger: { info() {}, warn() {}, error: console.error, debug() {}, trace() {}, log() {} },
-    });
+    const { code } = await bundleWorkflows();
     const bundlePath = join(workDir, 'workflow-bundle.js');
     writeFileSync(bundlePath, code);
 

@@ -1,5 +1,5 @@
 import type { Client } from '@temporalio/client';
-import { replicaQueries, replicaWorkflowId, SearchAttributes } from '../contract';
+import { replicaQueries, replicaWorkflowId, SearchAttributes, sessionQueries } from '../contract';
 import { formatBytes } from './format';
 
 interface CopyHeartbeat {
@@ -47,6 +47,20 @@ function pollUntilStopped(poll: () => Promise<void>): () => Promise<void> {
 }
 
 /**
+ * What an operator needs when a session halts in its critical window (the source is off, the replica not on, and
+ * the command waits): the halt and the command that decides it, to run from another terminal.
+ */
+async function haltGuidance(client: Client, sessionWorkflowId: string): Promise<string> {
+  const { halted } = await client.workflow.getHandle(sessionWorkflowId).query(sessionQueries.progress);
+  if (!halted) return '';
+  return (
+    ` #${halted.id} at ${halted.step}: ${halted.reason}\n` +
+    `    Waiting for a decision. From another terminal: npm run failover -- decide <retry|abort|forceFailover> ` +
+    `--session ${sessionWorkflowId} --user <you> --reason <why>   (see: npm run failover -- decide --help)`
+  );
+}
+
+/**
  * Follows the sessions started by one workflow (children share its root id) and prints a line whenever a VM's
  * step changes, with the bytes copied so far while it copies. Returns a function that stops following.
  */
@@ -64,6 +78,7 @@ export function followSessions(
       const step = wf.typedSearchAttributes.get(SearchAttributes.FailoverStep) ?? 'Starting';
       let line = `${vm}: ${step}`;
       if (wf.status.name === 'RUNNING' && /Sync/.test(step)) line += await copyProgress(client, wf.workflowId);
+      if (wf.status.name === 'RUNNING' && step === 'Halted') line += await haltGuidance(client, wf.workflowId);
       if (seen.get(wf.workflowId) !== line) {
         seen.set(wf.workflowId, line);
         print(line);

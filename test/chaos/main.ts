@@ -10,10 +10,10 @@ import { join, resolve } from 'node:path';
 import { Command, InvalidArgumentError } from 'commander';
 import { Client, Connection } from '@temporalio/client';
 import { historyToJSON } from '@temporalio/common/lib/proto-utils';
-import { bundleWorkflowCode } from '@temporalio/worker';
 import { ensureTemporalCli, freePort, projectRoot } from '../../scripts/lib/dev-server';
 import { LabControl, HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import { TASK_QUEUE, WorkflowTypes, type ReplicationJobResult } from '../../src/contract';
+import { bundleWorkflows } from '../../src/worker';
 import { chaosConfiguration, chaosEstate, DR_HOST, JOBS, OPERATOR, PRODUCTION_HOST, PROXIES, VM_DISKS } from './estate';
 import { Ledger } from './invariants';
 import { ChaosSite } from './processes';
@@ -89,10 +89,7 @@ async function main(): Promise<number> {
     disksOf: (vm) => VM_DISKS[vm]!,
   });
   const recorderUrl = await recorder.listen();
-  const { code } = await bundleWorkflowCode({
-    workflowsPath: require.resolve('../../src/workflows'),
-    logger: { info() {}, warn() {}, error: console.error, debug() {}, trace() {}, log() {} },
-  });
+  const { code } = await bundleWorkflows();
   const bundlePath = join(workDir, 'workflow-bundle.js');
   writeFileSync(bundlePath, code);
   const site = new ChaosSite({

@@ -72,6 +72,11 @@ describe('npm run cluster', () => {
     assert.match(output, /Started the Temporal history service/);
     assert.match(output, /Started the Temporal frontend, matching, worker services/);
     assert.match(output, new RegExp(`export TEMPORAL_ADDRESS=${frontend} TEMPORAL_NAMESPACE=default`));
+    // The CLI commands it suggests exist (it once suggested one that did not).
+    const suggested = [...output.matchAll(/^ {2}npm run failover -- (\S+)/gm)].map((m) => m[1]!);
+    assert.notDeepEqual(suggested, []);
+    for (const command of suggested)
+      assert.equal((await runScript('src/cli/main.ts', ['help', command], {})).code, 0, `failover ${command}`);
     const metricsOf = (name: string) => new RegExp(`${name} (http://127\\.0\\.0\\.1:\\d+/metrics)`).exec(output)?.[1];
     const [frontendMetrics, historyMetrics] = [metricsOf('frontend'), metricsOf('history')];
     assert.match(await (await fetch(frontendMetrics!)).text(), /^service_requests\{/m);

@@ -1,10 +1,12 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
+import { once } from 'node:events';
+import { replicaNameOf } from '../../src/activities/inventory';
 import { startReplicationJob } from '../../src/client';
 import type { PlannedFailoverResult } from '../../src/contract';
 import { startOrchestrator, temporalAddress, testConfiguration, type TestOrchestrator } from '../harness';
 import { DR, smallEstate } from '../lab/helpers';
-import { runScript } from '../processes';
+import { kill, runScript, startScript } from '../processes';
 
 describe('the project CLI, as an operator runs it', () => {
   let o: TestOrchestrator;
@@ -81,5 +83,32 @@ describe('the project CLI, as an operator runs it', () => {
     assert.match(outcome.detail, /verified/);
     // vm2 boots for 1.5 s at the end, so the polled progress sees at least that step.
     assert.match(run.stderr, /^ {2}failback of vm2: powering vm2 on$/m);
+  });
+
+  it('says why a planned failover halted and how to decide, and the command it names finishes the failover', async () => {
+    await o.lab.control.setFault(DR, { kind: 'fail', path: `^/v1/hosts/${DR}/vms/${replicaNameOf('vm1')}/power$` });
+    const env = { TEMPORAL_ADDRESS: temporalAddress(), TEMPORAL_NAMESPACE: o.namespace };
+    const planned = await startScript(
+      'src/cli/main.ts',
+      ['planned', '--vm', 'vm1', '--reason', 'halt', '--user', 'alice'],
+      env,
+      /From another terminal: npm run failover -- decide/,
+    );
+    const exited = once(planned.child, 'exit');
+    try {
+      assert.match(planned.output(), /^ {2}vm1: Halted #1 at powerOn: .+$/m);
+      const session = /decide <retry\|abort\|forceFailover> --session (\S+) --user/.exec(planned.readyLine)?.[1];
+      assert.match(session ?? '', /^session\/vm1\//);
+
+      await o.lab.control.clearFaults(DR);
+      const decided = await failover('decide', 'retry', '--session', session!, '--user', 'alice', '--reason', 'fixed');
+      assert.equal(decided.code, 0, decided.stderr);
+      const [code] = (await exited) as [number | null];
+      assert.equal(code, 0, planned.output());
+      assert.match(planned.output(), /vm1\s+cli\s+failedOver/);
+      assert.match(planned.output(), /vm1: halted #1 at powerOn: .+; retry by alice \(fixed\)/);
+    } finally {
+      await kill(planned.child);
+    }
   });
 });
