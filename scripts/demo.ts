@@ -18,7 +18,7 @@ import { FailureTypes, TASK_QUEUE, type PlannedFailoverResult } from '../src/con
 import { LabControl, HostApiHypervisor } from '../src/hypervisor/host-api-adapter';
 import type { ClosablePort } from '../src/hypervisor/routed';
 import { createLogger, logLevelFromEnv } from '../src/logging';
-import { prometheusTelemetry } from '../src/metrics';
+import { prometheusTelemetry, publishHaltedSessions } from '../src/metrics';
 import { createOrchestrator, type Orchestrator } from '../src/orchestrator';
 import { syncJobSchedules } from '../src/schedules';
 import { DEFAULT_CONFIG_PATH } from '../src/worker';
@@ -136,6 +136,8 @@ async function main(): Promise<void> {
   // Only the workers: the client's connection stays open for calls still in flight, which end with the process.
   stop.defer('the workers', () => orchestrator.stopWorkers());
   await stop.untilStopped(orchestrator.startWorkers());
+  // Counted until the process ends (its timer does not hold the process open; a count the stop cuts is skipped).
+  publishHaltedSessions(orchestrator.client, Runtime.instance().metricMeter);
   say(`Workers polling '${TASK_QUEUE}' and one task queue per proxy.`);
 
   // Raced against the stop: a client call still in flight then (a result, an update) ends with the process.

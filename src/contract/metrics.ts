@@ -7,6 +7,8 @@ export const MetricNames = {
   sessions: 'planned_failover_sessions_total',
   halts: 'planned_failover_halts_total',
   haltDecisions: 'planned_failover_halt_decisions_total',
+  /** Counted in visibility by the orchestration worker (src/metrics.ts), not recorded by workflows. */
+  sessionsHalted: 'planned_failover_sessions_halted',
   slotsInUse: 'planned_failover_proxy_slots_in_use',
   slotsCapacity: 'planned_failover_proxy_slots_capacity',
   slotsWaiting: 'planned_failover_proxy_slots_waiting',

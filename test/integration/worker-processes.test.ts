@@ -11,10 +11,11 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { Client, Connection, ScheduleNotFoundError } from '@temporalio/client';
 import { temporal as proto } from '@temporalio/proto';
-import { startPlannedFailover, startReplicationJob } from '../../src/client';
-import { proxyTaskQueue, TASK_QUEUE } from '../../src/contract';
+import { startReplicationJob } from '../../src/client';
+import { haltedSessionUpdates, proxyTaskQueue, TASK_QUEUE, type PlannedFailoverResult } from '../../src/contract';
 import { jobScheduleId } from '../../src/schedules';
 import { freePort } from '../../scripts/lib/dev-server';
+import { haltedSession } from '../failover-helpers';
 import { createTestNamespace, temporalAddress, testConfiguration, within } from '../harness';
 import { DR, smallEstate, startTestLab, type TestLab } from '../lab/helpers';
 import { runScript, startScript, terminate, type ServingProcess } from '../processes';
@@ -172,9 +173,25 @@ describe('the workers as processes of their own, started as an operator starts t
 
     const replicated = await (await startReplicationJob(client, { job: JOB, requestedBy: 'alice' })).result();
     assert.equal(replicated.sessions[0]?.outcome, 'replicated', replicated.sessions[0]?.detail);
-    const moved = await (
-      await startPlannedFailover(client, { vms: ['vm1'], reason: `apart ${randomUUID()}`, requestedBy: 'alice' })
-    ).result();
+    // The failover halts in its critical window once: the halted-sessions gauge shows it while it waits.
+    const scrape = async (address: string) => (await fetch(`http://${address}/metrics`)).text();
+    const haltedNow = (count: number) =>
+      within(`planned_failover_sessions_halted ${count}`, 60_000, async () =>
+        new RegExp(`^planned_failover_sessions_halted\\{[^}]*namespace="${namespace}"[^}]*\\} ${count}$`, 'm').test(
+          await scrape(orchestrationMetrics),
+        )
+          ? true
+          : undefined,
+      );
+    const halted = await haltedSession(client, lab, 'vm1', undefined, {
+      input: { reason: `apart ${randomUUID()}` },
+    });
+    await haltedNow(1);
+    await halted.session.executeUpdate(haltedSessionUpdates.retry, {
+      args: [{ requestedBy: 'alice', reason: 'back' }],
+    });
+    const moved = (await halted.handle.result()) as PlannedFailoverResult;
+    await haltedNow(0);
     const session = moved.sessions[0]!;
     assert.equal(session.outcome, 'failedOver', session.detail);
     assert.equal(session.fullVerification?.identical, true, JSON.stringify(session.fullVerification));
@@ -183,7 +200,6 @@ describe('the workers as processes of their own, started as an operator starts t
     assert.deepEqual(await pollersOf(namespace, proxyTaskQueue('proxy-a'), ACTIVITY), []);
 
     // Each serves its metrics: the orchestrator's own come from the workflows, so from the orchestration's process.
-    const scrape = async (address: string) => (await fetch(`http://${address}/metrics`)).text();
     const ours = await scrape(orchestrationMetrics);
     const one = (metric: string, labels: string) => new RegExp(`^${metric}\\{[^}]*${labels}[^}]*\\} 1$`, 'm');
     assert.match(ours, one('planned_failover_sessions_total', 'operation="planned_failover",outcome="failedOver"'));
@@ -192,6 +208,8 @@ describe('the workers as processes of their own, started as an operator starts t
     assert.match(ours, /^planned_failover_downtime_part_seconds_count\{[^}]*part="final_sync"[^}]*\} 1$/m);
     assert.match(ours, /^planned_failover_proxy_slots_capacity\{[^}]*proxy="proxy-b"[^}]*\} 2$/m);
     assert.match(ours, /^planned_failover_proxy_slots_in_use\{[^}]*proxy="proxy-b"[^}]*\} 0$/m);
+    assert.match(ours, one('planned_failover_halts_total', 'step="[a-zA-Z]+"'));
+    assert.match(ours, one('planned_failover_halt_decisions_total', 'decision="retry"'));
     const proxies = await scrape(proxyMetrics);
     assert.match(proxies, /^temporal_activity_execution_latency_count\{[^}]*activity_type="copyDisk"/m);
     assert.doesNotMatch(proxies, /^planned_failover_/m);
