@@ -1,5 +1,6 @@
 // Where a worker process serves its Prometheus metrics: the SDK's runtime telemetry (task queues, polls, activity
-// and workflow task latencies) and the orchestrator's own, which workflow code records (src/workflows/metrics.ts).
+// and workflow task latencies) and the orchestrator's own: workflow code records them (src/workflows/metrics.ts),
+// but for the halted-sessions gauge, which the orchestration worker counts in visibility.
 import type { Client } from '@temporalio/client';
 import type { MetricMeter } from '@temporalio/common';
 import type { TelemetryOptions } from '@temporalio/worker';
