@@ -199,7 +199,8 @@ describe('the workers as processes of their own, started as an operator starts t
     await polledBy(namespace, proxyTaskQueue(PROXY), ACTIVITY, proxy.worker);
     assert.deepEqual(await pollersOf(namespace, proxyTaskQueue('proxy-a'), ACTIVITY), []);
 
-    // Each serves its metrics: the orchestrator's own come from the workflows, so from the orchestration's process.
+    // Each serves its metrics: the orchestrator's own come from the workflows and the halted-sessions count, so from
+    // the orchestration's process.
     const ours = await scrape(orchestrationMetrics);
     const one = (metric: string, labels: string) => new RegExp(`^${metric}\\{[^}]*${labels}[^}]*\\} 1$`, 'm');
     assert.match(ours, one('planned_failover_sessions_total', 'operation="planned_failover",outcome="failedOver"'));
