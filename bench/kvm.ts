@@ -21,9 +21,9 @@ import {
 } from '../kvm/guest/guest';
 import { guestDomainXml } from '../kvm/libvirt/domain';
 import { CAPABILITIES_CACHE, LibvirtInstance } from '../kvm/libvirt/instance';
-import { exportImage } from '../kvm/host/storage-daemon';
+import { exportImage } from '../agent/storage-daemon';
 import { QmpClient } from '../kvm/qmp';
-import { NbdClient } from '../src/nbd/client';
+import { NbdClient } from '../agent/nbd/client';
 import { commitOf, machine, median, MiB, round3, sleep, writeResult } from './lib';
 
 const run = promisify(execFile);

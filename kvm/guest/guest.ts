@@ -6,7 +6,10 @@ import { open, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
+import { parseCanary } from '../../agent/canary';
 import { projectRoot } from '../../scripts/lib/dev-server';
+
+export { parseCanary };
 
 const execFileAsync = promisify(execFile);
 
@@ -14,7 +17,6 @@ export const installScript = path.join(projectRoot, 'scripts', 'install-kvm.sh')
 
 /** The guest's block size: the canary and every data block are one 4 KiB block. */
 export const GUEST_BLOCK_SIZE = 4096;
-const CANARY_PREFIX = 'PFCANARY v1 seq=';
 const DATA_PATTERN = /^PFDATA v1 seq=(\d+) k=(\d+) block=(\d+)\n/;
 
 export interface GuestFiles {
@@ -193,15 +195,6 @@ export interface DiskReadOptions {
   format?: 'qcow2' | 'raw';
   /** Read a qcow2 image that a running QEMU holds open (qemu-io -U); the data may be mid-change. */
   forceShare?: boolean;
-}
-
-/** The sequence number in a canary block: 0 when there is none (a zeroed disk). */
-export function parseCanary(block: Buffer): number {
-  const text = block.subarray(0, 64).toString('latin1');
-  if (!text.startsWith(CANARY_PREFIX)) return 0;
-  const match = text.slice(CANARY_PREFIX.length).match(/^(\d+)\n/);
-  if (!match) throw new Error(`corrupt canary: ${JSON.stringify(text.replace(/\0+$/, ''))}`);
-  return Number(match[1]);
 }
 
 /** The guest's canary: the last iteration whose data is on the disk (0 for a disk it never wrote). */

@@ -7,7 +7,7 @@ import { copyFileSync, cpSync, existsSync, mkdirSync, readdirSync, readFileSync,
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { projectRoot } from '../../scripts/lib/dev-server';
-import { Virsh } from './virsh';
+import { Virsh } from '../../agent/libvirt/virsh';
 
 /** Where tests, benchmarks and the demo keep libvirt's QEMU capability probe between instances. */
 export const CAPABILITIES_CACHE = join(projectRoot, '.cache', 'libvirt-capabilities');

@@ -14,7 +14,7 @@ import {
   readGuestLines,
   waitForSeq,
 } from '../../kvm/guest/guest';
-import { startKvmHost, type RunningKvmHost } from '../../kvm/host/server';
+import { startKvmHost, type RunningKvmHost } from '../../agent/server';
 import { guestDomainXml } from '../../kvm/libvirt/domain';
 import { CAPABILITIES_CACHE, LibvirtInstance } from '../../kvm/libvirt/instance';
 import type { Configuration } from '../../src/config/schema';

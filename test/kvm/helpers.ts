@@ -16,7 +16,7 @@ import {
   type ReadyLine,
   type GuestLine,
 } from '../../kvm/guest/guest';
-import { startKvmHost, type RunningKvmHost } from '../../kvm/host/server';
+import { startKvmHost, type RunningKvmHost } from '../../agent/server';
 import { guestDomainXml } from '../../kvm/libvirt/domain';
 import { CAPABILITIES_CACHE, LibvirtInstance } from '../../kvm/libvirt/instance';
 import { projectRoot } from '../../scripts/lib/dev-server';

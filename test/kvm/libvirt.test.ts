@@ -20,8 +20,8 @@ import {
 } from '../../kvm/guest/guest';
 import { guestDomainXml } from '../../kvm/libvirt/domain';
 import { CAPABILITIES_CACHE, LibvirtInstance } from '../../kvm/libvirt/instance';
-import { NbdClient } from '../../src/nbd/client';
-import { dirtyBitmapContext, STATE_DIRTY } from '../../src/nbd/protocol';
+import { NbdClient } from '../../agent/nbd/client';
+import { dirtyBitmapContext, STATE_DIRTY } from '../../agent/nbd/protocol';
 
 const BLOCKS_PER_ITERATION = 4;
 const DISK_BYTES = 64 * 1024 * 1024;

@@ -12,8 +12,8 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as delay } from 'node:timers/promises';
 import { promisify } from 'node:util';
-import { NbdClient, NbdConnectionError, NbdError, NbdNegotiationError, type NbdExtent } from '../../src/nbd/client';
-import { BASE_ALLOCATION, STATE_DIRTY, STATE_HOLE, STATE_ZERO, dirtyBitmapContext } from '../../src/nbd/protocol';
+import { NbdClient, NbdConnectionError, NbdError, NbdNegotiationError, type NbdExtent } from '../../agent/nbd/client';
+import { BASE_ALLOCATION, STATE_DIRTY, STATE_HOLE, STATE_ZERO, dirtyBitmapContext } from '../../agent/nbd/protocol';
 import { ensureGuest } from '../../kvm/guest/guest';
 
 const exec = promisify(execFile);

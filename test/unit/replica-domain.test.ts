@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { ReplicaDefinitionError, replicaDomainXml } from '../../kvm/host/replica-domain';
+import { ReplicaDefinitionError, replicaDomainXml } from '../../agent/replica-domain';
 import { guestDomainXml } from '../../kvm/libvirt/domain';
 
 // As `virsh dumpxml --inactive` writes an operator's domain: identity, a raw disk with a backing chain, a second

@@ -1,8 +1,8 @@
 // Power of a libvirt domain, the same for a source VM and a replica: the ACPI button with the wait for the guest to
 // stop (the forced power-off after a timeout is the orchestrator's decision), destroy, and libvirt's state.
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { PowerState } from '../../src/hypervisor/port';
-import { VirshError, type Virsh } from '../libvirt/virsh';
+import type { PowerState } from '../src/hypervisor/port';
+import { VirshError, type Virsh } from './libvirt/virsh';
 
 const POLL_MS = 100;
 

@@ -2,8 +2,8 @@
 // The orchestrator reaches it with the same adapter as the lab.
 import type { FastifyInstance } from 'fastify';
 import { z } from 'zod';
-import { conflict, notFound } from '../../src/host-api/errors';
-import { framedLength } from '../../src/host-api/frames';
+import { conflict, notFound } from '../src/host-api/errors';
+import { framedLength } from '../src/host-api/frames';
 import {
   blockRange,
   checkBlockRange,
@@ -21,10 +21,10 @@ import {
   view,
   viewQuery,
   vmSpec,
-} from '../../src/host-api/schemas';
-import { hostApiServer, receiveFrames, streamFrames } from '../../src/host-api/server';
-import type { Extent, HostInfo, ReplicaView, SiteRole } from '../../src/hypervisor/port';
-import { Virsh } from '../libvirt/virsh';
+} from '../src/host-api/schemas';
+import { hostApiServer, receiveFrames, streamFrames } from '../src/host-api/server';
+import type { Extent, HostInfo, ReplicaView, SiteRole } from '../src/hypervisor/port';
+import { Virsh } from './libvirt/virsh';
 import { KvmReplicas, notOnKvmYet } from './replicas';
 import { KvmSourceDomains, readPieces } from './source-domains';
 import { HostState } from './state';

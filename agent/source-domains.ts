@@ -14,12 +14,12 @@ import { execFile } from 'node:child_process';
 import { mkdir, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { parseCanary, GUEST_BLOCK_SIZE } from '../guest/guest';
-import { lines, Virsh, VirshError } from '../libvirt/virsh';
-import { digestsOf } from '../../src/host-api/digests';
-import type { FramePiece } from '../../src/host-api/frames';
-import { badRequest, conflict, HostApiError, notFound, trackingLost } from '../../src/host-api/errors';
-import { exists, fsyncDir, writeFileAtomic } from '../../src/host-api/persist';
+import { CANARY_BYTES, parseCanary } from './canary';
+import { lines, Virsh, VirshError } from './libvirt/virsh';
+import { digestsOf } from '../src/host-api/digests';
+import type { FramePiece } from '../src/host-api/frames';
+import { badRequest, conflict, HostApiError, notFound, trackingLost } from '../src/host-api/errors';
+import { exists, fsyncDir, writeFileAtomic } from '../src/host-api/persist';
 import {
   BLOCK_SIZE,
   type BlockDigests,
@@ -33,9 +33,9 @@ import {
   type VmDefinition,
   type VmInfo,
   type VmSpec,
-} from '../../src/hypervisor/port';
-import { NbdClient } from '../../src/nbd/client';
-import { BASE_ALLOCATION, dirtyBitmapContext, STATE_DIRTY, STATE_ZERO } from '../../src/nbd/protocol';
+} from '../src/hypervisor/port';
+import { NbdClient } from './nbd/client';
+import { BASE_ALLOCATION, dirtyBitmapContext, STATE_DIRTY, STATE_ZERO } from './nbd/protocol';
 import { acpiShutdown, destroyDomain, isNoSuchDomain, parseDomState, powerStateOf } from './power';
 import { domainXmlOfRequest } from './replica-domain';
 import type { CheckpointRecord, HostState, ReferenceRecord } from './state';
@@ -683,7 +683,7 @@ export class KvmSourceDomains {
     if (!first) return 0;
     const nbd = await this.viewExport(domain, checkpointId, first.id);
     try {
-      return parseCanary(await nbd.read(0, GUEST_BLOCK_SIZE));
+      return parseCanary(await nbd.read(0, CANARY_BYTES));
     } catch (e) {
       if (e instanceof Error && /corrupt canary/.test(e.message)) return 0;
       throw e;

@@ -4,7 +4,7 @@
 // of the process finds it whole.
 import { join } from 'node:path';
 import { z } from 'zod';
-import { readJson, writeFileAtomic } from '../../src/host-api/persist';
+import { readJson, writeFileAtomic } from '../src/host-api/persist';
 
 const checkpointRecord = z.strictObject({
   id: z.string(),

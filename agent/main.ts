@@ -2,7 +2,7 @@
 //   npm run kvm-host -- --name kvm01 --site primary --role production --state /var/lib/planned-failover --port 7400
 import { Command } from 'commander';
 import { z } from 'zod';
-import { id } from '../../src/host-api/schemas';
+import { id } from '../src/host-api/schemas';
 import { startKvmHost } from './server';
 
 const flags = z.strictObject({

@@ -4,7 +4,7 @@
 // this host. libvirt writes its XML in one fixed form (`virsh dumpxml`), so the few elements we change are found by
 // their tags; everything else is passed through untouched. A failback to a new VM makes that VM's domain on the
 // production host the same way, from the definition its replica keeps.
-import { badRequest } from '../../src/host-api/errors';
+import { badRequest } from '../src/host-api/errors';
 
 export class ReplicaDefinitionError extends Error {}
 

@@ -8,10 +8,10 @@ import { createHash } from 'node:crypto';
 import { mkdir, readdir, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { GUEST_BLOCK_SIZE, parseCanary } from '../guest/guest';
-import { digestsOf } from '../../src/host-api/digests';
-import { conflict, HostApiError, notFound } from '../../src/host-api/errors';
-import { exists, fsyncDir, writeFileAtomic } from '../../src/host-api/persist';
+import { CANARY_BYTES, parseCanary } from './canary';
+import { digestsOf } from '../src/host-api/digests';
+import { conflict, HostApiError, notFound } from '../src/host-api/errors';
+import { exists, fsyncDir, writeFileAtomic } from '../src/host-api/persist';
 import {
   BLOCK_SIZE,
   type BlockDigests,
@@ -27,9 +27,9 @@ import {
   type ShutdownResult,
   type VmDefinition,
   type VmInfo,
-} from '../../src/hypervisor/port';
-import { lines, type Virsh } from '../libvirt/virsh';
-import { NbdClient } from '../../src/nbd/client';
+} from '../src/hypervisor/port';
+import { lines, type Virsh } from './libvirt/virsh';
+import { NbdClient } from './nbd/client';
 import { acpiShutdown, destroyDomain, isNoSuchDomain, parseDomState, powerStateOf } from './power';
 import { domainXmlOfRequest, replicaDomainXml } from './replica-domain';
 import { READ_PIECE_BYTES, readPieces, toBlocks } from './source-domains';
@@ -704,7 +704,7 @@ export class KvmReplicas {
     if (!first) return 0;
     for await (const piece of this.readExtents(replica, view, first.id, [{ offset: 0, length: BLOCK_SIZE }])) {
       try {
-        return parseCanary(piece.data.subarray(0, GUEST_BLOCK_SIZE));
+        return parseCanary(piece.data.subarray(0, CANARY_BYTES));
       } catch {
         return 0; // not our guest's canary
       }
