@@ -11,7 +11,8 @@ import { promisify } from 'node:util';
 import { CANARY_BYTES, parseCanary } from './canary';
 import { digestsOf } from '../src/host-api/digests';
 import { conflict, HostApiError, notFound } from '../src/host-api/errors';
-import { exists, fsyncDir, writeFileAtomic } from '../src/host-api/persist';
+import type { FramePiece } from '../src/host-api/frames';
+import { exists, fsyncPath, writeFileAtomic } from '../src/host-api/persist';
 import {
   BLOCK_SIZE,
   type BlockDigests,
@@ -138,7 +139,7 @@ export class KvmReplicas {
       await mkdir(this.dirOf(replica), { recursive: true });
       for (const d of disks)
         await run('qemu-img', ['create', '-q', '-f', 'qcow2', this.imageOf(replica, null, d.id), String(d.sizeBytes)]);
-      await fsyncDir(this.dirOf(replica));
+      await fsyncPath(this.dirOf(replica));
       const record: ReplicaRecord = {
         sourceVm,
         disks,
@@ -172,7 +173,7 @@ export class KvmReplicas {
       for (const stale of r.points.filter((p) => !p.sealed)) await this.dropPoint(replica, stale.id);
       for (const d of r.disks)
         await createOverlay(this.imageOf(replica, r.headPointId, d.id), this.imageOf(replica, pointId, d.id));
-      await fsyncDir(this.dirOf(replica));
+      await fsyncPath(this.dirOf(replica));
       const point = newPointRecord(pointId, spec, false);
       const next = this.record(replica);
       next.points.push(point);
@@ -193,8 +194,19 @@ export class KvmReplicas {
     return d;
   }
 
+  /**
+   * The image's NBD export, started when there is none; one whose daemon died or whose connection broke is replaced
+   * (its writes that no flush covered were never acknowledged: their requests failed, and their senders repeat them).
+   */
   private async exportOf(image: string, writable: boolean): Promise<NbdClient> {
     let open = this.exports.get(image);
+    if (open) {
+      const e = await open.catch(() => null);
+      if (e && (!e.daemon.running || e.nbd.closed)) {
+        if (this.exports.get(image) === open) await this.closeExport(image);
+        return this.exportOf(image, writable);
+      }
+    }
     if (!open) {
       const key = createHash('sha256').update(image).digest('hex').slice(0, 16);
       const socket = join(this.options.stateDir, 'run', `${key}.nbd.sock`);
@@ -213,6 +225,12 @@ export class KvmReplicas {
     return (await open).nbd;
   }
 
+  /** Every export of the replica's files (its directory's: `web1/`, not `web10/`). */
+  private async closeExportsOf(replica: string): Promise<void> {
+    const dir = `${this.dirOf(replica)}/`;
+    for (const image of [...this.exports.keys()]) if (image.startsWith(dir)) await this.closeExport(image);
+  }
+
   private async closeExport(image: string): Promise<void> {
     const open = this.exports.get(image);
     if (!open) {
@@ -228,27 +246,40 @@ export class KvmReplicas {
     await e.daemon.stop();
   }
 
-  /** Writes one piece into an open point; checked for every piece, so nothing lands once its seal has begun. */
+  /**
+   * One write request into an open point's disk: every piece through one writer export, checked as it arrives (so
+   * nothing lands once the point's seal has begun), and the export flushed before the request answers, so that an
+   * answered write is on stable storage. A writer that dies part-way fails the request; its sender repeats it.
+   */
   async writePoint(
     replica: string,
     pointId: string,
     disk: string,
-    offset: number,
-    parts: readonly Buffer[],
-  ): Promise<void> {
+    receive: (sizeBytes: number, write: (piece: FramePiece) => Promise<void>) => Promise<number>,
+  ): Promise<number> {
+    const { sizeBytes } = this.openPointDisk(replica, pointId, disk);
+    const image = this.imageOf(replica, pointId, disk);
     const gate = this.gateOf(replica, pointId);
-    if (gate.closed) throw conflict(`restore point ${pointId} is sealed`);
-    this.openPointDisk(replica, pointId, disk);
-    const write = (async () => {
-      const nbd = await this.exportOf(this.imageOf(replica, pointId, disk), true);
-      await nbd.write(offset, parts.length === 1 ? parts[0]! : Buffer.concat(parts));
-    })();
-    gate.inFlight.add(write);
-    try {
-      await write;
-    } finally {
-      gate.inFlight.delete(write);
-    }
+    let writer: Promise<NbdClient> | undefined;
+    const gated = async (step: () => Promise<void>): Promise<void> => {
+      if (gate.closed) throw conflict(`restore point ${pointId} is sealed`);
+      const done = step();
+      gate.inFlight.add(done);
+      try {
+        await done;
+      } finally {
+        gate.inFlight.delete(done);
+      }
+    };
+    const bytes = await receive(sizeBytes, (piece) =>
+      gated(async () => {
+        writer ??= this.exportOf(image, true);
+        await (await writer).write(piece.offset, piece.parts.length === 1 ? piece.parts[0]! : Buffer.concat(piece.parts));
+      }),
+    );
+    // The same connection that took the writes: a replacement daemon would flush nothing of theirs.
+    if (writer) await gated(async () => (await writer!).flush());
+    return bytes;
   }
 
   /** The writes in flight into an open point, and whether its seal (or drop) has begun. */
@@ -266,16 +297,6 @@ export class KvmReplicas {
     await Promise.allSettled([...gate.inFlight]);
   }
 
-  async countWritten(replica: string, pointId: string, bytes: number): Promise<void> {
-    await this.exclusive(replica, async () => {
-      const r = this.record(replica);
-      const p = r.points.find((x) => x.id === pointId);
-      if (!p || p.sealed) return;
-      p.bytesWritten += bytes;
-      await this.options.state.setReplica(replica, r);
-    });
-  }
-
   sealRestorePoint(replica: string, pointId: string, metadata?: Record<string, string>): Promise<RestorePointInfo> {
     return this.exclusive(replica, async () => {
       const r = this.record(replica);
@@ -283,14 +304,15 @@ export class KvmReplicas {
       if (!p) throw notFound(`restore point ${replica}/${pointId}`, 'pointId');
       if (p.sealed) return pointInfo(p);
       await this.closeGate(replica, pointId);
+      let bytesWritten = 0;
       for (const d of r.disks) {
         const image = this.imageOf(replica, pointId, d.id);
-        const open = this.exports.get(image);
-        if (open) await (await open).nbd.flush();
         await this.closeExport(image); // the daemon's exit flushes and releases the image
-        await run('sync', ['-f', image]);
+        await fsyncPath(image);
+        // What the point holds of its own: written blocks, however often a retried copy wrote them.
+        for (const e of await this.mapped({ image, open: false }, true)) bytesWritten += e.length;
       }
-      Object.assign(p, { sealed: true, metadata: { ...p.metadata, ...metadata } });
+      Object.assign(p, { sealed: true, bytesWritten, metadata: { ...p.metadata, ...metadata } });
       r.headPointId = pointId;
       await this.options.state.setReplica(replica, r);
       return pointInfo(p);
@@ -317,7 +339,7 @@ export class KvmReplicas {
       await this.closeExport(image);
       await rm(image, { force: true });
     }
-    await fsyncDir(this.dirOf(replica));
+    await fsyncPath(this.dirOf(replica));
   }
 
   /**
@@ -352,8 +374,7 @@ export class KvmReplicas {
     if (oldest === null) return;
     const next = r.points[r.points.findIndex((p) => p.id === oldest) + 1];
     // Exports read through the base: their cached metadata would not see the commit.
-    for (const image of [...this.exports.keys()])
-      if (image.startsWith(this.dirOf(replica))) await this.closeExport(image);
+    await this.closeExportsOf(replica);
     for (const d of r.disks) {
       const file = this.imageOf(replica, oldest, d.id);
       const base = this.imageOf(replica, null, d.id);
@@ -361,11 +382,11 @@ export class KvmReplicas {
         await run('qemu-img', ['commit', '-q', '-d', file]);
         const above = next ? this.imageOf(replica, next.id, d.id) : r.running ? this.runningImage(replica, d.id) : null;
         if (above) await run('qemu-img', ['rebase', '-u', '-b', base, '-F', 'qcow2', above]);
-        await run('sync', ['-f', base]);
+        await fsyncPath(base);
         await rm(file, { force: true });
       }
     }
-    await fsyncDir(this.dirOf(replica));
+    await fsyncPath(this.dirOf(replica));
     r.points = r.points.filter((p) => p.id !== oldest);
     if (r.headPointId === oldest) r.headPointId = null;
     r.merging = null;
@@ -448,7 +469,7 @@ export class KvmReplicas {
       if (!r.consolidated && !r.running) {
         for (const d of r.disks)
           await createOverlay(this.imageOf(replica, r.headPointId, d.id), this.runningImage(replica, d.id));
-        await fsyncDir(this.dirOf(replica));
+        await fsyncPath(this.dirOf(replica));
         r.running = true;
         await this.options.state.setReplica(replica, r);
       }
@@ -517,7 +538,7 @@ export class KvmReplicas {
       await this.options.state.setReplica(replica, r);
       await this.closeRunningExports(replica, r);
       for (const d of r.disks) await rm(this.runningImage(replica, d.id), { force: true });
-      await fsyncDir(this.dirOf(replica));
+      await fsyncPath(this.dirOf(replica));
       return this.info(replica, r);
     });
   }
@@ -552,11 +573,11 @@ export class KvmReplicas {
     for (const d of r.disks) {
       const from = this.runningImage(replica, d.id);
       if (await exists(from)) {
-        await run('sync', ['-f', from]);
+        await fsyncPath(from);
         await rename(from, this.imageOf(replica, point.id, d.id));
       }
     }
-    await fsyncDir(this.dirOf(replica));
+    await fsyncPath(this.dirOf(replica));
     r.points.push(point);
     r.headPointId = point.id;
     r.running = false;
@@ -583,8 +604,7 @@ export class KvmReplicas {
 
   private async finishConsolidation(replica: string): Promise<void> {
     const r = this.record(replica);
-    for (const image of [...this.exports.keys()])
-      if (image.startsWith(this.dirOf(replica))) await this.closeExport(image);
+    await this.closeExportsOf(replica);
     const live = (await this.domainState(replica)).power !== 'Off';
     for (const d of r.disks) {
       const base = this.imageOf(replica, null, d.id);
@@ -603,14 +623,14 @@ export class KvmReplicas {
           : r.headPointId && this.imageOf(replica, r.headPointId, d.id);
         if (top && (await exists(top))) await run('qemu-img', ['commit', '-q', '-b', base, top]);
       }
-      await run('sync', ['-f', base]);
+      await fsyncPath(base);
     }
     // Every layer's data is in the bases now: the files go, then the record says so.
     for (const d of r.disks) {
       await rm(this.runningImage(replica, d.id), { force: true });
       for (const p of r.points) await rm(this.imageOf(replica, p.id, d.id), { force: true });
     }
-    await fsyncDir(this.dirOf(replica));
+    await fsyncPath(this.dirOf(replica));
     Object.assign(r, { points: [], headPointId: null, running: false, consolidating: false, consolidated: true });
     await this.options.state.setReplica(replica, r);
   }

@@ -213,11 +213,9 @@ function buildApp(
   });
   app.post('/v1/hosts/:host/replicas/:replica/points/:pointId/disks/:disk/write', async (req) => {
     const p = at(P.pointDisk, req.params);
-    const { sizeBytes } = replicas.openPointDisk(p.replica, p.pointId, p.disk);
-    const bytesWritten = await receiveFrames(req, sizeBytes, (piece) =>
-      replicas.writePoint(p.replica, p.pointId, p.disk, piece.offset, piece.parts),
+    const bytesWritten = await replicas.writePoint(p.replica, p.pointId, p.disk, (sizeBytes, write) =>
+      receiveFrames(req, sizeBytes, write),
     );
-    await replicas.countWritten(p.replica, p.pointId, bytesWritten);
     return { bytesWritten };
   });
   app.post('/v1/hosts/:host/replicas/:replica/points/:pointId/seal', (req) => {

@@ -19,7 +19,7 @@ import { lines, Virsh, VirshError } from './libvirt/virsh';
 import { digestsOf } from '../src/host-api/digests';
 import type { FramePiece } from '../src/host-api/frames';
 import { badRequest, conflict, HostApiError, notFound, trackingLost } from '../src/host-api/errors';
-import { exists, fsyncDir, writeFileAtomic } from '../src/host-api/persist';
+import { exists, fsyncPath, writeFileAtomic } from '../src/host-api/persist';
 import {
   BLOCK_SIZE,
   type BlockDigests,
@@ -199,7 +199,7 @@ export class KvmSourceDomains {
             rename(`${image}.new`, image),
           );
       }
-      await fsyncDir(dir);
+      await fsyncPath(dir);
       const file = join(this.options.stateDir, 'xml', `${domain}.xml`);
       await writeFileAtomic(file, xml);
       await this.virsh.run(['define', file]);

@@ -4,7 +4,7 @@
 // of the process finds it whole.
 import { join } from 'node:path';
 import { z } from 'zod';
-import { readJson, writeFileAtomic } from '../src/host-api/persist';
+import { JsonStateFile } from '../src/host-api/persist';
 
 const checkpointRecord = z.strictObject({
   id: z.string(),
@@ -77,54 +77,56 @@ export type ReplicaRecord = z.infer<typeof replicaRecord>;
 
 const emptyDomain = (): DomainRecord => ({ checkpoints: [], referencePoints: [], lastStop: null, writeFence: null });
 
+type StateFile = z.infer<typeof stateFile>;
+
+/**
+ * The agent's own records, in one JSON file with one writer (JsonStateFile): changes of different domains and
+ * replicas, made at the same time, are queued and saved in order, never over each other.
+ */
 export class HostState {
-  private constructor(
-    private readonly path: string,
-    private readonly file: z.infer<typeof stateFile>,
-  ) {}
+  private constructor(private readonly file: JsonStateFile<StateFile>) {}
 
   static async load(stateDir: string): Promise<HostState> {
     const path = join(stateDir, 'host-state.json');
-    const raw = await readJson<unknown>(path);
-    if (raw === null) return new HostState(path, { version: 1, domains: {}, replicas: {} });
-    const parsed = stateFile.safeParse(raw);
-    if (!parsed.success) throw new Error(`${path}: not a host state file: ${parsed.error.issues[0]?.message ?? ''}`);
-    return new HostState(path, parsed.data);
+    const parse = (raw: unknown): StateFile => {
+      const parsed = stateFile.safeParse(raw);
+      if (!parsed.success) throw new Error(`${path}: not a host state file: ${parsed.error.issues[0]?.message ?? ''}`);
+      return parsed.data;
+    };
+    return new HostState(await JsonStateFile.load(path, parse, () => ({ version: 1, domains: {}, replicas: {} })));
   }
 
   /** A copy: change it through update(). */
   domain(name: string): DomainRecord {
-    return structuredClone(this.file.domains[name] ?? emptyDomain());
+    return structuredClone(this.file.saved.domains[name] ?? emptyDomain());
   }
 
-  /** Applies the change and writes the file before it returns; a failed write leaves the old state in force. */
-  async update(name: string, change: (d: DomainRecord) => void): Promise<DomainRecord> {
-    const next = this.domain(name);
-    change(next);
-    await this.write({ ...this.file, domains: { ...this.file.domains, [name]: next } });
-    return structuredClone(next);
+  /** Applies the change to the domain's saved record and resolves once it is on disk; a failed save changes nothing. */
+  update(name: string, change: (d: DomainRecord) => void): Promise<DomainRecord> {
+    return this.file.change((state) => {
+      const next = state.domains[name] ?? emptyDomain();
+      change(next);
+      state.domains[name] = next;
+      return structuredClone(next);
+    });
   }
 
   replicaNames(): string[] {
-    return Object.keys(this.file.replicas).sort();
+    return Object.keys(this.file.saved.replicas).sort();
   }
 
   /** A copy, or null for a replica this host does not hold. */
   replica(name: string): ReplicaRecord | null {
-    const r = this.file.replicas[name];
+    const r = this.file.saved.replicas[name];
     return r ? structuredClone(r) : null;
   }
 
   /** Writes the replica's record (null: removes it), as update() does. */
-  async setReplica(name: string, record: ReplicaRecord | null): Promise<void> {
-    const replicas = { ...this.file.replicas };
-    if (record) replicas[name] = structuredClone(record);
-    else delete replicas[name];
-    await this.write({ ...this.file, replicas });
-  }
-
-  private async write(next: z.infer<typeof stateFile>): Promise<void> {
-    await writeFileAtomic(this.path, `${JSON.stringify(next, null, 2)}\n`);
-    Object.assign(this.file, next);
+  setReplica(name: string, record: ReplicaRecord | null): Promise<void> {
+    const copy = record && structuredClone(record);
+    return this.file.change((state) => {
+      if (copy) state.replicas[name] = copy;
+      else delete state.replicas[name];
+    });
   }
 }

@@ -1,13 +1,15 @@
 // A qcow2 image (with its backing chain) exported over NBD on a unix socket by a qemu-storage-daemon of its own:
 // how the host process writes restore points and reads any point of a chain. The daemon's pid file is also its
 // readiness signal, and lets a restarted host process stop a daemon its previous run left behind (it would hold
-// the image's lock).
+// the image's lock), once the process that pid names now is proven to be that daemon.
 import { spawn } from 'node:child_process';
 import { readFile, rm } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 export interface ImageExport {
   socket: string;
+  /** False once the daemon exited (killed, crashed or stopped): its export answers nothing any more. */
+  readonly running: boolean;
   /** Stops the daemon and waits for it to exit (a writable export flushes on exit). */
   stop(): Promise<void>;
 }
@@ -28,10 +30,21 @@ async function stopPid(pid: number): Promise<void> {
   if (alive(pid)) process.kill(pid, 'SIGKILL');
 }
 
-/** Stops the daemon a pid file names, if it still runs. */
+/**
+ * Whether the process `pid` is the qemu-storage-daemon that was started with this pid file: its command line (from
+ * /proc) names the program and the pid file. After a reboot, a pid a dead daemon's file names can be anyone's.
+ */
+export async function isExportDaemon(pid: number, pidFile: string): Promise<boolean> {
+  const cmdline = await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
+  const argv = cmdline.split('\0');
+  const program = argv[0]?.split('/').at(-1);
+  return program === 'qemu-storage-daemon' && argv.some((a, i) => a === pidFile && argv[i - 1] === '--pidfile');
+}
+
+/** Stops the daemon a pid file names, if it still runs and is proven to be that daemon; the pid file goes. */
 export async function stopStaleExport(pidFile: string): Promise<void> {
   const pid = Number((await readFile(pidFile, 'utf8').catch(() => '')).trim());
-  if (Number.isInteger(pid) && pid > 0) await stopPid(pid);
+  if (Number.isInteger(pid) && pid > 0 && (await isExportDaemon(pid, pidFile))) await stopPid(pid);
   await rm(pidFile, { force: true });
 }
 
@@ -46,12 +59,14 @@ export async function exportImage(options: {
   // A read-only export shares the image (and its chain) with the writer of a point begun on top of it: sealed
   // files never change, so no lock is needed to keep them consistent.
   const shared = options.writable ? '' : ',read-only=on,force-share=on';
+  // QEMU's option syntax: a comma inside a value is written twice (an operator's disk path may hold one).
+  const value = (s: string) => s.replaceAll(',', ',,');
   const daemon = spawn(
     'qemu-storage-daemon',
     [
-      ...['--blockdev', `driver=file,node-name=file0,filename=${options.image}${shared}`],
+      ...['--blockdev', `driver=file,node-name=file0,filename=${value(options.image)}${shared}`],
       ...['--blockdev', `driver=qcow2,node-name=disk0,file=file0${shared}`],
-      ...['--nbd-server', `addr.type=unix,addr.path=${options.socket}`],
+      ...['--nbd-server', `addr.type=unix,addr.path=${value(options.socket)}`],
       ...['--export', `type=nbd,id=export0,node-name=disk0,name=disk,writable=${options.writable ? 'on' : 'off'}`],
       ...['--pidfile', options.pidFile],
     ],
@@ -61,14 +76,19 @@ export async function exportImage(options: {
   daemon.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
   const exited = new Promise<void>((resolve) => daemon.once('exit', () => resolve()));
   for (let i = 0; i < 400; i++) {
-    if (daemon.exitCode !== null) break;
+    if (daemon.exitCode !== null || daemon.signalCode !== null) break;
     if ((await readFile(options.pidFile, 'utf8').catch(() => '')).trim() !== '') {
       return {
         socket: options.socket,
+        get running() {
+          return daemon.exitCode === null && daemon.signalCode === null;
+        },
         async stop() {
-          if (daemon.exitCode === null) daemon.kill('SIGTERM');
+          if (daemon.exitCode === null && daemon.signalCode === null) daemon.kill('SIGTERM');
           await exited;
-          await rm(options.pidFile, { force: true });
+          // Another daemon of the same image may have been started since: its pid file is its own.
+          const named = (await readFile(options.pidFile, 'utf8').catch(() => '')).trim();
+          if (named === '' || named === String(daemon.pid)) await rm(options.pidFile, { force: true });
         },
       };
     }

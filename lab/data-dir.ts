@@ -7,7 +7,7 @@ import { copyFile, readdir, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { crashPoint } from './crash';
 import { finishSealing, layerStems, stem, type BackupMeta, type VmMeta } from './metadata';
-import { fsyncDir } from '../src/host-api/persist';
+import { fsyncPath } from '../src/host-api/persist';
 
 const EXTENSIONS = ['.img', '.map'] as const;
 
@@ -37,7 +37,7 @@ export async function moveRunningLayerFiles(dir: string, disks: string[], pointI
       await rename(from, join(dir, stem.point(pointId, disk) + ext));
       if (++renamed === 1) crashPoint('seal-running:after-first-rename');
     }
-  await fsyncDir(dir);
+  await fsyncPath(dir);
 }
 
 /** Finishes the seals of running layers that a crash interrupted (the metadata holds their intent). */
@@ -73,7 +73,7 @@ export async function migrateVersion1Names(dataDir: string, metas: VmMeta[], log
         await rename(from, join(dir, first! + ext));
       }
     }
-    if (targets.size > 0) await fsyncDir(dir);
+    if (targets.size > 0) await fsyncPath(dir);
   }
 }
 
@@ -114,7 +114,7 @@ async function sweep(root: string, stems: Map<string, string[]>, log: (m: string
         await rm(join(path, name), { recursive: true, force: true });
         removed = true;
       }
-    if (removed) await fsyncDir(path);
+    if (removed) await fsyncPath(path);
   }
-  if (removedHere) await fsyncDir(root);
+  if (removedHere) await fsyncPath(root);
 }

@@ -46,7 +46,7 @@ import {
   type TrackingFile,
   type VmMeta,
 } from './metadata';
-import { fsyncDir, readJson, removeDurably, writeFileAtomic } from '../src/host-api/persist';
+import { fsyncPath, readJson, removeDurably, writeFileAtomic } from '../src/host-api/persist';
 import { blocksToExtents, createLayers, destroyLayers, Layer } from './storage/layer';
 import { readView, viewAllocatedBlocks, type View } from './storage/view';
 
@@ -467,7 +467,7 @@ export class LabSite {
     const bases: Layer[] = [];
     if (create) {
       await mkdir(dir, { recursive: true });
-      await fsyncDir(join(this.dataDir, 'vms'));
+      await fsyncPath(join(this.dataDir, 'vms'));
       const paths = meta.disks.map((d) => ({ path: join(dir, stem.base(d.id)), sizeBytes: d.sizeBytes }));
       bases.push(...(await createLayers(dir, paths)));
     } else for (const d of meta.disks) bases.push(await Layer.open(join(dir, stem.base(d.id)), d.sizeBytes));
@@ -1088,7 +1088,7 @@ export class LabSite {
       // The backup's files come first; until its metadata is saved they are garbage to the start-up sweep.
       const dir = backupDir(this.dataDir, id);
       await mkdir(dir, { recursive: true });
-      await fsyncDir(join(this.dataDir, 'backups'));
+      await fsyncPath(join(this.dataDir, 'backups'));
       const sources = [...vm.source.values()];
       const made = await createLayers(
         dir,

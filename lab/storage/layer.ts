@@ -4,7 +4,7 @@
 
 import { open, type FileHandle } from 'node:fs/promises';
 import { BLOCK_SIZE } from '../../src/hypervisor/port';
-import { fsyncDir, removeFile } from '../../src/host-api/persist';
+import { fsyncPath, removeFile } from '../../src/host-api/persist';
 
 export class Layer {
   /** Blocks this layer holds data for. */
@@ -28,7 +28,7 @@ export class Layer {
 
   /**
    * Creates an empty sparse layer. Files left at that path (by a step a crash interrupted) are removed first and
-   * never taken for the layer: their blocks would show through. The caller makes the names durable (fsyncDir).
+   * never taken for the layer: their blocks would show through. The caller makes the names durable (fsyncPath).
    */
   static async create(path: string, sizeBytes: number): Promise<Layer> {
     await removeFile(`${path}.map`);
@@ -161,14 +161,14 @@ export class Layer {
 export async function createLayers(dir: string, layers: { path: string; sizeBytes: number }[]): Promise<Layer[]> {
   const out: Layer[] = [];
   for (const l of layers) out.push(await Layer.create(l.path, l.sizeBytes));
-  await fsyncDir(dir);
+  await fsyncPath(dir);
   return out;
 }
 
 /** Destroys layers of one directory, then syncs it once. */
 export async function destroyLayers(dir: string, layers: Layer[]): Promise<void> {
   for (const l of layers) await l.destroy();
-  await fsyncDir(dir);
+  await fsyncPath(dir);
 }
 
 /** Dirty bytes after which a layer starts flushing them in the background. */

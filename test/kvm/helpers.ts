@@ -162,7 +162,7 @@ export async function spawnKvmHostProcess(options: {
   const proc = spawn(
     process.execPath,
     [
-      ...['--import', 'tsx', join(projectRoot, 'kvm', 'host', 'main.ts')],
+      ...['--import', 'tsx', join(projectRoot, 'agent', 'main.ts')],
       ...['--name', options.name, '--site', options.role === 'dr' ? 'dr' : 'primary', '--role', options.role],
       ...['--port', '0', '--libvirt', options.libvirtUri, '--state', options.stateDir],
     ],
