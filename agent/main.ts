@@ -1,6 +1,7 @@
 // Runs the host process of one KVM host, beside its libvirtd:
 //   npm run kvm-host -- --name kvm01 --site primary --role production --state /var/lib/planned-failover --port 7400
 import { Command } from 'commander';
+import { resolve } from 'node:path';
 import { z } from 'zod';
 import { id } from '../src/host-api/schemas';
 import { startKvmHost } from './server';
@@ -13,6 +14,8 @@ const flags = z.strictObject({
   state: z.string().min(1),
   port: z.coerce.number().int().min(0).max(65535),
   listen: z.string().min(1),
+  domains: z.string().min(1).optional(),
+  uploadStallSeconds: z.coerce.number().int().min(1).max(3600),
 });
 
 async function main(): Promise<void> {
@@ -26,6 +29,12 @@ async function main(): Promise<void> {
     .option('--state <dir>', 'where the host process keeps its state, sockets and scratch files', '.data/kvm-host')
     .option('--port <port>', 'TCP port (0 picks a free one)', '7400')
     .option('--listen <address>', 'address to listen on', '127.0.0.1')
+    .option(
+      '--domains <file>',
+      'the libvirt domains the agent may act on as source VMs, one name a line (read again when it changes); ' +
+        'without it, none (a DR host acts on its own replicas only)',
+    )
+    .option('--upload-stall-seconds <seconds>', 'an upload that sends nothing for this long is cut off', '60')
     .parse()
     .opts();
   const parsed = flags.safeParse(raw);
@@ -40,6 +49,8 @@ async function main(): Promise<void> {
     role: o.role,
     libvirtUri: o.libvirt,
     stateDir: o.state,
+    ...(o.domains ? { domainsFile: resolve(o.domains) } : {}),
+    uploadStallMs: o.uploadStallSeconds * 1000,
     port: o.port,
     listen: o.listen,
     log: (m) => console.log(`[kvm-host ${o.name}] ${m}`),

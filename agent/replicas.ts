@@ -35,7 +35,7 @@ import { acpiShutdown, destroyDomain, isNoSuchDomain, parseDomState, powerStateO
 import { domainXmlOfRequest, replicaDomainXml } from './replica-domain';
 import { READ_PIECE_BYTES, readPieces, toBlocks } from './source-domains';
 import type { HostState, PointRecord, ReplicaRecord } from './state';
-import { exportImage, stopStaleExport, type ImageExport } from './storage-daemon';
+import { exportImage, NBD_REPLY_TIMEOUT_MS, stopStaleExport, type ImageExport } from './storage-daemon';
 
 const run = promisify(execFile);
 /** A qcow2 file whose reads fall through to `backing` wherever it holds nothing of its own. */
@@ -135,6 +135,9 @@ export class KvmReplicas {
         }
         return this.info(replica, known);
       }
+      // The replica's domain will carry its name: one another tool defined is not ours to redefine or power.
+      if ((await this.uuidOfName(replica)) !== null)
+        throw conflict(`a libvirt domain named ${replica} already exists on ${this.options.host}; it is not a replica`);
       // Files first, then the record: a crash in between leaves files no record names, made again on the retry.
       await mkdir(this.dirOf(replica), { recursive: true });
       for (const d of disks)
@@ -147,6 +150,7 @@ export class KvmReplicas {
         headPointId: null,
         merging: null,
         definition: null,
+        domainUuid: null,
         running: false,
         sealingRunning: null,
         consolidating: false,
@@ -213,7 +217,15 @@ export class KvmReplicas {
       const pidFile = join(this.options.stateDir, 'run', `${key}.nbd.pid`);
       open = exportImage({ image, socket, pidFile, writable }).then(async (daemon) => {
         try {
-          return { daemon, nbd: await NbdClient.connect({ path: socket, exportName: 'disk', metaContexts: [] }) };
+          return {
+            daemon,
+            nbd: await NbdClient.connect({
+              path: socket,
+              exportName: 'disk',
+              metaContexts: [],
+              replyTimeoutMs: NBD_REPLY_TIMEOUT_MS,
+            }),
+          };
         } catch (e) {
           await daemon.stop();
           throw e;
@@ -274,7 +286,9 @@ export class KvmReplicas {
     const bytes = await receive(sizeBytes, (piece) =>
       gated(async () => {
         writer ??= this.exportOf(image, true);
-        await (await writer).write(piece.offset, piece.parts.length === 1 ? piece.parts[0]! : Buffer.concat(piece.parts));
+        await (
+          await writer
+        ).write(piece.offset, piece.parts.length === 1 ? piece.parts[0]! : Buffer.concat(piece.parts));
       }),
     );
     // The same connection that took the writes: a replacement daemon would flush nothing of theirs.
@@ -399,13 +413,45 @@ export class KvmReplicas {
 
   // The replica as a VM: its libvirt domain, made from the source's definition, boots from a running layer ------
 
-  /** libvirt's state of the replica's domain; a replica never powered on has none, and is Off. */
-  private async domainState(replica: string): Promise<{ state: string; power: PowerState }> {
+  /**
+   * The replica's libvirt domain, by the UUID libvirt gave it when the agent defined it, so that a domain another tool
+   * defined under the replica's name is never taken for it; null: the agent has defined none.
+   */
+  private async domainOf(replica: string): Promise<string | null> {
+    const r = this.record(replica);
+    if (r.domainUuid !== null) return r.domainUuid;
+    const uuid = await this.uuidOfName(replica);
+    if (uuid === null) return null;
+    // One an earlier release defined (it kept no UUID) boots from nothing but the replica's own files.
+    const sources = lines(await this.options.virsh.run(['domblklist', uuid]))
+      .map((l) => l.split(/\s+/).slice(1).join(' '))
+      .filter((source) => source !== '-');
+    if (sources.length === 0 || !sources.every((source) => source.startsWith(`${this.dirOf(replica)}/`)))
+      throw conflict(`a libvirt domain named ${replica} exists on ${this.options.host} that this agent did not define`);
+    await this.options.state.updateReplica(replica, (x) => void (x.domainUuid = uuid));
+    return uuid;
+  }
+
+  private async uuidOfName(name: string): Promise<string | null> {
+    return this.options.virsh.run(['domuuid', name]).then(
+      (out) => out.trim(),
+      (e: unknown) => {
+        if (isNoSuchDomain(e)) return null;
+        throw e;
+      },
+    );
+  }
+
+  /** libvirt's state of the replica's domain (`ref`: its UUID); a replica never powered on has none, and is Off. */
+  private async domainState(replica: string): Promise<{ state: string; power: PowerState; ref: string | null }> {
+    const ref = await this.domainOf(replica);
+    const off = { state: 'shut off', power: 'Off' as const, ref };
+    if (ref === null) return off;
     try {
-      const { state } = parseDomState(await this.options.virsh.run(['domstate', '--reason', replica]));
-      return { state, power: powerStateOf(state) };
+      const { state } = parseDomState(await this.options.virsh.run(['domstate', '--reason', ref]));
+      return { state, power: powerStateOf(state), ref };
     } catch (e) {
-      if (isNoSuchDomain(e)) return { state: 'shut off', power: 'Off' };
+      if (isNoSuchDomain(e)) return off;
       throw e;
     }
   }
@@ -454,10 +500,10 @@ export class KvmReplicas {
   powerOn(replica: string): Promise<PowerResult> {
     return this.exclusive(replica, async () => {
       await this.finishSealingRunning(replica);
-      const { state } = await this.domainState(replica);
+      const { state, ref } = await this.domainState(replica);
       if (state === 'running') return { state: 'Running', alreadyInState: true };
       if (state === 'paused') {
-        await this.options.virsh.run(['resume', replica]);
+        await this.options.virsh.run(['resume', ref!]);
         return { state: 'Running', alreadyInState: false };
       }
       let r = this.record(replica);
@@ -476,36 +522,37 @@ export class KvmReplicas {
       // Exports of the running layer read it as it was: the guest is about to change it.
       await this.closeRunningExports(replica, r);
       // Defined anew at every power-on (the definition or the layers may have changed), under the same UUID.
-      const uuid = await this.options.virsh.run(['domuuid', replica]).then(
-        (out) => out.trim(),
-        () => undefined,
-      );
       const xml = replicaDomainXml(r.definition, {
         name: replica,
-        ...(uuid ? { uuid } : {}),
+        ...(ref ? { uuid: ref } : {}),
         disks: new Map(r.disks.map((d) => [d.id, this.bootImage(replica, r, d.id)])),
         consoleLog: join(this.dirOf(replica), 'console.log'),
       });
       const file = join(this.options.stateDir, 'xml', `${replica}.xml`);
       await writeFileAtomic(file, xml);
       await this.options.virsh.run(['define', file]);
-      await this.options.virsh.run(['start', replica]);
+      const uuid = ref ?? (await this.uuidOfName(replica));
+      if (uuid === null) throw new Error(`${replica} was defined and has no UUID`);
+      if (ref === null) await this.options.state.updateReplica(replica, (x) => void (x.domainUuid = uuid));
+      await this.options.virsh.run(['start', uuid]);
       return { state: 'Running', alreadyInState: false };
     });
   }
 
   shutdownGuest(replica: string, timeoutMs: number, signal?: AbortSignal): Promise<ShutdownResult> {
     return this.exclusive(replica, async () => {
-      if ((await this.domainState(replica)).state === 'shut off') return { outcome: 'already-off', state: 'Off' };
-      const end = await acpiShutdown(this.options.virsh, replica, timeoutMs, () => this.domainState(replica), signal);
+      const { state, ref } = await this.domainState(replica);
+      if (state === 'shut off') return { outcome: 'already-off', state: 'Off' };
+      const end = await acpiShutdown(this.options.virsh, ref!, timeoutMs, () => this.domainState(replica), signal);
       return end.off ? { outcome: 'off', state: 'Off' } : { outcome: 'timed-out', state: end.state };
     });
   }
 
   powerOff(replica: string): Promise<PowerResult> {
     return this.exclusive(replica, async () => {
-      if ((await this.domainState(replica)).state === 'shut off') return { state: 'Off', alreadyInState: true };
-      await destroyDomain(this.options.virsh, replica);
+      const { state, ref } = await this.domainState(replica);
+      if (state === 'shut off') return { state: 'Off', alreadyInState: true };
+      await destroyDomain(this.options.virsh, ref!);
       return { state: 'Off', alreadyInState: false };
     });
   }
@@ -605,16 +652,17 @@ export class KvmReplicas {
   private async finishConsolidation(replica: string): Promise<void> {
     const r = this.record(replica);
     await this.closeExportsOf(replica);
-    const live = (await this.domainState(replica)).power !== 'Off';
+    const { power, ref } = await this.domainState(replica);
+    const live = power !== 'Off';
     for (const d of r.disks) {
       const base = this.imageOf(replica, null, d.id);
       if (live) {
-        const sources = await this.options.virsh.run(['domblklist', replica]);
+        const sources = await this.options.virsh.run(['domblklist', ref!]);
         const current = lines(sources)
           .map((l) => l.split(/\s+/))
           .find(([target]) => target === d.id)?.[1];
         if (current !== base)
-          await this.options.virsh.run(['blockcommit', replica, d.id, '--active', '--pivot', '--wait'], {
+          await this.options.virsh.run(['blockcommit', ref!, d.id, '--active', '--pivot', '--wait'], {
             timeoutMs: 30 * 60_000,
           });
       } else {

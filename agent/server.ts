@@ -1,8 +1,9 @@
 // The host process of a KVM host: the host API (src/host-api/) served for this one host, over its local libvirt.
 // The orchestrator reaches it with the same adapter as the lab.
+import { resolve } from 'node:path';
 import type { FastifyInstance } from 'fastify';
 import { z } from 'zod';
-import { conflict, notFound } from '../src/host-api/errors';
+import { badRequest, conflict, notFound } from '../src/host-api/errors';
 import { framedLength } from '../src/host-api/frames';
 import {
   blockRange,
@@ -24,7 +25,8 @@ import {
 } from '../src/host-api/schemas';
 import { hostApiServer, receiveFrames, streamFrames } from '../src/host-api/server';
 import type { Extent, HostInfo, ReplicaView, SiteRole } from '../src/hypervisor/port';
-import { Virsh } from './libvirt/virsh';
+import { ambiguousDomainName, Virsh } from './libvirt/virsh';
+import { ManagedDomains } from './managed-domains';
 import { KvmReplicas, notOnKvmYet } from './replicas';
 import { KvmSourceDomains, readPieces } from './source-domains';
 import { HostState } from './state';
@@ -36,6 +38,13 @@ export interface KvmHostOptions {
   /** libvirt's connection URI on this host (`qemu:///system` for the host's own daemon). */
   libvirtUri: string;
   stateDir: string;
+  /**
+   * The file that lists the libvirt domains the agent may act on as source VMs (one name a line; read again when it
+   * changes); none: no source domain (a DR host, whose replicas are its own).
+   */
+  domainsFile?: string;
+  /** An upload that sends nothing for this long is cut off, letting go of what it holds. Default 60 s. */
+  uploadStallMs?: number;
   port?: number;
   listen?: string;
   log?: (message: string) => void;
@@ -60,16 +69,20 @@ function pageOf(all: Extent[], q: { cursor?: string | undefined; limit: number }
 
 export async function startKvmHost(options: KvmHostOptions): Promise<RunningKvmHost> {
   const log = options.log ?? (() => undefined);
-  const state = await HostState.load(options.stateDir);
+  // qcow2 backing names and libvirt's socket and scratch paths are absolute: a relative directory would break them.
+  const stateDir = resolve(options.stateDir);
+  const state = await HostState.load(stateDir);
   const virsh = new Virsh(options.libvirtUri);
+  const managed = await ManagedDomains.open(options.domainsFile ?? null, log);
   const domains = await KvmSourceDomains.open({
+    managed,
     host: options.name,
     virsh,
-    stateDir: options.stateDir,
+    stateDir,
     state,
     log,
   });
-  const replicas = new KvmReplicas({ host: options.name, stateDir: options.stateDir, state, virsh });
+  const replicas = new KvmReplicas({ host: options.name, stateDir, state, virsh });
   await replicas.stopLeftoverExports();
   const app = buildApp(options, domains, replicas, log);
   await app.listen({ port: options.port ?? 0, host: options.listen ?? '127.0.0.1' });
@@ -101,6 +114,14 @@ function buildApp(
     return p;
   };
 
+  // The agent acts only on what it manages: a source domain under its care or one of its replicas. Any other domain of
+  // the host is answered as unknown, whatever the route; a new VM (PUT) is checked by createVm itself.
+  app.addHook('preHandler', async (req) => {
+    const vm = (req.params as { vm?: unknown } | undefined)?.vm;
+    if (typeof vm !== 'string' || (req.method === 'PUT' && req.routeOptions.url === '/v1/hosts/:host/vms/:vm')) return;
+    if (!replicas.has(vm) && !(await domains.isManaged(vm))) throw notFound(`VM ${vm}`, 'vm');
+  });
+
   app.get('/v1/hosts', () => [self]);
   // A replica is a VM of its DR host too (powered on at failover); its domain carries the replica's name.
   app.get('/v1/hosts/:host/vms', async (req) => {
@@ -116,6 +137,8 @@ function buildApp(
   app.put('/v1/hosts/:host/vms/:vm', (req) => {
     const { vm } = at(P.vm, req.params);
     if (options.role !== 'production') throw conflict(`host ${options.name} is not a production host`);
+    const ambiguous = ambiguousDomainName(vm);
+    if (ambiguous) throw badRequest('params.vm', ambiguous);
     return domains.createVm(vm, parse(vmSpec, req.body, 'body'));
   });
   app.get('/v1/hosts/:host/vms/:vm/definition', async (req) => {
@@ -180,7 +203,7 @@ function buildApp(
     const p = at(P.disk, req.params);
     const q = parse(z.strictObject({ fence: fenceToken.optional() }), req.query, 'query');
     const bytesWritten = await domains.writeDisk(p.vm, p.disk, q.fence, (sizeBytes, write) =>
-      receiveFrames(req, sizeBytes, write),
+      receiveFrames(req, sizeBytes, write, { stallMs: options.uploadStallMs ?? 60_000 }),
     );
     return { bytesWritten };
   });
@@ -201,6 +224,8 @@ function buildApp(
   app.put('/v1/hosts/:host/replicas/:replica', (req) => {
     const p = at(P.replica, req.params);
     const body = parse(replicaSpec, req.body, 'body');
+    const ambiguous = ambiguousDomainName(p.replica);
+    if (ambiguous) throw badRequest('params.replica', ambiguous);
     return replicas.createReplica(p.replica, body.sourceVm, body.disks, body.definition);
   });
   app.get('/v1/hosts/:host/replicas/:replica', (req) => replicas.getReplica(at(P.replica, req.params).replica));
@@ -214,7 +239,7 @@ function buildApp(
   app.post('/v1/hosts/:host/replicas/:replica/points/:pointId/disks/:disk/write', async (req) => {
     const p = at(P.pointDisk, req.params);
     const bytesWritten = await replicas.writePoint(p.replica, p.pointId, p.disk, (sizeBytes, write) =>
-      receiveFrames(req, sizeBytes, write),
+      receiveFrames(req, sizeBytes, write, { stallMs: options.uploadStallMs ?? 60_000 }),
     );
     return { bytesWritten };
   });

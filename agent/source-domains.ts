@@ -38,8 +38,9 @@ import { NbdClient } from './nbd/client';
 import { BASE_ALLOCATION, dirtyBitmapContext, STATE_DIRTY, STATE_ZERO } from './nbd/protocol';
 import { acpiShutdown, destroyDomain, isNoSuchDomain, parseDomState, powerStateOf } from './power';
 import { domainXmlOfRequest } from './replica-domain';
+import type { ManagedDomains } from './managed-domains';
 import type { CheckpointRecord, HostState, ReferenceRecord } from './state';
-import { exportImage, type ImageExport } from './storage-daemon';
+import { exportImage, NBD_REPLY_TIMEOUT_MS, type ImageExport } from './storage-daemon';
 
 /** Block reads go out in pieces of this size (each one frame of the host API). */
 export const READ_PIECE_BYTES = 4 * 1024 * 1024;
@@ -83,6 +84,8 @@ export interface KvmSourceOptions {
   /** Where the host process keeps its state, sockets and scratch files. */
   stateDir: string;
   state: HostState;
+  /** The domains its operator put under the agent's care. */
+  managed: ManagedDomains;
   log: (message: string) => void;
 }
 
@@ -136,11 +139,16 @@ export class KvmSourceDomains {
 
   // Inventory -----------------------------------------------------------------------------------
 
-  /** The source domains: every libvirt domain but the replicas this host process runs. */
+  /** Whether the agent may act on the domain as a source VM: listed in its domains file, or made by it. */
+  async isManaged(domain: string): Promise<boolean> {
+    return this.state.domain(domain).created || (await this.options.managed.has(domain));
+  }
+
+  /** The source domains under the agent's care (the replicas it runs are not among them). */
   async listVms(): Promise<VmInfo[]> {
     const out: VmInfo[] = [];
     for (const name of await this.virsh.domains()) {
-      if (this.state.replica(name)) continue;
+      if (this.state.replica(name) || !(await this.isManaged(name))) continue;
       try {
         out.push(await this.getVm(name));
       } catch (e) {
@@ -174,6 +182,9 @@ export class KvmSourceDomains {
       const dir = join(this.options.stateDir, 'vms', domain);
       const images = new Map(spec.disks.map((d) => [d.id, join(dir, `${d.id}.qcow2`)]));
       if ((await this.virsh.domains()).includes(domain)) {
+        // Another tool's (or the operator's) domain of that name is not ours to take over.
+        if (!this.state.domain(domain).created)
+          throw conflict(`a domain named ${domain} already exists on ${this.options.host}`);
         const vm = await this.getVm(domain);
         const have = await this.domainDisks(domain);
         const same =
@@ -202,6 +213,8 @@ export class KvmSourceDomains {
       await fsyncPath(dir);
       const file = join(this.options.stateDir, 'xml', `${domain}.xml`);
       await writeFileAtomic(file, xml);
+      // Recorded first: a crash after the define leaves a domain the agent knows as its own.
+      await this.state.update(domain, (d) => void (d.created = true));
       await this.virsh.run(['define', file]);
       return this.getVm(domain);
     });
@@ -283,7 +296,7 @@ export class KvmSourceDomains {
   createCheckpoint(domain: string, checkpointId: string): Promise<CheckpointInfo> {
     return this.exclusive(domain, async () => {
       const known = this.state.domain(domain).checkpoints.find((c) => c.id === checkpointId);
-      if (known?.status === 'open' && (await this.backupRunning(domain)))
+      if (known?.status === 'open' && (await this.backupRunning(domain)) === 'ours')
         return { id: known.id, vm: domain, createdAt: known.createdAt };
       // Whatever view is left (another session's, or this one's begun and lost in a crash) ends here.
       for (const old of this.state.domain(domain).checkpoints) await this.closeView(domain, old);
@@ -313,21 +326,28 @@ export class KvmSourceDomains {
     checkpoint.status = 'beginning';
     await this.state.update(domain, (d) => {
       d.checkpoints = [...d.checkpoints.filter((c) => c.id !== checkpoint.id), checkpoint];
+      if (!d.ownCheckpoints.includes(checkpoint.id)) d.ownCheckpoints.push(checkpoint.id);
       // The paused start ends in a destroy, which libvirt then gives as the reason: keep how it really stopped.
       if (checkpoint.pausedStart) d.lastStop ??= lastStopFromReason(state, reason);
     });
     if (checkpoint.pausedStart) await this.virsh.run(['start', '--paused', domain]);
     await this.dropCheckpointsWithoutReference(domain);
+    const loseTracking = async (why: string) => {
+      this.options.log(`${domain}: change tracking lost (${why}); the view has no changed extents`);
+      await this.state.update(domain, (d) => {
+        for (const r of d.referencePoints) r.trackingValid = false;
+      });
+      checkpoint.incrementalFrom = null;
+    };
+    // The reference point's libvirt checkpoint may be gone (deleted by an operator, or libvirt's metadata lost).
+    if (checkpoint.incrementalFrom && !(await this.libvirtCheckpoints(domain)).includes(checkpoint.incrementalFrom))
+      await loseTracking(`libvirt has no checkpoint ${checkpoint.incrementalFrom} any more`);
     try {
       await this.beginBackup(domain, checkpoint);
     } catch (e) {
       if (!(checkpoint.incrementalFrom && e instanceof VirshError && BITMAP_LOST.test(e.detail))) throw e;
       // QEMU stopped without writing its bitmaps back: nothing since the reference point can be trusted.
-      this.options.log(`${domain}: change tracking lost (${e.detail}); the view has no changed extents`);
-      await this.state.update(domain, (d) => {
-        for (const r of d.referencePoints) r.trackingValid = false;
-      });
-      checkpoint.incrementalFrom = null;
+      await loseTracking(e.detail);
       await this.beginBackup(domain, checkpoint);
     }
     checkpoint.status = 'open';
@@ -369,13 +389,17 @@ export class KvmSourceDomains {
     await writeFile(backupFile, backupXml);
     await writeFile(checkpointFile, checkpointXml);
     for (const d of disks) await rm(this.scratchOf(domain, d.target), { force: true });
-    await this.deleteLibvirtCheckpoint(domain, checkpoint.id); // one a failed begin left behind
+    await this.deleteLibvirtCheckpoint(domain, checkpoint.id); // one a failed begin of ours left behind (recorded)
     await this.virsh.run(['backup-begin', domain, backupFile, checkpointFile]);
   }
 
-  private async backupRunning(domain: string): Promise<boolean> {
+  /** Whether a backup job of the domain runs, and whether it is ours (it exports on our socket) or another tool's. */
+  private async backupRunning(domain: string): Promise<'none' | 'ours' | 'foreign'> {
     const info = await this.virsh.run(['domjobinfo', domain]).catch(() => '');
-    return /Job type:\s+(Unbounded|Bounded)/.test(info) && /Operation:\s+Backup/.test(info);
+    if (!(/Job type:\s+(Unbounded|Bounded)/.test(info) && /Operation:\s+Backup/.test(info))) return 'none';
+    const xml = await this.virsh.run(['backup-dumpxml', domain]).catch(() => '');
+    const socket = /<server\b[^>]*\ssocket=(['"])([^'"]*)\1/.exec(xml)?.[2];
+    return socket === this.socketOf(domain) ? 'ours' : 'foreign';
   }
 
   /**
@@ -390,8 +414,12 @@ export class KvmSourceDomains {
     await this.endPausedStart(domain, c.pausedStart);
   }
 
+  /** Ends our backup job of the domain; another tool's is never aborted (the caller waits for it: a conflict). */
   private async abortBackup(domain: string): Promise<void> {
-    if (await this.backupRunning(domain)) await this.virsh.run(['domjobabort', domain]).catch(() => undefined);
+    const running = await this.backupRunning(domain);
+    if (running === 'foreign')
+      throw conflict(`another tool's backup job runs on ${domain}; the agent does not abort it: try again after it`);
+    if (running === 'ours') await this.virsh.run(['domjobabort', domain]).catch(() => undefined);
   }
 
   /** The domain's paused run for a view (if it had one and it still runs) ends, and the views' scratch files go. */
@@ -445,14 +473,25 @@ export class KvmSourceDomains {
     });
   }
 
-  /** libvirt checkpoints that neither a reference point nor an open view stands for (failed copies) go. */
+  /**
+   * The agent's own libvirt checkpoints that neither a reference point nor an open view stands for (failed copies)
+   * go; other tools' checkpoints stay.
+   */
   private async dropCheckpointsWithoutReference(domain: string): Promise<void> {
     if ((await this.domState(domain)).state === 'shut off') return; // done at its next checkpoint
     const record = this.state.domain(domain);
-    const referenced = new Set(record.referencePoints.map((r) => r.checkpointId));
-    const open = new Set(record.checkpoints.map((c) => c.id));
-    for (const name of await this.libvirtCheckpoints(domain))
-      if (!referenced.has(name) && !open.has(name)) await this.deleteLibvirtCheckpoint(domain, name);
+    const kept = new Set([
+      ...record.referencePoints.map((r) => r.checkpointId),
+      ...record.checkpoints.map((c) => c.id),
+    ]);
+    const unused = record.ownCheckpoints.filter((name) => !kept.has(name));
+    if (unused.length === 0) return;
+    const existing = await this.libvirtCheckpoints(domain);
+    for (const name of unused) if (existing.includes(name)) await this.deleteLibvirtCheckpoint(domain, name);
+    await this.state.update(
+      domain,
+      (d) => void (d.ownCheckpoints = d.ownCheckpoints.filter((n) => !unused.includes(n))),
+    );
   }
 
   deleteCheckpoint(domain: string, checkpointId: string): Promise<void> {
@@ -554,7 +593,15 @@ export class KvmSourceDomains {
           writable: true,
         });
         try {
-          return { daemon, nbd: await NbdClient.connect({ path: socket, exportName: 'disk', metaContexts: [] }) };
+          return {
+            daemon,
+            nbd: await NbdClient.connect({
+              path: socket,
+              exportName: 'disk',
+              metaContexts: [],
+              replyTimeoutMs: NBD_REPLY_TIMEOUT_MS,
+            }),
+          };
         } catch (e) {
           await daemon.stop();
           throw e;
@@ -612,7 +659,12 @@ export class KvmSourceDomains {
     let client = this.exports.get(key);
     if (!client) {
       const metaContexts = [BASE_ALLOCATION, ...(c.incrementalFrom ? [dirtyBitmapContext(bitmapExport(disk))] : [])];
-      client = NbdClient.connect({ path: this.socketOf(domain), exportName: disk, metaContexts });
+      client = NbdClient.connect({
+        path: this.socketOf(domain),
+        exportName: disk,
+        metaContexts,
+        replyTimeoutMs: NBD_REPLY_TIMEOUT_MS,
+      });
       this.exports.set(key, client);
       client.catch(() => this.exports.delete(key));
     }

@@ -35,6 +35,13 @@ const domainRecord = z.strictObject({
   lastStop: z.enum(['guest-shutdown', 'forced-off']).nullable(),
   /** Writes into the domain's disks (failback) must carry this token once it is set; null: none set. */
   writeFence: z.string().nullable().default(null),
+  /** The agent defined this domain (failback to a new VM): it is under the agent's care without being listed. */
+  created: z.boolean().default(false),
+  /**
+   * The libvirt checkpoints the agent made (recorded before each is made): the only ones it ever deletes. Other
+   * tools' checkpoints of the domain are theirs.
+   */
+  ownCheckpoints: z.array(z.string()).default([]),
 });
 const pointRecord = z.strictObject({
   id: z.string(),
@@ -55,6 +62,8 @@ const replicaRecord = z.strictObject({
   merging: z.string().nullable().default(null),
   /** The source domain's XML as last replicated; the replica's domain is made from it at each power-on. */
   definition: z.string().nullable().default(null),
+  /** The UUID libvirt gave the replica's domain when the agent first defined it: a domain of that name is ours. */
+  domainUuid: z.string().nullable().default(null),
   /** The replica has a running layer: one overlay per disk on the head, what the replica wrote since power-on. */
   running: z.boolean().default(false),
   /** The point the running layer is becoming (recorded before its files are renamed); null: none. */
@@ -75,7 +84,14 @@ export type DomainRecord = z.infer<typeof domainRecord>;
 export type PointRecord = z.infer<typeof pointRecord>;
 export type ReplicaRecord = z.infer<typeof replicaRecord>;
 
-const emptyDomain = (): DomainRecord => ({ checkpoints: [], referencePoints: [], lastStop: null, writeFence: null });
+const emptyDomain = (): DomainRecord => ({
+  checkpoints: [],
+  referencePoints: [],
+  lastStop: null,
+  writeFence: null,
+  created: false,
+  ownCheckpoints: [],
+});
 
 type StateFile = z.infer<typeof stateFile>;
 
@@ -91,6 +107,10 @@ export class HostState {
     const parse = (raw: unknown): StateFile => {
       const parsed = stateFile.safeParse(raw);
       if (!parsed.success) throw new Error(`${path}: not a host state file: ${parsed.error.issues[0]?.message ?? ''}`);
+      // A file of an earlier release names the agent's checkpoints only in its views and reference points.
+      for (const d of Object.values(parsed.data.domains))
+        for (const name of [...d.checkpoints.map((c) => c.id), ...d.referencePoints.map((r) => r.checkpointId)])
+          if (!d.ownCheckpoints.includes(name)) d.ownCheckpoints.push(name);
       return parsed.data;
     };
     return new HostState(await JsonStateFile.load(path, parse, () => ({ version: 1, domains: {}, replicas: {} })));
@@ -119,6 +139,15 @@ export class HostState {
   replica(name: string): ReplicaRecord | null {
     const r = this.file.saved.replicas[name];
     return r ? structuredClone(r) : null;
+  }
+
+  /** Applies the change to the replica's saved record (which must exist) and resolves once it is on disk. */
+  updateReplica(name: string, change: (r: ReplicaRecord) => void): Promise<void> {
+    return this.file.change((state) => {
+      const r = state.replicas[name];
+      if (!r) throw new Error(`no replica ${name} in the host state`);
+      change(r);
+    });
   }
 
   /** Writes the replica's record (null: removes it), as update() does. */

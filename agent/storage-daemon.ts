@@ -6,6 +6,12 @@ import { spawn } from 'node:child_process';
 import { readFile, rm } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 
+/**
+ * How long the agent waits for any NBD reply (from a daemon of its own or from libvirt's QEMU) before it drops the
+ * connection: a hung daemon must not hold a request, and the locks it holds, forever.
+ */
+export const NBD_REPLY_TIMEOUT_MS = 120_000;
+
 export interface ImageExport {
   socket: string;
   /** False once the daemon exited (killed, crashed or stopped): its export answers nothing any more. */

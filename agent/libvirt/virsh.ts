@@ -62,6 +62,16 @@ export class Virsh {
   }
 }
 
+/**
+ * Why virsh could take the name for another domain's, or null: virsh looks a domain up by ID first, then by UUID, then
+ * by name, so a domain named `101` or like a UUID may be resolved to another one.
+ */
+export function ambiguousDomainName(name: string): string | null {
+  if (/^\d+$/.test(name)) return 'virsh would take an all-digit name for a domain ID';
+  if (/^[0-9a-f]{32}$/i.test(name.replace(/-/g, ''))) return 'virsh would take a UUID-shaped name for a domain UUID';
+  return null;
+}
+
 export const lines = (text: string): string[] =>
   text
     .split('\n')

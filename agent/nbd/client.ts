@@ -82,6 +82,11 @@ export type NbdConnectOptions = NbdAddress & {
   maxInFlight?: number;
   /** Aborts connecting and the handshake (use AbortSignal.timeout() for a deadline); no effect once connected. */
   signal?: AbortSignal;
+  /**
+   * A request with no reply for this long drops the connection (every request in flight rejects): a server that
+   * hangs must not hold its callers forever. Default: none.
+   */
+  replyTimeoutMs?: number;
 };
 
 export interface NbdExportInfo {
@@ -401,6 +406,7 @@ export class NbdClient {
     negotiated: Negotiated,
     address: string,
     maxInFlight: number,
+    private readonly replyTimeoutMs: number | undefined,
   ) {
     this.info = negotiated.info;
     this.metaContexts = negotiated.contexts;
@@ -461,7 +467,7 @@ export class NbdClient {
     try {
       const negotiated = await negotiate(socket, reader, exportName, queries, where);
       phase = 'transmission';
-      return new NbdClient(socket, reader, negotiated, where, maxInFlight);
+      return new NbdClient(socket, reader, negotiated, where, maxInFlight, options.replyTimeoutMs);
     } catch (error) {
       if (error instanceof NbdNegotiationError && !socket.destroyed) {
         // Still in the option phase: say goodbye properly, but do not wait for the server's ACK.
@@ -745,7 +751,22 @@ export class NbdClient {
         this.pending.set(cookie, entry);
         this.socket.write(encodeRequest(flags, type, cookie, offset, length));
         if (payload !== undefined) this.socket.write(payload);
-        await done;
+        const hung =
+          this.replyTimeoutMs === undefined
+            ? undefined
+            : setTimeout(() => {
+                const what = `${commandName(type)} at ${offset} (${length} bytes)`;
+                this.teardown(
+                  new NbdConnectionError(
+                    `NBD server at ${this.address} gave no reply to ${what} within ${this.replyTimeoutMs} ms`,
+                  ),
+                );
+              }, this.replyTimeoutMs);
+        try {
+          await done;
+        } finally {
+          clearTimeout(hung);
+        }
         return entry;
       } finally {
         this.slots.release();

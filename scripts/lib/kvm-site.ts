@@ -75,8 +75,12 @@ export async function startKvmDemoSite(options: {
         await libvirt.virsh.run(['define', xml]);
         say(`  ${host.name}: defined the libvirt domain ${vm} (the tiny real guest, ${image})`);
       }
+      // The agent acts only on the domains listed for it: the jobs' VMs of this host.
+      const domainsFile = join(dir, 'domains');
+      writeFileSync(domainsFile, [...vms, ''].join('\n'));
       const running: RunningKvmHost = await startKvmHost({
         name: host.name,
+        domainsFile,
         site: host.role === 'dr' ? 'dr' : 'primary',
         role: host.role,
         libvirtUri: libvirt.virsh.uri,

@@ -91,7 +91,7 @@ export class JsonStateFile<T> {
   /** Applies `apply` to the state and resolves with its result once the state with it is on disk. */
   change<R>(apply: (draft: T) => R): Promise<R> {
     return new Promise<R>((resolve, reject) => {
-      this.queue.push({ apply, resolve: resolve as (r: unknown) => void, reject });
+      this.queue.push({ apply, resolve: resolve, reject });
       this.saving ??= this.saveQueued();
     });
   }

@@ -113,25 +113,46 @@ const WRITE_PIECE_BYTES = 4 * 1024 * 1024;
 /** Writes queued while the next piece arrives; beyond this the upload waits (backpressure). */
 const WRITES_IN_FLIGHT = 3;
 
+export interface ReceiveOptions {
+  /** The lab's fault injection: the connection breaks after that many bytes. */
+  cutAfter?: number | undefined;
+  /**
+   * An upload that sends nothing for this long is cut off (its writes stop, and whatever it holds is let go): a
+   * sender behind a network partition would otherwise hold it for as long as TCP keeps the connection.
+   */
+  stallMs?: number | undefined;
+}
+
 /**
  * Writes the frames of an upload as they arrive, straight from the received chunks (no copy), and returns the
- * bytes written. `cutAfter` (the lab's fault injection) breaks the connection after that many bytes.
+ * bytes written.
  */
 export async function receiveFrames(
   request: FastifyRequest,
   sizeBytes: number,
   write: (piece: FramePiece) => Promise<void>,
-  cutAfter?: number,
+  { cutAfter, stallMs }: ReceiveOptions = {},
 ): Promise<number> {
   const reader = new FrameReader(WRITE_PIECE_BYTES);
   const inFlight: { piece: FramePiece; done: Promise<void> }[] = [];
   let received = 0;
   let bytes = 0;
+  let stall: NodeJS.Timeout | undefined;
+  const watch = () => {
+    if (stallMs === undefined) return;
+    clearTimeout(stall);
+    stall = setTimeout(
+      () => request.raw.destroy(new FrameError(`the upload sent nothing for ${stallMs} ms: cut off`)),
+      stallMs,
+    );
+  };
+  watch();
   try {
     // A malformed frame is answered once the body has arrived: leaving the loop early would destroy the request,
     // and its sender would get a broken pipe (retried as an interrupted transfer) instead of the 400.
     let malformed: HostApiError | undefined;
     for await (const chunk of request.raw as AsyncIterable<Buffer>) {
+      watch();
       if (malformed) continue;
       received += chunk.length;
       if (cutAfter !== undefined && received > cutAfter) {
@@ -163,6 +184,8 @@ export async function receiveFrames(
     await Promise.allSettled(inFlight.map((w) => w.done));
     if (e instanceof FrameError) throw badRequest('body', e.message);
     throw e;
+  } finally {
+    clearTimeout(stall);
   }
   return bytes;
 }

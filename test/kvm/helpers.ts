@@ -158,6 +158,10 @@ export async function spawnKvmHostProcess(options: {
   role: 'production' | 'dr';
   libvirtUri: string;
   stateDir: string;
+  /** The agent's domains file (the domains it may act on as source VMs). */
+  domainsFile?: string;
+  /** More flags of `npm run kvm-host`. */
+  flags?: string[];
 }): Promise<KvmHostProcess> {
   const proc = spawn(
     process.execPath,
@@ -165,6 +169,8 @@ export async function spawnKvmHostProcess(options: {
       ...['--import', 'tsx', join(projectRoot, 'agent', 'main.ts')],
       ...['--name', options.name, '--site', options.role === 'dr' ? 'dr' : 'primary', '--role', options.role],
       ...['--port', '0', '--libvirt', options.libvirtUri, '--state', options.stateDir],
+      ...(options.domainsFile ? ['--domains', options.domainsFile] : []),
+      ...(options.flags ?? []),
     ],
     { stdio: ['ignore', 'pipe', 'inherit'] },
   );
@@ -189,6 +195,8 @@ export async function spawnKvmHostProcess(options: {
 export interface TestKvmHost {
   libvirt: LibvirtInstance;
   host: RunningKvmHost;
+  /** The agent's domains file: the test guest's domain, and what a test adds to it. */
+  domainsFile: string;
   /** The guest's serial console and disk image (a host without a guest has neither). */
   serialLog: string;
   image: string;
@@ -216,6 +224,8 @@ export async function startTestKvmHost(options: {
   const image = join(dir, `${domain ?? 'none'}.qcow2`);
   const serialLog = join(dir, `${domain ?? 'none'}.serial`);
   writeFileSync(serialLog, '');
+  const domainsFile = join(dir, 'domains');
+  writeFileSync(domainsFile, domain ? `${domain}\n` : '');
   if (domain) {
     await createGuestDisk(image, '64M');
     const xml = join(dir, `${domain}.xml`);
@@ -238,6 +248,7 @@ export async function startTestKvmHost(options: {
       role: options.role ?? 'production',
       libvirtUri: libvirt.virsh.uri,
       stateDir: join(dir, 'state'),
+      domainsFile,
     });
   const guestLines = () => readGuestLines(serialLog);
   const host = await start().catch(async (e: unknown) => {
@@ -247,6 +258,7 @@ export async function startTestKvmHost(options: {
   const t: TestKvmHost = {
     libvirt,
     host,
+    domainsFile,
     serialLog,
     image,
     async restartHost() {

@@ -1,8 +1,10 @@
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { execFile } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { promisify } from 'node:util';
 import { GUEST_BLOCK_SIZE, guestBlockNumbers, lastSeq, parseDataBlock, waitForGuest } from '../../kvm/guest/guest';
 import { blockDigest } from '../../src/host-api/digests';
 import {
@@ -18,6 +20,25 @@ import { BLOCKS_PER_ITERATION, GUEST_DISK_BYTES as DISK_BYTES, startTestKvmHost,
 
 const HOST = 'kvm-prod1';
 const VM = 'pf-src1';
+/** A libvirt checkpoint of the guest made by another backup tool. */
+const OTHER_TOOL = 'zz-other-backup-tool';
+const exec = promisify(execFile);
+
+/** A domain of someone else's on the same host: never listed for the agent. */
+const otherDomainXml = (name: string, image: string) => `<domain type='qemu'>
+  <name>${name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type></os>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='${image}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+  </devices>
+</domain>
+`;
 
 async function allPages(list: (page: PageRequest) => Promise<ExtentPage>): Promise<Extent[]> {
   const out: Extent[] = [];
@@ -114,9 +135,72 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
     assert.deepEqual(await libvirt().virsh.domains(), [VM]);
   });
 
+  test('a domain not listed in its domains file is invisible to the agent and untouched; listed, it is seen at once', async () => {
+    // payroll-db: a domain of the host under no job, defined and powered by someone else.
+    const other = 'payroll-db';
+    const image = join(dir, `${other}.qcow2`);
+    await exec('qemu-img', ['create', '-q', '-f', 'qcow2', image, '1M']);
+    writeFileSync(join(dir, `${other}.xml`), otherDomainXml(other, image));
+    await libvirt().virsh.run(['define', join(dir, `${other}.xml`)]);
+    const otherVm = { host: HOST, vm: other };
+    const unknown = (e: Error) => e instanceof NotFoundError && e.message.includes(`VM ${other} not found`);
+    assert.deepEqual(
+      (await port.listVms(HOST)).map((v) => v.name),
+      [VM],
+    );
+    await assert.rejects(port.getVm(otherVm), unknown);
+    await assert.rejects(port.getVmDefinition(otherVm), unknown);
+    await assert.rejects(port.powerOn(otherVm), unknown);
+    await assert.rejects(port.powerOff(otherVm), unknown);
+    await assert.rejects(port.fenceWrites(otherVm, 'mine'), unknown);
+    await assert.rejects(port.createCheckpoint(otherVm, 'steal'), unknown);
+    await assert.rejects(port.listReferencePoints(otherVm), unknown);
+    await assert.rejects(
+      port.writeExtents(
+        { ...otherVm, disk: 'vda' },
+        (async function* () {
+          yield { offset: 0, data: Buffer.alloc(BLOCK_SIZE, 1) };
+        })(),
+      ),
+      unknown,
+    );
+    // Neither made anew over it, nor taken as a replica's name.
+    await assert.rejects(
+      port.createVm(otherVm, {
+        disks: [{ id: 'vda', sizeBytes: BLOCK_SIZE * 16 }],
+        definition: (await port.getVmDefinition(vm))!,
+      }),
+      ConflictError,
+    );
+    await assert.rejects(
+      port.createReplica(
+        { host: HOST, replica: other },
+        { sourceVm: VM, disks: [{ id: 'vda', sizeBytes: DISK_BYTES }] },
+      ),
+      ConflictError,
+    );
+    await assert.rejects(
+      port.createReplica(
+        { host: HOST, replica: '101' },
+        { sourceVm: VM, disks: [{ id: 'vda', sizeBytes: DISK_BYTES }] },
+      ),
+      (e: Error) => e instanceof BadRequestError && /all-digit/.test(e.message),
+    );
+    assert.equal(await libvirt().virsh.domainState(other), 'shut off', 'never started');
+    assert.deepEqual(await libvirt().virsh.run(['checkpoint-list', other, '--name']), '');
+    // Listed by its operator, it is under the agent's care at once (no restart); unlisted, invisible again.
+    writeFileSync(kvm.domainsFile, `${VM}\n${other} # added\n`);
+    assert.deepEqual((await port.getVm(otherVm)).name, other);
+    writeFileSync(kvm.domainsFile, `${VM}\n`);
+    await assert.rejects(port.getVm(otherVm), unknown);
+    await libvirt().virsh.run(['undefine', other]);
+  });
+
   test('a first full copy from a checkpoint of the running guest, then an incremental one from the changed extents: each equals its checkpoint', async () => {
     const written = await bootAndWrite();
     assert.equal((await port.getVm(vm)).powerState, 'Running');
+    // Another backup tool's checkpoint of the same domain: never the agent's to delete (review M6).
+    await libvirt().virsh.run(['checkpoint-create-as', VM, OTHER_TOOL]);
 
     const c1 = await port.createCheckpoint(vm, 'c1');
     assert.deepEqual(await port.createCheckpoint(vm, 'c1'), c1, 'a retried create returns the same checkpoint');
@@ -175,7 +259,11 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
       ['r2'],
     );
     const checkpoints = (await libvirt().virsh.run(['checkpoint-list', VM, '--name'])).trim().split('\n');
-    assert.deepEqual(checkpoints, ['c2'], 'libvirt keeps only the checkpoint the reference point stands for');
+    assert.deepEqual(
+      checkpoints.sort(),
+      ['c2', OTHER_TOOL],
+      'libvirt keeps the checkpoint the reference point stands for, and the other tool’s',
+    );
   });
 
   test('ACPI shutdown, then the final copy of the powered-off guest (a paused start): exact, and the domain stays off', async () => {
@@ -229,7 +317,11 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
     // Through the restarted daemon: the job is still there to end, and its checkpoint goes.
     await port.deleteCheckpoint(vm, 'across-restart');
     const checkpoints = (await libvirt().virsh.run(['checkpoint-list', VM, '--name'])).trim().split('\n');
-    assert.deepEqual(checkpoints, ['fresh'], 'only the reference point’s checkpoint is left');
+    assert.deepEqual(
+      checkpoints.sort(),
+      ['fresh', OTHER_TOOL],
+      'the reference point’s checkpoint and the other tool’s',
+    );
   });
 
   test('QEMU killed: tracking lost is the port’s TrackingLostError, and a digest comparison still copies exactly', async () => {
@@ -319,6 +411,43 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
     );
     await port.powerOff(vm);
     const checkpoints = (await libvirt().virsh.run(['checkpoint-list', VM, '--name'])).trim().split('\n');
-    assert.deepEqual(checkpoints, ['after-kill'], 'the view’s libvirt checkpoint went with it');
+    assert.deepEqual(checkpoints.sort(), ['after-kill', OTHER_TOOL], 'the view’s libvirt checkpoint went with it');
+  });
+
+  test('a reference point whose libvirt checkpoint is gone is tracking lost; another tool’s backup job is never aborted', async () => {
+    // An operator deleted the checkpoint the reference point stands for (review M7).
+    await libvirt().virsh.run(['checkpoint-delete', '--metadata', VM, 'after-kill']);
+    await bootAndWrite();
+    await port.createCheckpoint(vm, 'm7');
+    await assert.rejects(
+      port.listChangedExtents(disk, { referencePointId: 'r5', checkpointId: 'm7' }),
+      TrackingLostError,
+    );
+    assert.deepEqual(
+      (await port.listReferencePoints(vm)).map((r) => [r.id, r.trackingValid]),
+      [['r5', false]],
+    );
+    const allocated = await allPages((page) => port.listAllocatedExtents(disk, 'm7', page));
+    await applyTo(copy, 'm7', allocated);
+    await assertCopyEquals('m7');
+    // Our view's job ended by someone else, and another backup tool's pull backup started (review M6).
+    await libvirt().virsh.run(['domjobabort', VM]);
+    const backupXml = join(dir, 'other-backup.xml');
+    writeFileSync(
+      backupXml,
+      `<domainbackup mode='pull'><server transport='unix' socket='${join(dir, 'other.sock')}'/><disks>` +
+        `<disk name='vda' backup='yes' type='file'><scratch file='${join(dir, 'other-scratch.qcow2')}'/></disk>` +
+        `</disks></domainbackup>`,
+    );
+    await libvirt().virsh.run(['backup-begin', VM, backupXml]);
+    await assert.rejects(
+      port.createCheckpoint(vm, 'm6'),
+      (e: Error) => e instanceof ConflictError && /another tool's backup job/.test(e.message),
+    );
+    assert.match(await libvirt().virsh.run(['domjobinfo', VM]), /Operation:\s+Backup/, 'its job runs on');
+    await libvirt().virsh.run(['domjobabort', VM]);
+    await port.createCheckpoint(vm, 'm6');
+    await port.deleteCheckpoint(vm, 'm6');
+    await port.powerOff(vm);
   });
 });

@@ -12,6 +12,8 @@ import { spawnKvmHostProcess, startTestKvmHost, type KvmHostProcess, type TestKv
 
 const HOST = 'kvm-prod3';
 const VM = 'pf-wr1';
+/** How long an upload may send nothing before the agent cuts it off (60 s by default). */
+const STALL_SECONDS = 5;
 
 // Failback's writes into a powered-off domain go through a qemu-storage-daemon the production host process starts
 // for each write request. The process killed in the middle of one leaves that daemon holding the disk: its next run
@@ -37,6 +39,8 @@ describe('writes into a powered-off KVM domain through a SIGKILL of the producti
       role: 'production',
       libvirtUri: kvm.libvirt.virsh.uri,
       stateDir: stateDir(),
+      domainsFile: kvm.domainsFile,
+      flags: ['--upload-stall-seconds', String(STALL_SECONDS)],
     });
     port = new HostApiHypervisor({ url: child.url });
   }
@@ -117,6 +121,28 @@ describe('writes into a powered-off KVM domain through a SIGKILL of the producti
     // Nothing holds the disk any more: the domain boots.
     const since = (await kvm.guestLines()).length;
     await port.powerOn(vm);
+    await kvm.readyAfter(since);
+    await port.powerOff(vm);
+  });
+
+  test('a failback upload that stalls is cut off at the stall limit: the VM’s power calls wait only that long', async () => {
+    await port.fenceWrites(vm, 'failback-2');
+    const silent = new Promise<void>(() => undefined); // a sender behind a partition: no data, no close
+    async function* firstThenSilent(): AsyncGenerator<ExtentData> {
+      yield { offset: 16 * BLOCK_SIZE, data: randomBytes(BLOCK_SIZE) };
+      await silent;
+    }
+    const stalled = port.writeExtents(disk, firstThenSilent(), { fence: 'failback-2' });
+    stalled.catch(() => undefined);
+    for (let i = 0; i < 200 && writeDaemons().length === 0; i++) await sleep(50);
+    assert.equal(writeDaemons().length, 1, 'the upload holds the disk');
+    const since = (await kvm.guestLines()).length;
+    const asked = Date.now();
+    await port.powerOn(vm); // waits for the domain's lock, which the stalled upload holds until it is cut off
+    const waited = Date.now() - asked;
+    assert.ok(waited < (STALL_SECONDS + 10) * 1000, `power-on answered after ${waited} ms`);
+    await assert.rejects(stalled);
+    assert.deepEqual(writeDaemons(), [], 'the cut-off upload let go of the disk');
     await kvm.readyAfter(since);
     await port.powerOff(vm);
   });

@@ -14,6 +14,7 @@ const replica = (sourceVm: string): ReplicaRecord => ({
   headPointId: null,
   merging: null,
   definition: null,
+  domainUuid: null,
   running: false,
   sealingRunning: null,
   consolidating: false,
