@@ -16,6 +16,7 @@ const flags = z.strictObject({
   listen: z.string().min(1),
   domains: z.string().min(1).optional(),
   uploadStallSeconds: z.coerce.number().int().min(1).max(3600),
+  commitBandwidthMibps: z.coerce.number().int().min(1).optional(),
 });
 
 async function main(): Promise<void> {
@@ -35,6 +36,10 @@ async function main(): Promise<void> {
         'without it, none (a DR host acts on its own replicas only)',
     )
     .option('--upload-stall-seconds <seconds>', 'an upload that sends nothing for this long is cut off', '60')
+    .option(
+      '--commit-bandwidth-mibps <MiB/s>',
+      "a permanent failover's live commit into a running replica's base at most this fast (spares the guest's I/O)",
+    )
     .parse()
     .opts();
   const parsed = flags.safeParse(raw);
@@ -51,6 +56,7 @@ async function main(): Promise<void> {
     stateDir: o.state,
     ...(o.domains ? { domainsFile: resolve(o.domains) } : {}),
     uploadStallMs: o.uploadStallSeconds * 1000,
+    ...(o.commitBandwidthMibps ? { commitBandwidthMiBps: o.commitBandwidthMibps } : {}),
     port: o.port,
     listen: o.listen,
     log: (m) => console.log(`[kvm-host ${o.name}] ${m}`),

@@ -4,6 +4,7 @@
 // flushes and closes that export and makes the point the head. Reads of a point go through a read-only export of
 // its overlay, which sees the whole chain below it. Sealed files never change while anything stands on them.
 import { execFile } from 'node:child_process';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { createHash } from 'node:crypto';
 import { mkdir, readdir, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -12,6 +13,7 @@ import { CANARY_BYTES, parseCanary } from './canary';
 import { digestsOf } from '../src/host-api/digests';
 import { conflict, HostApiError, notFound } from '../src/host-api/errors';
 import type { FramePiece } from '../src/host-api/frames';
+import type { HostJobRunning } from '../src/host-api/schemas';
 import { exists, fsyncPath, writeFileAtomic } from '../src/host-api/persist';
 import {
   BLOCK_SIZE,
@@ -29,7 +31,8 @@ import {
   type VmDefinition,
   type VmInfo,
 } from '../src/hypervisor/port';
-import { lines, type Virsh } from './libvirt/virsh';
+import { HostJobs } from './jobs';
+import { lines, VirshError, type Virsh } from './libvirt/virsh';
 import { NbdClient } from './nbd/client';
 import { acpiShutdown, destroyDomain, isNoSuchDomain, parseDomState, powerStateOf } from './power';
 import { domainXmlOfRequest, replicaDomainXml } from './replica-domain';
@@ -56,7 +59,22 @@ export class KvmReplicas {
   private readonly exports = new Map<string, Promise<OpenExport>>();
   private readonly gates = new Map<string, { closed: boolean; inFlight: Set<Promise<void>> }>();
 
-  constructor(private readonly options: { host: string; stateDir: string; state: HostState; virsh: Virsh }) {}
+  private readonly jobs: HostJobs;
+
+  constructor(
+    private readonly options: {
+      host: string;
+      stateDir: string;
+      state: HostState;
+      virsh: Virsh;
+      /** How long a request waits for a long operation before it answers 202 (it runs on). Default 2 s. */
+      jobWaitMs?: number;
+      /** A live commit's rate limit in MiB/s (libvirt's `--bandwidth`); none: as fast as the storage goes. */
+      commitBandwidthMiBps?: number;
+    },
+  ) {
+    this.jobs = new HostJobs(options.jobWaitMs ?? 2_000);
+  }
 
   /**
    * Every export daemon a previous run of the process left (it was killed) is stopped: their pid files are in the
@@ -107,6 +125,7 @@ export class KvmReplicas {
       headPointId: r.headPointId,
       hasRunningLayer: r.running,
       consolidated: r.consolidated,
+      consolidating: r.consolidating && !r.consolidated,
     };
   }
 
@@ -361,7 +380,13 @@ export class KvmReplicas {
    * base (its view is unchanged: it sees the same blocks, now found one layer lower), and the oldest file goes. The
    * merge is recorded first; each step can run again after a crash at any line.
    */
-  mergeOldest(replica: string, pointId: string): Promise<ReplicaInfo> {
+  mergeOldest(replica: string, pointId: string): Promise<ReplicaInfo | HostJobRunning> {
+    return this.jobs.follow(`${replica}/merge`, `merging ${pointId} of ${replica} into its base`, () =>
+      this.mergeOldestNow(replica, pointId),
+    );
+  }
+
+  private mergeOldestNow(replica: string, pointId: string): Promise<ReplicaInfo> {
     return this.exclusive(replica, async () => {
       let r = this.record(replica);
       if (r.merging === null) {
@@ -575,10 +600,20 @@ export class KvmReplicas {
 
   /** Undo: what the replica wrote since power-on goes; the head returns to the newest sealed point. */
   discardRunningLayer(replica: string): Promise<ReplicaInfo> {
+    // Refused at once, not behind the consolidation that holds the replica's lock.
+    if (this.record(replica).consolidating) throw halfDoneConsolidation(replica);
     return this.exclusive(replica, async () => {
       await this.refuseRunning(replica, 'discarding its running layer');
+      // A seal of the running layer a crash cut off is finished: the point it was becoming was asked for.
+      await this.finishSealingRunning(replica);
       const r = this.record(replica);
       if (r.consolidated) throw conflict(`${replica} is permanently failed over: its running state is its base`);
+      // Part of the layers may be in the base already: undoing now would lose them. The permanent failover is
+      // finished by asking for it again.
+      if (r.consolidating)
+        throw conflict(
+          `a permanent failover of ${replica} is half done: finish it (ask for the permanent failover again)`,
+        );
       // Record first: a crash before the files go leaves files no record names, made anew at the next power-on.
       r.running = false;
       r.headPointId = [...r.points].reverse().find((p) => p.sealed)?.id ?? null;
@@ -637,16 +672,39 @@ export class KvmReplicas {
    * runs on alone. A running replica is committed live (`virsh blockcommit --active --pivot`), a stopped one with
    * `qemu-img commit`. Recorded first; a repeated commit of the same layers writes the same blocks again.
    */
-  consolidate(replica: string): Promise<ReplicaInfo> {
+  consolidate(replica: string): Promise<ReplicaInfo | HostJobRunning> {
+    return this.jobs.follow(`${replica}/consolidate`, `consolidating ${replica}`, () => this.consolidateNow(replica));
+  }
+
+  private consolidateNow(replica: string): Promise<ReplicaInfo> {
     return this.exclusive(replica, async () => {
       const r = this.record(replica);
       if (r.consolidated) return this.info(replica, r);
       refuseOpenPoint(replica, r);
-      r.consolidating = true;
-      await this.options.state.setReplica(replica, r);
+      if (!r.consolidating) {
+        r.consolidating = true;
+        await this.options.state.setReplica(replica, r);
+      }
       await this.finishConsolidation(replica);
       return this.info(replica, this.record(replica));
     });
+  }
+
+  /**
+   * The merges and consolidations a crash of the agent cut off go on in the background (each was recorded before its
+   * first file changed); their outcome goes to the next request for them.
+   */
+  resumeRecordedOperations(): void {
+    for (const replica of this.names()) {
+      const r = this.record(replica);
+      const merging = r.merging;
+      if (merging !== null)
+        this.jobs.resume(`${replica}/merge`, `merging ${merging} of ${replica} into its base`, () =>
+          this.mergeOldestNow(replica, merging),
+        );
+      if (r.consolidating && !r.consolidated)
+        this.jobs.resume(`${replica}/consolidate`, `consolidating ${replica}`, () => this.consolidateNow(replica));
+    }
   }
 
   private async finishConsolidation(replica: string): Promise<void> {
@@ -656,16 +714,8 @@ export class KvmReplicas {
     const live = power !== 'Off';
     for (const d of r.disks) {
       const base = this.imageOf(replica, null, d.id);
-      if (live) {
-        const sources = await this.options.virsh.run(['domblklist', ref!]);
-        const current = lines(sources)
-          .map((l) => l.split(/\s+/))
-          .find(([target]) => target === d.id)?.[1];
-        if (current !== base)
-          await this.options.virsh.run(['blockcommit', ref!, d.id, '--active', '--pivot', '--wait'], {
-            timeoutMs: 30 * 60_000,
-          });
-      } else {
+      if (live) await this.commitLive(ref!, d.id, base);
+      else {
         const top = r.running
           ? this.runningImage(replica, d.id)
           : r.headPointId && this.imageOf(replica, r.headPointId, d.id);
@@ -681,6 +731,35 @@ export class KvmReplicas {
     await fsyncPath(this.dirOf(replica));
     Object.assign(r, { points: [], headPointId: null, running: false, consolidating: false, consolidated: true });
     await this.options.state.setReplica(replica, r);
+  }
+
+  /**
+   * A running replica's disk committed into its base by QEMU (libvirt's active block commit) and pivoted onto it.
+   * Followed step by step from what libvirt shows, never by one virsh call that waits: the job one an earlier run
+   * started (or left ready, cut off before its pivot) is followed or pivoted, and a disk already on its base is done.
+   */
+  private async commitLive(domain: string, disk: string, base: string): Promise<void> {
+    for (;;) {
+      const sources = await this.options.virsh.run(['domblklist', domain]);
+      const current = lines(sources)
+        .map((l) => l.split(/\s+/))
+        .find(([target]) => target === disk)?.[1];
+      if (current === base) return;
+      const job = parseBlockJob(await this.options.virsh.run(['blockjob', domain, disk, '--info', '--raw']));
+      if (job === null) {
+        const bandwidth = this.options.commitBandwidthMiBps;
+        await this.options.virsh.run([
+          'blockcommit',
+          ...[domain, disk, '--active'],
+          ...(bandwidth ? ['--bandwidth', String(bandwidth)] : []),
+        ]);
+      } else if (job.end > 0 && job.cur === job.end) {
+        // Ready: the base holds every block; the pivot switches the guest onto it. Not ready yet: asked again.
+        await this.options.virsh.run(['blockjob', domain, disk, '--pivot']).catch((e: unknown) => {
+          if (!(e instanceof VirshError && /not ready|ready|not yet/i.test(e.detail))) throw e;
+        });
+      } else await sleep(250);
+    }
   }
 
   /**
@@ -792,6 +871,17 @@ function newPointRecord(id: string, spec: RestorePointSpec, sealed: boolean): Po
     sealed,
   };
 }
+
+/** `virsh blockjob --info --raw` of a disk: its job's progress, or null when none runs. */
+export function parseBlockJob(text: string): { cur: number; end: number } | null {
+  const cur = /\bcur=(\d+)/.exec(text)?.[1];
+  const end = /\bend=(\d+)/.exec(text)?.[1];
+  return cur === undefined || end === undefined ? null : { cur: Number(cur), end: Number(end) };
+}
+
+/** Part of the layers may be in the base already: undoing now would lose them; only finishing is safe. */
+const halfDoneConsolidation = (replica: string): HostApiError =>
+  conflict(`a permanent failover of ${replica} is half done: finish it (ask for the permanent failover again)`);
 
 function refuseConsolidated(replica: string, r: ReplicaRecord): void {
   if (r.consolidated || r.consolidating) throw conflict(`${replica} is permanently failed over (consolidated)`);

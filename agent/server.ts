@@ -1,7 +1,7 @@
 // The host process of a KVM host: the host API (src/host-api/) served for this one host, over its local libvirt.
 // The orchestrator reaches it with the same adapter as the lab.
 import { resolve } from 'node:path';
-import type { FastifyInstance } from 'fastify';
+import type { FastifyInstance, FastifyReply } from 'fastify';
 import { z } from 'zod';
 import { badRequest, conflict, notFound } from '../src/host-api/errors';
 import { framedLength } from '../src/host-api/frames';
@@ -11,6 +11,7 @@ import {
   checkExtents,
   extents,
   fenceToken,
+  type HostJobRunning,
   id,
   page,
   params as P,
@@ -24,7 +25,7 @@ import {
   vmSpec,
 } from '../src/host-api/schemas';
 import { hostApiServer, receiveFrames, streamFrames } from '../src/host-api/server';
-import type { Extent, HostInfo, ReplicaView, SiteRole } from '../src/hypervisor/port';
+import type { Extent, HostInfo, ReplicaInfo, ReplicaView, SiteRole } from '../src/hypervisor/port';
 import { ambiguousDomainName, Virsh } from './libvirt/virsh';
 import { ManagedDomains } from './managed-domains';
 import { KvmReplicas, notOnKvmYet } from './replicas';
@@ -45,6 +46,10 @@ export interface KvmHostOptions {
   domainsFile?: string;
   /** An upload that sends nothing for this long is cut off, letting go of what it holds. Default 60 s. */
   uploadStallMs?: number;
+  /** How long a request waits for a long operation (merge, consolidation) before it answers 202. Default 2 s. */
+  jobWaitMs?: number;
+  /** A live commit's rate limit in MiB/s (tests make a commit last); none: as fast as the storage goes. */
+  commitBandwidthMiBps?: number;
   port?: number;
   listen?: string;
   log?: (message: string) => void;
@@ -82,8 +87,16 @@ export async function startKvmHost(options: KvmHostOptions): Promise<RunningKvmH
     state,
     log,
   });
-  const replicas = new KvmReplicas({ host: options.name, stateDir, state, virsh });
+  const replicas = new KvmReplicas({
+    host: options.name,
+    stateDir,
+    state,
+    virsh,
+    ...(options.jobWaitMs !== undefined ? { jobWaitMs: options.jobWaitMs } : {}),
+    ...(options.commitBandwidthMiBps !== undefined ? { commitBandwidthMiBps: options.commitBandwidthMiBps } : {}),
+  });
   await replicas.stopLeftoverExports();
+  replicas.resumeRecordedOperations();
   const app = buildApp(options, domains, replicas, log);
   await app.listen({ port: options.port ?? 0, host: options.listen ?? '127.0.0.1' });
   const address = app.server.address();
@@ -253,9 +266,12 @@ function buildApp(
     await replicas.discardRestorePoint(p.replica, p.pointId);
     return reply.code(204).send();
   });
-  app.post('/v1/hosts/:host/replicas/:replica/points/:pointId/merge', (req) => {
+  // Long operations: the result once they end within a short wait, else 202 and what runs (asked again, followed).
+  const resultOrRunning = (reply: FastifyReply, out: ReplicaInfo | HostJobRunning) =>
+    'job' in out ? reply.code(202).send(out) : out;
+  app.post('/v1/hosts/:host/replicas/:replica/points/:pointId/merge', async (req, reply) => {
     const p = at(P.point, req.params);
-    return replicas.mergeOldest(p.replica, p.pointId);
+    return resultOrRunning(reply, await replicas.mergeOldest(p.replica, p.pointId));
   });
   app.get('/v1/hosts/:host/replicas/:replica/disks/:disk/allocated', async (req) => {
     const p = at(P.replicaDisk, req.params);
@@ -293,8 +309,8 @@ function buildApp(
     const p = at(P.replica, req.params);
     return replicas.revert(p.replica, parse(z.strictObject({ pointId: id }), req.body, 'body').pointId);
   });
-  app.post('/v1/hosts/:host/replicas/:replica/consolidate', (req) =>
-    replicas.consolidate(at(P.replica, req.params).replica),
+  app.post('/v1/hosts/:host/replicas/:replica/consolidate', async (req, reply) =>
+    resultOrRunning(reply, await replicas.consolidate(at(P.replica, req.params).replica)),
   );
   app.delete('/v1/hosts/:host/replicas/:replica/running-layer', (req) =>
     replicas.discardRunningLayer(at(P.replica, req.params).replica),

@@ -329,6 +329,7 @@ class LabVm {
       headPointId: r.headPointId,
       hasRunningLayer: r.running,
       consolidated: r.consolidated,
+      consolidating: false, // the lab's consolidation is one step
     };
   }
 }

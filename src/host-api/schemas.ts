@@ -98,3 +98,11 @@ export function checkExtents(list: { offset: number; length: number }[], sizeByt
 export function checkBlockRange(q: { startBlock: number; count: number }, sizeBytes: number): void {
   if (q.startBlock + q.count > sizeBytes / BLOCK_SIZE) throw badRequest('query.count', 'range ends past the disk');
 }
+
+/**
+ * The answer (202) to a long host operation (merging a replica's oldest point, consolidating it) still running after
+ * a short wait: the caller asks again with the same request, which follows the operation.
+ */
+export interface HostJobRunning {
+  job: { operation: string; runningForMs: number };
+}

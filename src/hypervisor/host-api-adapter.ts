@@ -4,6 +4,7 @@
 
 import http from 'node:http';
 import { Readable } from 'node:stream';
+import { setTimeout as sleep } from 'node:timers/promises';
 import {
   BadRequestError,
   ConflictError,
@@ -16,6 +17,7 @@ import {
   TransferInterruptedError,
 } from './errors';
 import type { HostApiErrorBody } from '../host-api/errors';
+import type { HostJobRunning } from '../host-api/schemas';
 import { decodeFrames, encodeFrames } from '../host-api/frames';
 import type {
   BackupPointInfo,
@@ -85,6 +87,8 @@ interface FramedBody {
 const seg = encodeURIComponent;
 /** Deadline of one host-to-host send; callers send at most tens of MiB per call. */
 const SEND_TIMEOUT_MS = 10 * 60_000;
+/** How often a long host operation that answered 202 (still running) is asked for again. */
+const FOLLOW_INTERVAL_MS = 1_000;
 /** Added to the control deadline of a power-on, which answers once the guest booted (minutes for some). */
 const BOOT_ALLOWANCE_MS = 15 * 60_000;
 
@@ -205,6 +209,19 @@ class HostApiTransport {
     const res = await this.send(spec);
     const raw = await this.readAll(res, spec, `${spec.method} ${spec.path}`);
     return (raw.length === 0 ? undefined : JSON.parse(raw.toString('utf8'))) as T;
+  }
+
+  /**
+   * A long host operation (merge, consolidation): the same request again every second while the host answers that
+   * it still runs (202). Each request is a short control call; the operation is bounded by the caller (an activity
+   * that heartbeats and may be cancelled), not by a deadline of its own.
+   */
+  async followed<T>(spec: RequestSpec): Promise<T> {
+    for (;;) {
+      const answer = await this.json<T | HostJobRunning>(spec);
+      if (!(typeof answer === 'object' && answer !== null && 'job' in answer)) return answer;
+      await sleep(FOLLOW_INTERVAL_MS, undefined, { signal: spec.signal });
+    }
   }
 
   async readAll(res: http.IncomingMessage, spec: RequestSpec, what: string): Promise<Buffer> {
@@ -605,7 +622,7 @@ export class HostApiHypervisor implements HypervisorPort {
   }
 
   mergeOldestRestorePoint(ref: ReplicaRef, pointId: string, o?: CallOptions): Promise<ReplicaInfo> {
-    return this.t.json({
+    return this.t.followed({
       method: 'POST',
       path: `${this.replicaPath(ref)}/points/${seg(pointId)}/merge`,
       host: ref.host,
@@ -614,7 +631,7 @@ export class HostApiHypervisor implements HypervisorPort {
   }
 
   consolidateReplica(ref: ReplicaRef, o?: CallOptions): Promise<ReplicaInfo> {
-    return this.t.json({
+    return this.t.followed({
       method: 'POST',
       path: `${this.replicaPath(ref)}/consolidate`,
       host: ref.host,

@@ -189,6 +189,11 @@ export interface ReplicaInfo {
    * restore points on it, whatever the orchestrator believes.
    */
   consolidated: boolean;
+  /**
+   * A permanent failover begun and not finished (the host was cut off part-way): part of the layers may be in the
+   * base already, so only finishing it is safe. Asking for the permanent failover again finishes it.
+   */
+  consolidating: boolean;
 }
 
 export interface WriteResult {
