@@ -1,8 +1,10 @@
 // Runs the host process of one KVM host, beside its libvirtd:
 //   npm run kvm-host -- --name kvm01 --site primary --role production --state /var/lib/planned-failover --port 7400
+import { isAbsolute } from 'node:path';
 import { Command } from 'commander';
 import { z } from 'zod';
 import { id } from '../src/host-api/schemas';
+import { DEFAULT_BOOT_FILE_DIRS } from './definition';
 import { startKvmHost } from './server';
 
 const flags = z.strictObject({
@@ -13,6 +15,7 @@ const flags = z.strictObject({
   state: z.string().min(1),
   port: z.coerce.number().int().min(0).max(65535),
   listen: z.string().min(1),
+  bootFiles: z.array(z.string().refine(isAbsolute, 'each directory must be an absolute path')).min(1),
 });
 
 async function main(): Promise<void> {
@@ -26,12 +29,21 @@ async function main(): Promise<void> {
     .option('--state <dir>', 'where the host process keeps its state, sockets and scratch files', '.data/kvm-host')
     .option('--port <port>', 'TCP port (0 picks a free one)', '7400')
     .option('--listen <address>', 'address to listen on', '127.0.0.1')
+    .option(
+      '--boot-files <dir>',
+      `a directory that firmware, kernels and initrds named by domain definitions may come from; repeatable or a comma list (default ${DEFAULT_BOOT_FILE_DIRS.join(',')})`,
+      (value: string, dirs: string[] | undefined) => [...(dirs ?? []), ...value.split(',')],
+    )
     .parse()
     .opts();
-  const parsed = flags.safeParse(raw);
+  const parsed = flags.safeParse({
+    ...raw,
+    bootFiles: (raw.bootFiles as string[] | undefined) ?? DEFAULT_BOOT_FILE_DIRS,
+  });
   if (!parsed.success) {
     const issue = parsed.error.issues[0]!;
-    throw new Error(`--${issue.path.join('.')}: ${issue.message}`);
+    const flag = String(issue.path[0]).replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
+    throw new Error(`--${flag}: ${issue.message}`);
   }
   const o = parsed.data;
   const host = await startKvmHost({
@@ -40,11 +52,14 @@ async function main(): Promise<void> {
     role: o.role,
     libvirtUri: o.libvirt,
     stateDir: o.state,
+    bootFileDirs: o.bootFiles,
     port: o.port,
     listen: o.listen,
     log: (m) => console.log(`[kvm-host ${o.name}] ${m}`),
   });
-  console.log(`[kvm-host ${o.name}] listening on ${host.url} (libvirt ${o.libvirt}, state ${o.state})`);
+  console.log(
+    `[kvm-host ${o.name}] listening on ${host.url} (libvirt ${o.libvirt}, state ${o.state}, boot files from ${o.bootFiles.join(', ')})`,
+  );
   const stop = (signal: string): void => {
     console.log(`[kvm-host ${o.name}] ${signal}: stopping`);
     host.stop().then(

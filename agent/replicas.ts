@@ -31,7 +31,7 @@ import {
 import { lines, type Virsh } from './libvirt/virsh';
 import { NbdClient } from './nbd/client';
 import { acpiShutdown, destroyDomain, isNoSuchDomain, parseDomState, powerStateOf } from './power';
-import { domainXmlOfRequest, replicaDomainXml } from './replica-domain';
+import { domainXml, domainXmlOfRequest, type DomainSpec } from './definition';
 import { READ_PIECE_BYTES, readPieces, toBlocks } from './source-domains';
 import type { HostState, PointRecord, ReplicaRecord } from './state';
 import { exportImage, stopStaleExport, type ImageExport } from './storage-daemon';
@@ -55,7 +55,16 @@ export class KvmReplicas {
   private readonly exports = new Map<string, Promise<OpenExport>>();
   private readonly gates = new Map<string, { closed: boolean; inFlight: Set<Promise<void>> }>();
 
-  constructor(private readonly options: { host: string; stateDir: string; state: HostState; virsh: Virsh }) {}
+  constructor(
+    private readonly options: {
+      host: string;
+      stateDir: string;
+      state: HostState;
+      virsh: Virsh;
+      /** Where the firmware and kernels that replicas' definitions name may come from. */
+      bootFileDirs: readonly string[];
+    },
+  ) {}
 
   /**
    * Every export daemon a previous run of the process left (it was killed) is stopped: their pid files are in the
@@ -83,6 +92,24 @@ export class KvmReplicas {
 
   private dirOf(replica: string): string {
     return join(this.options.stateDir, 'replicas', replica);
+  }
+
+  /** The replica's domain as made from its source's definition, its disks still to be named. */
+  private domainSpec(replica: string, disks: DiskInfo[]): DomainSpec {
+    return {
+      name: replica,
+      disks: new Map(disks.map((d) => [d.id, this.imageOf(replica, null, d.id)])),
+      consoleLog: join(this.dirOf(replica), 'console.log'),
+      nvram: join(this.dirOf(replica), 'nvram.fd'),
+      bootFileDirs: this.options.bootFileDirs,
+      macs: 'own',
+    };
+  }
+
+  /** The definition, checked now (it must become this replica's domain), so a bad one is refused where it arrives. */
+  private checkedDefinition(replica: string, disks: DiskInfo[], definition: VmDefinition): string {
+    domainXmlOfRequest(definition.text, this.domainSpec(replica, disks));
+    return definition.text;
   }
 
   private imageOf(replica: string, layer: string | null, disk: string): string {
@@ -129,11 +156,13 @@ export class KvmReplicas {
         if (!same) throw conflict(`a replica named ${replica} already exists with another source or disks`);
         // The source's definition as it is now (an operator may have given it memory): used at the next power-on.
         if (definition && definition.text !== known.definition) {
-          known.definition = checkedDefinition(replica, known, definition);
+          known.definition = this.checkedDefinition(replica, disks, definition);
           await this.options.state.setReplica(replica, known);
         }
         return this.info(replica, known);
       }
+      // Checked before anything is made: a refused definition leaves nothing behind.
+      const checked = definition ? this.checkedDefinition(replica, disks, definition) : null;
       // Files first, then the record: a crash in between leaves files no record names, made again on the retry.
       await mkdir(this.dirOf(replica), { recursive: true });
       for (const d of disks)
@@ -145,13 +174,12 @@ export class KvmReplicas {
         points: [],
         headPointId: null,
         merging: null,
-        definition: null,
+        definition: checked,
         running: false,
         sealingRunning: null,
         consolidating: false,
         consolidated: false,
       };
-      if (definition) record.definition = checkedDefinition(replica, record, definition);
       await this.options.state.setReplica(replica, record);
       return this.info(replica, record);
     });
@@ -430,7 +458,7 @@ export class KvmReplicas {
    * Boots the replica from its head: a running layer (an overlay per disk on the head point) is made first,
    * recorded, and the domain defined anew from the source's definition on these files, then started.
    */
-  powerOn(replica: string): Promise<PowerResult> {
+  powerOn(replica: string, options: { sourceOff?: boolean } = {}): Promise<PowerResult> {
     return this.exclusive(replica, async () => {
       await this.finishSealingRunning(replica);
       const { state } = await this.domainState(replica);
@@ -459,11 +487,12 @@ export class KvmReplicas {
         (out) => out.trim(),
         () => undefined,
       );
-      const xml = replicaDomainXml(r.definition, {
-        name: replica,
+      const xml = domainXml(r.definition, {
+        ...this.domainSpec(replica, r.disks),
         ...(uuid ? { uuid } : {}),
         disks: new Map(r.disks.map((d) => [d.id, this.bootImage(replica, r, d.id)])),
-        consoleLog: join(this.dirOf(replica), 'console.log'),
+        // The source's network identity only while the source is off: otherwise both may be on one network.
+        macs: options.sourceOff ? 'source' : 'own',
       });
       const file = join(this.options.stateDir, 'xml', `${replica}.xml`);
       await writeFileAtomic(file, xml);
@@ -733,16 +762,6 @@ function refuseConsolidated(replica: string, r: ReplicaRecord): void {
 function refuseOpenPoint(replica: string, r: ReplicaRecord): void {
   const open = r.points.find((p) => !p.sealed);
   if (open) throw conflict(`restore point ${open.id} of ${replica} is still being written`);
-}
-
-/** The definition, checked now (it must become this replica's domain), so a bad one is refused where it arrives. */
-function checkedDefinition(replica: string, r: ReplicaRecord, definition: VmDefinition): string {
-  domainXmlOfRequest(definition.text, {
-    name: replica,
-    disks: new Map(r.disks.map((d) => [d.id, `/${d.id}`])),
-    consoleLog: '/console.log',
-  });
-  return definition.text;
 }
 
 function pointInfo(p: PointRecord): RestorePointInfo {

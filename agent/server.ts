@@ -24,6 +24,7 @@ import {
 } from '../src/host-api/schemas';
 import { hostApiServer, receiveFrames, streamFrames } from '../src/host-api/server';
 import type { Extent, HostInfo, ReplicaView, SiteRole } from '../src/hypervisor/port';
+import { DEFAULT_BOOT_FILE_DIRS } from './definition';
 import { Virsh } from './libvirt/virsh';
 import { KvmReplicas, notOnKvmYet } from './replicas';
 import { KvmSourceDomains, readPieces } from './source-domains';
@@ -36,6 +37,8 @@ export interface KvmHostOptions {
   /** libvirt's connection URI on this host (`qemu:///system` for the host's own daemon). */
   libvirtUri: string;
   stateDir: string;
+  /** Where the firmware and kernels that domain definitions name may come from (DEFAULT_BOOT_FILE_DIRS). */
+  bootFileDirs?: readonly string[];
   port?: number;
   listen?: string;
   log?: (message: string) => void;
@@ -62,14 +65,16 @@ export async function startKvmHost(options: KvmHostOptions): Promise<RunningKvmH
   const log = options.log ?? (() => undefined);
   const state = await HostState.load(options.stateDir);
   const virsh = new Virsh(options.libvirtUri);
+  const bootFileDirs = options.bootFileDirs ?? DEFAULT_BOOT_FILE_DIRS;
   const domains = await KvmSourceDomains.open({
     host: options.name,
     virsh,
     stateDir: options.stateDir,
     state,
+    bootFileDirs,
     log,
   });
-  const replicas = new KvmReplicas({ host: options.name, stateDir: options.stateDir, state, virsh });
+  const replicas = new KvmReplicas({ host: options.name, stateDir: options.stateDir, state, virsh, bootFileDirs });
   await replicas.stopLeftoverExports();
   const app = buildApp(options, domains, replicas, log);
   await app.listen({ port: options.port ?? 0, host: options.listen ?? '127.0.0.1' });
@@ -127,7 +132,9 @@ function buildApp(
     const body = parse(powerAction, req.body, 'body');
     const target = replicas.has(vm) ? replicas : domains;
     if (body.action === 'shutdown') return target.shutdownGuest(vm, body.timeoutMs);
-    return body.action === 'off' ? target.powerOff(vm) : target.powerOn(vm);
+    if (body.action === 'off') return target.powerOff(vm);
+    // A source domain is the machine itself: only a replica's domain is made anew, with or without its MACs.
+    return target === replicas ? replicas.powerOn(vm, { sourceOff: body.sourceOff }) : domains.powerOn(vm);
   });
 
   app.put('/v1/hosts/:host/vms/:vm/checkpoints/:checkpointId', (req) => {

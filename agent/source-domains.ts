@@ -37,7 +37,7 @@ import {
 import { NbdClient } from './nbd/client';
 import { BASE_ALLOCATION, dirtyBitmapContext, STATE_DIRTY, STATE_ZERO } from './nbd/protocol';
 import { acpiShutdown, destroyDomain, isNoSuchDomain, parseDomState, powerStateOf } from './power';
-import { domainXmlOfRequest } from './replica-domain';
+import { domainXmlOfRequest } from './definition';
 import type { CheckpointRecord, HostState, ReferenceRecord } from './state';
 import { exportImage, type ImageExport } from './storage-daemon';
 
@@ -83,6 +83,8 @@ export interface KvmSourceOptions {
   /** Where the host process keeps its state, sockets and scratch files. */
   stateDir: string;
   state: HostState;
+  /** Where the firmware and kernels that new VMs' definitions name may come from. */
+  bootFileDirs: readonly string[];
   log: (message: string) => void;
 }
 
@@ -166,8 +168,9 @@ export class KvmSourceDomains {
 
   /**
    * A new VM (failback to a new VM): a libvirt domain made from the given definition (its replica's, which is the
-   * source's) under the new name, with a UUID of its own from libvirt and empty qcow2 disks of the given sizes in
-   * the host process's state directory. The same name with the same disks again is the VM made before.
+   * source's) under the new name, with a UUID of its own from libvirt, empty qcow2 disks of the given sizes and its
+   * own NVRAM in the host process's state directory, and MAC addresses of its own (the original may run beside it).
+   * The same name with the same disks again is the VM made before.
    */
   createVm(domain: string, spec: VmSpec): Promise<VmInfo> {
     return this.exclusive(domain, async () => {
@@ -189,6 +192,9 @@ export class KvmSourceDomains {
         name: domain,
         disks: images,
         consoleLog: join(dir, 'console.log'),
+        nvram: join(dir, 'nvram.fd'),
+        bootFileDirs: this.options.bootFileDirs,
+        macs: 'own',
       });
       await mkdir(dir, { recursive: true });
       for (const d of spec.disks) {

@@ -162,9 +162,10 @@ export async function spawnKvmHostProcess(options: {
   const proc = spawn(
     process.execPath,
     [
-      ...['--import', 'tsx', join(projectRoot, 'kvm', 'host', 'main.ts')],
+      ...['--import', 'tsx', join(projectRoot, 'agent', 'main.ts')],
       ...['--name', options.name, '--site', options.role === 'dr' ? 'dr' : 'primary', '--role', options.role],
       ...['--port', '0', '--libvirt', options.libvirtUri, '--state', options.stateDir],
+      ...['--boot-files', guestFiles().dir], // the test guest's kernel and initrd
     ],
     { stdio: ['ignore', 'pipe', 'inherit'] },
   );
@@ -238,6 +239,7 @@ export async function startTestKvmHost(options: {
       role: options.role ?? 'production',
       libvirtUri: libvirt.virsh.uri,
       stateDir: join(dir, 'state'),
+      bootFileDirs: [guest.dir], // the test guest's kernel and initrd
     });
   const guestLines = () => readGuestLines(serialLog);
   const host = await start().catch(async (e: unknown) => {
