@@ -31,7 +31,7 @@ import {
 import { lines, type Virsh } from './libvirt/virsh';
 import { NbdClient } from './nbd/client';
 import { acpiShutdown, destroyDomain, isNoSuchDomain, parseDomState, powerStateOf } from './power';
-import { domainXml, domainXmlOfRequest, type DomainSpec } from './definition';
+import { DefinitionError, domainXml, domainXmlOfRequest, type DomainSpec } from './definition';
 import { READ_PIECE_BYTES, readPieces, toBlocks } from './source-domains';
 import type { HostState, PointRecord, ReplicaRecord } from './state';
 import { exportImage, stopStaleExport, type ImageExport } from './storage-daemon';
@@ -487,13 +487,20 @@ export class KvmReplicas {
         (out) => out.trim(),
         () => undefined,
       );
-      const xml = domainXml(r.definition, {
-        ...this.domainSpec(replica, r.disks),
-        ...(uuid ? { uuid } : {}),
-        disks: new Map(r.disks.map((d) => [d.id, this.bootImage(replica, r, d.id)])),
-        // The source's network identity only while the source is off: otherwise both may be on one network.
-        macs: options.sourceOff ? 'source' : 'own',
-      });
+      let xml: string;
+      try {
+        xml = domainXml(r.definition, {
+          ...this.domainSpec(replica, r.disks),
+          ...(uuid ? { uuid } : {}),
+          disks: new Map(r.disks.map((d) => [d.id, this.bootImage(replica, r, d.id)])),
+          // The source's network identity only while the source is off: otherwise both may be on one network.
+          macs: options.sourceOff ? 'source' : 'own',
+        });
+      } catch (e) {
+        // Kept before this host checked as it does now (an older agent, other boot-file directories): no retry helps.
+        if (!(e instanceof DefinitionError)) throw e;
+        throw conflict(`the definition of ${r.sourceVm} that ${replica} keeps is refused now: ${e.message}`);
+      }
       const file = join(this.options.stateDir, 'xml', `${replica}.xml`);
       await writeFileAtomic(file, xml);
       await this.options.virsh.run(['define', file]);

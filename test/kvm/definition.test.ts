@@ -5,10 +5,11 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { readGuestLines, waitForReady } from '../../kvm/guest/guest';
-import { BadRequestError, NotFoundError } from '../../src/hypervisor/errors';
+import { BadRequestError, ConflictError, NotFoundError } from '../../src/hypervisor/errors';
 import { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import type { VmDefinition } from '../../src/hypervisor/port';
 import { DEFAULT_BOOT_FILE_DIRS, domainXml } from '../../agent/definition';
+import { startKvmHost } from '../../agent/server';
 import { linuxDomain, uefiDomain, windowsDomain } from '../operator-domains';
 import { GUEST_DISK_BYTES, startTestKvmHost, type TestKvmHost } from './helpers';
 
@@ -125,6 +126,39 @@ describe('domain definitions given to KVM agents, on real libvirt', () => {
     await drPort.powerOff(replicaVm);
     await drPort.powerOn(replicaVm);
     assert.deepEqual(await macsOf(dr, replica.replica), own);
+  });
+
+  test('a kept definition this host refuses now (other boot-file directories): power-on is a 409 naming it', async () => {
+    const replicaVm = { host: DR, vm: replica.replica };
+    await drPort.powerOff(replicaVm);
+    await dr.host.stop();
+    const strict = await startKvmHost({
+      name: DR,
+      site: 'dr',
+      role: 'dr',
+      libvirtUri: dr.libvirt.virsh.uri,
+      stateDir: join(dir, 'dr', 'state'),
+      bootFileDirs: ['/usr/share/seabios'],
+    });
+    const strictPort = new HostApiHypervisor({ url: strict.url });
+    try {
+      await assert.rejects(
+        strictPort.powerOn(replicaVm),
+        (e: unknown) =>
+          e instanceof ConflictError &&
+          /the definition of pf-def that pf-def_replica keeps is refused now: domain\/os\/kernel .* is not under a boot-file directory/.test(
+            e.message,
+          ),
+      );
+      assert.equal((await strictPort.getVm(replicaVm)).powerState, 'Off', 'nothing started');
+    } finally {
+      strictPort.close();
+      await strict.stop();
+    }
+    drPort.close();
+    drPort = new HostApiHypervisor({ url: (await dr.restartHost()).url });
+    await drPort.powerOn(replicaVm);
+    assert.equal((await drPort.getVm(replicaVm)).powerState, 'Running', 'the guest kernel’s directory allowed again');
   });
 
   test('failback to a new VM beside the original: MAC addresses of its own', async () => {
