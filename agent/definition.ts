@@ -22,7 +22,7 @@
 // (`vcpu/@cpuset`, pinning and scheduling in `<cputune>`, `<numatune>`): CPUs and NUMA nodes of the source's host.
 // Device addresses are kept: a guest's device order depends on them.
 import { createHash } from 'node:crypto';
-import { existsSync, lstatSync, realpathSync } from 'node:fs';
+import { lstatSync, realpathSync } from 'node:fs';
 import { dirname, isAbsolute, relative, resolve, sep } from 'node:path';
 import { DOMParser, type Element } from '@xmldom/xmldom';
 import { badRequest } from '../src/host-api/errors';
@@ -116,7 +116,7 @@ const UNIT = /^(b|bytes|[KMGTPE](i?B)?|[kmgtpe])$/;
 const MAC = /^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$/;
 const IP_ADDRESS = /^([0-9]{1,3}(\.[0-9]{1,3}){3}|[0-9a-fA-F:]{2,39})$/;
 /** Text that is the guest's own business (a title, a kernel command line, SMBIOS strings). */
-const ANY = /^[\s\S]{0,4096}$/;
+const ANY = /^[\s\S]{0,65536}$/;
 /** libvirt keeps only user aliases (`ua-…`) in a persistent definition. */
 const USER_ALIAS = /^ua-[A-Za-z0-9_-]{1,60}$/;
 /** A cgroup partition: absolute, no segment starting with a dot (so no `..`). */
@@ -189,7 +189,13 @@ function bootFile(path: string, at: string, dirs: readonly string[]): string {
   const real = realPath(path, at);
   const allowed = dirs.some((d) => {
     const dir = resolve(d);
-    return isUnder(path, dir) && isUnder(real, existsSync(dir) ? realpathSync.native(dir) : dir);
+    let realDir = dir;
+    try {
+      realDir = realpathSync.native(dir);
+    } catch {
+      // a directory this host does not have: nothing in it exists either
+    }
+    return isUnder(path, dir) && isUnder(real, realDir);
   });
   if (!allowed) refuse(`${at} ${shown(path)} is not under a boot-file directory of this host (${dirs.join(', ')})`);
   return path;
