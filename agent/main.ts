@@ -1,9 +1,10 @@
 // Runs the host process of one KVM host, beside its libvirtd:
 //   npm run kvm-host -- --name kvm01 --site primary --role production --state /var/lib/planned-failover --port 7400
+import { isAbsolute, resolve } from 'node:path';
 import { Command } from 'commander';
-import { resolve } from 'node:path';
 import { z } from 'zod';
 import { id } from '../src/host-api/schemas';
+import { DEFAULT_BOOT_FILE_DIRS } from './definition';
 import { startKvmHost } from './server';
 
 const flags = z.strictObject({
@@ -17,6 +18,7 @@ const flags = z.strictObject({
   domains: z.string().min(1).optional(),
   uploadStallSeconds: z.coerce.number().int().min(1).max(3600),
   commitBandwidthMibps: z.coerce.number().int().min(1).optional(),
+  bootFiles: z.array(z.string().refine(isAbsolute, 'each directory must be an absolute path')).min(1),
 });
 
 async function main(): Promise<void> {
@@ -40,12 +42,21 @@ async function main(): Promise<void> {
       '--commit-bandwidth-mibps <MiB/s>',
       "a permanent failover's live commit into a running replica's base at most this fast (spares the guest's I/O)",
     )
+    .option(
+      '--boot-files <dir>',
+      `a directory that firmware, kernels and initrds named by domain definitions may come from; repeatable or a comma list (default ${DEFAULT_BOOT_FILE_DIRS.join(',')})`,
+      (value: string, dirs: string[] | undefined) => [...(dirs ?? []), ...value.split(',')],
+    )
     .parse()
     .opts();
-  const parsed = flags.safeParse(raw);
+  const parsed = flags.safeParse({
+    ...raw,
+    bootFiles: (raw.bootFiles as string[] | undefined) ?? DEFAULT_BOOT_FILE_DIRS,
+  });
   if (!parsed.success) {
     const issue = parsed.error.issues[0]!;
-    throw new Error(`--${issue.path.join('.')}: ${issue.message}`);
+    const flag = String(issue.path[0]).replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
+    throw new Error(`--${flag}: ${issue.message}`);
   }
   const o = parsed.data;
   const host = await startKvmHost({
@@ -57,11 +68,14 @@ async function main(): Promise<void> {
     ...(o.domains ? { domainsFile: resolve(o.domains) } : {}),
     uploadStallMs: o.uploadStallSeconds * 1000,
     ...(o.commitBandwidthMibps ? { commitBandwidthMiBps: o.commitBandwidthMibps } : {}),
+    bootFileDirs: o.bootFiles,
     port: o.port,
     listen: o.listen,
     log: (m) => console.log(`[kvm-host ${o.name}] ${m}`),
   });
-  console.log(`[kvm-host ${o.name}] listening on ${host.url} (libvirt ${o.libvirt}, state ${o.state})`);
+  console.log(
+    `[kvm-host ${o.name}] listening on ${host.url} (libvirt ${o.libvirt}, state ${o.state}, boot files from ${o.bootFiles.join(', ')})`,
+  );
   const stop = (signal: string): void => {
     console.log(`[kvm-host ${o.name}] ${signal}: stopping`);
     host.stop().then(

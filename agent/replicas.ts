@@ -35,7 +35,7 @@ import { HostJobs } from './jobs';
 import { lines, VirshError, type Virsh } from './libvirt/virsh';
 import { NbdClient } from './nbd/client';
 import { acpiShutdown, destroyDomain, isNoSuchDomain, parseDomState, powerStateOf } from './power';
-import { domainXmlOfRequest, replicaDomainXml } from './replica-domain';
+import { DefinitionError, domainXml, domainXmlOfRequest, type DomainSpec } from './definition';
 import { READ_PIECE_BYTES, readPieces, toBlocks } from './source-domains';
 import type { HostState, PointRecord, ReplicaRecord } from './state';
 import { exportImage, NBD_REPLY_TIMEOUT_MS, stopStaleExport, type ImageExport } from './storage-daemon';
@@ -67,6 +67,8 @@ export class KvmReplicas {
       stateDir: string;
       state: HostState;
       virsh: Virsh;
+      /** Where the firmware and kernels that replicas' definitions name may come from. */
+      bootFileDirs: readonly string[];
       /** How long a request waits for a long operation before it answers 202 (it runs on). Default 2 s. */
       jobWaitMs?: number;
       /** A live commit's rate limit in MiB/s (libvirt's `--bandwidth`); none: as fast as the storage goes. */
@@ -102,6 +104,24 @@ export class KvmReplicas {
 
   private dirOf(replica: string): string {
     return join(this.options.stateDir, 'replicas', replica);
+  }
+
+  /** The replica's domain as made from its source's definition, its disks still to be named. */
+  private domainSpec(replica: string, disks: DiskInfo[]): DomainSpec {
+    return {
+      name: replica,
+      disks: new Map(disks.map((d) => [d.id, this.imageOf(replica, null, d.id)])),
+      consoleLog: join(this.dirOf(replica), 'console.log'),
+      nvram: join(this.dirOf(replica), 'nvram.fd'),
+      bootFileDirs: this.options.bootFileDirs,
+      macs: 'own',
+    };
+  }
+
+  /** The definition, checked now (it must become this replica's domain), so a bad one is refused where it arrives. */
+  private checkedDefinition(replica: string, disks: DiskInfo[], definition: VmDefinition): string {
+    domainXmlOfRequest(definition.text, this.domainSpec(replica, disks));
+    return definition.text;
   }
 
   private imageOf(replica: string, layer: string | null, disk: string): string {
@@ -149,7 +169,7 @@ export class KvmReplicas {
         if (!same) throw conflict(`a replica named ${replica} already exists with another source or disks`);
         // The source's definition as it is now (an operator may have given it memory): used at the next power-on.
         if (definition && definition.text !== known.definition) {
-          known.definition = checkedDefinition(replica, known, definition);
+          known.definition = this.checkedDefinition(replica, disks, definition);
           await this.options.state.setReplica(replica, known);
         }
         return this.info(replica, known);
@@ -157,6 +177,8 @@ export class KvmReplicas {
       // The replica's domain will carry its name: one another tool defined is not ours to redefine or power.
       if ((await this.uuidOfName(replica)) !== null)
         throw conflict(`a libvirt domain named ${replica} already exists on ${this.options.host}; it is not a replica`);
+      // Checked before anything is made: a refused definition leaves nothing behind.
+      const checked = definition ? this.checkedDefinition(replica, disks, definition) : null;
       // Files first, then the record: a crash in between leaves files no record names, made again on the retry.
       await mkdir(this.dirOf(replica), { recursive: true });
       for (const d of disks)
@@ -168,14 +190,13 @@ export class KvmReplicas {
         points: [],
         headPointId: null,
         merging: null,
-        definition: null,
+        definition: checked,
         domainUuid: null,
         running: false,
         sealingRunning: null,
         consolidating: false,
         consolidated: false,
       };
-      if (definition) record.definition = checkedDefinition(replica, record, definition);
       await this.options.state.setReplica(replica, record);
       return this.info(replica, record);
     });
@@ -522,7 +543,7 @@ export class KvmReplicas {
    * Boots the replica from its head: a running layer (an overlay per disk on the head point) is made first,
    * recorded, and the domain defined anew from the source's definition on these files, then started.
    */
-  powerOn(replica: string): Promise<PowerResult> {
+  powerOn(replica: string, options: { sourceOff?: boolean } = {}): Promise<PowerResult> {
     return this.exclusive(replica, async () => {
       await this.finishSealingRunning(replica);
       const { state, ref } = await this.domainState(replica);
@@ -547,12 +568,20 @@ export class KvmReplicas {
       // Exports of the running layer read it as it was: the guest is about to change it.
       await this.closeRunningExports(replica, r);
       // Defined anew at every power-on (the definition or the layers may have changed), under the same UUID.
-      const xml = replicaDomainXml(r.definition, {
-        name: replica,
-        ...(ref ? { uuid: ref } : {}),
-        disks: new Map(r.disks.map((d) => [d.id, this.bootImage(replica, r, d.id)])),
-        consoleLog: join(this.dirOf(replica), 'console.log'),
-      });
+      let xml: string;
+      try {
+        xml = domainXml(r.definition, {
+          ...this.domainSpec(replica, r.disks),
+          ...(ref ? { uuid: ref } : {}),
+          disks: new Map(r.disks.map((d) => [d.id, this.bootImage(replica, r, d.id)])),
+          // The source's network identity only while the source is off: otherwise both may be on one network.
+          macs: options.sourceOff ? 'source' : 'own',
+        });
+      } catch (e) {
+        // Kept before this host checked as it does now (an older agent, other boot-file directories): no retry helps.
+        if (!(e instanceof DefinitionError)) throw e;
+        throw conflict(`the definition of ${r.sourceVm} that ${replica} keeps is refused now: ${e.message}`);
+      }
       const file = join(this.options.stateDir, 'xml', `${replica}.xml`);
       await writeFileAtomic(file, xml);
       await this.options.virsh.run(['define', file]);
@@ -891,16 +920,6 @@ function refuseConsolidated(replica: string, r: ReplicaRecord): void {
 function refuseOpenPoint(replica: string, r: ReplicaRecord): void {
   const open = r.points.find((p) => !p.sealed);
   if (open) throw conflict(`restore point ${open.id} of ${replica} is still being written`);
-}
-
-/** The definition, checked now (it must become this replica's domain), so a bad one is refused where it arrives. */
-function checkedDefinition(replica: string, r: ReplicaRecord, definition: VmDefinition): string {
-  domainXmlOfRequest(definition.text, {
-    name: replica,
-    disks: new Map(r.disks.map((d) => [d.id, `/${d.id}`])),
-    consoleLog: '/console.log',
-  });
-  return definition.text;
 }
 
 function pointInfo(p: PointRecord): RestorePointInfo {

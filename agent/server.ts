@@ -26,6 +26,7 @@ import {
 } from '../src/host-api/schemas';
 import { hostApiServer, receiveFrames, streamFrames } from '../src/host-api/server';
 import type { Extent, HostInfo, ReplicaInfo, ReplicaView, SiteRole } from '../src/hypervisor/port';
+import { DEFAULT_BOOT_FILE_DIRS } from './definition';
 import { ambiguousDomainName, Virsh } from './libvirt/virsh';
 import { ManagedDomains } from './managed-domains';
 import { KvmReplicas, notOnKvmYet } from './replicas';
@@ -50,6 +51,8 @@ export interface KvmHostOptions {
   jobWaitMs?: number;
   /** A live commit's rate limit in MiB/s (tests make a commit last); none: as fast as the storage goes. */
   commitBandwidthMiBps?: number;
+  /** Where the firmware and kernels that domain definitions name may come from (DEFAULT_BOOT_FILE_DIRS). */
+  bootFileDirs?: readonly string[];
   port?: number;
   listen?: string;
   log?: (message: string) => void;
@@ -79,12 +82,14 @@ export async function startKvmHost(options: KvmHostOptions): Promise<RunningKvmH
   const state = await HostState.load(stateDir);
   const virsh = new Virsh(options.libvirtUri);
   const managed = await ManagedDomains.open(options.domainsFile ?? null, log);
+  const bootFileDirs = options.bootFileDirs ?? DEFAULT_BOOT_FILE_DIRS;
   const domains = await KvmSourceDomains.open({
     managed,
     host: options.name,
     virsh,
     stateDir,
     state,
+    bootFileDirs,
     log,
   });
   const replicas = new KvmReplicas({
@@ -92,6 +97,7 @@ export async function startKvmHost(options: KvmHostOptions): Promise<RunningKvmH
     stateDir,
     state,
     virsh,
+    bootFileDirs,
     ...(options.jobWaitMs !== undefined ? { jobWaitMs: options.jobWaitMs } : {}),
     ...(options.commitBandwidthMiBps !== undefined ? { commitBandwidthMiBps: options.commitBandwidthMiBps } : {}),
   });
@@ -163,7 +169,9 @@ function buildApp(
     const body = parse(powerAction, req.body, 'body');
     const target = replicas.has(vm) ? replicas : domains;
     if (body.action === 'shutdown') return target.shutdownGuest(vm, body.timeoutMs);
-    return body.action === 'off' ? target.powerOff(vm) : target.powerOn(vm);
+    if (body.action === 'off') return target.powerOff(vm);
+    // A source domain is the machine itself: only a replica's domain is made anew, with or without its MACs.
+    return target === replicas ? replicas.powerOn(vm, { sourceOff: body.sourceOff }) : domains.powerOn(vm);
   });
 
   app.put('/v1/hosts/:host/vms/:vm/checkpoints/:checkpointId', (req) => {
@@ -239,6 +247,10 @@ function buildApp(
     const body = parse(replicaSpec, req.body, 'body');
     const ambiguous = ambiguousDomainName(p.replica);
     if (ambiguous) throw badRequest('params.replica', ambiguous);
+    // A point's file of a disk is `<point>.<disk>.qcow2`: a disk id with a dot could name another point's file.
+    body.disks.forEach((d, i) => {
+      if (d.id.includes('.')) throw badRequest(`body.disks.${i}.id`, 'a disk id of a KVM replica has no "."');
+    });
     return replicas.createReplica(p.replica, body.sourceVm, body.disks, body.definition);
   });
   app.get('/v1/hosts/:host/replicas/:replica', (req) => replicas.getReplica(at(P.replica, req.params).replica));

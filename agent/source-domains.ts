@@ -37,7 +37,7 @@ import {
 import { NbdClient } from './nbd/client';
 import { BASE_ALLOCATION, dirtyBitmapContext, STATE_DIRTY, STATE_ZERO } from './nbd/protocol';
 import { acpiShutdown, destroyDomain, isNoSuchDomain, parseDomState, powerStateOf } from './power';
-import { domainXmlOfRequest } from './replica-domain';
+import { domainXmlOfRequest } from './definition';
 import type { ManagedDomains } from './managed-domains';
 import type { CheckpointRecord, HostState, ReferenceRecord } from './state';
 import { exportImage, NBD_REPLY_TIMEOUT_MS, type ImageExport } from './storage-daemon';
@@ -86,6 +86,8 @@ export interface KvmSourceOptions {
   state: HostState;
   /** The domains its operator put under the agent's care. */
   managed: ManagedDomains;
+  /** Where the firmware and kernels that new VMs' definitions name may come from. */
+  bootFileDirs: readonly string[];
   log: (message: string) => void;
 }
 
@@ -174,8 +176,9 @@ export class KvmSourceDomains {
 
   /**
    * A new VM (failback to a new VM): a libvirt domain made from the given definition (its replica's, which is the
-   * source's) under the new name, with a UUID of its own from libvirt and empty qcow2 disks of the given sizes in
-   * the host process's state directory. The same name with the same disks again is the VM made before.
+   * source's) under the new name, with a UUID of its own from libvirt, empty qcow2 disks of the given sizes and its
+   * own NVRAM in the host process's state directory, and MAC addresses of its own (the original may run beside it).
+   * The same name with the same disks again is the VM made before.
    */
   createVm(domain: string, spec: VmSpec): Promise<VmInfo> {
     return this.exclusive(domain, async () => {
@@ -200,6 +203,9 @@ export class KvmSourceDomains {
         name: domain,
         disks: images,
         consoleLog: join(dir, 'console.log'),
+        nvram: join(dir, 'nvram.fd'),
+        bootFileDirs: this.options.bootFileDirs,
+        macs: 'own',
       });
       await mkdir(dir, { recursive: true });
       for (const d of spec.disks) {
@@ -303,12 +309,20 @@ export class KvmSourceDomains {
 
       // Change tracking goes on from the newest reference point whose tracking is still whole.
       const base = [...this.state.domain(domain).referencePoints].reverse().find((r) => r.trackingValid);
+      const disks = await this.disks(domain);
+      // Copies move whole 64 KiB blocks: a disk of another size is said so here, before anything starts.
+      for (const d of disks)
+        if (d.sizeBytes % BLOCK_SIZE !== 0)
+          throw conflict(
+            `disk ${d.id} of ${domain} is ${d.sizeBytes} bytes, not a whole number of 64 KiB blocks; grow it to ` +
+              `${Math.ceil(d.sizeBytes / BLOCK_SIZE) * BLOCK_SIZE} bytes (qemu-img resize, the VM off) to replicate it`,
+          );
       const checkpoint: CheckpointRecord = {
         id: checkpointId,
         createdAt: new Date().toISOString(),
         incrementalFrom: base?.checkpointId ?? null,
         pausedStart: false,
-        disks: await this.disks(domain),
+        disks,
         status: 'beginning',
       };
       await this.beginView(domain, checkpoint);

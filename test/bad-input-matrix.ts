@@ -407,6 +407,13 @@ export const BAD_INPUT_CASES: BadInputCase[] = [
   },
   {
     entry: 'lab HTTP',
+    what: 'power on with sourceOff as text',
+    send: http('POST', `${VM_PATH}/power`, '{"action":"on","sourceOff":"yes"}', 'application/json'),
+    field: 'body.sourceOff',
+    says: '',
+  },
+  {
+    entry: 'lab HTTP',
     what: 'shutdown with a negative timeout',
     send: http('POST', `${VM_PATH}/power`, '{"action":"shutdown","timeoutMs":-1}', 'application/json'),
     field: 'body.timeoutMs',

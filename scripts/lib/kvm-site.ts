@@ -85,6 +85,7 @@ export async function startKvmDemoSite(options: {
         role: host.role,
         libvirtUri: libvirt.virsh.uri,
         stateDir: join(dir, 'state'),
+        bootFileDirs: [guests.dir], // the tiny guests' kernel and initrd
         port: Number(url.port),
         listen: url.hostname,
         log: options.log,

@@ -159,15 +159,21 @@ export function createFailoverActivities(port: HypervisorPort, config: Configura
       );
     },
 
-    /** Powers a VM (source or replica) on and waits for its boot; already running is success. */
-    async powerOnVm(input: { vm: VmRef }): Promise<{ alreadyOn: boolean; startedAt: number; finishedAt: number }> {
+    /**
+     * Powers a VM (source or replica) on and waits for its boot; already running is success. `sourceOff`: the
+     * replica's source is off, so the replica takes its MAC addresses (see PowerOnOptions); absent, it gets its own.
+     */
+    async powerOnVm(input: {
+      vm: VmRef;
+      sourceOff?: boolean;
+    }): Promise<{ alreadyOn: boolean; startedAt: number; finishedAt: number }> {
       const earlier = earlierAttemptStart();
       const startedAt = earlier ?? Date.now();
       const signal = Context.current().cancellationSignal;
       return withHypervisorFailures(() =>
         heartbeatWhile(
           async () => {
-            const result = await port.powerOn(input.vm, { signal });
+            const result = await port.powerOn(input.vm, { signal, sourceOff: input.sourceOff === true });
             return { alreadyOn: result.alreadyInState && earlier === undefined, startedAt, finishedAt: Date.now() };
           },
           () => ({ startedAt }),

@@ -63,7 +63,8 @@ export const blockRange = {
 export const powerAction = z.discriminatedUnion('action', [
   z.strictObject({ action: z.literal('shutdown'), timeoutMs: z.number().int().min(0).max(3_600_000) }),
   z.strictObject({ action: z.literal('off') }),
-  z.strictObject({ action: z.literal('on') }),
+  // sourceOff: the VM's source is off, so a replica may take its network identity (MAC addresses).
+  z.strictObject({ action: z.literal('on'), sourceOff: z.boolean().optional() }),
 ]);
 
 /** Path parameters of the host API's routes. */

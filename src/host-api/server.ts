@@ -11,7 +11,9 @@ import { encodeFrames, FrameError, FrameReader, type FramePiece } from './frames
 export function hostApiServer(options: { log: (message: string) => void }): FastifyInstance {
   // JSON control bodies are small (the longest, a batch's extent list, a few hundred KiB); block data comes as
   // streams, which this limit does not apply to.
-  const app = Fastify({ bodyLimit: 4 * 1024 * 1024, keepAliveTimeout: 30_000 });
+  // A path parameter may be a whole identifier (128 characters, schemas.ts), and a replica's name is longer than its
+  // VM's: Fastify's default of 100 would refuse it before our schemas could name the field.
+  const app = Fastify({ bodyLimit: 4 * 1024 * 1024, keepAliveTimeout: 30_000, maxParamLength: 256 });
   app.addContentTypeParser('application/octet-stream', (_req, _payload, done) => done(null, undefined));
   app.setNotFoundHandler((request, reply) =>
     reply.code(404).send({

@@ -35,6 +35,7 @@ import type {
   HostInfo,
   HypervisorPort,
   PageRequest,
+  PowerOnOptions,
   PowerResult,
   ReferencePointInfo,
   ReplicaDiskRef,
@@ -383,19 +384,25 @@ export class HostApiHypervisor implements HypervisorPort {
   }
 
   powerOff(ref: VmRef, o?: CallOptions): Promise<PowerResult> {
-    return this.power(ref, 'off', this.t.timeoutMs, o);
+    return this.power(ref, { action: 'off' }, this.t.timeoutMs, o);
   }
 
-  powerOn(ref: VmRef, o?: CallOptions): Promise<PowerResult> {
-    return this.power(ref, 'on', this.t.timeoutMs + BOOT_ALLOWANCE_MS, o);
+  powerOn(ref: VmRef, o?: PowerOnOptions): Promise<PowerResult> {
+    const body = { action: 'on' as const, ...(o?.sourceOff ? { sourceOff: true as const } : {}) };
+    return this.power(ref, body, this.t.timeoutMs + BOOT_ALLOWANCE_MS, o);
   }
 
-  private power(ref: VmRef, action: 'on' | 'off', timeoutMs: number, o?: CallOptions): Promise<PowerResult> {
+  private power(
+    ref: VmRef,
+    body: { action: 'on' | 'off'; sourceOff?: true },
+    timeoutMs: number,
+    o?: CallOptions,
+  ): Promise<PowerResult> {
     return this.t.json({
       method: 'POST',
       path: `${this.vmPath(ref)}/power`,
       host: ref.host,
-      json: { action },
+      json: body,
       timeoutMs,
       signal: o?.signal,
     });

@@ -102,6 +102,15 @@ export interface CallOptions {
   signal?: AbortSignal;
 }
 
+export interface PowerOnOptions extends CallOptions {
+  /**
+   * The replica's source VM is off (planned failover, undoing a failback): the replica is the machine and takes its
+   * MAC addresses. Otherwise (the default) a replica gets MAC addresses of its own, as its source may run on the
+   * same network (a regular failover). Means nothing for a source VM.
+   */
+  sourceOff?: boolean;
+}
+
 export interface TransferOptions extends CallOptions {
   /** Called as block data goes out, with the running byte total (for activity heartbeats). */
   onProgress?: (bytes: number) => void;
@@ -231,7 +240,7 @@ export interface HypervisorPort {
   shutdownGuest(ref: VmRef, timeoutMs: number, options?: CallOptions): Promise<ShutdownResult>;
   powerOff(ref: VmRef, options?: CallOptions): Promise<PowerResult>;
   /** Starts the VM and waits for its boot, however long the boot takes (callers heartbeat meanwhile). */
-  powerOn(ref: VmRef, options?: CallOptions): Promise<PowerResult>;
+  powerOn(ref: VmRef, options?: PowerOnOptions): Promise<PowerResult>;
 
   // Checkpoints and change tracking on a source VM
   /** Consistent point-in-time view of every disk while the guest keeps writing; idempotent by id. */

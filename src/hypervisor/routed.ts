@@ -18,6 +18,7 @@ import type {
   HostInfo,
   HypervisorPort,
   PageRequest,
+  PowerOnOptions,
   PowerResult,
   ReferencePointInfo,
   ReplicaDiskRef,
@@ -114,7 +115,7 @@ export class RoutedHypervisor implements HypervisorPort {
     return this.portOf(ref.host).powerOff(ref, o);
   }
 
-  async powerOn(ref: VmRef, o?: CallOptions): Promise<PowerResult> {
+  async powerOn(ref: VmRef, o?: PowerOnOptions): Promise<PowerResult> {
     return this.portOf(ref.host).powerOn(ref, o);
   }
 

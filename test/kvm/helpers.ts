@@ -171,6 +171,7 @@ export async function spawnKvmHostProcess(options: {
       ...['--port', '0', '--libvirt', options.libvirtUri, '--state', options.stateDir],
       ...(options.domainsFile ? ['--domains', options.domainsFile] : []),
       ...(options.flags ?? []),
+      ...['--boot-files', guestFiles().dir], // the test guest's kernel and initrd
     ],
     { stdio: ['ignore', 'pipe', 'inherit'] },
   );
@@ -249,6 +250,7 @@ export async function startTestKvmHost(options: {
       libvirtUri: libvirt.virsh.uri,
       stateDir: join(dir, 'state'),
       domainsFile,
+      bootFileDirs: [guest.dir], // the test guest's kernel and initrd
     });
   const guestLines = () => readGuestLines(serialLog);
   const host = await start().catch(async (e: unknown) => {

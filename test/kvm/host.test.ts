@@ -139,7 +139,7 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
     // payroll-db: a domain of the host under no job, defined and powered by someone else.
     const other = 'payroll-db';
     const image = join(dir, `${other}.qcow2`);
-    await exec('qemu-img', ['create', '-q', '-f', 'qcow2', image, '1M']);
+    await exec('qemu-img', ['create', '-q', '-f', 'qcow2', image, '10000000000']);
     writeFileSync(join(dir, `${other}.xml`), otherDomainXml(other, image));
     await libvirt().virsh.run(['define', join(dir, `${other}.xml`)]);
     const otherVm = { host: HOST, vm: other };
@@ -191,6 +191,13 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
     // Listed by its operator, it is under the agent's care at once (no restart); unlisted, invisible again.
     writeFileSync(kvm.domainsFile, `${VM}\n${other} # added\n`);
     assert.deepEqual((await port.getVm(otherVm)).name, other);
+    // Its disk of 10^10 bytes is no whole number of 64 KiB blocks: said before any copy starts (review m7).
+    await assert.rejects(
+      port.createCheckpoint(otherVm, 'odd-size'),
+      (e: Error) =>
+        e instanceof ConflictError && /10000000000 bytes, not a whole number of 64 KiB blocks/.test(e.message),
+    );
+    assert.deepEqual(await libvirt().virsh.run(['checkpoint-list', other, '--name']), '');
     writeFileSync(kvm.domainsFile, `${VM}\n`);
     await assert.rejects(port.getVm(otherVm), unknown);
     await libvirt().virsh.run(['undefine', other]);

@@ -237,6 +237,20 @@ describe('restore points as qcow2 chains on a KVM DR host, through a SIGKILL of 
         (e: Error) => e instanceof BadRequestError && /frames\.0\.offset/.test(e.message),
       );
     await assert.rejects(port.getReplica({ host: HOST, replica: 'nosuch' }), NotFoundError);
+    // A disk id with a dot could name another point's file (`<point>.<disk>.qcow2`): refused by its field (m8).
+    await assert.rejects(
+      port.createReplica(
+        { host: HOST, replica: 'dotted' },
+        { sourceVm: 'vm8', disks: [{ id: 'a.b', sizeBytes: DISK_BYTES }] },
+      ),
+      (e: Error) => e instanceof BadRequestError && /body\.disks\.0\.id/.test(e.message),
+    );
+    // A name as long as an identifier may be (128) is a name, not a 414 of the web framework's (m3).
+    const longest = { host: HOST, replica: `r${'x'.repeat(127)}` };
+    assert.equal(
+      (await port.createReplica(longest, { sourceVm: 'vm8', disks: [{ id: 'vda', sizeBytes: DISK_BYTES }] })).name,
+      longest.replica,
+    );
     await assert.rejects(port.beginRestorePoint({ host: HOST, replica: 'nosuch' }, 'p', spec), NotFoundError);
     // An open point reads through its writer (a final sync is verified before its seal): nothing written, so p5.
     assert.deepEqual(await digestsOf('p4'), before);
