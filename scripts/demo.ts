@@ -18,7 +18,7 @@ import { FailureTypes, TASK_QUEUE, type PlannedFailoverResult } from '../src/con
 import { LabControl, HostApiHypervisor } from '../src/hypervisor/host-api-adapter';
 import type { ClosablePort } from '../src/hypervisor/routed';
 import { createLogger, logLevelFromEnv } from '../src/logging';
-import { prometheusTelemetry, publishHaltedSessions } from '../src/metrics';
+import { prometheusTelemetry, publishHaltedSessions, publishProxySlots } from '../src/metrics';
 import { createOrchestrator, type Orchestrator } from '../src/orchestrator';
 import { syncJobSchedules } from '../src/schedules';
 import { DEFAULT_CONFIG_PATH } from '../src/worker';
@@ -138,6 +138,7 @@ async function main(): Promise<void> {
   await stop.untilStopped(orchestrator.startWorkers());
   // Counted until the process ends (its timer does not hold the process open; a count the stop cuts is skipped).
   publishHaltedSessions(orchestrator.client, Runtime.instance().metricMeter);
+  publishProxySlots(orchestrator.client, Runtime.instance().metricMeter);
   say(`Workers polling '${TASK_QUEUE}' and one task queue per proxy.`);
 
   // Raced against the stop: a client call still in flight then (a result, an update) ends with the process.

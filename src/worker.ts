@@ -8,7 +8,7 @@ import { loadConfiguration } from './config/load';
 import type { Configuration } from './config/schema';
 import { proxyTaskQueue, TASK_QUEUE } from './contract';
 import { createLogger } from './logging';
-import { prometheusTelemetry, publishHaltedSessions } from './metrics';
+import { prometheusTelemetry, publishHaltedSessions, publishProxySlots } from './metrics';
 import {
   ALL_ROLES,
   parseWorkerArgs,
@@ -108,7 +108,7 @@ async function main(argv: readonly string[]): Promise<void> {
     port,
     roles,
   });
-  let stopHaltedSessions = (): void => undefined;
+  const stopSampling: (() => void)[] = [];
   try {
     // The orchestration's process creates the schedules its configuration names and nobody created yet (a proxy's
     // process, maybe on another machine with another copy of the file, leaves them alone); `failover schedules`
@@ -118,8 +118,13 @@ async function main(argv: readonly string[]): Promise<void> {
       Runtime.instance().logger.info('Missing job schedules created', { ...schedules });
     }
     await orchestrator.startWorkers();
-    if (roles.orchestration && args.metricsAddress)
-      stopHaltedSessions = publishHaltedSessions(orchestrator.client, Runtime.instance().metricMeter);
+    if (roles.orchestration && args.metricsAddress) {
+      const meter = Runtime.instance().metricMeter;
+      stopSampling.push(
+        publishHaltedSessions(orchestrator.client, meter),
+        publishProxySlots(orchestrator.client, meter),
+      );
+    }
     Runtime.instance().logger.info('Workers polling', {
       address: settings.address,
       namespace: settings.namespace,
@@ -132,7 +137,7 @@ async function main(argv: readonly string[]): Promise<void> {
       for (const signal of ['SIGINT', 'SIGTERM'] as const) process.once(signal, () => resolveStop());
     });
   } finally {
-    stopHaltedSessions();
+    for (const stop of stopSampling) stop();
     await orchestrator.close();
     port.close();
   }

@@ -13,7 +13,7 @@ export function hostApiServer(options: { log: (message: string) => void }): Fast
   // streams, which this limit does not apply to.
   // A path parameter may be a whole identifier (128 characters, schemas.ts), and a replica's name is longer than its
   // VM's: Fastify's default of 100 would refuse it before our schemas could name the field.
-  const app = Fastify({ bodyLimit: 4 * 1024 * 1024, keepAliveTimeout: 30_000, maxParamLength: 256 });
+  const app = Fastify({ bodyLimit: 4 * 1024 * 1024, keepAliveTimeout: 30_000, routerOptions: { maxParamLength: 256 } });
   app.addContentTypeParser('application/octet-stream', (_req, _payload, done) => done(null, undefined));
   app.setNotFoundHandler((request, reply) =>
     reply.code(404).send({

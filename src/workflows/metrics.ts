@@ -55,16 +55,3 @@ export function recordHaltDecision(decision: string): void {
     .createCounter(MetricNames.haltDecisions, '1', 'Decisions on halted sessions, by decision')
     .add(1, { decision });
 }
-
-/** The proxy-slots entity's view after each change: slots leased and offered per proxy, slots asked by waiters. */
-export function recordProxySlots(proxies: { name: string; inUse: number; capacity: number }[], waiting: number): void {
-  const inUse = metricMeter.createGauge(MetricNames.slotsInUse, 'int', '1', 'Proxy slots leased to sessions');
-  const capacity = metricMeter.createGauge(MetricNames.slotsCapacity, 'int', '1', 'Proxy slots offered (online)');
-  for (const p of proxies) {
-    inUse.set(p.inUse, { proxy: p.name });
-    capacity.set(p.capacity, { proxy: p.name });
-  }
-  metricMeter
-    .createGauge(MetricNames.slotsWaiting, 'int', '1', 'Proxy slots asked for by sessions that wait')
-    .set(waiting);
-}

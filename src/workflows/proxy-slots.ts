@@ -27,7 +27,6 @@ import {
 import { allocateSlots } from '../domain/proxy-slots';
 import { control, failureMessage, withSummary } from './common';
 import { HolderWatch } from './holders';
-import { recordProxySlots } from './metrics';
 
 type ProxyEntry = { online: boolean; leases: HeldSlot[]; declared: ProxyDeclaration | null };
 
@@ -179,13 +178,5 @@ export async function proxySlots(input: ProxyRegistryInput): Promise<void> {
       0,
     );
     setCurrentDetails(`${used} of ${total} slots leased; ${queue.length} session(s) waiting`);
-    recordProxySlots(
-      Object.entries(proxies).map(([name, p]) => ({
-        name,
-        inUse: p.leases.length,
-        capacity: p.declared?.enabled && p.online ? p.declared.slots : 0,
-      })),
-      queue.reduce((n, q) => n + q.slots, 0),
-    );
   }
 }

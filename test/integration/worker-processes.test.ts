@@ -207,8 +207,17 @@ describe('the workers as processes of their own, started as an operator starts t
     assert.match(ours, one('planned_failover_sessions_total', 'operation="replication",outcome="replicated"'));
     assert.match(ours, one('planned_failover_downtime_seconds_count', 'outcome="failedOver"'));
     assert.match(ours, /^planned_failover_downtime_part_seconds_count\{[^}]*part="final_sync"[^}]*\} 1$/m);
-    assert.match(ours, /^planned_failover_proxy_slots_capacity\{[^}]*proxy="proxy-b"[^}]*\} 2$/m);
-    assert.match(ours, /^planned_failover_proxy_slots_in_use\{[^}]*proxy="proxy-b"[^}]*\} 0$/m);
+    // Sampled from the slot registry every 10 s: the session's slot is given back by the next sample.
+    const slots = async () => {
+      for (const deadline = Date.now() + 15_000; ; await new Promise((r) => setTimeout(r, 500))) {
+        const text = await scrape(orchestrationMetrics);
+        if (/^planned_failover_proxy_slots_in_use\{[^}]*proxy="proxy-b"[^}]*\} 0$/m.test(text) || Date.now() > deadline)
+          return text;
+      }
+    };
+    const sampled = await slots();
+    assert.match(sampled, /^planned_failover_proxy_slots_capacity\{[^}]*proxy="proxy-b"[^}]*\} 2$/m);
+    assert.match(sampled, /^planned_failover_proxy_slots_in_use\{[^}]*proxy="proxy-b"[^}]*\} 0$/m);
     assert.match(ours, one('planned_failover_halts_total', 'step="[a-zA-Z]+"'));
     assert.match(ours, one('planned_failover_halt_decisions_total', 'decision="retry"'));
     const proxies = await scrape(proxyMetrics);
