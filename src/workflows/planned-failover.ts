@@ -5,6 +5,7 @@ import {
   isCancellation,
   log,
   ParentClosePolicy,
+  patched,
   setCurrentDetails,
   setHandler,
   upsertSearchAttributes,
@@ -558,8 +559,10 @@ async function criticalWindow(w: WindowContext): Promise<'failedOver' | 'aborted
           const copies = await clock.time('finalSyncMs', async () => {
             const leases = await slots.lease();
             // Opened before power-off. After a halt it is opened again, in case someone dropped it meanwhile (a
-            // sealed point is never copied into: the seal comes after the verification).
-            if (result.halts.length > 0)
+            // sealed point is never copied into: the seal comes after the verification). The 0.2.0 release opened
+            // it again before every copy: a session it started has no marker and goes on doing so.
+            const reopenOnlyAfterHalt = patched('helper2-reopened-only-after-halt');
+            if (result.halts.length > 0 || !reopenOnlyAfterHalt)
               await openHelperPoint(target, sessionId, helper2, 'Open helper restore point 2 again', criticalControl);
             return copyDisks({
               vm,
