@@ -192,7 +192,7 @@ export interface TestKvmHost {
   /** The guest's serial console and disk image (a host without a guest has neither). */
   serialLog: string;
   image: string;
-  /** Starts the host process again on the same state (after host.stop()). */
+  /** Starts the host process again on the same state and port, so clients reach it at its URL (after host.stop()). */
   restartHost(): Promise<RunningKvmHost>;
   /** What the guest said on its serial console so far. */
   guestLines(): Promise<GuestLine[]>;
@@ -231,13 +231,14 @@ export async function startTestKvmHost(options: {
     );
     await libvirt.virsh.run(['define', xml]);
   }
-  const start = () =>
+  const start = (port?: number) =>
     startKvmHost({
       name: options.name,
       site: options.role === 'dr' ? 'dr' : 'primary',
       role: options.role ?? 'production',
       libvirtUri: libvirt.virsh.uri,
       stateDir: join(dir, 'state'),
+      ...(port !== undefined ? { port } : {}),
     });
   const guestLines = () => readGuestLines(serialLog);
   const host = await start().catch(async (e: unknown) => {
@@ -250,7 +251,7 @@ export async function startTestKvmHost(options: {
     serialLog,
     image,
     async restartHost() {
-      t.host = await start();
+      t.host = await start(Number(new URL(t.host.url).port));
       return t.host;
     },
     guestLines,
