@@ -1,8 +1,10 @@
 // The critical window of a planned failover on real VMs, as test/integration/critical-window.test.ts has it on the
 // lab: a writing guest's failover between two KVM hosts (two libvirt instances, each with our host process) halted
-// at each step of the window that fails on a KVM host for a reason of its own, with no fault injection: a host
-// process or a libvirtd stopped, a file the source's definition names gone, the paused QEMU that serves the
-// powered-off source's final view destroyed. Each decision is sent from some of them: retry, abort, forceFailover.
+// at power-off, the final checkpoint, the copy and the replica's power-on by a real failure of a KVM host, with no
+// fault injection: a host process or a libvirtd stopped, a file the source's definition names gone, the paused QEMU
+// that serves the powered-off source's final view destroyed. Each decision is sent from some of them: retry, abort,
+// forceFailover. (A verification, seal or switch that fails cannot be caused this way at a chosen moment: the lab's
+// fault injection covers them.)
 // Each case checks the outcome, what runs where, the data (qemu-img compare and the replica's canary where the
 // outcome promises identity, the loss where it records one), and that the next job run replicates, tracked.
 import assert from 'node:assert/strict';
@@ -35,7 +37,7 @@ const DR = 'kvm-cw-dr';
 const VM = 'pf-cw1';
 const MINUTES_4 = 240_000;
 
-describe('the critical window on real VMs: every halt a KVM host causes, and each decision', () => {
+describe('the critical window on real VMs: halts a KVM host causes, and each decision', () => {
   let estate: KvmEstate;
   const vm = { host: PROD, vm: VM };
   const replica = { host: DR, replica: replicaNameOf(VM) };
