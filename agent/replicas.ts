@@ -38,7 +38,7 @@ import { acpiShutdown, destroyDomain, isNoSuchDomain, parseDomState, powerStateO
 import { DefinitionError, domainXml, domainXmlOfRequest, type DomainSpec } from './definition';
 import { READ_PIECE_BYTES, readPieces, toBlocks } from './source-domains';
 import type { HostState, PointRecord, ReplicaRecord } from './state';
-import { exportImage, NBD_REPLY_TIMEOUT_MS, stopStaleExport, type ImageExport } from './storage-daemon';
+import { connectImageExport, stopStaleExport, type ImageExport } from './storage-daemon';
 
 const run = promisify(execFile);
 /** A qcow2 file whose reads fall through to `backing` wherever it holds nothing of its own. */
@@ -255,22 +255,7 @@ export class KvmReplicas {
       const key = createHash('sha256').update(image).digest('hex').slice(0, 16);
       const socket = join(this.options.stateDir, 'run', `${key}.nbd.sock`);
       const pidFile = join(this.options.stateDir, 'run', `${key}.nbd.pid`);
-      open = exportImage({ image, socket, pidFile, writable }).then(async (daemon) => {
-        try {
-          return {
-            daemon,
-            nbd: await NbdClient.connect({
-              path: socket,
-              exportName: 'disk',
-              metaContexts: [],
-              replyTimeoutMs: NBD_REPLY_TIMEOUT_MS,
-            }),
-          };
-        } catch (e) {
-          await daemon.stop();
-          throw e;
-        }
-      });
+      open = connectImageExport({ image, socket, pidFile, writable });
       this.exports.set(image, open);
       open.catch(() => this.exports.delete(image));
     }

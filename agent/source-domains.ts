@@ -40,7 +40,7 @@ import { acpiShutdown, destroyDomain, isNoSuchDomain, parseDomState, powerStateO
 import { domainXmlOfRequest } from './definition';
 import type { ManagedDomains } from './managed-domains';
 import type { CheckpointRecord, HostState, ReferenceRecord } from './state';
-import { exportImage, NBD_REPLY_TIMEOUT_MS, type ImageExport } from './storage-daemon';
+import { connectImageExport, NBD_REPLY_TIMEOUT_MS, type ImageExport } from './storage-daemon';
 
 /** Block reads go out in pieces of this size (each one frame of the host API). */
 export const READ_PIECE_BYTES = 4 * 1024 * 1024;
@@ -600,26 +600,12 @@ export class KvmSourceDomains {
         const key = createHash('sha256').update(`${domain}/${disk}`).digest('hex').slice(0, 16);
         // Named like the DR side's export daemons, so a restarted host process stops one a kill left running.
         const socket = join(this.options.stateDir, 'run', `${key}.write.sock`);
-        const daemon = await exportImage({
+        return connectImageExport({
           image: source.source,
           socket,
           pidFile: join(this.options.stateDir, 'run', `${key}.nbd.pid`),
           writable: true,
         });
-        try {
-          return {
-            daemon,
-            nbd: await NbdClient.connect({
-              path: socket,
-              exportName: 'disk',
-              metaContexts: [],
-              replyTimeoutMs: NBD_REPLY_TIMEOUT_MS,
-            }),
-          };
-        } catch (e) {
-          await daemon.stop();
-          throw e;
-        }
       };
       try {
         const bytes = await receive(size, async (piece) => {

@@ -5,6 +5,7 @@
 import { spawn } from 'node:child_process';
 import { readFile, rm } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { NbdClient } from './nbd/client';
 
 /**
  * How long the agent waits for any NBD reply (from a daemon of its own or from libvirt's QEMU) before it drops the
@@ -102,4 +103,26 @@ export async function exportImage(options: {
   }
   daemon.kill('SIGKILL');
   throw new Error(`qemu-storage-daemon for ${options.image} did not start: ${stderr.trim()}`);
+}
+
+/** An image exported by a daemon of its own, and our NBD connection to it (the daemon stopped if we cannot connect). */
+export async function connectImageExport(options: {
+  image: string;
+  socket: string;
+  pidFile: string;
+  writable: boolean;
+}): Promise<{ daemon: ImageExport; nbd: NbdClient }> {
+  const daemon = await exportImage(options);
+  try {
+    const nbd = await NbdClient.connect({
+      path: options.socket,
+      exportName: 'disk',
+      metaContexts: [],
+      replyTimeoutMs: NBD_REPLY_TIMEOUT_MS,
+    });
+    return { daemon, nbd };
+  } catch (e) {
+    await daemon.stop();
+    throw e;
+  }
 }

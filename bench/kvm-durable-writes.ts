@@ -52,7 +52,7 @@ async function main(): Promise<void> {
     stateDir: join(dir, 'state'),
   });
   const port = new HostApiHypervisor({ url: host.url });
-  const flush = NbdClient.prototype.flush;
+  const flush = Object.getOwnPropertyDescriptor(NbdClient.prototype, 'flush')!.value as NbdClient['flush'];
   const data = randomBytes(REQUEST_BYTES);
   const samples: { flushedMs: number; unflushedMs: number; flushedSealMs: number; unflushedSealMs: number }[] = [];
   try {

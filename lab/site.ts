@@ -176,6 +176,9 @@ class LabVm {
 
   async powerOn(): Promise<PowerResult> {
     if (this.meta.powerState === 'Running') return { state: 'Running', alreadyInState: true };
+    // As on a KVM host: nothing boots on top of a point still being written; it is sealed or discarded first.
+    const open = this.meta.replica?.points.find((p) => !p.sealed);
+    if (open) throw conflict(`restore point ${open.id} of ${this.name} is still being written`);
     if (this.meta.powerState === 'Stopping') await this.shutdown;
     if (this.meta.powerState === 'Off') this.startBoot();
     await this.boot;

@@ -2,10 +2,10 @@
 // version from package.json), from real runs on a temporary Temporal server and lab. test/replay.test.ts replays
 // every release's histories against today's code, so that a change which would break workflows already running
 // (entities live for months, halted sessions for days) fails there. Histories are added per release and never
-// re-recorded: this refuses to write into a release directory that exists. An incompatible change goes behind
-// patched() instead.
+// re-recorded: this refuses a release that test/histories/RELEASED names or whose directory exists, and adds the
+// new release's digests to RELEASED. An incompatible change goes behind patched() instead.
 import { randomUUID } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { appendFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Client, WorkflowHandle } from '@temporalio/client';
@@ -30,6 +30,7 @@ import { LabControl, HostApiHypervisor } from '../src/hypervisor/host-api-adapte
 import { createLogger } from '../src/logging';
 import { createOrchestrator } from '../src/orchestrator';
 import { ensureTemporalCli, freePort, projectRoot, startDevServer } from './lib/dev-server';
+import { MANIFEST, manifestLinesOf, readManifest } from './lib/released-histories';
 
 const VMS = ['vm1', 'vm2', 'vm3', 'vm4'];
 const estate = {
@@ -68,7 +69,8 @@ const configuration = (url: string) =>
   );
 
 const version = (JSON.parse(readFileSync(join(projectRoot, 'package.json'), 'utf8')) as { version: string }).version;
-const dir = join(projectRoot, 'test', 'histories', version);
+const root = join(projectRoot, 'test', 'histories');
+const dir = join(root, version);
 
 async function save(file: string, handle: WorkflowHandle): Promise<void> {
   writeFileSync(join(dir, file), historyToJSON(await handle.fetchHistory()) + '\n');
@@ -118,9 +120,9 @@ async function haltedFailover(
 }
 
 async function main(): Promise<void> {
-  if (existsSync(dir)) {
+  if (readManifest(root).has(version) || existsSync(dir)) {
     throw new Error(
-      `test/histories/${version}/ exists: a release's histories are recorded once and never again. Bump the version in package.json for a new release.`,
+      `test/histories/${version}/ exists or is listed in test/histories/${MANIFEST}: a release's histories are recorded once and never again. Bump the version in package.json for a new release.`,
     );
   }
   mkdirSync(dir, { recursive: true });
@@ -212,6 +214,8 @@ async function main(): Promise<void> {
     await save('replica-entity-after-abort.json', client.workflow.getHandle(replicaWorkflowId('vm3')));
     await save('replica-entity-permanent.json', client.workflow.getHandle(replicaWorkflowId('vm4')));
     await save('proxy-slots.json', client.workflow.getHandle(PROXY_REGISTRY_WORKFLOW_ID));
+    appendFileSync(join(root, MANIFEST), manifestLinesOf(root, version).join('\n') + '\n');
+    console.log(`Listed test/histories/${version}/ in test/histories/${MANIFEST}`);
   } catch (err) {
     rmSync(dir, { recursive: true, force: true }); // a release's histories are recorded whole, or not at all
     throw err;

@@ -156,7 +156,17 @@ export class LibvirtInstance {
 
   /** Restarts only libvirtd, as an operator's package upgrade would; running guests and backup jobs go on. */
   async restartDaemon(): Promise<void> {
+    await this.stopDaemon();
+    await this.startDaemon();
+  }
+
+  /** Stops only libvirtd (a host whose libvirt is down): running guests go on, every libvirt call fails. */
+  async stopDaemon(): Promise<void> {
     await stopProcess(pidIn(this.libvirtdPidFile), 10_000);
+  }
+
+  /** Starts libvirtd again after stopDaemon, in the instance's namespace, and waits until it answers. */
+  async startDaemon(): Promise<void> {
     const holder = pidIn(this.virtlogdPidFile);
     if (!alive(holder)) throw new Error(`libvirt instance in ${this.dir}: virtlogd is gone, start the instance again`);
     run('nsenter', ['-t', String(holder), '-m', 'sh', '-c', this.libvirtdCommand()]);

@@ -1,6 +1,6 @@
 import { Context, ApplicationFailure } from '@temporalio/activity';
 import type { ProxyTransport } from '../config/schema';
-import type { RestorePointSummary } from '../contract';
+import { FailureTypes, type RestorePointSummary } from '../contract';
 import { NotFoundError, TrackingLostError } from '../hypervisor/errors';
 import {
   BLOCK_SIZE,
@@ -104,9 +104,24 @@ export function createReplicationActivities(port: HypervisorPort) {
   return {
     /**
      * A consistent view of every disk while the guest keeps writing; the id is the session's, so a retry reuses
-     * it. Returns the instant it shows, on the host's clock: the restore point copied from it records it.
+     * it. Returns the instant it shows, on the host's clock: the restore point copied from it records it. With
+     * `sourceOff` (a final checkpoint taken after a halt) it is refused unless the VM is still off: one powered on
+     * meanwhile has moved on from what the window set out to copy.
      */
-    async createCheckpoint(input: { vm: VmRef; checkpointId: string }): Promise<{ id: string; createdAt: string }> {
+    async createCheckpoint(input: {
+      vm: VmRef;
+      checkpointId: string;
+      sourceOff?: boolean;
+    }): Promise<{ id: string; createdAt: string }> {
+      if (input.sourceOff) {
+        const { powerState } = await withHypervisorFailures(() => port.getVm(input.vm));
+        if (powerState !== 'Off')
+          throw ApplicationFailure.create({
+            type: FailureTypes.wrongState,
+            message: `${input.vm.vm} is ${powerState}: the final checkpoint is taken of a powered-off source only`,
+            nonRetryable: true,
+          });
+      }
       const checkpoint = await withHypervisorFailures(() => port.createCheckpoint(input.vm, input.checkpointId));
       return { id: checkpoint.id, createdAt: checkpoint.createdAt };
     },

@@ -7,8 +7,14 @@ export type WindowStep = (typeof WindowSteps)[number];
 
 export type Decision = 'retry' | 'abort' | 'forceFailover';
 
-/** Where a retry starts: the step that failed, except that a mismatch found by the verification copies again. */
-export function retryFrom(failed: WindowStep, mismatch: boolean): WindowStep {
+/**
+ * Where a retry starts: the step that failed, except that a mismatch found by the verification copies again, and
+ * that with `checkpointAgain` a failed copy or verification starts from the final checkpoint. The source is off,
+ * so a view taken again shows the same disks; the copy then writes what it says changed since helper point 1 and
+ * the verification compares against it (the host keeps a view that still serves, so this costs nothing then).
+ */
+export function retryFrom(failed: WindowStep, mismatch: boolean, checkpointAgain = false): WindowStep {
+  if (checkpointAgain && (failed === 'copy' || failed === 'verify')) return 'checkpoint';
   return failed === 'verify' && mismatch ? 'copy' : failed;
 }
 

@@ -239,7 +239,11 @@ export interface HypervisorPort {
   // Power (source and replica VMs alike; every call is idempotent)
   shutdownGuest(ref: VmRef, timeoutMs: number, options?: CallOptions): Promise<ShutdownResult>;
   powerOff(ref: VmRef, options?: CallOptions): Promise<PowerResult>;
-  /** Starts the VM and waits for its boot, however long the boot takes (callers heartbeat meanwhile). */
+  /**
+   * Starts the VM and waits for its boot, however long the boot takes (callers heartbeat meanwhile). A replica
+   * with a restore point still open (begun, neither sealed nor discarded) is refused with a conflict: nothing
+   * boots on top of a half-written point.
+   */
   powerOn(ref: VmRef, options?: PowerOnOptions): Promise<PowerResult>;
 
   // Checkpoints and change tracking on a source VM

@@ -5,6 +5,7 @@ import {
   isCancellation,
   log,
   ParentClosePolicy,
+  patched,
   setCurrentDetails,
   setHandler,
   upsertSearchAttributes,
@@ -513,6 +514,7 @@ async function criticalWindow(w: WindowContext): Promise<'failedOver' | 'aborted
     { outcome: 'shut-down' | 'forced-off' | 'already-off'; startedAt: number; finishedAt: number } | undefined;
   let boot: { startedAt: number; finishedAt: number } | undefined;
   let forced: { point: 'helper1' | 'helper2'; by: OperatorRequest } | undefined;
+  let helper2DroppedBeforePowerOn = false;
   let cancellationHalted = false;
 
   while (boot === undefined) {
@@ -541,13 +543,14 @@ async function criticalWindow(w: WindowContext): Promise<'failedOver' | 'aborted
           at = 'checkpoint';
           break;
         case 'checkpoint':
-          // Step 3: the last-minute changes, then proof that nothing was lost, before anything else happens.
+          // Step 3: the last-minute changes, then proof that nothing was lost, before anything else happens. The
+          // host keeps a view it still has; after a halt it is taken again only of a source that is still off.
           step('FinalSync', `copying the last changes of ${vm} (helper restore point 2)`);
           checkpoint = await clock.time('finalSyncMs', () =>
             withSummary(
               control.createCheckpoint,
               `Checkpoint powered-off ${vm}`,
-              [{ vm: source, checkpointId }],
+              [{ vm: source, checkpointId, ...(result.halts.length > 0 ? { sourceOff: true } : {}) }],
               criticalControl,
             ),
           );
@@ -558,8 +561,10 @@ async function criticalWindow(w: WindowContext): Promise<'failedOver' | 'aborted
           const copies = await clock.time('finalSyncMs', async () => {
             const leases = await slots.lease();
             // Opened before power-off. After a halt it is opened again, in case someone dropped it meanwhile (a
-            // sealed point is never copied into: the seal comes after the verification).
-            if (result.halts.length > 0)
+            // sealed point is never copied into: the seal comes after the verification). The 0.2.0 release opened
+            // it again before every copy: a session it started has no marker and goes on doing so.
+            const reopenOnlyAfterHalt = patched('helper2-reopened-only-after-halt');
+            if (result.halts.length > 0 || !reopenOnlyAfterHalt)
               await openHelperPoint(target, sessionId, helper2, 'Open helper restore point 2 again', criticalControl);
             return copyDisks({
               vm,
@@ -628,10 +633,11 @@ async function criticalWindow(w: WindowContext): Promise<'failedOver' | 'aborted
         case 'powerOn':
           // Step 5: power on the replica.
           step('PoweringOnReplica', `booting the replica of ${vm} on ${target.replica.host}`);
+          // The source is off: the replica is the machine now, with its network identity (MAC addresses).
           boot = await withSummary(
             control.powerOnVm,
             `Power on the replica of ${vm}`,
-            [{ vm: replicaVm }],
+            [{ vm: replicaVm, sourceOff: true }],
             criticalWaiting,
           );
           break;
@@ -647,7 +653,9 @@ async function criticalWindow(w: WindowContext): Promise<'failedOver' | 'aborted
       for (;;) {
         const decision = await clock.time('haltedMs', () => desk.halt(failed, reason));
         if (decision.kind === 'retry') {
-          at = retryFrom(failed, mismatch);
+          // A copy or verification may have failed because the source's final view is gone (on KVM, the paused
+          // QEMU that serves it died): the retry takes the checkpoint again, which the host keeps if it still can.
+          at = retryFrom(failed, mismatch, patched('retry-takes-final-checkpoint-again'));
           desk.settle(`retrying from ${at}`);
           break;
         }
@@ -663,6 +671,18 @@ async function criticalWindow(w: WindowContext): Promise<'failedOver' | 'aborted
           continue;
         }
         const forceTo = forceTarget(failed, sealed);
+        // Nothing boots on top of a half-written point (a host refuses to): the unverified helper point 2 goes first.
+        if (forceTo.point === 'helper1' && patched('force-to-helper1-drops-helper2-first')) {
+          const dropped = await dropUnverifiedHelper2(w, criticalControl).then(
+            () => true,
+            (err: unknown) => {
+              reason = `forceFailover could not drop the unverified helper restore point 2: ${failureMessage(err)}`;
+              return false;
+            },
+          );
+          if (!dropped) continue;
+          helper2DroppedBeforePowerOn = true;
+        }
         forced = { point: forceTo.point, by: decision.request };
         if (forceTo.point === 'helper1')
           result.dataLoss = `changes of ${vm} after helper restore point 1 were not replicated and are lost${shutdown ? '' : `; ${vm} was not confirmed off`}`;
@@ -685,14 +705,10 @@ async function criticalWindow(w: WindowContext): Promise<'failedOver' | 'aborted
       mismatchedBlocks: 0,
       covered: 'nothing: forced failover to helper restore point 1, which is older than the source at power-off',
     };
-    await bestEffort('Dropping the unverified helper restore point 2', () =>
-      withSummary(
-        control.discardRestorePoint,
-        'Drop the unverified helper restore point 2',
-        [{ replica: target.replica, pointId: helper2 }],
-        persistentOptions,
-      ),
-    );
+    if (!helper2DroppedBeforePowerOn)
+      await bestEffort('Dropping the unverified helper restore point 2', () =>
+        dropUnverifiedHelper2(w, persistentOptions),
+      );
     await bestEffort('Dropping the final checkpoint', () =>
       withSummary(
         control.discardCheckpoint,
@@ -771,6 +787,20 @@ async function abort(
       note = `; the replica could not be confirmed off (${failureMessage(err)}): it is powered off as soon as ${target.replica.host} answers`;
     }
   }
+  // Powering the source on ends its final view (on KVM, the paused start that serves it): once helper point 2 is
+  // known verified, its checkpoint becomes the reference point first, so that the next job run tracks from it.
+  let tracked = false;
+  if (result.helperPoints.includes(w.helper2) && patched('abort-keeps-final-checkpoint-before-source-power-on'))
+    tracked = await promoteFinalCheckpoint(w, checkpointId, ref2, criticalControl).then(
+      () => true,
+      (err: unknown) => {
+        log.warn('The final checkpoint could not become the reference point before the source powers on', {
+          vm,
+          error: failureMessage(err),
+        });
+        return false;
+      },
+    );
   try {
     await withSummary(control.powerOnVm, `Power ${vm} back on`, [{ vm: target.source }], waitingOptions);
   } catch (err) {
@@ -814,18 +844,12 @@ async function abort(
     });
   if (sealed) {
     if (!result.helperPoints.includes(w.helper2)) result.helperPoints.push(w.helper2);
-    await dr('keeping the final checkpoint as the reference point', () =>
-      promoteFinalCheckpoint(w, checkpointId, ref2, persistentOptions),
-    );
+    if (!tracked)
+      await dr('keeping the final checkpoint as the reference point', () =>
+        promoteFinalCheckpoint(w, checkpointId, ref2, persistentOptions),
+      );
   } else {
-    await dr('dropping the unverified helper restore point 2', () =>
-      withSummary(
-        control.discardRestorePoint,
-        'Drop the unverified helper restore point 2',
-        [{ replica: target.replica, pointId: w.helper2 }],
-        persistentOptions,
-      ),
-    );
+    await dr('dropping the unverified helper restore point 2', () => dropUnverifiedHelper2(w, persistentOptions));
     await dr('dropping the final checkpoint', () =>
       withSummary(
         control.discardCheckpoint,
@@ -839,6 +863,14 @@ async function abort(
   step('Aborted', result.detail);
   return true;
 }
+
+const dropUnverifiedHelper2 = (w: WindowContext, options: ActivityOptions) =>
+  withSummary(
+    control.discardRestorePoint,
+    'Drop the unverified helper restore point 2',
+    [{ replica: w.target.replica, pointId: w.helper2 }],
+    options,
+  );
 
 /** The powered-off source's final checkpoint becomes the reference point the next job run tracks from. */
 const promoteFinalCheckpoint = (w: WindowContext, checkpointId: string, ref2: string, options: ActivityOptions) =>

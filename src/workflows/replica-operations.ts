@@ -173,7 +173,13 @@ export async function replicaOperation(input: ReplicaOperationInput): Promise<Re
         );
       }
       step('powering the replica on from its pre-failback state');
-      await withSummary(control.powerOnVm, `Power on the replica of ${vm}`, [{ vm: replicaVm }], waitingOptions);
+      // With production shut down, the replica is the machine again, MAC addresses and all.
+      await withSummary(
+        control.powerOnVm,
+        `Power on the replica of ${vm}`,
+        [{ vm: replicaVm, sourceOff: to !== null }],
+        waitingOptions,
+      );
       return finish(
         'Failover',
         `${to?.vm ?? 'production'} off; the replica runs again from its failback-protective point`,
@@ -287,6 +293,7 @@ async function failback(
 
   // Resumed, the replica is off already: if this failback fails too, it runs again from its protective point.
   let replicaStopped = resumeFrom !== null;
+  let productionPoweredOn = false;
   try {
     let phase1: Pick<ShipResult, 'bytesShipped' | 'productionChangedBytes'> = {
       bytesShipped: 0,
@@ -361,6 +368,7 @@ async function failback(
     }
     if (payload.powerOnProduction) {
       step(`powering ${production.vm} on`);
+      productionPoweredOn = true;
       await withSummary(control.powerOnVm, `Power on ${production.vm}`, [{ vm: production }], waitingOptions);
       detail += `; ${production.vm} powered on`;
     }
@@ -376,7 +384,13 @@ async function failback(
       // or its running layer if the seal had not happened), and a new failback starts over.
       if (!replicaStopped) return false;
       return bestEffort(`Restarting the replica of ${vm} after the failed failback`, () =>
-        withSummary(control.powerOnVm, `Power the replica of ${vm} on again`, [{ vm: replicaVm }], waitingOptions),
+        withSummary(
+          control.powerOnVm,
+          `Power the replica of ${vm} on again`,
+          // Production stays off (unless its own power-on was asked): the replica serves as the machine again.
+          [{ vm: replicaVm, sourceOff: !productionPoweredOn }],
+          waitingOptions,
+        ),
       );
     });
     // Its own message, not a cause: the entity reports the deepest cause, and this one says what was put back.

@@ -61,6 +61,7 @@ const VM = {
   checkpointFails: 'cw-checkpoint',
   sealFails: 'cw-seal',
   switchFails: 'cw-switch',
+  sourceOn: 'cw-source-on',
 } as const;
 const VMS = Object.values(VM);
 
@@ -193,7 +194,7 @@ describe('the critical window halts on every failure and every decision works fr
     await o.lab.control.clearFaults(DR);
     assert.match(
       await session.executeUpdate(haltedSessionUpdates.retry, { args: alice('DR back') }),
-      /retrying from verify/,
+      /retrying from checkpoint/,
     );
     const s = await onlySessionOf(handle);
     assert.equal(s.outcome, 'failedOver');
@@ -413,6 +414,29 @@ describe('the critical window halts on every failure and every decision works fr
     const s = await sessionResult(session);
     assert.equal(s.outcome, 'forcedFailover');
     assert.equal((await replicaOnHost(o.lab, vm)).headPointId, s.helperPoints[0]);
+  });
+
+  it('a retry takes the final checkpoint again only of a source still off: one powered on meanwhile halts again', async () => {
+    const vm = VM.sourceOn;
+    const { handle, session, halt } = await halted(vm, helper2Writes(vm));
+    assert.equal(halt.step, 'copy');
+    await o.lab.control.clearFaults(DR);
+    // Someone powers the source on during the halt: copying it now would fail over a VM that runs on.
+    await o.lab.port.powerOn({ host: PROD, vm });
+    assert.match(
+      await session.executeUpdate(haltedSessionUpdates.retry, { args: alice('copy again') }),
+      /retrying from checkpoint/,
+    );
+    const second = await within('the second halt', 60_000, async () => {
+      const h = await haltOf(session);
+      return h.id === 2 ? h : undefined;
+    });
+    assert.equal(second.step, 'checkpoint');
+    assert.match(second.reason, /is Running: the final checkpoint is taken of a powered-off source only/);
+    await session.executeUpdate(haltedSessionUpdates.abort, { args: alice('it runs anyway') });
+    assert.equal((await resultOfFailed(handle)).sessions[0]!.outcome, 'aborted');
+    assert.equal(await powerOf(o.lab, vm), 'Running');
+    await replicatesNormally(vm);
   });
 
   it('a switch that cannot reach the replica entity halts; once the entity is back, retry completes', async () => {

@@ -201,7 +201,7 @@ export interface TestKvmHost {
   /** The guest's serial console and disk image (a host without a guest has neither). */
   serialLog: string;
   image: string;
-  /** Starts the host process again on the same state (after host.stop()). */
+  /** Starts the host process again on the same state and port, so clients reach it at its URL (after host.stop()). */
   restartHost(): Promise<RunningKvmHost>;
   /** What the guest said on its serial console so far. */
   guestLines(): Promise<GuestLine[]>;
@@ -242,7 +242,7 @@ export async function startTestKvmHost(options: {
     );
     await libvirt.virsh.run(['define', xml]);
   }
-  const start = () =>
+  const start = (port?: number) =>
     startKvmHost({
       name: options.name,
       site: options.role === 'dr' ? 'dr' : 'primary',
@@ -251,6 +251,7 @@ export async function startTestKvmHost(options: {
       stateDir: join(dir, 'state'),
       domainsFile,
       bootFileDirs: [guest.dir], // the test guest's kernel and initrd
+      ...(port !== undefined ? { port } : {}),
     });
   const guestLines = () => readGuestLines(serialLog);
   const host = await start().catch(async (e: unknown) => {
@@ -264,7 +265,7 @@ export async function startTestKvmHost(options: {
     serialLog,
     image,
     async restartHost() {
-      t.host = await start();
+      t.host = await start(Number(new URL(t.host.url).port));
       return t.host;
     },
     guestLines,

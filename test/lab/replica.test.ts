@@ -181,6 +181,23 @@ describe('replica chains', () => {
     for (const id of ['p3', 'p4', 'p5']) await assertPoint(id);
   });
 
+  test('a replica with a point still being written refuses to power on, as on a KVM host', async () => {
+    const replicaVm = { host: DR, vm: rep.replica };
+    await t.port.beginRestorePoint(rep, 'half-written', { kind: 'regular', crashConsistent: true });
+    await assert.rejects(t.port.powerOn(replicaVm), (e: unknown) => {
+      assert.ok(e instanceof ConflictError, `expected ConflictError, got ${String(e)}`);
+      assert.match(e.message, /half-written of vm1-replica is still being written/);
+      return true;
+    });
+    const refused = await t.port.getReplica(rep);
+    assert.equal(refused.powerState, 'Off');
+    assert.equal(refused.hasRunningLayer, false, 'nothing was made to boot from');
+    await t.port.discardRestorePoint(rep, 'half-written');
+    assert.equal((await t.port.powerOn(replicaVm)).state, 'Running');
+    await t.port.powerOff(replicaVm);
+    await t.port.discardRunningLayer(rep);
+  });
+
   test('a running replica writes into its own layer: discard, failback extents, seal, consolidate', async () => {
     const head = (await t.port.getReplica(rep)).headPointId!;
     const atHead = expected.get(head)!;

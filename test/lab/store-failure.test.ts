@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { mkdir, rmdir } from 'node:fs/promises';
+import { mkdir, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { HostFailureError } from '../../src/hypervisor/errors';
@@ -28,11 +28,14 @@ test('a failed metadata save makes the lab refuse every change until a restart r
   await t.port.beginRestorePoint(rep, 'p1', spec);
   await t.port.writeRestorePoint({ ...rep, disk: 'os' }, 'p1', single(0, randomBytes(BLOCK_SIZE)));
 
-  // The next save fails for real: the name of its temporary file is taken by a directory.
-  const blocker = join(t.dataDir, 'state.json.tmp');
-  await mkdir(blocker);
+  // The next save fails for real: the state file's place is taken by a directory (the saved file kept aside).
+  const state = join(t.dataDir, 'state.json');
+  await rename(state, `${state}.kept`);
+  await mkdir(state);
+  await writeFile(join(state, 'blocker'), '');
   await assert.rejects(t.port.sealRestorePoint(rep, 'p1'), refused);
-  await rmdir(blocker);
+  await rm(state, { recursive: true });
+  await rename(`${state}.kept`, state);
   // The cause is gone, but memory may hold what the disk does not (p1 sealed): no change is made from it.
   await assert.rejects(t.port.sealRestorePoint(rep, 'p1'), refused);
   await assert.rejects(t.port.beginRestorePoint(rep, 'p2', spec), refused);

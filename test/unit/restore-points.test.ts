@@ -115,6 +115,16 @@ describe('decisions from every step of the critical window', () => {
     assert.equal(retryFrom('verify', true), 'copy');
   });
 
+  it('takes the final checkpoint again before a copy or verification is retried, and only then', () => {
+    for (const step of WindowSteps)
+      for (const mismatch of [false, true])
+        assert.equal(
+          retryFrom(step, mismatch, true),
+          step === 'copy' || step === 'verify' ? 'checkpoint' : step,
+          `${step}, mismatch ${mismatch}`,
+        );
+  });
+
   it('forces to helper point 2 only when the host shows it sealed, and boots again after a failed power-on', () => {
     for (const step of WindowSteps) {
       assert.equal(forceTarget(step, false).point, 'helper1', step);
