@@ -103,3 +103,13 @@ export function pointAtOrBefore<P extends { createdAt: string }>(points: readonl
   }
   return best;
 }
+
+/**
+ * The points a failback drops: those newer than the head when the replica was failed over to an older point. The
+ * running layer stands on the head, and sealing it as the protective point leaves the later points on a branch
+ * nothing continues (both hosts drop them); the operation says so in its result.
+ */
+export function pointsAfterHead<P extends { id: string }>(points: readonly P[], headPointId: string | null): P[] {
+  const head = points.findIndex((p) => p.id === headPointId);
+  return head < 0 ? [] : points.slice(head + 1);
+}

@@ -17,7 +17,7 @@ import {
   type VmLocation,
 } from '../contract';
 import { stateFromHost } from '../domain/replica-state';
-import { PointMetadata, pointAtOrBefore } from '../domain/restore-points';
+import { PointMetadata, pointAtOrBefore, pointsAfterHead } from '../domain/restore-points';
 import { formatBytes } from '../domain/units';
 import { bestEffort, control, copyOptions, failureMessage, waitingOptions, withSummary } from './common';
 import { leaseProxySlots, releaseProxySlots } from './sessions';
@@ -291,6 +291,8 @@ async function failback(
       { ...copyOptions, taskQueue: leases[0]!.taskQueue },
     );
 
+  // After a regular failover to an older point, the points newer than it go with the seal (review m13): said so.
+  const dropped = resumeFrom ? [] : pointsAfterHead(replica.restorePoints, replica.headPointId).map((p) => p.id);
   // Resumed, the replica is off already: if this failback fails too, it runs again from its protective point.
   let replicaStopped = resumeFrom !== null;
   let productionPoweredOn = false;
@@ -366,6 +368,8 @@ async function failback(
       productionBytesOverwritten = phase1.productionChangedBytes ?? bytesCopied;
       detail += `; ${production.vm} had run since the failover: ${formatBytes(productionBytesOverwritten)} it wrote were overwritten (confirmed by ${input.payload.requestedBy})`;
     }
+    if (dropped.length > 0)
+      detail += `; restore point(s) ${dropped.join(', ')}, newer than ${replica.headPointId} that the replica ran from, dropped: the protective point follows ${replica.headPointId}`;
     if (payload.powerOnProduction) {
       step(`powering ${production.vm} on`);
       productionPoweredOn = true;

@@ -162,11 +162,17 @@ describe('failback of a real guest between two KVM hosts: commit, undo, a regula
       const newDir = join(dir, 'prod', 'state', 'vms', NEW);
       const from = lastSeq(await replicaLines()) ?? 0;
       await waitForSeq(replicaConsole(), from + 3, { timeoutMs: 60_000 });
+      // Failed over to an older point, so the newest goes with this failback: the result says so (review m13).
+      const head = (await port.getReplica(replica)).headPointId;
+      const newer = (await state()).restorePoints.at(-1)!;
+      assert.notEqual(newer.id, head);
       const outcome = await operate('failback', {
         target: { newVm: { name: NEW, host: PROD } },
         powerOnProduction: false,
       });
       assert.equal(outcome.state, 'Failback', JSON.stringify(outcome));
+      assert.match(outcome.detail ?? '', new RegExp(`restore point\\(s\\) ${newer.id}, newer than ${head}.*dropped`));
+      assert.ok(!(await state()).restorePoints.some((p) => p.id === newer.id));
       const view = await state();
       assert.deepEqual(view.failbackTo, newVm);
       const protective = view.restorePoints.at(-1)!;

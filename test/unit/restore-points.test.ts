@@ -6,9 +6,20 @@ import {
   dataInstantOf,
   newestBackupAfter,
   pointAtOrBefore,
+  pointsAfterHead,
   PointMetadata,
   sourceOf,
 } from '../../src/domain/restore-points';
+
+describe('the points a failback drops', () => {
+  const points = [{ id: 'p1' }, { id: 'p2' }, { id: 'p3' }];
+  it('are those after the head: a replica failed over to an older point', () => {
+    assert.deepEqual(pointsAfterHead(points, 'p1'), [{ id: 'p2' }, { id: 'p3' }]);
+    assert.deepEqual(pointsAfterHead(points, 'p3'), []);
+    assert.deepEqual(pointsAfterHead(points, null), [], 'no head: nothing to say');
+    assert.deepEqual(pointsAfterHead(points, 'gone'), []);
+  });
+});
 
 describe('choosing a restore point by time', () => {
   const points = [
