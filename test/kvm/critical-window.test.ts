@@ -50,7 +50,7 @@ describe('the critical window on real VMs: halts a KVM host causes, and each dec
     // The guest boots a kernel of its own, which a case takes away: the shared one stays where other tests find it.
     const xml = await estate.prod.libvirt.virsh.run(['dumpxml', '--inactive', VM]);
     const shared = /<kernel>([^<]+)<\/kernel>/.exec(xml)![1]!;
-    kernel = join(estate.dir, 'vmlinuz');
+    kernel = join(estate.dir, 'boot', 'vmlinuz'); // a boot-file directory of both hosts
     copyFileSync(shared, kernel);
     writeFileSync(
       join(estate.dir, `${VM}.own-kernel.xml`),

@@ -1,7 +1,7 @@
 // A KVM host for tests: a private libvirtd with one tiny guest defined as a domain, and our host process serving it.
 import assert from 'node:assert/strict';
 import { execFile, spawn } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -111,6 +111,9 @@ export async function startKvmEstate(options: {
   restorePoints: number;
 }): Promise<KvmEstate> {
   const dir = mkdtempSync(join(tmpdir(), options.prefix));
+  // Where a test may keep boot files of its own (a kernel it takes away): allowed on both hosts.
+  const bootFileDirs = [join(dir, 'boot')];
+  mkdirSync(bootFileDirs[0]!);
   // Stopped last started first, at close and when a later part fails to start (no libvirtd is left behind).
   const started: { stop(): Promise<void> }[] = [];
   const stopAll = async () => {
@@ -118,9 +121,14 @@ export async function startKvmEstate(options: {
     rmSync(dir, { recursive: true, force: true });
   };
   try {
-    const prod = await startTestKvmHost({ dir: join(dir, 'prod'), name: options.prod, domain: options.vm });
+    const prod = await startTestKvmHost({
+      dir: join(dir, 'prod'),
+      name: options.prod,
+      domain: options.vm,
+      bootFileDirs,
+    });
     started.push(prod);
-    const dr = await startTestKvmHost({ dir: join(dir, 'dr'), name: options.dr, role: 'dr' });
+    const dr = await startTestKvmHost({ dir: join(dir, 'dr'), name: options.dr, role: 'dr', bootFileDirs });
     started.push(dr);
     let port!: HypervisorPort & { close(): void };
     const o = await startOrchestrator({
@@ -218,6 +226,8 @@ export async function startTestKvmHost(options: {
   /** The guest's domain; none for a DR host. */
   domain?: string;
   role?: 'production' | 'dr';
+  /** Boot-file directories besides the test guest's (where a test keeps a kernel of its own). */
+  bootFileDirs?: string[];
 }): Promise<TestKvmHost> {
   const { dir, domain } = options;
   const guest = guestFiles(); // installs QEMU and libvirt first where they are missing (a fresh machine)
@@ -250,7 +260,7 @@ export async function startTestKvmHost(options: {
       libvirtUri: libvirt.virsh.uri,
       stateDir: join(dir, 'state'),
       domainsFile,
-      bootFileDirs: [guest.dir], // the test guest's kernel and initrd
+      bootFileDirs: [guest.dir, ...(options.bootFileDirs ?? [])], // the test guest's kernel and initrd
       ...(port !== undefined ? { port } : {}),
     });
   const guestLines = () => readGuestLines(serialLog);
