@@ -28,6 +28,11 @@ export const LEAF_VALIDITY_DAYS = 730;
 /** File names in a site directory are identities: letters, digits, '.', '_', '-', as host names in the configuration. */
 export const IDENTITY_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
+/** Whether a host certificate may name this: a DNS name (labels of letters, digits, '-', '_') or an IP address. */
+export function isSubjectAltName(name: string): boolean {
+  return isIP(name) !== 0 || /^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}(\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*$/.test(name);
+}
+
 /** What a host API server is started with: its own certificate and key, and the CA its clients must come from. */
 export interface ServerTlsFiles {
   cert: string;
@@ -108,7 +113,7 @@ export function ensureHostCertificate(
 ): Promise<SiteCertificate> {
   if (names.length === 0) throw new Error(`host certificate ${name}: it must name at least one host`);
   for (const n of names)
-    if (isIP(n) === 0 && !/^[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*$/.test(n))
+    if (!isSubjectAltName(n))
       throw new Error(`host certificate ${name}: '${n}' is neither a host name nor an IP address`);
   return ensureLeaf(dir, name, { kind: 'host', names: [...new Set(names)] }, options);
 }
@@ -144,7 +149,9 @@ async function loadCa(dir: string, options: IssueOptions): Promise<LoadedCa> {
           ? `expired on ${cert.validTo}`
           : undefined;
     if (problem)
-      throw new Error(`${files.cert} ${problem}: make the site's certificates again (failover certs create --reissue)`);
+      throw new Error(
+        `${files.cert} ${problem}: make the site a new CA and its certificates again (failover certs create --new-ca ...)`,
+      );
     return {
       entry: entryOf('ca', 'ca', files, cert, false),
       cert,
