@@ -5,13 +5,7 @@
 
 import { Command } from 'commander';
 import { z } from 'zod';
-import {
-  DEMO_CLIENT,
-  DEMO_SITE_DIR,
-  ensureClientCertificate,
-  ensureHostCertificate,
-  serverTlsFiles,
-} from '../src/host-api/certificates';
+import { DEMO_CLIENT, DEMO_SITE_DIR, ensureSite, serverTlsFiles } from '../src/host-api/certificates';
 import {
   checkTransportFlags,
   parseFlags,
@@ -47,11 +41,9 @@ async function main(): Promise<void> {
   const estate = await loadEstate(o.estate);
   let transport = transportOf(o);
   if (!transport) {
-    const made = [
-      await ensureHostCertificate(DEMO_SITE_DIR, 'lab', labServerNames(estate)),
-      await ensureClientCertificate(DEMO_SITE_DIR, DEMO_CLIENT),
-    ].filter((c) => c.made);
-    for (const c of made) log(`made the demo site's ${c.kind} certificate ${c.cert} (${c.fingerprint})`);
+    const site = await ensureSite(DEMO_SITE_DIR, { lab: labServerNames(estate) }, [DEMO_CLIENT]);
+    for (const c of site.filter((c) => c.made))
+      log(`made the demo site's ${c.kind} certificate ${c.cert} (${c.fingerprint})`);
     transport = { tls: serverTlsFiles(DEMO_SITE_DIR, 'lab') };
   }
   const lab = await startLab({

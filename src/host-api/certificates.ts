@@ -318,3 +318,18 @@ function serial(): string {
 export const DEMO_SITE_DIR = '.data/certs';
 /** The client certificate of the demo's workers and CLI. */
 export const DEMO_CLIENT = 'workers';
+
+/**
+ * Makes what a site directory lacks: its CA, a host certificate per host API server (file name → the names it
+ * serves) and the client certificates; keeps what is valid.
+ */
+export async function ensureSite(
+  dir: string,
+  hosts: Readonly<Record<string, readonly string[]>>,
+  clients: readonly string[],
+): Promise<SiteCertificate[]> {
+  const site = [await ensureCa(dir)];
+  for (const [name, names] of Object.entries(hosts)) site.push(await ensureHostCertificate(dir, name, names));
+  for (const name of clients) site.push(await ensureClientCertificate(dir, name));
+  return site;
+}
