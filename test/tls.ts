@@ -55,8 +55,7 @@ export const labServerTls = (estate: EstateInput): Promise<ServerTlsFiles> => te
 export const labPort = (url: string, options: Partial<HostApiClientOptions> = {}): HostApiHypervisor =>
   new HostApiHypervisor({ url, tls: testClientTls(), serverName: 'lab', ...options });
 
-export const labControl = (url: string): LabControl =>
-  new LabControl({ url, tls: testClientTls(), serverName: 'lab' });
+export const labControl = (url: string): LabControl => new LabControl({ url, tls: testClientTls(), serverName: 'lab' });
 
 /** A KVM host process's port adapter: its certificate must name `host`. */
 export const kvmPort = (url: string, host: string): HostApiHypervisor =>

@@ -26,6 +26,7 @@ import type { PlannedFailoverSessionResult, ReplicationJobResult } from '../../s
 import { connectHypervisor } from '../../src/config/hypervisor';
 import type { HypervisorPort, ReplicaRef, VmRef } from '../../src/hypervisor/port';
 import { startOrchestrator, testConfiguration, type TestOrchestrator } from '../harness';
+import { testServerTls } from '../tls';
 
 const exec = promisify(execFile);
 
@@ -159,12 +160,14 @@ export async function spawnKvmHostProcess(options: {
   libvirtUri: string;
   stateDir: string;
 }): Promise<KvmHostProcess> {
+  const tls = await testServerTls([options.name]);
   const proc = spawn(
     process.execPath,
     [
-      ...['--import', 'tsx', join(projectRoot, 'kvm', 'host', 'main.ts')],
+      ...['--import', 'tsx', join(projectRoot, 'agent', 'main.ts')],
       ...['--name', options.name, '--site', options.role === 'dr' ? 'dr' : 'primary', '--role', options.role],
       ...['--port', '0', '--libvirt', options.libvirtUri, '--state', options.stateDir],
+      ...['--tls-cert', tls.cert, '--tls-key', tls.key, '--client-ca', tls.clientCa],
     ],
     { stdio: ['ignore', 'pipe', 'inherit'] },
   );
@@ -172,7 +175,7 @@ export async function spawnKvmHostProcess(options: {
     let out = '';
     proc.stdout.on('data', (d: Buffer) => {
       out += d.toString();
-      const m = /listening on (http:\/\/\S+)/.exec(out);
+      const m = /listening on (https:\/\/\S+)/.exec(out);
       if (m) resolve(m[1]!);
     });
     proc.once('exit', (code) => reject(new Error(`kvm-host exited ${code}: ${out}`)));
@@ -231,6 +234,7 @@ export async function startTestKvmHost(options: {
     );
     await libvirt.virsh.run(['define', xml]);
   }
+  const tls = await testServerTls([options.name]);
   const start = () =>
     startKvmHost({
       name: options.name,
@@ -238,6 +242,7 @@ export async function startTestKvmHost(options: {
       role: options.role ?? 'production',
       libvirtUri: libvirt.virsh.uri,
       stateDir: join(dir, 'state'),
+      tls,
     });
   const guestLines = () => readGuestLines(serialLog);
   const host = await start().catch(async (e: unknown) => {

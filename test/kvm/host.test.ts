@@ -12,8 +12,9 @@ import {
   NotFoundError,
   TrackingLostError,
 } from '../../src/hypervisor/errors';
-import { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
+import type { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import { BLOCK_SIZE, type Extent, type ExtentPage, type PageRequest } from '../../src/hypervisor/port';
+import { kvmPort } from '../tls';
 import { BLOCKS_PER_ITERATION, GUEST_DISK_BYTES as DISK_BYTES, startTestKvmHost, type TestKvmHost } from './helpers';
 
 const HOST = 'kvm-prod1';
@@ -76,7 +77,7 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
     dir = mkdtempSync(join(tmpdir(), 'pf-kvmhost-'));
     kvm = await startTestKvmHost({ dir, name: HOST, domain: VM });
     serialLog = kvm.serialLog;
-    port = new HostApiHypervisor({ url: kvm.host.url });
+    port = kvmPort(kvm.host.url, HOST);
   });
 
   after(async () => {
@@ -161,7 +162,7 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
   test('a restart of the host process keeps its reference points and the open view', async () => {
     port.close();
     await kvm.host.stop();
-    port = new HostApiHypervisor({ url: (await kvm.restartHost()).url });
+    port = kvmPort((await kvm.restartHost()).url, HOST);
     assert.deepEqual(
       (await port.listReferencePoints(vm)).map((r) => [r.id, r.checkpointId, r.trackingValid]),
       [['r1', 'c1', true]],

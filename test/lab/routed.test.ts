@@ -2,12 +2,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { connectHypervisor } from '../../src/config/hypervisor';
 import { parseConfiguration } from '../../src/config/load';
-import {
-  ConflictError,
-  HostIdentityError,
-  NotFoundError,
-  TransferInterruptedError,
-} from '../../src/hypervisor/errors';
+import { ConflictError, HostIdentityError, NotFoundError, TransferInterruptedError } from '../../src/hypervisor/errors';
 import { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import { BLOCK_SIZE } from '../../src/hypervisor/port';
 import { RoutedHypervisor } from '../../src/hypervisor/routed';
