@@ -7,7 +7,7 @@ import { createPrivateKey, randomBytes, webcrypto, X509Certificate, type KeyObje
 import { mkdir, readFile } from 'node:fs/promises';
 import { readFileSync, statSync } from 'node:fs';
 import { isIP } from 'node:net';
-import { join } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import * as x509 from '@peculiar/x509';
 import { exists, writeFileAtomic } from './persist';
 
@@ -175,6 +175,8 @@ async function loadCa(dir: string, options: IssueOptions): Promise<LoadedCa> {
       await x509.SubjectKeyIdentifierExtension.create(keys.publicKey),
     ],
   });
+  // The site directory alone is private: directories above it (.data, say) keep the usual mode.
+  await mkdir(dirname(resolve(dir)), { recursive: true });
   await mkdir(dir, { recursive: true, mode: 0o700 });
   await writeKey(files.key, keys.privateKey);
   await writeFileAtomic(files.cert, made.toString('pem'));
