@@ -9,12 +9,13 @@ import {
   BadRequestError,
   ConflictError,
   HostFailureError,
+  HostIdentityError,
   NotFoundError,
   TrackingLostError,
 } from '../../src/hypervisor/errors';
 import type { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import { BLOCK_SIZE, type Extent, type ExtentPage, type PageRequest } from '../../src/hypervisor/port';
-import { kvmPort } from '../tls';
+import { kvmPort, rawRequest } from '../tls';
 import { BLOCKS_PER_ITERATION, GUEST_DISK_BYTES as DISK_BYTES, startTestKvmHost, type TestKvmHost } from './helpers';
 
 const HOST = 'kvm-prod1';
@@ -99,7 +100,12 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
       lastStop: null,
     });
     await assert.rejects(port.getVm({ host: HOST, vm: 'nosuch' }), NotFoundError);
-    await assert.rejects(port.getVm({ host: 'other', vm: VM }), NotFoundError);
+    // The adapter sends no call about another host here (this process's certificate names HOST alone) ...
+    await assert.rejects(port.getVm({ host: 'other', vm: VM }), HostIdentityError);
+    // ... and one that reaches the process anyway is answered 404.
+    const other = await rawRequest(`${kvm.host.url}/v1/hosts/other/vms/${VM}`);
+    assert.equal(other.status, 404);
+    assert.equal(other.json<{ error: { field: string } }>().error.field, 'params.host');
     await assert.rejects(port.getReplica({ host: HOST, replica: 'r' }), NotFoundError);
     await assert.rejects(port.discardRunningLayer({ host: HOST, replica: 'r' }), NotFoundError);
     // What KVM hosts do not serve yet says so (501), never a success or a 404 a caller would take for "gone".
