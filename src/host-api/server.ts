@@ -84,6 +84,7 @@ export function hostApiServer(options: {
     bodyLimit: 4 * 1024 * 1024,
     keepAliveTimeout: 30_000,
     ...(options.https ? { https: options.https } : {}),
+    // Typed as the plain HTTP instance its callers know: the routes and the server's common surface are the same.
   }) as unknown as FastifyInstance;
   app.addContentTypeParser('application/octet-stream', (_req, _payload, done) => done(null, undefined));
   app.setNotFoundHandler((request, reply) =>
