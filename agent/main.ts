@@ -1,28 +1,47 @@
-// Runs the host process of one KVM host, beside its libvirtd:
-//   npm run kvm-host -- --name kvm01 --site primary --role production --state /var/lib/planned-failover --port 7400
+// Runs the host process of one KVM host, beside its libvirtd, serving the host API over mutual TLS:
+//   npm run kvm-host -- --name kvm01 --site primary --role production --state /var/lib/planned-failover --port 7400 \
+//     --tls-cert /etc/planned-failover/kvm01.crt --tls-key /etc/planned-failover/kvm01.key --client-ca /etc/planned-failover/ca.crt
 import { isAbsolute, resolve } from 'node:path';
 import { Command } from 'commander';
 import { z } from 'zod';
 import { id } from '../src/host-api/schemas';
+import {
+  checkTransportFlags,
+  parseFlags,
+  transportFlags,
+  transportOf,
+  withTransportOptions,
+} from '../src/host-api/server-flags';
 import { DEFAULT_BOOT_FILE_DIRS } from './definition';
 import { startKvmHost } from './server';
 
-const flags = z.strictObject({
-  name: id,
-  site: id,
-  role: z.enum(['production', 'dr'], { error: "must be 'production' or 'dr'" }),
-  libvirt: z.string().min(1),
-  state: z.string().min(1),
-  port: z.coerce.number().int().min(0).max(65535),
-  listen: z.string().min(1),
-  domains: z.string().min(1).optional(),
-  uploadStallSeconds: z.coerce.number().int().min(1).max(3600),
-  commitBandwidthMibps: z.coerce.number().int().min(1).optional(),
-  bootFiles: z.array(z.string().refine(isAbsolute, 'each directory must be an absolute path')).min(1),
-});
+const flags = z
+  .strictObject({
+    name: id,
+    site: id,
+    role: z.enum(['production', 'dr'], { error: "must be 'production' or 'dr'" }),
+    libvirt: z.string().min(1),
+    state: z.string().min(1),
+    port: z.coerce.number().int().min(0).max(65535),
+    listen: z.string().min(1),
+    ...transportFlags,
+    domains: z.string().min(1).optional(),
+    uploadStallSeconds: z.coerce.number().int().min(1).max(3600),
+    commitBandwidthMibps: z.coerce.number().int().min(1).optional(),
+    bootFiles: z.array(z.string().refine(isAbsolute, 'each directory must be an absolute path')).min(1),
+  })
+  .superRefine((o, ctx) => {
+    checkTransportFlags(o, ctx);
+    if (!transportOf(o))
+      ctx.addIssue({
+        code: 'custom',
+        path: ['tlsCert'],
+        message: 'is required with --tls-key and --client-ca (or --insecure-http on a loopback --listen)',
+      });
+  });
 
 async function main(): Promise<void> {
-  const raw = new Command()
+  const command = new Command()
     .name('kvm-host')
     .description('The host API of one KVM host, over its local libvirt (checkpoints, pull backups over NBD, power)')
     .requiredOption('--name <name>', "this host's name in the estate configuration")
@@ -46,19 +65,9 @@ async function main(): Promise<void> {
       '--boot-files <dir>',
       `a directory that firmware, kernels and initrds named by domain definitions may come from; repeatable or a comma list (default ${DEFAULT_BOOT_FILE_DIRS.join(',')})`,
       (value: string, dirs: string[] | undefined) => [...(dirs ?? []), ...value.split(',')],
-    )
-    .parse()
-    .opts();
-  const parsed = flags.safeParse({
-    ...raw,
-    bootFiles: (raw.bootFiles as string[] | undefined) ?? DEFAULT_BOOT_FILE_DIRS,
-  });
-  if (!parsed.success) {
-    const issue = parsed.error.issues[0]!;
-    const flag = String(issue.path[0]).replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
-    throw new Error(`--${flag}: ${issue.message}`);
-  }
-  const o = parsed.data;
+    );
+  const raw = withTransportOptions(command, 'this host (--name)').parse().opts();
+  const o = parseFlags(flags, { ...raw, bootFiles: (raw.bootFiles as string[] | undefined) ?? DEFAULT_BOOT_FILE_DIRS });
   const host = await startKvmHost({
     name: o.name,
     site: o.site,
@@ -71,6 +80,7 @@ async function main(): Promise<void> {
     bootFileDirs: o.bootFiles,
     port: o.port,
     listen: o.listen,
+    ...transportOf(o),
     log: (m) => console.log(`[kvm-host ${o.name}] ${m}`),
   });
   console.log(

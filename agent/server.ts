@@ -24,7 +24,14 @@ import {
   viewQuery,
   vmSpec,
 } from '../src/host-api/schemas';
-import { hostApiServer, receiveFrames, streamFrames } from '../src/host-api/server';
+import {
+  hostApiHttps,
+  hostApiServer,
+  listenHostApi,
+  receiveFrames,
+  streamFrames,
+  type HostApiTransportSecurity,
+} from '../src/host-api/server';
 import type { Extent, HostInfo, ReplicaInfo, ReplicaView, SiteRole } from '../src/hypervisor/port';
 import { DEFAULT_BOOT_FILE_DIRS } from './definition';
 import { ambiguousDomainName, Virsh } from './libvirt/virsh';
@@ -33,7 +40,8 @@ import { KvmReplicas, notOnKvmYet } from './replicas';
 import { KvmSourceDomains, readPieces } from './source-domains';
 import { HostState } from './state';
 
-export interface KvmHostOptions {
+/** `tls`: this host's certificate (its name in subjectAltName) and key, and the site's CA for its callers. */
+export interface KvmHostOptions extends HostApiTransportSecurity {
   name: string;
   site: string;
   role: SiteRole;
@@ -77,6 +85,9 @@ function pageOf(all: Extent[], q: { cursor?: string | undefined; limit: number }
 
 export async function startKvmHost(options: KvmHostOptions): Promise<RunningKvmHost> {
   const log = options.log ?? (() => undefined);
+  const listen = options.listen ?? '127.0.0.1';
+  // Refused before anything is touched: a root API reachable without a client certificate must not start.
+  const https = hostApiHttps(options, listen);
   // qcow2 backing names and libvirt's socket and scratch paths are absolute: a relative directory would break them.
   const stateDir = resolve(options.stateDir);
   const state = await HostState.load(stateDir);
@@ -103,12 +114,10 @@ export async function startKvmHost(options: KvmHostOptions): Promise<RunningKvmH
   });
   await replicas.stopLeftoverExports();
   replicas.resumeRecordedOperations();
-  const app = buildApp(options, domains, replicas, log);
-  await app.listen({ port: options.port ?? 0, host: options.listen ?? '127.0.0.1' });
-  const address = app.server.address();
-  if (address === null || typeof address === 'string') throw new Error('no TCP address');
+  const app = buildApp(options, https, domains, replicas, log);
+  const url = await listenHostApi(app, { host: listen, port: options.port ?? 0 }, log);
   return {
-    url: `http://${options.listen ?? '127.0.0.1'}:${address.port}`,
+    url,
     async stop() {
       app.server.closeAllConnections();
       await app.close();
@@ -120,11 +129,12 @@ export async function startKvmHost(options: KvmHostOptions): Promise<RunningKvmH
 
 function buildApp(
   options: KvmHostOptions,
+  https: ReturnType<typeof hostApiHttps>,
   domains: KvmSourceDomains,
   replicas: KvmReplicas,
   log: (m: string) => void,
 ): FastifyInstance {
-  const app = hostApiServer({ log });
+  const app = hostApiServer({ log, https });
   const self: HostInfo = { name: options.name, site: options.site, role: options.role };
   /** Path parameters, checked, for this host only: a call for another host reached the wrong process. */
   const at = <S extends z.ZodType<{ host: string }>>(schema: S, value: unknown): z.output<S> => {

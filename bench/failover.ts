@@ -15,7 +15,7 @@ import {
   type PlannedFailoverSessionResult,
 } from '../src/contract';
 import { checkpointProvenance, PointMetadata } from '../src/domain/restore-points';
-import { HostApiHypervisor } from '../src/hypervisor/host-api-adapter';
+import { labPort } from '../test/tls';
 import {
   asActivity,
   commitOf,
@@ -314,7 +314,7 @@ async function main(): Promise<void> {
     log,
   });
   // The naive move's activities get a port of their own, as the workers' activities do.
-  const naivePort = new HostApiHypervisor({ url: env.lab.url, timeoutMs: 120_000 });
+  const naivePort = labPort(env.lab.url, { timeoutMs: 120_000 });
   const activities = createActivities({
     port: naivePort,
     config: env.orchestrator.config,

@@ -17,6 +17,7 @@ import { createLogger } from '../src/logging';
 import { createOrchestrator } from '../src/orchestrator';
 import { ensureTemporalCli, freePort, startDevServer } from '../scripts/lib/dev-server';
 import { startTestKvmHost } from '../test/kvm/helpers';
+import { makeTestSite, testClientTls } from '../test/tls';
 import { commitOf, machine, median, round3, sleep, writeResult } from './lib';
 
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 5);
@@ -58,6 +59,7 @@ async function main(): Promise<void> {
       logFile: join(dir, 'temporal.log'),
     });
     undo.push(() => server.stop());
+    await makeTestSite(join(dir, 'certs'));
     const prod = await startTestKvmHost({ dir: join(dir, 'prod'), name: PROD, domain: VM });
     undo.push(() => prod.stop());
     const dr = await startTestKvmHost({ dir: join(dir, 'dr'), name: DR, role: 'dr' });
@@ -71,6 +73,7 @@ async function main(): Promise<void> {
         proxies: [{ name: 'proxy-a', slots: 4 }],
         users: [{ name: USER, roles: ['BackupAdministrator'] }],
         jobs: [{ name: 'kvm', vms: [VM], targetHost: DR }],
+        tls: testClientTls(),
       }),
       'benchmark configuration',
     );

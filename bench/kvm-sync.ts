@@ -7,9 +7,9 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ensureGuest, lastSeq } from '../kvm/guest/guest';
-import { HostApiHypervisor } from '../src/hypervisor/host-api-adapter';
 import type { Extent } from '../src/hypervisor/port';
 import { startTestKvmHost } from '../test/kvm/helpers';
+import { kvmPort, makeTestSite } from '../test/tls';
 import { commitOf, machine, median, round3, sleep, writeResult } from './lib';
 
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 5);
@@ -26,8 +26,9 @@ async function main(): Promise<void> {
   const started = new Date();
   ensureGuest();
   const dir = await mkdtemp(join(tmpdir(), 'pf-bench-kvmsync-'));
+  await makeTestSite(join(dir, 'certs'));
   const kvm = await startTestKvmHost({ dir, name: HOST, domain: VM });
-  const port = new HostApiHypervisor({ url: kvm.host.url });
+  const port = kvmPort(kvm.host.url, HOST);
   const vm = { host: HOST, vm: VM };
   const disk = { ...vm, disk: 'vda' };
   let reference: string | null = null;

@@ -9,8 +9,8 @@ import http from 'node:http';
 import { join, resolve } from 'node:path';
 import type { ProxyTransport } from '../src/config/schema';
 import { createReplicationActivities } from '../src/activities/replication';
-import { HostApiHypervisor } from '../src/hypervisor/host-api-adapter';
 import { BLOCK_SIZE, type Extent, type ExtentData } from '../src/hypervisor/port';
+import { labPort, makeTestSite, testServerTls } from '../test/tls';
 import { asActivity, commitOf, machine, median, writeResult } from './lib';
 
 const ROOT = resolve(__dirname, '..');
@@ -77,16 +77,20 @@ async function* fill(extents: Extent[]): AsyncGenerator<ExtentData> {
     }
 }
 
-function startLabProcess(dataDir: string, estatePath: string): Promise<{ child: ChildProcess; url: string }> {
+async function startLabProcess(dataDir: string, estatePath: string): Promise<{ child: ChildProcess; url: string }> {
   // LAB_NODE_ARGS (e.g. "--cpu-prof") lets a profiler look inside the lab process.
   const extra = (process.env.LAB_NODE_ARGS ?? '').split(' ').filter(Boolean);
-  const args = [...extra, '--import', 'tsx', 'lab/main.ts', '--estate', estatePath, '--data', dataDir, '--port', '0'];
+  const tls = await testServerTls([HOST, DR, 'lab']);
+  const args = [
+    ...[...extra, '--import', 'tsx', 'lab/main.ts', '--estate', estatePath, '--data', dataDir, '--port', '0'],
+    ...['--tls-cert', tls.cert, '--tls-key', tls.key, '--client-ca', tls.clientCa],
+  ];
   const child = spawn(process.execPath, args, { cwd: ROOT, stdio: ['ignore', 'pipe', 'inherit'] });
   return new Promise((ok, fail) => {
     let out = '';
     child.stdout.on('data', (c: Buffer) => {
       out += c.toString();
-      const m = /listening on (http:\/\/[\d.:]+)/.exec(out);
+      const m = /listening on (https:\/\/[\d.:]+)/.exec(out);
       if (m) ok({ child, url: m[1]! });
     });
     child.on('exit', (code) => fail(new Error(`lab exited with ${code}: ${out}`)));
@@ -165,8 +169,9 @@ async function main(): Promise<void> {
   const estatePath = join(WORK, 'estate.yaml');
   await writeFile(estatePath, estate);
   const dataDir = join(WORK, 'lab');
+  await makeTestSite(join(WORK, 'certs'));
   const { child, url } = await startLabProcess(dataDir, estatePath);
-  const port = new HostApiHypervisor({ url, timeoutMs: 120_000 });
+  const port = labPort(url, { timeoutMs: 120_000 });
   const activities = createReplicationActivities(port);
   try {
     // Baseline checkpoint and reference point, then the guest's changes, then the checkpoint to copy from.

@@ -15,9 +15,10 @@ import { startLab, type RunningLab } from '../lab/server';
 import { ensureTemporalCli, freePort, startDevServer, type DevServer } from '../scripts/lib/dev-server';
 import { parseConfiguration } from '../src/config/load';
 import type { Configuration, ProxyTransport } from '../src/config/schema';
-import { LabControl, HostApiHypervisor } from '../src/hypervisor/host-api-adapter';
+import type { LabControl, HostApiHypervisor } from '../src/hypervisor/host-api-adapter';
 import { createLogger } from '../src/logging';
 import { createOrchestrator, type Orchestrator } from '../src/orchestrator';
+import { labControl, labPort, labServerTls, makeTestSite, testClientTls } from '../test/tls';
 
 export const MiB = 1024 * 1024;
 export const PROD = 'prod-a';
@@ -60,6 +61,7 @@ export function configurationOf(
       proxies: [{ name: 'proxy-a', slots: proxySlots, transport: PROXY_TRANSPORT }],
       users: [{ name: USER, roles: ['BackupAdministrator'] }],
       jobs: jobs.map((j) => ({ ...j, targetHost: DR })),
+      tls: testClientTls(),
     }),
     'benchmark configuration',
   );
@@ -123,14 +125,17 @@ export async function startEnvironment(options: {
       logFile: join(workDir, 'temporal.log'),
     });
     undo.push(() => server.stop());
-    const lab = await startLab({ estate: options.estate, dataDir: join(workDir, 'lab'), port: 0 });
+    // The site of the host API's mutual TLS, as the tests make theirs.
+    await makeTestSite(join(workDir, 'certs'));
+    const tls = await labServerTls(options.estate);
+    const lab = await startLab({ estate: options.estate, dataDir: join(workDir, 'lab'), port: 0, tls });
     undo.push(() => lab.stop());
-    const hypervisor = new HostApiHypervisor({ url: lab.url, timeoutMs: 120_000 });
-    const control = new LabControl({ url: lab.url });
+    const hypervisor = labPort(lab.url, { timeoutMs: 120_000 });
+    const control = labControl(lab.url);
     undo.push(() => hypervisor.close());
     undo.push(() => control.close());
     // The workers get a port of their own, so the benchmark's own lab calls never share its connections.
-    const workerPort = new HostApiHypervisor({ url: lab.url, timeoutMs: 120_000 });
+    const workerPort = labPort(lab.url, { timeoutMs: 120_000 });
     undo.push(() => workerPort.close());
     log(`Lab at ${lab.url}; bundling the workflows and starting the workers...`);
     const orchestrator = await createOrchestrator({

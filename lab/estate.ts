@@ -101,3 +101,8 @@ export function parseEstate(input: unknown, source = 'estate'): Estate {
 export async function loadEstate(path: string): Promise<Estate> {
   return parseEstate(parse(await readFile(path, 'utf8')), path);
 }
+
+/** The names the lab's host certificate carries: every host it plays, and `lab` for the calls about no one host. */
+export function labServerNames(estate: EstateInput): string[] {
+  return [...estate.sites.flatMap((s) => s.hosts.map((h) => h.name)), 'lab'];
+}

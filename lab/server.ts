@@ -24,7 +24,14 @@ import {
   viewQuery,
   vmSpec,
 } from '../src/host-api/schemas';
-import { hostApiServer, receiveFrames, streamFrames } from '../src/host-api/server';
+import {
+  hostApiHttps,
+  hostApiServer,
+  listenHostApi,
+  receiveFrames,
+  streamFrames,
+  type HostApiTransportSecurity,
+} from '../src/host-api/server';
 import { BLOCK_SIZE, type Extent, type ExtentData, type ReplicaView } from '../src/hypervisor/port';
 import { loadEstate, parseEstate, type Estate, type EstateInput } from './estate';
 import { faultSchema, Faults, type FaultCall } from './faults';
@@ -32,7 +39,11 @@ import { BufferRing, LabSite, readChunks, type LabVm } from './site';
 import { blocksToExtents, type Layer } from './storage/layer';
 import { digestView, readView, viewAllocatedBlocks, type View } from './storage/view';
 
-export interface LabOptions {
+/**
+ * `tls`: the lab's certificate (every host of its estate and `lab` in its subjectAltName) and key, and the site's
+ * CA for its callers.
+ */
+export interface LabOptions extends HostApiTransportSecurity {
   estatePath?: string;
   estate?: EstateInput;
   dataDir: string;
@@ -52,19 +63,19 @@ export interface RunningLab {
 
 export async function startLab(options: LabOptions): Promise<RunningLab> {
   const log = options.log ?? (() => undefined);
+  const host = options.host ?? '127.0.0.1';
+  const https = hostApiHttps(options, host);
   let estate: Estate;
   if (options.estate) estate = parseEstate(options.estate);
   else if (options.estatePath) estate = await loadEstate(options.estatePath);
   else throw new Error('startLab needs estate or estatePath');
   const site = await LabSite.open(estate, options.dataDir, log);
   const faults = new Faults();
-  const app = buildApp(site, faults);
-  await app.listen({ port: options.port ?? 0, host: options.host ?? '127.0.0.1' });
-  const address = app.server.address();
-  const port = typeof address === 'object' && address ? address.port : options.port;
+  const app = buildApp(site, faults, https);
+  const url = await listenHostApi(app, { host, port: options.port ?? 0 }, log);
   let stopped = false;
   return {
-    url: `http://127.0.0.1:${port}`,
+    url,
     site,
     async stop() {
       if (stopped) return;
@@ -110,8 +121,8 @@ function serveRead(
   return streamFrames(request, reply, framedLength(readChunks(extents)), () => read(ring), cutAfter);
 }
 
-function buildApp(site: LabSite, faults: Faults): FastifyInstance {
-  const app = hostApiServer({ log: (message) => site.log(message) });
+function buildApp(site: LabSite, faults: Faults, https: ReturnType<typeof hostApiHttps>): FastifyInstance {
+  const app = hostApiServer({ log: (message) => site.log(message), https });
 
   /**
    * A host's injected faults, applied to a call that reaches it: `slow` delays the call, `fail` throws the

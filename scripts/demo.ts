@@ -7,6 +7,7 @@ import { mkdirSync, openSync, writeSync } from 'node:fs';
 import { join, relative } from 'node:path';
 import { ApplicationFailure } from '@temporalio/common';
 import { Runtime } from '@temporalio/worker';
+import { labServerNames, loadEstate } from '../lab/estate';
 import { startLab } from '../lab/server';
 import { followSessions } from '../src/cli/progress';
 import { plannedFailoverTable, replicationJobTable } from '../src/cli/report';
@@ -15,6 +16,7 @@ import { connectHypervisor } from '../src/config/hypervisor';
 import { loadConfiguration } from '../src/config/load';
 import type { Configuration } from '../src/config/schema';
 import { FailureTypes, TASK_QUEUE, type PlannedFailoverResult } from '../src/contract';
+import { DEMO_CLIENT, DEMO_SITE_DIR, ensureSite, serverTlsFiles } from '../src/host-api/certificates';
 import { LabControl, HostApiHypervisor } from '../src/hypervisor/host-api-adapter';
 import type { ClosablePort } from '../src/hypervisor/routed';
 import { createLogger, logLevelFromEnv } from '../src/logging';
@@ -34,6 +36,7 @@ const dataDir = join(projectRoot, '.data');
 const serverDir = join(dataDir, 'temporal');
 const labDir = join(dataDir, 'lab');
 const kvmDir = join(dataDir, 'kvm');
+const siteDir = join(projectRoot, DEMO_SITE_DIR);
 const KVM_CONFIG_PATH = 'config/planned-failover-kvm.yaml';
 
 /** The demo's one flag; anything else is refused by name before anything starts. */
@@ -102,23 +105,28 @@ async function main(): Promise<void> {
   let hypervisor: ClosablePort;
   let kvmSite: KvmDemoSite | undefined;
   if (hypervisorKind === 'lab') {
+    config = loadConfiguration(join(projectRoot, DEFAULT_CONFIG_PATH));
+    const estatePath = join(projectRoot, 'config', 'estate.yaml');
+    await makeCertificates({ lab: labServerNames(await loadEstate(estatePath)) });
     const lab = await startLab({
-      estatePath: join(projectRoot, 'config', 'estate.yaml'),
+      estatePath,
       dataDir: labDir,
       port: ports.lab,
+      tls: serverTlsFiles(siteDir, 'lab'),
       log: (message) => logger.info(message, { component: 'lab' }),
     });
     stop.defer('the lab', () => lab.stop(), 3_000);
     say(`Lab site started at ${lab.url} (data in ${shown(labDir)}).`);
-    labControl = new LabControl({ url: lab.url });
-    hypervisor = new HostApiHypervisor({ url: lab.url });
-    config = loadConfiguration(join(projectRoot, DEFAULT_CONFIG_PATH));
+    labControl = new LabControl({ url: lab.url, tls: config.tls, serverName: 'lab' });
+    hypervisor = new HostApiHypervisor({ url: lab.url, tls: config.tls, serverName: 'lab' });
   } else {
     config = loadConfiguration(join(projectRoot, KVM_CONFIG_PATH));
+    await makeCertificates(Object.fromEntries(config.hosts.map((h) => [h.name, [h.name]])));
     say(`Starting the KVM hosts of ${KVM_CONFIG_PATH} (data in ${shown(kvmDir)})...`);
     const site = await startKvmDemoSite({
       config,
       dataDir: kvmDir,
+      siteDir,
       say,
       log: (message) => logger.info(message, { component: 'kvm-host' }),
     });
@@ -164,6 +172,16 @@ async function main(): Promise<void> {
   );
   printCommandsToTry(commands, uiUrl, orchestrator.config, hypervisorKind);
   await stop.untilStopped(new Promise<never>(() => undefined));
+}
+
+/**
+ * The demo site's certificates (.data/certs, which both demo configurations name): its CA, these host API servers'
+ * certificates and the workers' client certificate, made when missing.
+ */
+async function makeCertificates(hosts: Record<string, string[]>): Promise<void> {
+  const made = (await ensureSite(siteDir, hosts, [DEMO_CLIENT])).filter((c) => c.made);
+  if (made.length > 0)
+    say(`Made the site's certificates for mutual TLS: ${made.map((c) => c.name).join(', ')} (in ${shown(siteDir)}).`);
 }
 
 interface Demo {

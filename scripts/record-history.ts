@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import type { Client, WorkflowHandle } from '@temporalio/client';
 import { historyToJSON } from '@temporalio/common/lib/proto-utils';
 import { Runtime } from '@temporalio/worker';
+import { labServerNames } from '../lab/estate';
 import { startLab } from '../lab/server';
 import { parseConfiguration } from '../src/config/load';
 import {
@@ -26,6 +27,7 @@ import {
   type PlannedFailoverResult,
   type ReplicationJobResult,
 } from '../src/contract';
+import { clientTlsFiles, ensureSite, serverTlsFiles, type ClientTlsFiles } from '../src/host-api/certificates';
 import { LabControl, HostApiHypervisor } from '../src/hypervisor/host-api-adapter';
 import { createLogger } from '../src/logging';
 import { createOrchestrator } from '../src/orchestrator';
@@ -55,9 +57,10 @@ const estate = {
   ],
 };
 
-const configuration = (url: string) =>
+const configuration = (url: string, tls: ClientTlsFiles) =>
   parseConfiguration(
     JSON.stringify({
+      tls,
       hosts: [
         { name: 'prod-a', role: 'production', adapter: { type: 'lab', url } },
         { name: 'dr-a', role: 'dr', adapter: { type: 'lab', url } },
@@ -134,13 +137,17 @@ async function main(): Promise<void> {
     dbFile: join(workDir, 'temporal.db'),
     logFile: join(workDir, 'server.log'),
   });
-  const lab = await startLab({ estate, dataDir: join(workDir, 'lab'), port: 0 });
-  const port = new HostApiHypervisor({ url: lab.url });
-  const control = new LabControl({ url: lab.url });
+  // The lab over mutual TLS, as everywhere: a site of the recording's own.
+  const site = join(workDir, 'certs');
+  await ensureSite(site, { lab: labServerNames(estate) }, ['recorder']);
+  const tls = clientTlsFiles(site, 'recorder');
+  const lab = await startLab({ estate, dataDir: join(workDir, 'lab'), port: 0, tls: serverTlsFiles(site, 'lab') });
+  const port = new HostApiHypervisor({ url: lab.url, tls, serverName: 'lab' });
+  const control = new LabControl({ url: lab.url, tls, serverName: 'lab' });
   const orchestrator = await createOrchestrator({
     connectionOptions: { address: server.address },
     namespace: 'default',
-    config: configuration(lab.url),
+    config: configuration(lab.url, tls),
     port,
   });
   try {

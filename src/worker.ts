@@ -1,3 +1,4 @@
+import { basename, dirname, resolve } from 'node:path';
 import { bundleWorkflowCode, NativeConnection, Runtime, Worker, type WorkerOptions } from '@temporalio/worker';
 import { createOrchestrator } from './orchestrator';
 import { syncJobSchedules } from './schedules';
@@ -5,12 +6,14 @@ import { proxyActivities, type Activities } from './activities';
 import { connectionSettings } from './client';
 import { connectHypervisor } from './config/hypervisor';
 import { loadConfiguration } from './config/load';
+import { DEMO_SITE_DIR, ensureClientCertificate } from './host-api/certificates';
 import type { Configuration } from './config/schema';
 import { proxyTaskQueue, TASK_QUEUE } from './contract';
 import { createLogger } from './logging';
 import { prometheusTelemetry, publishHaltedSessions, publishProxySlots } from './metrics';
 import {
   ALL_ROLES,
+  DEFAULT_CONFIG_PATH,
   parseWorkerArgs,
   proxiesRunBy,
   taskQueuesPolledBy,
@@ -82,6 +85,30 @@ function readConfiguration(path: string): Configuration {
   }
 }
 
+/** The hosts' clients; TLS files that cannot be used (missing, a key others may read) are the configuration's fault. */
+function connectTo(configPath: string, config: Configuration): ReturnType<typeof connectHypervisor> {
+  try {
+    return connectHypervisor(config);
+  } catch (err) {
+    throw new WorkerArgsError(`${configPath}: ${err instanceof Error ? err.message : String(err)}`);
+  }
+}
+
+/**
+ * By hand with the demo's configuration (README's steps), the workers' client certificate of the demo's site is made
+ * when missing, as `npm run lab` makes the lab's; any other configuration's certificates are the operator's to make.
+ */
+async function ensureDemoClientCertificate(configPath: string, config: Configuration): Promise<void> {
+  if (configPath !== DEFAULT_CONFIG_PATH || !config.tls) return;
+  if (dirname(config.tls.cert) !== resolve(DEMO_SITE_DIR)) return;
+  const made = await ensureClientCertificate(DEMO_SITE_DIR, basename(config.tls.cert, '.crt'));
+  if (made.made)
+    Runtime.instance().logger.info("Made the demo site's client certificate", {
+      cert: made.cert,
+      fingerprint: made.fingerprint,
+    });
+}
+
 /**
  * `npm run worker -- [--only orchestration | --only proxy <name...>] [--config <file>] [--metrics <host:port>]` (see
  * worker-args.ts).
@@ -99,8 +126,9 @@ async function main(argv: readonly string[]): Promise<void> {
     logger: createLogger(),
     ...(args.metricsAddress ? { telemetryOptions: prometheusTelemetry(args.metricsAddress) } : {}),
   });
+  await ensureDemoClientCertificate(args.configPath, config);
   const settings = connectionSettings();
-  const port = connectHypervisor(config);
+  const port = connectTo(args.configPath, config);
   const orchestrator = await createOrchestrator({
     connectionOptions: settings.connectionOptions,
     namespace: settings.namespace,

@@ -511,6 +511,26 @@ export const BAD_INPUT_CASES: BadInputCase[] = [
     field: 'hosts[0].adapter.url',
     says: '',
   },
+  {
+    entry: 'configuration file',
+    what: 'plain http:// to a host API off this machine',
+    send: configuration(
+      "url: 'http://127.0.0.1:7300' } }\n  - { name: dr-a",
+      "url: 'http://10.0.0.5:7400' } }\n  - { name: dr-a",
+    ),
+    field: 'hosts[0].adapter.url',
+    says: 'loopback',
+  },
+  {
+    entry: 'configuration file',
+    what: 'an https:// host without the tls block',
+    send: configuration(
+      "url: 'http://127.0.0.1:7300' } }\n  - { name: dr-a",
+      "url: 'https://kvm01:7400' } }\n  - { name: dr-a",
+    ),
+    field: 'tls',
+    says: 'is required',
+  },
 
   // The estate file, as the lab reads it.
   {

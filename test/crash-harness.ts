@@ -6,16 +6,19 @@
 // every call's method and path.
 import assert from 'node:assert/strict';
 import type { ChildProcessWithoutNullStreams } from 'node:child_process';
-import http from 'node:http';
+import type http from 'node:http';
+import type https from 'node:https';
 import { type AddressInfo } from 'node:net';
 import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { Client, Connection } from '@temporalio/client';
 import type { EstateInput } from '../lab/estate';
-import { forwardTo } from './forward';
+import type { ServerTlsFiles } from '../src/host-api/certificates';
+import { forwardTo, labAgent, standInForLab } from './forward';
 import { createTestNamespace, temporalAddress } from './harness';
 import { DR, PROD, startTestLab, type TestLab } from './lab/helpers';
 import { kill, startWorkerProcess } from './processes';
+import { labServerTls, testClientTls } from './tls';
 
 export interface Call {
   method: string;
@@ -80,13 +83,14 @@ export class LabProxy {
   slowBytesPerSecond = 2 * 1024 * 1024;
   /** Every call the lab received, in order. */
   readonly calls: Call[] = [];
-  private readonly server: http.Server;
-  private readonly agent = new http.Agent({ keepAlive: true, maxSockets: 64 });
+  private readonly server: https.Server;
+  private readonly agent = labAgent({ keepAlive: true, maxSockets: 64 });
   private readonly target: URL;
 
-  constructor(labUrl: string) {
+  /** `tls`: the lab's own TLS files, which the proxy serves the workers with. */
+  constructor(labUrl: string, tls: ServerTlsFiles) {
     this.target = new URL(labUrl);
-    this.server = http.createServer((req, res) => {
+    this.server = standInForLab(tls, (req, res) => {
       this.forward(req, res).catch(() => {
         if (!res.headersSent && !res.destroyed) res.writeHead(502).end();
         else res.destroy();
@@ -96,7 +100,7 @@ export class LabProxy {
 
   async listen(): Promise<string> {
     await new Promise<void>((resolve) => this.server.listen(0, '127.0.0.1', resolve));
-    return `http://127.0.0.1:${(this.server.address() as AddressInfo).port}`;
+    return `https://127.0.0.1:${(this.server.address() as AddressInfo).port}`;
   }
 
   async close(): Promise<void> {
@@ -197,7 +201,7 @@ export async function startCrashSite(estate: EstateInput, vms: readonly string[]
   assert.ok(bundle, 'run crash tests through `npm test -- <file>`');
   const namespace = await createTestNamespace();
   const lab = await startTestLab(estate);
-  const proxy = new LabProxy(lab.lab.url);
+  const proxy = new LabProxy(lab.lab.url, await labServerTls(estate));
   const proxyUrl = await proxy.listen();
   const client = new Client({ connection: await Connection.connect({ address: temporalAddress() }), namespace });
   const adapter = { type: 'lab', url: proxyUrl };
@@ -212,6 +216,7 @@ export async function startCrashSite(estate: EstateInput, vms: readonly string[]
       proxies: [{ name: 'proxy-a', slots: 16 }],
       jobs: vms.map((vm) => ({ name: `job-${vm}`, vms: [vm], targetHost: DR })),
       users: [{ name: 'alice', roles: ['BackupAdministrator'] }],
+      tls: testClientTls(),
     }),
     PF_WORKER_LAB_URL: proxyUrl,
     PF_WORKER_BUNDLE: bundle,

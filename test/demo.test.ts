@@ -42,7 +42,7 @@ describe('npm run demo', () => {
   before(async () => {
     // A copy, not symlinks: the demo finds its checkout (and .data) from where its own files really are.
     checkout = mkdtempSync(join(tmpdir(), 'pf-demo-'));
-    for (const entry of ['scripts', 'src', 'lab', 'kvm', 'config', 'package.json', 'tsconfig.json']) {
+    for (const entry of ['scripts', 'src', 'lab', 'agent', 'kvm', 'config', 'package.json', 'tsconfig.json']) {
       cpSync(join(projectRoot, entry), join(checkout, entry), { recursive: true });
     }
     for (const entry of ['node_modules', '.cache']) symlinkSync(join(projectRoot, entry), join(checkout, entry));

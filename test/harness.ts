@@ -25,6 +25,7 @@ import { createOrchestrator, type Orchestrator } from '../src/orchestrator';
 import { ALL_ROLES, proxiesRunBy, type WorkerRoles } from '../src/worker-args';
 import { startTestLab, type TestLab } from './lab/helpers';
 import { startWorkerProcess, terminate } from './processes';
+import { testClientTls } from './tls';
 
 const run = promisify(execFile);
 
@@ -64,7 +65,10 @@ export interface TestOrchestrator extends Orchestrator {
   ): Promise<{ stop(): Promise<void> }>;
 }
 
-/** The demo configuration's shape, pointed at a test lab: jobs and proxies as the test needs them. */
+/**
+ * The demo configuration's shape, pointed at a test lab: jobs and proxies as the test needs them; the workers present
+ * the run's client certificate.
+ */
 export function testConfiguration(
   labUrl: string,
   overrides: Partial<Record<'hosts' | 'jobs' | 'proxies' | 'users', unknown>>,
@@ -78,6 +82,7 @@ export function testConfiguration(
       ],
       backupRepository: { adapter },
       proxies: [{ name: 'proxy-a', slots: 4 }],
+      tls: testClientTls(),
       users: [
         { name: 'alice', roles: ['BackupAdministrator'] },
         { name: 'bob', roles: ['BackupOperator', 'RestoreOperator'] },

@@ -14,6 +14,7 @@ import { tmpdir } from 'node:os';
 import { join, relative, resolve } from 'node:path';
 import { ensureTemporalCli, freePort, projectRoot, startDevServer, type DevServer } from '../scripts/lib/dev-server';
 import { bundleWorkflows } from '../src/worker';
+import { makeTestSite } from './tls';
 
 function testFiles(paths: string[]): string[] {
   const found: string[] = [];
@@ -103,6 +104,9 @@ async function main(): Promise<number> {
 
     if (split)
       console.log('Workers of the integration tests: the orchestration and each proxy in processes of their own');
+
+    // One site for the run's mutual TLS: its CA and the tests' client certificate (PF_TEST_CERTS).
+    await makeTestSite(join(workDir, 'certs'));
 
     // Bundling takes seconds; doing it once here saves it in every test file's process.
     const { code } = await bundleWorkflows();

@@ -2,7 +2,7 @@
 // start them again. Everything comes from the environment:
 //   PF_WORKER_ADDRESS    the Temporal server (host:port)
 //   PF_WORKER_NAMESPACE  the test's namespace
-//   PF_WORKER_CONFIG     the configuration, as JSON (or YAML) text
+//   PF_WORKER_CONFIG     the configuration, as JSON (or YAML) text (its tls block: the client certificate to present)
 //   PF_WORKER_LAB_URL    optional, where the hypervisor port reaches the lab (a test proxy); unset: the hosts'
 //                        adapters of the configuration (KVM host processes)
 //   PF_WORKER_BUNDLE     the pre-built workflow bundle
@@ -26,7 +26,9 @@ async function main(): Promise<void> {
   Runtime.install({ logger: createLogger('WARN') });
   const config = parseConfiguration(required('PF_WORKER_CONFIG'), 'PF_WORKER_CONFIG');
   const labUrl = process.env.PF_WORKER_LAB_URL;
-  const port = labUrl ? new HostApiHypervisor({ url: labUrl }) : connectHypervisor(config);
+  const port = labUrl
+    ? new HostApiHypervisor({ url: labUrl, serverName: 'lab', ...(config.tls ? { tls: config.tls } : {}) })
+    : connectHypervisor(config);
   const orchestrator = await createOrchestrator({
     connectionOptions: { address: required('PF_WORKER_ADDRESS') },
     namespace: required('PF_WORKER_NAMESPACE'),

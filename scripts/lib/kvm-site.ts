@@ -18,6 +18,7 @@ import { startKvmHost, type RunningKvmHost } from '../../agent/server';
 import { guestDomainXml } from '../../kvm/libvirt/domain';
 import { CAPABILITIES_CACHE, LibvirtInstance } from '../../kvm/libvirt/instance';
 import type { Configuration } from '../../src/config/schema';
+import { serverTlsFiles } from '../../src/host-api/certificates';
 import type { PlannedFailoverResult } from '../../src/contract';
 
 const exec = promisify(execFile);
@@ -33,6 +34,8 @@ export interface KvmDemoSite {
 export async function startKvmDemoSite(options: {
   config: Configuration;
   dataDir: string;
+  /** The site directory holding each host's certificate (named after the host) and the CA of the workers'. */
+  siteDir: string;
   say: (line: string) => void;
   log: (line: string) => void;
 }): Promise<KvmDemoSite> {
@@ -88,6 +91,7 @@ export async function startKvmDemoSite(options: {
         bootFileDirs: [guests.dir], // the tiny guests' kernel and initrd
         port: Number(url.port),
         listen: url.hostname,
+        tls: serverTlsFiles(options.siteDir, host.name),
         log: options.log,
       });
       stops.push(() => running.stop());

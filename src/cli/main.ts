@@ -24,6 +24,7 @@ import {
   type InputProblem,
 } from '../contract';
 import { loadConfiguration } from '../config/load';
+import { certificatesReport, certsCreateSchema, createCertificates } from './certs';
 import { syncJobSchedules } from '../schedules';
 import { DEFAULT_CONFIG_PATH } from '../worker';
 import { formatBytes, formatTable } from './format';
@@ -393,6 +394,50 @@ program
       await client.workflow.getHandle(PROXY_REGISTRY_WORKFLOW_ID).signal(proxySignals.setProxyOnline, checked.value);
       console.log(`Proxy ${proxy} is ${state}.`);
     });
+  });
+
+const certs = program
+  .command('certs')
+  .description("The host API's certificates of a site (mutual TLS between the workers and the hosts' API servers)");
+
+certs
+  .command('create')
+  .description(
+    "Make the site's CA if missing and every named certificate that is missing or not valid for its names; " +
+      'prints paths and fingerprints, never keys',
+  )
+  .requiredOption('--dir <dir>', 'the site directory: ca.crt, ca.key, <name>.crt and <name>.key (keys mode 0600)')
+  .option(
+    '--hosts <names>',
+    "host certificates: each KVM host's name (or `lab`), repeat or separate with commas",
+    collect,
+  )
+  .option('--clients <names>', 'client certificates: the workers, the CLI (repeat or separate with commas)', collect)
+  .option(
+    '--host-names <host=names>',
+    'more subjectAltName entries of a host: kvm01=kvm01.example.com,10.0.0.5 (repeat per host)',
+    (value: string, previous: string[] = []) => [...previous, value],
+  )
+  .option('--days <n>', 'validity of the host and client certificates it makes (default 730; the CA: 3650)')
+  .option('--reissue', 'make the named host and client certificates again even if valid')
+  .option('--new-ca', 'make a new CA (every certificate of the old one stops working) and the named certificates again')
+  .addHelpText(
+    'after',
+    '\nExample:\n  npm run failover -- certs create --dir site --hosts kvm01,kvm-dr01 --clients workers \\\n' +
+      '    --host-names kvm01=kvm01.example.com,10.0.0.5',
+  )
+  .action(async (o: Record<string, unknown>) => {
+    const checked = validate(certsCreateSchema, {
+      '--dir': o.dir,
+      '--hosts': o.hosts,
+      '--clients': o.clients,
+      '--host-names': o.hostNames,
+      '--days': o.days,
+      '--reissue': o.reissue ?? false,
+      '--new-ca': o.newCa ?? false,
+    });
+    if (!checked.ok) refuse('certs create', checked.problems);
+    console.log(certificatesReport(checked.value['--dir'], await createCertificates(checked.value)));
   });
 
 program.parseAsync().catch((err: unknown) => {

@@ -1,4 +1,5 @@
 import { readFileSync } from 'node:fs';
+import { dirname, resolve } from 'node:path';
 import { isNode, LineCounter, parseDocument } from 'yaml';
 import { validate, type InputProblem } from '../contract';
 import { configurationSchema, type Configuration } from './schema';
@@ -20,8 +21,11 @@ function pathKeys(path: string): (string | number)[] {
   return [...path.matchAll(/([^.[\]]+)|\[(\d+)\]/g)].map((m) => (m[2] !== undefined ? Number(m[2]) : (m[1] ?? '')));
 }
 
-/** Parses and checks a configuration text; every problem names its path and line in the file. */
-export function parseConfiguration(text: string, file = 'configuration'): Configuration {
+/**
+ * Parses and checks a configuration text; every problem names its path and line in the file. Relative file paths
+ * in it (the `tls` block) are taken relative to `dir`, the configuration file's directory.
+ */
+export function parseConfiguration(text: string, file = 'configuration', dir = process.cwd()): Configuration {
   const lines = new LineCounter();
   const doc = parseDocument(text, { lineCounter: lines, prettyErrors: true });
   if (doc.errors.length > 0) {
@@ -34,7 +38,14 @@ export function parseConfiguration(text: string, file = 'configuration'): Config
     );
   }
   const checked = validate(configurationSchema, doc.toJS());
-  if (checked.ok) return checked.value;
+  if (checked.ok) {
+    const { tls } = checked.value;
+    if (!tls) return checked.value;
+    return {
+      ...checked.value,
+      tls: { ca: resolve(dir, tls.ca), cert: resolve(dir, tls.cert), key: resolve(dir, tls.key) },
+    };
+  }
   const located = checked.problems.map((problem) => {
     const keys = pathKeys(problem.path);
     // Point at the deepest node that exists: a missing field is reported where its parent is.
@@ -49,5 +60,5 @@ export function parseConfiguration(text: string, file = 'configuration'): Config
 }
 
 export function loadConfiguration(path: string): Configuration {
-  return parseConfiguration(readFileSync(path, 'utf8'), path);
+  return parseConfiguration(readFileSync(path, 'utf8'), path, dirname(resolve(path)));
 }

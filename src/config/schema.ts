@@ -1,11 +1,27 @@
 import { z } from 'zod';
 import { Roles } from '../domain/roles';
+import { isLoopback } from '../host-api/loopback';
 
 const name = z.string({ error: 'must be a name (a string)' }).regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/, {
   error: 'must be 1 to 64 letters, digits, dots, dashes or underscores',
 });
 
-const httpUrl = z.url({ protocol: /^https?$/, error: 'must be an http:// or https:// URL' });
+/** A host API server: https:// (mutual TLS, with the `tls` block), or http:// on this machine's loopback only. */
+const httpUrl = z
+  .url({ protocol: /^https?$/, error: 'must be an http:// or https:// URL' })
+  .refine((url) => !URL.canParse(url) || new URL(url).protocol === 'https:' || isLoopback(new URL(url).hostname), {
+    error:
+      'must be https:// (the host API is served over mutual TLS); http:// only on a loopback address (127.0.0.0/8, ::1, localhost)',
+  });
+
+const filePath = z.string({ error: 'must be a file path' }).min(1, { error: 'must be a file path' });
+
+/**
+ * What the workers present to every host API server and trust of them (files; a relative path is relative to the
+ * configuration file's directory): the site's CA certificate, and the client certificate and key (mode 0600) made
+ * by `failover certs create`.
+ */
+const tlsSchema = z.strictObject({ ca: filePath, cert: filePath, key: filePath });
 
 const hostSchema = z.strictObject({
   name,
@@ -88,8 +104,21 @@ export const configurationSchema = z
     proxies: z.array(proxySchema).min(1, { error: 'must list at least one proxy' }),
     jobs: z.array(jobSchema).default([]),
     users: z.array(userSchema).min(1, { error: 'must list at least one user' }),
+    tls: tlsSchema.optional(),
   })
   .superRefine((config, ctx) => {
+    const https = [
+      ...config.hosts.map((h, i) => ({ path: `hosts[${i}].adapter.url`, url: h.adapter.url })),
+      ...(config.backupRepository
+        ? [{ path: 'backupRepository.adapter.url', url: config.backupRepository.adapter.url }]
+        : []),
+    ].find((u) => u.url.startsWith('https:'));
+    if (https && !config.tls)
+      ctx.addIssue({
+        code: 'custom',
+        path: ['tls'],
+        message: `is required: ${https.path} is https:// (give ca, cert and key: the site's CA, the client certificate and its key)`,
+      });
     const unique = (items: { name: string }[], path: string) => {
       const seen = new Set<string>();
       items.forEach((item, i) => {

@@ -1,19 +1,94 @@
-// The server half of the host API that the lab and the KVM host process share: one Fastify set-up (limits,
-// error bodies, unknown routes) and the framed block streams in both directions.
+// The server half of the host API that the lab and the KVM host process share: one Fastify set-up (mutual TLS,
+// limits, error bodies, unknown routes) and the framed block streams in both directions.
 
+import { readFileSync } from 'node:fs';
 import type { ServerResponse } from 'node:http';
+import type { ServerOptions as HttpsServerOptions } from 'node:https';
+import type { AddressInfo } from 'node:net';
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import { BLOCK_SIZE, type ExtentData } from '../hypervisor/port';
+import { readPrivateKeyFile, type ServerTlsFiles } from './certificates';
 import { badRequest, HostApiError } from './errors';
 import { encodeFrames, FrameError, FrameReader, type FramePiece } from './frames';
+import { isLoopback } from './loopback';
 
-/** A Fastify instance that answers the host API's way: JSON error bodies with a code and, for 400, the field. */
-export function hostApiServer(options: { log: (message: string) => void }): FastifyInstance {
+/**
+ * How a host API server is reached: mutual TLS (its certificate and key, and the CA whose client certificates it
+ * accepts), or plain HTTP for development, on a loopback address only.
+ */
+export interface HostApiTransportSecurity {
+  tls?: ServerTlsFiles;
+  /** Plain HTTP instead, for development: refused unless the server listens on a loopback address. */
+  insecureHttp?: boolean;
+}
+
+/**
+ * Checks how a host API server is to be reached, before it starts anything: the TLS files read (its key refused if
+ * group or others may read it), or plain HTTP refused on any address but loopback. Returns the HTTPS options, or
+ * null for plain HTTP.
+ */
+export function hostApiHttps(security: HostApiTransportSecurity, listen: string): HttpsServerOptions | null {
+  if (security.tls && security.insecureHttp) throw new Error('the host API takes TLS files or plain HTTP, not both');
+  if (!security.tls && !security.insecureHttp)
+    throw new Error('the host API needs its TLS certificate, key and client CA (or plain HTTP for development)');
+  if (!security.tls) {
+    if (!isLoopback(listen))
+      throw new Error(
+        `plain HTTP is for development on a loopback address only, not on ${listen}: ` +
+          'give the host API its certificate, key and client CA (mutual TLS)',
+      );
+    return null;
+  }
+  const { tls } = security;
+  const read = (what: string, path: string): Buffer => {
+    try {
+      return what === 'key' ? readPrivateKeyFile(path) : readFileSync(path);
+    } catch (e) {
+      throw new Error(`host API TLS ${what} ${path}: ${(e as Error).message}`, { cause: e });
+    }
+  };
+  return {
+    key: read('key', tls.key),
+    cert: read('certificate', tls.cert),
+    ca: read('client CA', tls.clientCa),
+    // Every caller presents a certificate of the site's CA made for clients; anyone else gets a failed handshake,
+    // before a byte of HTTP is read.
+    requestCert: true,
+    rejectUnauthorized: true,
+    minVersion: 'TLSv1.2',
+    // Block data crosses these connections: AES-128-GCM first (the cheapest of the strong suites where the CPU has
+    // AES instructions), then the others; TLS 1.2 only with ECDHE and the site's ECDSA keys.
+    ciphers: [
+      'TLS_AES_128_GCM_SHA256',
+      'TLS_AES_256_GCM_SHA384',
+      'TLS_CHACHA20_POLY1305_SHA256',
+      'ECDHE-ECDSA-AES128-GCM-SHA256',
+      'ECDHE-ECDSA-AES256-GCM-SHA384',
+      'ECDHE-ECDSA-CHACHA20-POLY1305',
+    ].join(':'),
+    honorCipherOrder: true,
+  };
+}
+
+/**
+ * A Fastify instance that answers the host API's way: JSON error bodies with a code and, for 400, the field; over
+ * mutual TLS with `https` (from hostApiHttps), else plain HTTP.
+ */
+export function hostApiServer(options: {
+  log: (message: string) => void;
+  https: HttpsServerOptions | null;
+}): FastifyInstance {
   // JSON control bodies are small (the longest, a batch's extent list, a few hundred KiB); block data comes as
   // streams, which this limit does not apply to.
   // A path parameter may be a whole identifier (128 characters, schemas.ts), and a replica's name is longer than its
   // VM's: Fastify's default of 100 would refuse it before our schemas could name the field.
-  const app = Fastify({ bodyLimit: 4 * 1024 * 1024, keepAliveTimeout: 30_000, routerOptions: { maxParamLength: 256 } });
+  const app = Fastify({
+    bodyLimit: 4 * 1024 * 1024,
+    keepAliveTimeout: 30_000,
+    routerOptions: { maxParamLength: 256 },
+    ...(options.https ? { https: options.https } : {}),
+    // Typed as the plain HTTP instance its callers know: the routes and the server's common surface are the same.
+  }) as unknown as FastifyInstance;
   app.addContentTypeParser('application/octet-stream', (_req, _payload, done) => done(null, undefined));
   app.setNotFoundHandler((request, reply) =>
     reply.code(404).send({
@@ -39,6 +114,20 @@ export function hostApiServer(options: { log: (message: string) => void }): Fast
     return reply.code(500).send({ error: { code: 'internal', message: String(e.message ?? error) } });
   });
   return app;
+}
+
+/** Listens and returns the server's URL; plain HTTP says so in one line, as it is for development only. */
+export async function listenHostApi(
+  app: FastifyInstance,
+  at: { host: string; port: number },
+  log: (message: string) => void,
+): Promise<string> {
+  await app.listen({ port: at.port, host: at.host });
+  const { port } = app.server.address() as AddressInfo;
+  const host = at.host.includes(':') ? `[${at.host}]` : at.host;
+  if (app.initialConfig.https) return `https://${host}:${port}`;
+  log(`INSECURE: plain HTTP on ${host}:${port}, for development only`);
+  return `http://${host}:${port}`;
 }
 
 /** How long a refused upload's remaining body is read and dropped before the connection closes anyway. */

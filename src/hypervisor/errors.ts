@@ -5,6 +5,7 @@ export type HypervisorErrorCode =
   | 'host_unreachable'
   | 'host_failure'
   | 'host_timeout'
+  | 'host_identity'
   | 'not_found'
   | 'conflict'
   | 'tracking_lost'
@@ -39,6 +40,16 @@ export class HostFailureError extends HypervisorError {
 export class HostTimeoutError extends HypervisorError {
   readonly code = 'host_timeout';
   readonly retryable = true;
+}
+
+/**
+ * The host's API could not be trusted to be that host, or did not trust us: over mutual TLS, its certificate names
+ * another host or comes from another CA, it speaks no TLS, or it refused our client certificate. A configuration (or
+ * certificate) to fix, not a failure that retrying cures.
+ */
+export class HostIdentityError extends HypervisorError {
+  readonly code = 'host_identity';
+  readonly retryable = false;
 }
 
 /** The VM, disk, checkpoint, reference point, replica, restore point or backup does not exist. */

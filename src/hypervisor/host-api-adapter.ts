@@ -1,14 +1,18 @@
-// The hypervisor port over the host API (src/host-api/) that the lab site and our KVM host process both serve.
-// Control calls are JSON; block data travels as frames (src/host-api/frames.ts) streamed in both directions. Network and HTTP failures become the
-// port's error classes so activities can decide what to retry.
+// The hypervisor port over the host API (src/host-api/) that the lab site and our KVM host process both serve, over
+// mutual TLS. Control calls are JSON; block data travels as frames (src/host-api/frames.ts) streamed in both directions.
+// Network and HTTP failures become the port's error classes so activities can decide what to retry.
 
 import http from 'node:http';
+import https from 'node:https';
+import { readFileSync } from 'node:fs';
+import { createSecureContext, type PeerCertificate, type SecureContext } from 'node:tls';
 import { Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import {
   BadRequestError,
   ConflictError,
   HostFailureError,
+  HostIdentityError,
   HostTimeoutError,
   HostUnreachableError,
   HypervisorError,
@@ -16,8 +20,10 @@ import {
   TrackingLostError,
   TransferInterruptedError,
 } from './errors';
+import { readPrivateKeyFile, sanEntries, type ClientTlsFiles } from '../host-api/certificates';
 import type { HostApiErrorBody } from '../host-api/errors';
 import type { HostJobRunning } from '../host-api/schemas';
+import { isLoopback } from '../host-api/loopback';
 import { decodeFrames, encodeFrames } from '../host-api/frames';
 import type {
   BackupPointInfo,
@@ -55,8 +61,16 @@ import type {
 } from './port';
 
 export interface HostApiClientOptions {
-  /** Base URL of the lab, e.g. http://127.0.0.1:7300 */
+  /** Base URL of the host API server, e.g. https://kvm01:7400 (http:// only on a loopback address). */
   url: string;
+  /** For an https:// URL: the site's CA, and the client certificate and key this client presents. */
+  tls?: ClientTlsFiles;
+  /**
+   * For an https:// URL: the name the server's certificate must carry for calls about no one host (the hosts list,
+   * backups, the lab's controls): `lab` for the lab, a KVM host's own name for its host process. A call about a host
+   * needs that host's name there.
+   */
+  serverName?: string;
   /** Deadline of a control call (power calls add the guest's own timeout). Default 30 s. */
   timeoutMs?: number;
   /** A block stream that stays silent this long is treated as broken. Default 30 s. */
@@ -123,10 +137,61 @@ class HostBlockStream implements AsyncIterable<ExtentData> {
   }
 }
 
+/** Codes of a TLS handshake that failed over who is who (certificates), not over the network. */
+const IDENTITY_FAILURES = new Set([
+  'UNABLE_TO_VERIFY_LEAF_SIGNATURE',
+  'UNABLE_TO_GET_ISSUER_CERT',
+  'UNABLE_TO_GET_ISSUER_CERT_LOCALLY',
+  'SELF_SIGNED_CERT_IN_CHAIN',
+  'DEPTH_ZERO_SELF_SIGNED_CERT',
+  'CERT_SIGNATURE_FAILURE',
+  'CERT_NOT_YET_VALID',
+  'CERT_HAS_EXPIRED',
+  'CERT_UNTRUSTED',
+  'CERT_REJECTED',
+  'INVALID_PURPOSE',
+  'INVALID_CA',
+  'ERR_TLS_CERT_ALTNAME_INVALID',
+  // the server refused our certificate, or is no TLS server at all
+  'ERR_SSL_TLSV13_ALERT_CERTIFICATE_REQUIRED',
+  'ERR_SSL_SSLV3_ALERT_BAD_CERTIFICATE',
+  'ERR_SSL_SSLV3_ALERT_CERTIFICATE_EXPIRED',
+  'ERR_SSL_SSLV3_ALERT_UNSUPPORTED_CERTIFICATE',
+  'ERR_SSL_TLSV1_ALERT_UNKNOWN_CA',
+  'ERR_SSL_WRONG_VERSION_NUMBER',
+]);
+
+/**
+ * The client half of mutual TLS: the site's CA, our certificate and key, loaded once into a secure context (the key
+ * then lives in no JavaScript object that a log could print).
+ */
+function clientContext(files: ClientTlsFiles): SecureContext {
+  const read = (field: keyof ClientTlsFiles): Buffer => {
+    try {
+      return field === 'key' ? readPrivateKeyFile(files.key) : readFileSync(files[field]);
+    } catch (e) {
+      throw new Error(`tls.${field}: ${(e as Error).message}`, { cause: e });
+    }
+  };
+  const ca = read('ca');
+  const cert = read('cert');
+  const key = read('key');
+  try {
+    return createSecureContext({ ca, cert, key, minVersion: 'TLSv1.2' });
+  } catch (e) {
+    throw new Error(`tls: ${files.cert} and ${files.key} do not make a client identity: ${(e as Error).message}`, {
+      cause: e,
+    });
+  } finally {
+    key.fill(0);
+  }
+}
+
 /** HTTP transport shared by the port adapter and the lab control client. */
 class HostApiTransport {
   private readonly base: URL;
-  private readonly agent = new http.Agent({ keepAlive: true, maxSockets: 32 });
+  private readonly agent: http.Agent;
+  private readonly serverName: string | undefined;
   readonly timeoutMs: number;
   private readonly idleTimeoutMs: number;
 
@@ -134,6 +199,38 @@ class HostApiTransport {
     this.base = new URL(options.url);
     this.timeoutMs = options.timeoutMs ?? 30_000;
     this.idleTimeoutMs = options.idleTimeoutMs ?? 30_000;
+    this.serverName = options.serverName;
+    // Connections are kept alive (block streams run over them one after another), so handshakes stay rare.
+    if (this.base.protocol === 'https:') {
+      if (!options.tls) throw new Error(`${options.url}: an https:// host API needs tls (CA, certificate and key)`);
+      this.agent = new https.Agent({ keepAlive: true, maxSockets: 32, secureContext: clientContext(options.tls) });
+    } else if (this.base.protocol === 'http:' && isLoopback(this.base.hostname)) {
+      this.agent = new http.Agent({ keepAlive: true, maxSockets: 32 });
+    } else throw new Error(`${options.url}: the host API is https://, or http:// on a loopback address only`);
+  }
+
+  /**
+   * The TLS options of a call: the server must prove, by a subjectAltName of its certificate, that it is the host the
+   * call is about (or, for a call about no host, the server this client was made for). Each name also gets its own
+   * pooled connections, so a connection checked for one host never carries another host's calls.
+   */
+  private identity(spec: RequestSpec): https.RequestOptions {
+    if (this.base.protocol !== 'https:') return {};
+    const expected = spec.host ?? this.serverName;
+    if (expected === undefined)
+      throw new HostIdentityError(
+        `${spec.method} ${spec.path}: no host name to check ${this.base.host}'s certificate against`,
+      );
+    return {
+      servername: expected,
+      checkServerIdentity: (_servername: string, cert: PeerCertificate) =>
+        sanEntries(cert).some((n) => n.toLowerCase() === expected.toLowerCase())
+          ? undefined
+          : new HostIdentityError(
+              `${this.base.host} is not host ${expected}: its certificate names ${sanEntries(cert).join(', ') || 'no host'}`,
+              { host: spec.host },
+            ),
+    };
   }
 
   close(): void {
@@ -165,12 +262,13 @@ class HostApiTransport {
       // A control call that legitimately waits (a guest shutdown) is silent until it answers: its own deadline
       // bounds it, not the idle timeout meant for streams.
       const idleMs = streaming ? this.idleTimeoutMs : Math.max(this.idleTimeoutMs, spec.timeoutMs ?? this.timeoutMs);
-      const req = http.request(url, {
+      const req = (url.protocol === 'https:' ? https : http).request(url, {
         method: spec.method,
         headers,
         agent: this.agent,
         signal,
         timeout: idleMs,
+        ...this.identity(spec),
       });
       let settled = false;
       const fail = (err: unknown): void => {
@@ -281,6 +379,11 @@ class HostApiTransport {
       });
     const code = (err as NodeJS.ErrnoException).code ?? '';
     const message = `${what}: ${(err as Error).message}${code ? ` (${code})` : ''}`;
+    if (IDENTITY_FAILURES.has(code))
+      return new HostIdentityError(`host ${spec.host ?? this.base.host}: TLS refused: ${message}`, {
+        host: spec.host,
+        cause: err,
+      });
     if (sentBody)
       return new TransferInterruptedError(`${message} after part of the upload`, { host: spec.host, cause: err });
     return new HostUnreachableError(`host ${spec.host ?? this.base.host} unreachable: ${message}`, {

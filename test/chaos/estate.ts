@@ -1,6 +1,7 @@
 // What the suite plays: five VMs with guests writing, in three jobs over two proxies (one host-to-host, one
 // network). vm05 is the one a permanent failover may take out of the rotation: it ends its replication for good.
 import type { EstateInput } from '../../lab/estate';
+import { testClientTls } from '../tls';
 import type { DiskShape } from './images';
 
 export const PRODUCTION_HOST = 'prod-a';
@@ -70,5 +71,6 @@ export function chaosConfiguration(labUrl: string): object {
     ],
     jobs: JOBS.map((j) => ({ ...j, vms: [...j.vms], targetHost: DR_HOST })),
     users: [{ name: OPERATOR, roles: ['BackupAdministrator'] }],
+    tls: testClientTls(),
   };
 }

@@ -11,7 +11,6 @@ import { Command, InvalidArgumentError } from 'commander';
 import { Client, Connection } from '@temporalio/client';
 import { historyToJSON } from '@temporalio/common/lib/proto-utils';
 import { ensureTemporalCli, freePort, projectRoot } from '../../scripts/lib/dev-server';
-import { LabControl, HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import { TASK_QUEUE, WorkflowTypes, type ReplicationJobResult } from '../../src/contract';
 import { bundleWorkflows } from '../../src/worker';
 import { chaosConfiguration, chaosEstate, DR_HOST, JOBS, OPERATOR, PRODUCTION_HOST, PROXIES, VM_DISKS } from './estate';
@@ -21,6 +20,7 @@ import { Chance, randomSeed } from './random';
 import { Recorder } from './recorder';
 import { FAULT_KINDS, Round, type FaultKind, type RoundRecord, type World } from './round';
 import { summaryMarkdown, type ChaosSummary } from './summary';
+import { labControl, labPort as labClient, labServerTls, makeTestSite } from '../tls';
 
 const whole = (min: number) => (value: string) => {
   if (!/^\d+$/.test(value) || Number(value) < min) throw new InvalidArgumentError(`must be a whole number ≥ ${min}`);
@@ -81,12 +81,15 @@ async function main(): Promise<number> {
   const workDir = mkdtempSync(join(tmpdir(), 'pf-chaos-'));
   const cli = ensureTemporalCli();
   const [serverPort, labPort] = [await freePort(), await freePort()];
-  const labUrl = `http://127.0.0.1:${labPort}`;
+  const labUrl = `https://127.0.0.1:${labPort}`;
+  await makeTestSite(join(workDir, 'certs'));
+  const labTls = await labServerTls(chaosEstate());
   const recorder = new Recorder({
     labUrl,
     productionHost: PRODUCTION_HOST,
     drHost: DR_HOST,
     disksOf: (vm) => VM_DISKS[vm]!,
+    tls: labTls,
   });
   const recorderUrl = await recorder.listen();
   const { code } = await bundleWorkflows();
@@ -97,6 +100,7 @@ async function main(): Promise<number> {
     cli,
     serverPort,
     labPort,
+    labTls,
     recorderUrl,
     estate: chaosEstate(),
     configuration: chaosConfiguration(recorderUrl),
@@ -104,9 +108,9 @@ async function main(): Promise<number> {
     bundlePath,
     suggestContinueAsNew: opts.suggestContinueAsNew,
   });
-  const lab = new HostApiHypervisor({ url: labUrl });
-  const operatorPort = new HostApiHypervisor({ url: recorderUrl });
-  const control = new LabControl({ url: labUrl });
+  const lab = labClient(labUrl);
+  const operatorPort = labClient(recorderUrl);
+  const control = labControl(labUrl);
   const rounds: RoundRecord[] = [];
   const totals = Object.fromEntries(FAULT_KINDS.map((k) => [k, 0])) as Record<FaultKind, number>;
   let client: Client | undefined;

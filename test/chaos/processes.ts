@@ -8,6 +8,7 @@ import { setTimeout as delay } from 'node:timers/promises';
 import { startDevServer, type DevServer } from '../../scripts/lib/dev-server';
 import type { EstateInput } from '../../lab/estate';
 import type { WorkerRoles } from '../../src/worker';
+import type { ServerTlsFiles } from '../../src/host-api/certificates';
 
 const READY_MS = 90_000;
 
@@ -96,6 +97,8 @@ export interface SiteOptions {
   cli: string;
   serverPort: number;
   labPort: number;
+  /** The lab's TLS files (test/tls.ts). */
+  labTls: ServerTlsFiles;
   recorderUrl: string;
   estate: EstateInput;
   /** The orchestrator's configuration, as JSON. */
@@ -126,9 +129,10 @@ export class ChaosSite {
         join(o.workDir, 'lab'),
         '--port',
         String(o.labPort),
+        ...['--tls-cert', o.labTls.cert, '--tls-key', o.labTls.key, '--client-ca', o.labTls.clientCa],
       ],
       {},
-      /listening on http/,
+      /listening on https/,
     );
     const worker = (roles: WorkerRoles): Record<string, string> => ({
       PF_WORKER_ADDRESS: this.address,
@@ -158,7 +162,7 @@ export class ChaosSite {
   }
 
   get labUrl(): string {
-    return `http://127.0.0.1:${this.o.labPort}`;
+    return `https://127.0.0.1:${this.o.labPort}`;
   }
 
   async startServer(): Promise<void> {

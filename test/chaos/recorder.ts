@@ -7,11 +7,14 @@
 //  - a production VM's image when it goes off and again just before it is powered on: nothing may change it
 //    while it is off, except a failback, and then it must boot exactly its failback-protective point.
 // When the lab is down it answers 502, as a dead host behind a load balancer would.
-import http from 'node:http';
+import type http from 'node:http';
+import type https from 'node:https';
 import { type AddressInfo } from 'node:net';
 import { replicaNameOf } from '../../src/activities/inventory';
-import { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
-import { forwardTo } from '../forward';
+import type { ServerTlsFiles } from '../../src/host-api/certificates';
+import type { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
+import { forwardTo, labAgent, standInForLab } from '../forward';
+import { labPort } from '../tls';
 import { pointDigest, sourceDigest, type DiskShape } from './images';
 
 export interface PowerRecord {
@@ -30,6 +33,8 @@ export interface RecorderOptions {
   productionHost: string;
   drHost: string;
   disksOf: (vm: string) => readonly DiskShape[];
+  /** The lab's own TLS files, which the recorder serves the workers with. */
+  tls: ServerTlsFiles;
 }
 
 const POWER = /^\/v1\/hosts\/([^/]+)\/vms\/([^/]+)\/power$/;
@@ -56,14 +61,14 @@ export class Recorder {
   private readonly offImage = new Map<string, string | null>();
   private readonly writtenWhileOff = new Set<string>();
   private readonly lab: HostApiHypervisor;
-  private readonly server: http.Server;
-  private readonly agent = new http.Agent({ keepAlive: false });
+  private readonly server: https.Server;
+  private readonly agent = labAgent({ keepAlive: false });
   private readonly target: URL;
 
   constructor(private readonly o: RecorderOptions) {
     this.target = new URL(o.labUrl);
-    this.lab = new HostApiHypervisor({ url: o.labUrl });
-    this.server = http.createServer((req, res) => {
+    this.lab = labPort(o.labUrl);
+    this.server = standInForLab(o.tls, (req, res) => {
       this.forward(req, res).catch(() => {
         if (!res.headersSent && !res.destroyed) res.writeHead(502).end();
         else res.destroy();
@@ -73,7 +78,7 @@ export class Recorder {
 
   async listen(port = 0): Promise<string> {
     await new Promise<void>((resolve) => this.server.listen(port, '127.0.0.1', resolve));
-    return `http://127.0.0.1:${(this.server.address() as AddressInfo).port}`;
+    return `https://127.0.0.1:${(this.server.address() as AddressInfo).port}`;
   }
 
   async close(): Promise<void> {

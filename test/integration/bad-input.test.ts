@@ -31,6 +31,7 @@ import { entityState, haltedSession } from '../failover-helpers';
 import { startOrchestrator, temporalAddress, testConfiguration, within, type TestOrchestrator } from '../harness';
 import { DR, estateOf, MiB, PROD } from '../lab/helpers';
 import { runScript } from '../processes';
+import { rawRequest } from '../tls';
 
 /** A refused request is bad input, or a requester without the role. */
 const REFUSED_TYPES: readonly string[] = [FailureTypes.invalidInput, FailureTypes.accessDenied];
@@ -94,7 +95,7 @@ describe('the bad-input matrix: every entry point refuses, naming the field, and
     );
     const session = await halted.query(sessionQueries.progress);
     const { lastRejection: _, ...proxies } = await registry().query(proxyQueries.slots);
-    const faults = await (await fetch(`${o.lab.lab.url}/v1/lab/faults`)).json();
+    const faults = (await rawRequest(`${o.lab.lab.url}/v1/lab/faults`)).json();
     return { hosts, entities, session, proxies, faults };
   }
 
@@ -178,13 +179,13 @@ describe('the bad-input matrix: every entry point refuses, naming the field, and
         return { message: run.stderr };
       }
       case 'http': {
-        const res = await fetch(`${o.lab.lab.url}${send.path}`, {
+        const res = await rawRequest(`${o.lab.lab.url}${send.path}`, {
           method: send.method,
           ...(send.body !== undefined ? { body: send.body } : {}),
           headers: send.contentType ? { 'content-type': send.contentType } : {},
         });
         assert.ok(res.status >= 400 && res.status < 500, `a 4xx status, got ${res.status}`);
-        const { error } = (await res.json()) as { error: { code: string; message: string; field?: string } };
+        const { error } = res.json<{ error: { code: string; message: string; field?: string } }>();
         return { message: error.message, ...(error.field ? { field: error.field } : {}) };
       }
       case 'configuration':

@@ -9,9 +9,9 @@ import { Client, Connection } from '@temporalio/client';
 import { replicaNameOf } from '../../src/activities/inventory';
 import { startPlannedFailover, startReplicationJob } from '../../src/client';
 import { replicaQueries, replicaWorkflowId, type PlannedFailoverResult } from '../../src/contract';
-import { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import { kill, startWorkerProcess } from '../processes';
 import { createTestNamespace, temporalAddress, within } from '../harness';
+import { kvmPort, testClientTls } from '../tls';
 import { lastSeq } from '../../kvm/guest/guest';
 import { assertFailedOver, startTestKvmHost, type TestKvmHost } from './helpers';
 
@@ -49,6 +49,7 @@ describe('a worker SIGKILLed during the final sync of a real VM’s planned fail
         proxies: [{ name: 'proxy-a', slots: 4 }],
         jobs: [{ name: 'kvm', vms: [VM], targetHost: DR }],
         users: [{ name: 'alice', roles: ['BackupAdministrator'] }],
+        tls: testClientTls(),
       }),
       PF_WORKER_BUNDLE: bundle,
     };
@@ -67,7 +68,7 @@ describe('a worker SIGKILLed during the final sync of a real VM’s planned fail
     'the failover finishes after the restart, exact, and the replica resumes at the source’s last write',
     { timeout: 300_000 },
     async () => {
-      const source = new HostApiHypervisor({ url: prod.host.url });
+      const source = kvmPort(prod.host.url, PROD);
       try {
         await source.powerOn({ host: PROD, vm: VM });
       } finally {

@@ -26,6 +26,7 @@ import type { PlannedFailoverSessionResult, ReplicationJobResult } from '../../s
 import { connectHypervisor } from '../../src/config/hypervisor';
 import type { HypervisorPort, ReplicaRef, VmRef } from '../../src/hypervisor/port';
 import { startOrchestrator, testConfiguration, type TestOrchestrator } from '../harness';
+import { testServerTls } from '../tls';
 
 const exec = promisify(execFile);
 
@@ -171,6 +172,7 @@ export async function spawnKvmHostProcess(options: {
   /** More flags of `npm run kvm-host`. */
   flags?: string[];
 }): Promise<KvmHostProcess> {
+  const tls = await testServerTls([options.name]);
   const proc = spawn(
     process.execPath,
     [
@@ -180,6 +182,7 @@ export async function spawnKvmHostProcess(options: {
       ...(options.domainsFile ? ['--domains', options.domainsFile] : []),
       ...(options.flags ?? []),
       ...['--boot-files', guestFiles().dir], // the test guest's kernel and initrd
+      ...['--tls-cert', tls.cert, '--tls-key', tls.key, '--client-ca', tls.clientCa],
     ],
     { stdio: ['ignore', 'pipe', 'inherit'] },
   );
@@ -187,7 +190,7 @@ export async function spawnKvmHostProcess(options: {
     let out = '';
     proc.stdout.on('data', (d: Buffer) => {
       out += d.toString();
-      const m = /listening on (http:\/\/\S+)/.exec(out);
+      const m = /listening on (https:\/\/\S+)/.exec(out);
       if (m) resolve(m[1]!);
     });
     proc.once('exit', (code) => reject(new Error(`kvm-host exited ${code}: ${out}`)));
@@ -252,6 +255,7 @@ export async function startTestKvmHost(options: {
     );
     await libvirt.virsh.run(['define', xml]);
   }
+  const tls = await testServerTls([options.name]);
   const start = (port?: number) =>
     startKvmHost({
       name: options.name,
@@ -262,6 +266,7 @@ export async function startTestKvmHost(options: {
       domainsFile,
       bootFileDirs: [guest.dir, ...(options.bootFileDirs ?? [])], // the test guest's kernel and initrd
       ...(port !== undefined ? { port } : {}),
+      tls,
     });
   const guestLines = () => readGuestLines(serialLog);
   const host = await start().catch(async (e: unknown) => {

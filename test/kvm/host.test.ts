@@ -11,11 +11,13 @@ import {
   BadRequestError,
   ConflictError,
   HostFailureError,
+  HostIdentityError,
   NotFoundError,
   TrackingLostError,
 } from '../../src/hypervisor/errors';
-import { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
+import type { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import { BLOCK_SIZE, type Extent, type ExtentPage, type PageRequest } from '../../src/hypervisor/port';
+import { kvmPort, rawRequest } from '../tls';
 import { BLOCKS_PER_ITERATION, GUEST_DISK_BYTES as DISK_BYTES, startTestKvmHost, type TestKvmHost } from './helpers';
 
 const HOST = 'kvm-prod1';
@@ -97,7 +99,7 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
     dir = mkdtempSync(join(tmpdir(), 'pf-kvmhost-'));
     kvm = await startTestKvmHost({ dir, name: HOST, domain: VM });
     serialLog = kvm.serialLog;
-    port = new HostApiHypervisor({ url: kvm.host.url });
+    port = kvmPort(kvm.host.url, HOST);
   });
 
   after(async () => {
@@ -119,7 +121,12 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
       lastStop: null,
     });
     await assert.rejects(port.getVm({ host: HOST, vm: 'nosuch' }), NotFoundError);
-    await assert.rejects(port.getVm({ host: 'other', vm: VM }), NotFoundError);
+    // The adapter sends no call about another host here (this process's certificate names HOST alone) ...
+    await assert.rejects(port.getVm({ host: 'other', vm: VM }), HostIdentityError);
+    // ... and one that reaches the process anyway is answered 404.
+    const other = await rawRequest(`${kvm.host.url}/v1/hosts/other/vms/${VM}`);
+    assert.equal(other.status, 404);
+    assert.equal(other.json<{ error: { field: string } }>().error.field, 'params.host');
     await assert.rejects(port.getReplica({ host: HOST, replica: 'r' }), NotFoundError);
     await assert.rejects(port.discardRunningLayer({ host: HOST, replica: 'r' }), NotFoundError);
     // What KVM hosts do not serve yet says so (501), never a success or a 404 a caller would take for "gone".
@@ -252,7 +259,7 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
   test('a restart of the host process keeps its reference points and the open view', async () => {
     port.close();
     await kvm.host.stop();
-    port = new HostApiHypervisor({ url: (await kvm.restartHost()).url });
+    port = kvmPort((await kvm.restartHost()).url, HOST);
     assert.deepEqual(
       (await port.listReferencePoints(vm)).map((r) => [r.id, r.checkpointId, r.trackingValid]),
       [['r1', 'c1', true]],

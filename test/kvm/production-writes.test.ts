@@ -6,8 +6,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { after, before, describe, test } from 'node:test';
-import { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
+import type { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import { BLOCK_SIZE, type Extent, type ExtentData } from '../../src/hypervisor/port';
+import { kvmPort } from '../tls';
 import { spawnKvmHostProcess, startTestKvmHost, type KvmHostProcess, type TestKvmHost } from './helpers';
 
 const HOST = 'kvm-prod3';
@@ -42,7 +43,7 @@ describe('writes into a powered-off KVM domain through a SIGKILL of the producti
       domainsFile: kvm.domainsFile,
       flags: ['--upload-stall-seconds', String(STALL_SECONDS)],
     });
-    port = new HostApiHypervisor({ url: child.url });
+    port = kvmPort(child.url, HOST);
   }
 
   before(async () => {

@@ -8,8 +8,9 @@ import { after, before, describe, test } from 'node:test';
 import { CAPABILITIES_CACHE, LibvirtInstance } from '../../kvm/libvirt/instance';
 import { blockDigest } from '../../src/host-api/digests';
 import { BadRequestError, ConflictError, NotFoundError } from '../../src/hypervisor/errors';
-import { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
+import type { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import { BLOCK_SIZE, type Extent, type ExtentData } from '../../src/hypervisor/port';
+import { kvmPort } from '../tls';
 import { spawnKvmHostProcess, type KvmHostProcess } from './helpers';
 
 const HOST = 'kvm-dr1';
@@ -52,7 +53,7 @@ describe('restore points as qcow2 chains on a KVM DR host, through a SIGKILL of 
       libvirtUri: libvirt.virsh.uri,
       stateDir: join(dir, 'state'),
     });
-    port = new HostApiHypervisor({ url: child.url });
+    port = kvmPort(child.url, HOST);
   }
   async function kill(): Promise<void> {
     port.close();

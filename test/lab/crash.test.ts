@@ -11,8 +11,9 @@ import { after, describe, test } from 'node:test';
 import type { CrashStep } from '../../lab/crash';
 import { startLab } from '../../lab/server';
 import { HypervisorError, NotFoundError } from '../../src/hypervisor/errors';
-import { LabControl, HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
+import type { LabControl, HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import { BLOCK_SIZE, type ReplicaView } from '../../src/hypervisor/port';
+import { labControl, labPort, labServerTls } from '../tls';
 import { startLabProcess } from './lab-process';
 import { allPages, assemble, DR, MiB, PROD, single, smallEstate, until } from './helpers';
 
@@ -46,8 +47,8 @@ async function dataDir(): Promise<string> {
 
 /** Runs `fn` against an in-process lab on `dir`, then stops it cleanly. */
 async function withLab<T>(dir: string, fn: (lab: Lab) => Promise<T>): Promise<T> {
-  const running = await startLab({ estate, dataDir: dir });
-  const lab = { port: new HostApiHypervisor({ url: running.url }), control: new LabControl({ url: running.url }) };
+  const running = await startLab({ estate, dataDir: dir, tls: await labServerTls(estate) });
+  const lab = { port: labPort(running.url), control: labControl(running.url) };
   try {
     return await fn(lab);
   } finally {

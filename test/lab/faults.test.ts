@@ -8,7 +8,7 @@ import {
   HypervisorError,
   TransferInterruptedError,
 } from '../../src/hypervisor/errors';
-import { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
+import { labPort, rawRequest } from '../tls';
 import { collect, DR, MiB, PROD, single, sleep, smallEstate, startTestLab, type TestLab } from './helpers';
 
 const src = { host: PROD, vm: 'vm1' };
@@ -59,7 +59,7 @@ describe('faults on demand surface as the right error classes', () => {
     const started = Date.now();
     await t.port.getVm(src);
     assert.ok(Date.now() - started >= 240, 'the call took the added latency');
-    const impatient = new HostApiHypervisor({ url: t.lab.url, timeoutMs: 100 });
+    const impatient = labPort(t.lab.url, { timeoutMs: 100 });
     try {
       await assert.rejects(impatient.getVm(src), isKind(HostTimeoutError, true));
     } finally {
@@ -141,7 +141,7 @@ describe('faults on demand surface as the right error classes', () => {
     await t.control.setFault(DR, { kind: 'fail', path: `/vms/${rep.replica}/power$` });
     await t.control.setFault(DR, { kind: 'fail', status: 500, path: '/points/p-scoped$' });
     await t.control.setFault(DR, { kind: 'unreachable', method: 'DELETE' });
-    const listed = ((await (await fetch(`${t.lab.url}/v1/lab/faults`)).json()) as Record<string, unknown[]>)[DR];
+    const listed = (await rawRequest(`${t.lab.url}/v1/lab/faults`)).json<Record<string, unknown[]>>()[DR];
     assert.equal(listed?.length, 3, 'the three faults are listed');
 
     await assert.rejects(t.port.powerOn({ host: DR, vm: rep.replica }), isKind(HostFailureError, true));
@@ -166,7 +166,7 @@ describe('faults on demand surface as the right error classes', () => {
   });
 
   test('a stopped lab is unreachable', async () => {
-    const gone = new HostApiHypervisor({ url: 'http://127.0.0.1:9', timeoutMs: 2000 });
+    const gone = labPort('https://127.0.0.1:9', { timeoutMs: 2000 });
     try {
       await assert.rejects(gone.listHosts(), isKind(HostUnreachableError, true));
     } finally {

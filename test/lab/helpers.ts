@@ -8,8 +8,9 @@ import { startLab, type RunningLab } from '../../lab/server';
 import type { EstateInput } from '../../lab/estate';
 
 type EstateVmInput = NonNullable<EstateInput['sites'][number]['hosts'][number]['vms']>[number];
-import { LabControl, HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
+import type { HostApiHypervisor, LabControl } from '../../src/hypervisor/host-api-adapter';
 import { BLOCK_SIZE, type ExtentData, type ExtentPage, type PageRequest } from '../../src/hypervisor/port';
+import { labControl, labPort, labServerTls } from '../tls';
 
 export const MiB = 1024 * 1024;
 export const PROD = 'prod-a';
@@ -70,17 +71,18 @@ export interface TestLab {
 
 export async function startTestLab(estate: EstateInput = smallEstate(), dataDir?: string): Promise<TestLab> {
   const dir = dataDir ?? (await mkdtemp(join(tmpdir(), 'lab-test-')));
+  const tls = await labServerTls(estate);
   const t: TestLab = {
-    lab: await startLab({ estate, dataDir: dir, port: 0 }),
+    lab: await startLab({ estate, dataDir: dir, port: 0, tls }),
     port: undefined as unknown as HostApiHypervisor,
     control: undefined as unknown as LabControl,
     dataDir: dir,
     async restart() {
       this.port.close();
       this.control.close();
-      this.lab = await startLab({ estate, dataDir: dir, port: 0 });
-      this.port = new HostApiHypervisor({ url: this.lab.url });
-      this.control = new LabControl({ url: this.lab.url });
+      this.lab = await startLab({ estate, dataDir: dir, port: 0, tls });
+      this.port = labPort(this.lab.url);
+      this.control = labControl(this.lab.url);
     },
     async close() {
       this.port.close();
@@ -89,8 +91,8 @@ export async function startTestLab(estate: EstateInput = smallEstate(), dataDir?
       await rm(dir, { recursive: true, force: true });
     },
   };
-  t.port = new HostApiHypervisor({ url: t.lab.url });
-  t.control = new LabControl({ url: t.lab.url });
+  t.port = labPort(t.lab.url);
+  t.control = labControl(t.lab.url);
   return t;
 }
 

@@ -6,7 +6,8 @@ import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { CrashStep } from '../../lab/crash';
 import type { EstateInput } from '../../lab/estate';
-import { LabControl, HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
+import type { LabControl, HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
+import { labControl, labPort, labServerTls } from '../tls';
 
 export interface LabProcess {
   url: string;
@@ -22,9 +23,13 @@ export interface LabProcess {
 export async function startLabProcess(estate: EstateInput, dataDir: string, crashAt: CrashStep): Promise<LabProcess> {
   const estatePath = join(dataDir, '..', 'estate.json');
   await writeFile(estatePath, JSON.stringify(estate));
+  const tls = await labServerTls(estate);
   const child = spawn(
     process.execPath,
-    ['--import', 'tsx', 'lab/main.ts', '--estate', estatePath, '--data', dataDir, '--port', '0'],
+    [
+      ...['--import', 'tsx', 'lab/main.ts', '--estate', estatePath, '--data', dataDir, '--port', '0'],
+      ...['--tls-cert', tls.cert, '--tls-key', tls.key, '--client-ca', tls.clientCa],
+    ],
     { env: { ...process.env, PF_LAB_CRASH_AT: crashAt }, stdio: ['ignore', 'pipe', 'pipe'] },
   );
   let output = '';
@@ -34,7 +39,7 @@ export async function startLabProcess(estate: EstateInput, dataDir: string, cras
   const url = await new Promise<string>((resolve, reject) => {
     const onData = (chunk: Buffer): void => {
       output += chunk.toString();
-      const m = /listening on (http:\/\/\S+)/.exec(output);
+      const m = /listening on (https:\/\/\S+)/.exec(output);
       if (m) resolve(m[1]!);
     };
     child.stdout.on('data', onData);
@@ -43,8 +48,8 @@ export async function startLabProcess(estate: EstateInput, dataDir: string, cras
       reject(new Error(`lab exited (${code ?? signal}) before listening:\n${output}`)),
     );
   });
-  const port = new HostApiHypervisor({ url });
-  const control = new LabControl({ url });
+  const port = labPort(url);
+  const control = labControl(url);
   return {
     url,
     port,

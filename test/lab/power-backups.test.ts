@@ -4,8 +4,8 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { verifyGuestBlock } from '../../lab/guest';
 import { HostTimeoutError } from '../../src/hypervisor/errors';
-import { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import { BLOCK_SIZE } from '../../src/hypervisor/port';
+import { labPort } from '../tls';
 import {
   allPages,
   assemble,
@@ -140,7 +140,7 @@ describe('a boot longer than the control deadline', () => {
   after(async () => t.close());
 
   test('power-on waits for the boot however long the adapter deadline of other calls is', async () => {
-    const impatient = new HostApiHypervisor({ url: t.lab.url, timeoutMs: 300 });
+    const impatient = labPort(t.lab.url, { timeoutMs: 300 });
     try {
       await impatient.powerOff(vm);
       const started = Date.now();

@@ -2,10 +2,11 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { connectHypervisor } from '../../src/config/hypervisor';
 import { parseConfiguration } from '../../src/config/load';
-import { ConflictError, NotFoundError, TransferInterruptedError } from '../../src/hypervisor/errors';
+import { ConflictError, HostIdentityError, NotFoundError, TransferInterruptedError } from '../../src/hypervisor/errors';
 import { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import { BLOCK_SIZE } from '../../src/hypervisor/port';
 import { RoutedHypervisor } from '../../src/hypervisor/routed';
+import { testClientTls } from '../tls';
 import { assemble, collect, DR, MiB, PROD, randomBlocks, smallEstate, startTestLab, type TestLab } from './helpers';
 
 // Two servers of one estate: lab A plays the production host and a DR host, lab B another DR host. Lab B also
@@ -58,7 +59,8 @@ describe('one estate served by two labs, routed by host', () => {
     await router.createReplica(far, { sourceVm: 'vm1', disks: [DISK] });
     await router.createReplica(near, { sourceVm: 'vm1', disks: [DISK] });
     assert.equal((await b.port.getReplica(far)).sourceVm, 'vm1');
-    await assert.rejects(a.port.getReplica(far), NotFoundError);
+    // Lab a does not play FAR: its certificate does not name it, so no call about FAR is even sent to it.
+    await assert.rejects(a.port.getReplica(far), HostIdentityError);
     assert.equal((await a.port.getReplica(near)).sourceVm, 'vm1');
     await assert.rejects(b.port.getReplica(near), NotFoundError);
   });
@@ -153,6 +155,7 @@ hosts:
   - { name: ${FAR}, role: dr, adapter: { type: kvm, url: '${b.lab.url}' } }
 proxies: [{ name: p1, slots: 1 }]
 users: [{ name: alice, roles: [BackupAdministrator] }]
+tls: ${JSON.stringify(testClientTls())}
 `),
     );
     try {

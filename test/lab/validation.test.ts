@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { EstateError, loadEstate, parseEstate } from '../../lab/estate';
 import { BadRequestError } from '../../src/hypervisor/errors';
+import { rawRequest } from '../tls';
 import { DR, MiB, PROD, single, smallEstate, startTestLab, type TestLab } from './helpers';
 
 const src = { host: PROD, vm: 'vm1' };
@@ -26,9 +27,9 @@ describe('bad requests get a 4xx naming the field and change nothing', () => {
   after(async () => t.close());
 
   async function snapshot(): Promise<string> {
-    const res = await fetch(`${t.lab.url}/v1/hosts/${PROD}/vms`);
+    const res = await rawRequest(`${t.lab.url}/v1/hosts/${PROD}/vms`);
     // The test power-cycles vm1 itself to write to it: how it last stopped is not the bad requests' doing.
-    const vms = ((await res.json()) as { lastStop?: unknown }[]).map(({ lastStop: _, ...v }) => v);
+    const vms = res.json<{ lastStop?: unknown }[]>().map(({ lastStop: _, ...v }) => v);
     const replica = await t.port.getReplica(rep);
     const refs = await t.port.listReferencePoints(src);
     return JSON.stringify([vms, replica, refs]);
@@ -82,12 +83,12 @@ describe('bad requests get a 4xx naming the field and change nothing', () => {
   test('raw HTTP: wrong types, unknown fields, malformed JSON', async () => {
     const before1 = await snapshot();
     const call = async (method: string, path: string, body?: string) => {
-      const res = await fetch(`${t.lab.url}${path}`, {
+      const res = await rawRequest(`${t.lab.url}${path}`, {
         method,
         headers: body ? { 'content-type': 'application/json' } : {},
-        body,
+        ...(body !== undefined ? { body } : {}),
       });
-      return { status: res.status, body: (await res.json()) as { error: { field?: string; message: string } } };
+      return { status: res.status, body: res.json<{ error: { field?: string; message: string } }>() };
     };
     let r = await call('POST', `/v1/hosts/${PROD}/vms/vm1/power`, JSON.stringify({ action: 'reboot' }));
     assert.equal(r.status, 400);
@@ -109,7 +110,7 @@ describe('bad requests get a 4xx naming the field and change nothing', () => {
     assert.equal(r.status, 400);
     assert.equal(r.body.error.field, 'body.latencyMs');
     assert.equal(await snapshot(), before1, 'nothing changed');
-    assert.deepEqual(await (await fetch(`${t.lab.url}/v1/lab/faults`)).json(), {});
+    assert.deepEqual((await rawRequest(`${t.lab.url}/v1/lab/faults`)).json(), {});
   });
 
   test('the demo estate loads: two production hosts, six VMs, one DR host', async () => {

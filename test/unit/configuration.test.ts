@@ -1,4 +1,7 @@
 import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { ConfigurationError, loadConfiguration, parseConfiguration } from '../../src/config/load';
 
@@ -11,6 +14,8 @@ function problemsOf(text: string): string[] {
   }
   return assert.fail('expected the configuration to be refused');
 }
+
+const tls = 'tls: { ca: /site/ca.crt, cert: /site/workers.crt, key: /site/workers.key }\n';
 
 const base = `
 hosts:
@@ -49,15 +54,58 @@ describe('configuration file', () => {
   it('takes lab and KVM hosts in one estate, each at its own host API URL', () => {
     // The first host only.
     const config = parseConfiguration(
-      base.replace('type: lab, url: http://127.0.0.1:7300', 'type: kvm, url: http://10.0.0.5:7400'),
+      `${base.replace('type: lab, url: http://127.0.0.1:7300', 'type: kvm, url: https://10.0.0.5:7400')}${tls}`,
     );
     assert.deepEqual(
       config.hosts.map((h) => [h.name, h.adapter.type, h.adapter.url]),
       [
-        ['prod', 'kvm', 'http://10.0.0.5:7400'],
+        ['prod', 'kvm', 'https://10.0.0.5:7400'],
         ['dr', 'lab', 'http://127.0.0.1:7300'],
       ],
     );
+  });
+
+  it('needs the tls block as soon as a host or the backup repository is https://, naming it', () => {
+    const kvm = base.replace('type: lab, url: http://127.0.0.1:7300', 'type: kvm, url: https://10.0.0.5:7400');
+    assert.deepEqual(problemsOf(kvm), [
+      "tls (line 2): is required: hosts[0].adapter.url is https:// (give ca, cert and key: the site's CA, the client certificate and its key)",
+    ]);
+    const backups = `${base}backupRepository:\n  adapter: { type: lab, url: https://lab.example.com:7300 }\n`;
+    assert.match(
+      problemsOf(backups).join('\n'),
+      /^tls \(line 2\): is required: backupRepository\.adapter\.url is https:\/\//,
+    );
+    assert.deepEqual(problemsOf(`${kvm}tls: { ca: ca.crt, cert: workers.crt }\n`), [
+      'tls.key (line 9): must be a file path',
+    ]);
+  });
+
+  it('refuses plain http:// to anything but loopback, naming the host', () => {
+    for (const address of ['10.0.0.5', 'kvm01', '0.0.0.0', '[fe80::1]'])
+      assert.deepEqual(
+        problemsOf(`${base.replace('url: http://127.0.0.1:7300', `url: 'http://${address}:7400'`)}${tls}`),
+        [
+          'hosts[0].adapter.url (line 3): must be https:// (the host API is served over mutual TLS); http:// only on a loopback address (127.0.0.0/8, ::1, localhost)',
+        ],
+        address,
+      );
+    for (const address of ['127.0.0.1', '127.1.2.3', 'localhost', '[::1]'])
+      parseConfiguration(base.replace('url: http://127.0.0.1:7300', `url: 'http://${address}:7400'`));
+  });
+
+  it("takes the tls block's relative paths relative to the configuration file's directory", () => {
+    const dir = mkdtempSync(join(tmpdir(), 'pf-config-'));
+    try {
+      const file = join(dir, 'estate.yaml');
+      writeFileSync(file, `${base}tls: { ca: certs/ca.crt, cert: /etc/pf/workers.crt, key: ../workers.key }\n`);
+      assert.deepEqual(loadConfiguration(file).tls, {
+        ca: join(dir, 'certs', 'ca.crt'),
+        cert: '/etc/pf/workers.crt',
+        key: join(dir, '..', 'workers.key'),
+      });
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it("refuses an adapter type it does not know, naming both it knows; a backup repository is the lab's", () => {
