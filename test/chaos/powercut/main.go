@@ -20,9 +20,9 @@
 // until the mount is unmounted (umount -l) and a new powercut process mounts the backing directory again. SIGTERM
 // or SIGINT is a clean shutdown: everything is made durable (sync), then the mount goes.
 //
-// Writes are refused with ENOSPC once the data held in memory would not fit in the backing filesystem's free space
-// (ext4 reserves blocks at write time the same way), so that a full backing filesystem shows at write, not only at
-// fsync. Directories cannot be renamed (EXDEV: callers copy), hard and symbolic links are not served; sockets and
+// Writes that grow a file are refused with ENOSPC once the new blocks held in memory would not fit in the backing
+// filesystem's free space (ext4 reserves blocks at write time the same way), so that a full backing filesystem
+// shows at write, not only at fsync; overwrites within a file's durable size need no room. Directories cannot be renamed (EXDEV: callers copy), hard and symbolic links are not served; sockets and
 // FIFOs can be made (they are never durable); fallocate is EOPNOTSUPP and lseek SEEK_DATA/SEEK_HOLE falls back to
 // the kernel's (all data), which QEMU handles.
 package main
@@ -66,6 +66,7 @@ type node struct {
 	size    int64            // what the mount shows
 	shown   int64            // backing bytes at and beyond this read as zeros (a truncation not yet durable)
 	pages   map[int64][]byte // unflushed data, by page index
+	grown   int64            // bytes of those pages beyond the backing file's size: new blocks it will need
 	opens   int
 	mtime   time.Time
 }
@@ -83,7 +84,7 @@ type powercut struct {
 	nextFh    uint64
 	nsDirty   bool // names changed since the last journal commit
 	cut       bool
-	dirtyByte int64
+	reserved  int64 // new blocks the unflushed data will need on the backing filesystem, in bytes
 }
 
 func newPowercut(backing string) (*powercut, error) {
@@ -291,8 +292,7 @@ func (fs *powercut) syncFile(n *node) error {
 	if err := n.backing.Truncate(n.size); err != nil {
 		return err
 	}
-	fs.dirtyByte -= int64(len(n.pages)) * pageSize
-	n.pages = map[int64][]byte{}
+	fs.drop(n)
 	n.shown = n.size
 	return nil
 }
@@ -323,7 +323,7 @@ func (fs *powercut) powerCut() {
 			n.backing = nil
 		}
 	}
-	fs.dirtyByte = 0
+	fs.reserved = 0
 }
 
 // Data -------------------------------------------------------------------------------------------------------------
@@ -367,10 +367,18 @@ func (fs *powercut) read(n *node, off int64, size int) ([]byte, error) {
 	return out, nil
 }
 
+// drop forgets the file's unflushed pages and what they reserved.
+func (fs *powercut) drop(n *node) {
+	fs.reserved -= n.grown
+	n.grown = 0
+	n.pages = map[int64][]byte{}
+}
+
 func (fs *powercut) write(n *node, off int64, data []byte) error {
+	// Pages past the backing file's end need new blocks: refused when the backing filesystem has no room for them.
 	fresh := int64(0)
 	for i := off / pageSize; i*pageSize < off+int64(len(data)); i++ {
-		if _, ok := n.pages[i]; !ok {
+		if _, ok := n.pages[i]; !ok && (i+1)*pageSize > n.shown {
 			fresh += pageSize
 		}
 	}
@@ -379,7 +387,7 @@ func (fs *powercut) write(n *node, off int64, data []byte) error {
 		if err := syscall.Statfs(fs.backing, &st); err != nil {
 			return err
 		}
-		if fs.dirtyByte+fresh > int64(st.Bavail)*st.Bsize {
+		if fs.reserved+fresh > int64(st.Bavail)*st.Bsize {
 			return syscall.ENOSPC
 		}
 	}
@@ -391,7 +399,10 @@ func (fs *powercut) write(n *node, off int64, data []byte) error {
 		}
 		if _, ok := n.pages[i]; !ok {
 			n.pages[i] = p
-			fs.dirtyByte += pageSize
+			if (i+1)*pageSize > n.shown {
+				n.grown += pageSize
+				fs.reserved += pageSize
+			}
 		}
 		within := at - i*pageSize
 		copied := copy(p[within:], data[at-off:])
@@ -408,7 +419,6 @@ func (fs *powercut) truncate(n *node, size int64) {
 			start := i * pageSize
 			if start >= size {
 				delete(n.pages, i)
-				fs.dirtyByte -= pageSize
 			} else if size < start+pageSize {
 				clear(p[size-start:])
 			}
@@ -587,8 +597,7 @@ func (fs *powercut) unlink(n *node) {
 	n.parent = nil
 	fs.nsDirty = true
 	if n.isFile() && n.opens == 0 {
-		fs.dirtyByte -= int64(len(n.pages)) * pageSize
-		n.pages = map[int64][]byte{}
+		fs.drop(n)
 	}
 }
 
@@ -723,8 +732,7 @@ func (fs *powercut) Release(_ <-chan struct{}, in *fuse.ReleaseIn) {
 		if n := fs.nodes[in.NodeId]; n != nil && n.opens > 0 {
 			n.opens--
 			if n.opens == 0 && n.parent == nil && n.isFile() {
-				fs.dirtyByte -= int64(len(n.pages)) * pageSize
-				n.pages = map[int64][]byte{}
+				fs.drop(n)
 			}
 		}
 		return fuse.OK
@@ -847,7 +855,7 @@ func (fs *powercut) StatFs(_ <-chan struct{}, _ *fuse.InHeader, out *fuse.Statfs
 		if err := syscall.Statfs(fs.backing, &st); err != nil {
 			return errno(err)
 		}
-		held := uint64(fs.dirtyByte) / uint64(st.Bsize)
+		held := uint64(fs.reserved) / uint64(st.Bsize)
 		out.Blocks, out.Bfree, out.Bavail = st.Blocks, st.Bfree-min(st.Bfree, held), st.Bavail-min(st.Bavail, held)
 		out.Files, out.Ffree = st.Files, st.Ffree
 		out.Bsize, out.Frsize, out.NameLen = uint32(st.Bsize), uint32(st.Frsize), 255
