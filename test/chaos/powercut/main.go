@@ -76,15 +76,15 @@ func (n *node) isFile() bool { return n.mode&syscall.S_IFMT == syscall.S_IFREG }
 
 type powercut struct {
 	fuse.RawFileSystem
-	mu        sync.Mutex
-	backing   string
-	nodes     map[uint64]*node
-	next      uint64
-	handles   map[uint64][]string // directory handles: the names listed at opendir
-	nextFh    uint64
-	nsDirty   bool // names changed since the last journal commit
-	cut       bool
-	reserved  int64 // new blocks the unflushed data will need on the backing filesystem, in bytes
+	mu       sync.Mutex
+	backing  string
+	nodes    map[uint64]*node
+	next     uint64
+	handles  map[uint64][]string // directory handles: the names listed at opendir
+	nextFh   uint64
+	nsDirty  bool // names changed since the last journal commit
+	cut      bool
+	reserved int64 // new blocks the unflushed data will need on the backing filesystem, in bytes
 }
 
 func newPowercut(backing string) (*powercut, error) {
