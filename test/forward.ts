@@ -30,13 +30,14 @@ export function forwardTo(
   agent: https.Agent,
   req: http.IncomingMessage,
   res: http.ServerResponse,
+  /** The name the target's certificate proves: the lab proves `lab`, whatever address it is reached at. */
+  servername = 'lab',
 ): { upstream: http.ClientRequest; answered: Promise<http.IncomingMessage> } {
   const upstream = https.request(new URL(req.url ?? '/', target), {
     method: req.method,
     headers: req.headers,
     agent,
-    // The lab proves `lab`, whatever address it is reached at.
-    servername: 'lab',
+    servername,
   });
   res.once('close', () => {
     if (!res.writableFinished) upstream.destroy();

@@ -14,10 +14,10 @@ import {
 } from '../../src/contract';
 import { stateFromHost, type ReplicaState } from '../../src/domain/replica-state';
 import { PointMetadata } from '../../src/domain/restore-points';
-import type { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
-import type { ReplicaInfo } from '../../src/hypervisor/port';
-import { DR_HOST, JOBS, jobOf, PRODUCTION_HOST, VM_DISKS } from './estate';
-import { pointDigest, sourceDigest } from './images';
+import type { HypervisorPort, ReplicaInfo } from '../../src/hypervisor/port';
+import { jobOf, type ChaosEstate } from './estate';
+import type { ChaosHosts } from './hosts';
+import { pointDigest } from './images';
 import type { Recorder } from './recorder';
 
 /** What the suite remembers across rounds: the points it saw and checked, and what it did itself. */
@@ -25,7 +25,7 @@ export class Ledger {
   /** Sealed point ids per VM at the end of the last round, oldest first. */
   readonly points = new Map<string, string[]>();
   /**
-   * Points above the head of a replica that runs from an older point (a regular failover): the lab drops that
+   * Points above the head of a replica that runs from an older point (a regular failover): the DR host drops that
    * abandoned branch when the running state is sealed (failback), so they may go.
    */
   readonly abandoned = new Map<string, Set<string>>();
@@ -131,9 +131,9 @@ export interface HostFacts {
   replica: ReplicaInfo | null;
 }
 
-export async function hostFacts(lab: HostApiHypervisor, vm: string): Promise<HostFacts> {
-  const production = await lab.getVm({ host: PRODUCTION_HOST, vm });
-  const replica = await lab.getReplica({ host: DR_HOST, replica: replicaNameOf(vm) }).catch((e: unknown) => {
+export async function hostFacts(port: HypervisorPort, estate: ChaosEstate, vm: string): Promise<HostFacts> {
+  const production = await port.getVm({ host: estate.productionHost, vm });
+  const replica = await port.getReplica({ host: estate.drHost, replica: replicaNameOf(vm) }).catch((e: unknown) => {
     if (e instanceof Error && /not found|404/i.test(e.message)) return null;
     throw e;
   });
@@ -144,7 +144,7 @@ const sealedOf = (r: ReplicaInfo | null) => (r?.points ?? []).filter((p) => p.se
 
 /** One VM after the round: its entity, its hosts, its points and its data. */
 export async function checkVm(
-  lab: HostApiHypervisor,
+  hosts: ChaosHosts,
   recorder: Recorder,
   ledger: Ledger,
   checks: Checks,
@@ -156,7 +156,8 @@ export async function checkVm(
 ): Promise<void> {
   const { production, replica } = facts;
   const state = view.state;
-  const disks = VM_DISKS[vm]!;
+  const { estate, direct } = hosts;
+  const disks = estate.vmDisks[vm]!;
   const sealed = sealedOf(replica);
   // A failed operation leaves its state for the operator to finish (an undo whose power-on was refused stays in
   // Failover, to be undone again), and the entity's lastRun says so.
@@ -245,7 +246,7 @@ export async function checkVm(
     const checkpoint = point.metadata[PointMetadata.sourceCheckpoint];
     const taken = checkpoint ? recorder.checkpoints.get(checkpoint) : undefined;
     if (!taken) continue;
-    const digest = await pointDigest(lab, DR_HOST, vm, disks, point.id);
+    const digest = await pointDigest(direct, estate.drHost, vm, disks, point.id);
     checks.check(
       'each point equals its checkpoint, byte for byte',
       taken.digests.includes(digest),
@@ -267,8 +268,8 @@ export async function checkVm(
           : undefined;
     if (expected) {
       const [source, point] = await Promise.all([
-        sourceDigest(lab, PRODUCTION_HOST, vm, disks),
-        pointDigest(lab, DR_HOST, vm, disks, expected),
+        hosts.sourceImage(vm),
+        pointDigest(direct, estate.drHost, vm, disks, expected),
       ]);
       checks.check(
         state === 'Failover' ? 'replica equals the powered-off source' : 'production equals the protective point',
@@ -280,12 +281,12 @@ export async function checkVm(
 }
 
 /** No production VM was stopped twice in one round: each round asks for at most one stop per VM. */
-export function checkPower(recorder: Recorder, ledger: Ledger, checks: Checks): void {
+export function checkPower(estate: ChaosEstate, recorder: Recorder, ledger: Ledger, checks: Checks): void {
   const fresh = recorder.power.slice(ledger.powerChecked);
   ledger.powerChecked = recorder.power.length;
   const stops = new Map<string, number>();
   for (const r of fresh) {
-    if (r.host !== PRODUCTION_HOST || r.status >= 300) continue;
+    if (r.host !== estate.productionHost || r.status >= 300) continue;
     const stopped = (r.action === 'shutdown' && r.outcome === 'off') || (r.action === 'off' && r.already === false);
     if (stopped) stops.set(r.vm, (stops.get(r.vm) ?? 0) + 1);
   }
@@ -313,11 +314,12 @@ export async function checkSlots(client: Client, checks: Checks): Promise<void> 
 
 /** The closing job run: every VM replicated, or skipped because its state says so; no entity wedged. */
 export function checkClosingRun(
+  estate: ChaosEstate,
   results: Map<string, ReplicationJobResult | Error>,
   views: Map<string, ReplicaView>,
   checks: Checks,
 ): void {
-  for (const job of JOBS) {
+  for (const job of estate.jobs) {
     const result = results.get(job.name);
     if (!result || result instanceof Error) {
       checks.check('the closing job run completes', false, `${job.name}: ${result?.message ?? 'not run'}`);
@@ -337,9 +339,15 @@ export function checkClosingRun(
 }
 
 /** After the closing job run, a Ready replica keeps no more points than its job's retention. */
-export function checkRetention(vm: string, facts: HostFacts, view: ReplicaView, checks: Checks): void {
+export function checkRetention(
+  estate: ChaosEstate,
+  vm: string,
+  facts: HostFacts,
+  view: ReplicaView,
+  checks: Checks,
+): void {
   if (view.state !== 'Ready') return;
-  const keep = JOBS.find((j) => j.name === jobOf(vm))!.restorePoints;
+  const keep = jobOf(estate, vm).restorePoints;
   const n = sealedOf(facts.replica).length;
   checks.check('retention keeps the job’s number of points', n <= keep, `${vm}: ${n} points, keep ${keep}`);
 }

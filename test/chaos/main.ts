@@ -1,8 +1,10 @@
-// `npm run chaos [-- --seed S --rounds N --minutes M --out DIR]`: the fault suite. Rounds of planned failovers,
-// undo, failback, permanent and regular failover and job runs on the lab, with processes killed, the server
-// restarted, workflows terminated or reset, proxies taken offline and hosts failing at random moments drawn
-// from the printed seed; invariants from the hosts and the histories after every round. Loopback only; stops by
-// itself after N rounds or M minutes, or at the first round that breaks an invariant (its histories are saved).
+// `npm run chaos [-- --hypervisor lab|kvm --seed S --rounds N --minutes M --out DIR]`: the fault suite. Rounds of
+// planned failovers, undo, failback, permanent and regular failover and job runs on the lab or on real guests of two
+// KVM hosts, with processes killed, the server restarted, workflows terminated or reset, proxies taken offline and
+// hosts failing (the lab's injected faults; on KVM host processes, storage daemons and guests killed, libvirtd
+// restarted, the DR storage full or its power cut, connections cut or stalled) at random moments drawn from the
+// printed seed; invariants from the hosts and the histories after every round. Loopback only; stops by itself
+// after N rounds or M minutes, or at the first round that breaks an invariant (its histories are saved).
 import { execFileSync } from 'node:child_process';
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -11,16 +13,20 @@ import { Command, InvalidArgumentError } from 'commander';
 import { Client, Connection } from '@temporalio/client';
 import { historyToJSON } from '@temporalio/common/lib/proto-utils';
 import { ensureTemporalCli, freePort, projectRoot } from '../../scripts/lib/dev-server';
+import { connectHypervisor } from '../../src/config/hypervisor';
+import { parseConfiguration } from '../../src/config/load';
 import { TASK_QUEUE, WorkflowTypes, type ReplicationJobResult } from '../../src/contract';
 import { bundleWorkflows } from '../../src/worker';
-import { chaosConfiguration, chaosEstate, DR_HOST, JOBS, OPERATOR, PRODUCTION_HOST, PROXIES, VM_DISKS } from './estate';
+import { chaosConfiguration, HYPERVISORS, OPERATOR, PROXIES, type Hypervisor } from './estate';
+import { FAULT_KINDS, type ChaosHosts, type FaultKind } from './hosts';
 import { Ledger } from './invariants';
+import { KvmHosts } from './kvm-hosts';
+import { LabHosts } from './lab-hosts';
 import { ChaosSite } from './processes';
 import { Chance, randomSeed } from './random';
 import { Recorder } from './recorder';
-import { FAULT_KINDS, Round, type FaultKind, type RoundRecord, type World } from './round';
+import { Round, type RoundRecord, type World } from './round';
 import { summaryMarkdown, type ChaosSummary } from './summary';
-import { labControl, labPort as labClient, labServerTls, makeTestSite } from '../tls';
 
 const whole = (min: number) => (value: string) => {
   if (!/^\d+$/.test(value) || Number(value) < min) throw new InvalidArgumentError(`must be a whole number ≥ ${min}`);
@@ -54,6 +60,11 @@ async function main(): Promise<number> {
   const opts = new Command()
     .name('chaos')
     .description('The fault suite: random kills, outages and restarts over many rounds, every invariant checked')
+    .option(
+      '--hypervisor <lab|kvm>',
+      'the lab, or real guests on two KVM hosts (libvirt instances of this machine)',
+      'lab',
+    )
     .option('--seed <n>', 'the seed to draw every choice from (printed; a random one when omitted)', whole(1))
     .option('--rounds <n>', 'rounds to run', whole(1), 10)
     .option('--minutes <n>', 'start no round after this many minutes', whole(1), 90)
@@ -63,6 +74,7 @@ async function main(): Promise<number> {
     .exitOverride()
     .parse()
     .opts<{
+      hypervisor: string;
       seed?: number;
       rounds: number;
       minutes: number;
@@ -70,53 +82,35 @@ async function main(): Promise<number> {
       suggestContinueAsNew: number;
       keepGoing: boolean;
     }>();
+  if (!HYPERVISORS.includes(opts.hypervisor as Hypervisor))
+    throw new InvalidArgumentError(`--hypervisor: must be one of ${HYPERVISORS.join(', ')}, not '${opts.hypervisor}'`);
+  const hypervisor = opts.hypervisor as Hypervisor;
   const seed = opts.seed ?? randomSeed();
   const started = Date.now();
   const commit = commitOf(); // the code that runs, even if the checkout moves on meanwhile
   const out = resolve(opts.out, `seed-${seed}`);
   mkdirSync(out, { recursive: true });
   const log = (line: string): void => console.log(line);
-  log(`chaos: seed ${seed}, ${opts.rounds} rounds (replay: npm run chaos -- --seed ${seed} --rounds ${opts.rounds})`);
+  const replay = `npm run chaos -- ${hypervisor === 'kvm' ? '--hypervisor kvm ' : ''}--seed ${seed} --rounds ${opts.rounds}`;
+  log(`chaos: ${hypervisor}, seed ${seed}, ${opts.rounds} rounds (replay: ${replay})`);
 
   const workDir = mkdtempSync(join(tmpdir(), 'pf-chaos-'));
   const cli = ensureTemporalCli();
-  const [serverPort, labPort] = [await freePort(), await freePort()];
-  const labUrl = `https://127.0.0.1:${labPort}`;
-  await makeTestSite(join(workDir, 'certs'));
-  const labTls = await labServerTls(chaosEstate());
-  const recorder = new Recorder({
-    labUrl,
-    productionHost: PRODUCTION_HOST,
-    drHost: DR_HOST,
-    disksOf: (vm) => VM_DISKS[vm]!,
-    tls: labTls,
-  });
-  const recorderUrl = await recorder.listen();
-  const { code } = await bundleWorkflows();
-  const bundlePath = join(workDir, 'workflow-bundle.js');
-  writeFileSync(bundlePath, code);
-  const site = new ChaosSite({
-    workDir,
-    cli,
-    serverPort,
-    labPort,
-    labTls,
-    recorderUrl,
-    estate: chaosEstate(),
-    configuration: chaosConfiguration(recorderUrl),
-    proxies: PROXIES,
-    bundlePath,
-    suggestContinueAsNew: opts.suggestContinueAsNew,
-  });
-  const lab = labClient(labUrl);
-  const operatorPort = labClient(recorderUrl);
-  const control = labControl(labUrl);
+  const serverPort = await freePort();
+  const hosts: ChaosHosts =
+    hypervisor === 'kvm' ? new KvmHosts({ workDir, log }) : new LabHosts({ workDir, port: await freePort() });
+  const { estate } = hosts;
   const rounds: RoundRecord[] = [];
   const totals = Object.fromEntries(FAULT_KINDS.map((k) => [k, 0])) as Record<FaultKind, number>;
   let client: Client | undefined;
+  let site: ChaosSite | undefined;
+  let recorder: Recorder | undefined;
+  let operatorPort: ReturnType<typeof connectHypervisor> | undefined;
   const summary = (): ChaosSummary => ({
     seed,
     commit,
+    hypervisor,
+    faultKinds: [...hosts.faultKinds, 'continueAsNew'],
     startedAt: new Date(started).toISOString(),
     wallTimeSeconds: Math.round((Date.now() - started) / 1000),
     roundsPlanned: opts.rounds,
@@ -128,23 +122,64 @@ async function main(): Promise<number> {
     writeFileSync(join(out, 'summary.json'), JSON.stringify(s, null, 2) + '\n');
     writeFileSync(join(out, 'summary.md'), summaryMarkdown(s));
   };
-  // Ctrl-C (or a CI timeout) stops every process the suite started: the server and the lab are detached groups.
+  // Ctrl-C (or a CI timeout) stops every process the suite started: the server and the hosts are detached groups.
   for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
     process.once(signal, () => {
       log(`chaos: ${signal}, stopping the site (summary so far in ${out})`);
       writeSummary();
-      void site.close().finally(() => process.exit(130));
+      void Promise.allSettled([site?.close()])
+        .then(() => hosts.close())
+        .finally(() => process.exit(130));
     });
   }
   try {
+    await hosts.start();
+    recorder = new Recorder({
+      upstreams: hosts.upstreams(),
+      productionHost: estate.productionHost,
+      drHost: estate.drHost,
+      disksOf: (vm) => estate.vmDisks[vm]!,
+      direct: hosts.direct,
+      sourceImage: (vm) => hosts.sourceImage(vm),
+      poweredOn: (host, vm) => hosts.poweredOn(host, vm),
+    });
+    const recorderUrls = await recorder.listen();
+    const urls = await hosts.workerUrls(recorderUrls);
+    const configuration = chaosConfiguration(estate, {
+      production: urls[estate.productionHost]!,
+      dr: urls[estate.drHost]!,
+    });
+    operatorPort = connectHypervisor(
+      parseConfiguration(
+        JSON.stringify(
+          chaosConfiguration(estate, {
+            production: recorderUrls[estate.productionHost]!,
+            dr: recorderUrls[estate.drHost]!,
+          }),
+        ),
+        'the operator’s configuration',
+      ),
+    );
+    const { code } = await bundleWorkflows();
+    const bundlePath = join(workDir, 'workflow-bundle.js');
+    writeFileSync(bundlePath, code);
+    site = new ChaosSite({
+      workDir,
+      cli,
+      serverPort,
+      configuration,
+      proxies: PROXIES,
+      bundlePath,
+      suggestContinueAsNew: opts.suggestContinueAsNew,
+    });
     await site.startServer();
-    await site.heal();
+    await site.heal(async () => []);
     client = new Client({ connection: await Connection.connect({ address: site.address }), namespace: 'default' });
-    const world: World = { client, site, recorder, lab, operatorPort, control, cli, ledger: new Ledger(), totals, log };
+    const world: World = { client, site, hosts, recorder, operatorPort, cli, ledger: new Ledger(), totals, log };
 
     // Seeding, without faults: every replica gets its first point before the rounds begin.
     const seeds = await Promise.all(
-      JOBS.map(async (job) => {
+      estate.jobs.map(async (job) => {
         const handle = await client!.workflow.start(WorkflowTypes.replicationJob, {
           taskQueue: TASK_QUEUE,
           workflowId: `job-seed-${job.name}`,
@@ -166,9 +201,10 @@ async function main(): Promise<number> {
       log(`round ${i} (seed ${round.record.seed})`);
       await round.startOperations();
       round.scheduleFaults();
-      await round.runFor(25_000);
+      await round.runFor(hosts.timing.runForMs);
       await round.heal();
       const stillRunning = await round.settle(300_000);
+      await round.afterSettle();
       const closing = await round.closingRuns();
       const record = round.finish(await round.check(stillRunning, closing));
       await round.tendAttention();
@@ -188,11 +224,10 @@ async function main(): Promise<number> {
   } finally {
     writeSummary();
     await client?.connection.close().catch(() => undefined);
-    await site.close();
-    await recorder.close();
-    lab.close();
-    operatorPort.close();
-    control.close();
+    await site?.close();
+    await recorder?.close();
+    operatorPort?.close();
+    await hosts.close();
     rmSync(workDir, { recursive: true, force: true });
   }
   const s = summary();

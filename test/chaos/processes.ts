@@ -1,14 +1,12 @@
 // The suite's site, every part a process of its own that a fault can kill for real: the Temporal dev server on a
-// persistent SQLite file, the lab, the orchestration worker and one worker per proxy. The workers reach the lab
-// through the recorder (recorder.ts), which lives in the suite's process and so survives every fault.
+// persistent SQLite file, the orchestration worker and one worker per proxy (the hosts are the ChaosHosts' own). The
+// workers reach the hosts through the recorder (recorder.ts), which lives in the suite's process and so survives
+// every fault.
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
-import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import { startDevServer, type DevServer } from '../../scripts/lib/dev-server';
-import type { EstateInput } from '../../lab/estate';
 import type { WorkerRoles } from '../../src/worker';
-import type { ServerTlsFiles } from '../../src/host-api/certificates';
 
 const READY_MS = 90_000;
 
@@ -25,6 +23,11 @@ export class ManagedProcess {
     private readonly env: Record<string, string>,
     private readonly ready: RegExp,
   ) {}
+
+  /** The running process's pid. */
+  get pid(): number | undefined {
+    return this.alive ? this.child?.pid : undefined;
+  }
 
   get alive(): boolean {
     return this.child !== undefined && this.child.exitCode === null && this.child.signalCode === null;
@@ -60,9 +63,18 @@ export class ManagedProcess {
 
   /** SIGKILL, down for `downMs`, started again; after any kill or start already under way. */
   bounce(downMs: number): Promise<void> {
+    return this.restart({ whileDown: () => delay(downMs) });
+  }
+
+  /**
+   * SIGKILL and started again, in turn with other kills and starts: `beforeKill` runs just before the kill,
+   * `whileDown` between the kill and the start.
+   */
+  restart(steps: { beforeKill?: () => Promise<void>; whileDown?: () => Promise<void> }): Promise<void> {
     return this.inTurn(async () => {
+      await steps.beforeKill?.();
       await this.kill();
-      await delay(downMs);
+      await steps.whileDown?.();
       await this.start();
     });
   }
@@ -96,12 +108,7 @@ export interface SiteOptions {
   workDir: string;
   cli: string;
   serverPort: number;
-  labPort: number;
-  /** The lab's TLS files (test/tls.ts). */
-  labTls: ServerTlsFiles;
-  recorderUrl: string;
-  estate: EstateInput;
-  /** The orchestrator's configuration, as JSON. */
+  /** The orchestrator's configuration, as JSON: its hosts' URLs are where the workers reach them. */
   configuration: object;
   proxies: string[];
   bundlePath: string;
@@ -110,35 +117,14 @@ export interface SiteOptions {
 
 export class ChaosSite {
   server: DevServer | undefined;
-  readonly lab: ManagedProcess;
   readonly workflowWorker: ManagedProcess;
   readonly proxyWorkers: Map<string, ManagedProcess>;
 
   constructor(private readonly o: SiteOptions) {
-    const estatePath = join(o.workDir, 'estate.json');
-    writeFileSync(estatePath, JSON.stringify(o.estate));
-    this.lab = new ManagedProcess(
-      'lab',
-      [
-        '--import',
-        'tsx',
-        'lab/main.ts',
-        '--estate',
-        estatePath,
-        '--data',
-        join(o.workDir, 'lab'),
-        '--port',
-        String(o.labPort),
-        ...['--tls-cert', o.labTls.cert, '--tls-key', o.labTls.key, '--client-ca', o.labTls.clientCa],
-      ],
-      {},
-      /listening on https/,
-    );
     const worker = (roles: WorkerRoles): Record<string, string> => ({
       PF_WORKER_ADDRESS: this.address,
       PF_WORKER_NAMESPACE: 'default',
       PF_WORKER_CONFIG: JSON.stringify(o.configuration),
-      PF_WORKER_LAB_URL: o.recorderUrl,
       PF_WORKER_BUNDLE: o.bundlePath,
       PF_WORKER_ROLES: JSON.stringify(roles),
     });
@@ -159,10 +145,6 @@ export class ChaosSite {
 
   get address(): string {
     return `127.0.0.1:${this.o.serverPort}`;
-  }
-
-  get labUrl(): string {
-    return `https://127.0.0.1:${this.o.labPort}`;
   }
 
   async startServer(): Promise<void> {
@@ -205,21 +187,22 @@ export class ChaosSite {
     return next;
   }
 
-  /** Every process that should run and does not is started again (the server first, the workers last). */
-  async heal(): Promise<string[]> {
+  /** Every process that should run and does not is started again: the server first, the hosts, the workers last. */
+  async heal(hosts: () => Promise<string[]>): Promise<string[]> {
     const started: string[] = [];
     await this.serverTurn;
     if (!this.server) {
       await this.startServer();
       started.push('temporal server');
     }
-    for (const p of [this.lab, this.workflowWorker, ...this.proxyWorkers.values()])
+    started.push(...(await hosts()));
+    for (const p of [this.workflowWorker, ...this.proxyWorkers.values()])
       if (await p.ensureRunning()) started.push(p.name);
     return started;
   }
 
   async close(): Promise<void> {
-    for (const p of [this.workflowWorker, ...this.proxyWorkers.values(), this.lab]) await p.kill();
+    for (const p of [this.workflowWorker, ...this.proxyWorkers.values()]) await p.kill();
     await this.stopServer();
   }
 }

@@ -1,20 +1,20 @@
-// The workers reach the lab through this recorder, in the suite's own process: it forwards every call and writes
-// down what the host was told to do, so that the invariants rest on what happened on the host, not on what the
+// The workers reach the hosts (the lab, or each KVM host process) through this recorder, in the suite's own process:
+// it forwards every call and writes down what the host was told to do, so that the invariants rest on what happened on the host, not on what the
 // workflows report. It records
 //  - every power call and the host's answer;
 //  - the image of every checkpoint a session takes, read before the answer goes back (a checkpoint never
 //    changes, so each restore point copied from it can later be compared with it, byte for byte);
 //  - a production VM's image when it goes off and again just before it is powered on: nothing may change it
 //    while it is off, except a failback, and then it must boot exactly its failback-protective point.
-// When the lab is down it answers 502, as a dead host behind a load balancer would.
+// When a host is down it answers 502, as a dead host behind a load balancer would. It listens once per host server
+// (one for the lab, one per KVM host process), so that it knows where each call goes.
 import type http from 'node:http';
 import type https from 'node:https';
 import { type AddressInfo } from 'node:net';
 import { replicaNameOf } from '../../src/activities/inventory';
 import type { ServerTlsFiles } from '../../src/host-api/certificates';
-import type { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
+import type { HypervisorPort } from '../../src/hypervisor/port';
 import { forwardTo, labAgent, standInForLab } from '../forward';
-import { labPort } from '../tls';
 import { pointDigest, sourceDigest, type DiskShape } from './images';
 
 export interface PowerRecord {
@@ -28,13 +28,27 @@ export interface PowerRecord {
   already?: boolean;
 }
 
+/** A host server behind the recorder, over mutual TLS. */
+export interface Upstream {
+  url: string;
+  /** The name its certificate proves (`lab`, or the KVM host's). */
+  servername: string;
+  /** What the recorder serves the workers with in its place: a certificate naming the hosts it serves. */
+  tls: ServerTlsFiles;
+}
+
 export interface RecorderOptions {
-  labUrl: string;
+  /** Each host's server (the same for hosts one server serves). */
+  upstreams: Record<string, Upstream>;
   productionHost: string;
   drHost: string;
   disksOf: (vm: string) => readonly DiskShape[];
-  /** The lab's own TLS files, which the recorder serves the workers with. */
-  tls: ServerTlsFiles;
+  /** The hosts past the recorder: what it reads images with. */
+  direct: HypervisorPort;
+  /** The production VM's disks now (it is off), as a digest; null when they cannot be read. */
+  sourceImage: (vm: string) => Promise<string | null>;
+  /** Told of every power-on the hosts answered (the KVM hosts follow the replica's guest from there). */
+  poweredOn?: (host: string, vm: string) => void;
 }
 
 const POWER = /^\/v1\/hosts\/([^/]+)\/vms\/([^/]+)\/power$/;
@@ -60,32 +74,44 @@ export class Recorder {
   private readonly results: { name: string; ok: boolean; detail: string }[] = [];
   private readonly offImage = new Map<string, string | null>();
   private readonly writtenWhileOff = new Set<string>();
-  private readonly lab: HostApiHypervisor;
-  private readonly server: https.Server;
+  private readonly direct: HypervisorPort;
+  private readonly servers: https.Server[] = [];
   private readonly agent = labAgent({ keepAlive: false });
-  private readonly target: URL;
 
   constructor(private readonly o: RecorderOptions) {
-    this.target = new URL(o.labUrl);
-    this.lab = labPort(o.labUrl);
-    this.server = standInForLab(o.tls, (req, res) => {
-      this.forward(req, res).catch(() => {
-        if (!res.headersSent && !res.destroyed) res.writeHead(502).end();
-        else res.destroy();
-      });
-    });
+    this.direct = o.direct;
   }
 
-  async listen(port = 0): Promise<string> {
-    await new Promise<void>((resolve) => this.server.listen(port, '127.0.0.1', resolve));
-    return `https://127.0.0.1:${(this.server.address() as AddressInfo).port}`;
+  /** Listens for each host server; returns, per host, the URL its calls go to. */
+  async listen(): Promise<Record<string, string>> {
+    const byUpstream = new Map<string, string>();
+    const urls: Record<string, string> = {};
+    for (const [host, upstream] of Object.entries(this.o.upstreams)) {
+      let url = byUpstream.get(upstream.url);
+      if (!url) {
+        const target = new URL(upstream.url);
+        const server = standInForLab(upstream.tls, (req, res) => {
+          this.forward(target, upstream.servername, req, res).catch(() => {
+            if (!res.headersSent && !res.destroyed) res.writeHead(502).end();
+            else res.destroy();
+          });
+        });
+        this.servers.push(server);
+        await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+        url = `https://127.0.0.1:${(server.address() as AddressInfo).port}`;
+        byUpstream.set(upstream.url, url);
+      }
+      urls[host] = url;
+    }
+    return urls;
   }
 
   async close(): Promise<void> {
-    this.server.closeAllConnections();
-    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    for (const server of this.servers) {
+      server.closeAllConnections();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    }
     this.agent.destroy();
-    this.lab.close();
   }
 
   /** Takes the comparisons so far (each is reported once). */
@@ -97,8 +123,13 @@ export class Recorder {
     this.results.push({ name, ok, detail });
   }
 
-  private async forward(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
-    const path = decodeURIComponent(new URL(req.url ?? '/', this.target).pathname);
+  private async forward(
+    target: URL,
+    servername: string,
+    req: http.IncomingMessage,
+    res: http.ServerResponse,
+  ): Promise<void> {
+    const path = decodeURIComponent(new URL(req.url ?? '/', target).pathname);
     const method = req.method ?? 'GET';
     const power = method === 'POST' ? POWER.exec(path) : null;
     const checkpoint = method === 'PUT' ? CHECKPOINT.exec(path) : null;
@@ -111,7 +142,7 @@ export class Recorder {
     if (sourceWrite && production(sourceWrite[1])) this.writtenWhileOff.add(sourceWrite[2]!);
     if (power && action === 'on' && production(power[1])) await this.beforeBoot(power[2]!);
 
-    const { upstream, answered } = forwardTo(this.target, this.agent, req, res);
+    const { upstream, answered } = forwardTo(target, this.agent, req, res, servername);
     if (body) upstream.end(body);
     else req.pipe(upstream);
     const answer = await answered;
@@ -141,6 +172,7 @@ export class Recorder {
         already: parsed.alreadyInState,
       });
       if (status < 300 && action !== 'on' && production(host) && parsed.state === 'Off') await this.afterOff(vm);
+      if (status < 300 && action === 'on') this.o.poweredOn?.(host, vm);
     }
     if (checkpoint) await this.recordCheckpoint(checkpoint[1]!, checkpoint[2]!, checkpoint[3]!);
     if (res.destroyed) return;
@@ -150,7 +182,7 @@ export class Recorder {
   private async recordCheckpoint(host: string, vm: string, id: string): Promise<void> {
     let digest: string;
     try {
-      digest = await sourceDigest(this.lab, host, vm, this.o.disksOf(vm), id);
+      digest = await sourceDigest(this.direct, host, vm, this.o.disksOf(vm), id);
     } catch {
       return; // the lab died under the read: points copied from this checkpoint go unchecked
     }
@@ -169,7 +201,7 @@ export class Recorder {
   }
 
   private async beforeBoot(vm: string): Promise<void> {
-    const info = await this.lab.getVm({ host: this.o.productionHost, vm }).catch(() => undefined);
+    const info = await this.direct.getVm({ host: this.o.productionHost, vm }).catch(() => undefined);
     if (info?.powerState !== 'Off') return;
     const offImage = this.offImage.get(vm);
     this.offImage.delete(vm);
@@ -181,7 +213,7 @@ export class Recorder {
       this.result('production boots with the data it had when it went off', now === offImage, vm);
       return;
     }
-    const replica = await this.lab
+    const replica = await this.direct
       .getReplica({ host: this.o.drHost, replica: replicaNameOf(vm) })
       .catch(() => undefined);
     if (!replica) return; // the DR host did not answer (the lab may be down): nothing to compare with
@@ -190,7 +222,7 @@ export class Recorder {
       this.result('production written while off boots its failback-protective point', false, `${vm}: no such point`);
       return;
     }
-    const expected = await pointDigest(this.lab, this.o.drHost, vm, this.o.disksOf(vm), protective.id).catch(
+    const expected = await pointDigest(this.direct, this.o.drHost, vm, this.o.disksOf(vm), protective.id).catch(
       () => null,
     );
     if (expected === null) return;
@@ -207,6 +239,6 @@ export class Recorder {
   }
 
   private imageNow(vm: string): Promise<string | null> {
-    return sourceDigest(this.lab, this.o.productionHost, vm, this.o.disksOf(vm)).catch(() => null);
+    return this.o.sourceImage(vm).catch(() => null);
   }
 }

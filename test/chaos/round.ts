@@ -21,8 +21,9 @@ import {
   type ReplicationJobResult,
 } from '../../src/contract';
 import { replicaNameOf } from '../../src/activities/inventory';
-import type { LabControl, LabFault, HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
-import { DR_HOST, JOBS, jobOf, OPERATOR, PRODUCTION_HOST, PROXIES, RETIRABLE, VMS } from './estate';
+import type { HypervisorPort } from '../../src/hypervisor/port';
+import { jobOf, OPERATOR, PROXIES, vmsOf } from './estate';
+import { type ChaosHosts, type FaultContext, type FaultKind, type HostFaultKind, SUITE_FAULTS } from './hosts';
 import {
   checkClosingRun,
   checkPower,
@@ -41,33 +42,13 @@ import type { Recorder } from './recorder';
 
 const run = promisify(execFile);
 
-export const FAULT_KINDS = [
-  'workflowWorkerKill',
-  'proxyWorkerKill',
-  'labKill',
-  'serverRestart',
-  'terminate',
-  'reset',
-  'proxyOffline',
-  'hostUnreachable',
-  'hostFail',
-  'hostSlow',
-  'transferCut',
-  'continueAsNew',
-] as const;
-export type FaultKind = (typeof FAULT_KINDS)[number];
-/** Forced by the server's low continue-as-new suggestion and counted from the histories, not injected. */
-const INJECTED = FAULT_KINDS.filter((k) => k !== 'continueAsNew');
-
 export interface World {
   client: Client;
   site: ChaosSite;
+  hosts: ChaosHosts;
   recorder: Recorder;
-  /** The suite's own way to the lab, past the recorder. */
-  lab: HostApiHypervisor;
   /** What the suite does as an operator on the hosts goes through the recorder, like the workers' calls. */
-  operatorPort: HostApiHypervisor;
-  control: LabControl;
+  operatorPort: HypervisorPort;
   cli: string;
   ledger: Ledger;
   /** Faults injected so far over the run, by kind: the rarest are picked first. */
@@ -114,18 +95,18 @@ async function viewOf(client: Client, vm: string): Promise<ReplicaView | undefin
   return attempt(() => client.workflow.getHandle(replicaWorkflowId(vm)).query(replicaQueries.state));
 }
 
-async function views(client: Client, within = 120_000): Promise<Map<string, ReplicaView>> {
+async function views(client: Client, vms: string[], within = 120_000): Promise<Map<string, ReplicaView>> {
   const deadline = Date.now() + within;
   const out = new Map<string, ReplicaView>();
   for (;;) {
-    for (const vm of VMS) {
+    for (const vm of vms) {
       if (out.has(vm)) continue;
       const view = await viewOf(client, vm);
       if (view) out.set(vm, view);
     }
-    if (out.size === VMS.length) return out;
+    if (out.size === vms.length) return out;
     if (Date.now() > deadline)
-      throw new Error(`no state from the entities of ${VMS.filter((v) => !out.has(v)).join(', ')}`);
+      throw new Error(`no state from the entities of ${vms.filter((v) => !out.has(v)).join(', ')}`);
     await delay(1000);
   }
 }
@@ -159,6 +140,14 @@ export class Round {
     return this.started;
   }
 
+  private get estate() {
+    return this.w.hosts.estate;
+  }
+
+  private get vms(): string[] {
+    return vmsOf(this.estate);
+  }
+
   private count(into: Record<string, number>, key: string): void {
     into[key] = (into[key] ?? 0) + 1;
   }
@@ -173,24 +162,32 @@ export class Round {
   /** One operation per VM, chosen from its state as the entity and the hosts show it; started at once. */
   async startOperations(): Promise<void> {
     const c = this.chance;
-    const current = await views(this.w.client);
+    const { productionHost } = this.estate;
+    const current = await views(this.w.client, this.vms);
     const failovers: string[] = [];
     const jobRuns = new Map<string, string[]>();
-    for (const vm of VMS) {
+    for (const vm of this.vms) {
       const view = current.get(vm)!;
-      const prod = await this.w.lab.getVm({ host: PRODUCTION_HOST, vm });
+      const prod = await this.w.hosts.direct.getVm({ host: productionHost, vm });
       let op: string;
       if (view.state === 'Unseeded') op = 'jobRun';
       else if (view.state === 'Ready') op = c.weighted({ plannedFailover: 5, jobRun: 3, failover: 1, none: 1 });
       else if (view.state === 'Failover')
-        op = c.weighted({ undoFailover: 4, failback: 4, permanentFailover: RETIRABLE.has(vm) ? 1 : 0, none: 1 });
+        op = c.weighted({
+          undoFailover: 4,
+          failback: 4,
+          permanentFailover: this.estate.retirable.has(vm) ? 1 : 0,
+          none: 1,
+        });
       else if (view.state === 'Failback') op = c.weighted({ commitFailback: 1, undoFailback: 1 });
       else op = 'none';
       if (op === 'none') continue;
       this.count(this.record.operations, op);
       if (op === 'plannedFailover') failovers.push(vm);
-      else if (op === 'jobRun') jobRuns.set(jobOf(vm), [...(jobRuns.get(jobOf(vm)) ?? []), vm]);
-      else {
+      else if (op === 'jobRun') {
+        const job = jobOf(this.estate, vm).name;
+        jobRuns.set(job, [...(jobRuns.get(job) ?? []), vm]);
+      } else {
         const payload: Record<string, unknown> = request(op);
         if (op === 'failover') {
           const points = view.restorePoints;
@@ -201,7 +198,7 @@ export class Round {
         if (op === 'commitFailback' && prod.powerState === 'Off') {
           // A failback without power-on: the operator starts production and looks at it before committing.
           this.note(`operator powers ${vm} on to check it before committing the failback`);
-          await this.w.operatorPort.powerOn({ host: PRODUCTION_HOST, vm });
+          await this.w.operatorPort.powerOn({ host: productionHost, vm });
         }
         if (op === 'failback') {
           payload.powerOnProduction = c.chance(0.7);
@@ -257,12 +254,13 @@ export class Round {
 
   /** One to three faults, at random moments in the first seconds of the round; the rarest kinds first. */
   scheduleFaults(): void {
+    const kinds = this.w.hosts.faultKinds;
     const n = this.chance.int(1, 3);
     for (let i = 0; i < n; i++) {
-      const fewest = Math.min(...INJECTED.map((k) => this.w.totals[k]));
-      const rare = INJECTED.filter((k) => this.w.totals[k] === fewest);
-      const kind = this.chance.chance(0.6) ? this.chance.pick(rare) : this.chance.pick(INJECTED);
-      const at = this.chance.int(0, 9_000);
+      const fewest = Math.min(...kinds.map((k) => this.w.totals[k]));
+      const rare = kinds.filter((k) => this.w.totals[k] === fewest);
+      const kind = this.chance.chance(0.6) ? this.chance.pick(rare) : this.chance.pick(kinds);
+      const at = this.chance.int(0, this.w.hosts.timing.faultWindowMs);
       const fork = this.chance.fork();
       this.w.totals[kind]++; // counted when chosen, so that the next choice sees it; undone if nothing to hit
       this.timers.push(
@@ -285,6 +283,16 @@ export class Round {
   private async inject(kind: FaultKind, c: Chance): Promise<boolean> {
     const { site } = this.w;
     const down = c.int(0, 4_000);
+    if (!(SUITE_FAULTS as readonly string[]).includes(kind)) {
+      const ctx: FaultContext = {
+        chance: c,
+        downMs: down,
+        note: (line) => this.note(line),
+        sessionInWindow: (ms) => this.sessionInWindow(ms),
+        later: (step) => void this.timers.push(step.then(() => undefined)),
+      };
+      return this.w.hosts.inject(kind as HostFaultKind, ctx);
+    }
     switch (kind) {
       case 'workflowWorkerKill':
         this.note(`SIGKILL workflow worker, restart after ${down} ms`);
@@ -296,10 +304,6 @@ export class Round {
         await proxy.bounce(down);
         return true;
       }
-      case 'labKill':
-        this.note(`SIGKILL lab, restart after ${down / 2} ms`);
-        await site.lab.bounce(down / 2);
-        return true;
       case 'serverRestart': {
         const hard = c.chance(0.5);
         this.note(`Temporal server ${hard ? 'SIGKILL' : 'SIGTERM'}, restart after ${down / 2} ms`);
@@ -318,7 +322,7 @@ export class Round {
         return true;
       }
       default:
-        return this.hostFault(kind, c);
+        return false;
     }
   }
 
@@ -356,37 +360,6 @@ export class Round {
       '--address',
       this.w.site.address,
     ]);
-    return true;
-  }
-
-  /**
-   * A host fault: short (1–6 s, often outlasted by the steps' retries), or aimed at a planned failover's critical
-   * window and long enough (8–20 s) to exhaust a step's attempts there, so that the session halts.
-   */
-  private async hostFault(kind: FaultKind, c: Chance): Promise<boolean> {
-    const host = c.pick([PRODUCTION_HOST, DR_HOST]);
-    const aimed = c.chance(0.5);
-    let durationMs = c.int(1_000, 6_000);
-    const transfer = '/(write|send|read)$';
-    let fault: LabFault;
-    if (kind === 'hostUnreachable') fault = { kind: 'unreachable', durationMs };
-    else if (kind === 'hostFail') fault = { kind: 'fail', status: c.pick([500, 503, 503, 409]), durationMs };
-    else if (kind === 'hostSlow') fault = { kind: 'slow', latencyMs: c.int(200, 3_000), durationMs };
-    else fault = { kind: 'cut', afterBytes: c.int(0, 1024 * 1024), path: transfer, durationMs };
-    if (kind !== 'transferCut' && c.chance(0.4))
-      fault.path = c.pick([transfer, '/power$', '/points/', '/checkpoints/']);
-    let at = '';
-    if (aimed) {
-      const session = await this.sessionInWindow(15_000);
-      if (session) {
-        durationMs = c.int(8_000, 20_000);
-        fault.durationMs = durationMs;
-        if (kind === 'hostSlow' && fault.kind === 'slow') fault.latencyMs = c.int(5_000, 15_000);
-        at = ` aimed at ${session}`;
-      }
-    }
-    this.note(`${host}: ${JSON.stringify(fault)}${at}`);
-    await this.w.control.setFault(host, fault);
     return true;
   }
 
@@ -455,11 +428,12 @@ export class Round {
   readonly overlaps = new Set<string>();
 
   private async samplePower(): Promise<void> {
-    for (const vm of VMS) {
+    const { productionHost, drHost } = this.estate;
+    for (const vm of this.vms) {
       if (this.w.ledger.regularFailover.has(vm)) continue;
       const [prod, replica] = await Promise.all([
-        this.w.lab.getVm({ host: PRODUCTION_HOST, vm }),
-        this.w.lab.getReplica({ host: DR_HOST, replica: replicaNameOf(vm) }),
+        this.w.hosts.direct.getVm({ host: productionHost, vm }),
+        this.w.hosts.direct.getReplica({ host: drHost, replica: replicaNameOf(vm) }),
       ]);
       if (prod.powerState !== 'Off' && replica.powerState !== 'Off')
         this.overlaps.add(`${vm}: production ${prod.powerState}, replica ${replica.powerState}`);
@@ -470,9 +444,8 @@ export class Round {
   async heal(): Promise<void> {
     await Promise.all(this.timers);
     await Promise.all(this.updates.splice(0).map((u) => Promise.race([u, delay(1_000)])));
-    const restarted = await this.w.site.heal();
+    const restarted = await this.w.site.heal(() => this.w.hosts.heal((line) => this.note(line)));
     if (restarted.length > 0) this.note(`healed: started ${restarted.join(', ')}`);
-    for (const host of [PRODUCTION_HOST, DR_HOST]) await this.w.control.clearFaults(host);
     for (const proxy of PROXIES) await this.setProxyOnline(proxy, true);
   }
 
@@ -504,14 +477,21 @@ export class Round {
 
   /** A VM that its entity says is off with nothing running for it: the operator powers it on. */
   async tendAttention(): Promise<void> {
-    const current = await views(this.w.client);
+    const { productionHost } = this.estate;
+    const current = await views(this.w.client, this.vms);
     for (const [vm, view] of current) {
       if (!view.attention || !(view.state === 'Ready' || view.state === 'Unseeded')) continue;
-      const prod = await this.w.lab.getVm({ host: PRODUCTION_HOST, vm });
+      const prod = await this.w.hosts.direct.getVm({ host: productionHost, vm });
       if (prod.powerState !== 'Off') continue;
       this.note(`operator powers ${vm} on after the entity's attention: ${view.attention}`);
-      await this.w.operatorPort.powerOn({ host: PRODUCTION_HOST, vm });
+      await this.w.operatorPort.powerOn({ host: productionHost, vm });
     }
+  }
+
+  /** What an operator does once the round settled, after the hosts' own faults (a crashed VM powered on, ...). */
+  async afterSettle(): Promise<void> {
+    const current = await views(this.w.client, this.vms);
+    await this.w.hosts.afterSettle(current, this.w.operatorPort, (line) => this.note(line));
   }
 
   /** The entities' views once the round settled (kept for the invariants: the closing run becomes lastRun). */
@@ -519,10 +499,10 @@ export class Round {
 
   /** A run of every job once the round settled: it must serve each VM as its state says. */
   async closingRuns(): Promise<Map<string, ReplicationJobResult | Error>> {
-    this.settledViews = await views(this.w.client);
+    this.settledViews = await views(this.w.client, this.vms);
     const results = new Map<string, ReplicationJobResult | Error>();
     await Promise.all(
-      JOBS.map(async (job) => {
+      this.estate.jobs.map(async (job) => {
         try {
           const handle = await this.w.client.workflow.start(WorkflowTypes.replicationJob, {
             taskQueue: TASK_QUEUE,
@@ -546,17 +526,18 @@ export class Round {
 
   async check(stillRunning: string[], closing: Map<string, ReplicationJobResult | Error>): Promise<Checks> {
     const checks = new Checks();
-    const { client, lab, recorder, ledger } = this.w;
+    const { client, hosts, recorder, ledger } = this.w;
     checks.check('the round settles', stillRunning.length === 0, `still running: ${stillRunning.join(', ')}`);
     await checkWorkflows(client, this.started, ledger, checks);
-    const current = await views(client);
-    checkClosingRun(closing, current, checks);
-    for (const vm of VMS) {
-      const facts = await hostFacts(lab, vm);
-      await checkVm(lab, recorder, ledger, checks, vm, current.get(vm)!, facts, this.settledViews.get(vm)!);
-      checkRetention(vm, facts, current.get(vm)!, checks);
+    const current = await views(client, this.vms);
+    await hosts.check({ checks, ledger, views: current, settledViews: this.settledViews });
+    checkClosingRun(this.estate, closing, current, checks);
+    for (const vm of this.vms) {
+      const facts = await hostFacts(hosts.direct, this.estate, vm);
+      await checkVm(hosts, recorder, ledger, checks, vm, current.get(vm)!, facts, this.settledViews.get(vm)!);
+      checkRetention(this.estate, vm, facts, current.get(vm)!, checks);
     }
-    checkPower(recorder, ledger, checks);
+    checkPower(this.estate, recorder, ledger, checks);
     checks.check(
       'production and replica never run on the same data',
       this.overlaps.size === 0,

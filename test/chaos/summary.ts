@@ -1,9 +1,13 @@
 // The run's summary, per round and overall, as JSON (summary.json) and Markdown (summary.md).
-import { FAULT_KINDS, type RoundRecord } from './round';
+import type { Hypervisor } from './estate';
+import type { RoundRecord } from './round';
 
 export interface ChaosSummary {
   seed: number;
   commit: string;
+  hypervisor: Hypervisor;
+  /** The kinds of fault the run could inject (and continueAsNew, counted), in the order they are listed. */
+  faultKinds: string[];
   startedAt: string;
   wallTimeSeconds: number;
   roundsPlanned: number;
@@ -37,10 +41,10 @@ export function totalsOf(s: ChaosSummary) {
 export function summaryMarkdown(s: ChaosSummary): string {
   const t = totalsOf(s);
   const lines = [
-    `# Chaos run, seed ${s.seed}`,
+    `# Chaos run, seed ${s.seed}${s.hypervisor === 'kvm' ? ', real VMs on KVM' : ''}`,
     '',
-    `Commit ${s.commit}, started ${s.startedAt}, ${s.rounds.length} of ${s.roundsPlanned} rounds in ${s.wallTimeSeconds} s; ` +
-      `continue-as-new suggested after ${s.suggestContinueAsNew} events. Replay: \`npm run chaos -- --seed ${s.seed} --rounds ${s.roundsPlanned}\`.`,
+    `Commit ${s.commit}, hypervisor ${s.hypervisor}, started ${s.startedAt}, ${s.rounds.length} of ${s.roundsPlanned} rounds in ${s.wallTimeSeconds} s; ` +
+      `continue-as-new suggested after ${s.suggestContinueAsNew} events. Replay: \`npm run chaos -- ${s.hypervisor === 'kvm' ? '--hypervisor kvm ' : ''}--seed ${s.seed} --rounds ${s.roundsPlanned}\`.`,
     '',
     '## Overall',
     '',
@@ -59,7 +63,7 @@ export function summaryMarkdown(s: ChaosSummary): string {
     '',
     '| fault | injected |',
     '|---|---|',
-    ...FAULT_KINDS.map((k) => `| ${k} | ${t.faults[k] ?? 0} |`),
+    ...s.faultKinds.map((k) => `| ${k} | ${t.faults[k] ?? 0} |`),
     '',
     '## Rounds',
     '',

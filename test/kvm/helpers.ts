@@ -15,7 +15,9 @@ import {
   waitForSeq,
   type ReadyLine,
   type GuestLine,
+  type GuestWorkload,
 } from '../../kvm/guest/guest';
+import type { Virsh } from '../../agent/libvirt/virsh';
 import { startKvmHost, type RunningKvmHost } from '../../agent/server';
 import { guestDomainXml } from '../../kvm/libvirt/domain';
 import { CAPABILITIES_CACHE, LibvirtInstance } from '../../kvm/libvirt/instance';
@@ -162,35 +164,44 @@ export interface KvmHostProcess {
   stop(): Promise<void>;
 }
 
-export async function spawnKvmHostProcess(options: {
+/** What starts a KVM host process as an operator does: the one place tests and the fault suite make its arguments. */
+export interface KvmHostProcessOptions {
   name: string;
   role: 'production' | 'dr';
   libvirtUri: string;
   stateDir: string;
+  /** 0 (the default) picks a free one. */
+  port?: number;
   /** The agent's domains file (the domains it may act on as source VMs). */
   domainsFile?: string;
   /** More flags of `npm run kvm-host`. */
   flags?: string[];
-}): Promise<KvmHostProcess> {
+}
+
+/** `node` arguments that run `npm run kvm-host` with these options over mutual TLS, serving the test guest's boot files. */
+export async function kvmHostArgs(options: KvmHostProcessOptions): Promise<string[]> {
   const tls = await testServerTls([options.name]);
-  const proc = spawn(
-    process.execPath,
-    [
-      ...['--import', 'tsx', join(projectRoot, 'agent', 'main.ts')],
-      ...['--name', options.name, '--site', options.role === 'dr' ? 'dr' : 'primary', '--role', options.role],
-      ...['--port', '0', '--libvirt', options.libvirtUri, '--state', options.stateDir],
-      ...(options.domainsFile ? ['--domains', options.domainsFile] : []),
-      ...(options.flags ?? []),
-      ...['--boot-files', guestFiles().dir], // the test guest's kernel and initrd
-      ...['--tls-cert', tls.cert, '--tls-key', tls.key, '--client-ca', tls.clientCa],
-    ],
-    { stdio: ['ignore', 'pipe', 'inherit'] },
-  );
+  return [
+    ...['--import', 'tsx', join(projectRoot, 'agent', 'main.ts')],
+    ...['--name', options.name, '--site', options.role === 'dr' ? 'dr' : 'primary', '--role', options.role],
+    ...['--port', String(options.port ?? 0), '--libvirt', options.libvirtUri, '--state', options.stateDir],
+    ...(options.domainsFile ? ['--domains', options.domainsFile] : []),
+    ...(options.flags ?? []),
+    ...['--boot-files', guestFiles().dir], // the test guest's kernel and initrd
+    ...['--tls-cert', tls.cert, '--tls-key', tls.key, '--client-ca', tls.clientCa],
+  ];
+}
+
+/** The line a KVM host process prints once it serves, with its URL. */
+export const KVM_HOST_LISTENING = /listening on (https:\/\/\S+)/;
+
+export async function spawnKvmHostProcess(options: KvmHostProcessOptions): Promise<KvmHostProcess> {
+  const proc = spawn(process.execPath, await kvmHostArgs(options), { stdio: ['ignore', 'pipe', 'inherit'] });
   const url = await new Promise<string>((resolve, reject) => {
     let out = '';
     proc.stdout.on('data', (d: Buffer) => {
       out += d.toString();
-      const m = /listening on (https:\/\/\S+)/.exec(out);
+      const m = KVM_HOST_LISTENING.exec(out);
       if (m) resolve(m[1]!);
     });
     proc.once('exit', (code) => reject(new Error(`kvm-host exited ${code}: ${out}`)));
@@ -202,6 +213,35 @@ export async function spawnKvmHostProcess(options: {
     await exited;
   };
   return { url, kill: () => signal('SIGKILL'), stop: () => signal('SIGTERM') };
+}
+
+/** Defines the tiny test guest as a libvirt domain, on a new empty disk (its XML kept in `dir`). */
+export async function defineTestGuest(
+  virsh: Virsh,
+  o: {
+    name: string;
+    dir: string;
+    image: string;
+    serialLog: string;
+    workload: GuestWorkload;
+    diskSize?: string;
+    memoryMiB?: number;
+  },
+): Promise<void> {
+  await createGuestDisk(o.image, o.diskSize ?? '64M');
+  const xml = join(o.dir, `${o.name}.xml`);
+  writeFileSync(
+    xml,
+    guestDomainXml({
+      name: o.name,
+      disk: o.image,
+      ...guestFiles(),
+      cmdline: guestKernelCmdline(o.workload),
+      serialLog: o.serialLog,
+      ...(o.memoryMiB ? { memoryMiB: o.memoryMiB } : {}),
+    }),
+  );
+  await virsh.run(['define', xml]);
 }
 
 export interface TestKvmHost {
@@ -240,21 +280,14 @@ export async function startTestKvmHost(options: {
   writeFileSync(serialLog, '');
   const domainsFile = join(dir, 'domains');
   writeFileSync(domainsFile, domain ? `${domain}\n` : '');
-  if (domain) {
-    await createGuestDisk(image, '64M');
-    const xml = join(dir, `${domain}.xml`);
-    writeFileSync(
-      xml,
-      guestDomainXml({
-        name: domain,
-        disk: image,
-        ...guest,
-        cmdline: guestKernelCmdline({ pauseSeconds: 0.05, blocksPerIteration: BLOCKS_PER_ITERATION, printEvery: 1 }),
-        serialLog,
-      }),
-    );
-    await libvirt.virsh.run(['define', xml]);
-  }
+  if (domain)
+    await defineTestGuest(libvirt.virsh, {
+      name: domain,
+      dir,
+      image,
+      serialLog,
+      workload: { pauseSeconds: 0.05, blocksPerIteration: BLOCKS_PER_ITERATION, printEvery: 1 },
+    });
   const tls = await testServerTls([options.name]);
   const start = (port?: number) =>
     startKvmHost({
