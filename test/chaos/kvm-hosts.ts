@@ -292,7 +292,10 @@ export class KvmHosts implements ChaosHosts {
         return true;
       }
       case 'storageDaemonKill': {
-        const ours = (await storageDaemons()).filter((d) => this.ownerOf(d) !== undefined);
+        // Daemons run while a point is written or read: the fault waits a little for one.
+        let ours: StorageDaemon[] = [];
+        for (const end = Date.now() + 15_000; ours.length === 0 && Date.now() < end; await delay(200))
+          ours = (await storageDaemons()).filter((d) => this.ownerOf(d) !== undefined);
         if (ours.length === 0) return false;
         const d = c.pick(ours);
         ctx.note(`SIGKILL qemu-storage-daemon ${d.pid} of ${this.ownerOf(d)!.name} (${d.pidFile})`);
@@ -554,10 +557,8 @@ export class KvmHosts implements ChaosHosts {
           !/Operation:\s+Backup/.test(job),
           `${host.name}/${domain}`,
         );
-        // domblklist: a header, a rule, then a target and its source per line.
-        const disks = lines(await host.libvirt.virsh.run(['domblklist', domain]))
-          .slice(2)
-          .map((l) => l.split(/\s+/)[0]!);
+        // domblklist (virsh -q): a target and its source per line.
+        const disks = lines(await host.libvirt.virsh.run(['domblklist', domain])).map((l) => l.split(/\s+/)[0]!);
         for (const disk of disks) {
           const info = (await host.libvirt.virsh.run(['blockjob', domain, disk, '--info']).catch(() => '')).trim();
           checks.check(

@@ -71,6 +71,10 @@ async function main(): Promise<number> {
     .option('--out <dir>', 'where the summary (and a failing round’s histories) go', '.chaos')
     .option('--suggest-continue-as-new <events>', 'the server’s continue-as-new suggestion', whole(10), 60)
     .option('--keep-going', 'run the remaining rounds after a violation', false)
+    .option(
+      '--faults <kinds>',
+      'inject only these kinds of fault (a comma list; default: every kind of the hypervisor)',
+    )
     .exitOverride()
     .parse()
     .opts<{
@@ -81,6 +85,7 @@ async function main(): Promise<number> {
       out: string;
       suggestContinueAsNew: number;
       keepGoing: boolean;
+      faults?: string;
     }>();
   if (!HYPERVISORS.includes(opts.hypervisor as Hypervisor))
     throw new InvalidArgumentError(`--hypervisor: must be one of ${HYPERVISORS.join(', ')}, not '${opts.hypervisor}'`);
@@ -100,6 +105,12 @@ async function main(): Promise<number> {
   const hosts: ChaosHosts =
     hypervisor === 'kvm' ? new KvmHosts({ workDir, log }) : new LabHosts({ workDir, port: await freePort() });
   const { estate } = hosts;
+  const faultKinds = opts.faults ? opts.faults.split(',').map((k) => k.trim()) : [...hosts.faultKinds];
+  const unknown = faultKinds.filter((k) => !(hosts.faultKinds as readonly string[]).includes(k));
+  if (unknown.length > 0 || faultKinds.length === 0)
+    throw new InvalidArgumentError(
+      `--faults: ${unknown.join(', ') || 'none named'}; the ${hypervisor} faults are ${hosts.faultKinds.join(', ')}`,
+    );
   const rounds: RoundRecord[] = [];
   const totals = Object.fromEntries(FAULT_KINDS.map((k) => [k, 0])) as Record<FaultKind, number>;
   let client: Client | undefined;
@@ -110,7 +121,7 @@ async function main(): Promise<number> {
     seed,
     commit,
     hypervisor,
-    faultKinds: [...hosts.faultKinds, 'continueAsNew'],
+    faultKinds: [...faultKinds, 'continueAsNew'],
     startedAt: new Date(started).toISOString(),
     wallTimeSeconds: Math.round((Date.now() - started) / 1000),
     roundsPlanned: opts.rounds,
@@ -175,7 +186,18 @@ async function main(): Promise<number> {
     await site.startServer();
     await site.heal(async () => []);
     client = new Client({ connection: await Connection.connect({ address: site.address }), namespace: 'default' });
-    const world: World = { client, site, hosts, recorder, operatorPort, cli, ledger: new Ledger(), totals, log };
+    const world: World = {
+      client,
+      site,
+      hosts,
+      faultKinds: faultKinds as FaultKind[],
+      recorder,
+      operatorPort,
+      cli,
+      ledger: new Ledger(),
+      totals,
+      log,
+    };
 
     // Seeding, without faults: every replica gets its first point before the rounds begin.
     const seeds = await Promise.all(
@@ -199,19 +221,34 @@ async function main(): Promise<number> {
       }
       const round = new Round(world, master.fork(), i);
       log(`round ${i} (seed ${round.record.seed})`);
+      const phases = round.record.phasesMs;
+      let mark = Date.now();
+      const phase = (name: string) => {
+        phases[name] = Date.now() - mark;
+        mark = Date.now();
+      };
       await round.startOperations();
       round.scheduleFaults();
       await round.runFor(hosts.timing.runForMs);
+      phase('run');
       await round.heal();
+      phase('heal');
       const stillRunning = await round.settle(300_000);
       await round.afterSettle();
+      phase('settle');
       const closing = await round.closingRuns();
-      const record = round.finish(await round.check(stillRunning, closing));
+      phase('closing');
+      const checks = await round.check(stillRunning, closing);
+      phase('check');
+      const record = round.finish(checks);
       await round.tendAttention();
       rounds.push(record);
       log(
         `round ${i}: ${JSON.stringify(record.operations)} faults ${JSON.stringify(record.faults)} ` +
-          `${record.invariantsChecked} checks, ${record.violations.length} violations (${Math.round(record.durationMs / 1000)} s)`,
+          `${record.invariantsChecked} checks, ${record.violations.length} violations (${Math.round(record.durationMs / 1000)} s: ` +
+          `${Object.entries(phases)
+            .map(([k, v]) => `${k} ${Math.round(v / 1000)}`)
+            .join(', ')})`,
       );
       writeSummary();
       if (record.violations.length > 0) {

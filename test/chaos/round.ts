@@ -46,6 +46,8 @@ export interface World {
   client: Client;
   site: ChaosSite;
   hosts: ChaosHosts;
+  /** The kinds of fault this run injects (the hosts' own and the suite's, or those the command line named). */
+  faultKinds: readonly FaultKind[];
   recorder: Recorder;
   /** What the suite does as an operator on the hosts goes through the recorder, like the workers' calls. */
   operatorPort: HypervisorPort;
@@ -68,6 +70,8 @@ export interface RoundRecord {
   violations: { name: string; detail?: string }[];
   notes: string[];
   durationMs: number;
+  /** Where the round's time went: its faults' window, healing, settling, the closing runs and the checks. */
+  phasesMs: Record<string, number>;
 }
 
 const request = (why: string) => ({ requestedBy: OPERATOR, reason: `chaos: ${why}` });
@@ -133,6 +137,7 @@ export class Round {
       violations: [],
       notes: [],
       durationMs: 0,
+      phasesMs: {},
     };
   }
 
@@ -254,7 +259,7 @@ export class Round {
 
   /** One to three faults, at random moments in the first seconds of the round; the rarest kinds first. */
   scheduleFaults(): void {
-    const kinds = this.w.hosts.faultKinds;
+    const kinds = this.w.faultKinds;
     const n = this.chance.int(1, 3);
     for (let i = 0; i < n; i++) {
       const fewest = Math.min(...kinds.map((k) => this.w.totals[k]));
@@ -385,6 +390,10 @@ export class Round {
 
   /** Decides every halted session: retry, abort or force, at random; a session refused twice is aborted. */
   private readonly refusals = new Map<string, number>();
+  /** Set once the round's faults are cleared: a decision from then on must work, not halt again. */
+  private healed = false;
+  /** The decisions taken once healed, and what each led to. */
+  private readonly healedDecisions: { what: string; haltedAgain: boolean }[] = [];
 
   private async decideHalts(): Promise<void> {
     const halted: string[] = [];
@@ -399,10 +408,18 @@ export class Round {
       const refused = this.refusals.get(id) ?? 0;
       const decision = refused >= 2 ? 'abort' : this.chance.weighted({ retry: 5, abort: 3, forceFailover: 2 } as const);
       this.count(this.record.decisions, decision);
+      const healed = this.healed;
       await handle
         .executeUpdate(haltedSessionUpdates[decision], { args: [request(`${decision} halt ${progress.halted.id}`)] })
         .then(
-          (answer) => this.w.log(`  ${decision} ${id}: ${answer}`),
+          (answer) => {
+            this.w.log(`  ${decision} ${id}: ${answer}`);
+            if (healed)
+              this.healedDecisions.push({
+                what: `${decision} ${id}: ${answer}`,
+                haltedAgain: /halted again/.test(answer),
+              });
+          },
           (e: unknown) => {
             this.refusals.set(id, refused + 1);
             this.note(`${decision} ${id} refused: ${messageOf(e)}`);
@@ -447,6 +464,7 @@ export class Round {
     const restarted = await this.w.site.heal(() => this.w.hosts.heal((line) => this.note(line)));
     if (restarted.length > 0) this.note(`healed: started ${restarted.join(', ')}`);
     for (const proxy of PROXIES) await this.setProxyOnline(proxy, true);
+    this.healed = true;
   }
 
   /**
@@ -538,6 +556,8 @@ export class Round {
       checkRetention(this.estate, vm, facts, current.get(vm)!, checks);
     }
     checkPower(this.estate, recorder, ledger, checks);
+    for (const d of this.healedDecisions)
+      checks.check('a decision taken once the faults are cleared works', !d.haltedAgain, d.what);
     checks.check(
       'production and replica never run on the same data',
       this.overlaps.size === 0,
