@@ -163,7 +163,9 @@ export class KvmSourceDomains {
   async getVm(domain: string): Promise<VmInfo> {
     const { state, reason } = await this.domState(domain);
     const record = this.state.domain(domain);
-    const paused = state === 'paused' && record.checkpoints.some((c) => c.pausedStart);
+    // A paused start of ours for a view is not the guest running, also while it ends (libvirt shows a destroyed
+    // QEMU "in shutdown" until it exits).
+    const paused = (state === 'paused' || state === 'in shutdown') && record.checkpoints.some((c) => c.pausedStart);
     return {
       name: domain,
       host: this.options.host,
@@ -423,9 +425,11 @@ export class KvmSourceDomains {
   private async closeView(domain: string, c: CheckpointRecord): Promise<void> {
     this.dropViewExports(domain, c.id);
     await this.abortBackup(domain);
-    await this.state.update(domain, (d) => void (d.checkpoints = d.checkpoints.filter((x) => x.id !== c.id)));
-    await this.dropCheckpointsWithoutReference(domain);
+    // Its checkpoint goes while the paused start still runs (libvirt deletes checkpoints only of a running domain);
+    // its record goes last, so that the domain shows Off until its paused start has ended.
+    await this.dropCheckpointsWithoutReference(domain, c.id);
     await this.endPausedStart(domain, c.pausedStart);
+    await this.state.update(domain, (d) => void (d.checkpoints = d.checkpoints.filter((x) => x.id !== c.id)));
   }
 
   /** Ends our backup job of the domain; another tool's is never aborted (the caller waits for it: a conflict). */
@@ -488,15 +492,15 @@ export class KvmSourceDomains {
   }
 
   /**
-   * The agent's own libvirt checkpoints that neither a reference point nor an open view stands for (failed copies)
-   * go; other tools' checkpoints stay.
+   * The agent's own libvirt checkpoints that neither a reference point nor an open view (but `closing`, the one being
+   * closed) stands for (failed copies) go; other tools' checkpoints stay.
    */
-  private async dropCheckpointsWithoutReference(domain: string): Promise<void> {
+  private async dropCheckpointsWithoutReference(domain: string, closing?: string): Promise<void> {
     if ((await this.domState(domain)).state === 'shut off') return; // done at its next checkpoint
     const record = this.state.domain(domain);
     const kept = new Set([
       ...record.referencePoints.map((r) => r.checkpointId),
-      ...record.checkpoints.map((c) => c.id),
+      ...record.checkpoints.filter((c) => c.id !== closing).map((c) => c.id),
     ]);
     const unused = record.ownCheckpoints.filter((name) => !kept.has(name));
     if (unused.length === 0) return;

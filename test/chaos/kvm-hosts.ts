@@ -393,7 +393,7 @@ export class KvmHosts implements ChaosHosts {
 
   /**
    * The DR host loses power: its storage keeps only what was flushed, and its host process, the storage daemons and
-   * the replicas' QEMUs die at once. Then the storage comes back (remounted) and the host process starts again on it.
+   * the replicas' QEMUs die at once. Then the storage comes back and the host process starts again on it.
    */
   private async powerCut(ctx: FaultContext): Promise<boolean> {
     // What each running replica's guest said was on its disk, read while the storage still answers.
@@ -411,7 +411,7 @@ export class KvmHosts implements ChaosHosts {
         for (const d of await storageDaemons()) if (this.ownerOf(d) === this.dr) kill(d.pid);
         for (const pid of this.dr.libvirt.qemuPids()) kill(pid);
         await delay(ctx.downMs);
-        await this.layer.remount();
+        await this.layer.restore();
       },
     });
     for (const [replica, seq] of said) this.cutStopped.set(replica, seq);
@@ -469,20 +469,33 @@ export class KvmHosts implements ChaosHosts {
     note: (line: string) => void,
   ): Promise<void> {
     const { productionHost, drHost } = this.estate;
+    /** An operator's action after a fault: one that fails is a violation (the hosts must allow it), not a crash. */
+    const act = async (what: string, action: () => Promise<unknown>): Promise<void> => {
+      note(`operator ${what}`);
+      const failed = await action().then(
+        () => undefined,
+        (e: unknown) => (e instanceof Error ? e.message : String(e)),
+      );
+      this.results.push({
+        name: 'the operator’s action after a host fault works',
+        ok: !failed,
+        detail: `${what}: ${failed}`,
+      });
+    };
     // A guest whose write found the DR storage full was paused by its QEMU; the space is back: it goes on.
     for (const replica of await this.runningReplicas()) {
       const state = await this.dr.libvirt.virsh.run(['domstate', '--reason', replica]);
-      if (!/paused \(I\/O error\)/i.test(state)) continue;
-      note(`operator resumes ${replica}, paused on an I/O error while the DR storage was full`);
-      await this.dr.libvirt.virsh.run(['resume', replica]);
+      if (/paused \(I\/O error\)/i.test(state))
+        await act(`resumes ${replica}, paused on an I/O error while the DR storage was full`, () =>
+          this.dr.libvirt.virsh.run(['resume', replica]),
+        );
     }
     // A production VM the suite crashed, that nothing started again since: its operator starts it.
     for (const vm of this.crashed) {
       const state = views.get(vm)?.state;
       if (state !== 'Ready' && state !== 'Unseeded') continue;
       if ((await this.direct.getVm({ host: productionHost, vm })).powerState !== 'Off') continue;
-      note(`operator powers ${vm} on after its QEMU was killed`);
-      await operator.powerOn({ host: productionHost, vm });
+      await act(`powers ${vm} on after its QEMU was killed`, () => operator.powerOn({ host: productionHost, vm }));
     }
     this.crashed.clear();
     // A replica the DR power cut stopped, that its entity says runs: its operator starts it once the host is back.
@@ -494,8 +507,9 @@ export class KvmHosts implements ChaosHosts {
         this.cutStopped.delete(replica);
         continue;
       }
-      note(`operator powers ${replica} on again after the DR power cut`);
-      await operator.powerOn({ host: drHost, vm: replica });
+      await act(`powers ${replica} on again after the DR power cut`, () =>
+        operator.powerOn({ host: drHost, vm: replica }),
+      );
     }
   }
 

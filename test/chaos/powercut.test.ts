@@ -55,7 +55,7 @@ describe('the powercut layer', { concurrency: false }, () => {
   /** The cut, then the storage back with what was durable. */
   const powerCut = async () => {
     await layer.cut();
-    await layer.remount();
+    await layer.restore();
   };
 
   test('a file written and not fsynced is gone after a cut; fsynced, it is kept with its name', async () => {
@@ -89,12 +89,12 @@ describe('the powercut layer', { concurrency: false }, () => {
     assert.equal(await content(t), 'twelve bytes');
   });
 
-  test('after a cut every operation fails (EIO) until the storage is mounted again', async () => {
+  test('after a cut every operation fails (EIO) until the storage comes back', async () => {
     await put(join(m, 'before'), 'x', true);
     await layer.cut();
     await assert.rejects(readFile(join(m, 'before')), { code: 'EIO' });
     await assert.rejects(writeFile(join(m, 'after'), 'y'), { code: 'EIO' });
-    await layer.remount();
+    await layer.restore();
     assert.equal(await content(join(m, 'before')), 'x');
     assert.equal(await content(join(m, 'after')), 'ENOENT');
   });
@@ -166,6 +166,23 @@ describe('the powercut layer', { concurrency: false }, () => {
     assert.equal(data.at(-1), 0x63);
   });
 
+  test('a process of another mount namespace (a private libvirtd) sees the storage come back', async () => {
+    await put(join(m, 'shared'), 'seen from the namespace', true);
+    const go = join(dir, 'go');
+    // A namespace made now holds a copy of the mount: the storage must come back on that copy too.
+    const reader = exec('unshare', [
+      '-m',
+      '--propagation',
+      'private',
+      'sh',
+      '-c',
+      `while [ ! -e '${go}' ]; do sleep 0.05; done; cat '${join(m, 'shared')}'`,
+    ]);
+    await powerCut();
+    await writeFile(go, '');
+    assert.equal((await reader).stdout, 'seen from the namespace');
+  });
+
   test('qcow2 on the layer: a flushed NBD write into qemu-storage-daemon survives a cut, an unflushed one does not', async () => {
     const image = join(m, 'point.qcow2');
     await exec('qemu-img', ['create', '-q', '-f', 'qcow2', image, '16M']);
@@ -184,7 +201,7 @@ describe('the powercut layer', { concurrency: false }, () => {
     await layer.cut();
     nbd.destroy();
     await daemon.stop(); // its exit flush fails: the power is gone
-    await layer.remount();
+    await layer.restore();
     const check = await exec('qemu-img', ['check', image]).then(
       () => 0,
       (e: { code: number }) => e.code,

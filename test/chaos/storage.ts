@@ -62,7 +62,7 @@ const exited = (child: ChildProcessWithoutNullStreams): boolean => child.exitCod
 
 /**
  * The powercut layer mounted at `mountPoint` over `backing`: `cut()` is the power cut (every unflushed write gone, every
- * later operation EIO), `remount()` the storage coming back with what was durable.
+ * later operation EIO), `restore()` the storage coming back with what was durable.
  */
 export class PowerCutLayer {
   private child!: ChildProcessWithoutNullStreams;
@@ -97,12 +97,13 @@ export class PowerCutLayer {
   }
 
   /**
-   * The storage back after a cut: the mount goes (lazily, for processes that still hold files there), its process
-   * with it, and a new one mounts what the backing directory holds.
+   * The storage back after a cut, with what was durable. The mount itself stays: processes in other mount namespaces
+   * (a private libvirtd's, and its QEMUs) share it, and would not see a new one.
    */
-  async remount(): Promise<void> {
-    await this.detach();
-    await this.start();
+  async restore(): Promise<void> {
+    const done = lineFrom(this.child, /^restored$/m, `powercut on ${this.mountPoint}`, 30_000);
+    this.child.kill('SIGUSR2');
+    await done;
   }
 
   private async detach(): Promise<void> {

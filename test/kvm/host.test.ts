@@ -299,7 +299,17 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
     await assertCopyEquals('final');
     assert.equal((await port.readCanary(vm, 'final')).sequence, clean.seq, 'the canary of the clean shutdown');
     await port.createReferencePoint(vm, 'r3', 'final');
+    // The paused start ends with the view (its QEMU destroyed, which libvirt shows "in shutdown" for a moment): the
+    // domain is Off to whoever asks all along (the fault suite saw it Running, then Stopping, beside its replica).
+    const seen = new Set<string>();
+    let closing = true;
+    const watching = (async () => {
+      while (closing) seen.add((await port.getVm(vm)).powerState);
+    })();
     await port.deleteCheckpoint(vm, 'final');
+    closing = false;
+    await watching;
+    assert.deepEqual([...seen], ['Off'], 'Off all along while its paused start ends');
     await port.deleteReferencePoint(vm, 'r2');
     assert.equal(await libvirt().virsh.domainState(VM), 'shut off', 'the paused start is over');
     assert.equal((await port.getVm(vm)).lastStop, 'guest-shutdown', 'how it stopped survives the paused start');

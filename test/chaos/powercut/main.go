@@ -17,8 +17,9 @@
 // each commit): whatever survives here survives on ext4.
 //
 // SIGUSR1 is the power cut: every write not yet durable is dropped at once and every later operation fails with EIO,
-// until the mount is unmounted (umount -l) and a new powercut process mounts the backing directory again. SIGTERM
-// or SIGINT is a clean shutdown: everything is made durable (sync), then the mount goes.
+// until SIGUSR2 brings the storage back: the mount (which processes in other mount namespaces, such as a private
+// libvirtd's, share) then shows what was durable, under new node ids. SIGTERM or SIGINT is a clean shutdown:
+// everything is made durable (sync), then the mount goes.
 //
 // Writes that grow a file are refused with ENOSPC once the new blocks held in memory would not fit in the backing
 // filesystem's free space (ext4 reserves blocks at write time the same way), so that a full backing filesystem
@@ -92,7 +93,7 @@ func newPowercut(backing string) (*powercut, error) {
 		RawFileSystem: fuse.NewDefaultRawFileSystem(),
 		backing:       backing,
 		nodes:         map[uint64]*node{},
-		next:          fuse.FUSE_ROOT_ID,
+		next:          fuse.FUSE_ROOT_ID + 1,
 		handles:       map[uint64][]string{},
 		nextFh:        1,
 	}
@@ -104,16 +105,42 @@ func newPowercut(backing string) (*powercut, error) {
 	for _, e := range stale {
 		_ = os.Remove(filepath.Join(backing, stagingDir, e.Name()))
 	}
-	st, err := os.Stat(backing)
-	if err != nil {
-		return nil, err
-	}
-	root := fs.newNode(uint32(st.Mode().Perm())|syscall.S_IFDIR, nil, "")
-	root.durable = "."
-	if err := fs.load(root); err != nil {
+	if err := fs.load(); err != nil {
 		return nil, err
 	}
 	return fs, nil
+}
+
+// load makes what the mount shows what the backing directory holds: at mount, and when the storage comes back after
+// a cut. The root keeps its node id; every other node gets a new one (never one the kernel saw before the cut).
+func (fs *powercut) load() error {
+	st, err := os.Stat(fs.backing)
+	if err != nil {
+		return err
+	}
+	fs.nodes = map[uint64]*node{}
+	fs.handles = map[uint64][]string{}
+	fs.reserved = 0
+	fs.nsDirty = false
+	root := &node{id: fuse.FUSE_ROOT_ID, mode: uint32(st.Mode().Perm()) | syscall.S_IFDIR, kids: map[string]*node{}}
+	root.durable, root.mtime = ".", st.ModTime()
+	fs.nodes[root.id] = root
+	return fs.loadDir(root)
+}
+
+// The storage back after a cut (SIGUSR2): the mount stays (processes in other mount namespaces see it too), and
+// shows what was durable.
+func (fs *powercut) restore() error {
+	fs.mu.Lock()
+	defer fs.mu.Unlock()
+	if !fs.cut {
+		return nil
+	}
+	if err := fs.load(); err != nil {
+		return err
+	}
+	fs.cut = false
+	return nil
 }
 
 // Files a commit moves aside while it renames, inside the backing directory (never shown by the mount).
@@ -135,8 +162,8 @@ func (fs *powercut) newNode(mode uint32, parent *node, name string) *node {
 	return n
 }
 
-// load builds the tree under dir from the backing directory: at mount, what the mount shows is what is durable.
-func (fs *powercut) load(dir *node) error {
+// loadDir builds the tree under dir from the backing directory.
+func (fs *powercut) loadDir(dir *node) error {
 	entries, err := os.ReadDir(filepath.Join(fs.backing, dir.durable))
 	if err != nil {
 		return err
@@ -154,7 +181,7 @@ func (fs *powercut) load(dir *node) error {
 		case info.IsDir():
 			kid := fs.newNode(uint32(info.Mode().Perm())|syscall.S_IFDIR, dir, e.Name())
 			kid.durable = rel
-			if err := fs.load(kid); err != nil {
+			if err := fs.loadDir(kid); err != nil {
 				return err
 			}
 		case info.Mode().IsRegular():
@@ -431,7 +458,8 @@ func (fs *powercut) truncate(n *node, size int64) {
 
 // FUSE operations --------------------------------------------------------------------------------------------------
 
-const ttl = time.Second
+// Nothing is cached by the kernel: after a cut and restore, no name may lead to a node of before.
+const ttl = 0
 
 func (fs *powercut) attr(n *node, out *fuse.Attr) {
 	out.Ino = n.id
@@ -894,12 +922,20 @@ func main() {
 		os.Exit(1)
 	}
 	signals := make(chan os.Signal, 4)
-	signal.Notify(signals, syscall.SIGUSR1, syscall.SIGTERM, syscall.SIGINT)
+	signal.Notify(signals, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGTERM, syscall.SIGINT)
 	go func() {
 		for s := range signals {
-			if s == syscall.SIGUSR1 {
+			switch s {
+			case syscall.SIGUSR1:
 				fs.powerCut()
 				fmt.Println("cut")
+				continue
+			case syscall.SIGUSR2:
+				if err := fs.restore(); err != nil {
+					fmt.Fprintf(os.Stderr, "powercut: restore: %v\n", err)
+					os.Exit(1)
+				}
+				fmt.Println("restored")
 				continue
 			}
 			fs.mu.Lock()
