@@ -56,6 +56,8 @@ interface StorageDaemon {
   pid: number;
   ppid: number;
   pidFile: string;
+  /** It exports a point being written (not a read-only view). */
+  writable: boolean;
 }
 
 /** Every qemu-storage-daemon of this machine that names a pid file (ours always do), with its parent. */
@@ -69,7 +71,7 @@ async function storageDaemons(): Promise<StorageDaemon[]> {
     if (!argv.includes('--pidfile') || !pidFile) continue;
     const stat = await readFile(`/proc/${entry}/stat`, 'utf8').catch(() => '');
     const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
-    out.push({ pid: Number(entry), ppid, pidFile });
+    out.push({ pid: Number(entry), ppid, pidFile, writable: argv.some((a) => a.includes('writable=on')) });
   }
   return out;
 }
@@ -396,6 +398,13 @@ export class KvmHosts implements ChaosHosts {
    * the replicas' QEMUs die at once. Then the storage comes back and the host process starts again on it.
    */
   private async powerCut(ctx: FaultContext): Promise<boolean> {
+    // Half of the cuts wait (up to 15 s) for a point being written: what its writer acknowledged must survive.
+    let at = '';
+    if (ctx.chance.chance(0.5))
+      for (const end = Date.now() + 15_000; Date.now() < end && !at; await delay(100)) {
+        const writer = (await storageDaemons()).find((d) => d.writable && this.ownerOf(d) === this.dr);
+        if (writer) at = ` while a point is written (${writer.pidFile})`;
+      }
     // What each running replica's guest said was on its disk, read while the storage still answers.
     const said = new Map<string, number>();
     for (const replica of await this.runningReplicas()) {
@@ -403,7 +412,7 @@ export class KvmHosts implements ChaosHosts {
       if (seq !== undefined) said.set(replica, seq);
     }
     ctx.note(
-      `DR power cut: its storage cut, its host process, storage daemons and replicas (${[...said.keys()].join(', ') || 'none running'}) killed; back after ${ctx.downMs} ms`,
+      `DR power cut${at}: its storage cut, its host process, storage daemons and replicas (${[...said.keys()].join(', ') || 'none running'}) killed; back after ${ctx.downMs} ms`,
     );
     await this.dr.agent.restart({
       beforeKill: () => this.layer.cut(),
