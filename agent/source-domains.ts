@@ -248,15 +248,20 @@ export class KvmSourceDomains {
   private async disks(domain: string): Promise<DiskInfo[]> {
     const out: DiskInfo[] = [];
     for (const d of await this.domainDisks(domain))
-      out.push({ id: d.target, sizeBytes: await this.capacity(domain, d.target) });
+      out.push({ id: d.target, sizeBytes: await this.capacity(d.source) });
     return out;
   }
 
-  private async capacity(domain: string, target: string): Promise<number> {
-    const info = await this.virsh.run(['domblkinfo', domain, target]);
-    const capacity = /Capacity:\s+(\d+)/.exec(info);
-    if (!capacity) throw new Error(`no capacity for ${domain}/${target}: ${info}`);
-    return Number(capacity[1]);
+  /**
+   * A disk's size as its guest sees it, from its image's header (shared with the QEMU that has it open). Not libvirt's
+   * domblkinfo: that queries every block node of the running QEMU, and QEMU 7.2 aborts
+   * (qcow2_get_specific_info: Assertion `false' failed) when the query meets a backup job's scratch node going away.
+   */
+  private async capacity(image: string): Promise<number> {
+    const { stdout } = await run('qemu-img', ['info', '-U', '--output=json', image]);
+    const size = (JSON.parse(stdout) as { 'virtual-size'?: unknown })['virtual-size'];
+    if (typeof size !== 'number') throw new Error(`no virtual size for ${image}: ${stdout}`);
+    return size;
   }
 
   private async domState(domain: string): Promise<{ state: string; reason: string }> {
@@ -590,7 +595,7 @@ export class KvmSourceDomains {
     return this.exclusive(domain, async () => {
       const source = (await this.domainDisks(domain)).find((d) => d.target === disk);
       if (!source) throw notFound(`disk ${domain}/${disk}`, 'disk');
-      const size = await this.capacity(domain, disk);
+      const size = await this.capacity(source.source);
       let writer: Promise<{ daemon: ImageExport; nbd: NbdClient }> | undefined;
       const open = async () => {
         const record = this.state.domain(domain);

@@ -405,25 +405,31 @@ export class KvmHosts implements ChaosHosts {
         const writer = (await storageDaemons()).find((d) => d.writable && this.ownerOf(d) === this.dr);
         if (writer) at = ` while a point is written (${writer.pidFile})`;
       }
-    // What each running replica's guest said was on its disk, read while the storage still answers.
     const said = new Map<string, number>();
-    for (const replica of await this.runningReplicas()) {
-      const seq = durableSeq(await readLines(this.consoleOf(replica)));
-      if (seq !== undefined) said.set(replica, seq);
-    }
-    ctx.note(
-      `DR power cut${at}: its storage cut, its host process, storage daemons and replicas (${[...said.keys()].join(', ') || 'none running'}) killed; back after ${ctx.downMs} ms`,
-    );
     await this.dr.agent.restart({
-      beforeKill: () => this.layer.cut(),
+      beforeKill: async () => {
+        // What each running replica's guest said was on its disk, read while the storage still answers (in the
+        // host process's turn: no other cut or restart of it in between).
+        for (const replica of await this.runningReplicas()) {
+          const seq = durableSeq(await readLines(this.consoleOf(replica)));
+          if (seq !== undefined) said.set(replica, seq);
+        }
+        ctx.note(
+          `DR power cut${at}: its storage cut, its host process, storage daemons and replicas (${[...said.keys()].join(', ') || 'none running'}) killed; back after ${ctx.downMs} ms`,
+        );
+        await this.layer.cut();
+      },
       whileDown: async () => {
         for (const d of await storageDaemons()) if (this.ownerOf(d) === this.dr) kill(d.pid);
-        for (const pid of this.dr.libvirt.qemuPids()) kill(pid);
+        for (const [replica, pid] of await this.qemuPids(this.dr)) {
+          kill(pid);
+          // One that started since the look above said nothing yet: all it had was on its disk before.
+          this.cutStopped.set(replica, said.get(replica) ?? 0);
+        }
         await delay(ctx.downMs);
         await this.layer.restore();
       },
     });
-    for (const [replica, seq] of said) this.cutStopped.set(replica, seq);
     return true;
   }
 

@@ -280,6 +280,32 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
     );
   });
 
+  test('the inventory asked while views begin and end: the guest runs on', async () => {
+    // QEMU 7.2 aborts (qcow2_get_specific_info: Assertion `false' failed) when libvirt's domblkinfo queries its block
+    // nodes while a backup job's scratch node goes: the fault suite lost a production guest so. The agent reads a
+    // disk's size from its image instead.
+    let asking = true;
+    let asked = 0;
+    const inventory = (async () => {
+      while (asking) {
+        await port.getVm(vm);
+        asked++;
+      }
+    })();
+    try {
+      for (let i = 0; i < 20; i++) {
+        await port.createCheckpoint(vm, `race-${i}`);
+        await port.deleteCheckpoint(vm, `race-${i}`);
+      }
+    } finally {
+      asking = false;
+      await inventory;
+    }
+    assert.ok(asked > 20, `asked ${asked} times`);
+    assert.equal(await libvirt().virsh.domainState(VM), 'running', 'the guest’s QEMU runs');
+    assert.equal((await port.getVm(vm)).disks[0]?.sizeBytes, DISK_BYTES);
+  });
+
   test('ACPI shutdown, then the final copy of the powered-off guest (a paused start): exact, and the domain stays off', async () => {
     const shutdown = await port.shutdownGuest(vm, 60_000);
     assert.deepEqual(shutdown, { outcome: 'off', state: 'Off' });
