@@ -7,6 +7,7 @@ import type { ClosablePort } from '../../src/hypervisor/routed';
 import type { ChaosEstate } from './estate';
 import type { Checks, Ledger } from './invariants';
 import type { Chance } from './random';
+import type { Upstream } from './recorder';
 
 /** Faults of the suite's own parts: workers, the Temporal server, workflows, the proxy registry. */
 export const SUITE_FAULTS = [
@@ -68,8 +69,8 @@ export interface ChaosHosts {
   /** The hosts past the recorder and any fault in between: what the suite reads and checks them with. */
   readonly direct: ClosablePort;
   start(): Promise<void>;
-  /** Where the recorder forwards each host's calls. */
-  upstreams(): Record<string, string>;
+  /** Where the recorder forwards each host's calls, and the certificate it serves them with in the host's place. */
+  upstreams(): Promise<Record<string, Upstream>>;
   /** The URL the workers' configuration names for each host, given the recorder's URL for it. */
   workerUrls(recorderUrls: Record<string, string>): Promise<Record<string, string>>;
   /** The production VM's disks now, as a digest (the VM is off). */

@@ -21,6 +21,7 @@ import type { HypervisorPort } from '../../src/hypervisor/port';
 import type { ClosablePort } from '../../src/hypervisor/routed';
 import { replicaNameOf } from '../../src/activities/inventory';
 import { defineTestGuest, kvmHostArgs, KVM_HOST_LISTENING } from '../kvm/helpers';
+import { testServerTls } from '../tls';
 import { chaosConfiguration, KVM_ESTATE, KVM_GUEST_DISK_BYTES, vmsOf } from './estate';
 import {
   KVM_FAULTS,
@@ -32,6 +33,7 @@ import {
 } from './hosts';
 import { digestOf, imageFileBytes } from './images';
 import { ManagedProcess } from './processes';
+import type { Upstream } from './recorder';
 import { chaosTools, LoopFilesystem, PowerCutLayer, type ChaosTools } from './storage';
 import { Toxiproxy, type Toxic } from './toxiproxy';
 
@@ -204,13 +206,13 @@ export class KvmHosts implements ChaosHosts {
       const port = await freePort();
       const agent = new ManagedProcess(
         `${name} host process`,
-        kvmHostArgs({ name, role, libvirtUri: libvirt.virsh.uri, stateDir, port, domainsFile }),
+        await kvmHostArgs({ name, role, libvirtUri: libvirt.virsh.uri, stateDir, port, domainsFile }),
         {},
         KVM_HOST_LISTENING,
       );
       await agent.start();
       this.stops.push(() => agent.kill());
-      return { name, role, stateDir, url: `http://127.0.0.1:${port}`, libvirt, agent };
+      return { name, role, stateDir, url: `https://127.0.0.1:${port}`, libvirt, agent };
     };
     this.prod = await host(this.estate.productionHost, 'production', prodDir, join(prodDir, 'state'), vms);
     this.dr = await host(this.estate.drHost, 'dr', drDir, this.layer.mountPoint, []);
@@ -234,8 +236,14 @@ export class KvmHosts implements ChaosHosts {
     );
   }
 
-  upstreams(): Record<string, string> {
-    return { [this.prod.name]: this.prod.url, [this.dr.name]: this.dr.url };
+  /** Each host process, over mutual TLS; the recorder serves its calls with a certificate naming that host. */
+  async upstreams(): Promise<Record<string, Upstream>> {
+    const upstream = async (h: KvmHost): Promise<Upstream> => ({
+      url: h.url,
+      servername: h.name,
+      tls: await testServerTls([h.name]),
+    });
+    return { [this.prod.name]: await upstream(this.prod), [this.dr.name]: await upstream(this.dr) };
   }
 
   /** A Toxiproxy proxy per host, in front of the recorder's listener for it: faults cut or stall what goes through. */
@@ -244,7 +252,7 @@ export class KvmHosts implements ChaosHosts {
     for (const host of [this.prod.name, this.dr.name]) {
       const listen = await freePort();
       await this.toxiproxy.createProxy(host, listen, new URL(recorderUrls[host]!).host);
-      urls[host] = `http://127.0.0.1:${listen}`;
+      urls[host] = `https://127.0.0.1:${listen}`;
     }
     return urls;
   }

@@ -3,11 +3,14 @@
 // cut), short or aimed at a planned failover's critical window.
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { HostApiHypervisor, LabControl, type LabFault } from '../../src/hypervisor/host-api-adapter';
+import type { HostApiHypervisor, LabControl, LabFault } from '../../src/hypervisor/host-api-adapter';
+import type { ServerTlsFiles } from '../../src/host-api/certificates';
+import { labControl, labPort, labServerTls } from '../tls';
 import { labEstateInput, LAB_ESTATE } from './estate';
 import { type ChaosHosts, type FaultContext, type HostFaultKind, LAB_FAULTS, SUITE_FAULTS } from './hosts';
 import { sourceDigest } from './images';
 import { ManagedProcess } from './processes';
+import type { Upstream } from './recorder';
 
 export class LabHosts implements ChaosHosts {
   readonly estate = LAB_ESTATE;
@@ -26,41 +29,46 @@ export class LabHosts implements ChaosHosts {
     'transferCut',
   ] as const satisfies readonly ((typeof SUITE_FAULTS)[number] | (typeof LAB_FAULTS)[number])[];
   readonly timing = { faultWindowMs: 9_000, runForMs: 25_000 };
-  readonly direct: HostApiHypervisor;
-  private readonly lab: ManagedProcess;
-  private readonly control: LabControl;
+  private lab!: ManagedProcess;
+  private port: HostApiHypervisor | undefined;
+  private control!: LabControl;
+  private tls!: ServerTlsFiles;
   private readonly url: string;
 
-  constructor(o: { workDir: string; port: number }) {
-    this.url = `http://127.0.0.1:${o.port}`;
-    const estatePath = join(o.workDir, 'estate.json');
-    writeFileSync(estatePath, JSON.stringify(labEstateInput(this.estate)));
+  constructor(private readonly o: { workDir: string; port: number }) {
+    this.url = `https://127.0.0.1:${o.port}`;
+  }
+
+  get direct(): HostApiHypervisor {
+    if (!this.port) throw new Error('the lab is not started');
+    return this.port;
+  }
+
+  /** The lab over mutual TLS, with a certificate naming every host it plays (the run's site: test/tls.ts). */
+  async start(): Promise<void> {
+    const { workDir, port } = this.o;
+    const estate = labEstateInput(this.estate);
+    const estatePath = join(workDir, 'estate.json');
+    writeFileSync(estatePath, JSON.stringify(estate));
+    this.tls = await labServerTls(estate);
     this.lab = new ManagedProcess(
       'lab',
       [
-        '--import',
-        'tsx',
-        'lab/main.ts',
-        '--estate',
-        estatePath,
-        '--data',
-        join(o.workDir, 'lab'),
-        '--port',
-        String(o.port),
+        ...['--import', 'tsx', 'lab/main.ts', '--estate', estatePath, '--data', join(workDir, 'lab')],
+        ...['--port', String(port), '--tls-cert', this.tls.cert, '--tls-key', this.tls.key],
+        ...['--client-ca', this.tls.clientCa],
       ],
       {},
-      /listening on http/,
+      /listening on https/,
     );
-    this.direct = new HostApiHypervisor({ url: this.url });
-    this.control = new LabControl({ url: this.url });
-  }
-
-  async start(): Promise<void> {
+    this.port = labPort(this.url);
+    this.control = labControl(this.url);
     await this.lab.ensureRunning();
   }
 
-  upstreams(): Record<string, string> {
-    return { [this.estate.productionHost]: this.url, [this.estate.drHost]: this.url };
+  async upstreams(): Promise<Record<string, Upstream>> {
+    const lab: Upstream = { url: this.url, servername: 'lab', tls: this.tls };
+    return { [this.estate.productionHost]: lab, [this.estate.drHost]: lab };
   }
 
   async workerUrls(recorderUrls: Record<string, string>): Promise<Record<string, string>> {
@@ -125,8 +133,8 @@ export class LabHosts implements ChaosHosts {
   async check(): Promise<void> {}
 
   async close(): Promise<void> {
-    await this.lab.kill();
-    this.direct.close();
-    this.control.close();
+    await this.lab?.kill();
+    this.port?.close();
+    this.control?.close();
   }
 }

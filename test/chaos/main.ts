@@ -26,7 +26,8 @@ import { ChaosSite } from './processes';
 import { Chance, randomSeed } from './random';
 import { Recorder } from './recorder';
 import { Round, type RoundRecord, type World } from './round';
-import { summaryMarkdown, type ChaosSummary } from './summary';
+import { replayCommand, summaryMarkdown, type ChaosSummary } from './summary';
+import { makeTestSite } from '../tls';
 
 const whole = (min: number) => (value: string) => {
   if (!/^\d+$/.test(value) || Number(value) < min) throw new InvalidArgumentError(`must be a whole number ≥ ${min}`);
@@ -96,10 +97,12 @@ async function main(): Promise<number> {
   const out = resolve(opts.out, `seed-${seed}`);
   mkdirSync(out, { recursive: true });
   const log = (line: string): void => console.log(line);
-  const replay = `npm run chaos -- ${hypervisor === 'kvm' ? '--hypervisor kvm ' : ''}--seed ${seed} --rounds ${opts.rounds}`;
+  const replay = replayCommand({ hypervisor, seed, roundsPlanned: opts.rounds, faults: opts.faults });
   log(`chaos: ${hypervisor}, seed ${seed}, ${opts.rounds} rounds (replay: ${replay})`);
 
   const workDir = mkdtempSync(join(tmpdir(), 'pf-chaos-'));
+  // The run's certificates (the host API is mutual TLS): the hosts', the recorder's in their place, the workers'.
+  await makeTestSite(join(workDir, 'certs'));
   const cli = ensureTemporalCli();
   const serverPort = await freePort();
   const hosts: ChaosHosts =
@@ -122,6 +125,7 @@ async function main(): Promise<number> {
     commit,
     hypervisor,
     faultKinds: [...faultKinds, 'continueAsNew'],
+    ...(opts.faults ? { faults: opts.faults } : {}),
     startedAt: new Date(started).toISOString(),
     wallTimeSeconds: Math.round((Date.now() - started) / 1000),
     roundsPlanned: opts.rounds,
@@ -146,7 +150,7 @@ async function main(): Promise<number> {
   try {
     await hosts.start();
     recorder = new Recorder({
-      upstreams: hosts.upstreams(),
+      upstreams: await hosts.upstreams(),
       productionHost: estate.productionHost,
       drHost: estate.drHost,
       disksOf: (vm) => estate.vmDisks[vm]!,

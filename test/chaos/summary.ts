@@ -8,6 +8,8 @@ export interface ChaosSummary {
   hypervisor: Hypervisor;
   /** The kinds of fault the run could inject (and continueAsNew, counted), in the order they are listed. */
   faultKinds: string[];
+  /** The `--faults` the run was given, if any. */
+  faults?: string;
   startedAt: string;
   wallTimeSeconds: number;
   roundsPlanned: number;
@@ -38,13 +40,18 @@ export function totalsOf(s: ChaosSummary) {
   };
 }
 
+/** The command that replays the run. */
+export const replayCommand = (s: Pick<ChaosSummary, 'hypervisor' | 'seed' | 'roundsPlanned' | 'faults'>): string =>
+  `npm run chaos -- ${s.hypervisor === 'kvm' ? '--hypervisor kvm ' : ''}--seed ${s.seed} --rounds ${s.roundsPlanned}` +
+  (s.faults ? ` --faults ${s.faults}` : '');
+
 export function summaryMarkdown(s: ChaosSummary): string {
   const t = totalsOf(s);
   const lines = [
     `# Chaos run, seed ${s.seed}${s.hypervisor === 'kvm' ? ', real VMs on KVM' : ''}`,
     '',
     `Commit ${s.commit}, hypervisor ${s.hypervisor}, started ${s.startedAt}, ${s.rounds.length} of ${s.roundsPlanned} rounds in ${s.wallTimeSeconds} s; ` +
-      `continue-as-new suggested after ${s.suggestContinueAsNew} events. Replay: \`npm run chaos -- ${s.hypervisor === 'kvm' ? '--hypervisor kvm ' : ''}--seed ${s.seed} --rounds ${s.roundsPlanned}\`.`,
+      `continue-as-new suggested after ${s.suggestContinueAsNew} events. Replay: \`${replayCommand(s)}\`.`,
     '',
     '## Overall',
     '',
