@@ -52,6 +52,8 @@ export interface FaultContext {
 /** What the hypervisor's invariants get once the round settled. */
 export interface HostCheckContext {
   checks: Checks;
+  /** When the round began. */
+  since: Date;
   /** What the suite remembers across rounds (points already compared with their checkpoints, ...). */
   ledger: Ledger;
   /** The entities' views now. */

@@ -538,7 +538,7 @@ export class KvmHosts implements ChaosHosts {
 
   // Invariants ----------------------------------------------------------------------------------------------------
 
-  async check({ checks, ledger, views, settledViews }: HostCheckContext): Promise<void> {
+  async check({ checks, since, ledger, views, settledViews }: HostCheckContext): Promise<void> {
     await Promise.all(this.watching.splice(0));
     for (const r of this.results.splice(0)) checks.check(r.name, r.ok, r.detail);
     // After a power cut every sealed point is compared with its checkpoint again: none may have lost a block.
@@ -547,13 +547,14 @@ export class KvmHosts implements ChaosHosts {
       this.cutsChecked = this.layer.cuts;
     }
 
-    // The replica of a planned failover boots where the source's guest stopped: its canary on the powered-off source.
+    // The replica of this round's planned failover boots where the source's guest stopped: the canary on the
+    // powered-off source's disk. (A later boot, after a power cut, goes on from what the replica wrote since.)
     for (const vm of vmsOf(this.estate)) {
-      const settled = settledViews.get(vm);
+      const last = settledViews.get(vm)?.lastRun;
       const resume = this.firstBoot.get(vm);
-      const forcedOlder = /forced failover to helper restore point 1/.test(settled?.lastRun?.outcome ?? '');
-      if (views.get(vm)?.state !== 'Failover' || settled?.lastRun?.kind !== 'plannedFailover' || forcedOlder) continue;
-      if (resume === undefined) continue; // not powered on this round (or never booted: the power checks say so)
+      const forcedOlder = /forced failover to helper restore point 1/.test(last?.outcome ?? '');
+      if (views.get(vm)?.state !== 'Failover' || last?.kind !== 'plannedFailover' || forcedOlder) continue;
+      if (new Date(last.at) < since || resume === undefined) continue; // not this round's, or never booted
       const source = await readCanary(this.imageOf(vm), { forceShare: true });
       checks.check(
         'the replica resumes at the source’s last write',

@@ -548,7 +548,7 @@ export class Round {
     checks.check('the round settles', stillRunning.length === 0, `still running: ${stillRunning.join(', ')}`);
     await checkWorkflows(client, this.started, ledger, checks);
     const current = await views(client, this.vms);
-    await hosts.check({ checks, ledger, views: current, settledViews: this.settledViews });
+    await hosts.check({ checks, since: this.started, ledger, views: current, settledViews: this.settledViews });
     checkClosingRun(this.estate, closing, current, checks);
     for (const vm of this.vms) {
       const facts = await hostFacts(hosts.direct, this.estate, vm);
