@@ -126,6 +126,8 @@ export class KvmHosts implements ChaosHosts {
   /** What close() undoes, last first (also after a start that failed half-way). */
   private readonly stops: (() => Promise<void>)[] = [];
   private storageFull = false;
+  /** Set by close(): nothing is started again, however a round that runs on asks. */
+  private closing = false;
 
   // What this round's faults did, for the operator afterwards and for the checks.
   /** Production VMs whose QEMU the suite killed. */
@@ -211,7 +213,11 @@ export class KvmHosts implements ChaosHosts {
         KVM_HOST_LISTENING,
       );
       await agent.start();
-      this.stops.push(() => agent.kill());
+      // A clean stop: the host process stops its export daemons (a SIGKILL would leave them running); any left go.
+      this.stops.push(async () => {
+        await agent.close(10_000);
+        for (const d of await storageDaemons()) if (d.pidFile.startsWith(`${stateDir}/`)) kill(d.pid);
+      });
       return { name, role, stateDir, url: `https://127.0.0.1:${port}`, libvirt, agent };
     };
     this.prod = await host(this.estate.productionHost, 'production', prodDir, join(prodDir, 'state'), vms);
@@ -293,6 +299,7 @@ export class KvmHosts implements ChaosHosts {
   // Faults --------------------------------------------------------------------------------------------------------
 
   async inject(kind: HostFaultKind, ctx: FaultContext): Promise<boolean> {
+    if (this.closing) return false;
     const c = ctx.chance;
     switch (kind) {
       case 'agentKill': {
@@ -413,15 +420,13 @@ export class KvmHosts implements ChaosHosts {
         const writer = (await storageDaemons()).find((d) => d.writable && this.ownerOf(d) === this.dr);
         if (writer) at = ` while a point is written (${writer.pidFile})`;
       }
+    /** The replicas running at the cut, and the last sequence number each one's guest said was on its disk. */
     const said = new Map<string, number>();
     await this.dr.agent.restart({
       beforeKill: async () => {
-        // What each running replica's guest said was on its disk, read while the storage still answers (in the
-        // host process's turn: no other cut or restart of it in between).
-        for (const replica of await this.runningReplicas()) {
-          const seq = durableSeq(await readLines(this.consoleOf(replica)));
-          if (seq !== undefined) said.set(replica, seq);
-        }
+        // Read while the storage still answers (in the host process's turn: no other cut or restart of it between).
+        for (const replica of await this.runningReplicas())
+          said.set(replica, durableSeq(await readLines(this.consoleOf(replica))) ?? 0);
         ctx.note(
           `DR power cut${at}: its storage cut, its host process, storage daemons and replicas (${[...said.keys()].join(', ') || 'none running'}) killed; back after ${ctx.downMs} ms`,
         );
@@ -432,8 +437,11 @@ export class KvmHosts implements ChaosHosts {
         for (const [replica, pid] of await this.qemuPids(this.dr)) {
           kill(pid);
           // One that started since the look above said nothing yet: all it had was on its disk before.
-          this.cutStopped.set(replica, said.get(replica) ?? 0);
+          if (!said.has(replica)) said.set(replica, 0);
         }
+        // Each stopped with the cut, whether killed here or already gone: its guest powers off at the first write
+        // that fails.
+        for (const [replica, seq] of said) this.cutStopped.set(replica, seq);
         await delay(ctx.downMs);
         await this.layer.restore();
       },
@@ -470,6 +478,7 @@ export class KvmHosts implements ChaosHosts {
 
   async heal(note: (line: string) => void): Promise<string[]> {
     const started: string[] = [];
+    if (this.closing) return started;
     for (const host of [this.prod, this.dr]) {
       const answers = await host.libvirt.virsh.run(['version'], { timeoutMs: 10_000 }).then(
         () => true,
@@ -610,6 +619,7 @@ export class KvmHosts implements ChaosHosts {
   }
 
   async close(): Promise<void> {
+    this.closing = true;
     for (const stop of this.stops.splice(0).reverse())
       await stop().catch((e: unknown) => this.o.log(`closing: ${String(e)}`));
   }

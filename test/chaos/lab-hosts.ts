@@ -133,7 +133,7 @@ export class LabHosts implements ChaosHosts {
   async check(): Promise<void> {}
 
   async close(): Promise<void> {
-    await this.lab?.kill();
+    await this.lab?.close();
     this.port?.close();
     this.control?.close();
   }

@@ -144,6 +144,7 @@ async function main(): Promise<number> {
       writeSummary();
       void Promise.allSettled([site?.close()])
         .then(() => hosts.close())
+        .then(() => rmSync(workDir, { recursive: true, force: true }))
         .finally(() => process.exit(130));
     });
   }
@@ -269,7 +270,11 @@ async function main(): Promise<number> {
     await recorder?.close();
     operatorPort?.close();
     await hosts.close();
-    rmSync(workDir, { recursive: true, force: true });
+    try {
+      rmSync(workDir, { recursive: true, force: true });
+    } catch (e) {
+      log(`chaos: ${workDir} stays (${e instanceof Error ? e.message : String(e)})`);
+    }
   }
   const s = summary();
   log(summaryMarkdown(s));

@@ -34,7 +34,7 @@ export class ManagedProcess {
   }
 
   async start(): Promise<void> {
-    if (this.alive) return;
+    if (this.alive || this.closed) return;
     const child = spawn(process.execPath, this.args, { env: { ...process.env, ...this.env } });
     this.child = child;
     const keep = (d: Buffer): void => {
@@ -79,12 +79,32 @@ export class ManagedProcess {
     });
   }
 
+  /** Set by close(): never started again. */
+  private closed = false;
+
   /** Started if it is not running (after any bounce under way). */
   ensureRunning(): Promise<boolean> {
     return this.inTurn(async () => {
-      if (this.alive) return false;
+      if (this.alive || this.closed) return false;
       await this.start();
       return true;
+    });
+  }
+
+  /**
+   * Never started again (the suite stops): SIGKILL, or with `graceMs` SIGTERM first (a clean stop lets it stop what
+   * it started), and SIGKILL if it is still there after that long.
+   */
+  async close(graceMs = 0): Promise<void> {
+    this.closed = true;
+    await this.inTurn(async () => {
+      const child = this.child;
+      if (graceMs > 0 && child && this.alive) {
+        const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+        child.kill('SIGTERM');
+        await Promise.race([exited, delay(graceMs)]);
+      }
+      await this.kill();
     });
   }
 
@@ -187,9 +207,12 @@ export class ChaosSite {
     return next;
   }
 
+  private closed = false;
+
   /** Every process that should run and does not is started again: the server first, the hosts, the workers last. */
   async heal(hosts: () => Promise<string[]>): Promise<string[]> {
     const started: string[] = [];
+    if (this.closed) return started;
     await this.serverTurn;
     if (!this.server) {
       await this.startServer();
@@ -202,7 +225,8 @@ export class ChaosSite {
   }
 
   async close(): Promise<void> {
-    for (const p of [this.workflowWorker, ...this.proxyWorkers.values()]) await p.kill();
+    this.closed = true;
+    for (const p of [this.workflowWorker, ...this.proxyWorkers.values()]) await p.close();
     await this.stopServer();
   }
 }
