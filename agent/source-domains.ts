@@ -37,7 +37,7 @@ import {
 import { NbdClient } from './nbd/client';
 import { BASE_ALLOCATION, dirtyBitmapContext, STATE_DIRTY, STATE_ZERO } from './nbd/protocol';
 import { acpiShutdown, destroyDomain, isNoSuchDomain, parseDomState, powerStateOf } from './power';
-import { domainXmlOfRequest } from './definition';
+import { domainXmlOfRequest, fileDisksOf } from './definition';
 import type { ManagedDomains } from './managed-domains';
 import type { CheckpointRecord, HostState, ReferenceRecord } from './state';
 import { connectImageExport, NBD_REPLY_TIMEOUT_MS, type ImageExport } from './storage-daemon';
@@ -233,14 +233,7 @@ export class KvmSourceDomains {
   }
 
   private async domainDisks(domain: string): Promise<DomainDisk[]> {
-    const out: DomainDisk[] = [];
-    for (const line of lines(
-      await this.virshOr404(domain, () => this.virsh.run(['domblklist', '--details', domain])),
-    )) {
-      const [type, device, target, source] = line.split(/\s+/);
-      if (device === 'disk' && type === 'file' && target && source) out.push({ target, source });
-    }
-    return out;
+    return fileDisksOf(await this.virshOr404(domain, () => this.virsh.run(['dumpxml', domain])));
   }
 
   private async disks(domain: string): Promise<DiskInfo[]> {
