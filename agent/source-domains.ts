@@ -397,6 +397,8 @@ export class KvmSourceDomains {
     await writeFile(checkpointFile, checkpointXml);
     for (const d of disks) await rm(this.scratchOf(domain, d.target), { force: true });
     await this.deleteLibvirtCheckpoint(domain, checkpoint.id); // one a failed begin of ours left behind (recorded)
+    // libvirt runs one backup job per domain: another tool's makes ours wait (a conflict), not fail as a 500.
+    if ((await this.backupRunning(domain)) === 'foreign') throw foreignBackup(domain);
     await this.virsh.run(['backup-begin', domain, backupFile, checkpointFile]);
   }
 
@@ -424,8 +426,7 @@ export class KvmSourceDomains {
   /** Ends our backup job of the domain; another tool's is never aborted (the caller waits for it: a conflict). */
   private async abortBackup(domain: string): Promise<void> {
     const running = await this.backupRunning(domain);
-    if (running === 'foreign')
-      throw conflict(`another tool's backup job runs on ${domain}; the agent does not abort it: try again after it`);
+    if (running === 'foreign') throw foreignBackup(domain);
     if (running === 'ours') await this.virsh.run(['domjobabort', domain]).catch(() => undefined);
   }
 
@@ -735,6 +736,10 @@ export class KvmSourceDomains {
     }
   }
 }
+
+/** Another tool's backup job runs on the domain: never aborted by the agent, which waits for it to end. */
+const foreignBackup = (domain: string): HostApiError =>
+  conflict(`another tool's backup job runs on ${domain}; the agent does not abort it: try again after it`);
 
 /** A view's NBD socket: named by a hash, as a unix socket path holds 107 bytes and a domain name up to 128. */
 function socketPath(stateDir: string, domain: string): string {

@@ -493,6 +493,14 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
     await libvirt().virsh.run(['domjobabort', VM]);
     await port.createCheckpoint(vm, 'm6');
     await port.deleteCheckpoint(vm, 'm6');
+    // With no view of its own left, the agent's next checkpoint waits for the other tool's job too (a 409, not a 500).
+    await libvirt().virsh.run(['backup-begin', VM, backupXml]);
+    await assert.rejects(
+      port.createCheckpoint(vm, 'm6-again'),
+      (e: Error) => e instanceof ConflictError && /another tool's backup job/.test(e.message),
+    );
+    assert.match(await libvirt().virsh.run(['domjobinfo', VM]), /Operation:\s+Backup/, 'its job runs on');
+    await libvirt().virsh.run(['domjobabort', VM]);
     await port.powerOff(vm);
   });
 });
