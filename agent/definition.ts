@@ -928,6 +928,28 @@ function parse(source: string): Element {
   return root;
 }
 
+/**
+ * The file-backed disks of a domain as libvirt describes it (`virsh dumpxml`): target device and image path, read
+ * from the XML, so that a path with spaces or commas is the path.
+ */
+export function fileDisksOf(xml: string): { target: string; source: string }[] {
+  const out: { target: string; source: string }[] = [];
+  const devices = [...elementsOf(parse(xml))].find((e) => e.tagName === 'devices');
+  for (const disk of devices ? elementsOf(devices) : []) {
+    if (disk.tagName !== 'disk' || disk.getAttribute('type') !== 'file') continue;
+    if ((disk.getAttribute('device') ?? 'disk') !== 'disk') continue;
+    const children = [...elementsOf(disk)];
+    const target = children.find((e) => e.tagName === 'target')?.getAttribute('dev');
+    const source = children.find((e) => e.tagName === 'source')?.getAttribute('file');
+    if (target && source) out.push({ target, source });
+  }
+  return out;
+}
+
+function* elementsOf(parent: Element): Generator<Element> {
+  for (let n = parent.firstChild; n !== null; n = n.nextSibling) if (n.nodeType === ELEMENT_NODE) yield n as Element;
+}
+
 /** The domain's XML, built anew from what the allow-list lets through; throws DefinitionError naming what it refused. */
 export function domainXml(source: string, spec: DomainSpec): string {
   const root = parse(source);

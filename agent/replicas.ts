@@ -310,10 +310,8 @@ export class KvmReplicas {
     };
     const bytes = await receive(sizeBytes, (piece) =>
       gated(async () => {
-        writer ??= this.exportOf(image, true);
-        await (
-          await writer
-        ).write(piece.offset, piece.parts.length === 1 ? piece.parts[0]! : Buffer.concat(piece.parts));
+        const nbd = await (writer ??= this.exportOf(image, true));
+        await nbd.write(piece.offset, piece.parts.length === 1 ? piece.parts[0]! : Buffer.concat(piece.parts));
       }),
     );
     // The same connection that took the writes: a replacement daemon would flush nothing of theirs.

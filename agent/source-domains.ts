@@ -37,7 +37,7 @@ import {
 import { NbdClient } from './nbd/client';
 import { BASE_ALLOCATION, dirtyBitmapContext, STATE_DIRTY, STATE_ZERO } from './nbd/protocol';
 import { acpiShutdown, destroyDomain, isNoSuchDomain, parseDomState, powerStateOf } from './power';
-import { domainXmlOfRequest } from './definition';
+import { domainXmlOfRequest, fileDisksOf } from './definition';
 import type { ManagedDomains } from './managed-domains';
 import type { CheckpointRecord, HostState, ReferenceRecord } from './state';
 import { connectImageExport, NBD_REPLY_TIMEOUT_MS, type ImageExport } from './storage-daemon';
@@ -235,14 +235,7 @@ export class KvmSourceDomains {
   }
 
   private async domainDisks(domain: string): Promise<DomainDisk[]> {
-    const out: DomainDisk[] = [];
-    for (const line of lines(
-      await this.virshOr404(domain, () => this.virsh.run(['domblklist', '--details', domain])),
-    )) {
-      const [type, device, target, source] = line.split(/\s+/);
-      if (device === 'disk' && type === 'file' && target && source) out.push({ target, source });
-    }
-    return out;
+    return fileDisksOf(await this.virshOr404(domain, () => this.virsh.run(['dumpxml', domain])));
   }
 
   private async disks(domain: string): Promise<DiskInfo[]> {
@@ -411,6 +404,8 @@ export class KvmSourceDomains {
     await writeFile(checkpointFile, checkpointXml);
     for (const d of disks) await rm(this.scratchOf(domain, d.target), { force: true });
     await this.deleteLibvirtCheckpoint(domain, checkpoint.id); // one a failed begin of ours left behind (recorded)
+    // libvirt runs one backup job per domain: another tool's makes ours wait (a conflict), not fail as a 500.
+    if ((await this.backupRunning(domain)) === 'foreign') throw foreignBackup(domain);
     await this.virsh.run(['backup-begin', domain, backupFile, checkpointFile]);
   }
 
@@ -440,8 +435,7 @@ export class KvmSourceDomains {
   /** Ends our backup job of the domain; another tool's is never aborted (the caller waits for it: a conflict). */
   private async abortBackup(domain: string): Promise<void> {
     const running = await this.backupRunning(domain);
-    if (running === 'foreign')
-      throw conflict(`another tool's backup job runs on ${domain}; the agent does not abort it: try again after it`);
+    if (running === 'foreign') throw foreignBackup(domain);
     if (running === 'ours') await this.virsh.run(['domjobabort', domain]).catch(() => undefined);
   }
 
@@ -751,6 +745,10 @@ export class KvmSourceDomains {
     }
   }
 }
+
+/** Another tool's backup job runs on the domain: never aborted by the agent, which waits for it to end. */
+const foreignBackup = (domain: string): HostApiError =>
+  conflict(`another tool's backup job runs on ${domain}; the agent does not abort it: try again after it`);
 
 /** A view's NBD socket: named by a hash, as a unix socket path holds 107 bytes and a domain name up to 128. */
 function socketPath(stateDir: string, domain: string): string {

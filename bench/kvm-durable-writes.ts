@@ -11,8 +11,8 @@ import { join } from 'node:path';
 import { NbdClient } from '../agent/nbd/client';
 import { startKvmHost } from '../agent/server';
 import { CAPABILITIES_CACHE, LibvirtInstance } from '../kvm/libvirt/instance';
-import { HostApiHypervisor } from '../src/hypervisor/host-api-adapter';
 import { BLOCK_SIZE, type ExtentData } from '../src/hypervisor/port';
+import { kvmPort, makeTestSite, testServerTls } from '../test/tls';
 import { commitOf, machine, median, MiB, round3, writeResult } from './lib';
 
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 5);
@@ -43,6 +43,7 @@ async function timed(fn: () => Promise<unknown>): Promise<number> {
 
 async function main(): Promise<void> {
   const dir = await mkdtemp(join(tmpdir(), 'pf-bench-durable-'));
+  await makeTestSite(join(dir, 'certs'));
   const libvirt = await LibvirtInstance.start({ dir: join(dir, 'libvirt'), capabilitiesCache: CAPABILITIES_CACHE });
   const host = await startKvmHost({
     name: HOST,
@@ -50,8 +51,9 @@ async function main(): Promise<void> {
     role: 'dr',
     libvirtUri: libvirt.virsh.uri,
     stateDir: join(dir, 'state'),
+    tls: await testServerTls([HOST]),
   });
-  const port = new HostApiHypervisor({ url: host.url });
+  const port = kvmPort(host.url, HOST);
   const flush = Object.getOwnPropertyDescriptor(NbdClient.prototype, 'flush')!.value as NbdClient['flush'];
   const data = randomBytes(REQUEST_BYTES);
   const samples: { flushedMs: number; unflushedMs: number; flushedSealMs: number; unflushedSealMs: number }[] = [];

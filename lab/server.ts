@@ -295,7 +295,9 @@ function buildApp(site: LabSite, faults: Faults, https: ReturnType<typeof hostAp
         { offset: piece.offset, data: Buffer.concat(piece.parts, piece.length) },
         q.fence,
       );
-    return { bytesWritten: await receiveFrames(req, disk.sizeBytes, write, { cutAfter: cutOf(p.host, faultCall(req)) }) };
+    return {
+      bytesWritten: await receiveFrames(req, disk.sizeBytes, write, { cutAfter: cutOf(p.host, faultCall(req)) }),
+    };
   });
   app.put('/v1/hosts/:host/vms/:vm/write-fence', async (req, reply) => {
     const p = parse(P.vm, req.params, 'params');
@@ -328,7 +330,9 @@ function buildApp(site: LabSite, faults: Faults, https: ReturnType<typeof hostAp
     const vm = replicaOf(p);
     const layer = site.openPointLayer(vm, p.pointId, p.disk);
     const write = (piece: FramePiece) => site.writePoint(vm, p.pointId, p.disk, piece.offset, piece.parts);
-    return { bytesWritten: await receiveFrames(req, layer.sizeBytes, write, { cutAfter: cutOf(p.host, faultCall(req)) }) };
+    return {
+      bytesWritten: await receiveFrames(req, layer.sizeBytes, write, { cutAfter: cutOf(p.host, faultCall(req)) }),
+    };
   });
   // Host to host: the source host sends a checkpoint's blocks straight into a restore point on a DR host (QEMU's
   // push-mode backup to an NBD export); the caller only orders it. Both hosts' faults apply.

@@ -166,8 +166,11 @@ export function createCoordinationActivities(client: Client, port: HypervisorPor
             attention = `${production.vm} on ${production.host} is off and its replica does not run: no workflow says why`;
         }
       }
+      // A permanent failover cut off part-way on the DR host: only finishing it is safe (the host refuses undo).
+      if (info?.consolidating)
+        attention = `a permanent failover of ${vm} is half done on ${ref.host}: send permanentFailover again to finish it`;
       const evidence =
-        `${ref.host}: ${info ? `${points.length} sealed point(s), head ${head?.kind ?? 'none'}, ${info.powerState}, ${info.hasRunningLayer ? 'a' : 'no'} running layer${info.consolidated ? ', consolidated' : ''}` : 'no replica'}` +
+        `${ref.host}: ${info ? `${points.length} sealed point(s), head ${head?.kind ?? 'none'}, ${info.powerState}, ${info.hasRunningLayer ? 'a' : 'no'} running layer${info.consolidated ? ', consolidated' : info.consolidating ? ', consolidation half done' : ''}` : 'no replica'}` +
         `; last operation: ${lastOperation ? `${lastOperation.workflowId} left ${lastOperationState ?? 'no state'}` : 'none'}` +
         `; running: ${holders.map((h) => h.workflowId).join(', ') || 'none'}`;
       return {

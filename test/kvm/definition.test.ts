@@ -6,7 +6,8 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { readGuestLines, waitForReady } from '../../kvm/guest/guest';
 import { BadRequestError, ConflictError, NotFoundError } from '../../src/hypervisor/errors';
-import { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
+import type { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
+import { kvmPort, testServerTls } from '../tls';
 import type { VmDefinition } from '../../src/hypervisor/port';
 import { DEFAULT_BOOT_FILE_DIRS, domainXml } from '../../agent/definition';
 import { startKvmHost } from '../../agent/server';
@@ -45,8 +46,8 @@ describe('domain definitions given to KVM agents, on real libvirt', () => {
     dir = mkdtempSync(join(tmpdir(), 'pf-kvmdef-'));
     prod = await startTestKvmHost({ dir: join(dir, 'prod'), name: PROD, domain: VM });
     dr = await startTestKvmHost({ dir: join(dir, 'dr'), name: DR, role: 'dr' });
-    prodPort = new HostApiHypervisor({ url: prod.host.url });
-    drPort = new HostApiHypervisor({ url: dr.host.url });
+    prodPort = kvmPort(prod.host.url, PROD);
+    drPort = kvmPort(dr.host.url, DR);
     definition = (await prodPort.getVmDefinition({ host: PROD, vm: VM }))!;
     withCard = {
       ...definition,
@@ -139,8 +140,9 @@ describe('domain definitions given to KVM agents, on real libvirt', () => {
       libvirtUri: dr.libvirt.virsh.uri,
       stateDir: join(dir, 'dr', 'state'),
       bootFileDirs: ['/usr/share/seabios'],
+      tls: await testServerTls([DR]),
     });
-    const strictPort = new HostApiHypervisor({ url: strict.url });
+    const strictPort = kvmPort(strict.url, DR);
     try {
       await assert.rejects(
         strictPort.powerOn(replicaVm),
@@ -156,7 +158,7 @@ describe('domain definitions given to KVM agents, on real libvirt', () => {
       await strict.stop();
     }
     drPort.close();
-    drPort = new HostApiHypervisor({ url: (await dr.restartHost()).url });
+    drPort = kvmPort((await dr.restartHost()).url, DR);
     await drPort.powerOn(replicaVm);
     assert.equal((await drPort.getVm(replicaVm)).powerState, 'Running', 'the guest kernel’s directory allowed again');
   });

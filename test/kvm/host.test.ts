@@ -210,6 +210,37 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
     await libvirt().virsh.run(['undefine', other]);
   });
 
+  test('a disk whose path holds a comma and a space: found, written (failback) and read through a view (m5)', async () => {
+    const name = 'pf-odd-path';
+    const image = join(dir, 'db, 1.qcow2');
+    await exec('qemu-img', ['create', '-q', '-f', 'qcow2', image, String(DISK_BYTES)]);
+    writeFileSync(join(dir, `${name}.xml`), otherDomainXml(name, image));
+    await libvirt().virsh.run(['define', join(dir, `${name}.xml`)]);
+    writeFileSync(kvm.domainsFile, `${VM}\n${name}\n`);
+    const odd = { host: HOST, vm: name };
+    assert.deepEqual((await port.getVm(odd)).disks, [{ id: 'vda', sizeBytes: DISK_BYTES }]);
+    const data = Buffer.alloc(BLOCK_SIZE, 0x3c);
+    await port.fenceWrites(odd, 'odd-1');
+    const written = await port.writeExtents(
+      { ...odd, disk: 'vda' },
+      (async function* () {
+        yield { offset: 5 * BLOCK_SIZE, data };
+      })(),
+      { fence: 'odd-1' },
+    );
+    assert.deepEqual(written, { bytesWritten: BLOCK_SIZE });
+    await port.createCheckpoint(odd, 'odd-view');
+    const read: Buffer[] = [];
+    for await (const piece of port.readExtents({ ...odd, disk: 'vda' }, 'odd-view', [
+      { offset: 5 * BLOCK_SIZE, length: BLOCK_SIZE },
+    ]))
+      read.push(piece.data);
+    assert.deepEqual(Buffer.concat(read), data);
+    await port.deleteCheckpoint(odd, 'odd-view');
+    writeFileSync(kvm.domainsFile, `${VM}\n`);
+    await libvirt().virsh.run(['undefine', '--checkpoints-metadata', name]);
+  });
+
   test('a first full copy from a checkpoint of the running guest, then an incremental one from the changed extents: each equals its checkpoint', async () => {
     const written = await bootAndWrite();
     assert.equal((await port.getVm(vm)).powerState, 'Running');
@@ -498,6 +529,14 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
     await libvirt().virsh.run(['domjobabort', VM]);
     await port.createCheckpoint(vm, 'm6');
     await port.deleteCheckpoint(vm, 'm6');
+    // With no view of its own left, the agent's next checkpoint waits for the other tool's job too (a 409, not a 500).
+    await libvirt().virsh.run(['backup-begin', VM, backupXml]);
+    await assert.rejects(
+      port.createCheckpoint(vm, 'm6-again'),
+      (e: Error) => e instanceof ConflictError && /another tool's backup job/.test(e.message),
+    );
+    assert.match(await libvirt().virsh.run(['domjobinfo', VM]), /Operation:\s+Backup/, 'its job runs on');
+    await libvirt().virsh.run(['domjobabort', VM]);
     await port.powerOff(vm);
   });
 });

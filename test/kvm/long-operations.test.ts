@@ -22,6 +22,7 @@ import { CAPABILITIES_CACHE, LibvirtInstance } from '../../kvm/libvirt/instance'
 import { ConflictError } from '../../src/hypervisor/errors';
 import { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import { BLOCK_SIZE, type ExtentData, type ReplicaRef } from '../../src/hypervisor/port';
+import { testClientTls } from '../tls';
 import { spawnKvmHostProcess, type KvmHostProcess } from './helpers';
 
 const HOST = 'kvm-dr5';
@@ -49,7 +50,12 @@ describe('long operations of a KVM DR host: a live commit followed as a job, and
       stateDir: join(dir, 'state'),
       flags: ['--commit-bandwidth-mibps', String(COMMIT_MIBPS)],
     });
-    port = new HostApiHypervisor({ url: child.url, timeoutMs: CONTROL_DEADLINE_MS });
+    port = new HostApiHypervisor({
+      url: child.url,
+      tls: testClientTls(),
+      serverName: HOST,
+      timeoutMs: CONTROL_DEADLINE_MS,
+    });
   }
   const consoleOf = (replica: string) => join(dir, 'state', 'replicas', replica, 'console.log');
   const replicaDir = (replica: string) => join(dir, 'state', 'replicas', replica);
