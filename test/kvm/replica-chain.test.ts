@@ -227,6 +227,37 @@ describe('restore points as qcow2 chains on a KVM DR host, through a SIGKILL of 
     await port.mergeOldestRestorePoint(replica, 'p3');
   });
 
+  test('a merge of r5 leaves the export of r50 alone (one replica’s directory is not a prefix of another’s)', async () => {
+    const r5 = { host: HOST, replica: 'r5' };
+    const r50 = { host: HOST, replica: 'r50' };
+    for (const r of [r5, r50])
+      await port.createReplica(r, { sourceVm: `${r.replica}-vm`, disks: [{ id: 'vda', sizeBytes: DISK_BYTES }] });
+    for (const p of ['p1', 'p2']) {
+      await port.beginRestorePoint(r5, p, spec);
+      await port.writeRestorePoint({ ...r5, disk: 'vda' }, p, pieces(randomExtents([1, 2])));
+      await port.sealRestorePoint(r5, p);
+    }
+    const run = join(dir, 'state', 'run');
+    const pidFiles = (): Map<string, string> =>
+      new Map(
+        readdirSync(run)
+          .filter((n) => n.endsWith('.nbd.pid'))
+          .map((n) => [n, readFileSync(join(run, n), 'utf8').trim()]),
+      );
+    const before = pidFiles();
+    await port.beginRestorePoint(r50, 'p1', spec);
+    await port.writeRestorePoint({ ...r50, disk: 'vda' }, 'p1', pieces(randomExtents([3])));
+    const r50Writers = [...pidFiles()].filter(([n]) => !before.has(n));
+    assert.equal(r50Writers.length, 1, 'r50’s open point has its writer');
+    await port.mergeOldestRestorePoint(r5, 'p1');
+    const after = pidFiles();
+    for (const [name, pid] of r50Writers) {
+      assert.equal(after.get(name), pid, 'r50’s writer is the same daemon, still running');
+      process.kill(Number(pid), 0);
+    }
+    await port.sealRestorePoint(r50, 'p1');
+  });
+
   test('bad input changes nothing and names the field', async () => {
     const before = await digestsOf('p5');
     await port.beginRestorePoint(replica, 'p4', spec);
