@@ -3,7 +3,7 @@ import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { join, relative } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { CAPABILITIES_CACHE, LibvirtInstance } from '../../kvm/libvirt/instance';
 import { blockDigest } from '../../src/host-api/digests';
@@ -51,7 +51,8 @@ describe('restore points as qcow2 chains on a KVM DR host, through a SIGKILL of 
       name: HOST,
       role: 'dr',
       libvirtUri: libvirt.virsh.uri,
-      stateDir: join(dir, 'state'),
+      // Relative, as an operator may type it: qcow2 backing names and libvirt's paths must still resolve (m1).
+      stateDir: relative(process.cwd(), join(dir, 'state')),
     });
     port = kvmPort(child.url, HOST);
   }
