@@ -27,6 +27,7 @@ import { type ChaosHosts, type FaultContext, type FaultKind, type HostFaultKind,
 import {
   checkClosingRun,
   checkPower,
+  sourceStopRequests,
   checkRetention,
   checkSlots,
   checkVm,
@@ -555,7 +556,7 @@ export class Round {
       await checkVm(hosts, recorder, ledger, checks, vm, current.get(vm)!, facts, this.settledViews.get(vm)!);
       checkRetention(this.estate, vm, facts, current.get(vm)!, checks);
     }
-    checkPower(this.estate, recorder, ledger, checks);
+    checkPower(this.estate, recorder, ledger, checks, await sourceStopRequests(client, this.started));
     for (const d of this.healedDecisions)
       checks.check('a decision taken once the faults are cleared works', !d.haltedAgain, d.what);
     checks.check(
