@@ -419,6 +419,16 @@ export class KvmSourceDomains {
   }
 
   /**
+   * Whether the domain runs no backup job of ours: it is off, or its QEMU runs without one. libvirt not answering
+   * is a failure to retry, not a verdict.
+   */
+  private async backupJobGone(domain: string): Promise<boolean> {
+    if ((await this.domState(domain)).state === 'shut off') return true;
+    await this.virsh.run(['domjobinfo', domain]);
+    return (await this.backupRunning(domain)) !== 'ours';
+  }
+
+  /**
    * Ends a view: its backup job, its record, the libvirt checkpoints nothing stands for any more (libvirt deletes
    * checkpoints only of a running domain), and, for a paused start, the domain's run.
    */
@@ -667,6 +677,14 @@ export class KvmSourceDomains {
         exportName: disk,
         metaContexts,
         replyTimeoutMs: NBD_REPLY_TIMEOUT_MS,
+      }).catch(async (e: unknown) => {
+        // The QEMU that served the view stopped (killed, or restarted since): no retry brings it back.
+        if (await this.backupJobGone(domain))
+          throw conflict(
+            `the view of checkpoint ${domain}/${checkpointId} is gone: the QEMU of ${domain} that served it has ` +
+              `stopped since; create the checkpoint again`,
+          );
+        throw e;
       });
       this.exports.set(key, client);
       client.catch(() => this.exports.delete(key));

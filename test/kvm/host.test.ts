@@ -406,13 +406,26 @@ describe('the KVM host process, source side, on a private libvirtd', () => {
   });
 
   test('QEMU killed: tracking lost is the port’s TrackingLostError, and a digest comparison still copies exactly', async () => {
+    // A view open when its QEMU dies: a conflict at once, also once the guest runs again, not a refused connection
+    // that a copy retries for minutes (found by the fault suite).
+    await port.createCheckpoint(vm, 'before-kill');
+    await allPages((page) => port.listAllocatedExtents(disk, 'before-kill', page));
+    const viewGone = (e: Error) => e instanceof ConflictError && /view of checkpoint .* is gone/.test(e.message);
     const [pid, ...more] = libvirt().qemuPids();
     assert.ok(pid !== undefined && more.length === 0, 'one QEMU runs');
     process.kill(pid, 'SIGKILL');
     for (let i = 0; i < 100 && (await libvirt().virsh.domainState(VM)) !== 'shut off'; i++)
       await new Promise((r) => setTimeout(r, 100));
     assert.equal((await port.getVm(vm)).lastStop, 'forced-off');
+    await assert.rejects(
+      allPages((page) => port.listAllocatedExtents(disk, 'before-kill', page)),
+      viewGone,
+    );
     await bootAndWrite();
+    await assert.rejects(
+      allPages((page) => port.listAllocatedExtents(disk, 'before-kill', page)),
+      viewGone,
+    );
     await port.createCheckpoint(vm, 'after-kill');
     await assert.rejects(
       port.listChangedExtents(disk, { referencePointId: 'r4', checkpointId: 'after-kill' }),
