@@ -9,6 +9,7 @@ import {
   PROXY_REGISTRY_WORKFLOW_ID,
   proxyQueries,
   WorkflowTypes,
+  type PlannedFailoverSessionResult,
   type ReplicaView,
   type ReplicationJobResult,
 } from '../../src/contract';
@@ -38,6 +39,11 @@ export class Ledger {
   readonly endedBySuite = new Set<string>();
   /** Power records already checked. */
   powerChecked = 0;
+  /**
+   * Helper point 1 of each session forced to fail over to it: a replica running from one of these runs from data
+   * older than its source at power-off, as its session said (a later refused request may be the entity's last run).
+   */
+  readonly forcedToHelper1 = new Set<string>();
 }
 
 export interface Check {
@@ -259,7 +265,9 @@ export async function checkVm(
   // not power production on, production holds exactly the failback-protective point.
   if (!prodOn && replica) {
     // A failover forced to helper point 1 runs from data older than the source at power-off, and says so.
-    const forcedOlder = /forced failover to helper restore point 1/.test(settledView.lastRun?.outcome ?? '');
+    const forcedOlder =
+      ledger.forcedToHelper1.has(replica.headPointId ?? '') ||
+      /forced failover to helper restore point 1/.test(settledView.lastRun?.outcome ?? '');
     const expected =
       state === 'Failover' && settledView.lastRun?.kind === 'plannedFailover' && !forcedOlder
         ? replica.headPointId
@@ -298,6 +306,19 @@ export async function sourceStopRequests(client: Client, since: Date): Promise<M
     if (stops) asked.set(vm, (asked.get(vm) ?? 0) + 1);
   }
   return asked;
+}
+
+/** The helper point 1 of each planned-failover session started since `since` that was forced to fail over to it. */
+export async function sessionsForcedToHelper1(client: Client, since: Date): Promise<string[]> {
+  const points: string[] = [];
+  for await (const wf of client.workflow.list({
+    query: `WorkflowType="${WorkflowTypes.plannedFailoverSession}" AND StartTime >= "${since.toISOString()}" AND ExecutionStatus="Completed"`,
+  })) {
+    const result = (await client.workflow.getHandle(wf.workflowId, wf.runId).result()) as PlannedFailoverSessionResult;
+    if (result.outcome === 'forcedFailover' && result.dataLoss !== undefined && result.sessionId)
+      points.push(`rp-${result.sessionId}-helper1`);
+  }
+  return points;
 }
 
 /** No production VM was stopped more often than sessions asked for it: a stale or repeated stop is a violation. */

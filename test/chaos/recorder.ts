@@ -68,8 +68,14 @@ export class Recorder {
    * again after deleting it (a reset replays its steps).
    */
   readonly checkpoints = new Map<string, { vm: string; digests: string[] }>();
-  /** Checkpoints taken and not deleted: taking one of these again must show the same data. */
-  private readonly liveCheckpoints = new Set<string>();
+  /**
+   * Checkpoints taken and not deleted, each with the count of writes into its VM's disk when it was taken: taking one
+   * again must show the same data, unless the VM's disk was written since (a failback's writes into the powered-off
+   * VM, which a view of it taken again shows, and its retried copy reads).
+   */
+  private readonly liveCheckpoints = new Map<string, number>();
+  /** Write requests into each production VM's disk so far. */
+  private readonly writesInto = new Map<string, number>();
   /** What the recorder compared as it happened, and whether it held; the round's invariants collect them. */
   private readonly results: { name: string; ok: boolean; detail: string }[] = [];
   private readonly offImage = new Map<string, string | null>();
@@ -139,7 +145,10 @@ export class Recorder {
     const action = body ? ((JSON.parse(body.toString() || '{}') as { action?: string }).action ?? '?') : undefined;
     const production = (host: string | undefined) => host === this.o.productionHost;
 
-    if (sourceWrite && production(sourceWrite[1])) this.writtenWhileOff.add(sourceWrite[2]!);
+    if (sourceWrite && production(sourceWrite[1])) {
+      this.writtenWhileOff.add(sourceWrite[2]!);
+      this.writesInto.set(sourceWrite[2]!, (this.writesInto.get(sourceWrite[2]!) ?? 0) + 1);
+    }
     if (power && action === 'on' && production(power[1])) await this.beforeBoot(power[2]!);
 
     const { upstream, answered } = forwardTo(target, this.agent, req, res, servername);
@@ -187,11 +196,12 @@ export class Recorder {
       return; // the lab died under the read: points copied from this checkpoint go unchecked
     }
     const known = this.checkpoints.get(id) ?? { vm, digests: [] };
-    if (this.liveCheckpoints.has(id))
+    const writes = this.writesInto.get(vm) ?? 0;
+    if (this.liveCheckpoints.get(id) === writes)
       this.result('a checkpoint never changes', known.digests.includes(digest), `${vm}: checkpoint ${id} taken again`);
     if (!known.digests.includes(digest)) known.digests.push(digest);
     this.checkpoints.set(id, known);
-    this.liveCheckpoints.add(id);
+    this.liveCheckpoints.set(id, writes);
   }
 
   private async afterOff(vm: string): Promise<void> {

@@ -27,6 +27,7 @@ import { type ChaosHosts, type FaultContext, type FaultKind, type HostFaultKind,
 import {
   checkClosingRun,
   checkPower,
+  sessionsForcedToHelper1,
   sourceStopRequests,
   checkRetention,
   checkSlots,
@@ -548,6 +549,7 @@ export class Round {
     const { client, hosts, recorder, ledger } = this.w;
     checks.check('the round settles', stillRunning.length === 0, `still running: ${stillRunning.join(', ')}`);
     await checkWorkflows(client, this.started, ledger, checks);
+    for (const point of await sessionsForcedToHelper1(client, this.started)) ledger.forcedToHelper1.add(point);
     const current = await views(client, this.vms);
     await hosts.check({ checks, since: this.started, ledger, views: current, settledViews: this.settledViews });
     checkClosingRun(this.estate, closing, current, checks);
