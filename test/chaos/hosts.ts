@@ -79,6 +79,8 @@ export interface ChaosHosts {
   sourceImage(vm: string): Promise<string>;
   /** A power-on the host answered (through the recorder). */
   poweredOn(host: string, vm: string): void;
+  /** A replica's running data replaced by a point (reverted to one, or its running layer discarded). */
+  runningReplaced(host: string, replica: string): void;
   /** Injects a fault of one of its kinds; false when there was nothing to hit. */
   inject(kind: HostFaultKind, ctx: FaultContext): Promise<boolean>;
   /** Every fault cleared and every part that should run running; returns the parts started again. */

@@ -268,6 +268,11 @@ export class KvmHosts implements ChaosHosts {
     return digestOf(this.estate.vmDisks[vm]!, () => imageFileBytes(this.imageOf(vm)));
   }
 
+  /** Reverted to a point or its running layer discarded after a DR power cut: it resumes from that point instead. */
+  runningReplaced(host: string, replica: string): void {
+    if (host === this.dr.name) this.cutStopped.delete(replica);
+  }
+
   /**
    * A replica powered on: its guest's console is followed until it says it booted, and where it resumed is kept (the
    * round's first boot of each replica), and compared with what its guest had said before a DR power cut stopped it.

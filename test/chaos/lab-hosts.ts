@@ -81,6 +81,8 @@ export class LabHosts implements ChaosHosts {
 
   poweredOn(): void {}
 
+  runningReplaced(): void {}
+
   async inject(kind: HostFaultKind, ctx: FaultContext): Promise<boolean> {
     if (kind === 'labKill') {
       const down = ctx.downMs / 2;

@@ -158,6 +158,7 @@ async function main(): Promise<number> {
       direct: hosts.direct,
       sourceImage: (vm) => hosts.sourceImage(vm),
       poweredOn: (host, vm) => hosts.poweredOn(host, vm),
+      runningReplaced: (host, replica) => hosts.runningReplaced(host, replica),
     });
     const recorderUrls = await recorder.listen();
     const urls = await hosts.workerUrls(recorderUrls);

@@ -49,11 +49,15 @@ export interface RecorderOptions {
   sourceImage: (vm: string) => Promise<string | null>;
   /** Told of every power-on the hosts answered (the KVM hosts follow the replica's guest from there). */
   poweredOn?: (host: string, vm: string) => void;
+  /** Told of every replica whose running data a point replaced (what its guest said before no longer counts). */
+  runningReplaced?: (host: string, replica: string) => void;
 }
 
 const POWER = /^\/v1\/hosts\/([^/]+)\/vms\/([^/]+)\/power$/;
 const CHECKPOINT = /^\/v1\/hosts\/([^/]+)\/vms\/([^/]+)\/checkpoints\/([^/]+)$/;
 const SOURCE_WRITE = /^\/v1\/hosts\/([^/]+)\/vms\/([^/]+)\/disks\/[^/]+\/write$/;
+/** A replica's running data replaced by a point: reverted to one (regular failover), or its running layer discarded. */
+const RUNNING_REPLACED = /^\/v1\/hosts\/([^/]+)\/replicas\/([^/]+)\/(revert|running-layer)$/;
 
 async function bodyOf(stream: NodeJS.ReadableStream): Promise<Buffer> {
   const chunks: Buffer[] = [];
@@ -141,6 +145,7 @@ export class Recorder {
     const checkpoint = method === 'PUT' ? CHECKPOINT.exec(path) : null;
     const deleted = method === 'DELETE' ? CHECKPOINT.exec(path) : null;
     const sourceWrite = method === 'POST' ? SOURCE_WRITE.exec(path) : null;
+    const replaced = method === 'POST' || method === 'DELETE' ? RUNNING_REPLACED.exec(path) : null;
     const body = power ? await bodyOf(req) : undefined;
     const action = body ? ((JSON.parse(body.toString() || '{}') as { action?: string }).action ?? '?') : undefined;
     const production = (host: string | undefined) => host === this.o.productionHost;
@@ -157,6 +162,7 @@ export class Recorder {
     const answer = await answered;
     const status = answer.statusCode ?? 502;
     if (deleted && (status < 300 || status === 404)) this.liveCheckpoints.delete(deleted[3]!);
+    if (replaced && status < 300) this.o.runningReplaced?.(replaced[1]!, replaced[2]!);
     if (!power && !(checkpoint && status < 300)) {
       res.writeHead(status, answer.headers);
       answer.pipe(res);
