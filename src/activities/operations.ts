@@ -223,11 +223,13 @@ export function createOperationActivities(port: HypervisorPort, config: Configur
       return withHypervisorFailures(() =>
         heartbeatWhile(
           async () => {
-            await port.createCheckpoint(input.production, input.checkpointId, { signal });
             let bytesShipped = 0;
             let productionChangedBytes: number | null = 0;
             const modes: ShipResult['modes'] = {};
+            // The view is dropped however this ends, also when the request that makes it is cut off (cancelled):
+            // the host may finish making it, and a paused start of production would stay behind.
             try {
+              await port.createCheckpoint(input.production, input.checkpointId, { signal });
               for (const disk of input.disks) {
                 const replicaDisk = { ...input.replica, disk: disk.id };
                 const productionDisk = { ...input.production, disk: disk.id };
@@ -299,8 +301,8 @@ export function createOperationActivities(port: HypervisorPort, config: Configur
       const signal = Context.current().cancellationSignal;
       return withHypervisorFailures(() =>
         heartbeatWhile(async () => {
-          await port.createCheckpoint(input.production, input.checkpointId, { signal });
           try {
+            await port.createCheckpoint(input.production, input.checkpointId, { signal });
             let mismatchedBlocks = 0;
             for (const disk of input.disks) {
               const diff = await differing(
