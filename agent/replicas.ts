@@ -174,11 +174,11 @@ export class KvmReplicas {
         }
         return this.info(replica, known);
       }
+      // Checked first, before libvirt is asked anything: a refused definition is a 400 and leaves nothing behind.
+      const checked = definition ? this.checkedDefinition(replica, disks, definition) : null;
       // The replica's domain will carry its name: one another tool defined is not ours to redefine or power.
       if ((await this.uuidOfName(replica)) !== null)
         throw conflict(`a libvirt domain named ${replica} already exists on ${this.options.host}; it is not a replica`);
-      // Checked before anything is made: a refused definition leaves nothing behind.
-      const checked = definition ? this.checkedDefinition(replica, disks, definition) : null;
       // Files first, then the record: a crash in between leaves files no record names, made again on the retry.
       await mkdir(this.dirOf(replica), { recursive: true });
       for (const d of disks)

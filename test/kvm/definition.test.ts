@@ -4,7 +4,7 @@ import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { readGuestLines, waitForReady } from '../../kvm/guest/guest';
+import { guestFiles, readGuestLines, waitForReady } from '../../kvm/guest/guest';
 import { BadRequestError, ConflictError, NotFoundError } from '../../src/hypervisor/errors';
 import type { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import { kvmPort, testServerTls } from '../tls';
@@ -86,6 +86,28 @@ describe('domain definitions given to KVM agents, on real libvirt', () => {
     await assert.rejects(drPort.getReplica(replica), NotFoundError);
     assert.equal(existsSync(join(dir, 'dr', 'state', 'replicas', replica.replica)), false, 'no replica directory');
     assert.deepEqual(await domains(dr), [], 'no domain defined');
+    // Refused before libvirt is asked anything: an agent whose libvirt does not answer says the same 400.
+    const stateDir = join(dir, 'no-libvirt');
+    const lone = await startKvmHost({
+      name: DR,
+      site: 'dr',
+      role: 'dr',
+      libvirtUri: `qemu+unix:///system?socket=${join(dir, 'no-libvirt.sock')}`,
+      stateDir,
+      bootFileDirs: [guestFiles().dir],
+      tls: await testServerTls([DR]),
+    });
+    const lonePort = kvmPort(lone.url, DR);
+    try {
+      await assert.rejects(
+        lonePort.createReplica(replica, { sourceVm: VM, disks, definition: { ...definition, text } }),
+        (e: unknown) => e instanceof BadRequestError && /domain\/qemu:commandline is not allowed/.test(e.message),
+      );
+      assert.equal(existsSync(join(stateDir, 'replicas', replica.replica)), false, 'no replica directory');
+    } finally {
+      lonePort.close();
+      await lone.stop();
+    }
   });
 
   test('a new VM from a definition with a host device is refused with a 400 naming it; nothing is made', async () => {
