@@ -497,6 +497,17 @@ func (fs *powercut) op(f func() fuse.Status) fuse.Status {
 	return f()
 }
 
+// opOn is op on the node the kernel names: ENOENT when it is gone.
+func (fs *powercut) opOn(id uint64, f func(n *node) fuse.Status) fuse.Status {
+	return fs.op(func() fuse.Status {
+		n := fs.nodes[id]
+		if n == nil {
+			return fuse.ENOENT
+		}
+		return f(n)
+	})
+}
+
 func errno(err error) fuse.Status {
 	var e syscall.Errno
 	switch {
@@ -538,11 +549,7 @@ func (fs *powercut) Lookup(_ <-chan struct{}, h *fuse.InHeader, name string, out
 func (fs *powercut) Forget(uint64, uint64) {}
 
 func (fs *powercut) GetAttr(_ <-chan struct{}, in *fuse.GetAttrIn, out *fuse.AttrOut) fuse.Status {
-	return fs.op(func() fuse.Status {
-		n := fs.nodes[in.NodeId]
-		if n == nil {
-			return fuse.ENOENT
-		}
+	return fs.opOn(in.NodeId, func(n *node) fuse.Status {
 		out.SetTimeout(ttl)
 		fs.attr(n, &out.Attr)
 		return fuse.OK
@@ -550,11 +557,7 @@ func (fs *powercut) GetAttr(_ <-chan struct{}, in *fuse.GetAttrIn, out *fuse.Att
 }
 
 func (fs *powercut) SetAttr(_ <-chan struct{}, in *fuse.SetAttrIn, out *fuse.AttrOut) fuse.Status {
-	return fs.op(func() fuse.Status {
-		n := fs.nodes[in.NodeId]
-		if n == nil {
-			return fuse.ENOENT
-		}
+	return fs.opOn(in.NodeId, func(n *node) fuse.Status {
 		if in.Valid&fuse.FATTR_SIZE != 0 {
 			if !n.isFile() {
 				return fuse.EINVAL
@@ -739,11 +742,7 @@ func (fs *powercut) Create(_ <-chan struct{}, in *fuse.CreateIn, name string, ou
 }
 
 func (fs *powercut) Open(_ <-chan struct{}, in *fuse.OpenIn, _ *fuse.OpenOut) fuse.Status {
-	return fs.op(func() fuse.Status {
-		n := fs.nodes[in.NodeId]
-		if n == nil {
-			return fuse.ENOENT
-		}
+	return fs.opOn(in.NodeId, func(n *node) fuse.Status {
 		if !n.isFile() {
 			return fuse.EINVAL
 		}
@@ -769,11 +768,7 @@ func (fs *powercut) Release(_ <-chan struct{}, in *fuse.ReleaseIn) {
 
 func (fs *powercut) Read(_ <-chan struct{}, in *fuse.ReadIn, _ []byte) (fuse.ReadResult, fuse.Status) {
 	var data []byte
-	st := fs.op(func() fuse.Status {
-		n := fs.nodes[in.NodeId]
-		if n == nil {
-			return fuse.ENOENT
-		}
+	st := fs.opOn(in.NodeId, func(n *node) fuse.Status {
 		var err error
 		data, err = fs.read(n, int64(in.Offset), int(in.Size))
 		return errno(err)
@@ -782,11 +777,7 @@ func (fs *powercut) Read(_ <-chan struct{}, in *fuse.ReadIn, _ []byte) (fuse.Rea
 }
 
 func (fs *powercut) Write(_ <-chan struct{}, in *fuse.WriteIn, data []byte) (uint32, fuse.Status) {
-	st := fs.op(func() fuse.Status {
-		n := fs.nodes[in.NodeId]
-		if n == nil {
-			return fuse.ENOENT
-		}
+	st := fs.opOn(in.NodeId, func(n *node) fuse.Status {
 		return errno(fs.write(n, int64(in.Offset), data))
 	})
 	if !st.Ok() {
@@ -798,11 +789,7 @@ func (fs *powercut) Write(_ <-chan struct{}, in *fuse.WriteIn, data []byte) (uin
 func (fs *powercut) Flush(<-chan struct{}, *fuse.FlushIn) fuse.Status { return fuse.OK }
 
 func (fs *powercut) Fsync(_ <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
-	return fs.op(func() fuse.Status {
-		n := fs.nodes[in.NodeId]
-		if n == nil {
-			return fuse.ENOENT
-		}
+	return fs.opOn(in.NodeId, func(n *node) fuse.Status {
 		if !n.isFile() {
 			return errno(fs.commitNames())
 		}
