@@ -288,37 +288,36 @@ export async function checkVm(
   }
 }
 
-/**
- * Per VM, the planned-failover sessions started since `since` that asked for its source's power-off. A reset run of a
- * request is the request made again: its new session may stop a source that an operator's abort of the old one
- * powered on again.
- */
-export async function sourceStopRequests(client: Client, since: Date): Promise<Map<string, number>> {
-  const asked = new Map<string, number>();
+/** What the round's planned-failover sessions did, read once from their histories and results. */
+export interface RoundSessions {
+  /**
+   * Per VM, the sessions that asked for its source's power-off. A reset run of a request is the request made again:
+   * its new session may stop a source that an operator's abort of the old one powered on again.
+   */
+  stopsAsked: Map<string, number>;
+  /** The helper point 1 of each session forced to fail over to it. */
+  forcedToHelper1: string[];
+}
+
+/** The planned-failover sessions started since `since`, each read once. */
+export async function roundSessions(client: Client, since: Date): Promise<RoundSessions> {
+  const out: RoundSessions = { stopsAsked: new Map(), forcedToHelper1: [] };
   for await (const wf of client.workflow.list({
     query: `WorkflowType="${WorkflowTypes.plannedFailoverSession}" AND StartTime >= "${since.toISOString()}"`,
   })) {
-    const history = await client.workflow.getHandle(wf.workflowId, wf.runId).fetchHistory();
+    const handle = client.workflow.getHandle(wf.workflowId, wf.runId);
+    const history = await handle.fetchHistory();
     const stops = history.events?.some(
       (e) => e.activityTaskScheduledEventAttributes?.activityType?.name === 'shutDownSource',
     );
     const vm = wf.workflowId.split('/')[1]!;
-    if (stops) asked.set(vm, (asked.get(vm) ?? 0) + 1);
-  }
-  return asked;
-}
-
-/** The helper point 1 of each planned-failover session started since `since` that was forced to fail over to it. */
-export async function sessionsForcedToHelper1(client: Client, since: Date): Promise<string[]> {
-  const points: string[] = [];
-  for await (const wf of client.workflow.list({
-    query: `WorkflowType="${WorkflowTypes.plannedFailoverSession}" AND StartTime >= "${since.toISOString()}" AND ExecutionStatus="Completed"`,
-  })) {
-    const result = (await client.workflow.getHandle(wf.workflowId, wf.runId).result()) as PlannedFailoverSessionResult;
+    if (stops) out.stopsAsked.set(vm, (out.stopsAsked.get(vm) ?? 0) + 1);
+    if (wf.status.name !== 'COMPLETED') continue;
+    const result = (await handle.result()) as PlannedFailoverSessionResult;
     if (result.outcome === 'forcedFailover' && result.dataLoss !== undefined && result.sessionId)
-      points.push(`rp-${result.sessionId}-helper1`);
+      out.forcedToHelper1.push(`rp-${result.sessionId}-helper1`);
   }
-  return points;
+  return out;
 }
 
 /** No production VM was stopped more often than sessions asked for it: a stale or repeated stop is a violation. */

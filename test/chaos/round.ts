@@ -27,8 +27,7 @@ import { type ChaosHosts, type FaultContext, type FaultKind, type HostFaultKind,
 import {
   checkClosingRun,
   checkPower,
-  sessionsForcedToHelper1,
-  sourceStopRequests,
+  roundSessions,
   checkRetention,
   checkSlots,
   checkVm,
@@ -549,7 +548,8 @@ export class Round {
     const { client, hosts, recorder, ledger } = this.w;
     checks.check('the round settles', stillRunning.length === 0, `still running: ${stillRunning.join(', ')}`);
     await checkWorkflows(client, this.started, ledger, checks);
-    for (const point of await sessionsForcedToHelper1(client, this.started)) ledger.forcedToHelper1.add(point);
+    const sessions = await roundSessions(client, this.started);
+    for (const point of sessions.forcedToHelper1) ledger.forcedToHelper1.add(point);
     const current = await views(client, this.vms);
     await hosts.check({ checks, since: this.started, ledger, views: current, settledViews: this.settledViews });
     checkClosingRun(this.estate, closing, current, checks);
@@ -558,7 +558,7 @@ export class Round {
       await checkVm(hosts, recorder, ledger, checks, vm, current.get(vm)!, facts, this.settledViews.get(vm)!);
       checkRetention(this.estate, vm, facts, current.get(vm)!, checks);
     }
-    checkPower(this.estate, recorder, ledger, checks, await sourceStopRequests(client, this.started));
+    checkPower(this.estate, recorder, ledger, checks, sessions.stopsAsked);
     for (const d of this.healedDecisions)
       checks.check('a decision taken once the faults are cleared works', !d.haltedAgain, d.what);
     checks.check(
