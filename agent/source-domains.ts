@@ -409,9 +409,15 @@ export class KvmSourceDomains {
     await this.virsh.run(['backup-begin', domain, backupFile, checkpointFile]);
   }
 
-  /** Whether a backup job of the domain runs, and whether it is ours (it exports on our socket) or another tool's. */
-  private async backupRunning(domain: string): Promise<'none' | 'ours' | 'foreign'> {
-    const info = await this.virsh.run(['domjobinfo', domain]).catch(() => '');
+  /**
+   * Whether a backup job of the domain runs, and whether it is ours (it exports on our socket) or another tool's.
+   * `strict`: libvirt not answering is thrown, not taken for no job.
+   */
+  private async backupRunning(domain: string, strict = false): Promise<'none' | 'ours' | 'foreign'> {
+    const info = await this.virsh.run(['domjobinfo', domain]).catch((e: unknown) => {
+      if (strict) throw e;
+      return '';
+    });
     if (!(/Job type:\s+(Unbounded|Bounded)/.test(info) && /Operation:\s+Backup/.test(info))) return 'none';
     const xml = await this.virsh.run(['backup-dumpxml', domain]).catch(() => '');
     const socket = /<server\b[^>]*\ssocket=(['"])([^'"]*)\1/.exec(xml)?.[2];
@@ -424,8 +430,7 @@ export class KvmSourceDomains {
    */
   private async backupJobGone(domain: string): Promise<boolean> {
     if ((await this.domState(domain)).state === 'shut off') return true;
-    await this.virsh.run(['domjobinfo', domain]);
-    return (await this.backupRunning(domain)) !== 'ours';
+    return (await this.backupRunning(domain, true)) !== 'ours';
   }
 
   /**
