@@ -19,12 +19,15 @@ import {
   SearchAttributes,
   type OperationName,
   type ReplicaView,
+  type SignedOperation,
 } from '../src/contract';
 import { createLogger } from '../src/logging';
 import { createOrchestrator, type Orchestrator } from '../src/orchestrator';
 import { ALL_ROLES, proxiesRunBy, type WorkerRoles } from '../src/worker-args';
 import { startTestLab, type TestLab } from './lab/helpers';
 import { startWorkerProcess, terminate } from './processes';
+import { clientLike, TEST_USERS, testKey, testKeyFile, testPublicKey } from './keys';
+import { signRequest } from '../src/identity/keys';
 import { testClientTls } from './tls';
 
 const run = promisify(execFile);
@@ -54,6 +57,10 @@ export async function createTestNamespace(server = temporalAddress()): Promise<s
 }
 
 export interface TestOrchestrator extends Orchestrator {
+  /** Signs every request with its requester's test key, as the project CLI does. */
+  client: Client;
+  /** Sends requests as the test gives them: unsigned, or signed by the test itself. */
+  unsignedClient: Client;
   lab: TestLab;
   /**
    * Starts more workers on the same namespace and lab (a proxy's own worker, say), with the same configuration or
@@ -65,13 +72,27 @@ export interface TestOrchestrator extends Orchestrator {
   ): Promise<{ stop(): Promise<void> }>;
 }
 
+/** The test configuration's users with the run's keys; mallory has a key and no role. */
+export const testUsers = (): Configuration['users'] =>
+  (
+    [
+      ['alice', ['BackupAdministrator']],
+      ['bob', ['BackupOperator', 'RestoreOperator']],
+      ['carol', ['BackupOperator']],
+      ['dave', ['RestoreOperator']],
+      ['erin', ['BackupViewer']],
+      ['mallory', ['BackupViewer']],
+      ['scheduler', ['BackupOperator']],
+    ] as const
+  ).map(([name, roles]) => ({ name, roles: [...roles], keys: [testPublicKey(name)] }));
+
 /**
  * The demo configuration's shape, pointed at a test lab: jobs and proxies as the test needs them; the workers present
  * the run's client certificate.
  */
 export function testConfiguration(
   labUrl: string,
-  overrides: Partial<Record<'hosts' | 'jobs' | 'proxies' | 'users', unknown>>,
+  overrides: Partial<Record<'hosts' | 'jobs' | 'proxies' | 'users' | 'requests' | 'scheduledRuns', unknown>>,
 ): Configuration {
   const adapter = { type: 'lab', url: labUrl };
   return parseConfiguration(
@@ -83,14 +104,8 @@ export function testConfiguration(
       backupRepository: { adapter },
       proxies: [{ name: 'proxy-a', slots: 4 }],
       tls: testClientTls(),
-      users: [
-        { name: 'alice', roles: ['BackupAdministrator'] },
-        { name: 'bob', roles: ['BackupOperator', 'RestoreOperator'] },
-        { name: 'carol', roles: ['BackupOperator'] },
-        { name: 'dave', roles: ['RestoreOperator'] },
-        { name: 'erin', roles: ['BackupViewer'] },
-        { name: 'scheduler', roles: ['BackupOperator'] },
-      ],
+      users: testUsers(),
+      scheduledRuns: { requestedBy: 'scheduler', key: testKeyFile('scheduler') },
       ...overrides,
     }),
     'test configuration',
@@ -108,6 +123,8 @@ export async function startOrchestrator(options: {
   server?: string;
   /** How the workers reach the hosts, when not only through the test lab (an estate with KVM hosts). */
   connect?: (config: Configuration) => HypervisorPort;
+  /** The configuration as it is now, for who may ask for what (a file the test edits), given the lab's URL. */
+  currentConfig?: (config: Configuration) => () => Configuration;
 }): Promise<TestOrchestrator> {
   if (!runtimeInstalled) {
     // The SDK core's own warnings (a poll retried while a test has the server down) are kept out too: core prints
@@ -124,9 +141,9 @@ export async function startOrchestrator(options: {
   const lab = await startTestLab(options.estate);
   const config = options.configure(lab.lab.url);
   const bundle = required('PF_TEST_WORKFLOW_BUNDLE');
-  // A test's own `connect` hands the workers a port of this process, which no other process can share: its
-  // workers stay here also with PF_TEST_SPLIT_WORKERS=1.
-  const split = process.env.PF_TEST_SPLIT_WORKERS === '1' && !options.connect;
+  // A test's own `connect` (or `currentConfig`) hands the workers something of this process, which no other process
+  // can share: its workers stay here also with PF_TEST_SPLIT_WORKERS=1.
+  const split = process.env.PF_TEST_SPLIT_WORKERS === '1' && !options.connect && !options.currentConfig;
   const create = (roles: WorkerRoles | undefined, configuration = config): Promise<Orchestrator> =>
     split
       ? workerProcesses({ server, namespace, config: configuration, labUrl: lab.lab.url, bundle, roles })
@@ -134,6 +151,7 @@ export async function startOrchestrator(options: {
           connectionOptions: { address: server },
           namespace,
           config: configuration,
+          currentConfig: options.currentConfig?.(configuration),
           port: options.connect?.(configuration) ?? lab.port,
           workflowBundle: { codePath: bundle },
           roles,
@@ -143,6 +161,8 @@ export async function startOrchestrator(options: {
   await orchestrator.startWorkers();
   return {
     ...orchestrator,
+    client: clientLike(orchestrator.client),
+    unsignedClient: clientLike(orchestrator.client, []),
     lab,
     async startWorkersFor(roles, configure) {
       const more = await create(roles, configure?.(lab.lab.url));
@@ -250,9 +270,20 @@ export async function operationByCli(
   payload: object,
 ): Promise<string> {
   const command = form === 'signal' ? ['signal'] : ['update', 'execute'];
-  const target = ['--workflow-id', replicaWorkflowId(vm), '--name', operation, '--input', JSON.stringify(payload)];
+  const signed = signedFor(operation, replicaWorkflowId(vm), payload);
+  const target = ['--workflow-id', replicaWorkflowId(vm), '--name', operation, '--input', JSON.stringify(signed)];
   const { stdout } = await temporal(namespace, 'workflow', ...command, ...target);
   return stdout;
+}
+
+/**
+ * A request as `failover sign` prints it, signed with its requester's test key; as given when it names no requester
+ * or one without a key (the refusal is then what the test is about).
+ */
+export function signedFor(operation: SignedOperation, target: string, payload: object): object {
+  const requestedBy = (payload as { requestedBy?: unknown }).requestedBy;
+  if (typeof requestedBy !== 'string' || !(TEST_USERS as readonly string[]).includes(requestedBy)) return payload;
+  return signRequest(operation, target, payload as Record<string, unknown>, testKey(requestedBy));
 }
 
 /** The replica's view once the operation requested with this reason has finished (or was refused). */

@@ -14,6 +14,7 @@ import { tmpdir } from 'node:os';
 import { join, relative, resolve } from 'node:path';
 import { ensureTemporalCli, freePort, projectRoot, startDevServer, type DevServer } from '../scripts/lib/dev-server';
 import { bundleWorkflows } from '../src/worker';
+import { makeTestKeys } from './keys';
 import { makeTestSite } from './tls';
 
 function testFiles(paths: string[]): string[] {
@@ -107,6 +108,8 @@ async function main(): Promise<number> {
 
     // One site for the run's mutual TLS: its CA and the tests' client certificate (PF_TEST_CERTS).
     await makeTestSite(join(workDir, 'certs'));
+    // The test users' signing keys (PF_TEST_KEYS).
+    await makeTestKeys(join(workDir, 'keys'));
 
     // Bundling takes seconds; doing it once here saves it in every test file's process.
     const { code } = await bundleWorkflows();

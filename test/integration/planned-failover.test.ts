@@ -315,7 +315,7 @@ describe('planned failover against a real server and lab, bytes compared', () =>
 
   it('a session waiting for a proxy holds back the sessions behind it in its job', async () => {
     const registry = o.client.workflow.getHandle(PROXY_REGISTRY_WORKFLOW_ID);
-    await registry.signal(proxySignals.setProxyOnline, { proxy: 'proxy-b', online: false });
+    await registry.signal(proxySignals.setProxyOnline, { proxy: 'proxy-b', online: false, requestedBy: 'alice' });
     const handle = await start({ vms: ['wait1', 'wait2'], reason: 'queue', requestedBy: 'alice' });
     await waitForStep('wait1', 'WaitingForProxy');
     await new Promise((r) => setTimeout(r, 1500));
@@ -325,7 +325,7 @@ describe('planned failover against a real server and lab, bytes compared', () =>
     }))
       behind.push(wf);
     assert.equal(behind.length, 0, 'wait2 has no session while wait1 waits for a proxy');
-    await registry.signal(proxySignals.setProxyOnline, { proxy: 'proxy-b', online: true });
+    await registry.signal(proxySignals.setProxyOnline, { proxy: 'proxy-b', online: true, requestedBy: 'alice' });
     const result = (await handle.result()) as PlannedFailoverResult;
     assert.deepEqual(
       result.sessions.map((s) => s.outcome),
