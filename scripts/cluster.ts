@@ -35,7 +35,11 @@ async function main(settings: ClusterSettings): Promise<string> {
   );
   if (cluster.uiUrl) say(`Web UI: ${cluster.uiUrl}/namespaces/${namespace}/workflows`);
   say(`Metrics (Prometheus): ${servers.map((s) => `${s.name} ${s.metricsUrl}`).join(', ')}`);
-  say(`State: ${settings.stateDir} (logs in ${cluster.logDir}).`);
+  const outside = cluster.databaseDir && !cluster.databaseDir.startsWith(`${settings.stateDir}/`);
+  say(
+    `State: ${settings.stateDir} (logs in ${cluster.logDir}` +
+      `${outside ? `; PostgreSQL's data in ${cluster.databaseDir}, which the postgres user can reach` : ''}).`,
+  );
   if (cluster.access) printSecureUse(cluster);
   else {
     say('Point workers and clients at it, in other terminals:');

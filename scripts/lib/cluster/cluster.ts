@@ -216,6 +216,8 @@ export interface RunningCluster {
   namespace: string;
   /** With --secure. */
   access?: ClusterAccess;
+  /** A private PostgreSQL's data directory. */
+  databaseDir?: string;
   historyShards: number;
   servers: ServerProcess[];
   ui?: ProcessGroup;
@@ -290,6 +292,7 @@ export async function startCluster(options: StartClusterOptions): Promise<Runnin
     const shards = await historyShards(settings);
 
     let password: string;
+    let databaseDir: string | undefined;
     if (settings.database.kind === 'private') {
       const pg = await startPrivatePostgres({
         pgbin: programs.pgbin,
@@ -299,8 +302,9 @@ export async function startCluster(options: StartClusterOptions): Promise<Runnin
         print,
         signal,
       });
-      pidFile.add('PostgreSQL', pg.group, join(stateDir, 'postgres'));
+      pidFile.add('PostgreSQL', pg.group, pg.dataDir);
       stoppers.push(pg.stop);
+      databaseDir = pg.dataDir;
       password = await privatePassword(stateDir);
     } else {
       password = settings.database.password;
@@ -419,6 +423,7 @@ export async function startCluster(options: StartClusterOptions): Promise<Runnin
       address,
       namespace,
       access,
+      databaseDir,
       historyShards: shards,
       servers,
       ui,
