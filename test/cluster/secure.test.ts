@@ -117,6 +117,14 @@ describe('npm run cluster -- --secure', () => {
     );
   });
 
+  it('refuses to start the same cluster without --secure, which would answer anyone', async () => {
+    const env = { PF_CLUSTER_PORT: address.split(':')[1]!, PF_CLUSTER_DIR: stateDir };
+    const insecure = await runScript('scripts/cluster.ts', ['--no-ui'], env);
+    assert.equal(insecure.code, 2, insecure.stdout);
+    assert.match(insecure.stderr, /runs secured: start it with --secure .*remove .*\/auth first/);
+    assert.ok(!cluster!.child.killed && cluster!.child.exitCode === null, 'the running cluster is left alone');
+  });
+
   it('refuses a caller without a token, or with a token it did not sign: no list, no start, no signal', async () => {
     const list = await temporal(envWith(), 'workflow', 'list');
     assert.equal(list.code, 1, list.stdout);

@@ -25,7 +25,7 @@ import {
   type ServerSecurity,
 } from './config';
 import { privatePassword, setUpSchemas, startPrivatePostgres } from './postgres';
-import { ensureClusterTls, ensureTokens, serveJwks, signingKey, type TokenHolder } from './security';
+import { authDirOf, ensureClusterTls, ensureTokens, serveJwks, signingKey, type TokenHolder } from './security';
 import { ClusterSettingsError, listeningPorts, type ClusterSettings } from './settings';
 
 const run = promisify(execFile);
@@ -271,6 +271,12 @@ function serverLayout(split: boolean, secure: boolean): Pick<ServerProcess, 'nam
 export async function startCluster(options: StartClusterOptions): Promise<RunningCluster> {
   const { settings, programs, cli, print, signal } = options;
   const { stateDir, ports, namespace } = settings;
+  // A secured cluster started again without --secure would answer anyone: that takes removing its keys on purpose.
+  if (!settings.secure && (await exists(authDirOf(stateDir))))
+    throw new ClusterSettingsError(
+      `the cluster of ${stateDir} runs secured: start it with --secure (npm run cluster -- --secure); to run it ` +
+        `without TLS and authorization, remove ${authDirOf(stateDir)} first (its JWT key and tokens)`,
+    );
   const logDir = join(stateDir, 'logs');
   mkdirSync(logDir, { recursive: true });
   const logOf = (name: string): string => join(logDir, `${name}.log`);

@@ -56,9 +56,11 @@ export async function ensureClusterTls(stateDir: string): Promise<ClusterTls> {
   };
 }
 
-/** <stateDir>/auth: the signing key and the tokens, for the cluster's owner alone. */
+/** <stateDir>/auth: the signing key and the tokens, for the cluster's owner alone; there once a cluster is secured. */
+export const authDirOf = (stateDir: string): string => join(stateDir, 'auth');
+
 async function authDir(stateDir: string): Promise<string> {
-  const dir = join(stateDir, 'auth');
+  const dir = authDirOf(stateDir);
   await mkdir(dir, { recursive: true, mode: 0o700 });
   return dir;
 }
