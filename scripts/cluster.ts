@@ -53,7 +53,7 @@ async function main(settings: ClusterSettings): Promise<string> {
   return `${exited.what} exited (code ${exited.code}); see ${exited.log}`;
 }
 
-/** How workers, the CLI and the Temporal CLI reach a secured cluster: its CA and their tokens, by file (never printed). */
+/** How workers and the CLIs reach a secured cluster: its CA and their tokens, by file (never printed). */
 function printSecureUse({ address, namespace, access }: RunningCluster): void {
   const { ca, tokens, tokensNotAfter, jwksUrl } = access!;
   say(

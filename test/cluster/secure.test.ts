@@ -1,8 +1,9 @@
-// `npm run cluster -- --secure` as an operator runs it, from a clone in a directory only its owner can enter: a caller
-// without a token (or with one the cluster did not sign) can neither list, start nor signal; the internal frontend
-// answers only the cluster's internode certificate; the admin token works; the workers' token is enough for the
-// real workers (src/worker.ts, connected through the Temporal CLI's environment variables) to run a planned failover
-// of a small lab estate, and no more than that; the server's own worker service runs the job's schedule.
+// `npm run cluster -- --secure --split` as an operator runs it, from a clone in a directory only its owner can
+// enter: a caller without a token (or with one the cluster did not sign) can neither list, start nor signal; the
+// internal frontend answers only the cluster's internode certificate; the admin token works; the workers' token is
+// enough for the real workers (src/worker.ts, connected through the Temporal CLI's environment variables) to run a
+// planned failover of a small lab estate, and no more than that; the server's own worker service runs the job's
+// schedule.
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
@@ -10,9 +11,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { Client, Connection } from '@temporalio/client';
+import { NativeConnection } from '@temporalio/worker';
 import { removeOutsideDatabase } from '../../scripts/lib/cluster/postgres';
 import { INTERNODE_NAME, signingKey, signToken } from '../../scripts/lib/cluster/security';
-import { startReplicationJob } from '../../src/client';
+import { connectionSettings, startReplicationJob } from '../../src/client';
 import { SearchAttributes, type PlannedFailoverResult } from '../../src/contract';
 import { jobScheduleId } from '../../src/schedules';
 import { entityState, startFailover } from '../failover-helpers';
@@ -66,13 +68,14 @@ describe('npm run cluster -- --secure', () => {
   before(async () => {
     // A clone in a home directory only its owner can enter (mkdtemp makes it 0700), as under /root.
     home = await mkdtemp(join(tmpdir(), 'pf-secure-'));
-    const settings = await testClusterSettings(['--secure'], join(home, 'clone', '.data', 'cluster'));
+    // Split: the history service in a process of its own, reached over internode mutual TLS.
+    const settings = await testClusterSettings(['--secure', '--split'], join(home, 'clone', '.data', 'cluster'));
     stateDir = settings.stateDir;
     address = `127.0.0.1:${settings.ports.frontend}`;
     internalFrontend = `127.0.0.1:${settings.ports.internalFrontend.grpc}`;
     cluster = await startScript(
       'scripts/cluster.ts',
-      ['--secure'],
+      ['--secure', '--split'],
       { PF_CLUSTER_PORT: String(settings.ports.frontend), PF_CLUSTER_DIR: stateDir },
       READY,
       300_000,
@@ -271,6 +274,67 @@ describe('npm run cluster -- --secure', () => {
       t.diagnostic(
         `cluster up, refusals checked and a failover run in ${((Date.now() - started) / 1000).toFixed(0)} s`,
       );
+    });
+
+    it('the project CLI and the Temporal CLI connect through a temporal.toml profile too', async () => {
+      const configFile = join(home, 'temporal.toml');
+      await writeFile(
+        configFile,
+        [
+          '[profile.dr-admin]',
+          `address = "${address}"`,
+          'namespace = "default"',
+          `api_key = "${tokens.admin}"`,
+          '[profile.dr-admin.tls]',
+          `server_ca_cert_path = "${ca}"`,
+          '',
+        ].join('\n'),
+        { mode: 0o600 },
+      );
+      const profile = { TEMPORAL_CONFIG_FILE: configFile, TEMPORAL_PROFILE: 'dr-admin' };
+      const state = await runScript('src/cli/main.ts', ['state', '--vm', VM, '--json'], profile);
+      assert.equal(state.code, 0, state.stderr);
+      assert.equal((JSON.parse(state.stdout) as { state: string }).state, 'Failover');
+      // Here the file alone says where and how: --disable-config-file is not given.
+      const clean = Object.fromEntries(Object.entries(process.env).filter(([name]) => !name.startsWith('TEMPORAL_')));
+      const listed = await new Promise<number>((resolveRun) =>
+        execFile(temporalCli(), ['workflow', 'list'], { env: { ...clean, ...profile } }, (err) =>
+          resolveRun(err ? 1 : 0),
+        ),
+      );
+      assert.equal(listed, 0);
+    });
+
+    it('the project CLI and the native connection present a client certificate (mutual TLS) through the variables', async () => {
+      // The internal frontend is the cluster's one endpoint that asks for a client certificate (and refuses a caller
+      // without one: tested above).
+      const mutual = {
+        TEMPORAL_ADDRESS: internalFrontend,
+        TEMPORAL_NAMESPACE: 'default',
+        TEMPORAL_TLS_SERVER_CA_CERT_PATH: ca,
+        TEMPORAL_TLS_SERVER_NAME: INTERNODE_NAME,
+        TEMPORAL_TLS_CLIENT_CERT_PATH: join(stateDir, 'tls', 'internode.crt'),
+        TEMPORAL_TLS_CLIENT_KEY_PATH: join(stateDir, 'tls', 'internode.key'),
+      };
+      const state = await runScript('src/cli/main.ts', ['state', '--vm', VM, '--json'], mutual);
+      assert.equal(state.code, 0, state.stderr);
+      // What src/worker.ts hands the worker's native connection, from the same variables.
+      const saved = { ...process.env };
+      Object.assign(process.env, mutual);
+      let settings: ReturnType<typeof connectionSettings>;
+      try {
+        settings = connectionSettings();
+      } finally {
+        for (const name of Object.keys(mutual)) if (saved[name] === undefined) delete process.env[name];
+        Object.assign(process.env, saved);
+      }
+      const native = await NativeConnection.connect(settings.connectionOptions);
+      try {
+        const described = await native.workflowService.describeNamespace({ namespace: 'default' });
+        assert.equal(described.namespaceInfo?.name, 'default');
+      } finally {
+        await native.close();
+      }
     });
 
     it("the server's own worker service (through the internal frontend) runs the schedule the workers created", async () => {

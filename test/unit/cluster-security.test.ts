@@ -60,7 +60,8 @@ describe('a secured cluster: signing key and tokens', () => {
     assert.deepEqual(claims.permissions, ['default:read']);
     assert.equal(claims.exp - claims.iat, 86_400);
 
-    const tampered = `${header}.${Buffer.from(JSON.stringify({ ...claims, permissions: ['default:admin'] })).toString('base64url')}.${signature}`;
+    const raised = Buffer.from(JSON.stringify({ ...claims, permissions: ['default:admin'] })).toString('base64url');
+    const tampered = `${header}.${raised}.${signature}`;
     assert.equal(verifiedClaims(key, tampered), undefined, 'a changed payload');
     const otherDir = await mkdtemp(join(tmpdir(), 'pf-cluster-security-other-'));
     try {
