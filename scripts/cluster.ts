@@ -65,7 +65,11 @@ function printSecureUse({ address, namespace, access }: RunningCluster): void {
   say(`  ${tokens.admin}: ${namespace}:admin, for operators, the project CLI and the Temporal CLI`);
   say(`  ${tokens.workers}: ${namespace}:write, for the workers (polling, completing tasks, their client calls)`);
   say('Point workers and clients at it, in other terminals:');
-  say(`  export TEMPORAL_ADDRESS=${address} TEMPORAL_NAMESPACE=${namespace} TEMPORAL_TLS_SERVER_CA_CERT_PATH=${ca}`);
+  // The certificate also names localhost, which Node's TLS (unlike an IP address) accepts as a name to check, silently.
+  say(
+    `  export TEMPORAL_ADDRESS=${address} TEMPORAL_NAMESPACE=${namespace} TEMPORAL_TLS_SERVER_CA_CERT_PATH=${ca} ` +
+      'TEMPORAL_TLS_SERVER_NAME=localhost',
+  );
   say(`  TEMPORAL_API_KEY="$(cat ${tokens.workers})" npm run worker -- --only orchestration`);
   say(
     `  TEMPORAL_API_KEY="$(cat ${tokens.workers})" npm run worker -- --only proxy <proxy name from the configuration>`,

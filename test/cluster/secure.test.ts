@@ -81,7 +81,14 @@ describe('npm run cluster -- --secure', () => {
       300_000,
     );
     const output = cluster.output();
-    ca = /TEMPORAL_TLS_SERVER_CA_CERT_PATH=(\S+)/.exec(output)![1]!;
+    // The variables exactly as it prints them for the workers and clients.
+    const printed = Object.fromEntries(
+      /^ {2}export (.+)$/m
+        .exec(output)![1]!
+        .split(' ')
+        .map((pair) => [pair.slice(0, pair.indexOf('=')), pair.slice(pair.indexOf('=') + 1)]),
+    ) as Record<string, string>;
+    ca = printed.TEMPORAL_TLS_SERVER_CA_CERT_PATH!;
     tokenFiles = {
       admin: /^ {2}(\S+): default:admin, /m.exec(output)![1]!,
       workers: /^ {2}(\S+): default:write, /m.exec(output)![1]!,
@@ -90,12 +97,8 @@ describe('npm run cluster -- --secure', () => {
       admin: (await readFile(tokenFiles.admin, 'utf8')).trim(),
       workers: (await readFile(tokenFiles.workers, 'utf8')).trim(),
     };
-    envWith = (apiKey) => ({
-      TEMPORAL_ADDRESS: address,
-      TEMPORAL_NAMESPACE: 'default',
-      TEMPORAL_TLS_SERVER_CA_CERT_PATH: ca,
-      ...(apiKey ? { TEMPORAL_API_KEY: apiKey } : {}),
-    });
+    assert.equal(printed.TEMPORAL_ADDRESS, address);
+    envWith = (apiKey) => ({ ...printed, ...(apiKey ? { TEMPORAL_API_KEY: apiKey } : {}) });
   });
 
   after(async () => {
@@ -112,6 +115,12 @@ describe('npm run cluster -- --secure', () => {
       assert.equal((await stat(file)).mode & 0o777, 0o600, file);
     }
     assert.ok(!output.includes(tokens.admin) && !output.includes(tokens.workers), 'no token is printed');
+    assert.deepEqual(Object.keys(envWith()).sort(), [
+      'TEMPORAL_ADDRESS',
+      'TEMPORAL_NAMESPACE',
+      'TEMPORAL_TLS_SERVER_CA_CERT_PATH',
+      'TEMPORAL_TLS_SERVER_NAME',
+    ]);
     assert.match(output, /^Secured: the frontend serves TLS/m);
     assert.match(output, new RegExp(`^ {2}TEMPORAL_API_KEY="\\$\\(cat ${tokenFiles.workers}\\)" npm run worker`, 'm'));
     assert.match(
@@ -201,7 +210,7 @@ describe('npm run cluster -- --secure', () => {
     const workerOnly = signToken(await signingKey(stateDir), 'worker-only', ['default:worker'], 1);
     const connection = await Connection.connect({
       address,
-      tls: { serverRootCACertificate: await readFile(ca) },
+      tls: { serverRootCACertificate: await readFile(ca), serverNameOverride: 'localhost' },
       apiKey: workerOnly,
     });
     try {
@@ -238,7 +247,7 @@ describe('npm run cluster -- --secure', () => {
       );
       const connection = await Connection.connect({
         address,
-        tls: { serverRootCACertificate: await readFile(ca) },
+        tls: { serverRootCACertificate: await readFile(ca), serverNameOverride: 'localhost' },
         apiKey: tokens.admin,
       });
       admin = new Client({ connection, namespace: 'default' });
