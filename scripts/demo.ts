@@ -25,7 +25,8 @@ import { createOrchestrator, type Orchestrator } from '../src/orchestrator';
 import { syncJobSchedules } from '../src/schedules';
 import { DEFAULT_CONFIG_TEMPLATE } from '../src/worker-args';
 import { ensureDemoConfiguration } from '../src/config/demo';
-import { userKeyDir } from '../src/identity/keys';
+import { keysIn, userKeyDir } from '../src/identity/keys';
+import { signingClient } from '../src/identity/signing';
 import { ensureTemporalCli, projectRoot, startDevServer } from './lib/dev-server';
 import { finishEarlierDemo } from './lib/earlier-demo';
 import { startKvmDemoSite, type KvmDemoSite } from './lib/kvm-site';
@@ -204,7 +205,9 @@ async function showPlannedFailover({
   commands,
   guestsWriting,
 }: Demo): Promise<PlannedFailoverResult> {
-  const { client, config } = orchestrator;
+  const { config } = orchestrator;
+  // The demo's requests are alice's, signed with her key as the project CLI signs them.
+  const client = signingClient(orchestrator.client, keysIn());
   const schedules = await syncJobSchedules(client, config);
   say(`Job schedules from the configuration: ${[...schedules.created, ...schedules.updated].join(', ') || 'none'}.`);
 

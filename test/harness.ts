@@ -26,7 +26,7 @@ import { createOrchestrator, type Orchestrator } from '../src/orchestrator';
 import { ALL_ROLES, proxiesRunBy, type WorkerRoles } from '../src/worker-args';
 import { startTestLab, type TestLab } from './lab/helpers';
 import { startWorkerProcess, terminate } from './processes';
-import { clientLike, TEST_USERS, testKey, testKeyFile, testPublicKey } from './keys';
+import { signingTestClient, TEST_USERS, testKey, testKeyFile, testPublicKey, unsignedClient } from './keys';
 import { signRequest } from '../src/identity/keys';
 import { testClientTls } from './tls';
 
@@ -161,8 +161,8 @@ export async function startOrchestrator(options: {
   await orchestrator.startWorkers();
   return {
     ...orchestrator,
-    client: clientLike(orchestrator.client),
-    unsignedClient: clientLike(orchestrator.client, []),
+    client: signingTestClient(orchestrator.client),
+    unsignedClient: unsignedClient(orchestrator.client),
     lab,
     async startWorkersFor(roles, configure) {
       const more = await create(roles, configure?.(lab.lab.url));

@@ -4,7 +4,7 @@
 import type { KeyObject } from 'node:crypto';
 import { Client, type WorkflowClientInterceptor } from '@temporalio/client';
 import { createUserKey, keysIn, publicKeyLine, userKeyDir, userKeyFile } from '../src/identity/keys';
-import { signingInterceptor } from '../src/identity/signing';
+import { signingClient, signingInterceptor } from '../src/identity/signing';
 import { exists } from '../src/host-api/persist';
 
 /** Every user of the test configuration; `scheduler` is the service identity of scheduled runs. */
@@ -50,10 +50,9 @@ export const testKeyFile = (user: TestUser): string =>
 /** Signs every request a client sends with its requester's test key, as the project CLI does with a user's own. */
 export const testSigner = (): WorkflowClientInterceptor => signingInterceptor(testKey);
 
-/** The same connection and namespace, signing (or, with no interceptor, sending requests as given). */
-export const clientLike = (client: Client, interceptors: WorkflowClientInterceptor[] = [testSigner()]): Client =>
-  new Client({
-    connection: client.connection,
-    namespace: client.options.namespace,
-    interceptors: { workflow: interceptors },
-  });
+/** The same connection and namespace, signing with the test users' keys. */
+export const signingTestClient = (client: Client): Client => signingClient(client, testKey);
+
+/** The same connection and namespace, sending requests as the test gives them. */
+export const unsignedClient = (client: Client): Client =>
+  new Client({ connection: client.connection, namespace: client.options.namespace });

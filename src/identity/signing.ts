@@ -1,5 +1,5 @@
 import type { KeyObject } from 'node:crypto';
-import type { WorkflowClientInterceptor } from '@temporalio/client';
+import { Client, type WorkflowClientInterceptor } from '@temporalio/client';
 import { isSigned, isSignedOperation, requestTarget } from '../contract/requests';
 import { signRequest } from './keys';
 
@@ -40,3 +40,11 @@ export function signingInterceptor(keyOf: KeyFinder): WorkflowClientInterceptor 
       next({ ...input, args: signed(input.updateName, input.workflowExecution.workflowId, input.args) }),
   };
 }
+
+/** A client on the same connection and namespace that signs what it sends with its requesters' keys. */
+export const signingClient = (client: Client, keyOf: KeyFinder): Client =>
+  new Client({
+    connection: client.connection,
+    namespace: client.options.namespace,
+    interceptors: { workflow: [signingInterceptor(keyOf)] },
+  });

@@ -19,6 +19,7 @@ import { SearchAttributes, type PlannedFailoverResult } from '../../src/contract
 import { jobScheduleId } from '../../src/schedules';
 import { entityState, startFailover } from '../failover-helpers';
 import { temporalCli, testConfiguration, within } from '../harness';
+import { testSigner } from '../keys';
 import { DR, estateOf, MiB, startTestLab, type TestLab } from '../lab/helpers';
 import { runScript, startScript, terminate, type ServingProcess } from '../processes';
 import { testClusterSettings } from './helpers';
@@ -250,7 +251,7 @@ describe('npm run cluster -- --secure', () => {
         tls: { serverRootCACertificate: await readFile(ca), serverNameOverride: 'localhost' },
         apiKey: tokens.admin,
       });
-      admin = new Client({ connection, namespace: 'default' });
+      admin = new Client({ connection, namespace: 'default', interceptors: { workflow: [testSigner()] } });
     });
 
     after(async () => {
