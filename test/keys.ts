@@ -47,11 +47,15 @@ export const testPublicKey = (user: TestUser): string => publicKeyLine(testKey(u
 export const testKeyFile = (user: TestUser): string =>
   userKeyFile(user, userKeyDir({ XDG_CONFIG_HOME: testKeysHome() }));
 
+/** A test user's key; none for a name that is no test user's (its request goes unsigned, to be refused). */
+const testKeyIfAny = (user: string): KeyObject | undefined =>
+  (TEST_USERS as readonly string[]).includes(user) ? testKey(user) : undefined;
+
 /** Signs every request a client sends with its requester's test key, as the project CLI does with a user's own. */
-export const testSigner = (): WorkflowClientInterceptor => signingInterceptor(testKey);
+export const testSigner = (): WorkflowClientInterceptor => signingInterceptor(testKeyIfAny);
 
 /** The same connection and namespace, signing with the test users' keys. */
-export const signingTestClient = (client: Client): Client => signingClient(client, testKey);
+export const signingTestClient = (client: Client): Client => signingClient(client, testKeyIfAny);
 
 /** The same connection and namespace, sending requests as the test gives them. */
 export const unsignedClient = (client: Client): Client =>

@@ -3,8 +3,11 @@ import { Client, type WorkflowClientInterceptor } from '@temporalio/client';
 import { isSigned, isSignedOperation, requestTarget } from '../contract/requests';
 import { signRequest } from './keys';
 
-/** Finds the private key of a user (throws, saying how to make one, when there is none). */
-export type KeyFinder = (user: string) => KeyObject;
+/**
+ * Finds the private key of a user: throws, saying how to make one, when there is none (the project CLI), or gives
+ * undefined to send the request as it is (a test of what an unsigned request gets).
+ */
+export type KeyFinder = (user: string) => KeyObject | undefined;
 
 /**
  * Signs, on their way out, the requests this client sends that change anything and are not signed yet: the
@@ -19,6 +22,7 @@ export function signingInterceptor(keyOf: KeyFinder): WorkflowClientInterceptor 
     const requestedBy = (request as { requestedBy?: unknown }).requestedBy;
     if (typeof requestedBy !== 'string') return [...args]; // refused for its missing requester, not for its signature
     const key = keyOf(requestedBy);
+    if (!key) return [...args];
     return [signRequest(operation, target, request as Record<string, unknown>, key), ...rest];
   };
   return {

@@ -21,7 +21,7 @@ import {
   type PlannedFailoverSessionResult,
 } from '../../src/contract';
 import { BLOCK_SIZE } from '../../src/hypervisor/port';
-import { startOrchestrator, temporal, testConfiguration, type TestOrchestrator } from '../harness';
+import { signedFor, startOrchestrator, temporal, testConfiguration, type TestOrchestrator } from '../harness';
 import { assemble, DR, estateOf, PROD } from '../lab/helpers';
 
 const MiB = 1024 * 1024;
@@ -286,7 +286,7 @@ describe('planned failover against a real server and lab, bytes compared', () =>
   it('allows exactly Backup Administrator, or Backup Operator with Restore Operator; refusals change nothing', async () => {
     for (const user of ['carol', 'dave', 'erin', 'mallory']) {
       const failure = await failureOf(await start({ vms: ['roles1'], reason: 'roles', requestedBy: user }));
-      assert.equal(failure.type, FailureTypes.invalidInput, user);
+      assert.equal(failure.type, FailureTypes.accessDenied, user);
       assert.match(failure.message, new RegExp(`requestedBy: (user '${user}' holds|unknown user '${user}')`));
       assert.equal((await o.lab.port.getVm({ host: PROD, vm: 'roles1' })).powerState, 'Running');
       assert.equal((await replicaState('roles1')).state, 'Ready');
@@ -407,7 +407,9 @@ describe('planned failover against a real server and lab, bytes compared', () =>
       '--name',
       'forceFailover',
       '--input',
-      '{"requestedBy":"alice","reason":"production site is burning"}',
+      JSON.stringify(
+        signedFor('forceFailover', session.workflowId, { requestedBy: 'alice', reason: 'production site is burning' }),
+      ),
     );
     assert.match(stdout, /forced failover to helper restore point 1 by alice/);
     const failure = await failureOf(handle);
