@@ -65,42 +65,50 @@ function readNamed<T>(variable: string, read: () => T): T {
   }
 }
 
-let secured: { server: SecuredServer | undefined } | undefined;
-
 /**
- * The run's secured server from the PF_TEST_SERVER_* variables (read once per process), or undefined when none is
- * set; a bad variable or an unreadable file throws, naming it.
+ * The secured server that the PF_TEST_SERVER_* variables of `env` name, or undefined when none is set; a bad variable
+ * or an unreadable file throws, naming the variable.
  */
-export function securedServer(): SecuredServer | undefined {
-  if (secured) return secured.server;
-  const parsed = envSchema.safeParse(process.env);
+export function securedServerFrom(env: NodeJS.ProcessEnv): SecuredServer | undefined {
+  const parsed = envSchema.safeParse(env);
   if (!parsed.success)
     throw new Error(parsed.error.issues.map((issue) => `${issue.path.join('.')}: ${issue.message}`).join('; '));
   const { PF_TEST_SERVER_TLS_CA: caFile, PF_TEST_SERVER_TLS_SERVER_NAME: serverName } = parsed.data;
   const keyFile = parsed.data.PF_TEST_SERVER_JWT_KEY;
-  let server: SecuredServer | undefined;
-  if (caFile !== undefined) {
-    readNamed('PF_TEST_SERVER_TLS_CA', () => readFileSync(caFile));
-    const key = keyFile === undefined ? undefined : readNamed('PF_TEST_SERVER_JWT_KEY', () => readSigningKey(keyFile));
-    server = { caFile, ...(serverName ? { serverName } : {}), ...(key ? { key } : {}) };
-  }
-  secured = { server };
-  return server;
+  if (caFile === undefined) return undefined;
+  readNamed('PF_TEST_SERVER_TLS_CA', () => readFileSync(caFile));
+  const key = keyFile === undefined ? undefined : readNamed('PF_TEST_SERVER_JWT_KEY', () => readSigningKey(keyFile));
+  return { caFile, ...(serverName ? { serverName } : {}), ...(key ? { key } : {}) };
+}
+
+let secured: { server: SecuredServer | undefined } | undefined;
+
+/** The run's secured server (securedServerFrom the process's environment, read once per process). */
+export function securedServer(): SecuredServer | undefined {
+  secured ??= { server: securedServerFrom(process.env) };
+  return secured.server;
 }
 
 /**
- * What a connection of `holder` to `namespace` presents: the secured run server's CA and a token of that holder's
- * permissions on that namespace; nothing for a server other than the run's (a test's own dev server) or a plain one.
+ * What a connection of `holder` to `namespace` on a secured server presents: its CA, and a token of that holder's
+ * permissions on that namespace, signed with the server's key.
  */
-export function credentialsFor(server: string, namespace: string, holder: TokenHolder): ServerCredentials {
-  const run = server === process.env.PF_TEST_TEMPORAL_ADDRESS ? securedServer() : undefined;
-  if (!run) return {};
+export function credentialsOn(server: SecuredServer, namespace: string, holder: TokenHolder): ServerCredentials {
   const { sub, permissions } = tokenPermissions(holder, namespace);
   return {
-    caFile: run.caFile,
-    ...(run.serverName ? { serverName: run.serverName } : {}),
-    ...(run.key ? { apiKey: signToken(run.key, sub, permissions, TOKEN_DAYS) } : {}),
+    caFile: server.caFile,
+    ...(server.serverName ? { serverName: server.serverName } : {}),
+    ...(server.key ? { apiKey: signToken(server.key, sub, permissions, TOKEN_DAYS) } : {}),
   };
+}
+
+/**
+ * What a connection of `holder` to `namespace` on `address` presents: credentialsOn the run's server when it is
+ * secured; nothing for a plain one, or for a server other than the run's (a test's own dev server).
+ */
+export function credentialsFor(address: string, namespace: string, holder: TokenHolder): ServerCredentials {
+  const run = address === process.env.PF_TEST_TEMPORAL_ADDRESS ? securedServer() : undefined;
+  return run ? credentialsOn(run, namespace, holder) : {};
 }
 
 /** Options for the SDK's Connection and NativeConnection with these credentials. */
