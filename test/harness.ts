@@ -29,6 +29,7 @@ import { startWorkerProcess, terminate } from './processes';
 import { signingTestClient, TEST_USERS, testKey, testKeyFile, testPublicKey, unsignedClient } from './keys';
 import { signRequest } from '../src/identity/keys';
 import { testClientTls } from './tls';
+import { connectionOptions, credentialsFor, temporalEnv, workerProcessEnv } from './server-access';
 
 const run = promisify(execFile);
 
@@ -41,18 +42,35 @@ function required(name: string): string {
 export const temporalAddress = (): string => required('PF_TEST_TEMPORAL_ADDRESS');
 export const temporalCli = (): string => required('PF_TEST_TEMPORAL_CLI');
 
+/** How the Temporal CLI and the project CLI present themselves as an operator of `namespace` on `server`. */
+const operatorCredentials = (namespace: string, server: string): Record<string, string> =>
+  temporalEnv(credentialsFor(server, namespace, 'admin'));
+
+/**
+ * The environment in which the project CLI reaches `namespace` on the test server as an operator (on a secured
+ * server: its CA and the admin's token).
+ */
+export const operatorEnv = (namespace: string): Record<string, string> => ({
+  TEMPORAL_ADDRESS: temporalAddress(),
+  TEMPORAL_NAMESPACE: namespace,
+  ...operatorCredentials(namespace, temporalAddress()),
+});
+
 /** Runs the real `temporal` command against the test server, as an operator would type it. */
 export async function temporal(namespace: string, ...args: string[]): Promise<{ stdout: string; stderr: string }> {
-  return run(temporalCli(), [...args, '--address', temporalAddress(), '--namespace', namespace]);
+  return run(temporalCli(), [...args, '--address', temporalAddress(), '--namespace', namespace], {
+    env: { ...process.env, ...operatorCredentials(namespace, temporalAddress()) },
+  });
 }
 
 export async function createTestNamespace(server = temporalAddress()): Promise<string> {
   const namespace = `test-${randomUUID().slice(0, 8)}`;
   const cli = temporalCli();
-  const address = ['--address', server];
-  await run(cli, ['operator', 'namespace', 'create', ...address, '--namespace', namespace, '--retention', '24h']);
+  const target = ['--address', server, '--namespace', namespace];
+  const env = { ...process.env, ...operatorCredentials(namespace, server) };
+  await run(cli, ['operator', 'namespace', 'create', ...target, '--retention', '24h'], { env });
   const attributes = Object.values(SearchAttributes).flatMap((key) => ['--name', key.name, '--type', 'Keyword']);
-  await run(cli, ['operator', 'search-attribute', 'create', ...address, '--namespace', namespace, ...attributes]);
+  await run(cli, ['operator', 'search-attribute', 'create', ...target, ...attributes], { env });
   return namespace;
 }
 
@@ -138,6 +156,11 @@ export async function startOrchestrator(options: {
   }
   const server = options.server ?? temporalAddress();
   const namespace = await createTestNamespace(server);
+  // The test's requests go as an operator's, with the admin's token on a secured server; the workers hold theirs.
+  const operator = new Client({
+    connection: await Connection.connect(connectionOptions(server, credentialsFor(server, namespace, 'admin'))),
+    namespace,
+  });
   const lab = await startTestLab(options.estate);
   const config = options.configure(lab.lab.url);
   const bundle = required('PF_TEST_WORKFLOW_BUNDLE');
@@ -146,9 +169,9 @@ export async function startOrchestrator(options: {
   const split = process.env.PF_TEST_SPLIT_WORKERS === '1' && !options.connect && !options.currentConfig;
   const create = (roles: WorkerRoles | undefined, configuration = config): Promise<Orchestrator> =>
     split
-      ? workerProcesses({ server, namespace, config: configuration, labUrl: lab.lab.url, bundle, roles })
+      ? workerProcesses({ server, namespace, config: configuration, labUrl: lab.lab.url, bundle, roles, operator })
       : createOrchestrator({
-          connectionOptions: { address: server },
+          connectionOptions: connectionOptions(server, credentialsFor(server, namespace, 'workers')),
           namespace,
           config: configuration,
           currentConfig: options.currentConfig?.(configuration),
@@ -161,8 +184,8 @@ export async function startOrchestrator(options: {
   await orchestrator.startWorkers();
   return {
     ...orchestrator,
-    client: signingTestClient(orchestrator.client),
-    unsignedClient: unsignedClient(orchestrator.client),
+    client: signingTestClient(operator),
+    unsignedClient: unsignedClient(operator),
     lab,
     async startWorkersFor(roles, configure) {
       const more = await create(roles, configure?.(lab.lab.url));
@@ -173,6 +196,7 @@ export async function startOrchestrator(options: {
     async close() {
       for (const more of extra) await more.close().catch(() => undefined);
       await orchestrator.close();
+      await operator.connection.close();
       await lab.close();
     },
   };
@@ -180,7 +204,7 @@ export async function startOrchestrator(options: {
 
 /**
  * The workers of `roles` as processes of their own, as an operator deploys them: the orchestration in one and each
- * proxy in one, reaching the lab at `labUrl`; with a client of the test's, as createOrchestrator gives it.
+ * proxy in one, reaching the lab at `labUrl`; with the test's client (`operator`) in place of the workers' own.
  */
 async function workerProcesses(options: {
   server: string;
@@ -189,11 +213,12 @@ async function workerProcesses(options: {
   labUrl: string;
   bundle: string;
   roles: WorkerRoles | undefined;
+  operator: Client;
 }): Promise<Orchestrator> {
   const { server, namespace, config } = options;
   const roles = options.roles ?? ALL_ROLES;
-  const client = new Client({ connection: await Connection.connect({ address: server }), namespace });
   const env = {
+    ...workerProcessEnv(credentialsFor(server, namespace, 'workers')),
     PF_WORKER_ADDRESS: server,
     PF_WORKER_NAMESPACE: namespace,
     PF_WORKER_CONFIG: JSON.stringify(config),
@@ -210,7 +235,7 @@ async function workerProcesses(options: {
     running = [];
   };
   return {
-    client,
+    client: options.operator,
     config,
     namespace,
     async startWorkers() {
@@ -225,10 +250,7 @@ async function workerProcesses(options: {
       }
     },
     stopWorkers,
-    async close() {
-      await stopWorkers();
-      await client.connection.close();
-    },
+    close: stopWorkers,
   };
 }
 

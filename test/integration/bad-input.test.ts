@@ -30,7 +30,7 @@ import {
 import { signRequest } from '../../src/identity/keys';
 import { BAD_INPUT_CASES, renderBadInputTable, type Send, type Signing } from '../bad-input-matrix';
 import { entityState, haltedSession } from '../failover-helpers';
-import { startOrchestrator, temporalAddress, testConfiguration, within, type TestOrchestrator } from '../harness';
+import { operatorEnv, startOrchestrator, testConfiguration, within, type TestOrchestrator } from '../harness';
 import { testKey } from '../keys';
 import { DR, estateOf, MiB, PROD } from '../lab/helpers';
 import { runScript } from '../processes';
@@ -198,7 +198,7 @@ describe('the bad-input matrix: every entry point refuses, naming the field, and
         return { message: failure.message };
       }
       case 'cli': {
-        const env = { TEMPORAL_ADDRESS: temporalAddress(), TEMPORAL_NAMESPACE: o.namespace };
+        const env = operatorEnv(o.namespace);
         const run = await runScript('src/cli/main.ts', send.args, env);
         assert.equal(run.code, 2, `exit code 2 for a refused request: ${run.stderr}`);
         return { message: run.stderr };

@@ -8,7 +8,7 @@ import { replicaNameOf } from '../../src/activities/inventory';
 import { startReplicationJob } from '../../src/client';
 import type { AuditRecord } from '../../src/cli/audit';
 import { TASK_QUEUE, type PlannedFailoverResult } from '../../src/contract';
-import { startOrchestrator, temporal, temporalAddress, testConfiguration, type TestOrchestrator } from '../harness';
+import { operatorEnv, startOrchestrator, temporal, testConfiguration, type TestOrchestrator } from '../harness';
 import { DR, smallEstate } from '../lab/helpers';
 import { kill, runScript, startScript } from '../processes';
 
@@ -28,7 +28,7 @@ describe('the project CLI, as an operator runs it', () => {
 
   /** Runs `failover ...` with the connection settings the Temporal CLI would read. */
   async function failover(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-    return runScript('src/cli/main.ts', args, { TEMPORAL_ADDRESS: temporalAddress(), TEMPORAL_NAMESPACE: o.namespace });
+    return runScript('src/cli/main.ts', args, operatorEnv(o.namespace));
   }
 
   it('refuses bad input with exit code 2, naming the field, before starting anything', async () => {
@@ -127,7 +127,7 @@ describe('the project CLI, as an operator runs it', () => {
 
   it('says why a planned failover halted and how to decide, and the command it names finishes the failover', async () => {
     await o.lab.control.setFault(DR, { kind: 'fail', path: `^/v1/hosts/${DR}/vms/${replicaNameOf('vm1')}/power$` });
-    const env = { TEMPORAL_ADDRESS: temporalAddress(), TEMPORAL_NAMESPACE: o.namespace };
+    const env = operatorEnv(o.namespace);
     const planned = await startScript(
       'src/cli/main.ts',
       ['planned', '--vm', 'vm1', '--reason', 'halt', '--user', 'alice'],

@@ -76,15 +76,21 @@ export interface SigningKey {
 /** The signing key in <stateDir>/auth/jwt-signing.key, made (mode 0600) when missing. */
 export async function signingKey(stateDir: string): Promise<SigningKey> {
   const file = join(await authDir(stateDir), 'jwt-signing.key');
-  let privateKey: KeyObject;
-  if (await exists(file)) {
-    privateKey = createPrivateKey(readPrivateKeyFile(file));
-    if (privateKey.asymmetricKeyType !== 'ec' || privateKey.asymmetricKeyDetails?.namedCurve !== 'prime256v1')
-      throw new Error(`${file} is not an ECDSA P-256 key (ES256): move it away, and a new one is made`);
-  } else {
-    privateKey = generateKeyPairSync('ec', { namedCurve: 'P-256' }).privateKey;
-    await writeFileAtomic(file, privateKey.export({ type: 'pkcs8', format: 'pem' }).toString(), 0o600);
-  }
+  if (await exists(file)) return readSigningKey(file);
+  const privateKey = generateKeyPairSync('ec', { namedCurve: 'P-256' }).privateKey;
+  await writeFileAtomic(file, privateKey.export({ type: 'pkcs8', format: 'pem' }).toString(), 0o600);
+  return signingKeyOf(privateKey);
+}
+
+/** A cluster's signing key from its file (mode 0600), as it is: nothing is made. */
+export function readSigningKey(file: string): SigningKey {
+  const privateKey = createPrivateKey(readPrivateKeyFile(file));
+  if (privateKey.asymmetricKeyType !== 'ec' || privateKey.asymmetricKeyDetails?.namedCurve !== 'prime256v1')
+    throw new Error(`${file} is not an ECDSA P-256 key (ES256): move it away, and a new one is made`);
+  return signingKeyOf(privateKey);
+}
+
+function signingKeyOf(privateKey: KeyObject): SigningKey {
   const { crv, kty, x, y } = createPublicKey(privateKey).export({ format: 'jwk' }) as Record<string, string>;
   // The thumbprint hashes exactly these members, in this order (RFC 7638 section 3.2).
   const kid = createHash('sha256').update(JSON.stringify({ crv, kty, x, y })).digest('base64url');
