@@ -17,6 +17,7 @@ import { createLogger } from '../src/logging';
 import { createOrchestrator } from '../src/orchestrator';
 import { ensureTemporalCli, freePort, startDevServer } from '../scripts/lib/dev-server';
 import { startTestKvmHost } from '../test/kvm/helpers';
+import { makeTestKeys, signingTestClient, testPublicKey } from '../test/keys';
 import { makeTestSite, testClientTls } from '../test/tls';
 import { commitOf, machine, median, round3, sleep, writeResult } from './lib';
 
@@ -60,6 +61,7 @@ async function main(): Promise<void> {
     });
     undo.push(() => server.stop());
     await makeTestSite(join(dir, 'certs'));
+    await makeTestKeys(join(dir, 'keys'));
     const prod = await startTestKvmHost({ dir: join(dir, 'prod'), name: PROD, domain: VM });
     undo.push(() => prod.stop());
     const dr = await startTestKvmHost({ dir: join(dir, 'dr'), name: DR, role: 'dr' });
@@ -71,7 +73,7 @@ async function main(): Promise<void> {
           { name: DR, role: 'dr', adapter: { type: 'kvm', url: dr.host.url } },
         ],
         proxies: [{ name: 'proxy-a', slots: 4 }],
-        users: [{ name: USER, roles: ['BackupAdministrator'] }],
+        users: [{ name: USER, roles: ['BackupAdministrator'], keys: [testPublicKey(USER)] }],
         jobs: [{ name: 'kvm', vms: [VM], targetHost: DR }],
         tls: testClientTls(),
       }),
@@ -87,7 +89,7 @@ async function main(): Promise<void> {
     });
     undo.push(() => orchestrator.close());
     await orchestrator.startWorkers();
-    const { client } = orchestrator;
+    const client = signingTestClient(orchestrator.client);
     const source = { host: PROD, vm: VM };
     const replica = { host: DR, replica: replicaNameOf(VM) };
     const replicaVm = { host: DR, vm: replica.replica };

@@ -18,6 +18,7 @@ import type { Configuration, ProxyTransport } from '../src/config/schema';
 import type { LabControl, HostApiHypervisor } from '../src/hypervisor/host-api-adapter';
 import { createLogger } from '../src/logging';
 import { createOrchestrator, type Orchestrator } from '../src/orchestrator';
+import { makeTestKeys, signingTestClient, testPublicKey } from '../test/keys';
 import { labControl, labPort, labServerTls, makeTestSite, testClientTls } from '../test/tls';
 
 export const MiB = 1024 * 1024;
@@ -59,7 +60,7 @@ export function configurationOf(
         { name: DR, role: 'dr', adapter },
       ],
       proxies: [{ name: 'proxy-a', slots: proxySlots, transport: PROXY_TRANSPORT }],
-      users: [{ name: USER, roles: ['BackupAdministrator'] }],
+      users: [{ name: USER, roles: ['BackupAdministrator'], keys: [testPublicKey(USER)] }],
       jobs: jobs.map((j) => ({ ...j, targetHost: DR })),
       tls: testClientTls(),
     }),
@@ -127,6 +128,8 @@ export async function startEnvironment(options: {
     undo.push(() => server.stop());
     // The site of the host API's mutual TLS, as the tests make theirs.
     await makeTestSite(join(workDir, 'certs'));
+    // The operator's signing key, as the tests make theirs: the benchmark's requests are signed like any other.
+    await makeTestKeys(join(workDir, 'keys'));
     const tls = await labServerTls(options.estate);
     const lab = await startLab({ estate: options.estate, dataDir: join(workDir, 'lab'), port: 0, tls });
     undo.push(() => lab.stop());
@@ -146,7 +149,15 @@ export async function startEnvironment(options: {
     });
     undo.push(() => orchestrator.close());
     await orchestrator.startWorkers();
-    return { workDir, server, lab, hypervisor, control, orchestrator, cleanup };
+    return {
+      workDir,
+      server,
+      lab,
+      hypervisor,
+      control,
+      orchestrator: { ...orchestrator, client: signingTestClient(orchestrator.client) },
+      cleanup,
+    };
   } catch (err) {
     await cleanup();
     throw err;

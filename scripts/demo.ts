@@ -23,7 +23,10 @@ import { createLogger, logLevelFromEnv } from '../src/logging';
 import { prometheusTelemetry, publishHaltedSessions, publishProxySlots } from '../src/metrics';
 import { createOrchestrator, type Orchestrator } from '../src/orchestrator';
 import { syncJobSchedules } from '../src/schedules';
-import { DEFAULT_CONFIG_PATH } from '../src/worker';
+import { DEFAULT_CONFIG_TEMPLATE } from '../src/worker-args';
+import { ensureDemoConfiguration } from '../src/config/demo';
+import { keysIn, userKeyDir } from '../src/identity/keys';
+import { signingClient } from '../src/identity/signing';
 import { ensureTemporalCli, projectRoot, startDevServer } from './lib/dev-server';
 import { finishEarlierDemo } from './lib/earlier-demo';
 import { startKvmDemoSite, type KvmDemoSite } from './lib/kvm-site';
@@ -105,7 +108,7 @@ async function main(): Promise<void> {
   let hypervisor: ClosablePort;
   let kvmSite: KvmDemoSite | undefined;
   if (hypervisorKind === 'lab') {
-    config = loadConfiguration(join(projectRoot, DEFAULT_CONFIG_PATH));
+    config = loadConfiguration(await demoConfiguration(DEFAULT_CONFIG_TEMPLATE));
     const estatePath = join(projectRoot, 'config', 'estate.yaml');
     await makeCertificates({ lab: labServerNames(await loadEstate(estatePath)) });
     const lab = await startLab({
@@ -120,7 +123,7 @@ async function main(): Promise<void> {
     labControl = new LabControl({ url: lab.url, tls: config.tls, serverName: 'lab' });
     hypervisor = new HostApiHypervisor({ url: lab.url, tls: config.tls, serverName: 'lab' });
   } else {
-    config = loadConfiguration(join(projectRoot, KVM_CONFIG_PATH));
+    config = loadConfiguration(await demoConfiguration(KVM_CONFIG_PATH));
     await makeCertificates(Object.fromEntries(config.hosts.map((h) => [h.name, [h.name]])));
     say(`Starting the KVM hosts of ${KVM_CONFIG_PATH} (data in ${shown(kvmDir)})...`);
     const site = await startKvmDemoSite({
@@ -202,7 +205,9 @@ async function showPlannedFailover({
   commands,
   guestsWriting,
 }: Demo): Promise<PlannedFailoverResult> {
-  const { client, config } = orchestrator;
+  const { config } = orchestrator;
+  // The demo's requests are alice's, signed with her key as the project CLI signs them.
+  const client = signingClient(orchestrator.client, keysIn());
   const schedules = await syncJobSchedules(client, config);
   say(`Job schedules from the configuration: ${[...schedules.created, ...schedules.updated].join(', ') || 'none'}.`);
 
@@ -269,6 +274,14 @@ function incompleteResult(err: unknown): PlannedFailoverResult | undefined {
   return undefined;
 }
 
+/** The demo's configuration with this machine's keys of its users, made on first run (and said so). */
+async function demoConfiguration(template: string): Promise<string> {
+  const demo = await ensureDemoConfiguration(join(projectRoot, template));
+  if (demo.madeKeys.length > 0)
+    say(`Made signing keys for ${demo.madeKeys.join(', ')} (private keys in ${shown(userKeyDir())}, mode 0600).`);
+  return demo.file;
+}
+
 /** Command lines that a user can type against this demo. */
 interface DemoCommands {
   /** This demo again, on the same ports. */
@@ -308,16 +321,21 @@ function printCommandsToTry(
   const other = config.jobs[1]?.vms[0] ?? first;
   say(`\nWeb UI: ${uiUrl}/namespaces/default/workflows`);
   say('Try the Temporal CLI from another terminal, for example:');
-  const finish = [
-    `workflow update execute --workflow-id replica/${first} --name failback --input '{"requestedBy":"alice","reason":"back home"}'`,
-    `workflow update execute --workflow-id replica/${first} --name commitFailback --input '{"requestedBy":"alice","reason":"done"}'`,
-    `workflow update execute --workflow-id replica/${second} --name undoFailover --input '{"requestedBy":"alice","reason":"undo"}'`,
-  ];
+  // Every request is signed by its requester: `failover sign` prints it signed with the user's key, made on first run.
+  const signed = (operation: string, input: string, workflowId?: string) =>
+    `--input "$(npm run -s failover -- sign ${operation}${workflowId ? ` --workflow-id ${workflowId}` : ''} --input '${input}')"`;
+  const update = (vm: string, name: string, reason: string) =>
+    `workflow update execute --workflow-id replica/${vm} --name ${name} ` +
+    signed(name, `{"requestedBy":"alice","reason":"${reason}"}`, `replica/${vm}`);
   for (const line of [
     `workflow list --query 'FailoverJob="${job.name}"'`,
     `workflow query --workflow-id replica/${first} --type state`,
-    ...finish,
-    `workflow start --task-queue ${TASK_QUEUE} --type plannedFailover --input '{"vms":["${other}"],"reason":"try it","requestedBy":"bob"}'`,
+    update(first!, 'failback', 'back home'),
+    update(first!, 'commitFailback', 'done'),
+    update(second!, 'undoFailover', 'undo'),
+    `workflow start --task-queue ${TASK_QUEUE} --type plannedFailover ` +
+      signed('plannedFailover', `{"vms":["${other}"],"reason":"try it","requestedBy":"bob"}`),
+    `workflow list --query 'FailoverRequestedBy="bob"'`,
   ])
     say(`  ${commands.temporal(line)}`);
   say(`or the project CLI: ${commands.project} planned --vm ${other} --reason "try it" --user bob`);

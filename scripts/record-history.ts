@@ -4,7 +4,7 @@
 // (entities live for months, halted sessions for days) fails there. Histories are added per release and never
 // re-recorded: this refuses a release that test/histories/RELEASED names or whose directory exists, and adds the
 // new release's digests to RELEASED. An incompatible change goes behind patched() instead.
-import { randomUUID } from 'node:crypto';
+import { generateKeyPairSync, randomUUID, type KeyObject } from 'node:crypto';
 import { appendFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -30,6 +30,8 @@ import {
 import { clientTlsFiles, ensureSite, serverTlsFiles, type ClientTlsFiles } from '../src/host-api/certificates';
 import { LabControl, HostApiHypervisor } from '../src/hypervisor/host-api-adapter';
 import { createLogger } from '../src/logging';
+import { publicKeyLine } from '../src/identity/keys';
+import { signingClient } from '../src/identity/signing';
 import { createOrchestrator } from '../src/orchestrator';
 import { ensureTemporalCli, freePort, projectRoot, startDevServer } from './lib/dev-server';
 import { MANIFEST, manifestLinesOf, readManifest } from './lib/released-histories';
@@ -57,7 +59,7 @@ const estate = {
   ],
 };
 
-const configuration = (url: string, tls: ClientTlsFiles) =>
+const configuration = (url: string, tls: ClientTlsFiles, alice: KeyObject) =>
   parseConfiguration(
     JSON.stringify({
       tls,
@@ -67,7 +69,7 @@ const configuration = (url: string, tls: ClientTlsFiles) =>
       ],
       proxies: [{ name: 'proxy-a', slots: 2 }],
       jobs: VMS.map((vm) => ({ name: `job-${vm}`, vms: [vm], targetHost: 'dr-a', restorePoints: 3 })),
-      users: [{ name: 'alice', roles: ['BackupAdministrator'] }],
+      users: [{ name: 'alice', roles: ['BackupAdministrator'], keys: [publicKeyLine(alice)] }],
     }),
   );
 
@@ -144,15 +146,17 @@ async function main(): Promise<void> {
   const lab = await startLab({ estate, dataDir: join(workDir, 'lab'), port: 0, tls: serverTlsFiles(site, 'lab') });
   const port = new HostApiHypervisor({ url: lab.url, tls, serverName: 'lab' });
   const control = new LabControl({ url: lab.url, tls, serverName: 'lab' });
+  // The recording's requests are signed, as every request is, by a key of the recording's own.
+  const alice = generateKeyPairSync('ed25519').privateKey;
   const orchestrator = await createOrchestrator({
     connectionOptions: { address: server.address },
     namespace: 'default',
-    config: configuration(lab.url, tls),
+    config: configuration(lab.url, tls, alice),
     port,
   });
   try {
     await orchestrator.startWorkers();
-    const { client } = orchestrator;
+    const client = signingClient(orchestrator.client, () => alice);
     const start = (type: string, input: unknown) =>
       client.workflow.start(type, { taskQueue: TASK_QUEUE, workflowId: `record-${randomUUID()}`, args: [input] });
 

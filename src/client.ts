@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { Client, Connection, type WorkflowHandle } from '@temporalio/client';
+import { Client, Connection, type WorkflowClientInterceptor, type WorkflowHandle } from '@temporalio/client';
 import { loadClientConnectConfig } from '@temporalio/envconfig';
 import {
   TASK_QUEUE,
@@ -30,9 +30,12 @@ export function connectionSettings(): ConnectionSettings {
   return { address, namespace: namespace ?? DEFAULT_NAMESPACE, connectionOptions: { ...connectionOptions, address } };
 }
 
-export async function connectClient(settings: ConnectionSettings = connectionSettings()): Promise<Client> {
+export async function connectClient(
+  settings: ConnectionSettings = connectionSettings(),
+  interceptors: WorkflowClientInterceptor[] = [],
+): Promise<Client> {
   const connection = await Connection.connect(settings.connectionOptions);
-  return new Client({ connection, namespace: settings.namespace });
+  return new Client({ connection, namespace: settings.namespace, interceptors: { workflow: interceptors } });
 }
 
 /** Typed starters for the contract's workflows, shared by the CLI, the demo and tests. */

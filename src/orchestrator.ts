@@ -11,6 +11,8 @@ export interface OrchestratorOptions {
   connectionOptions: NativeConnectionOptions;
   namespace: string;
   config: Configuration;
+  /** The configuration as it is now, for who may ask for what (see ActivityDependencies); `config` by default. */
+  currentConfig?: () => Configuration;
   port: HypervisorPort;
   workflowBundle?: WorkerOptions['workflowBundle'];
   /** Which workers this process runs; all of them by default. */
@@ -49,7 +51,7 @@ export async function createOrchestrator(options: OrchestratorOptions): Promise<
         connection,
         namespace,
         config,
-        activities: createActivities({ port, config, client }),
+        activities: createActivities({ port, config, client, currentConfig: options.currentConfig }),
         workflowBundle: options.workflowBundle,
         roles,
       });

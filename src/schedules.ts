@@ -4,29 +4,53 @@ import {
   type Client,
   type ScheduleOptionsAction,
 } from '@temporalio/client';
-import { SCHEDULER_USER, type Configuration, type JobConfig } from './config/schema';
-import { TASK_QUEUE, WorkflowTypes, type ReplicationJobInput } from './contract';
+import type { KeyObject } from 'node:crypto';
+import type { Configuration, JobConfig } from './config/schema';
+import { requestTarget, TASK_QUEUE, WorkflowTypes, type ReplicationJobInput } from './contract';
+import { loadUserKey, publicKeyLine, signRequest } from './identity/keys';
 
 /** Schedules of replication jobs have ids of their own prefix, so a sync knows which ones it owns. */
 export const jobScheduleId = (job: string): string => `job-schedule/${job}`;
 const PREFIX = 'job-schedule/';
 
-export { SCHEDULER_USER };
+const UNIT_MS = { s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 } as const;
 
-function action(job: JobConfig): ScheduleOptionsAction {
-  const input: ReplicationJobInput = {
+/** A configured schedule's interval (`15m`, `1h`, ...) in milliseconds. */
+export const scheduleEvery = (every: string): number =>
+  Number(every.slice(0, -1)) * UNIT_MS[every.slice(-1) as keyof typeof UNIT_MS];
+
+/**
+ * A job's scheduled run, requested by the configuration's service identity and signed with its key once for the
+ * schedule: every run carries the same request, and proves it is the schedule's own by the schedule listing it.
+ */
+function action(job: JobConfig, service: { user: string; key: KeyObject | null }): ScheduleOptionsAction {
+  const request: ReplicationJobInput = {
     job: job.name,
-    requestedBy: SCHEDULER_USER,
+    requestedBy: service.user,
     reason: `scheduled run every ${job.schedule!.every}`,
+    schedule: jobScheduleId(job.name),
   };
+  const operation = WorkflowTypes.replicationJob;
+  const input = service.key ? signRequest(operation, requestTarget(operation), request, service.key) : request;
   return {
     type: 'startWorkflow',
     workflowType: WorkflowTypes.replicationJob,
     taskQueue: TASK_QUEUE,
     workflowId: `job/${job.name}/scheduled`,
     args: [input],
-    staticSummary: `Scheduled run of replication job ${job.name}`,
+    staticSummary: `Scheduled run of replication job ${job.name}, requested by ${service.user}`,
   };
+}
+
+/** The service identity's private key, refused unless the configuration lists its public half for the service. */
+function serviceKey(config: Configuration, file: string): KeyObject {
+  const key = loadUserKey(file);
+  const user = config.scheduledRuns!.requestedBy;
+  if (!config.users.find((u) => u.name === user)?.keys.includes(publicKeyLine(key)))
+    throw new Error(
+      `${file} is not a key of '${user}': the configuration does not list its public key ${publicKeyLine(key)}`,
+    );
+  return key;
 }
 
 export interface ScheduleSync {
@@ -50,6 +74,8 @@ export async function syncJobSchedules(
   const existing = new Set<string>();
   for await (const s of client.schedule.list()) if (s.scheduleId.startsWith(PREFIX)) existing.add(s.scheduleId);
   const result: ScheduleSync = { created: [], updated: [], deleted: [] };
+  const runs = config.scheduledRuns;
+  const service = runs ? { user: runs.requestedBy, key: runs.key ? serviceKey(config, runs.key) : null } : null;
   for (const [scheduleId, job] of wanted) {
     const spec = { intervals: [{ every: job.schedule!.every }] };
     const policies = { overlap: ScheduleOverlapPolicy.SKIP, catchupWindow: '1 minute' };
@@ -57,10 +83,10 @@ export async function syncJobSchedules(
       if (mode === 'createOnly') continue;
       await client.schedule
         .getHandle(scheduleId)
-        .update((previous) => ({ ...previous, spec, action: action(job), policies }));
+        .update((previous) => ({ ...previous, spec, action: action(job, service!), policies }));
       result.updated.push(scheduleId);
     } else {
-      await client.schedule.create({ scheduleId, spec, action: action(job), policies });
+      await client.schedule.create({ scheduleId, spec, action: action(job, service!), policies });
       result.created.push(scheduleId);
     }
   }

@@ -6,7 +6,9 @@ import { z } from 'zod';
 import type { Configuration, ProxyConfig } from './config/schema';
 import { formatProblems, proxyTaskQueue, TASK_QUEUE, validate } from './contract';
 
-export const DEFAULT_CONFIG_PATH = 'config/planned-failover.yaml';
+/** The demo's configuration with this machine's keys, written from config/planned-failover.yaml (src/config/demo.ts). */
+export const DEFAULT_CONFIG_PATH = '.data/planned-failover.yaml';
+export const DEFAULT_CONFIG_TEMPLATE = 'config/planned-failover.yaml';
 
 /** Which workers a process runs: the orchestration (workflows and control activities) and which proxies. */
 export interface WorkerRoles {

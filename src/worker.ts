@@ -5,6 +5,8 @@ import { syncJobSchedules } from './schedules';
 import { proxyActivities, type Activities } from './activities';
 import { connectionSettings } from './client';
 import { connectHypervisor } from './config/hypervisor';
+import { ensureDemoConfiguration } from './config/demo';
+import { currentConfiguration } from './config/live';
 import { loadConfiguration } from './config/load';
 import { DEMO_SITE_DIR, ensureClientCertificate } from './host-api/certificates';
 import type { Configuration } from './config/schema';
@@ -14,6 +16,7 @@ import { prometheusTelemetry, publishHaltedSessions, publishProxySlots } from '.
 import {
   ALL_ROLES,
   DEFAULT_CONFIG_PATH,
+  DEFAULT_CONFIG_TEMPLATE,
   parseWorkerArgs,
   proxiesRunBy,
   taskQueuesPolledBy,
@@ -95,7 +98,7 @@ function connectTo(configPath: string, config: Configuration): ReturnType<typeof
 }
 
 /**
- * By hand with the demo's configuration (README's steps), the workers' client certificate of the demo's site is made
+ * By hand with the demo's configuration (README's steps; its users' keys are made with it), the workers' client certificate of the demo's site is made
  * when missing, as `npm run lab` makes the lab's; any other configuration's certificates are the operator's to make.
  */
 async function ensureDemoClientCertificate(configPath: string, config: Configuration): Promise<void> {
@@ -120,6 +123,7 @@ async function main(argv: readonly string[]): Promise<void> {
     process.stdout.write(args.help);
     return;
   }
+  if (args.configPath === DEFAULT_CONFIG_PATH) await ensureDemoConfiguration(DEFAULT_CONFIG_TEMPLATE);
   const config = readConfiguration(args.configPath);
   const roles = workerRolesFor(args, config);
   Runtime.install({
@@ -133,6 +137,7 @@ async function main(argv: readonly string[]): Promise<void> {
     connectionOptions: settings.connectionOptions,
     namespace: settings.namespace,
     config,
+    currentConfig: currentConfiguration(args.configPath, config),
     port,
     roles,
   });

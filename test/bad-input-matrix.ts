@@ -16,12 +16,18 @@ export type EntryPoint =
   | 'configuration file'
   | 'estate file';
 
+/**
+ * How a request is signed: by its requester's key as it leaves (the default, as the project CLI does), not at all, or
+ * by its requester's key as if that many minutes ago.
+ */
+export type Signing = { signing?: 'unsigned' | { minutesAgo: number } };
+
 /** What one case sends; the test knows how to send each kind. */
 export type Send =
-  | { kind: 'start'; workflow: 'plannedFailover' | 'replicationJob'; input: unknown }
-  | { kind: 'update' | 'signal'; operation: string; payload: unknown }
-  | { kind: 'proxySignal'; payload: unknown }
-  | { kind: 'decision'; decision: 'retry' | 'abort' | 'forceFailover'; payload: unknown }
+  | ({ kind: 'start'; workflow: 'plannedFailover' | 'replicationJob'; input: unknown } & Signing)
+  | ({ kind: 'update' | 'signal'; operation: string; payload: unknown } & Signing)
+  | ({ kind: 'proxySignal'; payload: unknown } & Signing)
+  | ({ kind: 'decision'; decision: 'retry' | 'abort' | 'forceFailover'; payload: unknown } & Signing)
   | { kind: 'cli'; args: string[] }
   | { kind: 'http'; method: 'GET' | 'PUT' | 'POST'; path: string; body?: string; contentType?: string }
   | { kind: 'configuration'; yaml: string }
@@ -39,11 +45,19 @@ export interface BadInputCase {
 }
 
 const who = { requestedBy: 'alice', reason: 'matrix' };
-const pf = (input: unknown): Send => ({ kind: 'start', workflow: 'plannedFailover', input });
-const job = (input: unknown): Send => ({ kind: 'start', workflow: 'replicationJob', input });
+const pf = (input: unknown): Extract<Send, { kind: 'start' }> => ({
+  kind: 'start',
+  workflow: 'plannedFailover',
+  input,
+});
+const job = (input: unknown): Extract<Send, { kind: 'start' }> => ({
+  kind: 'start',
+  workflow: 'replicationJob',
+  input,
+});
 const update = (operation: string, payload: unknown): Send => ({ kind: 'update', operation, payload });
 const signal = (operation: string, payload: unknown): Send => ({ kind: 'signal', operation, payload });
-const decision = (d: 'retry' | 'abort' | 'forceFailover', payload: unknown): Send => ({
+const decision = (d: 'retry' | 'abort' | 'forceFailover', payload: unknown): Extract<Send, { kind: 'decision' }> => ({
   kind: 'decision',
   decision: d,
   payload,
@@ -168,6 +182,27 @@ export const BAD_INPUT_CASES: BadInputCase[] = [
     field: 'requestedBy',
     says: 'carol',
   },
+  {
+    entry: 'plannedFailover input',
+    what: 'unsigned',
+    send: { ...pf({ vms: ['vm2'], ...who }), signing: 'unsigned' },
+    field: 'signature',
+    says: 'unsigned: this orchestrator accepts only signed requests',
+  },
+  {
+    entry: 'plannedFailover input',
+    what: 'a signature without its time and nonce',
+    send: pf({ vms: ['vm2'], ...who, signature: `${'A'.repeat(86)}==` }),
+    field: 'issuedAt',
+    says: 'is required with signature',
+  },
+  {
+    entry: 'plannedFailover input',
+    what: 'by a user nobody configured',
+    send: { ...pf({ vms: ['vm2'], reason: 'r', requestedBy: 'zed' }), signing: 'unsigned' },
+    field: 'requestedBy',
+    says: "unknown user 'zed'",
+  },
 
   // replicationJob, as a schedule, the CLI or a script starts it.
   {
@@ -204,6 +239,26 @@ export const BAD_INPUT_CASES: BadInputCase[] = [
     send: job({ job: 'job-vm1', requestedBy: 'erin' }),
     field: 'requestedBy',
     says: 'erin',
+  },
+  {
+    entry: 'replicationJob input',
+    what: 'signed 10 minutes ago (valid for 5)',
+    send: { ...job({ job: 'job-vm1', requestedBy: 'alice' }), signing: { minutesAgo: 10 } },
+    field: 'issuedAt',
+    says: 'expired',
+  },
+  {
+    entry: 'replicationJob input',
+    what: 'a nonce too short',
+    send: job({
+      job: 'job-vm1',
+      requestedBy: 'alice',
+      issuedAt: '2026-12-07T10:00:00Z',
+      nonce: 'abc',
+      signature: `${'A'.repeat(86)}==`,
+    }),
+    field: 'nonce',
+    says: 'must be 16 to 128',
   },
 
   // Operations on replica/<vm>, as updates (the caller gets the refusal) and as signals (recorded in the state).
@@ -292,20 +347,64 @@ export const BAD_INPUT_CASES: BadInputCase[] = [
     says: 'give exactly one of restorePointId or at',
   },
 
+  {
+    entry: 'operation update',
+    what: 'undoFailover with an issue time that is no time',
+    send: update('undoFailover', {
+      ...who,
+      issuedAt: 'yesterday',
+      nonce: 'n'.repeat(24),
+      signature: `${'A'.repeat(86)}==`,
+    }),
+    field: 'issuedAt',
+    says: 'must be the ISO 8601 time',
+  },
+  {
+    entry: 'operation signal',
+    what: 'undoFailback with a signature that is not base64',
+    send: signal('undoFailback', {
+      ...who,
+      issuedAt: '2026-12-07T10:00:00Z',
+      nonce: 'n'.repeat(24),
+      signature: 'not base64!',
+    }),
+    field: 'signature',
+    says: 'must be an Ed25519 signature',
+  },
+
   // setProxyOnline on the proxy-slots registry, as the Temporal CLI sends it (the project CLI checks it first).
   {
     entry: 'proxy registry signal',
     what: 'online as text',
-    send: { kind: 'proxySignal', payload: { proxy: 'proxy-a', online: 'no' } },
+    send: { kind: 'proxySignal', payload: { proxy: 'proxy-a', online: 'no', requestedBy: 'alice' } },
     field: 'online',
     says: 'must be true or false',
   },
   {
     entry: 'proxy registry signal',
     what: 'a proxy nobody configured',
-    send: { kind: 'proxySignal', payload: { proxy: 'proxy-z', online: false } },
+    send: { kind: 'proxySignal', payload: { proxy: 'proxy-z', online: false, requestedBy: 'alice' } },
     field: 'proxy',
     says: "'proxy-z' is no proxy the registry knows",
+  },
+
+  {
+    entry: 'proxy registry signal',
+    what: 'without requestedBy',
+    send: { kind: 'proxySignal', payload: { proxy: 'proxy-a', online: false } },
+    field: 'requestedBy',
+    says: 'is required',
+  },
+  {
+    entry: 'proxy registry signal',
+    what: 'unsigned',
+    send: {
+      kind: 'proxySignal',
+      payload: { proxy: 'proxy-a', online: false, requestedBy: 'alice' },
+      signing: 'unsigned',
+    },
+    field: 'signature',
+    says: 'unsigned',
   },
 
   // Decisions on a session halted in its critical window.
@@ -329,6 +428,13 @@ export const BAD_INPUT_CASES: BadInputCase[] = [
     send: decision('forceFailover', { ...who, point: 2 }),
     field: 'point',
     says: 'is not a known field',
+  },
+  {
+    entry: 'halted-session decision',
+    what: 'abort signed 10 minutes ago',
+    send: { ...decision('abort', { ...who }), signing: { minutesAgo: 10 } },
+    field: 'issuedAt',
+    says: 'expired',
   },
   {
     entry: 'halted-session decision',
@@ -378,9 +484,31 @@ export const BAD_INPUT_CASES: BadInputCase[] = [
   {
     entry: 'project CLI',
     what: 'proxy offline with a bad proxy name',
-    send: cli('proxy', 'offline', 'proxy a'),
+    send: cli('proxy', 'offline', 'proxy a', '--user', 'alice'),
     field: 'proxy',
     says: 'must be a proxy name',
+  },
+
+  {
+    entry: 'project CLI',
+    what: 'sign an operation that does not exist',
+    send: cli('sign', 'reboot', '--input', '{"requestedBy":"alice"}'),
+    field: 'operation',
+    says: 'must be one of plannedFailover',
+  },
+  {
+    entry: 'project CLI',
+    what: 'sign an update without the workflow it goes to',
+    send: cli('sign', 'undoFailover', '--input', '{"requestedBy":"alice","reason":"r"}'),
+    field: '--workflow-id',
+    says: 'undoFailover is sent to a workflow',
+  },
+  {
+    entry: 'project CLI',
+    what: 'keys create for a name with a slash',
+    send: cli('keys', 'create', '--user', '../alice'),
+    field: '--user',
+    says: 'must be a user name',
   },
 
   // The lab's HTTP API, as an adapter or a script calls it.
@@ -493,6 +621,20 @@ export const BAD_INPUT_CASES: BadInputCase[] = [
     send: configuration('targetHost: dr-a', 'targetHost: dr-b'),
     field: 'jobs[0].targetHost',
     says: 'dr-b',
+  },
+  {
+    entry: 'configuration file',
+    what: 'a user key that is no Ed25519 key line',
+    send: configuration('roles: [BackupAdministrator] }', "roles: [BackupAdministrator], keys: ['ssh-ed25519 AAAA'] }"),
+    field: 'users[0].keys[0]',
+    says: 'must be an Ed25519 public key line',
+  },
+  {
+    entry: 'configuration file',
+    what: 'signed requests valid for 0 minutes',
+    send: configuration('proxies:', 'requests: { validityMinutes: 0 }\nproxies:'),
+    field: 'requests.validityMinutes',
+    says: 'must be at least 1',
   },
   {
     entry: 'configuration file',

@@ -15,7 +15,8 @@ import { Client, Connection } from '@temporalio/client';
 import type { EstateInput } from '../lab/estate';
 import type { ServerTlsFiles } from '../src/host-api/certificates';
 import { forwardTo, labAgent, standInForLab } from './forward';
-import { createTestNamespace, temporalAddress } from './harness';
+import { createTestNamespace, temporalAddress, testUsers } from './harness';
+import { testSigner } from './keys';
 import { DR, PROD, startTestLab, type TestLab } from './lab/helpers';
 import { kill, startWorkerProcess } from './processes';
 import { labServerTls, testClientTls } from './tls';
@@ -203,7 +204,11 @@ export async function startCrashSite(estate: EstateInput, vms: readonly string[]
   const lab = await startTestLab(estate);
   const proxy = new LabProxy(lab.lab.url, await labServerTls(estate));
   const proxyUrl = await proxy.listen();
-  const client = new Client({ connection: await Connection.connect({ address: temporalAddress() }), namespace });
+  const client = new Client({
+    connection: await Connection.connect({ address: temporalAddress() }),
+    namespace,
+    interceptors: { workflow: [testSigner()] },
+  });
   const adapter = { type: 'lab', url: proxyUrl };
   const env = {
     PF_WORKER_ADDRESS: temporalAddress(),
@@ -215,7 +220,7 @@ export async function startCrashSite(estate: EstateInput, vms: readonly string[]
       ],
       proxies: [{ name: 'proxy-a', slots: 16 }],
       jobs: vms.map((vm) => ({ name: `job-${vm}`, vms: [vm], targetHost: DR })),
-      users: [{ name: 'alice', roles: ['BackupAdministrator'] }],
+      users: testUsers(),
       tls: testClientTls(),
     }),
     PF_WORKER_LAB_URL: proxyUrl,

@@ -19,13 +19,17 @@ import {
   SearchAttributes,
   type OperationName,
   type ReplicaView,
+  type SignedOperation,
 } from '../src/contract';
 import { createLogger } from '../src/logging';
 import { createOrchestrator, type Orchestrator } from '../src/orchestrator';
 import { ALL_ROLES, proxiesRunBy, type WorkerRoles } from '../src/worker-args';
 import { startTestLab, type TestLab } from './lab/helpers';
 import { startWorkerProcess, terminate } from './processes';
+import { signingTestClient, TEST_USERS, testKey, testKeyFile, testPublicKey, unsignedClient } from './keys';
+import { signRequest } from '../src/identity/keys';
 import { testClientTls } from './tls';
+import { connectionOptions, credentialsFor, temporalEnv, workerProcessEnv } from './server-access';
 
 const run = promisify(execFile);
 
@@ -38,22 +42,43 @@ function required(name: string): string {
 export const temporalAddress = (): string => required('PF_TEST_TEMPORAL_ADDRESS');
 export const temporalCli = (): string => required('PF_TEST_TEMPORAL_CLI');
 
+/** How the Temporal CLI and the project CLI present themselves as an operator of `namespace` on `server`. */
+const operatorCredentials = (namespace: string, server: string): Record<string, string> =>
+  temporalEnv(credentialsFor(server, namespace, 'admin'));
+
+/**
+ * The environment in which the project CLI reaches `namespace` on the test server as an operator (on a secured
+ * server: its CA and the admin's token).
+ */
+export const operatorEnv = (namespace: string): Record<string, string> => ({
+  TEMPORAL_ADDRESS: temporalAddress(),
+  TEMPORAL_NAMESPACE: namespace,
+  ...operatorCredentials(namespace, temporalAddress()),
+});
+
 /** Runs the real `temporal` command against the test server, as an operator would type it. */
 export async function temporal(namespace: string, ...args: string[]): Promise<{ stdout: string; stderr: string }> {
-  return run(temporalCli(), [...args, '--address', temporalAddress(), '--namespace', namespace]);
+  return run(temporalCli(), [...args, '--address', temporalAddress(), '--namespace', namespace], {
+    env: { ...process.env, ...operatorCredentials(namespace, temporalAddress()) },
+  });
 }
 
 export async function createTestNamespace(server = temporalAddress()): Promise<string> {
   const namespace = `test-${randomUUID().slice(0, 8)}`;
   const cli = temporalCli();
-  const address = ['--address', server];
-  await run(cli, ['operator', 'namespace', 'create', ...address, '--namespace', namespace, '--retention', '24h']);
+  const target = ['--address', server, '--namespace', namespace];
+  const env = { ...process.env, ...operatorCredentials(namespace, server) };
+  await run(cli, ['operator', 'namespace', 'create', ...target, '--retention', '24h'], { env });
   const attributes = Object.values(SearchAttributes).flatMap((key) => ['--name', key.name, '--type', 'Keyword']);
-  await run(cli, ['operator', 'search-attribute', 'create', ...address, '--namespace', namespace, ...attributes]);
+  await run(cli, ['operator', 'search-attribute', 'create', ...target, ...attributes], { env });
   return namespace;
 }
 
 export interface TestOrchestrator extends Orchestrator {
+  /** Signs every request with its requester's test key, as the project CLI does. */
+  client: Client;
+  /** Sends requests as the test gives them: unsigned, or signed by the test itself. */
+  unsignedClient: Client;
   lab: TestLab;
   /**
    * Starts more workers on the same namespace and lab (a proxy's own worker, say), with the same configuration or
@@ -65,13 +90,27 @@ export interface TestOrchestrator extends Orchestrator {
   ): Promise<{ stop(): Promise<void> }>;
 }
 
+/** The test configuration's users with the run's keys; mallory has a key and no role. */
+export const testUsers = (): Configuration['users'] =>
+  (
+    [
+      ['alice', ['BackupAdministrator']],
+      ['bob', ['BackupOperator', 'RestoreOperator']],
+      ['carol', ['BackupOperator']],
+      ['dave', ['RestoreOperator']],
+      ['erin', ['BackupViewer']],
+      ['mallory', ['BackupViewer']],
+      ['scheduler', ['BackupOperator']],
+    ] as const
+  ).map(([name, roles]) => ({ name, roles: [...roles], keys: [testPublicKey(name)] }));
+
 /**
  * The demo configuration's shape, pointed at a test lab: jobs and proxies as the test needs them; the workers present
  * the run's client certificate.
  */
 export function testConfiguration(
   labUrl: string,
-  overrides: Partial<Record<'hosts' | 'jobs' | 'proxies' | 'users', unknown>>,
+  overrides: Partial<Record<'hosts' | 'jobs' | 'proxies' | 'users' | 'requests' | 'scheduledRuns', unknown>>,
 ): Configuration {
   const adapter = { type: 'lab', url: labUrl };
   return parseConfiguration(
@@ -83,14 +122,8 @@ export function testConfiguration(
       backupRepository: { adapter },
       proxies: [{ name: 'proxy-a', slots: 4 }],
       tls: testClientTls(),
-      users: [
-        { name: 'alice', roles: ['BackupAdministrator'] },
-        { name: 'bob', roles: ['BackupOperator', 'RestoreOperator'] },
-        { name: 'carol', roles: ['BackupOperator'] },
-        { name: 'dave', roles: ['RestoreOperator'] },
-        { name: 'erin', roles: ['BackupViewer'] },
-        { name: 'scheduler', roles: ['BackupOperator'] },
-      ],
+      users: testUsers(),
+      scheduledRuns: { requestedBy: 'scheduler', key: testKeyFile('scheduler') },
       ...overrides,
     }),
     'test configuration',
@@ -108,6 +141,8 @@ export async function startOrchestrator(options: {
   server?: string;
   /** How the workers reach the hosts, when not only through the test lab (an estate with KVM hosts). */
   connect?: (config: Configuration) => HypervisorPort;
+  /** The configuration as it is now, for who may ask for what (a file the test edits), given the lab's URL. */
+  currentConfig?: (config: Configuration) => () => Configuration;
 }): Promise<TestOrchestrator> {
   if (!runtimeInstalled) {
     // The SDK core's own warnings (a poll retried while a test has the server down) are kept out too: core prints
@@ -121,19 +156,25 @@ export async function startOrchestrator(options: {
   }
   const server = options.server ?? temporalAddress();
   const namespace = await createTestNamespace(server);
+  // The test's requests go as an operator's, with the admin's token on a secured server; the workers hold theirs.
+  const operator = new Client({
+    connection: await Connection.connect(connectionOptions(server, credentialsFor(server, namespace, 'admin'))),
+    namespace,
+  });
   const lab = await startTestLab(options.estate);
   const config = options.configure(lab.lab.url);
   const bundle = required('PF_TEST_WORKFLOW_BUNDLE');
-  // A test's own `connect` hands the workers a port of this process, which no other process can share: its
-  // workers stay here also with PF_TEST_SPLIT_WORKERS=1.
-  const split = process.env.PF_TEST_SPLIT_WORKERS === '1' && !options.connect;
+  // A test's own `connect` (or `currentConfig`) hands the workers something of this process, which no other process
+  // can share: its workers stay here also with PF_TEST_SPLIT_WORKERS=1.
+  const split = process.env.PF_TEST_SPLIT_WORKERS === '1' && !options.connect && !options.currentConfig;
   const create = (roles: WorkerRoles | undefined, configuration = config): Promise<Orchestrator> =>
     split
-      ? workerProcesses({ server, namespace, config: configuration, labUrl: lab.lab.url, bundle, roles })
+      ? workerProcesses({ server, namespace, config: configuration, labUrl: lab.lab.url, bundle, roles, operator })
       : createOrchestrator({
-          connectionOptions: { address: server },
+          connectionOptions: connectionOptions(server, credentialsFor(server, namespace, 'workers')),
           namespace,
           config: configuration,
+          currentConfig: options.currentConfig?.(configuration),
           port: options.connect?.(configuration) ?? lab.port,
           workflowBundle: { codePath: bundle },
           roles,
@@ -143,6 +184,8 @@ export async function startOrchestrator(options: {
   await orchestrator.startWorkers();
   return {
     ...orchestrator,
+    client: signingTestClient(operator),
+    unsignedClient: unsignedClient(operator),
     lab,
     async startWorkersFor(roles, configure) {
       const more = await create(roles, configure?.(lab.lab.url));
@@ -153,6 +196,7 @@ export async function startOrchestrator(options: {
     async close() {
       for (const more of extra) await more.close().catch(() => undefined);
       await orchestrator.close();
+      await operator.connection.close();
       await lab.close();
     },
   };
@@ -160,7 +204,7 @@ export async function startOrchestrator(options: {
 
 /**
  * The workers of `roles` as processes of their own, as an operator deploys them: the orchestration in one and each
- * proxy in one, reaching the lab at `labUrl`; with a client of the test's, as createOrchestrator gives it.
+ * proxy in one, reaching the lab at `labUrl`; with the test's client (`operator`) in place of the workers' own.
  */
 async function workerProcesses(options: {
   server: string;
@@ -169,11 +213,12 @@ async function workerProcesses(options: {
   labUrl: string;
   bundle: string;
   roles: WorkerRoles | undefined;
+  operator: Client;
 }): Promise<Orchestrator> {
   const { server, namespace, config } = options;
   const roles = options.roles ?? ALL_ROLES;
-  const client = new Client({ connection: await Connection.connect({ address: server }), namespace });
   const env = {
+    ...workerProcessEnv(credentialsFor(server, namespace, 'workers')),
     PF_WORKER_ADDRESS: server,
     PF_WORKER_NAMESPACE: namespace,
     PF_WORKER_CONFIG: JSON.stringify(config),
@@ -190,7 +235,7 @@ async function workerProcesses(options: {
     running = [];
   };
   return {
-    client,
+    client: options.operator,
     config,
     namespace,
     async startWorkers() {
@@ -205,10 +250,7 @@ async function workerProcesses(options: {
       }
     },
     stopWorkers,
-    async close() {
-      await stopWorkers();
-      await client.connection.close();
-    },
+    close: stopWorkers,
   };
 }
 
@@ -250,9 +292,20 @@ export async function operationByCli(
   payload: object,
 ): Promise<string> {
   const command = form === 'signal' ? ['signal'] : ['update', 'execute'];
-  const target = ['--workflow-id', replicaWorkflowId(vm), '--name', operation, '--input', JSON.stringify(payload)];
+  const signed = signedFor(operation, replicaWorkflowId(vm), payload);
+  const target = ['--workflow-id', replicaWorkflowId(vm), '--name', operation, '--input', JSON.stringify(signed)];
   const { stdout } = await temporal(namespace, 'workflow', ...command, ...target);
   return stdout;
+}
+
+/**
+ * A request as `failover sign` prints it, signed with its requester's test key; as given when it names no requester
+ * or one without a key (the refusal is then what the test is about).
+ */
+export function signedFor(operation: SignedOperation, target: string, payload: object): object {
+  const requestedBy = (payload as { requestedBy?: unknown }).requestedBy;
+  if (typeof requestedBy !== 'string' || !(TEST_USERS as readonly string[]).includes(requestedBy)) return payload;
+  return signRequest(operation, target, payload as Record<string, unknown>, testKey(requestedBy));
 }
 
 /** The replica's view once the operation requested with this reason has finished (or was refused). */

@@ -4,6 +4,8 @@
 // long-lived entities continue as new many times during the run (CI runs the integration tests once so).
 // PF_TEST_SERVER=<host:port> runs the tests against a Temporal server that is already running (a cluster): no dev
 // server is started, and each test file creates its namespaces and search attributes there, as it does on its own.
+// A secured one (`npm run cluster -- --secure`) also takes PF_TEST_SERVER_TLS_CA, PF_TEST_SERVER_TLS_SERVER_NAME and
+// PF_TEST_SERVER_JWT_KEY: every connection of the tests then goes over TLS with a token (test/server-access.ts).
 // PF_TEST_SPLIT_WORKERS=1 runs the orchestrator's workers of the integration tests as an operator deploys them on
 // machines of their own (`npm run worker -- --only ...`): not in the test's process but the orchestration in a
 // process of its own and each proxy in one of its own (test/harness.ts; a test that hands the workers a hypervisor
@@ -14,6 +16,8 @@ import { tmpdir } from 'node:os';
 import { join, relative, resolve } from 'node:path';
 import { ensureTemporalCli, freePort, projectRoot, startDevServer, type DevServer } from '../scripts/lib/dev-server';
 import { bundleWorkflows } from '../src/worker';
+import { makeTestKeys } from './keys';
+import { securedServer } from './server-access';
 import { makeTestSite } from './tls';
 
 function testFiles(paths: string[]): string[] {
@@ -61,6 +65,10 @@ async function main(): Promise<number> {
     throw new Error(
       'PF_TEST_SUGGEST_CONTINUE_AS_NEW sets up a dev server of its own: it cannot go with PF_TEST_SERVER',
     );
+  // Checked here, once, naming the variable: every test process reads them again.
+  const secured = securedServer();
+  if (secured && !external)
+    throw new Error('PF_TEST_SERVER_TLS_CA and the rest secure a server named by PF_TEST_SERVER: it is not set');
   const files = testFiles(process.argv.length > 2 ? process.argv.slice(2) : [join(projectRoot, 'test')]);
   if (files.length === 0) throw new Error('No *.test.ts files found.');
 
@@ -83,7 +91,13 @@ async function main(): Promise<number> {
     let address: string;
     if (external) {
       address = external;
-      console.log(`Temporal server for tests: ${address} (PF_TEST_SERVER; no dev server started)`);
+      console.log(
+        `Temporal server for tests: ${address} (PF_TEST_SERVER; no dev server started)` +
+          (secured
+            ? `, over TLS (CA ${secured.caFile})` +
+              (secured.key ? ", with tokens for the tests' namespaces signed by PF_TEST_SERVER_JWT_KEY" : '')
+            : ''),
+      );
     } else {
       server = await startDevServer({
         cli,
@@ -107,6 +121,8 @@ async function main(): Promise<number> {
 
     // One site for the run's mutual TLS: its CA and the tests' client certificate (PF_TEST_CERTS).
     await makeTestSite(join(workDir, 'certs'));
+    // The test users' signing keys (PF_TEST_KEYS).
+    await makeTestKeys(join(workDir, 'keys'));
 
     // Bundling takes seconds; doing it once here saves it in every test file's process.
     const { code } = await bundleWorkflows();

@@ -7,6 +7,9 @@
 //                        adapters of the configuration (KVM host processes)
 //   PF_WORKER_BUNDLE     the pre-built workflow bundle
 //   PF_WORKER_ROLES      optional, JSON WorkerRoles: which workers this process runs (all of them when unset)
+//   PF_WORKER_TLS_CA, PF_WORKER_TLS_SERVER_NAME, PF_WORKER_API_KEY
+//                        optional, for a secured server: its CA, the name its certificate is checked against, and the
+//                        workers' token (test/server-access.ts)
 // Prints "ready" on stdout once every worker polls, then runs until it is killed (or stops on SIGINT/SIGTERM).
 import { Runtime } from '@temporalio/worker';
 import { parseConfiguration } from '../src/config/load';
@@ -15,6 +18,7 @@ import { HostApiHypervisor } from '../src/hypervisor/host-api-adapter';
 import { createLogger } from '../src/logging';
 import { createOrchestrator } from '../src/orchestrator';
 import type { WorkerRoles } from '../src/worker';
+import { connectionOptions, workerProcessCredentials } from './server-access';
 
 function required(name: string): string {
   const value = process.env[name];
@@ -30,7 +34,7 @@ async function main(): Promise<void> {
     ? new HostApiHypervisor({ url: labUrl, serverName: 'lab', ...(config.tls ? { tls: config.tls } : {}) })
     : connectHypervisor(config);
   const orchestrator = await createOrchestrator({
-    connectionOptions: { address: required('PF_WORKER_ADDRESS') },
+    connectionOptions: connectionOptions(required('PF_WORKER_ADDRESS'), workerProcessCredentials(process.env)),
     namespace: required('PF_WORKER_NAMESPACE'),
     config,
     port,

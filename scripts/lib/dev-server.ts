@@ -49,9 +49,10 @@ export async function portInUse(port: number, host = '127.0.0.1'): Promise<boole
 }
 
 /** Asynchronous, so that a signal is handled while a caller waits for the server. */
-export async function serverHealthy(cli: string, address: string): Promise<boolean> {
+/** `env`: the CLI's environment, e.g. the TLS variables of a secured cluster (the health check needs no token). */
+export async function serverHealthy(cli: string, address: string, env?: NodeJS.ProcessEnv): Promise<boolean> {
   return new Promise((resolveHealth) =>
-    execFile(cli, ['operator', 'cluster', 'health', '--address', address], { timeout: 5_000 }, (err, stdout) =>
+    execFile(cli, ['operator', 'cluster', 'health', '--address', address], { timeout: 5_000, env }, (err, stdout) =>
       resolveHealth(!err && stdout.includes('SERVING')),
     ),
   );

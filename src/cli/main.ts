@@ -7,6 +7,10 @@ import {
   FailureTypes,
   formatProblems,
   haltedSessionUpdates,
+  isSignedOperation,
+  requestTarget,
+  SignedOperations,
+  STARTED_OPERATIONS,
   PROXY_REGISTRY_WORKFLOW_ID,
   proxySignals,
   setProxyOnlineSchema,
@@ -24,6 +28,9 @@ import {
   type InputProblem,
 } from '../contract';
 import { loadConfiguration } from '../config/load';
+import { createUserKey, keysIn, loadUserKey, signRequest, userKeyFile } from '../identity/keys';
+import { signingInterceptor } from '../identity/signing';
+import { auditSince, auditTable, sinceOf } from './audit';
 import { certificatesReport, certsCreateSchema, createCertificates } from './certs';
 import { syncJobSchedules } from '../schedules';
 import { DEFAULT_CONFIG_PATH } from '../worker';
@@ -47,8 +54,9 @@ const collect = (value: string, previous: string[] = []): string[] => [
   ...value.split(',').filter(Boolean),
 ];
 
+/** A client that signs every request with its requester's key from the per-user key directory. */
 async function withClient<T>(run: (client: Client) => Promise<T>): Promise<T> {
-  const client = await connectClient();
+  const client = await connectClient(undefined, [signingInterceptor(keysIn())]);
   try {
     return await run(client);
   } finally {
@@ -72,6 +80,12 @@ function explain(err: unknown): { message: string; type?: string; details?: unkn
   }
   return { message: err instanceof Error ? err.message : String(err) };
 }
+
+/** A request refused before anything changed (bad input, an unverified or unauthorized requester) exits 2. */
+const refusalExitCode = (type: string | undefined): number =>
+  type === FailureTypes.invalidInput || type === FailureTypes.accessDenied || type === FailureTypes.requestNotVerified
+    ? 2
+    : 1;
 
 const program = new Command()
   .name('failover')
@@ -154,7 +168,7 @@ program
         if (result) say(`\n${plannedFailoverTable(result)}`);
         if (failure) say(`\n${failure.message}`);
       }
-      if (failure) process.exitCode = failure.type === FailureTypes.invalidInput ? 2 : 1;
+      if (failure) process.exitCode = refusalExitCode(failure.type);
     });
   });
 
@@ -182,8 +196,9 @@ program
         console.log(o.json ? JSON.stringify(result, null, 2) : replicationJobTable([result]));
         if (result.sessions.some((s) => s.outcome === 'failed')) process.exitCode = 1;
       } catch (err) {
-        console.error(explain(err).message);
-        process.exitCode = 1;
+        const failure = explain(err);
+        console.error(failure.message);
+        process.exitCode = refusalExitCode(failure.type);
       }
     });
   });
@@ -385,15 +400,107 @@ program
   .description('Take a proxy offline (no new copies; running ones finish) or bring it back')
   .argument('<state>', 'offline | online')
   .argument('<proxy>', 'the proxy name, as in the configuration')
-  .action(async (state: string, proxy: string) => {
+  .requiredOption('--user <name>', 'who asks; needs Backup Administrator')
+  .option('--reason <text>', 'why; recorded in the history')
+  .action(async (state: string, proxy: string, o: { user: string; reason?: string }) => {
     if (state !== 'offline' && state !== 'online')
       refuse('The proxy command', [{ path: 'state', message: 'must be offline or online' }]);
-    const checked = validate(setProxyOnlineSchema, { proxy, online: state === 'online' });
+    const checked = validate(setProxyOnlineSchema, {
+      proxy,
+      online: state === 'online',
+      requestedBy: o.user,
+      ...(o.reason ? { reason: o.reason } : {}),
+    });
     if (!checked.ok) refuse('The proxy command', checked.problems);
     await withClient(async (client) => {
+      // Sent as signed; a signal cannot answer, so the registry's lastRejection (the `slots` query) says a refusal.
       await client.workflow.getHandle(PROXY_REGISTRY_WORKFLOW_ID).signal(proxySignals.setProxyOnline, checked.value);
-      console.log(`Proxy ${proxy} is ${state}.`);
+      console.log(`Asked to take proxy ${proxy} ${state}; a refusal shows in: failover slots`);
     });
+  });
+
+program
+  .command('audit')
+  .description('Who asked for what: every request verified (or refused) since a time, from the histories')
+  .requiredOption('--since <time>', 'how far back: 30m, 24h, 7d, or an ISO time')
+  .option('--user <name>', 'only the requests that named this user')
+  .option('--json', 'print the records as JSON')
+  .action(async (o: { since: string; user?: string; json?: boolean }) => {
+    const since = sinceOf(o.since);
+    if (!since) refuse('The audit command', [{ path: '--since', message: 'must be like 30m, 24h, 7d or an ISO time' }]);
+    await withClient(async (client) => {
+      const records = await auditSince(client, since, o.user);
+      console.log(o.json ? JSON.stringify(records, null, 2) : auditTable(records));
+    });
+  });
+
+const keys = program
+  .command('keys')
+  .description("Operators' signing keys (Ed25519): every request is signed by its requester");
+
+keys
+  .command('create')
+  .description(
+    "Make a user's key pair: the private key in the per-user configuration directory (mode 0600), and print the " +
+      'public-key line to add to the user in the configuration',
+  )
+  .requiredOption('--user <name>', 'the user, as named in the configuration')
+  .option('--file <path>', 'where to keep the private key', undefined)
+  .action(async (o: { user: string; file?: string }) => {
+    // The user's name becomes the key file's name: a name as the configuration allows it, never a path.
+    if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/.test(o.user))
+      refuse('The keys command', [
+        {
+          path: '--user',
+          message: 'must be a user name as in the configuration: letters, digits, dots, dashes, underscores',
+        },
+      ]);
+    const made = await createUserKey(o.file ?? userKeyFile(o.user));
+    console.log(`Private key of ${o.user}: ${made.file} (mode 0600; keep it with ${o.user} alone)`);
+    console.log(`Fingerprint: ${made.keyId}`);
+    console.log(`Add to ${o.user} in the configuration (keep the old key listed until every signer has the new one):`);
+    console.log(`    keys: ['${made.publicKey}']`);
+  });
+
+program
+  .command('sign')
+  .description(
+    "Print a request signed with its requester's key, for the Temporal CLI's --input " +
+      '(the project CLI signs by itself); valid for the configured minutes, once',
+  )
+  .argument('<operation>', `one of: ${SignedOperations.join(', ')}`)
+  .requiredOption(
+    '--input <json>',
+    'the request, with requestedBy and reason, e.g. \'{"requestedBy":"alice","reason":"..."}\'',
+  )
+  .option('--workflow-id <id>', 'the workflow a signal or update goes to (replica/<vm>, a session, proxy-slots)')
+  .option('--key <file>', "the private key (default: the requester's in the per-user configuration directory)")
+  .addHelpText(
+    'after',
+    '\nExample:\n  temporal workflow update execute --workflow-id replica/sql01 --name undoFailover \\\n' +
+      '    --input "$(npm run -s failover -- sign undoFailover --workflow-id replica/sql01 \\\n' +
+      '      --input \'{"requestedBy":"alice","reason":"test over"}\')"',
+  )
+  .action((operation: string, o: { input: string; workflowId?: string; key?: string }) => {
+    if (!isSignedOperation(operation))
+      refuse('The sign command', [{ path: 'operation', message: `must be one of ${SignedOperations.join(', ')}` }]);
+    const started = STARTED_OPERATIONS.includes(operation);
+    if (!started && !o.workflowId)
+      refuse('The sign command', [
+        { path: '--workflow-id', message: `is required: ${operation} is sent to a workflow` },
+      ]);
+    let request: unknown;
+    try {
+      request = JSON.parse(o.input);
+    } catch (err) {
+      refuse('The sign command', [{ path: '--input', message: `is not JSON: ${(err as Error).message}` }]);
+    }
+    const requestedBy = (request as { requestedBy?: unknown } | null)?.requestedBy;
+    if (request === null || typeof request !== 'object' || Array.isArray(request) || typeof requestedBy !== 'string')
+      refuse('The sign command', [{ path: '--input', message: 'must be a JSON object with requestedBy' }]);
+    const key = o.key ? loadUserKey(o.key) : keysIn()(requestedBy);
+    const target = requestTarget(operation, o.workflowId);
+    console.log(JSON.stringify(signRequest(operation, target, request as Record<string, unknown>, key)));
   });
 
 const certs = program

@@ -1,5 +1,17 @@
-import type { PlannedFailoverResult, PlannedFailoverSessionResult, ReplicationJobResult } from '../contract';
+import {
+  formatRequester,
+  type HaltRecord,
+  type PlannedFailoverResult,
+  type PlannedFailoverSessionResult,
+  type ReplicationJobResult,
+} from '../contract';
 import { formatBytes, formatDuration, formatTable } from './format';
+
+/** Who decided a halt, with the key that signed the decision where the session recorded it. */
+const decider = (h: HaltRecord): string =>
+  h.decidedWithKey === undefined
+    ? (h.decidedBy ?? '')
+    : formatRequester({ user: h.decidedBy ?? '', keyId: h.decidedWithKey });
 
 const ms = (v: number | undefined): string => (v === undefined ? '-' : formatDuration(v));
 
@@ -56,7 +68,7 @@ export function plannedFailoverTable(result: PlannedFailoverResult): string {
   for (const s of result.sessions)
     for (const h of s.halts)
       notes.push(
-        `  ${s.vm}: halted #${h.id} at ${h.step}: ${h.reason}; ${h.decision ? `${h.decision} by ${h.decidedBy} (${h.decisionReason}): ${h.outcome ?? ''}` : 'undecided'}`,
+        `  ${s.vm}: halted #${h.id} at ${h.step}: ${h.reason}; ${h.decision ? `${h.decision} by ${decider(h)} (${h.decisionReason}): ${h.outcome ?? ''}` : 'undecided'}`,
       );
   return [table, ...(notes.length > 0 ? ['', ...notes] : [])].join('\n');
 }

@@ -23,7 +23,7 @@ function pathKeys(path: string): (string | number)[] {
 
 /**
  * Parses and checks a configuration text; every problem names its path and line in the file. Relative file paths
- * in it (the `tls` block) are taken relative to `dir`, the configuration file's directory.
+ * in it (the `tls` block, the scheduled runs' key) are taken relative to `dir`, the configuration file's directory.
  */
 export function parseConfiguration(text: string, file = 'configuration', dir = process.cwd()): Configuration {
   const lines = new LineCounter();
@@ -39,11 +39,11 @@ export function parseConfiguration(text: string, file = 'configuration', dir = p
   }
   const checked = validate(configurationSchema, doc.toJS());
   if (checked.ok) {
-    const { tls } = checked.value;
-    if (!tls) return checked.value;
+    const { tls, scheduledRuns } = checked.value;
     return {
       ...checked.value,
-      tls: { ca: resolve(dir, tls.ca), cert: resolve(dir, tls.cert), key: resolve(dir, tls.key) },
+      ...(tls ? { tls: { ca: resolve(dir, tls.ca), cert: resolve(dir, tls.cert), key: resolve(dir, tls.key) } } : {}),
+      ...(scheduledRuns?.key ? { scheduledRuns: { ...scheduledRuns, key: resolve(dir, scheduledRuns.key) } } : {}),
     };
   }
   const located = checked.problems.map((problem) => {

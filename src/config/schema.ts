@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { PUBLIC_KEY_LINE } from '../contract/requests';
 import { Roles } from '../domain/roles';
 import { isLoopback } from '../host-api/loopback';
 
@@ -63,9 +64,6 @@ const proxySchema = z.strictObject({
   transport: z.enum(['network', 'host-to-host'], { error: "must be 'network' or 'host-to-host'" }).default('network'),
 });
 
-/** Who scheduled job runs are requested by: a configured user like any other, so its roles are checked. */
-export const SCHEDULER_USER = 'scheduler';
-
 const scheduleSchema = z.strictObject({
   /** Runs the job every so often, e.g. "15m", "1h", "1d"; never 0. */
   every: z.string().regex(/^[1-9]\d*[smhd]$/, { error: 'must be a duration like 30m, 1h or 1d (not 0)' }),
@@ -94,7 +92,44 @@ const userSchema = z.strictObject({
   roles: z
     .array(z.enum(Roles, { error: `must be one of ${Roles.join(', ')}` }))
     .min(1, { error: 'must list at least one role' }),
+  /**
+   * The public keys whose signatures prove this user's requests (`failover keys create` prints the line); two while
+   * a key is being replaced. A user without a key can make no request unless unsigned requests are allowed.
+   */
+  keys: z
+    .array(
+      z.string({ error: 'must be a public key line' }).regex(PUBLIC_KEY_LINE, {
+        error:
+          'must be an Ed25519 public key line like ed25519:<43 base64url characters>, as `failover keys create` prints it',
+      }),
+      { error: 'must be a list of public key lines' },
+    )
+    .max(4, { error: 'may list at most 4 keys' })
+    .default([]),
 });
+
+/** How signed requests are judged. */
+const requestsSchema = z.strictObject({
+  /** How long after it was signed a request is still accepted (judged when its workflow received it). */
+  validityMinutes: z
+    .number({ error: 'must be a number' })
+    .int({ error: 'must be a whole number' })
+    .min(1, { error: 'must be at least 1' })
+    .max(1440, { error: 'must be at most 1440' })
+    .default(5),
+  /**
+   * For a lab-only setup: accept requests without a signature, on the name they give (still checked against the
+   * users and their roles). Every request accepted that way is marked unsigned in its history and summary.
+   */
+  allowUnsigned: z.boolean({ error: 'must be true or false' }).default(false),
+});
+
+/**
+ * Who scheduled job runs act as: a service identity, a configured user with BackupOperator or BackupAdministrator
+ * and a public key, whose private key file (mode 0600; a relative path is relative to this file) the orchestration
+ * worker reads to sign each job's schedule.
+ */
+const scheduledRunsSchema = z.strictObject({ requestedBy: name, key: filePath.optional() });
 
 export const configurationSchema = z
   .strictObject({
@@ -104,6 +139,8 @@ export const configurationSchema = z
     proxies: z.array(proxySchema).min(1, { error: 'must list at least one proxy' }),
     jobs: z.array(jobSchema).default([]),
     users: z.array(userSchema).min(1, { error: 'must list at least one user' }),
+    requests: requestsSchema.default({ validityMinutes: 5, allowUnsigned: false }),
+    scheduledRuns: scheduledRunsSchema.optional(),
     tls: tlsSchema.optional(),
   })
   .superRefine((config, ctx) => {
@@ -165,14 +202,30 @@ export const configurationSchema = z
       });
       if (job.dataSource === 'backup' && !config.backupRepository)
         ctx.addIssue({ code: 'custom', path: ['jobs', j, 'dataSource'], message: "'backup' needs a backupRepository" });
-      const scheduler = config.users.find((u) => u.name === SCHEDULER_USER);
-      if (job.schedule && !scheduler?.roles.some((r) => r === 'BackupAdministrator' || r === 'BackupOperator'))
+      if (job.schedule && !config.scheduledRuns)
         ctx.addIssue({
           code: 'custom',
           path: ['jobs', j, 'schedule'],
-          message: `scheduled runs are requested by the user '${SCHEDULER_USER}', who must be configured with BackupOperator or BackupAdministrator`,
+          message: 'scheduled runs need a service identity: declare scheduledRuns with requestedBy and key',
         });
     });
+    if (config.scheduledRuns) {
+      const service = config.users.find((u) => u.name === config.scheduledRuns!.requestedBy);
+      const problem = !service
+        ? `no user '${config.scheduledRuns.requestedBy}' is declared`
+        : !service.roles.some((r) => r === 'BackupAdministrator' || r === 'BackupOperator')
+          ? `'${service.name}' must hold BackupOperator or BackupAdministrator to run jobs`
+          : service.keys.length === 0 && !config.requests.allowUnsigned
+            ? `'${service.name}' has no key: list the public key of the service identity's key file`
+            : null;
+      if (problem) ctx.addIssue({ code: 'custom', path: ['scheduledRuns', 'requestedBy'], message: problem });
+      if (!config.scheduledRuns.key && !config.requests.allowUnsigned)
+        ctx.addIssue({
+          code: 'custom',
+          path: ['scheduledRuns', 'key'],
+          message: 'is required: scheduled runs are signed (unless requests.allowUnsigned)',
+        });
+    }
   });
 
 export type Configuration = z.output<typeof configurationSchema>;

@@ -9,3 +9,4 @@ export * from './replication';
 export * from './messages';
 export * from './operations';
 export * from './metrics';
+export * from './requests';

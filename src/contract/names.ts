@@ -18,6 +18,8 @@ export const WorkflowTypes = {
   replica: 'replica',
   /** The registry of proxy task slots, id proxy-slots. */
   proxySlots: 'proxySlots',
+  /** The registry of signed requests' nonces, id request-nonces. */
+  requestNonces: 'requestNonces',
 } as const;
 
 /** Custom search attributes, registered when the server starts (see scripts/temporal-server.ts). */
@@ -26,6 +28,8 @@ export const SearchAttributes = {
   FailoverJob: defineSearchAttributeKey('FailoverJob', SearchAttributeType.KEYWORD),
   ReplicaState: defineSearchAttributeKey('ReplicaState', SearchAttributeType.KEYWORD),
   FailoverStep: defineSearchAttributeKey('FailoverStep', SearchAttributeType.KEYWORD),
+  /** The verified requester of a planned failover, job run, operation or decision. */
+  FailoverRequestedBy: defineSearchAttributeKey('FailoverRequestedBy', SearchAttributeType.KEYWORD),
 } as const;
 
 /** Failure types a client can branch on (ApplicationFailure.type). */
@@ -34,8 +38,10 @@ export const FailureTypes = {
   proxyWaitTimedOut: 'ProxyWaitTimedOut',
   configuration: 'ConfigurationError',
   hypervisor: 'HypervisorError',
-  /** The requester lacks the roles an operation needs. */
+  /** The requester is unknown, or lacks the roles an operation needs. */
   accessDenied: 'AccessDenied',
+  /** The request's signature, time or nonce did not prove its requester: unsigned, forged, expired or replayed. */
+  requestNotVerified: 'RequestNotVerified',
   /** Some VMs of a planned failover did not fail over; the details carry the per-VM outcome. */
   plannedFailoverIncomplete: 'PlannedFailoverIncomplete',
   /** The request is valid, but the replica's state does not allow it. */

@@ -3,56 +3,60 @@ import { z } from 'zod';
 import type { ReplicaState } from '../domain/replica-state';
 import { vmNameSchema } from './planned-failover';
 import type { RestorePointSummary, VmLocation } from './replica';
+import { signatureComplete, signatureFields } from './requests';
 import { requiredText } from './validation';
 
 // Operations that finish (or start) a failover, sent to a replica's entity replica/<vm> as a signal or an update.
 
-const who = { requestedBy: requiredText(128), reason: requiredText() };
+const who = { requestedBy: requiredText(128), reason: requiredText(), ...signatureFields };
 const objectError = { error: 'must be a JSON object like {"requestedBy":"alice","reason":"..."}' };
 const name = z
   .string({ error: 'must be a name' })
   .regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/, { error: 'must be a host name' });
 
 export const operationSchemas = {
-  undoFailover: z.strictObject(
-    { ...who, powerOnSource: z.boolean({ error: 'must be true or false' }).default(true) },
-    objectError,
-  ),
-  permanentFailover: z.strictObject(
-    {
-      ...who,
-      /** Irreversible: the request must say so. */
-      confirm: z.literal(true, {
-        error: 'must be true: permanent failover deletes every restore point and cannot be undone',
-      }),
-    },
-    objectError,
-  ),
-  failback: z.strictObject(
-    {
-      ...who,
-      /** Where production goes back to: the original VM (default), a VM restored elsewhere, or a new VM. */
-      target: z
-        .union(
-          [
-            z.literal('original'),
-            z.strictObject({ restoredVm: vmNameSchema }),
-            z.strictObject({ newVm: z.strictObject({ name: vmNameSchema, host: name }) }),
-          ],
-          { error: 'must be "original", {"restoredVm":"<name>"} or {"newVm":{"name":"<name>","host":"<host>"}}' },
-        )
-        .default('original'),
-      powerOnProduction: z.boolean({ error: 'must be true or false' }).default(true),
-      /**
-       * Failing back onto a production VM that is running (as after a regular failover) overwrites what it wrote
-       * since: refused unless the request says so. With it, the VM's guest is shut down first, not cut off.
-       */
-      confirm: z.boolean({ error: 'must be true or false' }).default(false),
-    },
-    objectError,
-  ),
-  commitFailback: z.strictObject(who, objectError),
-  undoFailback: z.strictObject(who, objectError),
+  undoFailover: z
+    .strictObject({ ...who, powerOnSource: z.boolean({ error: 'must be true or false' }).default(true) }, objectError)
+    .superRefine(signatureComplete),
+  permanentFailover: z
+    .strictObject(
+      {
+        ...who,
+        /** Irreversible: the request must say so. */
+        confirm: z.literal(true, {
+          error: 'must be true: permanent failover deletes every restore point and cannot be undone',
+        }),
+      },
+      objectError,
+    )
+    .superRefine(signatureComplete),
+  failback: z
+    .strictObject(
+      {
+        ...who,
+        /** Where production goes back to: the original VM (default), a VM restored elsewhere, or a new VM. */
+        target: z
+          .union(
+            [
+              z.literal('original'),
+              z.strictObject({ restoredVm: vmNameSchema }),
+              z.strictObject({ newVm: z.strictObject({ name: vmNameSchema, host: name }) }),
+            ],
+            { error: 'must be "original", {"restoredVm":"<name>"} or {"newVm":{"name":"<name>","host":"<host>"}}' },
+          )
+          .default('original'),
+        powerOnProduction: z.boolean({ error: 'must be true or false' }).default(true),
+        /**
+         * Failing back onto a production VM that is running (as after a regular failover) overwrites what it wrote
+         * since: refused unless the request says so. With it, the VM's guest is shut down first, not cut off.
+         */
+        confirm: z.boolean({ error: 'must be true or false' }).default(false),
+      },
+      objectError,
+    )
+    .superRefine(signatureComplete),
+  commitFailback: z.strictObject(who, objectError).superRefine(signatureComplete),
+  undoFailback: z.strictObject(who, objectError).superRefine(signatureComplete),
   failover: z
     .strictObject(
       {
@@ -66,7 +70,8 @@ export const operationSchemas = {
     .refine((v) => (v.restorePointId === undefined) !== (v.at === undefined), {
       error: 'give exactly one of restorePointId or at',
       path: ['restorePointId'],
-    }),
+    })
+    .superRefine(signatureComplete),
 };
 
 export type OperationName = keyof typeof operationSchemas;

@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { signatureComplete, signatureFields, type VerifiedRequester } from './requests';
 import { requiredText, validate, type InputProblem, type Validation } from './validation';
 
 /** VM names as hypervisors allow them: letters, digits, dot, dash and underscore. */
@@ -31,18 +32,23 @@ export const plannedFailoverOptionsSchema = z.strictObject(
   { error: 'must be an object' },
 );
 
-export const plannedFailoverInputSchema = z.strictObject(
-  {
-    vms: z
-      .array(vmNameSchema, { error: (iss) => (iss.input === undefined ? 'is required' : 'must be a list of VM names') })
-      .min(1, { error: 'must name at least one VM' })
-      .max(500, { error: 'may name at most 500 VMs in one request' }),
-    reason: requiredText(),
-    requestedBy: requiredText(128),
-    options: plannedFailoverOptionsSchema.optional(),
-  },
-  { error: 'must be a JSON object like {"vms":["sql01"],"reason":"...","requestedBy":"alice"}' },
-);
+export const plannedFailoverInputSchema = z
+  .strictObject(
+    {
+      vms: z
+        .array(vmNameSchema, {
+          error: (iss) => (iss.input === undefined ? 'is required' : 'must be a list of VM names'),
+        })
+        .min(1, { error: 'must name at least one VM' })
+        .max(500, { error: 'may name at most 500 VMs in one request' }),
+      reason: requiredText(),
+      requestedBy: requiredText(128),
+      options: plannedFailoverOptionsSchema.optional(),
+      ...signatureFields,
+    },
+    { error: 'must be a JSON object like {"vms":["sql01"],"reason":"...","requestedBy":"alice"}' },
+  )
+  .superRefine(signatureComplete);
 
 export type PlannedFailoverInput = z.output<typeof plannedFailoverInputSchema>;
 export type PlannedFailoverOptions = z.output<typeof plannedFailoverOptionsSchema>;
@@ -71,10 +77,12 @@ export function validatePlannedFailoverInput(input: unknown): Validation<Planned
 }
 
 /** An operator's decision on a halted session, and every operation request: who asks, and why. */
-export const operatorRequestSchema = z.strictObject(
-  { requestedBy: requiredText(128), reason: requiredText() },
-  { error: 'must be a JSON object like {"requestedBy":"alice","reason":"..."}' },
-);
+export const operatorRequestSchema = z
+  .strictObject(
+    { requestedBy: requiredText(128), reason: requiredText(), ...signatureFields },
+    { error: 'must be a JSON object like {"requestedBy":"alice","reason":"..."}' },
+  )
+  .superRefine(signatureComplete);
 export type OperatorRequest = z.output<typeof operatorRequestSchema>;
 
 /** Downtime of one VM: source stops serving (guest shutdown begins) until its replica has booted. */
@@ -127,6 +135,8 @@ export interface HaltRecord {
   since: string;
   decision?: 'retry' | 'abort' | 'forceFailover';
   decidedBy?: string;
+  /** The key that signed the decision (`SHA256:...`), null when it was accepted unsigned; absent before signing. */
+  decidedWithKey?: string | null;
   decisionReason?: string;
   /** What the decision led to, as its update returned it. */
   outcome?: string;
@@ -173,6 +183,8 @@ export interface PlannedFailoverSessionResult {
 
 export interface PlannedFailoverResult {
   requestedBy: string;
+  /** Who was verified to have asked, and by which key (absent in runs that predate signed requests). */
+  requester?: VerifiedRequester;
   reason: string;
   sessions: PlannedFailoverSessionResult[];
 }

@@ -1,5 +1,7 @@
 import { defineQuery, defineSignal } from '@temporalio/workflow';
 import { z } from 'zod';
+import { signatureComplete, signatureFields } from './requests';
+import { requiredText } from './validation';
 
 /** One registry of every proxy's task slots: a single owner makes leases exact across all workers. */
 export const PROXY_REGISTRY_WORKFLOW_ID = 'proxy-slots';
@@ -58,15 +60,20 @@ export const proxySignals = {
 };
 
 /** What an operator sends to take a proxy offline or back online (also from the Temporal CLI, unchecked). */
-export const setProxyOnlineSchema = z.strictObject(
-  {
-    proxy: z
-      .string({ error: 'must be a proxy name' })
-      .regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/, { error: 'must be a proxy name' }),
-    online: z.boolean({ error: 'must be true or false' }),
-  },
-  { error: 'must be a JSON object like {"proxy":"proxy01","online":false}' },
-);
+export const setProxyOnlineSchema = z
+  .strictObject(
+    {
+      proxy: z
+        .string({ error: 'must be a proxy name' })
+        .regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/, { error: 'must be a proxy name' }),
+      online: z.boolean({ error: 'must be true or false' }),
+      requestedBy: requiredText(128),
+      reason: requiredText().optional(),
+      ...signatureFields,
+    },
+    { error: 'must be a JSON object like {"proxy":"proxy01","online":false,"requestedBy":"alice"}' },
+  )
+  .superRefine(signatureComplete);
 export type SetProxyOnline = z.output<typeof setProxyOnlineSchema>;
 
 export const proxyQueries = {

@@ -102,6 +102,8 @@ export interface QueuedOperation {
   payload: unknown;
   /** Sent as an update: its caller waits for the outcome. */
   viaUpdate: boolean;
+  /** When the entity received it (workflow time, ms): its signature's age is judged then, however long it queued. */
+  receivedAt?: number;
 }
 
 /** What the entity rebuilds its state from when it has none: the DR host, and Temporal's own histories. */

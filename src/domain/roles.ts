@@ -3,7 +3,11 @@
 export const Roles = ['BackupAdministrator', 'BackupOperator', 'RestoreOperator', 'BackupViewer'] as const;
 export type Role = (typeof Roles)[number];
 
-export type Permission = 'failover' | 'replicate' | 'view';
+export type Permission = 'failover' | 'replicate' | 'administer' | 'view';
+
+/** Job runs need replicate; proxy changes administer; every failover operation and decision failover. */
+export const permissionFor = (operation: string): Permission =>
+  operation === 'replicationJob' ? 'replicate' : operation === 'setProxyOnline' ? 'administer' : 'failover';
 
 export type AccessCheck = { allowed: true } | { allowed: false; reason: string };
 
@@ -19,6 +23,7 @@ export function checkAccess(user: string, roles: readonly Role[] | undefined, pe
   if (allowed) return { allowed: true };
   const needs: Record<Permission, string> = {
     failover: 'Backup Administrator, or both Backup Operator and Restore Operator',
+    administer: 'Backup Administrator',
     replicate: 'Backup Administrator or Backup Operator',
     view: 'any role',
   };

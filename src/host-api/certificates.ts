@@ -50,12 +50,12 @@ export interface ClientTlsFiles {
 /** One certificate of a site directory, as `failover certs create` reports it (never the key itself). */
 export interface SiteCertificate {
   name: string;
-  kind: 'ca' | 'host' | 'client';
+  kind: 'ca' | LeafKind;
   cert: string;
   key: string;
   /** SHA-256 fingerprint of the certificate. */
   fingerprint: string;
-  /** The subjectAltName entries of a host certificate. */
+  /** The subjectAltName entries of a host or peer certificate. */
   names: string[];
   notAfter: Date;
   /** Whether this call made it (false: a valid one was there and was kept). */
@@ -127,6 +127,30 @@ export function ensureClientCertificate(
   return ensureLeaf(dir, name, { kind: 'client', names: [] }, options);
 }
 
+/**
+ * A peer's certificate, signed by the site's CA: serverAuth and clientAuth, its subjectAltName `names`, for a member
+ * of a cluster that serves its peers and calls them with the same certificate (a Temporal server's internode TLS).
+ */
+export function ensurePeerCertificate(
+  dir: string,
+  name: string,
+  names: readonly string[],
+  options: IssueOptions = {},
+): Promise<SiteCertificate> {
+  if (names.length === 0) throw new Error(`peer certificate ${name}: it must name at least one host`);
+  for (const n of names)
+    if (!isSubjectAltName(n))
+      throw new Error(`peer certificate ${name}: '${n}' is neither a host name nor an IP address`);
+  return ensureLeaf(dir, name, { kind: 'peer', names: [...new Set(names)] }, options);
+}
+
+type LeafKind = 'host' | 'client' | 'peer';
+const USAGES: Record<LeafKind, string[]> = {
+  host: [SERVER_AUTH],
+  client: [CLIENT_AUTH],
+  peer: [SERVER_AUTH, CLIENT_AUTH],
+};
+
 interface LoadedCa {
   entry: SiteCertificate;
   cert: X509Certificate;
@@ -187,7 +211,7 @@ async function loadCa(dir: string, options: IssueOptions): Promise<LoadedCa> {
 async function ensureLeaf(
   dir: string,
   name: string,
-  want: { kind: 'host' | 'client'; names: string[] },
+  want: { kind: LeafKind; names: string[] },
   options: IssueOptions,
 ): Promise<SiteCertificate> {
   validNameOf(name);
@@ -200,7 +224,6 @@ async function ensureLeaf(
   }
   const keys = await newKeys();
   const now = Date.now();
-  const usage = want.kind === 'host' ? SERVER_AUTH : CLIENT_AUTH;
   const made = await x509.X509CertificateGenerator.create({
     serialNumber: serial(),
     subject: `CN=${name}`,
@@ -213,9 +236,9 @@ async function ensureLeaf(
     extensions: [
       new x509.BasicConstraintsExtension(false, undefined, true),
       new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true),
-      new x509.ExtendedKeyUsageExtension([usage], false),
+      new x509.ExtendedKeyUsageExtension(USAGES[want.kind], false),
       await x509.AuthorityKeyIdentifierExtension.create(ca.keys.publicKey),
-      ...(want.kind === 'host'
+      ...(want.kind !== 'client'
         ? [
             new x509.SubjectAlternativeNameExtension(
               want.names.map((n) => ({ type: isIP(n) === 0 ? ('dns' as const) : ('ip' as const), value: n })),
@@ -235,16 +258,15 @@ function leafFits(
   cert: X509Certificate,
   key: KeyObject,
   ca: X509Certificate,
-  want: { kind: 'host' | 'client'; names: string[] },
+  want: { kind: LeafKind; names: string[] },
 ): boolean {
-  const usage = want.kind === 'host' ? SERVER_AUTH : CLIENT_AUTH;
   const names = sanEntries(cert);
   return (
     cert.checkIssued(ca) &&
     cert.verify(ca.publicKey) &&
     cert.checkPrivateKey(key) &&
     new Date(cert.validTo).getTime() - Date.now() > RENEW_BEFORE_MS &&
-    JSON.stringify(cert.keyUsage ?? []) === JSON.stringify([usage]) &&
+    JSON.stringify(cert.keyUsage ?? []) === JSON.stringify(USAGES[want.kind]) &&
     names.length === want.names.length &&
     want.names.every((n) => names.includes(n))
   );
@@ -274,7 +296,7 @@ function entryOf(
     kind,
     ...files,
     fingerprint: cert.fingerprint256,
-    names: kind === 'host' ? sanEntries(cert) : [],
+    names: kind === 'host' || kind === 'peer' ? sanEntries(cert) : [],
     notAfter: new Date(cert.validTo),
     made,
   };

@@ -1,13 +1,23 @@
 import {
   ApplicationFailure,
   log,
+  patched,
   proxyActivities,
   setCurrentDetails,
   upsertSearchAttributes,
+  workflowInfo,
   type ActivityOptions,
 } from '@temporalio/workflow';
 import type { Activities } from '../activities';
-import { FailureTypes, formatProblems, SearchAttributes, type InputProblem } from '../contract';
+import {
+  FailureTypes,
+  formatProblems,
+  requestTarget,
+  SearchAttributes,
+  type InputProblem,
+  type SignedOperation,
+  type VerifiedRequester,
+} from '../contract';
 
 /** Steps a session shows in FailoverStep and in the Web UI's current details. */
 export type SessionStep =
@@ -84,6 +94,64 @@ export function withSummary<A extends unknown[], R>(
   return activity.executeWithOptions({ ...options, summary }, args);
 }
 
+/** Workflows that verify signed requests (verifyRequest) rather than only the roles of the name a request gives. */
+export const SIGNED_REQUESTS_PATCH = 'signed-requests';
+
+/**
+ * Verifies who asked, in an activity, before anything is touched: signature, time, roles and nonce (see
+ * verifyRequest). The refusal it throws is non-retryable and says why; the verified requester is in the history.
+ */
+export function verifyRequester(
+  operation: SignedOperation,
+  target: string,
+  request: unknown,
+  receivedAt: number,
+  claimer: string,
+): Promise<VerifiedRequester> {
+  const requestedBy = (request as { requestedBy?: unknown } | null)?.requestedBy;
+  return withSummary(control.verifyRequest, `Verify that ${String(requestedBy)} asked for ${operation} (${target})`, [
+    { operation, target, request: request as Record<string, unknown>, receivedAt, claimer },
+  ]);
+}
+
+/**
+ * Verifies the request that started this workflow (received when the workflow started; the workflow run it started
+ * claims its nonce) and records the verified requester in the FailoverRequestedBy search attribute. A refusal fails
+ * the workflow with the reason. Undefined in a run that predates signed requests (it checked roles only).
+ */
+export async function verifyStartRequest(
+  operation: SignedOperation,
+  request: unknown,
+  what: string,
+): Promise<VerifiedRequester | undefined> {
+  if (!patched(SIGNED_REQUESTS_PATCH)) return undefined;
+  const info = workflowInfo();
+  const claimer = `${info.workflowId}/${info.firstExecutionRunId}`;
+  let requester: VerifiedRequester;
+  try {
+    requester = await verifyRequester(operation, requestTarget(operation), request, info.startTime.getTime(), claimer);
+  } catch (err) {
+    throw refusedRequest(what, err);
+  }
+  upsertSearchAttributes([{ key: SearchAttributes.FailoverRequestedBy, value: requester.user }]);
+  return requester;
+}
+
+/** The search attribute that lists a workflow under its verified requester, for a child's start options. */
+export const requestedBy = (requester: VerifiedRequester) => ({
+  key: SearchAttributes.FailoverRequestedBy,
+  value: requester.user,
+});
+
+/** A request whose requester was not verified: the refusal's own type (RequestNotVerified, AccessDenied) and why. */
+export function refusedRequest(what: string, err: unknown): ApplicationFailure {
+  return ApplicationFailure.create({
+    type: refusalType(err),
+    message: `${what} was refused: ${failureMessage(err)}`,
+    nonRetryable: true,
+  });
+}
+
 export function showStep(step: SessionStep, details: string): void {
   upsertSearchAttributes([{ key: SearchAttributes.FailoverStep, value: step }]);
   setCurrentDetails(`**${step}**: ${details}`);
@@ -112,10 +180,22 @@ export function failureMessage(err: unknown): string {
 
 /** True when an operation failed with a refusal it raises before it changes anything (wrong state, bad input). */
 export function refusedBeforeStart(err: unknown): boolean {
-  const before = new Set<string>([FailureTypes.wrongState, FailureTypes.invalidInput, FailureTypes.accessDenied]);
+  const before = new Set<string>([
+    FailureTypes.wrongState,
+    FailureTypes.invalidInput,
+    FailureTypes.accessDenied,
+    FailureTypes.requestNotVerified,
+  ]);
   for (let f: unknown = err; f instanceof Error; f = f.cause)
     if (f instanceof ApplicationFailure && f.type && before.has(f.type)) return true;
   return false;
+}
+
+/** The type of the refusal an activity raised (AccessDenied, RequestNotVerified, ...), AccessDenied when none. */
+export function refusalType(err: unknown): string {
+  for (let f: unknown = err; f instanceof Error; f = f.cause)
+    if (f instanceof ApplicationFailure && f.type) return f.type;
+  return FailureTypes.accessDenied;
 }
 
 /** A request refused before anything is touched: non-retryable, naming every problem, with them as details. */

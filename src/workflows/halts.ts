@@ -7,7 +7,10 @@ import {
   CancellationScope,
   condition,
   log,
+  patched,
   setHandler,
+  uuid4,
+  workflowInfo,
 } from '@temporalio/workflow';
 import {
   FailureTypes,
@@ -18,14 +21,25 @@ import {
   type HaltRecord,
   type OperatorRequest,
   type SessionProgress,
+  type VerifiedRequester,
 } from '../contract';
 import type { Decision } from '../domain/critical-window';
-import { control, failureMessage, withSummary, type SessionStep } from './common';
+import {
+  control,
+  failureMessage,
+  refusalType,
+  SIGNED_REQUESTS_PATCH,
+  verifyRequester,
+  withSummary,
+  type SessionStep,
+} from './common';
 import { recordHalt, recordHaltDecision } from './metrics';
 
 export interface TakenDecision {
   kind: Decision;
   request: OperatorRequest;
+  /** Who was verified to have sent it (absent in sessions that predate signed requests). */
+  requester?: VerifiedRequester;
 }
 
 export class HaltDesk {
@@ -68,16 +82,18 @@ export class HaltDesk {
 
   private async decide(kind: Decision, request: OperatorRequest): Promise<string> {
     const haltId = this.current!.id; // the halt this decision was sent for, taken before anything is awaited
+    const receivedAt = Date.now();
+    let requester: VerifiedRequester | undefined;
     try {
-      await withSummary(control.checkOperator, `Check that ${request.requestedBy} may decide`, [
-        { user: request.requestedBy, permission: 'failover' },
-      ]);
+      if (patched(SIGNED_REQUESTS_PATCH))
+        requester = await verifyRequester(kind, workflowInfo().workflowId, request, receivedAt, `decision ${uuid4()}`);
+      else
+        await withSummary(control.checkOperator, `Check that ${request.requestedBy} may decide`, [
+          { user: request.requestedBy, permission: 'failover' },
+        ]);
     } catch (err) {
-      throw ApplicationFailure.create({
-        type: FailureTypes.accessDenied,
-        message: `requestedBy: ${failureMessage(err)}`,
-        nonRetryable: true,
-      });
+      // The refusal names its field (requestedBy, signature, issuedAt, nonce) itself.
+      throw ApplicationFailure.create({ type: refusalType(err), message: failureMessage(err), nonRetryable: true });
     }
     if (this.current?.id !== haltId || this.decision !== null) {
       throw ApplicationFailure.create({
@@ -86,7 +102,7 @@ export class HaltDesk {
         nonRetryable: true,
       });
     }
-    this.decision = { kind, request, haltId };
+    this.decision = { kind, request, haltId, ...(requester ? { requester } : {}) };
     await condition(() => this.answers.has(haltId));
     return this.answers.get(haltId)!;
   }
@@ -102,9 +118,10 @@ export class HaltDesk {
     log.warn('Critical window halted', { haltId: record.id, step, reason });
     recordHalt(step);
     await condition(() => this.decision?.haltId === record.id);
-    const { kind, request } = this.decision!;
+    const { kind, request, requester } = this.decision!;
     record.decision = kind;
     record.decidedBy = request.requestedBy;
+    if (requester) record.decidedWithKey = requester.keyId;
     record.decisionReason = request.reason;
     log.info('Operator decision on halted session', { haltId: record.id, decision: kind, ...request });
     recordHaltDecision(kind);
@@ -112,7 +129,7 @@ export class HaltDesk {
     this.decision = null;
     this.progress.halted = null;
     this.unsettled = record;
-    return { kind, request };
+    return { kind, request, ...(requester ? { requester } : {}) };
   }
 
   /** Answers the update of the last decision with what it led to. */

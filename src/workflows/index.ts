@@ -4,3 +4,4 @@ export { replicationJob, replicationSession } from './replication';
 export { replica } from './replica';
 export { replicaOperation } from './replica-operations';
 export { proxySlots } from './proxy-slots';
+export { requestNonces } from './request-nonces';

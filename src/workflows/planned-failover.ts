@@ -15,6 +15,7 @@ import {
 import type { ReplicationTarget } from '../activities/inventory';
 import {
   FailureTypes,
+  formatRequester,
   PLANNED_FAILOVER_DEFAULTS,
   SearchAttributes,
   sessionQueries,
@@ -45,7 +46,9 @@ import {
   failureMessage,
   persistentOptions,
   refusedInput,
+  requestedBy,
   showStep,
+  verifyStartRequest,
   waitingOptions,
   withSummary,
   type SessionStep,
@@ -71,6 +74,7 @@ import {
  */
 export async function plannedFailover(input: unknown): Promise<PlannedFailoverResult> {
   const request: PlannedFailoverInput = checkInput(input);
+  const requester = await verifyStartRequest('plannedFailover', input, 'The planned failover request');
   const options = { ...PLANNED_FAILOVER_DEFAULTS, ...request.options };
   let cancelled = false;
   CancellationScope.current().cancelRequested.catch(() => (cancelled = true));
@@ -122,7 +126,8 @@ export async function plannedFailover(input: unknown): Promise<PlannedFailoverRe
         const result = await executeChild(plannedFailoverSession, {
           workflowId: sessionWorkflowId(vm, sessionId),
           args,
-          staticSummary: `Planned failover of ${vm} (job ${lane.job}), requested by ${request.requestedBy}: ${request.reason}`,
+          staticSummary: `Planned failover of ${vm} (job ${lane.job}), requested by ${requester ? formatRequester(requester) : request.requestedBy}: ${request.reason}`,
+          ...(requester ? { typedSearchAttributes: [requestedBy(requester)] } : {}),
           // Terminating this workflow must not cut a session off inside its critical window (source off, replica
           // not yet on): the session is asked to stop, and halts there for an operator if it cannot stop cleanly.
           parentClosePolicy: ParentClosePolicy.REQUEST_CANCEL,
@@ -143,6 +148,7 @@ export async function plannedFailover(input: unknown): Promise<PlannedFailoverRe
 
   const result: PlannedFailoverResult = {
     requestedBy: request.requestedBy,
+    ...(requester ? { requester } : {}),
     reason: request.reason,
     sessions: request.vms.map((vm) => results.get(vm)!),
   };

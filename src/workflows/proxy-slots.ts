@@ -7,10 +7,12 @@ import {
   patched,
   setCurrentDetails,
   setHandler,
+  uuid4,
   workflowInfo,
 } from '@temporalio/workflow';
 import {
   formatProblems,
+  formatRequester,
   proxyQueries,
   proxySignals,
   proxyTaskQueue,
@@ -25,7 +27,7 @@ import {
   type SlotRequest,
 } from '../contract';
 import { allocateSlots } from '../domain/proxy-slots';
-import { control, failureMessage, withSummary } from './common';
+import { control, failureMessage, SIGNED_REQUESTS_PATCH, verifyRequester, withSummary } from './common';
 import { HolderWatch } from './holders';
 
 type ProxyEntry = { online: boolean; leases: HeldSlot[]; declared: ProxyDeclaration | null };
@@ -71,16 +73,30 @@ export async function proxySlots(input: ProxyRegistryInput): Promise<void> {
     changed = true;
   });
 
-  setHandler(proxySignals.setProxyOnline, (request: unknown) => {
+  setHandler(proxySignals.setProxyOnline, async (request: unknown) => {
+    const receivedAt = Date.now();
     const refuse = (reason: string) => {
       lastRejection = { at: new Date().toISOString(), reason };
       log.warn('setProxyOnline refused', { reason });
     };
     const checked = validate(setProxyOnlineSchema, request);
     if (!checked.ok) return refuse(formatProblems('The setProxyOnline signal', checked.problems));
-    const p = proxies[checked.value.proxy];
-    if (!p) return refuse(`proxy: '${checked.value.proxy}' is no proxy the registry knows`);
-    p.online = checked.value.online;
+    if (!proxies[checked.value.proxy]) return refuse(`proxy: '${checked.value.proxy}' is no proxy the registry knows`);
+    if (patched(SIGNED_REQUESTS_PATCH)) {
+      try {
+        const requester = await verifyRequester(
+          'setProxyOnline',
+          workflowInfo().workflowId,
+          request,
+          receivedAt,
+          `setProxyOnline ${uuid4()}`,
+        );
+        log.info('Proxy taken offline or online', { ...checked.value, by: formatRequester(requester) });
+      } catch (err) {
+        return refuse(failureMessage(err));
+      }
+    }
+    proxies[checked.value.proxy]!.online = checked.value.online;
     changed = true;
   });
 

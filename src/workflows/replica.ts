@@ -19,6 +19,7 @@ import {
 import {
   FailureTypes,
   formatProblems,
+  formatRequester,
   operationSchemas,
   operationSignals,
   operationUpdates,
@@ -39,9 +40,20 @@ import {
   type ReplicaOperationInput,
   type ReplicaView,
   type SessionReport,
+  type VerifiedRequester,
 } from '../contract';
 import { checkTransition } from '../domain/replica-state';
-import { control, failureMessage, persistentOptions, refusedBeforeStart, withSummary } from './common';
+import {
+  control,
+  failureMessage,
+  persistentOptions,
+  refusalType,
+  refusedBeforeStart,
+  requestedBy,
+  SIGNED_REQUESTS_PATCH,
+  verifyRequester,
+  withSummary,
+} from './common';
 import { HolderWatch } from './holders';
 import { replicaOperation } from './replica-operations';
 
@@ -173,7 +185,7 @@ export async function replica(input: ReplicaEntityInput): Promise<void> {
   const enqueue = (name: OperationName, payload: unknown, viaUpdate: boolean): QueuedOperation => {
     const operationId = uuid4();
     const { requestedBy = '', reason = '' } = (payload ?? {}) as { requestedBy?: string; reason?: string };
-    const queued: QueuedOperation = { operationId, operation: name, payload, viaUpdate };
+    const queued: QueuedOperation = { operationId, operation: name, payload, viaUpdate, receivedAt: Date.now() };
     operations.set(operationId, queued);
     view.waitingSessions.push({
       sessionId: operationId,
@@ -241,13 +253,19 @@ export async function replica(input: ReplicaEntityInput): Promise<void> {
     };
     const checked = check(operation, payload);
     if ('refused' in checked) return finish(checked, `refused: ${checked.refused}`);
+    let requester: VerifiedRequester | undefined;
     try {
-      await withSummary(control.checkOperator, `Check that ${session.requestedBy} may ${operation}`, [
-        { user: session.requestedBy, permission: 'failover' },
-      ]);
+      if (patched(SIGNED_REQUESTS_PATCH)) {
+        // Queued by a version that kept no receipt time: judged as received now.
+        const receivedAt = queued.receivedAt ?? Date.now();
+        requester = await verifyRequester(operation, workflowInfo().workflowId, payload, receivedAt, operationId);
+      } else
+        await withSummary(control.checkOperator, `Check that ${session.requestedBy} may ${operation}`, [
+          { user: session.requestedBy, permission: 'failover' },
+        ]);
     } catch (err) {
       const reason = failureMessage(err);
-      return finish({ refused: reason, type: FailureTypes.accessDenied }, `refused: ${reason}`);
+      return finish({ refused: reason, type: refusalType(err) }, `refused: ${reason}`);
     }
     const args: [ReplicaOperationInput] = [
       {
@@ -266,7 +284,8 @@ export async function replica(input: ReplicaEntityInput): Promise<void> {
       const result = await executeChild(replicaOperation, {
         workflowId: session.workflowId,
         args,
-        staticSummary: `${operation} of ${view.vm}, requested by ${session.requestedBy}: ${session.reason}`,
+        staticSummary: `${operation} of ${view.vm}, requested by ${requester ? formatRequester(requester) : session.requestedBy}: ${session.reason}`,
+        ...(requester ? { typedSearchAttributes: [requestedBy(requester)] } : {}),
         // An operation once started is finished, even if this entity is terminated meanwhile: a failback cut off
         // half-way would leave production half-written. A new entity finds it running and waits for it.
         parentClosePolicy: ParentClosePolicy.ABANDON,

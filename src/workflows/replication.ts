@@ -24,7 +24,17 @@ import {
 import { hostRefusesReplication, jobRunSkipReason } from '../domain/replica-state';
 import { checkpointProvenance, PointMetadata } from '../domain/restore-points';
 import { formatBytes } from '../domain/units';
-import { bestEffort, control, failureMessage, refusedInput, showStep, waitingOptions, withSummary } from './common';
+import {
+  bestEffort,
+  control,
+  failureMessage,
+  refusedInput,
+  requestedBy,
+  showStep,
+  verifyStartRequest,
+  waitingOptions,
+  withSummary,
+} from './common';
 import { recordReplicationSession } from './metrics';
 import {
   acquireReplica,
@@ -48,11 +58,13 @@ export async function replicationJob(input: unknown): Promise<ReplicationJobResu
   if (!checked.ok) throw refusedInput('The replicationJob input', checked.problems);
   const request: ReplicationJobInput = checked.value;
   upsertSearchAttributes([{ key: SearchAttributes.FailoverJob, value: request.job }]);
-  await withSummary(control.checkOperator, `Check that ${request.requestedBy} may replicate`, [
-    { user: request.requestedBy, permission: 'replicate' },
-  ]).catch((err: unknown) => {
-    throw refusedInput('The replicationJob input', [{ path: 'requestedBy', message: failureMessage(err) }]);
-  });
+  const requester = await verifyStartRequest('replicationJob', input, `The run of job ${request.job}`);
+  if (!requester)
+    await withSummary(control.checkOperator, `Check that ${request.requestedBy} may replicate`, [
+      { user: request.requestedBy, permission: 'replicate' },
+    ]).catch((err: unknown) => {
+      throw refusedInput('The replicationJob input', [{ path: 'requestedBy', message: failureMessage(err) }]);
+    });
   const plan = await withSummary(control.planJob, `Read job ${request.job} from the configuration`, [request.job]);
   const unknown = (request.vms ?? []).filter((vm) => !plan.vms.includes(vm));
   if (unknown.length > 0) {
@@ -80,6 +92,7 @@ export async function replicationJob(input: unknown): Promise<ReplicationJobResu
         workflowId: sessionWorkflowId(vm, sessionId),
         args,
         staticSummary: `Replicate ${vm} (job ${plan.job})`,
+        ...(requester ? { typedSearchAttributes: [requestedBy(requester)] } : {}),
         // A terminated run must not leave sessions cut off while they hold the replica and proxy slots.
         parentClosePolicy: ParentClosePolicy.REQUEST_CANCEL,
       });
@@ -92,7 +105,7 @@ export async function replicationJob(input: unknown): Promise<ReplicationJobResu
     return { vm, sessionId: children[i]!.workflowId, outcome: 'failed', detail: failureMessage(s.reason) };
   });
   log.info('Job run finished', { job: plan.job, outcomes: sessions.map((s) => `${s.vm}:${s.outcome}`) });
-  return { job: plan.job, sessions };
+  return { job: plan.job, ...(requester ? { requester } : {}), sessions };
 }
 
 /**

@@ -3,6 +3,7 @@
 // for good.
 import type { EstateInput } from '../../lab/estate';
 import { testClientTls } from '../tls';
+import { testPublicKey } from '../keys';
 import type { DiskShape } from './images';
 
 export type Hypervisor = 'lab' | 'kvm';
@@ -122,7 +123,7 @@ export function chaosConfiguration(estate: ChaosEstate, urls: { production: stri
       { name: 'proxy02', slots: 2 },
     ],
     jobs: estate.jobs.map((j) => ({ ...j, vms: [...j.vms], targetHost: estate.drHost })),
-    users: [{ name: OPERATOR, roles: ['BackupAdministrator'] }],
+    users: [{ name: OPERATOR, roles: ['BackupAdministrator'], keys: [testPublicKey(OPERATOR)] }],
     tls: testClientTls(),
   };
 }

@@ -27,6 +27,7 @@ import { Chance, randomSeed } from './random';
 import { Recorder } from './recorder';
 import { Round, type RoundRecord, type World } from './round';
 import { replayCommand, summaryMarkdown, type ChaosSummary } from './summary';
+import { makeTestKeys, testSigner } from '../keys';
 import { makeTestSite } from '../tls';
 
 const whole = (min: number) => (value: string) => {
@@ -103,6 +104,7 @@ async function main(): Promise<number> {
   const workDir = mkdtempSync(join(tmpdir(), 'pf-chaos-'));
   // The run's certificates (the host API is mutual TLS): the hosts', the recorder's in their place, the workers'.
   await makeTestSite(join(workDir, 'certs'));
+  await makeTestKeys(join(workDir, 'keys'));
   const cli = ensureTemporalCli();
   const serverPort = await freePort();
   const hosts: ChaosHosts =
@@ -191,7 +193,12 @@ async function main(): Promise<number> {
     });
     await site.startServer();
     await site.heal(async () => []);
-    client = new Client({ connection: await Connection.connect({ address: site.address }), namespace: 'default' });
+    // The operator's client signs as the project CLI does; the chaos operations are requests like any other.
+    client = new Client({
+      connection: await Connection.connect({ address: site.address }),
+      namespace: 'default',
+      interceptors: { workflow: [testSigner()] },
+    });
     const world: World = {
       client,
       site,

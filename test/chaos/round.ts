@@ -335,7 +335,7 @@ export class Round {
   private setProxyOnline(proxy: string, online: boolean): Promise<void> {
     return this.w.client.workflow
       .getHandle(PROXY_REGISTRY_WORKFLOW_ID)
-      .signal(proxySignals.setProxyOnline, { proxy, online });
+      .signal(proxySignals.setProxyOnline, { proxy, online, requestedBy: 'alice' });
   }
 
   private async endWorkflow(kind: 'terminate' | 'reset', c: Chance): Promise<boolean> {

@@ -1,6 +1,5 @@
 // A Temporal cluster on PostgreSQL of a test's own (scripts/lib/cluster), on free ports, with its state in a
-// scratch directory under .data (PostgreSQL runs as the postgres user when we are root: /tmp's private directories
-// would be out of its reach).
+// scratch directory under .data, or one the test names.
 import { randomUUID } from 'node:crypto';
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -10,15 +9,18 @@ import {
   type ClusterPrograms,
   type RunningCluster,
 } from '../../scripts/lib/cluster/cluster';
+import { removeOutsideDatabase } from '../../scripts/lib/cluster/postgres';
 import { clusterSettings, listeningPorts, type ClusterSettings } from '../../scripts/lib/cluster/settings';
 import { portInUse, projectRoot } from '../../scripts/lib/dev-server';
 import { temporalCli } from '../harness';
 
 let programs: ClusterPrograms | undefined;
 
-/** Settings for a cluster whose every port is free now; the state directory is new. */
-export async function testClusterSettings(argv: string[] = []): Promise<ClusterSettings> {
-  const stateDir = join(projectRoot, '.data', 'test-clusters', randomUUID().slice(0, 8));
+/** Settings for a cluster whose every port is free now; the state directory is new (or `stateDir`). */
+export async function testClusterSettings(
+  argv: string[] = [],
+  stateDir = join(projectRoot, '.data', 'test-clusters', randomUUID().slice(0, 8)),
+): Promise<ClusterSettings> {
   for (let attempt = 0; attempt < 50; attempt++) {
     // Frontend ports 21000..33000 (membership ports must stay below 32768): clear of the ephemeral range.
     const frontend = 21_000 + Math.floor(Math.random() * 120) * 100 + 33;
@@ -55,6 +57,7 @@ export async function startTestCluster(options: { split: boolean }): Promise<Tes
     settings,
     async remove() {
       await cluster.stop();
+      await removeOutsideDatabase(settings.stateDir);
       await rm(settings.stateDir, { recursive: true, force: true });
     },
   };

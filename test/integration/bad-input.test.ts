@@ -25,16 +25,23 @@ import {
   TASK_QUEUE,
   WorkflowTypes,
   type OperationName,
+  type SignedOperation,
 } from '../../src/contract';
-import { BAD_INPUT_CASES, renderBadInputTable, type Send } from '../bad-input-matrix';
+import { signRequest } from '../../src/identity/keys';
+import { BAD_INPUT_CASES, renderBadInputTable, type Send, type Signing } from '../bad-input-matrix';
 import { entityState, haltedSession } from '../failover-helpers';
-import { startOrchestrator, temporalAddress, testConfiguration, within, type TestOrchestrator } from '../harness';
+import { operatorEnv, startOrchestrator, testConfiguration, within, type TestOrchestrator } from '../harness';
+import { testKey } from '../keys';
 import { DR, estateOf, MiB, PROD } from '../lab/helpers';
 import { runScript } from '../processes';
 import { rawRequest } from '../tls';
 
 /** A refused request is bad input, or a requester without the role. */
-const REFUSED_TYPES: readonly string[] = [FailureTypes.invalidInput, FailureTypes.accessDenied];
+const REFUSED_TYPES: readonly string[] = [
+  FailureTypes.invalidInput,
+  FailureTypes.accessDenied,
+  FailureTypes.requestNotVerified,
+];
 const DISKS = [{ id: 'os', size: 2 * MiB }];
 const VMS = ['vm1', 'vm2'];
 /** Halted in its critical window for the decision cases. */
@@ -108,13 +115,26 @@ describe('the bad-input matrix: every entry point refuses, naming the field, and
     return cause;
   };
 
+  /**
+   * The client a case sends with, and what it sends: signed as it leaves by default; unsigned; or signed by the
+   * test as its requester did some minutes ago.
+   */
+  function asSigned(send: Send & Signing, operation: SignedOperation, target: string, request: unknown) {
+    if (send.signing === undefined) return { client: o.client, request };
+    if (send.signing === 'unsigned') return { client: o.unsignedClient, request };
+    const r = request as Record<string, unknown>;
+    const at = new Date(Date.now() - send.signing.minutesAgo * 60_000);
+    return { client: o.unsignedClient, request: signRequest(operation, target, r, testKey(String(r.requestedBy)), at) };
+  }
+
   async function refusalOf(send: Send): Promise<Refusal> {
     switch (send.kind) {
       case 'start': {
-        const handle = await o.client.workflow.start(WorkflowTypes[send.workflow], {
+        const { client, request } = asSigned(send, send.workflow, send.workflow, send.input);
+        const handle = await client.workflow.start(WorkflowTypes[send.workflow], {
           taskQueue: TASK_QUEUE,
           workflowId: `bad-input-${randomUUID()}`,
-          args: [send.input],
+          args: [request],
         });
         const failure = failureOf(
           await handle.result().then(
@@ -155,7 +175,10 @@ describe('the bad-input matrix: every entry point refuses, naming the field, and
       }
       case 'proxySignal': {
         const before = JSON.stringify((await registry().query(proxyQueries.slots)).lastRejection);
-        await registry().signal(proxySignals.setProxyOnline, send.payload as never);
+        const { client, request } = asSigned(send, 'setProxyOnline', PROXY_REGISTRY_WORKFLOW_ID, send.payload);
+        await client.workflow
+          .getHandle(PROXY_REGISTRY_WORKFLOW_ID)
+          .signal(proxySignals.setProxyOnline, request as never);
         const rejection = await within('the refused signal to be recorded', 30_000, async () => {
           const last = (await registry().query(proxyQueries.slots)).lastRejection;
           return last && JSON.stringify(last) !== before ? last : undefined;
@@ -163,8 +186,10 @@ describe('the bad-input matrix: every entry point refuses, naming the field, and
         return { message: rejection.reason };
       }
       case 'decision': {
+        const { client, request } = asSigned(send, send.decision, halted.workflowId, send.payload);
+        const session = client.workflow.getHandle(halted.workflowId);
         const failure = failureOf(
-          await halted.executeUpdate(haltedSessionUpdates[send.decision], { args: [send.payload as never] }).then(
+          await session.executeUpdate(haltedSessionUpdates[send.decision], { args: [request as never] }).then(
             () => assert.fail('the decision was taken'),
             (e: unknown) => e,
           ),
@@ -173,7 +198,7 @@ describe('the bad-input matrix: every entry point refuses, naming the field, and
         return { message: failure.message };
       }
       case 'cli': {
-        const env = { TEMPORAL_ADDRESS: temporalAddress(), TEMPORAL_NAMESPACE: o.namespace };
+        const env = operatorEnv(o.namespace);
         const run = await runScript('src/cli/main.ts', send.args, env);
         assert.equal(run.code, 2, `exit code 2 for a refused request: ${run.stderr}`);
         return { message: run.stderr };

@@ -1,10 +1,14 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { once } from 'node:events';
+import { mkdtempSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { replicaNameOf } from '../../src/activities/inventory';
 import { startReplicationJob } from '../../src/client';
-import type { PlannedFailoverResult } from '../../src/contract';
-import { startOrchestrator, temporalAddress, testConfiguration, type TestOrchestrator } from '../harness';
+import type { AuditRecord } from '../../src/cli/audit';
+import { TASK_QUEUE, type PlannedFailoverResult } from '../../src/contract';
+import { operatorEnv, startOrchestrator, temporal, testConfiguration, type TestOrchestrator } from '../harness';
 import { DR, smallEstate } from '../lab/helpers';
 import { kill, runScript, startScript } from '../processes';
 
@@ -24,7 +28,7 @@ describe('the project CLI, as an operator runs it', () => {
 
   /** Runs `failover ...` with the connection settings the Temporal CLI would read. */
   async function failover(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-    return runScript('src/cli/main.ts', args, { TEMPORAL_ADDRESS: temporalAddress(), TEMPORAL_NAMESPACE: o.namespace });
+    return runScript('src/cli/main.ts', args, operatorEnv(o.namespace));
   }
 
   it('refuses bad input with exit code 2, naming the field, before starting anything', async () => {
@@ -68,6 +72,42 @@ describe('the project CLI, as an operator runs it', () => {
     assert.match(again.stderr, /undoFailover of vm1 refused: undoFailover needs a replica in state Failover/);
   });
 
+  it('makes keys, and signs requests that the Temporal CLI then sends: once, and never unsigned', async () => {
+    const home = mkdtempSync(join(tmpdir(), 'pf-keys-'));
+    const made = await runScript('src/cli/main.ts', ['keys', 'create', '--user', 'frank'], { XDG_CONFIG_HOME: home });
+    assert.equal(made.code, 0, made.stderr);
+    const file = join(home, 'planned-failover', 'keys', 'frank.key');
+    assert.equal(statSync(file).mode & 0o777, 0o600);
+    assert.match(made.stdout, /keys: \['ed25519:[A-Za-z0-9_-]{43}'\]/);
+    assert.doesNotMatch(made.stdout, /PRIVATE KEY/);
+    const again = await runScript('src/cli/main.ts', ['keys', 'create', '--user', 'frank'], { XDG_CONFIG_HOME: home });
+    assert.notEqual(again.code, 0);
+    assert.match(again.stderr, /already exists/);
+
+    // alice's request, signed by `failover sign` with her key, started with the Temporal CLI as the README shows.
+    const request = JSON.stringify({ job: 'cli', vms: ['vm1'], requestedBy: 'alice', reason: 'signed at the CLI' });
+    const signed = await failover('sign', 'replicationJob', '--input', request);
+    assert.equal(signed.code, 0, signed.stderr);
+    const execute = (input: string) =>
+      temporal(
+        o.namespace,
+        'workflow',
+        'execute',
+        '--task-queue',
+        TASK_QUEUE,
+        '--type',
+        'replicationJob',
+        '--input',
+        input,
+      ).then(
+        ({ stdout }) => stdout,
+        (e: { stdout: string; stderr: string }) => `refused: ${e.stdout}${e.stderr}`,
+      );
+    assert.match(await execute(signed.stdout.trim()), /replicated/);
+    assert.match(await execute(signed.stdout.trim()), /refused: [\s\S]*replayed/);
+    assert.match(await execute(request), /refused: [\s\S]*unsigned: [\s\S]*failover sign replicationJob/);
+  });
+
   it('prints a readable table without --json', async () => {
     const run = await failover('planned', '--vm', 'vm2', '--reason', 'table', '--user', 'alice');
     assert.equal(run.code, 0, run.stderr);
@@ -87,7 +127,7 @@ describe('the project CLI, as an operator runs it', () => {
 
   it('says why a planned failover halted and how to decide, and the command it names finishes the failover', async () => {
     await o.lab.control.setFault(DR, { kind: 'fail', path: `^/v1/hosts/${DR}/vms/${replicaNameOf('vm1')}/power$` });
-    const env = { TEMPORAL_ADDRESS: temporalAddress(), TEMPORAL_NAMESPACE: o.namespace };
+    const env = operatorEnv(o.namespace);
     const planned = await startScript(
       'src/cli/main.ts',
       ['planned', '--vm', 'vm1', '--reason', 'halt', '--user', 'alice'],
@@ -108,9 +148,54 @@ describe('the project CLI, as an operator runs it', () => {
       // The wait for the decision is part of the downtime, in a column of its own.
       assert.match(planned.output(), /\s+boot\s+halted\s+orchestration\s/);
       assert.match(planned.output(), /vm1\s+cli\s+failedOver\s+(\S+ m?s\s+){5}[1-9][\d.]* s\s/);
-      assert.match(planned.output(), /vm1: halted #1 at powerOn: .+; retry by alice \(fixed\)/);
+      assert.match(
+        planned.output(),
+        /vm1: halted #1 at powerOn: .+; retry by alice \(key SHA256:[\w-]{16}\) \(fixed\)/,
+      );
     } finally {
       await kill(planned.child);
     }
+  });
+  it('audits who asked for what: verified with their key, or refused with why; the search attribute lists each user', async () => {
+    const run = await failover('audit', '--since', '1h', '--json');
+    assert.equal(run.code, 0, run.stderr);
+    const records = JSON.parse(run.stdout) as AuditRecord[];
+    const bobs = records.filter((r) => r.requestedBy === 'bob');
+    assert.ok(
+      bobs.some((r) => r.operation === 'plannedFailover' && r.verdict === 'accepted' && /^SHA256:/.test(r.keyId ?? '')),
+    );
+    assert.ok(
+      records.some((r) => r.operation === 'retry' && r.verdict === 'accepted' && r.target.startsWith('session/vm1/')),
+    );
+    assert.ok(
+      records.some(
+        (r) => r.operation === 'replicationJob' && r.verdict === 'refused' && /unsigned/.test(r.refusal ?? ''),
+      ),
+    );
+    assert.ok(
+      records.some(
+        (r) => r.requestedBy === 'carol' && r.verdict === 'refused' && /holds BackupOperator/.test(r.refusal ?? ''),
+      ),
+    );
+    const onlyBob = JSON.parse(
+      (await failover('audit', '--since', '1h', '--user', 'bob', '--json')).stdout,
+    ) as AuditRecord[];
+    assert.deepEqual(onlyBob, bobs);
+    const table = await failover('audit', '--since', '1h');
+    assert.match(table.stdout, /time\s+requested by\s+operation\s+target\s+verdict/);
+    const { stdout } = await temporal(
+      o.namespace,
+      'workflow',
+      'list',
+      '--query',
+      'FailoverRequestedBy="bob"',
+      '-o',
+      'json',
+    );
+    const listed = (JSON.parse(stdout) as { type: { name: string } }[]).map((w) => w.type.name);
+    assert.ok(listed.includes('plannedFailover'), listed.join(', '));
+    const bad = await failover('audit', '--since', 'last week');
+    assert.equal(bad.code, 2);
+    assert.match(bad.stderr, /--since: must be like 30m/);
   });
 });

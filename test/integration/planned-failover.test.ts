@@ -21,7 +21,7 @@ import {
   type PlannedFailoverSessionResult,
 } from '../../src/contract';
 import { BLOCK_SIZE } from '../../src/hypervisor/port';
-import { startOrchestrator, temporal, testConfiguration, type TestOrchestrator } from '../harness';
+import { signedFor, startOrchestrator, temporal, testConfiguration, type TestOrchestrator } from '../harness';
 import { assemble, DR, estateOf, PROD } from '../lab/helpers';
 
 const MiB = 1024 * 1024;
@@ -286,7 +286,7 @@ describe('planned failover against a real server and lab, bytes compared', () =>
   it('allows exactly Backup Administrator, or Backup Operator with Restore Operator; refusals change nothing', async () => {
     for (const user of ['carol', 'dave', 'erin', 'mallory']) {
       const failure = await failureOf(await start({ vms: ['roles1'], reason: 'roles', requestedBy: user }));
-      assert.equal(failure.type, FailureTypes.invalidInput, user);
+      assert.equal(failure.type, FailureTypes.accessDenied, user);
       assert.match(failure.message, new RegExp(`requestedBy: (user '${user}' holds|unknown user '${user}')`));
       assert.equal((await o.lab.port.getVm({ host: PROD, vm: 'roles1' })).powerState, 'Running');
       assert.equal((await replicaState('roles1')).state, 'Ready');
@@ -315,7 +315,7 @@ describe('planned failover against a real server and lab, bytes compared', () =>
 
   it('a session waiting for a proxy holds back the sessions behind it in its job', async () => {
     const registry = o.client.workflow.getHandle(PROXY_REGISTRY_WORKFLOW_ID);
-    await registry.signal(proxySignals.setProxyOnline, { proxy: 'proxy-b', online: false });
+    await registry.signal(proxySignals.setProxyOnline, { proxy: 'proxy-b', online: false, requestedBy: 'alice' });
     const handle = await start({ vms: ['wait1', 'wait2'], reason: 'queue', requestedBy: 'alice' });
     await waitForStep('wait1', 'WaitingForProxy');
     await new Promise((r) => setTimeout(r, 1500));
@@ -325,7 +325,7 @@ describe('planned failover against a real server and lab, bytes compared', () =>
     }))
       behind.push(wf);
     assert.equal(behind.length, 0, 'wait2 has no session while wait1 waits for a proxy');
-    await registry.signal(proxySignals.setProxyOnline, { proxy: 'proxy-b', online: true });
+    await registry.signal(proxySignals.setProxyOnline, { proxy: 'proxy-b', online: true, requestedBy: 'alice' });
     const result = (await handle.result()) as PlannedFailoverResult;
     assert.deepEqual(
       result.sessions.map((s) => s.outcome),
@@ -407,7 +407,9 @@ describe('planned failover against a real server and lab, bytes compared', () =>
       '--name',
       'forceFailover',
       '--input',
-      '{"requestedBy":"alice","reason":"production site is burning"}',
+      JSON.stringify(
+        signedFor('forceFailover', session.workflowId, { requestedBy: 'alice', reason: 'production site is burning' }),
+      ),
     );
     assert.match(stdout, /forced failover to helper restore point 1 by alice/);
     const failure = await failureOf(handle);

@@ -169,7 +169,7 @@ describe('replication jobs against a real server and lab, bytes compared', () =>
   it('waits visibly for a proxy slot, proceeds when one frees, and fails clearly at the wait limit', async () => {
     await o.lab.control.guestWrite('vm3', 'os', randomBlocks('vm3', 'os', 4));
     const registry = o.client.workflow.getHandle(PROXY_REGISTRY_WORKFLOW_ID);
-    await registry.signal(proxySignals.setProxyOnline, { proxy: 'proxy-a', online: false });
+    await registry.signal(proxySignals.setProxyOnline, { proxy: 'proxy-a', online: false, requestedBy: 'alice' });
 
     const waiting = await o.client.workflow.start(WorkflowTypes.replicationJob, {
       taskQueue: TASK_QUEUE,
@@ -186,13 +186,13 @@ describe('replication jobs against a real server and lab, bytes compared', () =>
     }
     assert.ok(found, 'a session of vm3 should be listed with FailoverStep=WaitingForProxy');
 
-    await registry.signal(proxySignals.setProxyOnline, { proxy: 'proxy-a', online: true });
+    await registry.signal(proxySignals.setProxyOnline, { proxy: 'proxy-a', online: true, requestedBy: 'alice' });
     const result = (await waiting.result()) as ReplicationJobResult;
     assert.equal(result.sessions[0]!.outcome, 'replicated');
 
-    await registry.signal(proxySignals.setProxyOnline, { proxy: 'proxy-a', online: false });
+    await registry.signal(proxySignals.setProxyOnline, { proxy: 'proxy-a', online: false, requestedBy: 'alice' });
     const limited = await runJob('pair', { options: { proxyWaitTimeoutSeconds: 2 } });
-    await registry.signal(proxySignals.setProxyOnline, { proxy: 'proxy-a', online: true });
+    await registry.signal(proxySignals.setProxyOnline, { proxy: 'proxy-a', online: true, requestedBy: 'alice' });
     assert.equal(limited.sessions[0]!.outcome, 'failed');
     assert.match(limited.sessions[0]!.detail, /No proxy slot became free within 2 s/);
   });
@@ -237,7 +237,7 @@ describe('replication jobs against a real server and lab, bytes compared', () =>
 
   it('refuses a job run from an unknown user or one who may not replicate, before anything runs', async () => {
     for (const [user, why] of [
-      ['mallory', /requestedBy: unknown user 'mallory'/],
+      ['zed', /requestedBy: unknown user 'zed'/],
       ['dave', /requestedBy: user 'dave' holds RestoreOperator; this needs Backup Administrator or Backup Operator/],
     ] as const) {
       const err: unknown = await o.client.workflow
@@ -251,7 +251,7 @@ describe('replication jobs against a real server and lab, bytes compared', () =>
           (e: unknown) => e,
         );
       assert.ok(err instanceof WorkflowFailedError && err.cause instanceof ApplicationFailure, String(err));
-      assert.equal(err.cause.type, FailureTypes.invalidInput);
+      assert.equal(err.cause.type, FailureTypes.accessDenied);
       assert.match(err.cause.message, why);
       assert.equal(err.cause.nonRetryable, true);
     }

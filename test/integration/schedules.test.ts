@@ -1,6 +1,8 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
-import { jobScheduleId, SCHEDULER_USER, syncJobSchedules } from '../../src/schedules';
+import { randomUUID } from 'node:crypto';
+import { SearchAttributes, TASK_QUEUE, WorkflowTypes, type ReplicationJobResult } from '../../src/contract';
+import { jobScheduleId, syncJobSchedules } from '../../src/schedules';
 import { startOrchestrator, testConfiguration, type TestOrchestrator } from '../harness';
 import { DR, smallEstate } from '../lab/helpers';
 
@@ -35,10 +37,30 @@ describe('job schedules are Temporal Schedules kept in step with the configurati
       if (!runId) await new Promise((r) => setTimeout(r, 100));
     }
     assert.ok(runId, 'the schedule started a run');
-    const result = (await o.client.workflow.getHandle(runId).result()) as { sessions: { outcome: string }[] };
+    const run = o.client.workflow.getHandle(runId);
+    const result = (await run.result()) as ReplicationJobResult;
     assert.equal(result.sessions[0]!.outcome, 'replicated');
-    const history = await o.client.workflow.getHandle(runId).fetchHistory();
-    assert.match(JSON.stringify(history.events?.[0]), new RegExp(SCHEDULER_USER));
+    // Verified as the service identity, by its key: the schedule's request is signed once, and the run is the
+    // schedule's own (the schedule lists it).
+    assert.equal((await run.describe()).typedSearchAttributes.get(SearchAttributes.FailoverRequestedBy), 'scheduler');
+    assert.equal(result.requester?.user, 'scheduler');
+    assert.match(result.requester?.keyId ?? '', /^SHA256:/);
+
+    // The same signed request, started by anyone but the schedule, is refused: it cannot be replayed.
+    const input: unknown = described.action.type === 'startWorkflow' ? described.action.args?.[0] : undefined;
+    assert.ok(input && typeof input === 'object' && 'signature' in input, 'the schedule carries a signed request');
+    const replay = await o.unsignedClient.workflow.start(WorkflowTypes.replicationJob, {
+      taskQueue: TASK_QUEUE,
+      workflowId: `job/nightly/replay-${randomUUID()}`,
+      args: [input],
+    });
+    await assert.rejects(replay.result(), (err: Error & { cause?: Error }) => {
+      assert.match(
+        err.cause?.message ?? '',
+        /was not started by schedule job-schedule\/nightly: a scheduled run cannot be replayed/,
+      );
+      return true;
+    });
 
     const url = o.config.hosts[0]!.adapter.url;
     assert.deepEqual(await syncJobSchedules(o.client, configure(url, '30m')), {

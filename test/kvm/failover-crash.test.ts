@@ -10,7 +10,8 @@ import { replicaNameOf } from '../../src/activities/inventory';
 import { startPlannedFailover, startReplicationJob } from '../../src/client';
 import { replicaQueries, replicaWorkflowId, type PlannedFailoverResult } from '../../src/contract';
 import { kill, startWorkerProcess } from '../processes';
-import { createTestNamespace, temporalAddress, within } from '../harness';
+import { createTestNamespace, temporalAddress, testUsers, within } from '../harness';
+import { testSigner } from '../keys';
 import { kvmPort, testClientTls } from '../tls';
 import { lastSeq } from '../../kvm/guest/guest';
 import { assertFailedOver, startTestKvmHost, type TestKvmHost } from './helpers';
@@ -37,7 +38,11 @@ describe('a worker SIGKILLed during the final sync of a real VM’s planned fail
     prod = await startTestKvmHost({ dir: join(dir, 'prod'), name: PROD, domain: VM });
     dr = await startTestKvmHost({ dir: join(dir, 'dr'), name: DR, role: 'dr' });
     const namespace = await createTestNamespace();
-    client = new Client({ connection: await Connection.connect({ address: temporalAddress() }), namespace });
+    client = new Client({
+      connection: await Connection.connect({ address: temporalAddress() }),
+      namespace,
+      interceptors: { workflow: [testSigner()] },
+    });
     env = {
       PF_WORKER_ADDRESS: temporalAddress(),
       PF_WORKER_NAMESPACE: namespace,
@@ -48,7 +53,7 @@ describe('a worker SIGKILLed during the final sync of a real VM’s planned fail
         ],
         proxies: [{ name: 'proxy-a', slots: 4 }],
         jobs: [{ name: 'kvm', vms: [VM], targetHost: DR }],
-        users: [{ name: 'alice', roles: ['BackupAdministrator'] }],
+        users: testUsers(),
         tls: testClientTls(),
       }),
       PF_WORKER_BUNDLE: bundle,

@@ -46,6 +46,20 @@ describe('npm run cluster settings', () => {
     );
   });
 
+  it('--secure: no Web UI, and the internal frontend and the JWT keys on ports of their own', () => {
+    const settings = settingsOf({ PF_CLUSTER_PORT: '27233' }, ['--secure', '--split']);
+    assert.equal(settings.secure, true);
+    assert.equal(settings.ui, false, 'the Web UI has no way to present a token without an OIDC provider');
+    const named = new Map(listeningPorts(settings));
+    assert.equal(named.get('internal frontend'), 27236);
+    assert.equal(named.get('internal frontend membership'), 26936);
+    assert.equal(named.get('JWT keys (JWKS)'), 27238);
+    assert.equal(named.get('Web UI'), undefined);
+    const ports = [...named.values()];
+    assert.equal(new Set(ports).size, ports.length, 'no port twice');
+    assert.ok(!listeningPorts(settingsOf({})).some(([what]) => what.startsWith('internal frontend')));
+  });
+
   it('takes an external PostgreSQL with its password from a file, never from a committed file', () => {
     const settings = settingsOf(
       { PF_CLUSTER_PG_HOST: 'db.dr.example', PF_CLUSTER_PG_USER: 'tmprl', PF_CLUSTER_PG_PASSWORD_FILE: '/run/pw' },
@@ -112,6 +126,15 @@ interface ServerConfig {
   dynamicConfigClient: { filepath: string };
 }
 
+/** The parts of a secured server configuration the test reads. */
+interface SecuredConfig {
+  global: {
+    tls: Record<'frontend' | 'internode', Record<'server' | 'client', unknown>>;
+    authorization: unknown;
+  };
+  services: Record<string, { rpc: unknown }>;
+}
+
 describe('npm run cluster configuration', () => {
   const settings: ClusterSettings = settingsOf({ PF_CLUSTER_PORT: '27233' }, ['--split']);
 
@@ -141,6 +164,41 @@ describe('npm run cluster configuration', () => {
     assert.equal(config.services.history!.rpc.grpcPort, 27234);
     assert.equal(config.clusterMetadata.clusterInformation.active.rpcAddress, '127.0.0.1:27233');
     assert.equal(config.dynamicConfigClient.filepath, '/state/config/dynamicconfig.yaml');
+  });
+
+  it('--secure: TLS on the frontend, mutual TLS between the services, the default authorizer, the internal frontend', () => {
+    const secured = settingsOf({ PF_CLUSTER_PORT: '27233' }, ['--secure']);
+    const tls = {
+      ca: '/state/tls/ca.crt',
+      frontend: { cert: '/state/tls/frontend.crt', key: '/state/tls/frontend.key' },
+      internode: { cert: '/state/tls/internode.crt', key: '/state/tls/internode.key' },
+    };
+    const config = parse(
+      renderServerConfig(secured, '/d.yaml', 4, { tls, jwksUrl: 'http://127.0.0.1:27238/jwks.json' }),
+    ) as SecuredConfig;
+    assert.deepEqual(config.global.tls.frontend.server, { certFile: tls.frontend.cert, keyFile: tls.frontend.key });
+    assert.deepEqual(config.global.tls.internode.server, {
+      certFile: tls.internode.cert,
+      keyFile: tls.internode.key,
+      requireClientAuth: true,
+      clientCaFiles: [tls.ca],
+    });
+    assert.deepEqual(config.global.tls.internode.client, { serverName: 'temporal-internode', rootCaFiles: [tls.ca] });
+    assert.deepEqual(config.global.authorization, {
+      jwtKeyProvider: { keySourceURIs: ['http://127.0.0.1:27238/jwks.json'], refreshInterval: '1m' },
+      permissionsClaimName: 'permissions',
+      authorizer: 'default',
+      claimMapper: 'default',
+    });
+    assert.deepEqual(config.services['internal-frontend']!.rpc, {
+      grpcPort: 27236,
+      membershipPort: 26936,
+      bindOnLocalHost: true,
+    });
+    const plain = parse(renderServerConfig(settings, '/d.yaml', 4)) as SecuredConfig;
+    assert.equal(plain.global.tls, undefined);
+    assert.equal(plain.global.authorization, undefined);
+    assert.equal(plain.services['internal-frontend'], undefined);
   });
 
   it('points the Web UI at the frontend', () => {

@@ -1,8 +1,9 @@
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
+import { ensureDemoConfiguration } from '../../src/config/demo';
 import { ConfigurationError, loadConfiguration, parseConfiguration } from '../../src/config/load';
 
 function problemsOf(text: string): string[] {
@@ -28,8 +29,61 @@ users:
 `;
 
 describe('configuration file', () => {
-  it('loads the demo configuration with its defaults', () => {
-    const config = loadConfiguration('config/planned-failover.yaml');
+  it('makes the demo configuration with a key for each user on first run, and the same keys after', async () => {
+    const root = mkdtempSync(join(tmpdir(), 'pf-demo-config-'));
+    try {
+      const template = join(root, 'config', 'planned-failover.yaml');
+      mkdirSync(join(root, 'config'));
+      copyFileSync('config/planned-failover.yaml', template);
+      const keyDir = join(root, 'home', 'keys');
+      const first = await ensureDemoConfiguration(template, keyDir);
+      assert.equal(first.file, join(root, '.data', 'planned-failover.yaml'));
+      assert.deepEqual(first.madeKeys, ['alice', 'bob', 'carol', 'dave', 'erin', 'scheduler']);
+      const config = loadConfiguration(first.file);
+      for (const user of config.users) assert.equal(user.keys.length, 1, user.name);
+      // The service identity's key is the worker's, where scheduledRuns says (relative to the file, as in the template).
+      assert.equal(config.scheduledRuns?.key, join(root, '.data', 'keys', 'scheduler.key'));
+      assert.equal(statSync(config.scheduledRuns.key).mode & 0o777, 0o600);
+      assert.equal(statSync(join(keyDir, 'alice.key')).mode & 0o777, 0o600);
+      assert.equal(config.tls?.ca, join(root, '.data', 'certs', 'ca.crt'));
+      const second = await ensureDemoConfiguration(template, keyDir);
+      assert.deepEqual(second.madeKeys, []);
+      assert.deepEqual(loadConfiguration(second.file).users, config.users);
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+    }
+  });
+
+  it('refuses a key that is no Ed25519 line, and scheduled runs without a service identity that can sign', () => {
+    assert.deepEqual(
+      problemsOf(
+        base.replace('roles: [BackupAdministrator] }', "roles: [BackupAdministrator], keys: ['ssh-ed25519 AAAA'] }"),
+      ),
+      [
+        'users[0].keys[0] (line 8): must be an Ed25519 public key line like ed25519:<43 base64url characters>, as `failover keys create` prints it',
+      ],
+    );
+    const scheduled = `${base}jobs: [{ name: j, vms: [vm1], targetHost: dr, schedule: { every: 1h } }]\n`;
+    assert.deepEqual(problemsOf(scheduled), [
+      'jobs[0].schedule (line 9): scheduled runs need a service identity: declare scheduledRuns with requestedBy and key',
+    ]);
+    assert.deepEqual(problemsOf(`${scheduled}scheduledRuns: { requestedBy: alice }\n`), [
+      "scheduledRuns.requestedBy (line 10): 'alice' has no key: list the public key of the service identity's key file",
+      'scheduledRuns.key (line 10): is required: scheduled runs are signed (unless requests.allowUnsigned)',
+    ]);
+    assert.deepEqual(problemsOf(`${scheduled}scheduledRuns: { requestedBy: zed, key: k }\n`), [
+      "scheduledRuns.requestedBy (line 10): no user 'zed' is declared",
+    ]);
+  });
+
+  it('loads the demo configuration with its defaults', async () => {
+    const root = mkdtempSync(join(tmpdir(), 'pf-demo-config-'));
+    mkdirSync(join(root, 'config'));
+    copyFileSync('config/planned-failover.yaml', join(root, 'config', 'planned-failover.yaml'));
+    const demo = await ensureDemoConfiguration(join(root, 'config', 'planned-failover.yaml'), join(root, 'keys'));
+    const config = loadConfiguration(demo.file);
+    rmSync(root, { recursive: true, force: true });
+    assert.deepEqual(config.requests, { validityMinutes: 5, allowUnsigned: false });
     assert.deepEqual(
       config.jobs.map((j) => [j.name, j.vms.length, j.dataSource]),
       [

@@ -22,8 +22,10 @@ import {
   renderDynamicConfig,
   renderServerConfig,
   renderUiConfig,
+  type ServerSecurity,
 } from './config';
 import { privatePassword, setUpSchemas, startPrivatePostgres } from './postgres';
+import { authDirOf, ensureClusterTls, ensureTokens, serveJwks, signingKey, type TokenHolder } from './security';
 import { ClusterSettingsError, listeningPorts, type ClusterSettings } from './settings';
 
 const run = promisify(execFile);
@@ -152,9 +154,25 @@ async function refuseTakenPorts(settings: ClusterSettings): Promise<void> {
     );
 }
 
+/**
+ * The environment of the cluster command's own `temporal` calls: the operator's TEMPORAL_* variables (an API key, a
+ * profile for another server) left out, and a secured cluster's CA and admin token in.
+ */
+function cliEnvironment(extra: Record<string, string>): NodeJS.ProcessEnv {
+  const env = Object.fromEntries(Object.entries(process.env).filter(([name]) => !name.startsWith('TEMPORAL_')));
+  return { ...env, ...extra };
+}
+
 /** Creates the namespace and the contract's search attributes, retrying while the services are still joining. */
-async function createNamespace(cli: string, address: string, namespace: string, signal: AbortSignal): Promise<void> {
-  const temporal = (...args: string[]) => run(cli, [...args, '--address', address, '--namespace', namespace]);
+async function createNamespace(
+  cli: string,
+  address: string,
+  namespace: string,
+  env: NodeJS.ProcessEnv,
+  signal: AbortSignal,
+): Promise<void> {
+  const temporal = (...args: string[]) =>
+    run(cli, [...args, '--address', address, '--namespace', namespace, '--disable-config-file'], { env });
   const attributes = Object.values(SearchAttributes).flatMap((key) => ['--name', key.name, '--type', 'Keyword']);
   const deadline = Date.now() + 90_000;
   for (;;) {
@@ -184,9 +202,22 @@ export interface ServerProcess {
   log: string;
 }
 
+/** How callers reach a secured cluster: its CA, and the token files of its callers (mode 0600). */
+export interface ClusterAccess {
+  ca: string;
+  tokens: Record<TokenHolder, string>;
+  /** When the first token expires; the next start issues it again. */
+  tokensNotAfter: Date;
+  jwksUrl: string;
+}
+
 export interface RunningCluster {
   address: string;
   namespace: string;
+  /** With --secure. */
+  access?: ClusterAccess;
+  /** A private PostgreSQL's data directory. */
+  databaseDir?: string;
   historyShards: number;
   servers: ServerProcess[];
   ui?: ProcessGroup;
@@ -226,19 +257,26 @@ function exitedWhy(server: ServerProcess): string {
   return `The Temporal ${server.name} process exited${said ? `: ${said}` : ''}; see ${server.log}`;
 }
 
-/** The order the server processes start in; they stop in the reverse one. */
-function serverLayout(split: boolean): Pick<ServerProcess, 'name' | 'services'>[] {
+/** The order the server processes start in; they stop in the reverse one. A secured one runs the internal frontend. */
+function serverLayout(split: boolean, secure: boolean): Pick<ServerProcess, 'name' | 'services'>[] {
+  const frontends = secure ? ['frontend', 'internal-frontend'] : ['frontend'];
   return split
     ? [
         { name: 'history', services: ['history'] },
-        { name: 'frontend', services: ['frontend', 'matching', 'worker'] },
+        { name: 'frontend', services: [...frontends, 'matching', 'worker'] },
       ]
-    : [{ name: 'server', services: ['frontend', 'history', 'matching', 'worker'] }];
+    : [{ name: 'server', services: [...frontends, 'history', 'matching', 'worker'] }];
 }
 
 export async function startCluster(options: StartClusterOptions): Promise<RunningCluster> {
   const { settings, programs, cli, print, signal } = options;
   const { stateDir, ports, namespace } = settings;
+  // A secured cluster started again without --secure would answer anyone: that takes removing its keys on purpose.
+  if (!settings.secure && (await exists(authDirOf(stateDir))))
+    throw new ClusterSettingsError(
+      `the cluster of ${stateDir} runs secured: start it with --secure (npm run cluster -- --secure); to run it ` +
+        `without TLS and authorization, remove ${authDirOf(stateDir)} first (its JWT key and tokens)`,
+    );
   const logDir = join(stateDir, 'logs');
   mkdirSync(logDir, { recursive: true });
   const logOf = (name: string): string => join(logDir, `${name}.log`);
@@ -260,6 +298,7 @@ export async function startCluster(options: StartClusterOptions): Promise<Runnin
     const shards = await historyShards(settings);
 
     let password: string;
+    let databaseDir: string | undefined;
     if (settings.database.kind === 'private') {
       const pg = await startPrivatePostgres({
         pgbin: programs.pgbin,
@@ -269,8 +308,9 @@ export async function startCluster(options: StartClusterOptions): Promise<Runnin
         print,
         signal,
       });
-      pidFile.add('PostgreSQL', pg.group, join(stateDir, 'postgres'));
+      pidFile.add('PostgreSQL', pg.group, pg.dataDir);
       stoppers.push(pg.stop);
+      databaseDir = pg.dataDir;
       password = await privatePassword(stateDir);
     } else {
       password = settings.database.password;
@@ -285,18 +325,37 @@ export async function startCluster(options: StartClusterOptions): Promise<Runnin
       password,
     });
 
+    // Secured: the server reads its JWT keys from us at start, so they are served before it starts.
+    let access: ClusterAccess | undefined;
+    let security: ServerSecurity | undefined;
+    let cliEnv = cliEnvironment({});
+    if (settings.secure) {
+      const tls = await ensureClusterTls(stateDir);
+      const key = await signingKey(stateDir);
+      const tokens = await ensureTokens(stateDir, key, namespace);
+      const jwks = await serveJwks(ports.jwks, key);
+      stoppers.push(() => jwks.close());
+      security = { tls, jwksUrl: jwks.url };
+      access = { ca: tls.ca, tokens: tokens.files, tokensNotAfter: tokens.notAfter, jwksUrl: jwks.url };
+      cliEnv = cliEnvironment({ TEMPORAL_TLS_SERVER_CA_CERT_PATH: tls.ca, TEMPORAL_API_KEY: tokens.admin });
+    }
+
     // The server's configuration is rendered anew on every start; the dynamic one is the operator's once written.
     const configDir = join(stateDir, 'config');
     const dynamicConfig = join(configDir, 'dynamicconfig.yaml');
     if (!(await exists(dynamicConfig))) await writeFileAtomic(dynamicConfig, renderDynamicConfig());
-    await writeFileAtomic(join(configDir, 'cluster.yaml'), renderServerConfig(settings, dynamicConfig, shards));
+    await writeFileAtomic(
+      join(configDir, 'cluster.yaml'),
+      renderServerConfig(settings, dynamicConfig, shards, security),
+    );
 
     const servers: ServerProcess[] = [];
     const startServer = (layout: Pick<ServerProcess, 'name' | 'services'>): ServerProcess => {
       const metricsPort = layout.name === 'history' ? ports.metrics[1] : ports.metrics[0];
       const metrics = `127.0.0.1:${metricsPort}`;
       const log = logOf(layout.name);
-      const args = ['-r', stateDir, '-c', 'config', '-e', 'cluster', '--allow-no-auth', 'start'];
+      // Without --secure there is no authorizer, which the server refuses unless told that it is meant.
+      const args = ['-r', stateDir, '-c', 'config', '-e', 'cluster', ...(security ? [] : ['--allow-no-auth']), 'start'];
       const group = spawnProcessGroup(programs.server, [...args, ...layout.services.flatMap((s) => ['--service', s])], {
         stdio: ['ignore', openSync(log, 'a'), openSync(log, 'a')],
         env: { ...process.env, [PASSWORD_ENV]: password, [METRICS_ADDRESS_ENV]: metrics },
@@ -313,12 +372,13 @@ export async function startCluster(options: StartClusterOptions): Promise<Runnin
       for (const server of [...servers].reverse()) await server.group.stop(10_000);
     });
     const grpcPort = { server: ports.frontend, frontend: ports.frontend, history: ports.history };
-    for (const layout of serverLayout(settings.split)) {
+    const layouts = serverLayout(settings.split, settings.secure);
+    for (const layout of layouts) {
       const server = startServer(layout);
       servers.push(server);
       // On an empty database each process would write the cluster's metadata, and the loser of that race exits
       // (a duplicate key): the next process starts once this one serves, its metadata written.
-      if (servers.length < serverLayout(settings.split).length) {
+      if (servers.length < layouts.length) {
         const started = Date.now();
         while (!(await portInUse(grpcPort[server.name]))) {
           checkStop();
@@ -332,14 +392,14 @@ export async function startCluster(options: StartClusterOptions): Promise<Runnin
 
     const address = `127.0.0.1:${ports.frontend}`;
     const deadline = Date.now() + 120_000;
-    while (!(await serverHealthy(cli, address))) {
+    while (!(await serverHealthy(cli, address, cliEnv))) {
       checkStop();
       const dead = servers.find((s) => s.group.done);
       if (dead) throw new Error(exitedWhy(dead));
       if (Date.now() > deadline) throw new Error(`The Temporal frontend at ${address} was not ready in 120 s`);
       await delay(250);
     }
-    await createNamespace(cli, address, namespace, signal);
+    await createNamespace(cli, address, namespace, cliEnv, signal);
 
     let ui: ProcessGroup | undefined;
     if (settings.ui) {
@@ -368,6 +428,8 @@ export async function startCluster(options: StartClusterOptions): Promise<Runnin
     return {
       address,
       namespace,
+      access,
+      databaseDir,
       historyShards: shards,
       servers,
       ui,

@@ -1,6 +1,7 @@
 // The Temporal server's and the Web UI server's configuration files, rendered from the settings. Pure: the files
 // hold no password (the server reads it from its environment through a template), so they may be shown and kept.
 import { stringify } from 'yaml';
+import { INTERNODE_NAME, PERMISSIONS_CLAIM, type ClusterTls } from './security';
 import type { ClusterSettings } from './settings';
 
 /** Environment variables the server's configuration reads, set per server process. */
@@ -52,11 +53,53 @@ const rpc = (grpcPort: number, membershipPort: number, extra: Record<string, num
   rpc: { grpcPort, membershipPort, bindOnLocalHost: true, ...extra },
 });
 
+/** What a secured cluster's server reads: its certificates and keys, and where its JWT keys are served. */
+export interface ServerSecurity {
+  tls: ClusterTls;
+  jwksUrl: string;
+}
+
+/**
+ * TLS on the frontend; mutual TLS between the server's services (history, matching, the internal frontend), so that
+ * nobody without the cluster's internode key calls them past the authorizer; Temporal's default JWT claim mapper and
+ * authorizer, with the keys the cluster command serves.
+ */
+function securityConfig({ tls, jwksUrl }: ServerSecurity) {
+  return {
+    tls: {
+      internode: {
+        server: {
+          certFile: tls.internode.cert,
+          keyFile: tls.internode.key,
+          requireClientAuth: true,
+          clientCaFiles: [tls.ca],
+        },
+        client: { serverName: INTERNODE_NAME, rootCaFiles: [tls.ca] },
+      },
+      frontend: { server: { certFile: tls.frontend.cert, keyFile: tls.frontend.key } },
+    },
+    authorization: {
+      // Read at start and every minute: a key the cluster command serves later is taken without a restart.
+      jwtKeyProvider: { keySourceURIs: [jwksUrl], refreshInterval: '1m' },
+      permissionsClaimName: PERMISSIONS_CLAIM,
+      authorizer: 'default',
+      claimMapper: 'default',
+    },
+  };
+}
+
 /**
  * The server's configuration (`<stateDir>/config/cluster.yaml`), one file for every server process: the history
- * shard count and the database are the cluster's; only the metrics address differs per process.
+ * shard count and the database are the cluster's; only the metrics address differs per process. With `security`
+ * (`--secure`) it also runs the internal frontend: the server's own worker service (schedules, batch operations)
+ * reaches the frontend's API there, over internode mutual TLS, instead of through the authorizer.
  */
-export function renderServerConfig(settings: ClusterSettings, dynamicConfigFile: string, shards: number): string {
+export function renderServerConfig(
+  settings: ClusterSettings,
+  dynamicConfigFile: string,
+  shards: number,
+  security?: ServerSecurity,
+): string {
   const { ports } = settings;
   const config = {
     log: { stdout: true, level: 'info' },
@@ -72,9 +115,11 @@ export function renderServerConfig(settings: ClusterSettings, dynamicConfigFile:
     global: {
       membership: { maxJoinDuration: '30s', broadcastAddress: '127.0.0.1' },
       metrics: { prometheus: { framework: 'tally', timerType: 'histogram', listenAddress: placeholders.metrics } },
+      ...(security ? securityConfig(security) : {}),
     },
     services: {
       frontend: rpc(ports.frontend, ports.membership.frontend, { httpPort: ports.frontendHttp }),
+      ...(security ? { 'internal-frontend': rpc(ports.internalFrontend.grpc, ports.internalFrontend.membership) } : {}),
       history: rpc(ports.history, ports.membership.history),
       matching: rpc(ports.matching, ports.membership.matching),
       worker: rpc(ports.worker, ports.membership.worker),

@@ -3,10 +3,11 @@
 import { execFile, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { chmodSync, chownSync, mkdirSync, openSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { rm } from 'node:fs/promises';
+import { basename, join } from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import { promisify } from 'node:util';
-import { exists, writeFileAtomic } from '../../../src/host-api/persist';
+import { exists, readJson, writeFileAtomic } from '../../../src/host-api/persist';
 import { commandOutput } from '../errors';
 import { spawnProcessGroup, type ProcessGroup } from '../process-group';
 import { DATABASES } from './config';
@@ -25,8 +26,64 @@ function databaseOwner(): { uid: number; gid: number; name: string } | undefined
   return { uid: id('-u'), gid: id('-g'), name: 'postgres' };
 }
 
+/**
+ * Where a private database goes when PostgreSQL's user cannot enter the state directory (the cluster run as root from
+ * a home directory only its owner may enter): a directory of its own here, owned by that user, never a change to the
+ * modes of the operator's directories.
+ */
+export const OUTSIDE_DATABASES_DIR = '/var/lib/planned-failover/postgres';
+
+/** <stateDir>/postgres-location: where the private database's files are, when not in the state directory. */
+interface DatabaseLocation {
+  dir: string;
+  why: string;
+}
+
+const locationFile = (stateDir: string): string => join(stateDir, 'postgres-location.json');
+
+/** Whether `user` may enter `dir` (search permission on it and every directory above it), as PostgreSQL would run. */
+function reaches(user: { uid: number; gid: number }, dir: string): boolean {
+  return spawnSync('test', ['-x', dir], { uid: user.uid, gid: user.gid }).status === 0;
+}
+
+/**
+ * The directory that holds the private database's data, socket and scratch files: the state directory, or the one
+ * recorded for it (decided when the database is first made, kept for its life).
+ */
+async function databaseHome(
+  stateDir: string,
+  owner: ReturnType<typeof databaseOwner>,
+): Promise<{ dir: string; made?: DatabaseLocation }> {
+  const recorded = await readJson<DatabaseLocation>(locationFile(stateDir));
+  if (recorded) return { dir: recorded.dir };
+  // A database already made in the state directory stays there.
+  if (!owner || (await exists(join(stateDir, 'postgres', 'PG_VERSION'))) || reaches(owner, stateDir))
+    return { dir: stateDir };
+  const name = basename(stateDir).replace(/[^A-Za-z0-9._-]/g, '_');
+  const location = {
+    dir: join(OUTSIDE_DATABASES_DIR, `${name}-${randomBytes(4).toString('hex')}`),
+    why: `PostgreSQL runs as the user ${owner.name}, which cannot enter ${stateDir}`,
+  };
+  mkdirSync(OUTSIDE_DATABASES_DIR, { recursive: true, mode: 0o755 });
+  mkdirSync(location.dir, { mode: 0o700 });
+  // Which cluster it belongs to, for whoever finds it there.
+  writeFileSync(join(location.dir, 'cluster-state-dir'), `${stateDir}\n`);
+  chownSync(location.dir, owner.uid, owner.gid);
+  // Recorded before anything is made there: a start cut short finds it again instead of making another.
+  await writeFileAtomic(locationFile(stateDir), `${JSON.stringify(location, null, 2)}\n`);
+  return { dir: location.dir, made: location };
+}
+
+/** Removes a private database kept outside its state directory (the state directory itself is the caller's). */
+export async function removeOutsideDatabase(stateDir: string): Promise<void> {
+  const recorded = await readJson<DatabaseLocation>(locationFile(stateDir));
+  if (recorded) await rm(recorded.dir, { recursive: true, force: true });
+}
+
 export interface PrivatePostgres {
   group: ProcessGroup;
+  /** Its data directory: in the state directory, or outside it (OUTSIDE_DATABASES_DIR). */
+  dataDir: string;
   /** SIGINT is PostgreSQL's fast shutdown: sessions end, the data is checkpointed. */
   stop: () => Promise<void>;
 }
@@ -58,8 +115,10 @@ export async function startPrivatePostgres(options: PrivatePostgresOptions): Pro
   if (!pgbin) throw new Error('PostgreSQL is not installed (no initdb under /usr/lib/postgresql)');
   const owner = databaseOwner();
   const as = owner ? { uid: owner.uid, gid: owner.gid } : {};
-  const dataDir = join(stateDir, 'postgres');
-  const socketDir = join(stateDir, 'postgres-run');
+  const home = await databaseHome(stateDir, owner);
+  if (home.made) print(`${home.made.why}: its files go to ${home.made.dir} (recorded in ${locationFile(stateDir)}).`);
+  const dataDir = join(home.dir, 'postgres');
+  const socketDir = join(home.dir, 'postgres-run');
   const password = await privatePassword(stateDir);
   const handOver = (dir: string): void => {
     if (owner) chownSync(dir, owner.uid, owner.gid);
@@ -91,15 +150,8 @@ export async function startPrivatePostgres(options: PrivatePostgresOptions): Pro
       { ...as, encoding: 'utf8', cwd: '/' },
     );
     rmSync(passwordFile, { force: true });
-    if (initdb.status !== 0) {
-      const reason = `${initdb.error?.message ?? ''}${initdb.stderr}`.trim();
-      const hint =
-        owner && /permission denied/i.test(reason)
-          ? ` (it runs as the user ${owner.name}, which must be able to reach ${stateDir}: set PF_CLUSTER_DIR to a ` +
-            'directory outside a private home)'
-          : '';
-      throw new Error(`initdb failed${hint}: ${reason}`);
-    }
+    if (initdb.status !== 0)
+      throw new Error(`initdb failed: ${`${initdb.error?.message ?? ''}${initdb.stderr}`.trim()}`);
     renameSync(scratch, dataDir);
   }
 
@@ -138,7 +190,7 @@ export async function startPrivatePostgres(options: PrivatePostgresOptions): Pro
     }
     await delay(200);
   }
-  return { group, stop };
+  return { group, dataDir, stop };
 }
 
 export interface SchemaOptions {

@@ -15,6 +15,9 @@ export interface ClusterPorts {
   /** Prometheus, one per server process: the frontend one (or the only one), then the history one when split. */
   metrics: [number, number];
   ui: number;
+  /** With --secure: the internal frontend the server's own worker service calls, and the JWT keys' HTTP server. */
+  internalFrontend: { grpc: number; membership: number };
+  jwks: number;
 }
 
 export type ClusterDatabase =
@@ -29,6 +32,8 @@ export interface ClusterSettings {
   /** The history service in a process of its own, apart from frontend, matching and the worker service. */
   split: boolean;
   ui: boolean;
+  /** TLS on the frontend (and between the server's services), Temporal's authorization on: see security.ts. */
+  secure: boolean;
   ports: ClusterPorts;
   database: ClusterDatabase;
 }
@@ -56,16 +61,20 @@ const envSchema = z.object({
   PF_CLUSTER_PG_PASSWORD_FILE: z.string().min(1).optional(),
 });
 
-const usage = 'usage: npm run cluster [-- --split] [--no-ui]';
+const usage = 'usage: npm run cluster [-- --split] [--no-ui] [--secure]';
 
 /** The flags `npm run cluster --` takes. */
-function parseFlags(argv: string[]): { split: boolean; ui: boolean } {
-  const flags = { split: false, ui: true };
+function parseFlags(argv: string[]): { split: boolean; ui: boolean; secure: boolean } {
+  const flags = { split: false, ui: true, secure: false };
   for (const arg of argv) {
     if (arg === '--split') flags.split = true;
     else if (arg === '--no-ui') flags.ui = false;
+    else if (arg === '--secure') flags.secure = true;
     else throw new ClusterSettingsError(`unknown argument '${arg}'\n${usage}`);
   }
+  // The Web UI server presents a caller's token only after an OIDC login, which this cluster has no provider for:
+  // without one it would be refused everything, or would have to hold a token that lets anyone who reaches it in.
+  if (flags.secure) flags.ui = false;
   return flags;
 }
 
@@ -79,6 +88,9 @@ export function derivePorts(frontend: number, ui = frontend + 1000): ClusterPort
     membership: { frontend: frontend - 300, history: frontend - 299, matching: frontend - 298, worker: frontend - 294 },
     metrics: [frontend + 767, frontend + 768],
     ui,
+    // Temporal's own defaults for the internal frontend: 7236 and 6936.
+    internalFrontend: { grpc: frontend + 3, membership: frontend - 297 },
+    jwks: frontend + 5,
   };
 }
 
@@ -168,6 +180,13 @@ export function listeningPorts(settings: ClusterSettings): [string, number][] {
     ...Object.entries(ports.membership).map(([service, p]): [string, number] => [`${service} membership`, p]),
     ['server metrics', ports.metrics[0]],
     ...(settings.split ? [['history metrics', ports.metrics[1]] as [string, number]] : []),
+    ...(settings.secure
+      ? ([
+          ['internal frontend', ports.internalFrontend.grpc],
+          ['internal frontend membership', ports.internalFrontend.membership],
+          ['JWT keys (JWKS)', ports.jwks],
+        ] as [string, number][])
+      : []),
     ...(settings.ui ? [['Web UI', ports.ui] as [string, number]] : []),
     ...(database.kind === 'private' ? [['PostgreSQL', database.port] as [string, number]] : []),
   ];
