@@ -278,7 +278,7 @@ function incompleteResult(err: unknown): PlannedFailoverResult | undefined {
 async function demoConfiguration(template: string): Promise<string> {
   const demo = await ensureDemoConfiguration(join(projectRoot, template));
   if (demo.madeKeys.length > 0)
-    say(`Made signing keys for ${demo.madeKeys.join(', ')} (private keys in ${shown(userKeyDir())}, mode 0600).`);
+    say(`Made signing keys for ${demo.madeKeys.join(', ')} (private keys in ${userKeyDir()}, mode 0600).`);
   return demo.file;
 }
 
