@@ -7,17 +7,15 @@ import {
 import type { KeyObject } from 'node:crypto';
 import type { Configuration, JobConfig } from './config/schema';
 import { requestTarget, TASK_QUEUE, WorkflowTypes, type ReplicationJobInput } from './contract';
+import { durationMs } from './domain/units';
 import { loadUserKey, publicKeyLine, signRequest } from './identity/keys';
 
 /** Schedules of replication jobs have ids of their own prefix, so a sync knows which ones it owns. */
 export const jobScheduleId = (job: string): string => `job-schedule/${job}`;
 const PREFIX = 'job-schedule/';
 
-const UNIT_MS = { s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 } as const;
-
 /** A configured schedule's interval (`15m`, `1h`, ...) in milliseconds. */
-export const scheduleEvery = (every: string): number =>
-  Number(every.slice(0, -1)) * UNIT_MS[every.slice(-1) as keyof typeof UNIT_MS];
+export const scheduleEvery = (every: string): number => durationMs(every);
 
 /**
  * A job's scheduled run, requested by the configuration's service identity and signed with its key once for the

@@ -2,6 +2,7 @@ import type { Client } from '@temporalio/client';
 import { defaultPayloadConverter, type Payload } from '@temporalio/common';
 import type { temporal } from '@temporalio/proto';
 import { WorkflowTypes, type RequestToVerify, type VerifiedRequester } from '../contract';
+import { durationMs } from '../domain/units';
 import { formatTable } from './format';
 
 /** One request as the histories recorded it: who it named, what it asked, and whether it was verified. */
@@ -106,11 +107,7 @@ export function auditTable(records: readonly AuditRecord[]): string {
 
 /** `--since 24h`, `30m`, `7d` back from now, or an ISO time. */
 export function sinceOf(value: string, now = Date.now()): Date | null {
-  const relative = /^(\d+)([mhd])$/.exec(value);
-  if (relative)
-    return new Date(
-      now - Number(relative[1]) * { m: 60_000, h: 3_600_000, d: 86_400_000 }[relative[2] as 'm' | 'h' | 'd'],
-    );
+  if (/^\d+[mhd]$/.test(value)) return new Date(now - durationMs(value));
   const absolute = Date.parse(value);
   return /^\d{4}-\d\d-\d\dT/.test(value) && !Number.isNaN(absolute) ? new Date(absolute) : null;
 }
