@@ -35,7 +35,7 @@ export interface ProxyRegistryView {
   /** Slots and enabled as the newest request declared them (the configuration owns them); online and leases are the registry's. */
   proxies: { name: string; slots: number; enabled: boolean; online: boolean; leasedTo: string[] }[];
   waiting: { sessionId: string; slots: number }[];
-  /** The newest setProxyOnline this run of the registry refused, and why (a signal cannot answer its sender). */
+  /** The newest setProxyOnline the registry refused, and why (a signal cannot answer its sender); kept across continue-as-new. */
   lastRejection: { at: string; reason: string } | null;
 }
 
@@ -49,6 +49,8 @@ export interface ProxyRegistryInput {
   carried?: {
     proxies: Record<string, { online: boolean; leases: HeldSlot[]; declared: ProxyDeclaration | null }>;
     queue: SlotRequest[];
+    /** Absent in runs continued by 0.2.0. */
+    lastRejection?: ProxyRegistryView['lastRejection'];
   };
 }
 

@@ -12,6 +12,7 @@ import type { Activities } from '../activities';
 import {
   FailureTypes,
   formatProblems,
+  formatRequester,
   requestTarget,
   SearchAttributes,
   type InputProblem,
@@ -136,6 +137,13 @@ export async function verifyStartRequest(
   upsertSearchAttributes([{ key: SearchAttributes.FailoverRequestedBy, value: requester.user }]);
   return requester;
 }
+
+/**
+ * The line of a workflow's current details that names who asked, as verified: its start's summary is the starter's
+ * own claim. Empty in a run that predates signed requests.
+ */
+export const verifiedRequesterLine = (requester: VerifiedRequester | undefined): string[] =>
+  requester ? [`Requested by ${formatRequester(requester)}, verified`] : [];
 
 /** The search attribute that lists a workflow under its verified requester, for a child's start options. */
 export const requestedBy = (requester: VerifiedRequester) => ({

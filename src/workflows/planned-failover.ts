@@ -49,6 +49,7 @@ import {
   requestedBy,
   showStep,
   verifyStartRequest,
+  verifiedRequesterLine,
   waitingOptions,
   withSummary,
   type SessionStep,
@@ -88,12 +89,13 @@ export async function plannedFailover(input: unknown): Promise<PlannedFailoverRe
   const results = new Map<string, PlannedFailoverSessionResult>();
   const showProgress = () =>
     setCurrentDetails(
-      plan.lanes
-        .map(
+      [
+        ...verifiedRequesterLine(requester),
+        ...plan.lanes.map(
           (lane) =>
             `**${lane.job}**: ${lane.vms.map((vm) => `${vm} ${results.get(vm)?.outcome ?? 'pending'}`).join(', ')}`,
-        )
-        .join('\n\n'),
+        ),
+      ].join('\n\n'),
     );
   showProgress();
 

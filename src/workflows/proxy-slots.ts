@@ -48,7 +48,7 @@ export async function proxySlots(input: ProxyRegistryInput): Promise<void> {
   const regrants: SlotRequest[] = [];
   const watch = new HolderWatch();
   let changed = true;
-  let lastRejection: ProxyRegistryView['lastRejection'] = null;
+  let lastRejection: ProxyRegistryView['lastRejection'] = input.carried?.lastRejection ?? null;
 
   const entry = (name: string): ProxyEntry => (proxies[name] ??= { online: true, leases: [], declared: null });
   const leasesOf = (sessionId: string): SlotLease[] =>
@@ -166,7 +166,7 @@ export async function proxySlots(input: ProxyRegistryInput): Promise<void> {
       continue;
     }
     if (!changed && regrants.length === 0) {
-      if (canContinueAsNew()) return continueAsNew<typeof proxySlots>({ carried: { proxies, queue } });
+      if (canContinueAsNew()) return continueAsNew<typeof proxySlots>({ carried: { proxies, queue, lastRejection } });
       continue; // only whether someone waits changed
     }
     changed = false;

@@ -4,6 +4,7 @@ import {
   isCancellation,
   log,
   ParentClosePolicy,
+  setCurrentDetails,
   startChild,
   upsertSearchAttributes,
   uuid4,
@@ -32,6 +33,7 @@ import {
   requestedBy,
   showStep,
   verifyStartRequest,
+  verifiedRequesterLine,
   waitingOptions,
   withSummary,
 } from './common';
@@ -75,6 +77,7 @@ export async function replicationJob(input: unknown): Promise<ReplicationJobResu
     });
   }
   const vms = request.vms ? plan.vms.filter((vm) => request.vms!.includes(vm)) : plan.vms;
+  setCurrentDetails([...verifiedRequesterLine(requester), `Replicating ${vms.join(', ')}`].join('\n\n'));
   const children = await Promise.all(
     vms.map((vm) => {
       const sessionId = uuid4();

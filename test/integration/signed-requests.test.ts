@@ -336,6 +336,12 @@ describe('signed requests: every request that changes anything is verified befor
     assert.match(result.requester?.keyId ?? '', /^SHA256:/);
     const described = await first.describe();
     assert.deepEqual(described.typedSearchAttributes.get(SearchAttributes.FailoverRequestedBy), 'alice');
+    // The Web UI's current details name the requester as verified, key and all (its summary is the starter's claim).
+    const { currentDetails } = await first.query<{ currentDetails?: string }>('__temporal_workflow_metadata');
+    assert.ok(
+      currentDetails?.startsWith(`Requested by alice (key ${result.requester?.keyId}), verified`),
+      String(currentDetails),
+    );
     // Undone (signed by the client), the replica is Ready again: only the nonce stops the same request.
     await o.client.workflow
       .getHandle(replicaWorkflowId(VM.moved))
