@@ -142,8 +142,14 @@ export async function verifyStartRequest(
  * The line of a workflow's current details that names who asked, as verified: its start's summary is the starter's
  * own claim. Empty in a run that predates signed requests.
  */
-export const verifiedRequesterLine = (requester: VerifiedRequester | undefined): string[] =>
-  requester ? [`Requested by ${formatRequester(requester)}, verified`] : [];
+export const verifiedRequesterLine = (requester: VerifiedRequester | undefined): string[] => {
+  if (!requester) return [];
+  return [
+    requester.keyId
+      ? `Requested by ${formatRequester(requester)}, verified`
+      : `Requested by ${requester.user}, unsigned: accepted only because requests.allowUnsigned is on`,
+  ];
+};
 
 /** The search attribute that lists a workflow under its verified requester, for a child's start options. */
 export const requestedBy = (requester: VerifiedRequester) => ({

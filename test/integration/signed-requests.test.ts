@@ -382,4 +382,23 @@ describe('signed requests: every request that changes anything is verified befor
     assert.match(JSON.stringify(await run(newKey)), /unknown user 'carol'/);
     writeConfig(base);
   });
+
+  it('with requests.allowUnsigned, takes an unsigned job run and marks it unsigned; roles still hold', async () => {
+    const unsignedRun = { job: JOB, vms: [VM.ready], requestedBy: 'bob', reason: 'lab' };
+    assert.match(JSON.stringify(await startAnswer('replicationJob', unsignedRun)), /signature: unsigned/);
+    writeConfig({ ...base, requests: { ...base.requests, allowUnsigned: true } });
+    try {
+      const run = await start('replicationJob', unsignedRun);
+      const result = (await run.result()) as { requester?: { user: string; keyId: string | null } };
+      assert.deepEqual(result.requester, { user: 'bob', keyId: null });
+      const { currentDetails } = await run.query<{ currentDetails?: string }>('__temporal_workflow_metadata');
+      assert.ok(currentDetails?.startsWith('Requested by bob, unsigned'), String(currentDetails));
+      assert.deepEqual((await run.describe()).typedSearchAttributes.get(SearchAttributes.FailoverRequestedBy), 'bob');
+      // Unsigned is no way around the roles: mallory may only view.
+      const refused = await startAnswer('replicationJob', { ...unsignedRun, requestedBy: 'mallory' });
+      assert.ok(!refused.accepted && refused.type === FailureTypes.accessDenied, JSON.stringify(refused));
+    } finally {
+      writeConfig(base);
+    }
+  });
 });
