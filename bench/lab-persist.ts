@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { Command } from 'commander';
 import { loadEstate } from '../lab/estate';
 import { LabSite } from '../lab/site';
+import type { Comparison } from './report/comparisons';
 import { commitOf, machine, median, round3, writeResult } from './lib';
 
 function percentile(sorted: number[], p: number): number {
@@ -84,6 +85,14 @@ async function main(): Promise<void> {
       ratio: round3(median(saves) / median(serialize)),
       persistSamplesMs: saves.map(round3),
       serializeSamplesMs: serialize.map(round3),
+      comparisons: [
+        {
+          title: "One save of the lab's metadata",
+          unit: 'ms',
+          measured: { label: 'serialize, write, fsync, rename, fsync dir', samples: saves.map(round3) },
+          baseline: { label: 'serialize alone', samples: serialize.map(round3) },
+        },
+      ] satisfies Comparison[],
     });
     console.log(`ratio ${(median(saves) / median(serialize)).toFixed(1)}; written to ${path}`);
   } finally {

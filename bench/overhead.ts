@@ -8,6 +8,7 @@ import { NativeConnection, Worker } from '@temporalio/worker';
 import { startPlannedFailover, startReplicationJob } from '../src/client';
 import { sessionWorkflowId } from '../src/contract';
 import type { BareActivities } from './bare-workflow';
+import type { Comparison } from './report/comparisons';
 import {
   commitOf,
   criticalWindow,
@@ -188,6 +189,15 @@ async function main(): Promise<void> {
       plannedSessionStepMedians: stepMedians(planned.map((p) => p.sessionSteps)),
       plannedCriticalWindowMedians: window,
       histories,
+      comparisons: [
+        {
+          title: 'Orchestration overhead',
+          unit: 'ms',
+          measured: { label: 'planned failover, nothing to copy', samples: planned.map((p) => p.wallMs) },
+          baseline: { label: 'bare workflow, five no-op activities', samples: bareMs.map(Math.round) },
+          targets: [{ text: 'at most 1.5x the bare workflow', of: 'ratio', atMost: 1.5 }],
+        },
+      ] satisfies Comparison[],
       note:
         'planned = startPlannedFailover to its result for a VM with writeRate 0, already replicated, shutdownMs 0, ' +
         'bootMs 0 (a parent workflow, one session child, its activities and the signals to the replica and proxy ' +
