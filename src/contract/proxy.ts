@@ -49,7 +49,7 @@ export interface ProxyRegistryInput {
   carried?: {
     proxies: Record<string, { online: boolean; leases: HeldSlot[]; declared: ProxyDeclaration | null }>;
     queue: SlotRequest[];
-    /** Absent in runs continued by 0.2.0. */
+    /** Absent when an older release continued the registry as new. */
     lastRejection?: ProxyRegistryView['lastRejection'];
   };
 }
