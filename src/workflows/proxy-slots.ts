@@ -30,6 +30,9 @@ import { allocateSlots } from '../domain/proxy-slots';
 import { control, failureMessage, SIGNED_REQUESTS_PATCH, verifyRequester, withSummary } from './common';
 import { HolderWatch } from './holders';
 
+/** setProxyOnline changes take effect in the order they arrived, each verified only after the one before it. */
+const PROXY_CHANGES_IN_ORDER_PATCH = 'proxy-changes-in-order';
+
 type ProxyEntry = { online: boolean; leases: HeldSlot[]; declared: ProxyDeclaration | null };
 
 /**
@@ -73,6 +76,9 @@ export async function proxySlots(input: ProxyRegistryInput): Promise<void> {
     changed = true;
   });
 
+  /** The newest proxy change's turn: each change waits for the ones that arrived before it. */
+  let previousChange: Promise<void> = Promise.resolve();
+
   setHandler(proxySignals.setProxyOnline, async (request: unknown) => {
     const receivedAt = Date.now();
     const refuse = (reason: string) => {
@@ -82,7 +88,13 @@ export async function proxySlots(input: ProxyRegistryInput): Promise<void> {
     const checked = validate(setProxyOnlineSchema, request);
     if (!checked.ok) return refuse(formatProblems('The setProxyOnline signal', checked.problems));
     if (!proxies[checked.value.proxy]) return refuse(`proxy: '${checked.value.proxy}' is no proxy the registry knows`);
-    if (patched(SIGNED_REQUESTS_PATCH)) {
+    const { proxy, online } = checked.value;
+    const apply = () => {
+      proxies[proxy]!.online = online;
+      changed = true;
+    };
+    if (!patched(SIGNED_REQUESTS_PATCH)) return apply();
+    const verifyThenApply = async () => {
       try {
         const requester = await verifyRequester(
           'setProxyOnline',
@@ -95,9 +107,14 @@ export async function proxySlots(input: ProxyRegistryInput): Promise<void> {
       } catch (err) {
         return refuse(failureMessage(err));
       }
-    }
-    proxies[checked.value.proxy]!.online = checked.value.online;
-    changed = true;
+      apply();
+    };
+    // Verifications are activities and finish in any order: an operator's "offline" then "online" must leave the
+    // proxy online (the fault suite saw the older change applied last, and the proxy stay offline for good).
+    if (!patched(PROXY_CHANGES_IN_ORDER_PATCH)) return verifyThenApply();
+    const mine = previousChange.then(verifyThenApply);
+    previousChange = mine;
+    await mine;
   });
 
   setHandler(proxyQueries.slots, (): ProxyRegistryView => ({

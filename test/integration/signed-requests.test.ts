@@ -328,6 +328,20 @@ describe('signed requests: every request that changes anything is verified befor
     assert.equal(await online(), true);
   });
 
+  it('takes proxy changes sent back to back in the order sent, though each is verified on its own', async () => {
+    const registry = o.client.workflow.getHandle(PROXY_REGISTRY_WORKFLOW_ID);
+    const online = async () =>
+      (await registry.query(proxyQueries.slots)).proxies.find((p) => p.name === 'proxy-a')?.online;
+    for (const last of [true, false, true]) {
+      const changes = [!last, last, !last, last, !last, last];
+      for (const value of changes)
+        await registry.signal(proxySignals.setProxyOnline, { proxy: 'proxy-a', online: value, requestedBy: 'alice' });
+      // An unsigned change sent after them is refused once every change before it has been verified and applied.
+      await proxyAnswer({ proxy: 'proxy-a', online: !last, requestedBy: 'alice' });
+      assert.equal(await online(), last, `after ${changes.join(', ')}`);
+    }
+  });
+
   it('accepts a signed planned failover once, records who asked and by which key, and refuses its replay', async () => {
     const input = sign('plannedFailover', 'plannedFailover', { vms: [VM.moved], ...who });
     const first = await start('plannedFailover', input);
