@@ -20,6 +20,7 @@ import { createLogger } from '../src/logging';
 import { createOrchestrator, type Orchestrator } from '../src/orchestrator';
 import { makeTestKeys, signingTestClient, testPublicKey } from '../test/keys';
 import { labControl, labPort, labServerTls, makeTestSite, testClientTls } from '../test/tls';
+import { median } from './report/comparisons';
 
 export const MiB = 1024 * 1024;
 export const PROD = 'prod-a';
@@ -164,11 +165,7 @@ export async function startEnvironment(options: {
   }
 }
 
-export const median = (values: readonly number[]): number => {
-  if (values.length === 0) return Number.NaN;
-  const s = [...values].sort((x, y) => x - y);
-  return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
-};
+export { median };
 
 /** Runs an activity call with no worker, in an activity context of its own (heartbeats go nowhere). */
 export const asActivity = <R>(call: () => Promise<R>): Promise<R> => new MockActivityEnvironment().run(call);

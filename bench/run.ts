@@ -107,7 +107,13 @@ async function main(): Promise<number> {
   }
   const failed: string[] = [];
   for (const name of parsed.names) {
-    console.log(`\n== bench/${name}.ts (${new Date().toISOString()})`);
+    const { script, env } = BENCHMARKS[name]!;
+    const variant = env
+      ? ` with ${Object.entries(env)
+          .map(([k, v]) => `${k}=${v}`)
+          .join(' ')}`
+      : '';
+    console.log(`\n== ${name}: bench/${script}.ts${variant} (${new Date().toISOString()})`);
     const code = await runBenchmark(name);
     if (code !== 0) failed.push(`${name} (exit code ${code})`);
   }

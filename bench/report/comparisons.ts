@@ -66,16 +66,17 @@ export interface ComparisonSummary {
   note?: string;
 }
 
-export function medianOf(values: readonly number[]): number {
-  const sorted = [...values].sort((a, b) => a - b);
-  const mid = sorted.length >> 1;
-  return sorted.length % 2 === 1 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
-}
+/** The median of the samples (NaN for none); every benchmark's, through bench/lib.ts. */
+export const median = (values: readonly number[]): number => {
+  if (values.length === 0) return Number.NaN;
+  const s = [...values].sort((x, y) => x - y);
+  return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
+};
 
 function summarise(series: { label: string; samples: number[] }): SeriesSummary {
   return {
     label: series.label,
-    median: medianOf(series.samples),
+    median: median(series.samples),
     min: Math.min(...series.samples),
     max: Math.max(...series.samples),
     count: series.samples.length,
