@@ -591,15 +591,15 @@ export class KvmSourceDomains {
   }
 
   /**
-   * Ends a view: its backup job or offline exports, its record, the libvirt checkpoints nothing stands for any more
-   * (libvirt deletes checkpoints only of a running domain), and, for an older agent's paused start, the domain's run.
+   * Ends a view: its backup job or offline exports, its record, the libvirt checkpoints nothing stands for any more,
+   * and, for an older agent's paused start, the domain's run.
    */
   private async closeView(domain: string, c: CheckpointRecord): Promise<void> {
     this.dropViewExports(domain, c.id);
     if (c.offline) await this.stopOfflineExports(domain, c.id);
     else await this.abortBackup(domain);
-    // Its checkpoint goes while the paused start still runs (libvirt deletes checkpoints only of a running domain);
-    // its record goes last, so that the domain shows Off until its paused start has ended.
+    // An older agent's paused start: its checkpoint goes while it still runs, and its record last, so that the
+    // domain shows Off until the paused start has ended.
     await this.dropCheckpointsWithoutReference(domain, c.id);
     await this.endPausedStart(domain, c.pausedStart);
     await this.state.update(domain, (d) => void (d.checkpoints = d.checkpoints.filter((x) => x.id !== c.id)));
@@ -660,10 +660,22 @@ export class KvmSourceDomains {
     return lines(await this.virsh.run(['checkpoint-list', domain, '--name', '--topological']));
   }
 
+  /**
+   * Deletes a libvirt checkpoint and its bitmaps. libvirt keeps every checkpoint's bitmap recording, so the others
+   * still count every change since their own instants. libvirt deletes checkpoints only of a running domain: of one
+   * that is off, the agent removes the bitmaps from the images itself, then libvirt's record (a crash between leaves a
+   * checkpoint without its bitmap, which libvirt reports as inconsistent: never silently wrong).
+   */
   private async deleteLibvirtCheckpoint(domain: string, name: string): Promise<void> {
     if (!(await this.libvirtCheckpoints(domain)).includes(name)) return;
-    // Deleting merges its bitmap into its parent's, so changes since the parent stay counted. A bitmap QEMU dropped
-    // (inconsistent after a kill) leaves only libvirt's record of it to delete.
+    if ((await this.domState(domain)).state === 'shut off') {
+      for (const d of await this.domainDisks(domain))
+        if ((await imageInfo(d.source)).bitmaps.some((b) => b.name === name))
+          await run('qemu-img', ['bitmap', '--remove', d.source, name]);
+      await this.virsh.run(['checkpoint-delete', '--metadata', domain, name]);
+      return;
+    }
+    // A bitmap QEMU dropped (inconsistent after a kill) leaves only libvirt's record of it to delete.
     await this.virsh.run(['checkpoint-delete', domain, name]).catch(async (e: unknown) => {
       if (!(e instanceof VirshError && BITMAP_LOST.test(e.detail))) throw e;
       await this.virsh.run(['checkpoint-delete', '--metadata', domain, name]);
@@ -675,8 +687,9 @@ export class KvmSourceDomains {
    * closed) stands for (failed copies) go; other tools' checkpoints stay.
    */
   private async dropCheckpointsWithoutReference(domain: string, closing?: string): Promise<void> {
-    if ((await this.domState(domain)).state === 'shut off') return; // done at its next checkpoint
     const record = this.state.domain(domain);
+    // An open offline view's exports hold the images (a bitmap is removed only with the image's lock): later.
+    if (record.checkpoints.some((c) => c.offline && c.id !== closing)) return;
     const kept = new Set([
       ...record.referencePoints.map((r) => r.checkpointId),
       ...record.checkpoints.filter((c) => c.id !== closing).map((c) => c.id),
