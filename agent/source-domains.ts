@@ -7,8 +7,9 @@
 // with the blocks changed since the newest reference point's checkpoint as a dirty-bitmap context. A reference
 // point names the libvirt checkpoint of a copy that really completed, so the next backup counts changes from there.
 // libvirt runs one backup job per domain: a new checkpoint ends an older view first (its session is gone: the
-// replica's sessions run one at a time). A domain that is off is started paused for its backup (libvirt 9.0 backs
-// up no shut-off domain) and destroyed again when the view closes; meanwhile it is Off to the orchestrator.
+// replica's sessions run one at a time). libvirt 9.0 backs up no shut-off domain: the view of a domain that is off
+// (the final sync's, after the guest shut down) is taken offline, as libvirt's backup would take it, without
+// starting the domain (`beginOfflineView`).
 import { createHash } from 'node:crypto';
 import { execFile } from 'node:child_process';
 import { mkdir, rename, rm, writeFile } from 'node:fs/promises';
@@ -40,7 +41,13 @@ import { acpiShutdown, destroyDomain, isNoSuchDomain, parseDomState, powerStateO
 import { domainXmlOfRequest, fileDisksOf } from './definition';
 import type { ManagedDomains } from './managed-domains';
 import type { CheckpointRecord, HostState, ReferenceRecord } from './state';
-import { connectImageExport, NBD_REPLY_TIMEOUT_MS, type ImageExport } from './storage-daemon';
+import {
+  connectImageExport,
+  exportImage,
+  NBD_REPLY_TIMEOUT_MS,
+  stopStaleExport,
+  type ImageExport,
+} from './storage-daemon';
 
 /** Block reads go out in pieces of this size (each one frame of the host API). */
 export const READ_PIECE_BYTES = 4 * 1024 * 1024;
@@ -75,6 +82,17 @@ interface DomainDisk {
   source: string;
 }
 
+/** A dirty bitmap of a qcow2 image, as `qemu-img info` gives it. */
+interface ImageBitmap {
+  name: string;
+  /** `auto`: recording (enabled); `in-use`: inconsistent (its QEMU stopped without storing it). */
+  flags: string[];
+}
+
+/** Whether a bitmap holds every change since its checkpoint: there, recording, and stored whole. */
+const recordsEveryChange = (b: ImageBitmap | undefined): boolean =>
+  b !== undefined && b.flags.includes('auto') && !b.flags.includes('in-use');
+
 /** The state libvirt reports (`domstate --reason`): `running (booted)`, `shut off (shutdown)`, … */
 
 export interface KvmSourceOptions {
@@ -96,6 +114,8 @@ export class KvmSourceDomains {
   private readonly locks = new Map<string, Promise<unknown>>();
   /** Open NBD connections to checkpoint views, by `<domain>/<checkpoint>/<disk>`; rebuilt on demand. */
   private readonly exports = new Map<string, Promise<NbdClient>>();
+  /** The export daemons of offline views this process started, by `<domain>/<checkpoint>`. */
+  private readonly offlineExports = new Map<string, ImageExport[]>();
 
   private readonly state: HostState;
 
@@ -116,6 +136,8 @@ export class KvmSourceDomains {
     const clients = await Promise.allSettled(this.exports.values());
     this.exports.clear();
     for (const c of clients) if (c.status === 'fulfilled') c.value.destroy();
+    for (const daemons of this.offlineExports.values()) await Promise.all(daemons.map((d) => d.stop()));
+    this.offlineExports.clear();
   }
 
   /** One change at a time per domain (libvirt itself serializes backup jobs by a lock that hangs the second). */
@@ -251,10 +273,7 @@ export class KvmSourceDomains {
    * (qcow2_get_specific_info: Assertion `false' failed) when the query meets a backup job's scratch node going away.
    */
   private async capacity(image: string): Promise<number> {
-    const { stdout } = await run('qemu-img', ['info', '-U', '--output=json', image]);
-    const size = (JSON.parse(stdout) as { 'virtual-size'?: unknown })['virtual-size'];
-    if (typeof size !== 'number') throw new Error(`no virtual size for ${image}: ${stdout}`);
-    return size;
+    return (await imageInfo(image)).sizeBytes;
   }
 
   private async domState(domain: string): Promise<{ state: string; reason: string }> {
@@ -266,7 +285,7 @@ export class KvmSourceDomains {
   /** ACPI power button, then waits for the guest to stop; `timed-out` leaves the forced power-off to the caller. */
   shutdownGuest(domain: string, timeoutMs: number, signal?: AbortSignal): Promise<ShutdownResult> {
     return this.exclusive(domain, async () => {
-      await this.closeViewsOfPausedStart(domain);
+      await this.closeViewsOfStoppedDomain(domain, 'pausedStart');
       if ((await this.domState(domain)).state === 'shut off') return { outcome: 'already-off', state: 'Off' };
       const end = await acpiShutdown(this.virsh, domain, timeoutMs, () => this.domState(domain), signal);
       if (!end.off) return { outcome: 'timed-out', state: end.state };
@@ -277,7 +296,7 @@ export class KvmSourceDomains {
 
   powerOff(domain: string): Promise<PowerResult> {
     return this.exclusive(domain, async () => {
-      await this.closeViewsOfPausedStart(domain);
+      await this.closeViewsOfStoppedDomain(domain, 'pausedStart');
       if ((await this.domState(domain)).state === 'shut off') return { state: 'Off', alreadyInState: true };
       await destroyDomain(this.virsh, domain);
       await this.state.update(domain, (d) => void (d.lastStop = 'forced-off'));
@@ -287,7 +306,7 @@ export class KvmSourceDomains {
 
   powerOn(domain: string): Promise<PowerResult> {
     return this.exclusive(domain, async () => {
-      await this.closeViewsOfPausedStart(domain);
+      await this.closeViewsOfStoppedDomain(domain, 'all');
       const { state } = await this.domState(domain);
       if (state === 'running') return { state: 'Running', alreadyInState: true };
       if (state === 'paused') await this.virsh.run(['resume', domain]);
@@ -302,7 +321,7 @@ export class KvmSourceDomains {
   createCheckpoint(domain: string, checkpointId: string): Promise<CheckpointInfo> {
     return this.exclusive(domain, async () => {
       const known = this.state.domain(domain).checkpoints.find((c) => c.id === checkpointId);
-      if (known?.status === 'open' && (await this.backupRunning(domain)) === 'ours')
+      if (known?.status === 'open' && (await this.viewServed(domain, known)))
         return { id: known.id, vm: domain, createdAt: known.createdAt };
       // Whatever view is left (another session's, or this one's begun and lost in a crash) ends here.
       for (const old of this.state.domain(domain).checkpoints) await this.closeView(domain, old);
@@ -322,6 +341,7 @@ export class KvmSourceDomains {
         createdAt: new Date().toISOString(),
         incrementalFrom: base?.checkpointId ?? null,
         pausedStart: false,
+        offline: false,
         disks,
         status: 'beginning',
       };
@@ -331,20 +351,18 @@ export class KvmSourceDomains {
   }
 
   /**
-   * Starts a view's backup job, which creates (or, for an interrupted view, creates again) the libvirt checkpoint of
-   * its name; a domain that is off is started paused for it. Recorded as beginning first, then as open.
+   * Starts a view: the backup job of a running domain, which creates (or, for an interrupted view, creates again) the
+   * libvirt checkpoint of its name, or the offline view of a domain that is off. Recorded as beginning first, then as
+   * open.
    */
   private async beginView(domain: string, checkpoint: CheckpointRecord): Promise<void> {
-    const { state, reason } = await this.domState(domain);
-    checkpoint.pausedStart = state === 'shut off';
+    checkpoint.offline = (await this.domState(domain)).state === 'shut off';
+    checkpoint.pausedStart = false;
     checkpoint.status = 'beginning';
     await this.state.update(domain, (d) => {
       d.checkpoints = [...d.checkpoints.filter((c) => c.id !== checkpoint.id), checkpoint];
       if (!d.ownCheckpoints.includes(checkpoint.id)) d.ownCheckpoints.push(checkpoint.id);
-      // The paused start ends in a destroy, which libvirt then gives as the reason: keep how it really stopped.
-      if (checkpoint.pausedStart) d.lastStop ??= lastStopFromReason(state, reason);
     });
-    if (checkpoint.pausedStart) await this.virsh.run(['start', '--paused', domain]);
     await this.dropCheckpointsWithoutReference(domain);
     const loseTracking = async (why: string) => {
       this.options.log(`${domain}: change tracking lost (${why}); the view has no changed extents`);
@@ -354,20 +372,159 @@ export class KvmSourceDomains {
       checkpoint.incrementalFrom = null;
     };
     // The reference point's libvirt checkpoint may be gone (deleted by an operator, or libvirt's metadata lost).
-    if (checkpoint.incrementalFrom && !(await this.libvirtCheckpoints(domain)).includes(checkpoint.incrementalFrom))
+    const libvirtCheckpoints = await this.libvirtCheckpoints(domain);
+    if (checkpoint.incrementalFrom && !libvirtCheckpoints.includes(checkpoint.incrementalFrom))
       await loseTracking(`libvirt has no checkpoint ${checkpoint.incrementalFrom} any more`);
-    try {
-      await this.beginBackup(domain, checkpoint);
-    } catch (e) {
-      if (!(checkpoint.incrementalFrom && e instanceof VirshError && BITMAP_LOST.test(e.detail))) throw e;
-      // QEMU stopped without writing its bitmaps back: nothing since the reference point can be trusted.
-      await loseTracking(e.detail);
-      await this.beginBackup(domain, checkpoint);
-    }
+    if (checkpoint.offline) await this.beginOfflineView(domain, checkpoint, libvirtCheckpoints, loseTracking);
+    else
+      try {
+        await this.beginBackup(domain, checkpoint);
+      } catch (e) {
+        if (!(checkpoint.incrementalFrom && e instanceof VirshError && BITMAP_LOST.test(e.detail))) throw e;
+        // QEMU stopped without writing its bitmaps back: nothing since the reference point can be trusted.
+        await loseTracking(e.detail);
+        await this.beginBackup(domain, checkpoint);
+      }
     checkpoint.status = 'open';
     await this.state.update(domain, (d) => {
       const c = d.checkpoints.find((x) => x.id === checkpoint.id);
       if (c) Object.assign(c, { status: 'open', incrementalFrom: checkpoint.incrementalFrom });
+    });
+  }
+
+  /**
+   * The view of a domain that is off, taken as libvirt's backup would take it, without starting the domain (a paused
+   * start cost over a second, and its destroy as much again). libvirt keeps every checkpoint's bitmap recording, so
+   * the reference point's bitmap alone holds every change since; the new checkpoint is redefined to libvirt and then
+   * its recording bitmap added to each image (a crash between the two leaves a checkpoint whose bitmap is missing,
+   * which libvirt reports as inconsistent: tracking lost, never wrong). The images are exported read-only with both
+   * bitmaps, by daemons that hold the images' locks: nobody starts the domain while the view is read.
+   */
+  private async beginOfflineView(
+    domain: string,
+    checkpoint: CheckpointRecord,
+    libvirtCheckpoints: string[],
+    loseTracking: (why: string) => Promise<void>,
+  ): Promise<void> {
+    const disks = await this.domainDisks(domain);
+    const infos = await Promise.all(disks.map((d) => imageInfo(d.source)));
+    const from = checkpoint.incrementalFrom;
+    const broken = from && disks.find((_, i) => !recordsEveryChange(infos[i]!.bitmaps.find((b) => b.name === from)));
+    if (broken)
+      await loseTracking(`the bitmap of checkpoint ${from} in disk ${broken.target} does not hold every change`);
+    if (!libvirtCheckpoints.includes(checkpoint.id))
+      await this.redefineCheckpoint(domain, checkpoint, libvirtCheckpoints.at(-1), disks);
+    // The checkpoint's bitmap starts now (the view shows the disk as it is now): one a crash or an earlier view of the
+    // same checkpoint left is made again.
+    await Promise.all(
+      disks.map((d, i) =>
+        run('qemu-img', [
+          'bitmap',
+          ...(infos[i]!.bitmaps.some((b) => b.name === checkpoint.id) ? ['--remove'] : []),
+          '--add',
+          d.source,
+          checkpoint.id,
+        ]),
+      ),
+    );
+    await this.startOfflineExports(domain, checkpoint, disks);
+  }
+
+  /** Makes a checkpoint libvirt did not create known to it, as if it had (its bitmap named after it in each disk). */
+  private async redefineCheckpoint(
+    domain: string,
+    checkpoint: CheckpointRecord,
+    parent: string | undefined,
+    disks: DomainDisk[],
+  ): Promise<void> {
+    const x = escapeXml;
+    const xml =
+      `<domaincheckpoint><name>${x(checkpoint.id)}</name>` +
+      (parent ? `<parent><name>${x(parent)}</name></parent>` : '') +
+      `<creationTime>${Math.floor(Date.parse(checkpoint.createdAt) / 1000)}</creationTime><disks>` +
+      disks.map((d) => `<disk name='${x(d.target)}' checkpoint='bitmap' bitmap='${x(checkpoint.id)}'/>`).join('') +
+      `</disks></domaincheckpoint>`;
+    const file = join(this.options.stateDir, 'xml', `${domain}.checkpoint.xml`);
+    await writeFile(file, xml);
+    await this.virsh.run(['checkpoint-create', domain, file, '--redefine']);
+  }
+
+  /** Where an offline view's export of one disk listens, and its daemon's pid file (a leftover is stopped at start). */
+  private offlineExportOf(domain: string, disk: string): { socket: string; pidFile: string } {
+    const key = createHash('sha256').update(`${domain}/${disk}`).digest('hex').slice(0, 16);
+    const run = join(this.options.stateDir, 'run');
+    return { socket: join(run, `${key}.view.sock`), pidFile: join(run, `${key}.view.nbd.pid`) };
+  }
+
+  private async startOfflineExports(domain: string, c: CheckpointRecord, disks: DomainDisk[]): Promise<void> {
+    await this.stopOfflineExports(domain, c.id);
+    const started = await Promise.allSettled(
+      disks.map((d) =>
+        exportImage({
+          image: d.source,
+          ...this.offlineExportOf(domain, d.target),
+          writable: false,
+          excludeWriters: true,
+          bitmaps: [...(c.incrementalFrom ? [c.incrementalFrom] : []), c.id],
+        }),
+      ),
+    );
+    const daemons = started.flatMap((r) => (r.status === 'fulfilled' ? [r.value] : []));
+    this.offlineExports.set(`${domain}/${c.id}`, daemons);
+    const failed = started.find((r) => r.status === 'rejected');
+    if (failed) {
+      await this.stopOfflineExports(domain, c.id);
+      throw failed.reason;
+    }
+  }
+
+  /** Stops an offline view's export daemons: this process's, or ones a previous run left (proven by their pid files). */
+  private async stopOfflineExports(domain: string, checkpointId: string): Promise<void> {
+    const daemons = this.offlineExports.get(`${domain}/${checkpointId}`) ?? [];
+    this.offlineExports.delete(`${domain}/${checkpointId}`);
+    await Promise.all(daemons.map((d) => d.stop()));
+    const disks = this.state.domain(domain).checkpoints.find((c) => c.id === checkpointId)?.disks ?? [];
+    for (const d of disks) await stopStaleExport(this.offlineExportOf(domain, d.id).pidFile);
+  }
+
+  /** Whether a view is still served: the backup job of ours runs, or the offline view's exports do. */
+  private async viewServed(domain: string, c: CheckpointRecord): Promise<boolean> {
+    if (!c.offline) return (await this.backupRunning(domain)) === 'ours';
+    return this.offlineExports.get(`${domain}/${c.id}`)?.every((d) => d.running) ?? false;
+  }
+
+  /**
+   * The exports of an offline view, started again when they are gone (the agent restarted, or a daemon was killed) if
+   * the images are still as the view showed them: the domain is off and the checkpoint's own bitmaps, which record
+   * every write since the view began, are clean. Otherwise the view is gone, and the checkpoint must be taken again.
+   */
+  private async serveOfflineView(domain: string, checkpointId: string): Promise<void> {
+    const gone = (why: string) =>
+      conflict(`the view of checkpoint ${domain}/${checkpointId} is gone: ${why}; create the checkpoint again`);
+    await this.exclusive(domain, async () => {
+      const c = this.openView(domain, checkpointId);
+      if (!c.offline || c.status !== 'open' || (await this.viewServed(domain, c))) return;
+      this.dropViewExports(domain, c.id);
+      if ((await this.domState(domain)).state !== 'shut off') throw gone(`${domain} has started since`);
+      const disks = await this.domainDisks(domain);
+      await this.startOfflineExports(domain, c, disks);
+      for (const d of disks) {
+        const nbd = await NbdClient.connect({
+          path: this.offlineExportOf(domain, d.target).socket,
+          exportName: 'disk',
+          metaContexts: [dirtyBitmapContext(c.id)],
+          replyTimeoutMs: NBD_REPLY_TIMEOUT_MS,
+        });
+        try {
+          const map = await nbd.blockStatus(dirtyBitmapContext(c.id), 0, nbd.size);
+          if (map.some((e) => (e.flags & STATE_DIRTY) !== 0)) {
+            await this.stopOfflineExports(domain, c.id);
+            throw gone(`disk ${d.target} was written since`);
+          }
+        } finally {
+          nbd.destroy();
+        }
+      }
     });
   }
 
@@ -381,7 +538,7 @@ export class KvmSourceDomains {
 
   private async beginBackup(domain: string, checkpoint: CheckpointRecord): Promise<void> {
     const disks = await this.domainDisks(domain);
-    const x = (s: string) => s.replace(/[<>&'"]/g, (c) => `&#${c.charCodeAt(0)};`);
+    const x = escapeXml;
     const backupXml =
       `<domainbackup mode='pull'>` +
       (checkpoint.incrementalFrom ? `<incremental>${x(checkpoint.incrementalFrom)}</incremental>` : '') +
@@ -434,14 +591,15 @@ export class KvmSourceDomains {
   }
 
   /**
-   * Ends a view: its backup job, its record, the libvirt checkpoints nothing stands for any more (libvirt deletes
-   * checkpoints only of a running domain), and, for a paused start, the domain's run.
+   * Ends a view: its backup job or offline exports, its record, the libvirt checkpoints nothing stands for any more,
+   * and, for an older agent's paused start, the domain's run.
    */
   private async closeView(domain: string, c: CheckpointRecord): Promise<void> {
     this.dropViewExports(domain, c.id);
-    await this.abortBackup(domain);
-    // Its checkpoint goes while the paused start still runs (libvirt deletes checkpoints only of a running domain);
-    // its record goes last, so that the domain shows Off until its paused start has ended.
+    if (c.offline) await this.stopOfflineExports(domain, c.id);
+    else await this.abortBackup(domain);
+    // An older agent's paused start: its checkpoint goes while it still runs, and its record last, so that the
+    // domain shows Off until the paused start has ended.
     await this.dropCheckpointsWithoutReference(domain, c.id);
     await this.endPausedStart(domain, c.pausedStart);
     await this.state.update(domain, (d) => void (d.checkpoints = d.checkpoints.filter((x) => x.id !== c.id)));
@@ -469,7 +627,7 @@ export class KvmSourceDomains {
   }
 
   /**
-   * A write into the disk of a domain that is off ends its views (a paused start holds the image): recorded as
+   * A write into the disk of a domain that is off ends its views (their exports hold the images): recorded as
    * interrupted first, so that a read after the write takes the view again.
    */
   private async interruptViews(domain: string): Promise<void> {
@@ -478,7 +636,10 @@ export class KvmSourceDomains {
     await this.state.update(domain, (d) => {
       for (const c of d.checkpoints) if (c.status === 'open') c.status = 'interrupted';
     });
-    for (const c of views) this.dropViewExports(domain, c.id);
+    for (const c of views) {
+      this.dropViewExports(domain, c.id);
+      if (c.offline) await this.stopOfflineExports(domain, c.id);
+    }
     await this.abortBackup(domain);
     await this.endPausedStart(
       domain,
@@ -486,19 +647,35 @@ export class KvmSourceDomains {
     );
   }
 
-  /** Before anyone powers a domain on or off, a paused start of ours for a view ends (its view goes with it). */
-  private async closeViewsOfPausedStart(domain: string): Promise<void> {
-    for (const c of this.state.domain(domain).checkpoints) if (c.pausedStart) await this.closeView(domain, c);
+  /**
+   * Before anyone powers a domain on or off, an older agent's paused start for a view ends, and before it powers on,
+   * the offline views (their exports keep it from starting); each view goes with them.
+   */
+  private async closeViewsOfStoppedDomain(domain: string, which: 'pausedStart' | 'all'): Promise<void> {
+    for (const c of this.state.domain(domain).checkpoints)
+      if (c.pausedStart || (which === 'all' && c.offline)) await this.closeView(domain, c);
   }
 
   private async libvirtCheckpoints(domain: string): Promise<string[]> {
     return lines(await this.virsh.run(['checkpoint-list', domain, '--name', '--topological']));
   }
 
+  /**
+   * Deletes a libvirt checkpoint and its bitmaps. libvirt keeps every checkpoint's bitmap recording, so the others
+   * still count every change since their own instants. libvirt deletes checkpoints only of a running domain: of one
+   * that is off, the agent removes the bitmaps from the images itself, then libvirt's record (a crash between leaves a
+   * checkpoint without its bitmap, which libvirt reports as inconsistent: never silently wrong).
+   */
   private async deleteLibvirtCheckpoint(domain: string, name: string): Promise<void> {
     if (!(await this.libvirtCheckpoints(domain)).includes(name)) return;
-    // Deleting merges its bitmap into its parent's, so changes since the parent stay counted. A bitmap QEMU dropped
-    // (inconsistent after a kill) leaves only libvirt's record of it to delete.
+    if ((await this.domState(domain)).state === 'shut off') {
+      for (const d of await this.domainDisks(domain))
+        if ((await imageInfo(d.source)).bitmaps.some((b) => b.name === name))
+          await run('qemu-img', ['bitmap', '--remove', d.source, name]);
+      await this.virsh.run(['checkpoint-delete', '--metadata', domain, name]);
+      return;
+    }
+    // A bitmap QEMU dropped (inconsistent after a kill) leaves only libvirt's record of it to delete.
     await this.virsh.run(['checkpoint-delete', domain, name]).catch(async (e: unknown) => {
       if (!(e instanceof VirshError && BITMAP_LOST.test(e.detail))) throw e;
       await this.virsh.run(['checkpoint-delete', '--metadata', domain, name]);
@@ -510,8 +687,9 @@ export class KvmSourceDomains {
    * closed) stands for (failed copies) go; other tools' checkpoints stay.
    */
   private async dropCheckpointsWithoutReference(domain: string, closing?: string): Promise<void> {
-    if ((await this.domState(domain)).state === 'shut off') return; // done at its next checkpoint
     const record = this.state.domain(domain);
+    // An open offline view's exports hold the images (a bitmap is removed only with the image's lock): later.
+    if (record.checkpoints.some((c) => c.offline && c.id !== closing)) return;
     const kept = new Set([
       ...record.referencePoints.map((r) => r.checkpointId),
       ...record.checkpoints.filter((c) => c.id !== closing).map((c) => c.id),
@@ -673,18 +851,20 @@ export class KvmSourceDomains {
   async viewExport(domain: string, checkpointId: string, disk: string): Promise<NbdClient> {
     const c = await this.liveView(domain, checkpointId);
     this.viewDiskSize(domain, checkpointId, disk);
+    if (c.offline && !(await this.viewServed(domain, c))) await this.serveOfflineView(domain, checkpointId);
     const key = `${domain}/${checkpointId}/${disk}`;
     let client = this.exports.get(key);
     if (!client) {
-      const metaContexts = [BASE_ALLOCATION, ...(c.incrementalFrom ? [dirtyBitmapContext(bitmapExport(disk))] : [])];
+      const changes = changesContext(c, disk);
       client = NbdClient.connect({
-        path: this.socketOf(domain),
-        exportName: disk,
-        metaContexts,
+        ...(c.offline
+          ? { path: this.offlineExportOf(domain, disk).socket, exportName: 'disk' }
+          : { path: this.socketOf(domain), exportName: disk }),
+        metaContexts: [BASE_ALLOCATION, ...(changes ? [changes] : [])],
         replyTimeoutMs: NBD_REPLY_TIMEOUT_MS,
       }).catch(async (e: unknown) => {
         // The QEMU that served the view stopped (killed, or restarted since): no retry brings it back.
-        if (await this.backupJobGone(domain))
+        if (!c.offline && (await this.backupJobGone(domain)))
           throw conflict(
             `the view of checkpoint ${domain}/${checkpointId} is gone: the QEMU of ${domain} that served it has ` +
               `stopped since; create the checkpoint again`,
@@ -723,7 +903,7 @@ export class KvmSourceDomains {
     if (c.incrementalFrom !== reference.checkpointId)
       throw trackingLost(`checkpoint ${checkpointId} counts no changes since ${referencePointId}`);
     const nbd = await this.viewExport(domain, checkpointId, disk);
-    const map = await nbd.blockStatus(dirtyBitmapContext(bitmapExport(disk)), 0, nbd.size);
+    const map = await nbd.blockStatus(changesContext(c, disk)!, 0, nbd.size);
     return toBlocks(map.filter((e) => (e.flags & STATE_DIRTY) !== 0));
   }
 
@@ -768,6 +948,29 @@ export class KvmSourceDomains {
     }
   }
 }
+
+/**
+ * The NBD meta context of a view's changes since its reference point: the backup job's bitmap of the disk, or, for an
+ * offline view, the reference point's own bitmap. None for a view without a reference point.
+ */
+function changesContext(c: CheckpointRecord, disk: string): string | undefined {
+  if (!c.incrementalFrom) return undefined;
+  return dirtyBitmapContext(c.offline ? c.incrementalFrom : bitmapExport(disk));
+}
+
+/** A qcow2 image's size as its guest sees it and its dirty bitmaps, from its header (shared with a QEMU that runs). */
+async function imageInfo(image: string): Promise<{ sizeBytes: number; bitmaps: ImageBitmap[] }> {
+  const { stdout } = await run('qemu-img', ['info', '-U', '--output=json', image]);
+  const info = JSON.parse(stdout) as {
+    'virtual-size'?: unknown;
+    'format-specific'?: { data?: { bitmaps?: ImageBitmap[] } };
+  };
+  const size = info['virtual-size'];
+  if (typeof size !== 'number') throw new Error(`no virtual size for ${image}: ${stdout}`);
+  return { sizeBytes: size, bitmaps: info['format-specific']?.data?.bitmaps ?? [] };
+}
+
+const escapeXml = (s: string) => s.replace(/[<>&'"]/g, (c) => `&#${c.charCodeAt(0)};`);
 
 /** Another tool's backup job runs on the domain: never aborted by the agent, which waits for it to end. */
 const foreignBackup = (domain: string): HostApiError =>

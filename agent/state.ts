@@ -11,13 +11,21 @@ const checkpointRecord = z.strictObject({
   createdAt: z.string(),
   /** The libvirt checkpoint the view's changes are counted from (a reference point's); null: no changes known. */
   incrementalFrom: z.string().nullable(),
-  /** The domain was off: it was started paused for the backup and is destroyed again when the view closes. */
+  /**
+   * The domain was off and an older agent started it paused for the backup, to destroy it again when the view closes
+   * (views of a domain that is off are `offline` now).
+   */
   pausedStart: z.boolean(),
+  /**
+   * The domain was off: the view reads its disk images directly, through read-only exports of ours that keep the
+   * domain from starting; the checkpoint's bitmaps were added to the images and the checkpoint redefined to libvirt.
+   */
+  offline: z.boolean().default(false),
   /** The disks the view exports, as they were at its start: reads need nothing from libvirtd (it may restart). */
   disks: z.array(z.strictObject({ id: z.string(), sizeBytes: z.number() })),
   /**
    * `beginning` is written before the backup job starts, so a crash between the two is found and cleaned up.
-   * `interrupted`: a write into the powered-off disk ended the view's paused start; its next read takes it again.
+   * `interrupted`: a write into the powered-off disk ended the view's exports; its next read takes it again.
    */
   status: z.enum(['beginning', 'open', 'interrupted']),
 });

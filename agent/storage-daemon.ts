@@ -30,6 +30,9 @@ const alive = (pid: number): boolean => {
   }
 };
 
+// QEMU's option syntax: a comma inside a value is written twice (an operator's disk path may hold one).
+const value = (s: string) => s.replaceAll(',', ',,');
+
 async function stopPid(pid: number): Promise<void> {
   if (!alive(pid)) return;
   process.kill(pid, 'SIGTERM');
@@ -55,26 +58,37 @@ export async function stopStaleExport(pidFile: string): Promise<void> {
   await rm(pidFile, { force: true });
 }
 
-export async function exportImage(options: {
+export interface ImageExportOptions {
   image: string;
   socket: string;
   pidFile: string;
   writable: boolean;
-}): Promise<ImageExport> {
+  /**
+   * A read-only export that keeps writers out (a powered-off domain's image read for a view: its domain cannot start
+   * meanwhile). Without it a read-only export shares the image with writers.
+   */
+  excludeWriters?: boolean;
+  /** Dirty bitmaps of the image to export as `qemu:dirty-bitmap:<name>` meta contexts. */
+  bitmaps?: readonly string[];
+}
+
+export async function exportImage(options: ImageExportOptions): Promise<ImageExport> {
   await stopStaleExport(options.pidFile);
   await rm(options.socket, { force: true });
   // A read-only export shares the image (and its chain) with the writer of a point begun on top of it: sealed
   // files never change, so no lock is needed to keep them consistent.
-  const shared = options.writable ? '' : ',read-only=on,force-share=on';
-  // QEMU's option syntax: a comma inside a value is written twice (an operator's disk path may hold one).
-  const value = (s: string) => s.replaceAll(',', ',,');
+  const shared = options.writable ? '' : options.excludeWriters ? ',read-only=on' : ',read-only=on,force-share=on';
+  const bitmaps = (options.bitmaps ?? []).map((b, i) => `,bitmaps.${i}=${value(b)}`).join('');
   const daemon = spawn(
     'qemu-storage-daemon',
     [
       ...['--blockdev', `driver=file,node-name=file0,filename=${value(options.image)}${shared}`],
       ...['--blockdev', `driver=qcow2,node-name=disk0,file=file0${shared}`],
       ...['--nbd-server', `addr.type=unix,addr.path=${value(options.socket)}`],
-      ...['--export', `type=nbd,id=export0,node-name=disk0,name=disk,writable=${options.writable ? 'on' : 'off'}`],
+      ...[
+        '--export',
+        `type=nbd,id=export0,node-name=disk0,name=disk,writable=${options.writable ? 'on' : 'off'}${bitmaps}`,
+      ],
       ...['--pidfile', options.pidFile],
     ],
     { stdio: ['ignore', 'ignore', 'pipe'] },
@@ -106,12 +120,9 @@ export async function exportImage(options: {
 }
 
 /** An image exported by a daemon of its own, and our NBD connection to it (the daemon stopped if we cannot connect). */
-export async function connectImageExport(options: {
-  image: string;
-  socket: string;
-  pidFile: string;
-  writable: boolean;
-}): Promise<{ daemon: ImageExport; nbd: NbdClient }> {
+export async function connectImageExport(
+  options: ImageExportOptions,
+): Promise<{ daemon: ImageExport; nbd: NbdClient }> {
   const daemon = await exportImage(options);
   try {
     const nbd = await NbdClient.connect({

@@ -8,8 +8,8 @@
 // Each case checks the outcome, what runs where, the data (qemu-img compare and the replica's canary where the
 // outcome promises identity, the loss where it records one), and that the next job run replicates, tracked.
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
-import { copyFileSync, renameSync, writeFileSync } from 'node:fs';
+import { execFile, spawn } from 'node:child_process';
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { after, before, describe, test } from 'node:test';
@@ -28,7 +28,14 @@ import {
 } from '../../src/contract';
 import { haltOf } from '../failover-helpers';
 import { within } from '../harness';
-import { assertFailedOver, cleanStop, replicateJob, startKvmEstate, type KvmEstate } from './helpers';
+import {
+  assertFailedOver,
+  cleanStop,
+  killOfflineViewDaemons,
+  replicateJob,
+  startKvmEstate,
+  type KvmEstate,
+} from './helpers';
 
 const exec = promisify(execFile);
 
@@ -41,22 +48,11 @@ describe('the critical window on real VMs: halts a KVM host causes, and each dec
   let estate: KvmEstate;
   const vm = { host: PROD, vm: VM };
   const replica = { host: DR, replica: replicaNameOf(VM) };
-  let kernel: string;
   const replicaDir = () => join(estate.dir, 'dr', 'state', 'replicas', replica.replica);
   const replicaConsole = () => join(replicaDir(), 'console.log');
 
   before(async () => {
     estate = await startKvmEstate({ prefix: 'pf-kvmcw-', prod: PROD, dr: DR, vm: VM, restorePoints: 3 });
-    // The guest boots a kernel of its own, which a case takes away: the shared one stays where other tests find it.
-    const xml = await estate.prod.libvirt.virsh.run(['dumpxml', '--inactive', VM]);
-    const shared = /<kernel>([^<]+)<\/kernel>/.exec(xml)![1]!;
-    kernel = join(estate.dir, 'boot', 'vmlinuz'); // a boot-file directory of both hosts
-    copyFileSync(shared, kernel);
-    writeFileSync(
-      join(estate.dir, `${VM}.own-kernel.xml`),
-      xml.replace(`<kernel>${shared}</kernel>`, `<kernel>${kernel}</kernel>`),
-    );
-    await estate.prod.libvirt.virsh.run(['define', join(estate.dir, `${VM}.own-kernel.xml`)]);
     await estate.port.powerOn(vm);
     await estate.prod.seqAtLeast(5);
     await replicateJob(estate.o.client, 'kvm');
@@ -152,17 +148,23 @@ describe('the critical window on real VMs: halts a KVM host causes, and each dec
   );
 
   test(
-    'checkpoint: the powered-off source cannot start paused for its final view (its kernel is gone); retry once it is back',
+    'checkpoint: another program holds the powered-off source’s disk; retry once it lets go',
     { timeout: MINUTES_4 },
     async () => {
-      const away = `${kernel}.away`;
-      const { handle, session, halt, consoleSince } = await halted(async () => renameSync(kernel, away));
+      // An operator's qemu-nbd takes the image the moment the guest's QEMU lets go of it.
+      const holder = join(estate.dir, 'holder.pid');
+      const nbd = `qemu-nbd -r -t -f qcow2 -k ${join(estate.dir, 'holder.sock')} --fork --pid-file ${holder}`;
+      const taking = spawn('bash', ['-c', `until ${nbd} ${estate.prod.image} 2>/dev/null; do sleep 0.01; done`]);
+      const { handle, session, halt, consoleSince } = await halted(async () => undefined);
       assert.equal(halt.step, 'checkpoint', halt.reason);
-      assert.match(halt.reason, /vmlinuz/);
+      assert.match(halt.reason, /lock/);
       assert.equal(await domState('prod', VM), 'shut off');
-      renameSync(away, kernel);
+      taking.kill();
+      const pid = Number(readFileSync(holder, 'utf8').trim());
+      process.kill(pid, 'SIGTERM');
+      await within('the holder to let go', 10_000, async () => (existsSync(`/proc/${pid}`) ? undefined : true));
       assert.match(
-        await session.executeUpdate(haltedSessionUpdates.retry, { args: alice('kernel back') }),
+        await session.executeUpdate(haltedSessionUpdates.retry, { args: alice('disk let go') }),
         /retrying from checkpoint/,
       );
       const s = (await handle.result()).sessions[0]!;
@@ -197,7 +199,6 @@ describe('the critical window on real VMs: halts a KVM host causes, and each dec
         'the unverified helper point 2 is gone',
       );
       assert.equal(await domState('dr', replica.replica), 'running');
-      // The source stays off, and no paused start of it is left for a view.
       assert.equal(await domState('prod', VM), 'shut off');
       // The replica's guest goes on from helper point 1: what the source wrote after it is the recorded loss.
       const atHelper1 = (await estate.port.readReplicaCanary(replica, { pointId: helper1! })).sequence;
@@ -211,16 +212,17 @@ describe('the critical window on real VMs: halts a KVM host causes, and each dec
   );
 
   test(
-    'copy, then the paused QEMU of the final view is destroyed: retry takes the view again and fails over, verified',
+    'copy, then the final view’s exports die and the source’s disk is written: retry takes the view again, verified',
     { timeout: MINUTES_4 },
     async () => {
       const { handle, session, halt, consoleSince } = await halted(() => estate.dr.host.stop());
       assert.equal(halt.step, 'copy', halt.reason);
-      // The powered-off source's final view lives in a paused QEMU; the orchestrator shows the VM off, and someone
-      // destroys it.
-      assert.equal(await domState('prod', VM), 'paused');
-      assert.equal((await estate.port.getVm(vm)).powerState, 'Off');
-      await estate.prod.libvirt.virsh.run(['destroy', VM]);
+      // The powered-off source's final view is read offline; its export daemons die, and something writes to the
+      // image meanwhile (the copy must not mix the two states).
+      assert.equal(await domState('prod', VM), 'shut off');
+      await killOfflineViewDaemons(estate.prod);
+      const at = 900 * 65536;
+      await exec('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x3c ${at} 65536`, estate.prod.image]);
       await estate.dr.restartHost();
       assert.match(
         await session.executeUpdate(haltedSessionUpdates.retry, { args: alice('DR back') }),

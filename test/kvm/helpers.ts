@@ -1,7 +1,7 @@
 // A KVM host for tests: a private libvirtd with one tiny guest defined as a domain, and our host process serving it.
 import assert from 'node:assert/strict';
 import { execFile, spawn } from 'node:child_process';
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -252,6 +252,8 @@ export interface TestKvmHost {
   /** The guest's serial console and disk image (a host without a guest has neither). */
   serialLog: string;
   image: string;
+  /** The host process's state directory (its run/ holds the export daemons' pid files). */
+  stateDir: string;
   /** Starts the host process again on the same state and port, so clients reach it at its URL (after host.stop()). */
   restartHost(): Promise<RunningKvmHost>;
   /** What the guest said on its serial console so far. */
@@ -289,13 +291,14 @@ export async function startTestKvmHost(options: {
       workload: { pauseSeconds: 0.05, blocksPerIteration: BLOCKS_PER_ITERATION, printEvery: 1 },
     });
   const tls = await testServerTls([options.name]);
+  const stateDir = join(dir, 'state');
   const start = (port?: number) =>
     startKvmHost({
       name: options.name,
       site: options.role === 'dr' ? 'dr' : 'primary',
       role: options.role ?? 'production',
       libvirtUri: libvirt.virsh.uri,
-      stateDir: join(dir, 'state'),
+      stateDir,
       domainsFile,
       bootFileDirs: [guest.dir, ...(options.bootFileDirs ?? [])], // the test guest's kernel and initrd
       ...(port !== undefined ? { port } : {}),
@@ -312,6 +315,7 @@ export async function startTestKvmHost(options: {
     domainsFile,
     serialLog,
     image,
+    stateDir,
     async restartHost() {
       t.host = await start(Number(new URL(t.host.url).port));
       return t.host;
@@ -325,4 +329,16 @@ export async function startTestKvmHost(options: {
     },
   };
   return t;
+}
+
+/** SIGKILL of the export daemons that serve a host process's offline views (the domain off), found by their pid files. */
+export async function killOfflineViewDaemons(host: TestKvmHost): Promise<void> {
+  const run = join(host.stateDir, 'run');
+  const pids = readdirSync(run)
+    .filter((f) => f.endsWith('.view.nbd.pid'))
+    .map((f) => Number(readFileSync(join(run, f), 'utf8').trim()));
+  assert.ok(pids.length > 0, `an offline view is served by ${host.host.url}`);
+  for (const pid of pids) process.kill(pid, 'SIGKILL');
+  for (const pid of pids)
+    for (let i = 0; i < 100 && existsSync(`/proc/${pid}`); i++) await new Promise((r) => setTimeout(r, 20));
 }

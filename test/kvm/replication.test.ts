@@ -145,7 +145,7 @@ for (const drKind of ['lab', 'kvm'] as const)
         assert.equal(await replicaCanary(p.id), canaries.get(p.id), `canary of ${p.id} after the merge`);
       await assertReplicaEqualsSource(kept[1]!.id);
       const info = await port.getVm(vm);
-      assert.equal(info.powerState, 'Off', 'the job’s paused starts left the guest off');
+      assert.equal(info.powerState, 'Off', 'the job’s offline views left the guest off');
       assert.equal(info.lastStop, 'guest-shutdown');
     });
   });
