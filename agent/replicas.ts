@@ -10,9 +10,9 @@ import { mkdir, readdir, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { CANARY_BYTES, parseCanary } from './canary';
-import { digestsOf } from '../src/host-api/digests';
+import { digestsOf, verifyStored } from '../src/host-api/digests';
 import { conflict, HostApiError, notFound } from '../src/host-api/errors';
-import type { FramePiece } from '../src/host-api/frames';
+import type { DigestsFrame, FramePiece } from '../src/host-api/frames';
 import type { HostJobRunning } from '../src/host-api/schemas';
 import { exists, fsyncPath, writeFileAtomic } from '../src/host-api/persist';
 import {
@@ -30,6 +30,8 @@ import {
   type ShutdownResult,
   type VmDefinition,
   type VmInfo,
+  type WriteResult,
+  type WriteVerification,
 } from '../src/hypervisor/port';
 import { HostJobs } from './jobs';
 import { lines, VirshError, type Virsh } from './libvirt/virsh';
@@ -292,8 +294,12 @@ export class KvmReplicas {
     replica: string,
     pointId: string,
     disk: string,
-    receive: (sizeBytes: number, write: (piece: FramePiece) => Promise<void>) => Promise<number>,
-  ): Promise<number> {
+    receive: (
+      sizeBytes: number,
+      write: (piece: FramePiece) => Promise<void>,
+      onDigests: (frame: DigestsFrame) => void,
+    ) => Promise<number>,
+  ): Promise<WriteResult> {
     const { sizeBytes } = this.openPointDisk(replica, pointId, disk);
     const image = this.imageOf(replica, pointId, disk);
     const gate = this.gateOf(replica, pointId);
@@ -308,15 +314,26 @@ export class KvmReplicas {
         gate.inFlight.delete(done);
       }
     };
-    const bytes = await receive(sizeBytes, (piece) =>
-      gated(async () => {
-        const nbd = await (writer ??= this.exportOf(image, true));
-        await nbd.write(piece.offset, piece.parts.length === 1 ? piece.parts[0]! : Buffer.concat(piece.parts));
-      }),
+    const sent: DigestsFrame[] = [];
+    const bytesWritten = await receive(
+      sizeBytes,
+      (piece) =>
+        gated(async () => {
+          const nbd = await (writer ??= this.exportOf(image, true));
+          await nbd.write(piece.offset, piece.parts.length === 1 ? piece.parts[0]! : Buffer.concat(piece.parts));
+        }),
+      (d) => sent.push(d),
     );
     // The same connection that took the writes: a replacement daemon would flush nothing of theirs.
     if (writer) await gated(async () => (await writer!).flush());
-    return bytes;
+    if (sent.length === 0) return { bytesWritten };
+    // The source's digests came with the data: what the point now holds is read back and compared.
+    let verification: WriteVerification | undefined;
+    await gated(async () => {
+      const nbd = await (writer ??= this.exportOf(image, true));
+      verification = await verifyStored(sent, (e) => nbd.read(e.offset, e.length));
+    });
+    return { bytesWritten, verification: verification! };
   }
 
   /** The writes in flight into an open point, and whether its seal (or drop) has begun. */

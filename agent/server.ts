@@ -4,7 +4,6 @@ import { resolve } from 'node:path';
 import type { FastifyInstance, FastifyReply } from 'fastify';
 import { z } from 'zod';
 import { badRequest, conflict, notFound } from '../src/host-api/errors';
-import { framedLength } from '../src/host-api/frames';
 import {
   blockRange,
   checkBlockRange,
@@ -222,11 +221,15 @@ function buildApp(
   });
   app.post('/v1/hosts/:host/vms/:vm/disks/:disk/read', async (req, reply) => {
     const p = at(P.disk, req.params);
-    const body = parse(z.strictObject({ checkpointId: id, extents }), req.body, 'body');
+    const body = parse(
+      z.strictObject({ checkpointId: id, extents, digests: z.boolean().optional() }),
+      req.body,
+      'body',
+    );
     checkExtents(body.extents, domains.viewDiskSize(p.vm, body.checkpointId, p.disk), 'body.extents');
     // Connected before the answer starts, so a view that is gone is an error and not a short stream.
     await domains.viewExport(p.vm, body.checkpointId, p.disk);
-    return streamFrames(req, reply, framedLength(readPieces(body.extents)), () =>
+    return streamFrames(req, reply, { pieces: readPieces(body.extents), digests: body.digests }, () =>
       domains.readExtents(p.vm, p.disk, body.checkpointId, body.extents),
     );
   });
@@ -273,10 +276,9 @@ function buildApp(
   });
   app.post('/v1/hosts/:host/replicas/:replica/points/:pointId/disks/:disk/write', async (req) => {
     const p = at(P.pointDisk, req.params);
-    const bytesWritten = await replicas.writePoint(p.replica, p.pointId, p.disk, (sizeBytes, write) =>
-      receiveFrames(req, sizeBytes, write, { stallMs: options.uploadStallMs ?? 60_000 }),
+    return replicas.writePoint(p.replica, p.pointId, p.disk, (sizeBytes, write, onDigests) =>
+      receiveFrames(req, sizeBytes, write, { stallMs: options.uploadStallMs ?? 60_000, onDigests }),
     );
-    return { bytesWritten };
   });
   app.post('/v1/hosts/:host/replicas/:replica/points/:pointId/seal', (req) => {
     const p = at(P.point, req.params);
@@ -308,7 +310,7 @@ function buildApp(
     const p = at(P.replicaDisk, req.params);
     const body = parse(z.strictObject({ view, extents }), req.body, 'body');
     checkExtents(body.extents, replicas.viewDiskSize(p.replica, body.view, p.disk), 'body.extents');
-    return streamFrames(req, reply, framedLength(readPieces(body.extents)), () =>
+    return streamFrames(req, reply, { pieces: readPieces(body.extents) }, () =>
       replicas.readExtents(p.replica, body.view, p.disk, body.extents),
     );
   });

@@ -3,9 +3,9 @@
 
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { z } from 'zod';
-import { DIGEST_ALGORITHM } from '../src/host-api/digests';
+import { DIGEST_ALGORITHM, digestsOfBlocks, verifyStored } from '../src/host-api/digests';
 import { badRequest, conflict, HostApiError } from '../src/host-api/errors';
-import { framedLength, type FramePiece } from '../src/host-api/frames';
+import type { DigestsFrame, FramePiece } from '../src/host-api/frames';
 import {
   blockRange,
   checkBlockRange,
@@ -116,9 +116,10 @@ function serveRead(
   extents: Extent[],
   read: (ring: BufferRing) => AsyncIterable<ExtentData>,
   cutAfter?: number,
+  digests?: boolean,
 ): Promise<void> {
   const ring = new BufferRing(extents);
-  return streamFrames(request, reply, framedLength(readChunks(extents)), () => read(ring), cutAfter);
+  return streamFrames(request, reply, { pieces: readChunks(extents), digests }, () => read(ring), cutAfter);
 }
 
 function buildApp(site: LabSite, faults: Faults, https: ReturnType<typeof hostApiHttps>): FastifyInstance {
@@ -172,6 +173,12 @@ function buildApp(site: LabSite, faults: Faults, https: ReturnType<typeof hostAp
     return { disk, at };
   };
   const replicaView = (vm: LabVm, disk: string, v: ReplicaView): View => vm.replicaView(disk, v);
+  /** Reads a restore point's disk as it is now, under the disk's lock (a write's proof reads back what it wrote). */
+  const pointReader = (vm: LabVm, disk: string, pointId: string) => {
+    const view = replicaView(vm, disk, { pointId });
+    const { lock } = vm.replicaDisk(disk);
+    return (e: Extent) => lock.run(() => readView(view, e.offset, e.length));
+  };
   const pageOf = (blocks: number[], q: { cursor?: string | undefined; limit: number }) => {
     const { extents: list, nextBlock } = blocksToExtents(blocks, q.cursor ? Number(q.cursor) : 0, q.limit);
     return nextBlock === null ? { extents: list } : { extents: list, nextCursor: String(nextBlock) };
@@ -266,7 +273,11 @@ function buildApp(site: LabSite, faults: Faults, https: ReturnType<typeof hostAp
   });
   app.post('/v1/hosts/:host/vms/:vm/disks/:disk/read', (req, reply) => {
     const p = parse(P.disk, req.params, 'params');
-    const body = parse(z.strictObject({ checkpointId: id, extents }), req.body, 'body');
+    const body = parse(
+      z.strictObject({ checkpointId: id, extents, digests: z.boolean().optional() }),
+      req.body,
+      'body',
+    );
     const { disk, at } = checkpointRead(p, body);
     return serveRead(
       req,
@@ -274,6 +285,7 @@ function buildApp(site: LabSite, faults: Faults, https: ReturnType<typeof hostAp
       body.extents,
       (ring) => site.readExtents(disk.lock, at, body.extents, ring),
       cutOf(p.host, faultCall(req)),
+      body.digests,
     );
   });
   app.get('/v1/hosts/:host/vms/:vm/canary', async (req) => {
@@ -330,15 +342,24 @@ function buildApp(site: LabSite, faults: Faults, https: ReturnType<typeof hostAp
     const vm = replicaOf(p);
     const layer = site.openPointLayer(vm, p.pointId, p.disk);
     const write = (piece: FramePiece) => site.writePoint(vm, p.pointId, p.disk, piece.offset, piece.parts);
-    return {
-      bytesWritten: await receiveFrames(req, layer.sizeBytes, write, { cutAfter: cutOf(p.host, faultCall(req)) }),
-    };
+    const sent: DigestsFrame[] = [];
+    const bytesWritten = await receiveFrames(req, layer.sizeBytes, write, {
+      cutAfter: cutOf(p.host, faultCall(req)),
+      onDigests: (d) => sent.push(d),
+    });
+    if (sent.length === 0) return { bytesWritten };
+    // The source's digests came with the data: the blocks are read back from the point and compared.
+    return { bytesWritten, verification: await verifyStored(sent, pointReader(vm, p.disk, p.pointId)) };
   });
   // Host to host: the source host sends a checkpoint's blocks straight into a restore point on a DR host (QEMU's
   // push-mode backup to an NBD export); the caller only orders it. Both hosts' faults apply.
   app.post('/v1/hosts/:host/vms/:vm/disks/:disk/send', async (req) => {
     const p = parse(P.disk, req.params, 'params');
-    const body = parse(z.strictObject({ checkpointId: id, extents, target: P.pointDisk }), req.body, 'body');
+    const body = parse(
+      z.strictObject({ checkpointId: id, extents, target: P.pointDisk, verify: z.boolean().optional() }),
+      req.body,
+      'body',
+    );
     const { disk, at } = checkpointRead(p, body);
     // The DR end is reached through the source host: an unreachable one is the source host's error to report. Its
     // faults see the send as the upload into the point that it stands for.
@@ -355,6 +376,7 @@ function buildApp(site: LabSite, faults: Faults, https: ReturnType<typeof hostAp
     const cuts = [cutOf(p.host, faultCall(req)), cutOf(t.host, drCall)].filter((c): c is number => c !== undefined);
     const cutAfter = cuts.length > 0 ? Math.min(...cuts) : undefined;
     let bytesWritten = 0;
+    const read: { offset: number; digests: Buffer }[] = [];
     for await (const piece of site.readExtents(disk.lock, at, body.extents, new BufferRing(body.extents))) {
       if (cutAfter !== undefined && bytesWritten + piece.data.length > cutAfter)
         throw new HostApiError(
@@ -362,10 +384,13 @@ function buildApp(site: LabSite, faults: Faults, https: ReturnType<typeof hostAp
           'transfer_interrupted',
           `transfer cut after ${bytesWritten} bytes (injected fault)`,
         );
+      if (body.verify) read.push({ offset: piece.offset, digests: digestsOfBlocks(piece.data) });
       await site.writePoint(target, t.pointId, t.disk, piece.offset, piece.data);
       bytesWritten += piece.data.length;
     }
-    return { bytesWritten };
+    if (!body.verify) return { bytesWritten };
+    // What the source read, against what the point now holds.
+    return { bytesWritten, verification: await verifyStored(read, pointReader(target, t.disk, t.pointId)) };
   });
   app.post('/v1/hosts/:host/replicas/:replica/points/:pointId/seal', async (req) => {
     const p = parse(P.point, req.params, 'params');

@@ -74,7 +74,12 @@ export interface RawAnswer {
  */
 export function rawRequest(
   url: string,
-  init: { method?: string; body?: string; headers?: Record<string, string>; tls?: Partial<ClientTlsFiles> } = {},
+  init: {
+    method?: string;
+    body?: string | Buffer;
+    headers?: Record<string, string>;
+    tls?: Partial<ClientTlsFiles>;
+  } = {},
 ): Promise<RawAnswer> {
   const tls = init.tls ?? testClientTls();
   const read = (path: string | undefined) => (path === undefined ? undefined : readFileSync(path));

@@ -24,6 +24,7 @@ import { extentBytes, unionExtents } from './copy-plan';
 import { allPages, differingBlocks } from './extents';
 import { withHypervisorFailures } from './failures';
 import { earlierAttemptStart, heartbeatWhile } from './heartbeat';
+import type { CopyVerification } from './replication';
 
 /** How many replica entities a planned failover's check asks at once. */
 const QUERY_CONCURRENCY = 16;
@@ -192,7 +193,8 @@ export function createFailoverActivities(port: HypervisorPort, config: Configura
 
     /**
      * Zero data loss, verified: the blocks the final sync copied (every block when tracking is gone) have the
-     * same digests on the replica's new point as on the powered-off source, and so has the guest canary.
+     * same digests on the replica's new point as on the powered-off source, and so has the guest canary. A copy
+     * that the DR host verified as it stored the blocks (`copied`) needs only the canaries here.
      */
     async verifyFinalSync(input: {
       source: VmRef;
@@ -201,9 +203,30 @@ export function createFailoverActivities(port: HypervisorPort, config: Configura
       replica: ReplicaRef;
       pointId: string;
       disks: { id: string; sizeBytes: number }[];
+      copied?: CopyVerification & { method: VerificationResult['method'] };
     }): Promise<VerificationResult> {
       return withHypervisorFailures(async () => {
         const signal = Context.current().cancellationSignal;
+        const canaries = () =>
+          Promise.all([
+            port.readCanary(input.source, input.checkpointId, { signal }),
+            port.readReplicaCanary(input.replica, { pointId: input.pointId }, { signal }),
+          ]);
+        if (input.copied) {
+          const { blocksCompared, mismatchedBlocks, method } = input.copied;
+          const [sourceCanary, replicaCanary] = await canaries();
+          return {
+            identical: mismatchedBlocks === 0 && sourceCanary.sequence === replicaCanary.sequence,
+            blocksCompared,
+            mismatchedBlocks,
+            sourceCanary: sourceCanary.sequence,
+            replicaCanary: replicaCanary.sequence,
+            method,
+            covered:
+              `the ${blocksCompared} block(s) the final sync copied (${method === 'tracked-blocks' ? 'change tracking since helper point 1' : 'the blocks whose digests differed: change tracking was lost'}), ` +
+              `each read back on the DR host as it was stored and compared with the source's digest of it, and the guest canary`,
+          };
+        }
         let method: VerificationResult['method'] = input.baseReferencePointId ? 'tracked-blocks' : 'all-blocks';
         // Disks are verified side by side, and with the canary: this runs while the workload is down.
         const perDisk = input.disks.map(async (disk) => {
@@ -229,12 +252,8 @@ export function createFailoverActivities(port: HypervisorPort, config: Configura
             extents,
           );
         });
-        const [compared, sourceCanary, replicaCanary] = await heartbeatWhile(() =>
-          Promise.all([
-            Promise.all(perDisk),
-            port.readCanary(input.source, input.checkpointId, { signal }),
-            port.readReplicaCanary(input.replica, { pointId: input.pointId }, { signal }),
-          ]),
+        const [compared, [sourceCanary, replicaCanary]] = await heartbeatWhile(() =>
+          Promise.all([Promise.all(perDisk), canaries()]),
         );
         const blocksCompared = compared.reduce((n, c) => n + c.blocksCompared, 0);
         const mismatchedBlocks = compared.reduce((n, c) => n + extentBytes(c.extents) / BLOCK_SIZE, 0);

@@ -30,6 +30,17 @@ export interface CopyDiskInput {
   pointId: string;
   /** The replica point the new one is layered over; digests are compared against it when tracking is lost. */
   replicaHeadPointId: string | null;
+  /**
+   * The DR host proves every block it stores against the source's digest of it, taken as the source read it (the
+   * final sync): the proof costs what the bytes cost, with no second pass over either side.
+   */
+  verify?: boolean;
+}
+
+/** A verified copy's proof: the blocks it stored, read back against the source's digests, and how many differed. */
+export interface CopyVerification {
+  blocksCompared: number;
+  mismatchedBlocks: number;
 }
 
 export interface CopyDiskResult {
@@ -39,6 +50,7 @@ export interface CopyDiskResult {
   transport: ProxyTransport;
   bytesCopied: number;
   bytesTotal: number;
+  verification?: CopyVerification;
 }
 
 /** What a copy heartbeats: progress for the Web UI, and the offset a retry resumes from. */
@@ -48,6 +60,8 @@ export interface CopyProgress {
   bytesCopied: number;
   bytesTotal: number;
   resumeOffset: number;
+  /** A verified copy's proof of the batches before `resumeOffset`. */
+  verification?: CopyVerification;
 }
 
 /** Each write is one streamed request; 32 MiB keeps requests large while a cut transfer loses little. */
@@ -98,7 +112,10 @@ export function createReplicationActivities(port: HypervisorPort) {
     const { source } = input;
     if (source.kind === 'backup')
       return port.readBackupExtents({ backupId: source.backupId, disk: input.disk.id }, extents, { signal });
-    return port.readExtents({ ...source.vm, disk: input.disk.id }, source.checkpointId, extents, { signal });
+    return port.readExtents({ ...source.vm, disk: input.disk.id }, source.checkpointId, extents, {
+      signal,
+      digests: input.verify === true,
+    });
   }
 
   return {
@@ -157,14 +174,19 @@ export function createReplicationActivities(port: HypervisorPort) {
           async () => {
             const { mode, extents } = await changedExtents(input, signal);
             const bytesTotal = extentBytes(extents);
-            const resumeOffset = previous?.mode === mode ? previous.resumeOffset : 0;
+            const resumed = previous?.mode === mode ? previous : undefined;
+            const resumeOffset = resumed?.resumeOffset ?? 0;
             const remaining = extentsFrom(extents, resumeOffset);
+            const verify = input.verify === true && input.source.kind === 'checkpoint';
             progress = {
               disk: input.disk.id,
               mode,
               bytesTotal,
               bytesCopied: bytesTotal - extentBytes(remaining),
               resumeOffset,
+              ...(verify
+                ? { verification: { ...(resumed?.verification ?? { blocksCompared: 0, mismatchedBlocks: 0 }) } }
+                : {}),
             };
             const state = progress;
             if (resumeOffset > 0) ctx.log.info('Resuming copy', { ...state });
@@ -173,22 +195,33 @@ export function createReplicationActivities(port: HypervisorPort) {
             const { source } = input;
             const transport = source.kind === 'checkpoint' ? proxyTransport : 'network';
             for (const batch of batchExtents(remaining, BATCH_BYTES)) {
-              if (source.kind === 'checkpoint' && transport === 'host-to-host') {
-                const before = state.bytesCopied;
-                await port.sendToRestorePoint(
-                  { ...source.vm, disk: input.disk.id, checkpointId: source.checkpointId },
-                  { ...replicaDisk, pointId: input.pointId },
-                  batch,
-                  { signal, onProgress: (bytes) => (state.bytesCopied = before + bytes) },
-                );
-              } else {
-                async function* counted(): AsyncIterable<ExtentData> {
-                  for await (const chunk of read(input, batch, signal)) {
-                    yield chunk;
-                    state.bytesCopied += chunk.data.length;
-                  }
-                }
-                await port.writeRestorePoint(replicaDisk, input.pointId, counted(), { signal });
+              const before = state.bytesCopied;
+              // Progress as the bytes go (on the network, framed bytes: a little more than the data), then what the
+              // DR host says it wrote.
+              const batchBytes = extentBytes(batch);
+              const onProgress = (bytes: number) => (state.bytesCopied = before + Math.min(bytes, batchBytes));
+              // The source's stream is forwarded as it is (no decoding and encoding again in the proxy).
+              const written =
+                source.kind === 'checkpoint' && transport === 'host-to-host'
+                  ? await port.sendToRestorePoint(
+                      { ...source.vm, disk: input.disk.id, checkpointId: source.checkpointId },
+                      { ...replicaDisk, pointId: input.pointId },
+                      batch,
+                      { signal, onProgress, verify },
+                    )
+                  : await port.writeRestorePoint(replicaDisk, input.pointId, read(input, batch, signal), {
+                      signal,
+                      onProgress,
+                    });
+              state.bytesCopied = before + written.bytesWritten;
+              if (state.verification) {
+                if (!written.verification)
+                  throw ApplicationFailure.nonRetryable(
+                    `the DR host ${input.replica.host} answered the copy of disk ${input.disk.id} without verifying it`,
+                    FailureTypes.hypervisor,
+                  );
+                state.verification.blocksCompared += written.verification.blocksCompared;
+                state.verification.mismatchedBlocks += extentBytes(written.verification.mismatched) / BLOCK_SIZE;
               }
               const last = batch.at(-1);
               // Only a finished batch moves the resume point: a retry rewrites the unfinished one (idempotent by offset).
@@ -200,7 +233,14 @@ export function createReplicationActivities(port: HypervisorPort) {
                 `Copied ${state.bytesCopied} of ${bytesTotal} bytes of disk ${input.disk.id}`,
                 'ShortCopy',
               );
-            return { disk: input.disk.id, mode, transport, bytesCopied: bytesTotal, bytesTotal };
+            return {
+              disk: input.disk.id,
+              mode,
+              transport,
+              bytesCopied: bytesTotal,
+              bytesTotal,
+              ...(state.verification ? { verification: state.verification } : {}),
+            };
           },
           () => progress,
         ),

@@ -6,10 +6,11 @@ import type { ServerResponse } from 'node:http';
 import type { ServerOptions as HttpsServerOptions } from 'node:https';
 import type { AddressInfo } from 'node:net';
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
-import { BLOCK_SIZE, type ExtentData } from '../hypervisor/port';
+import { BLOCK_SIZE, type Extent, type ExtentData } from '../hypervisor/port';
 import { readPrivateKeyFile, type ServerTlsFiles } from './certificates';
 import { badRequest, HostApiError } from './errors';
-import { encodeFrames, FrameError, FrameReader, type FramePiece } from './frames';
+import { DIGEST_BYTES } from './digests';
+import { encodeFrames, FrameError, FrameReader, framedLength, type DigestsFrame, type FramePiece } from './frames';
 import { isLoopback } from './loopback';
 
 /**
@@ -172,16 +173,20 @@ function drained(res: ServerResponse): Promise<void> {
 export async function streamFrames(
   request: FastifyRequest,
   reply: FastifyReply,
-  length: number,
+  layout: { pieces: Iterable<Extent>; digests?: boolean },
   pieces: () => AsyncIterable<ExtentData>,
   cutAfter?: number,
 ): Promise<void> {
   reply.hijack();
   const res = reply.raw;
-  res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': length });
+  const framing = { digests: layout.digests ?? false };
+  res.writeHead(200, {
+    'content-type': 'application/octet-stream',
+    'content-length': framedLength(layout.pieces, framing),
+  });
   let sent = 0;
   try {
-    for await (const chunk of encodeFrames(pieces())) {
+    for await (const chunk of encodeFrames(pieces(), framing)) {
       const cut = cutAfter !== undefined && sent + chunk.length > cutAfter;
       const piece = cut ? chunk.subarray(0, cutAfter - sent) : chunk;
       if (!res.write(piece)) await drained(res);
@@ -212,6 +217,8 @@ export interface ReceiveOptions {
    * sender behind a network partition would otherwise hold it for as long as TCP keeps the connection.
    */
   stallMs?: number | undefined;
+  /** Takes the DIGESTS frames the upload carries (checked to lie within the disk); without it they are refused. */
+  onDigests?: ((frame: DigestsFrame) => void) | undefined;
 }
 
 /**
@@ -222,9 +229,21 @@ export async function receiveFrames(
   request: FastifyRequest,
   sizeBytes: number,
   write: (piece: FramePiece) => Promise<void>,
-  { cutAfter, stallMs }: ReceiveOptions = {},
+  { cutAfter, stallMs, onDigests }: ReceiveOptions = {},
 ): Promise<number> {
-  const reader = new FrameReader(WRITE_PIECE_BYTES);
+  // A malformed frame is answered once the body has arrived: leaving the loop early would destroy the request,
+  // and its sender would get a broken pipe (retried as an interrupted transfer) instead of the 400.
+  let malformed: HostApiError | undefined;
+  const reader = new FrameReader(
+    WRITE_PIECE_BYTES,
+    onDigests &&
+      ((d) => {
+        const end = d.offset + (d.digests.length / DIGEST_BYTES) * BLOCK_SIZE;
+        if (d.offset % BLOCK_SIZE !== 0 || end > sizeBytes)
+          malformed ??= badRequest(`frames.${d.frame}.digests`, `the digests' blocks must lie within the disk`);
+        else onDigests(d);
+      }),
+  );
   const inFlight: { piece: FramePiece; done: Promise<void> }[] = [];
   let received = 0;
   let bytes = 0;
@@ -239,9 +258,6 @@ export async function receiveFrames(
   };
   watch();
   try {
-    // A malformed frame is answered once the body has arrived: leaving the loop early would destroy the request,
-    // and its sender would get a broken pipe (retried as an interrupted transfer) instead of the 400.
-    let malformed: HostApiError | undefined;
     for await (const chunk of request.raw as AsyncIterable<Buffer>) {
       watch();
       if (malformed) continue;

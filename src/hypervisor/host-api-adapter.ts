@@ -52,6 +52,8 @@ import type {
   RestorePointInfo,
   RestorePointSpec,
   ShutdownResult,
+  ReadOptions,
+  SendOptions,
   TransferOptions,
   VmDefinition,
   VmInfo,
@@ -597,12 +599,12 @@ export class HostApiHypervisor implements HypervisorPort {
     });
   }
 
-  readExtents(ref: DiskRef, checkpointId: string, extents: Extent[], o?: CallOptions): AsyncIterable<ExtentData> {
+  readExtents(ref: DiskRef, checkpointId: string, extents: Extent[], o?: ReadOptions): AsyncIterable<ExtentData> {
     return new HostBlockStream(this.t, {
       method: 'POST',
       path: `${this.vmPath(ref)}/disks/${seg(ref.disk)}/read`,
       host: ref.host,
-      json: { checkpointId, extents },
+      json: { checkpointId, extents, ...(o?.digests ? { digests: true } : {}) },
       signal: o?.signal,
     });
   }
@@ -674,7 +676,7 @@ export class HostApiHypervisor implements HypervisorPort {
     source: DiskRef & { checkpointId: string },
     target: ReplicaDiskRef & { pointId: string },
     extents: Extent[],
-    o?: TransferOptions,
+    o?: SendOptions,
   ): Promise<WriteResult> {
     const result = await this.t.json<WriteResult>({
       method: 'POST',
@@ -684,6 +686,7 @@ export class HostApiHypervisor implements HypervisorPort {
         checkpointId: source.checkpointId,
         extents,
         target: { host: target.host, replica: target.replica, pointId: target.pointId, disk: target.disk },
+        ...(o?.verify ? { verify: true } : {}),
       },
       // The answer comes when the blocks are on the DR host: allow for slow storage, not only a round trip.
       timeoutMs: SEND_TIMEOUT_MS,

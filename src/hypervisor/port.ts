@@ -116,6 +116,21 @@ export interface TransferOptions extends CallOptions {
   onProgress?: (bytes: number) => void;
 }
 
+/** A read of a checkpoint's blocks. */
+export interface ReadOptions extends CallOptions {
+  /**
+   * The stream also carries the source's digest of every block it reads: handed unchanged to writeRestorePoint, the
+   * DR host verifies what it stored against them (WriteResult.verification), with no second pass over either side.
+   */
+  digests?: boolean;
+}
+
+/** A host-to-host copy. */
+export interface SendOptions extends TransferOptions {
+  /** The DR host reads back what it stored and compares it with what the source read (WriteResult.verification). */
+  verify?: boolean;
+}
+
 /** A write that a fence may refuse (see fenceWrites). */
 export interface FencedTransferOptions extends TransferOptions {
   fence?: string;
@@ -207,6 +222,15 @@ export interface ReplicaInfo {
 
 export interface WriteResult {
   bytesWritten: number;
+  /** For a write sent with the source's digests: its blocks read back once stored, against those digests. */
+  verification?: WriteVerification;
+}
+
+/** What a verified write proved: the blocks the source sent digests for, read back from where they were stored. */
+export interface WriteVerification {
+  blocksCompared: number;
+  /** Blocks that read back otherwise than the source read them (none: the copy is proven). */
+  mismatched: Extent[];
 }
 
 export interface CanaryReading {
@@ -274,7 +298,7 @@ export interface HypervisorPort {
     options?: CallOptions,
   ): Promise<ExtentPage>;
   blockDigests(ref: DiskRef, checkpointId: string, range: BlockRange, options?: CallOptions): Promise<BlockDigests>;
-  readExtents(ref: DiskRef, checkpointId: string, extents: Extent[], options?: CallOptions): AsyncIterable<ExtentData>;
+  readExtents(ref: DiskRef, checkpointId: string, extents: Extent[], options?: ReadOptions): AsyncIterable<ExtentData>;
   readCanary(ref: VmRef, checkpointId: string, options?: CallOptions): Promise<CanaryReading>;
   /** Writes blocks into a powered-off VM's disk (failback ships the replica's changes back). */
   writeExtents(ref: DiskRef, data: AsyncIterable<ExtentData>, options?: FencedTransferOptions): Promise<WriteResult>;
@@ -311,7 +335,7 @@ export interface HypervisorPort {
     source: DiskRef & { checkpointId: string },
     target: ReplicaDiskRef & { pointId: string },
     extents: Extent[],
-    options?: TransferOptions,
+    options?: SendOptions,
   ): Promise<WriteResult>;
   /**
    * Flushes the point to stable storage and makes it the head; idempotent. `metadata` is merged into the point's

@@ -29,6 +29,8 @@ import type {
   RestorePointInfo,
   RestorePointSpec,
   ShutdownResult,
+  ReadOptions,
+  SendOptions,
   TransferOptions,
   VmDefinition,
   VmInfo,
@@ -166,7 +168,7 @@ export class RoutedHypervisor implements HypervisorPort {
     return this.portOf(ref.host).blockDigests(ref, checkpointId, range, o);
   }
 
-  readExtents(ref: DiskRef, checkpointId: string, extents: Extent[], o?: CallOptions): AsyncIterable<ExtentData> {
+  readExtents(ref: DiskRef, checkpointId: string, extents: Extent[], o?: ReadOptions): AsyncIterable<ExtentData> {
     return this.streamOf(ref.host, (port) => port.readExtents(ref, checkpointId, extents, o));
   }
 
@@ -221,12 +223,15 @@ export class RoutedHypervisor implements HypervisorPort {
     source: DiskRef & { checkpointId: string },
     target: ReplicaDiskRef & { pointId: string },
     extents: Extent[],
-    o?: TransferOptions,
+    o?: SendOptions,
   ): Promise<WriteResult> {
     const sourcePort = this.portOf(source.host);
     const targetPort = this.portOf(target.host);
     if (sourcePort === targetPort) return sourcePort.sendToRestorePoint(source, target, extents, o);
-    const blocks = sourcePort.readExtents(source, source.checkpointId, extents, { signal: o?.signal });
+    const blocks = sourcePort.readExtents(source, source.checkpointId, extents, {
+      signal: o?.signal,
+      digests: o?.verify ?? false,
+    });
     return targetPort.writeRestorePoint(target, target.pointId, blocks, {
       signal: o?.signal,
       onProgress: o?.onProgress,

@@ -64,6 +64,7 @@ import {
   releaseProxySlots,
   releaseReplica,
   reportToReplica,
+  storedProofOf,
 } from './sessions';
 
 /**
@@ -524,6 +525,8 @@ async function criticalWindow(w: WindowContext): Promise<'failedOver' | 'aborted
   let forced: { point: 'helper1' | 'helper2'; by: OperatorRequest } | undefined;
   let helper2DroppedBeforePowerOn = false;
   let cancellationHalted = false;
+  /** The last copy's proof, taken by the DR host as it stored the blocks; the verification then reads the canaries. */
+  let storedProof: ReturnType<typeof storedProofOf>;
 
   while (boot === undefined) {
     let mismatch = false;
@@ -581,10 +584,13 @@ async function criticalWindow(w: WindowContext): Promise<'failedOver' | 'aborted
               source: { kind: 'checkpoint', vm: source, checkpointId, baseReferencePointId: w.ref1 },
               pointId: helper2,
               replicaHeadPointId: w.helper1,
+              // The proof costs what the bytes cost: no second pass over either side in the window.
+              verify: patched('final-sync-verified-as-stored'),
               options: criticalCopy,
             });
           });
           result.bytesAfterPowerOff = bytesOf(copies);
+          storedProof = storedProofOf(copies);
           at = 'verify';
           break;
         }
@@ -602,6 +608,7 @@ async function criticalWindow(w: WindowContext): Promise<'failedOver' | 'aborted
                   replica: target.replica,
                   pointId: helper2,
                   disks: target.disks,
+                  ...(storedProof ? { copied: storedProof } : {}),
                 },
               ],
               criticalWaiting,

@@ -26,7 +26,7 @@ import {
 } from '../contract';
 import type { Activities } from '../activities';
 import type { ReplicationTarget } from '../activities/inventory';
-import type { CopyDiskResult, CopySource } from '../activities/replication';
+import type { CopyDiskResult, CopySource, CopyVerification } from '../activities/replication';
 import { control, copyOptions, failureMessage, showStep, withSummary } from './common';
 
 /**
@@ -163,6 +163,8 @@ export async function copyDisks(p: {
   source: CopySource;
   pointId: string;
   replicaHeadPointId: string | null;
+  /** The DR host proves each block against the source's digest of it as it stores it (CopyDiskInput.verify). */
+  verify?: boolean;
   options?: ActivityOptions;
 }): Promise<CopyDiskResult[]> {
   const options = p.options ?? copyOptions;
@@ -178,6 +180,7 @@ export async function copyDisks(p: {
           replica: p.target.replica,
           pointId: p.pointId,
           replicaHeadPointId: p.replicaHeadPointId,
+          ...(p.verify ? { verify: true } : {}),
         },
       ],
       { ...options, taskQueue: lease.taskQueue },
@@ -186,3 +189,18 @@ export async function copyDisks(p: {
 }
 
 export const bytesOf = (copies: readonly CopyDiskResult[]): number => copies.reduce((n, c) => n + c.bytesCopied, 0);
+
+/**
+ * The proof verified copies carry together, and what it covers (the blocks change tracking named, or those whose
+ * digests differed); none unless every disk's copy was verified as it was stored.
+ */
+export function storedProofOf(
+  copies: readonly CopyDiskResult[],
+): (CopyVerification & { method: 'tracked-blocks' | 'all-blocks' }) | undefined {
+  if (copies.length === 0 || copies.some((c) => c.verification === undefined)) return undefined;
+  return {
+    blocksCompared: copies.reduce((n, c) => n + c.verification!.blocksCompared, 0),
+    mismatchedBlocks: copies.reduce((n, c) => n + c.verification!.mismatchedBlocks, 0),
+    method: copies.every((c) => c.mode === 'tracked') ? 'tracked-blocks' : 'all-blocks',
+  };
+}

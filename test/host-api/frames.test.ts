@@ -1,7 +1,16 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { test } from 'node:test';
-import { decodeFrames, encodeFrames, FrameError, FrameReader } from '../../src/host-api/frames';
+import { blockDigestBytes, DIGEST_BYTES, digestsOfBlocks, verifyStored } from '../../src/host-api/digests';
+import {
+  decodeFrames,
+  encodeFrames,
+  FrameError,
+  framedLength,
+  FrameReader,
+  type DigestsFrame,
+  type FramePiece,
+} from '../../src/host-api/frames';
 import type { ExtentData } from '../../src/hypervisor/port';
 
 const BLOCK = 65536;
@@ -73,4 +82,80 @@ test('a stream cut anywhere before the END frame is an error, never a silent sho
   await assert.rejects(async () => {
     for await (const _ of decodeFrames(from([garbage])));
   }, /magic/);
+});
+
+test('a read with digests: a DIGESTS frame after each data frame, the digest of each block as it was sent', async () => {
+  const extents = [
+    { offset: 0, data: randomBytes(3 * BLOCK) },
+    { offset: 64 * BLOCK, data: randomBytes(40 * BLOCK) },
+  ];
+  const parts: Buffer[] = [];
+  for await (const p of encodeFrames(from(extents), { digests: true })) parts.push(p);
+  const wire = Buffer.concat(parts);
+  assert.equal(
+    wire.length,
+    framedLength(
+      extents.map((e) => ({ offset: e.offset, length: e.data.length })),
+      { digests: true },
+    ),
+  );
+
+  const got: DigestsFrame[] = [];
+  const pieces: FramePiece[] = [];
+  const reader = new FrameReader(4 * BLOCK, (d) => got.push(d));
+  for (const chunk of chop(wire)) pieces.push(...reader.push(chunk));
+  reader.end();
+  assert.deepEqual(
+    got.map((d) => [d.frame, d.offset, d.digests.length]),
+    [
+      [0, 0, 3 * DIGEST_BYTES],
+      [1, 64 * BLOCK, 40 * DIGEST_BYTES],
+    ],
+  );
+  for (const [i, e] of extents.entries())
+    for (let b = 0; b < e.data.length / BLOCK; b++)
+      assert.ok(
+        got[i]!.digests.subarray(b * DIGEST_BYTES, (b + 1) * DIGEST_BYTES).equals(
+          blockDigestBytes(e.data.subarray(b * BLOCK, (b + 1) * BLOCK)),
+        ),
+        `digest of block ${b} of frame ${i}`,
+      );
+  for (const e of extents) {
+    const of = pieces.filter((p) => p.offset >= e.offset && p.offset < e.offset + e.data.length);
+    assert.ok(Buffer.concat(of.flatMap((p) => p.parts)).equals(e.data), `the data at ${e.offset}, whole`);
+  }
+
+  // A receiver that takes no digests refuses them; decoding passes them over.
+  assert.throws(() => new FrameReader().push(wire), /unknown frame kind 3/);
+  const decoded: ExtentData[] = [];
+  for await (const e of decodeFrames(from(chop(wire)))) decoded.push(e);
+  assert.deepEqual(
+    decoded.map((e) => e.data.length),
+    extents.map((e) => e.data.length),
+  );
+});
+
+test('a write’s proof: the blocks read back against the source’s digests, those that differ as merged extents', async () => {
+  const source = randomBytes(8 * BLOCK);
+  const stored = Buffer.from(source);
+  stored[2 * BLOCK + 7]! ^= 1;
+  stored[3 * BLOCK]! ^= 1;
+  stored[6 * BLOCK + BLOCK - 1]! ^= 1;
+  const sent = [
+    { offset: 0, digests: digestsOfBlocks(source.subarray(0, 4 * BLOCK)) },
+    { offset: 4 * BLOCK, digests: digestsOfBlocks(source.subarray(4 * BLOCK)) },
+  ];
+  const proof = await verifyStored(sent, async (e) => stored.subarray(e.offset, e.offset + e.length));
+  assert.deepEqual(proof, {
+    blocksCompared: 8,
+    mismatched: [
+      { offset: 2 * BLOCK, length: 2 * BLOCK },
+      { offset: 6 * BLOCK, length: BLOCK },
+    ],
+  });
+  assert.deepEqual(await verifyStored(sent, async (e) => source.subarray(e.offset, e.offset + e.length)), {
+    blocksCompared: 8,
+    mismatched: [],
+  });
+  assert.throws(() => digestsOfBlocks(Buffer.alloc(BLOCK + 1)), /not whole blocks/);
 });

@@ -7,10 +7,11 @@ import { join, relative } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { CAPABILITIES_CACHE, LibvirtInstance } from '../../kvm/libvirt/instance';
 import { blockDigest } from '../../src/host-api/digests';
+import { encodeFrames } from '../../src/host-api/frames';
 import { BadRequestError, ConflictError, NotFoundError } from '../../src/hypervisor/errors';
 import type { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import { BLOCK_SIZE, type Extent, type ExtentData } from '../../src/hypervisor/port';
-import { kvmPort } from '../tls';
+import { kvmPort, rawRequest } from '../tls';
 import { spawnKvmHostProcess, type KvmHostProcess } from './helpers';
 
 const HOST = 'kvm-dr1';
@@ -293,5 +294,34 @@ describe('restore points as qcow2 chains on a KVM DR host, through a SIGKILL of 
       ['p5'],
     );
     assert.deepEqual(await digestsOf('p5'), before);
+  });
+
+  test('a write sent with the source’s digests is read back once flushed and proven; a block altered on the way is named', async () => {
+    await port.beginRestorePoint(replica, 'pv', spec);
+    const data = randomBytes(6 * BLOCK_SIZE);
+    const parts: Buffer[] = [];
+    for await (const p of encodeFrames(pieces([{ offset: 2 * BLOCK_SIZE, data }]), { digests: true })) parts.push(p);
+    const body = Buffer.concat(parts);
+    const upload = (framed: Buffer) =>
+      rawRequest(`${child!.url}/v1/hosts/${HOST}/replicas/${replica.replica}/points/pv/disks/vda/write`, {
+        method: 'POST',
+        body: framed,
+        headers: { 'content-type': 'application/octet-stream' },
+      });
+    const proven = await upload(body);
+    assert.equal(proven.status, 200, proven.text);
+    assert.deepEqual(proven.json(), {
+      bytesWritten: 6 * BLOCK_SIZE,
+      verification: { blocksCompared: 6, mismatched: [] },
+    });
+    const altered = Buffer.from(body);
+    altered[24 + 4 * BLOCK_SIZE + 9]! ^= 0xff; // block 4 of the data frame: disk block 6
+    const caught = await upload(altered);
+    assert.equal(caught.status, 200, caught.text);
+    assert.deepEqual(caught.json(), {
+      bytesWritten: 6 * BLOCK_SIZE,
+      verification: { blocksCompared: 6, mismatched: [{ offset: 6 * BLOCK_SIZE, length: BLOCK_SIZE }] },
+    });
+    await port.discardRestorePoint(replica, 'pv');
   });
 });
