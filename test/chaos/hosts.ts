@@ -92,5 +92,7 @@ export interface ChaosHosts {
   afterSettle(views: Map<string, ReplicaView>, operator: HypervisorPort, note: (line: string) => void): Promise<void>;
   /** The invariants only these hosts can check (before the common ones: it may ask for points to be compared again). */
   check(ctx: HostCheckContext): Promise<void>;
+  /** What a failing round leaves for its diagnosis, written into `dir`: the hosts' logs, the guests' consoles. */
+  evidence(dir: string): Promise<void>;
   close(): Promise<void>;
 }

@@ -623,6 +623,26 @@ export class KvmHosts implements ChaosHosts {
     }
   }
 
+  /**
+   * The host processes' output, libvirt's log of each QEMU (why it stopped: a guest shutdown, a kill, an I/O error),
+   * and every guest's console (a guest that meets a write error says so and powers off).
+   */
+  async evidence(dir: string): Promise<void> {
+    const copy = async (from: string, to: string) => {
+      const text = await readFile(from, 'utf8').catch((e: unknown) => `(not read: ${String(e)})`);
+      writeFileSync(join(dir, to), text);
+    };
+    for (const h of [this.prod, this.dr]) {
+      writeFileSync(join(dir, `${h.name}.agent.log`), h.agent.output);
+      const qemuLogs = join(h.libvirt.dir, 'log', 'qemu');
+      for (const f of await readdir(qemuLogs).catch(() => [])) await copy(join(qemuLogs, f), `${h.name}.qemu.${f}`);
+    }
+    for (const vm of vmsOf(this.estate)) {
+      await copy(this.serialOf(vm), `${vm}.console.log`);
+      await copy(this.consoleOf(replicaNameOf(vm)), `${replicaNameOf(vm)}.console.log`);
+    }
+  }
+
   async close(): Promise<void> {
     this.closing = true;
     for (const stop of this.stops.splice(0).reverse())

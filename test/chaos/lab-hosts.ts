@@ -134,6 +134,10 @@ export class LabHosts implements ChaosHosts {
 
   async check(): Promise<void> {}
 
+  async evidence(dir: string): Promise<void> {
+    writeFileSync(join(dir, 'lab.log'), this.lab.output);
+  }
+
   async close(): Promise<void> {
     await this.lab?.close();
     this.port?.close();

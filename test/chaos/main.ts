@@ -227,6 +227,7 @@ async function main(): Promise<number> {
     if (unseeded.length > 0) throw new Error(`seeding failed: ${JSON.stringify(unseeded)}`);
 
     const master = new Chance(seed);
+    let previousSince: Date | undefined;
     for (let i = 1; i <= opts.rounds; i++) {
       if (Date.now() - started > opts.minutes * 60_000) {
         log(`chaos: time is up after ${i - 1} rounds`);
@@ -266,10 +267,14 @@ async function main(): Promise<number> {
       writeSummary();
       if (record.violations.length > 0) {
         for (const v of record.violations) log(`  VIOLATION ${v.name}: ${v.detail ?? ''}`);
-        const saved = await saveHistories(client, round.since, join(out, `round-${i}-histories`));
-        log(`  ${saved} histories saved in ${join(out, `round-${i}-histories`)}`);
+        // The round before may have left what broke this one (an operation still under way when it was checked).
+        const roundDir = join(out, `round-${i}-histories`);
+        const saved = await saveHistories(client, previousSince ?? round.since, roundDir);
+        await hosts.evidence(roundDir);
+        log(`  ${saved} histories, the hosts' logs and the guests' consoles saved in ${roundDir}`);
         if (!opts.keepGoing) break;
       }
+      previousSince = round.since;
     }
   } finally {
     writeSummary();

@@ -29,6 +29,11 @@ export class ManagedProcess {
     return this.alive ? this.child?.pid : undefined;
   }
 
+  /** The last of what it printed (stdout and stderr, across its restarts): evidence for a failing round. */
+  get output(): string {
+    return this.tail;
+  }
+
   get alive(): boolean {
     return this.child !== undefined && this.child.exitCode === null && this.child.signalCode === null;
   }
