@@ -14,6 +14,7 @@ import { checkAccess, type Permission } from '../domain/roles';
 import { TrackingLostError } from '../hypervisor/errors';
 import {
   BLOCK_SIZE,
+  type CanaryReading,
   type Extent,
   type HypervisorPort,
   type PowerState,
@@ -212,20 +213,28 @@ export function createFailoverActivities(port: HypervisorPort, config: Configura
             port.readCanary(input.source, input.checkpointId, { signal }),
             port.readReplicaCanary(input.replica, { pointId: input.pointId }, { signal }),
           ]);
+        /** The blocks' proof and the canaries, as the session's verification. */
+        const outcome = (
+          proof: CopyVerification & { method: VerificationResult['method'] },
+          [source, replica]: [CanaryReading, CanaryReading],
+          covered: string,
+        ): VerificationResult => ({
+          identical: proof.mismatchedBlocks === 0 && source.sequence === replica.sequence,
+          blocksCompared: proof.blocksCompared,
+          mismatchedBlocks: proof.mismatchedBlocks,
+          sourceCanary: source.sequence,
+          replicaCanary: replica.sequence,
+          method: proof.method,
+          covered,
+        });
         if (input.copied) {
-          const { blocksCompared, mismatchedBlocks, method } = input.copied;
-          const [sourceCanary, replicaCanary] = await canaries();
-          return {
-            identical: mismatchedBlocks === 0 && sourceCanary.sequence === replicaCanary.sequence,
-            blocksCompared,
-            mismatchedBlocks,
-            sourceCanary: sourceCanary.sequence,
-            replicaCanary: replicaCanary.sequence,
-            method,
-            covered:
-              `the ${blocksCompared} block(s) the final sync copied (${method === 'tracked-blocks' ? 'change tracking since helper point 1' : 'the blocks whose digests differed: change tracking was lost'}), ` +
+          const { blocksCompared, method } = input.copied;
+          return outcome(
+            input.copied,
+            await canaries(),
+            `the ${blocksCompared} block(s) the final sync copied (${method === 'tracked-blocks' ? 'change tracking since helper point 1' : 'the blocks whose digests differed: change tracking was lost'}), ` +
               `each read back on the DR host as it was stored and compared with the source's digest of it, and the guest canary`,
-          };
+          );
         }
         let method: VerificationResult['method'] = input.baseReferencePointId ? 'tracked-blocks' : 'all-blocks';
         // Disks are verified side by side, and with the canary: this runs while the workload is down.
@@ -252,23 +261,16 @@ export function createFailoverActivities(port: HypervisorPort, config: Configura
             extents,
           );
         });
-        const [compared, [sourceCanary, replicaCanary]] = await heartbeatWhile(() =>
-          Promise.all([Promise.all(perDisk), canaries()]),
-        );
+        const [compared, readings] = await heartbeatWhile(() => Promise.all([Promise.all(perDisk), canaries()]));
         const blocksCompared = compared.reduce((n, c) => n + c.blocksCompared, 0);
         const mismatchedBlocks = compared.reduce((n, c) => n + extentBytes(c.extents) / BLOCK_SIZE, 0);
-        return {
-          identical: mismatchedBlocks === 0 && sourceCanary.sequence === replicaCanary.sequence,
-          blocksCompared,
-          mismatchedBlocks,
-          sourceCanary: sourceCanary.sequence,
-          replicaCanary: replicaCanary.sequence,
-          method,
-          covered:
-            method === 'tracked-blocks'
-              ? `the ${blocksCompared} block(s) the final sync copied (change tracking since helper point 1), and the guest canary`
-              : `every block of ${input.disks.length} disk(s) (change tracking was lost), and the guest canary`,
-        };
+        return outcome(
+          { blocksCompared, mismatchedBlocks, method },
+          readings,
+          method === 'tracked-blocks'
+            ? `the ${blocksCompared} block(s) the final sync copied (change tracking since helper point 1), and the guest canary`
+            : `every block of ${input.disks.length} disk(s) (change tracking was lost), and the guest canary`,
+        );
       });
     },
 
