@@ -1,7 +1,13 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
+import { ApplicationFailure } from '@temporalio/common';
+import { MockActivityEnvironment } from '@temporalio/testing';
+import { DefaultLogger } from '@temporalio/worker';
+import { createReplicationActivities, type CopyDiskInput, type CopyDiskResult } from '../../src/activities/replication';
+import { FailureTypes } from '../../src/contract';
 import { encodeFrames } from '../../src/host-api/frames';
-import { BLOCK_SIZE, type ExtentData } from '../../src/hypervisor/port';
+import type { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
+import { BLOCK_SIZE, type ExtentData, type HypervisorPort } from '../../src/hypervisor/port';
 import { rawRequest } from '../tls';
 import { assemble, DR, MiB, PROD, randomBlocks, smallEstate, startTestLab, type TestLab } from './helpers';
 
@@ -103,5 +109,37 @@ describe('a copy verified as it is stored', () => {
     const answer = await upload(pointId, body);
     assert.equal(answer.status, 400, answer.text);
     assert.match(answer.text, /frames\.0\.digests/);
+  });
+
+  test('the copy activity carries the proof into its result; a DR host that answers without it fails the copy', async () => {
+    // The failure below is expected: its log line would only be noise.
+    const env = new MockActivityEnvironment({}, { logger: new DefaultLogger('ERROR', () => undefined) });
+    const copy = (port: HypervisorPort, input: CopyDiskInput): Promise<CopyDiskResult> =>
+      env.run((i: CopyDiskInput) => createReplicationActivities(port).copyDisk(i), input);
+    const input = async (): Promise<CopyDiskInput> => ({
+      source: { kind: 'checkpoint', vm: src, checkpointId: 'cp', baseReferencePointId: null },
+      disk: DISK,
+      replica: rep,
+      pointId: await openPoint(),
+      replicaHeadPointId: null,
+      verify: true,
+    });
+    const copied = await copy(t.port, await input());
+    assert.ok(copied.bytesCopied > 0);
+    assert.deepEqual(copied.verification, { blocksCompared: copied.bytesCopied / BLOCK_SIZE, mismatchedBlocks: 0 });
+
+    // A DR host of an older release, or one that leaves the proof out: the copy is not taken as proven.
+    const unproven: HypervisorPort = Object.assign(Object.create(t.port) as HostApiHypervisor, {
+      writeRestorePoint: async (...args: Parameters<HypervisorPort['writeRestorePoint']>) => ({
+        bytesWritten: (await t.port.writeRestorePoint(...args)).bytesWritten,
+      }),
+    });
+    await assert.rejects(copy(unproven, await input()), (e: unknown) => {
+      assert.ok(e instanceof ApplicationFailure, String(e));
+      assert.equal(e.type, FailureTypes.hypervisor);
+      assert.equal(e.nonRetryable, true);
+      assert.match(e.message, /answered the copy of disk os without verifying it/);
+      return true;
+    });
   });
 });
