@@ -325,7 +325,13 @@ export class KvmReplicas {
       (d) => sent.push(d),
     );
     // The same connection that took the writes: a replacement daemon would flush nothing of theirs.
-    if (writer) await gated(async () => (await writer!).flush());
+    if (writer)
+      await gated(async () => (await writer!).flush()).catch(async (e: unknown) => {
+        // QEMU fails every later flush of an image once one failed (it no longer trusts its page cache), also when
+        // the space is back after the storage filled up: the daemon is replaced, and the sender repeats these writes.
+        await this.closeExport(image).catch(() => undefined);
+        throw e;
+      });
     if (sent.length === 0) return { bytesWritten };
     // The source's digests came with the data: what the point now holds is read back and compared.
     let verification: WriteVerification | undefined;
