@@ -894,7 +894,7 @@ function copy(el: Element, rule: Rule, at: string, ctx: Context): XmlNode {
   return node;
 }
 
-const escapeXml = (s: string): string =>
+export const escapeXml = (s: string): string =>
   s.replace(/[<>&'"]/g, (c) => ({ '<': '&lt;', '>': '&gt;', '&': '&amp;', "'": '&apos;', '"': '&quot;' })[c]!);
 
 function serialize(node: XmlNode, indent = ''): string {

@@ -38,7 +38,7 @@ import {
 import { NbdClient } from './nbd/client';
 import { BASE_ALLOCATION, dirtyBitmapContext, STATE_DIRTY, STATE_ZERO } from './nbd/protocol';
 import { acpiShutdown, destroyDomain, isNoSuchDomain, parseDomState, powerStateOf } from './power';
-import { domainXmlOfRequest, fileDisksOf } from './definition';
+import { domainXmlOfRequest, escapeXml, fileDisksOf } from './definition';
 import type { ManagedDomains } from './managed-domains';
 import type { CheckpointRecord, HostState, ReferenceRecord } from './state';
 import {
@@ -80,6 +80,12 @@ export function toBlocks(extents: Extent[]): Extent[] {
 interface DomainDisk {
   target: string;
   source: string;
+}
+
+/** A domain's disk with what its image's header says: the guest's size and the dirty bitmaps. */
+interface DiskImage extends DomainDisk {
+  sizeBytes: number;
+  bitmaps: ImageBitmap[];
 }
 
 /** A dirty bitmap of a qcow2 image, as `qemu-img info` gives it. */
@@ -261,10 +267,11 @@ export class KvmSourceDomains {
   }
 
   private async disks(domain: string): Promise<DiskInfo[]> {
-    const out: DiskInfo[] = [];
-    for (const d of await this.domainDisks(domain))
-      out.push({ id: d.target, sizeBytes: await this.capacity(d.source) });
-    return out;
+    return diskInfos(await this.diskImages(domain));
+  }
+
+  private async diskImages(domain: string): Promise<DiskImage[]> {
+    return Promise.all((await this.domainDisks(domain)).map(async (d) => ({ ...d, ...(await imageInfo(d.source)) })));
   }
 
   /**
@@ -328,7 +335,9 @@ export class KvmSourceDomains {
 
       // Change tracking goes on from the newest reference point whose tracking is still whole.
       const base = [...this.state.domain(domain).referencePoints].reverse().find((r) => r.trackingValid);
-      const disks = await this.disks(domain);
+      // Read once: the final sync's offline view needs the same images (the domain's changes wait for this one).
+      const images = await this.diskImages(domain);
+      const disks = diskInfos(images);
       // Copies move whole 64 KiB blocks: a disk of another size is said so here, before anything starts.
       for (const d of disks)
         if (d.sizeBytes % BLOCK_SIZE !== 0)
@@ -345,7 +354,7 @@ export class KvmSourceDomains {
         disks,
         status: 'beginning',
       };
-      await this.beginView(domain, checkpoint);
+      await this.beginView(domain, checkpoint, images);
       return { id: checkpointId, vm: domain, createdAt: checkpoint.createdAt };
     });
   }
@@ -353,9 +362,9 @@ export class KvmSourceDomains {
   /**
    * Starts a view: the backup job of a running domain, which creates (or, for an interrupted view, creates again) the
    * libvirt checkpoint of its name, or the offline view of a domain that is off. Recorded as beginning first, then as
-   * open.
+   * open. `images`: the domain's disk images as just read, if they were.
    */
-  private async beginView(domain: string, checkpoint: CheckpointRecord): Promise<void> {
+  private async beginView(domain: string, checkpoint: CheckpointRecord, images?: DiskImage[]): Promise<void> {
     checkpoint.offline = (await this.domState(domain)).state === 'shut off';
     checkpoint.pausedStart = false;
     checkpoint.status = 'beginning';
@@ -375,7 +384,14 @@ export class KvmSourceDomains {
     const libvirtCheckpoints = await this.libvirtCheckpoints(domain);
     if (checkpoint.incrementalFrom && !libvirtCheckpoints.includes(checkpoint.incrementalFrom))
       await loseTracking(`libvirt has no checkpoint ${checkpoint.incrementalFrom} any more`);
-    if (checkpoint.offline) await this.beginOfflineView(domain, checkpoint, libvirtCheckpoints, loseTracking);
+    if (checkpoint.offline)
+      await this.beginOfflineView(
+        domain,
+        checkpoint,
+        images ?? (await this.diskImages(domain)),
+        libvirtCheckpoints,
+        loseTracking,
+      );
     else
       try {
         await this.beginBackup(domain, checkpoint);
@@ -403,13 +419,12 @@ export class KvmSourceDomains {
   private async beginOfflineView(
     domain: string,
     checkpoint: CheckpointRecord,
+    disks: DiskImage[],
     libvirtCheckpoints: string[],
     loseTracking: (why: string) => Promise<void>,
   ): Promise<void> {
-    const disks = await this.domainDisks(domain);
-    const infos = await Promise.all(disks.map((d) => imageInfo(d.source)));
     const from = checkpoint.incrementalFrom;
-    const broken = from && disks.find((_, i) => !recordsEveryChange(infos[i]!.bitmaps.find((b) => b.name === from)));
+    const broken = from && disks.find((d) => !recordsEveryChange(d.bitmaps.find((b) => b.name === from)));
     if (broken)
       await loseTracking(`the bitmap of checkpoint ${from} in disk ${broken.target} does not hold every change`);
     if (!libvirtCheckpoints.includes(checkpoint.id))
@@ -417,10 +432,10 @@ export class KvmSourceDomains {
     // The checkpoint's bitmap starts now (the view shows the disk as it is now): one a crash or an earlier view of the
     // same checkpoint left is made again.
     await Promise.all(
-      disks.map((d, i) =>
+      disks.map((d) =>
         run('qemu-img', [
           'bitmap',
-          ...(infos[i]!.bitmaps.some((b) => b.name === checkpoint.id) ? ['--remove'] : []),
+          ...(d.bitmaps.some((b) => b.name === checkpoint.id) ? ['--remove'] : []),
           '--add',
           d.source,
           checkpoint.id,
@@ -449,11 +464,21 @@ export class KvmSourceDomains {
     await this.virsh.run(['checkpoint-create', domain, file, '--redefine']);
   }
 
-  /** Where an offline view's export of one disk listens, and its daemon's pid file (a leftover is stopped at start). */
-  private offlineExportOf(domain: string, disk: string): { socket: string; pidFile: string } {
+  /**
+   * A file of the run directory for one disk of a domain, named by a hash (a unix socket path holds 107 bytes): the
+   * sockets and pid files of its export daemons (a leftover `*.nbd.pid` one is stopped at start).
+   */
+  private diskRunFile(domain: string, disk: string, suffix: string): string {
     const key = createHash('sha256').update(`${domain}/${disk}`).digest('hex').slice(0, 16);
-    const run = join(this.options.stateDir, 'run');
-    return { socket: join(run, `${key}.view.sock`), pidFile: join(run, `${key}.view.nbd.pid`) };
+    return join(this.options.stateDir, 'run', `${key}.${suffix}`);
+  }
+
+  /** Where an offline view's export of one disk listens, and its daemon's pid file. */
+  private offlineExportOf(domain: string, disk: string): { socket: string; pidFile: string } {
+    return {
+      socket: this.diskRunFile(domain, disk, 'view.sock'),
+      pidFile: this.diskRunFile(domain, disk, 'view.nbd.pid'),
+    };
   }
 
   private async startOfflineExports(domain: string, c: CheckpointRecord, disks: DomainDisk[]): Promise<void> {
@@ -793,13 +818,11 @@ export class KvmSourceDomains {
         if (state !== 'shut off' && !ourPausedStart)
           throw conflict(`${domain} is ${powerStateOf(state)}; writes need it Off`);
         await this.interruptViews(domain);
-        const key = createHash('sha256').update(`${domain}/${disk}`).digest('hex').slice(0, 16);
         // Named like the DR side's export daemons, so a restarted host process stops one a kill left running.
-        const socket = join(this.options.stateDir, 'run', `${key}.write.sock`);
         return connectImageExport({
           image: source.source,
-          socket,
-          pidFile: join(this.options.stateDir, 'run', `${key}.nbd.pid`),
+          socket: this.diskRunFile(domain, disk, 'write.sock'),
+          pidFile: this.diskRunFile(domain, disk, 'nbd.pid'),
           writable: true,
         });
       };
@@ -958,6 +981,8 @@ function changesContext(c: CheckpointRecord, disk: string): string | undefined {
   return dirtyBitmapContext(c.offline ? c.incrementalFrom : bitmapExport(disk));
 }
 
+const diskInfos = (images: DiskImage[]): DiskInfo[] => images.map((d) => ({ id: d.target, sizeBytes: d.sizeBytes }));
+
 /** A qcow2 image's size as its guest sees it and its dirty bitmaps, from its header (shared with a QEMU that runs). */
 async function imageInfo(image: string): Promise<{ sizeBytes: number; bitmaps: ImageBitmap[] }> {
   const { stdout } = await run('qemu-img', ['info', '-U', '--output=json', image]);
@@ -969,8 +994,6 @@ async function imageInfo(image: string): Promise<{ sizeBytes: number; bitmaps: I
   if (typeof size !== 'number') throw new Error(`no virtual size for ${image}: ${stdout}`);
   return { sizeBytes: size, bitmaps: info['format-specific']?.data?.bitmaps ?? [] };
 }
-
-const escapeXml = (s: string) => s.replace(/[<>&'"]/g, (c) => `&#${c.charCodeAt(0)};`);
 
 /** Another tool's backup job runs on the domain: never aborted by the agent, which waits for it to end. */
 const foreignBackup = (domain: string): HostApiError =>
