@@ -331,14 +331,31 @@ export async function startTestKvmHost(options: {
   return t;
 }
 
-/** SIGKILL of the export daemons that serve a host process's offline views (the domain off), found by their pid files. */
-export async function killOfflineViewDaemons(host: TestKvmHost): Promise<void> {
-  const run = join(host.stateDir, 'run');
-  const pids = readdirSync(run)
-    .filter((f) => f.endsWith('.view.nbd.pid'))
-    .map((f) => Number(readFileSync(join(run, f), 'utf8').trim()));
-  assert.ok(pids.length > 0, `an offline view is served by ${host.host.url}`);
-  for (const pid of pids) process.kill(pid, 'SIGKILL');
-  for (const pid of pids)
+/**
+ * SIGKILLs the export daemons a host process's run directory names (pid files ending in `suffix`: every one, or e.g.
+ * the offline views' `.view.nbd.pid`) and waits until they are gone; how many it killed.
+ */
+export async function killExportDaemons(stateDir: string, suffix = '.nbd.pid'): Promise<number> {
+  const run = join(stateDir, 'run');
+  const killed: number[] = [];
+  for (const f of readdirSync(run).filter((n) => n.endsWith(suffix))) {
+    const pid = Number(readFileSync(join(run, f), 'utf8').trim());
+    try {
+      process.kill(pid, 'SIGKILL');
+      killed.push(pid);
+    } catch {
+      // exited meanwhile
+    }
+  }
+  for (const pid of killed)
     for (let i = 0; i < 100 && existsSync(`/proc/${pid}`); i++) await new Promise((r) => setTimeout(r, 20));
+  return killed.length;
+}
+
+/** SIGKILL of the export daemons that serve a host process's offline views (the domain off). */
+export async function killOfflineViewDaemons(host: TestKvmHost): Promise<void> {
+  assert.ok(
+    (await killExportDaemons(host.stateDir, '.view.nbd.pid')) > 0,
+    `an offline view is served by ${host.host.url}`,
+  );
 }

@@ -12,7 +12,7 @@ import { BadRequestError, ConflictError, NotFoundError } from '../../src/hypervi
 import type { HostApiHypervisor } from '../../src/hypervisor/host-api-adapter';
 import { BLOCK_SIZE, type Extent, type ExtentData } from '../../src/hypervisor/port';
 import { kvmPort, rawRequest } from '../tls';
-import { spawnKvmHostProcess, type KvmHostProcess } from './helpers';
+import { killExportDaemons, spawnKvmHostProcess, type KvmHostProcess } from './helpers';
 
 const HOST = 'kvm-dr1';
 const DISK_BYTES = 16 * 1024 * 1024;
@@ -60,22 +60,6 @@ describe('restore points as qcow2 chains on a KVM DR host, through a SIGKILL of 
   async function kill(): Promise<void> {
     port.close();
     await child!.kill();
-  }
-  /** SIGKILLs every export daemon of the host process (their pids are in its run directory); how many. */
-  async function killExportDaemons(): Promise<number> {
-    const run = join(dir, 'state', 'run');
-    let killed = 0;
-    for (const f of readdirSync(run).filter((n) => n.endsWith('.nbd.pid'))) {
-      const pid = Number(readFileSync(join(run, f), 'utf8').trim());
-      try {
-        process.kill(pid, 'SIGKILL');
-        killed++;
-      } catch {
-        // exited meanwhile
-      }
-    }
-    await new Promise((r) => setTimeout(r, 100));
-    return killed;
   }
   async function digestsOf(pointId: string): Promise<string[]> {
     return (await port.replicaBlockDigests(disk, { pointId }, { startBlock: 0, count: DISK_BYTES / BLOCK_SIZE }))
@@ -210,7 +194,7 @@ describe('restore points as qcow2 chains on a KVM DR host, through a SIGKILL of 
     await port.beginRestorePoint(replica, 'p5', spec);
     const first = randomExtents(range(16, 48));
     await port.writeRestorePoint(disk, 'p5', pieces(first));
-    assert.ok((await killExportDaemons()) > 0, 'the point had a writer daemon');
+    assert.ok((await killExportDaemons(join(dir, 'state'))) > 0, 'the point had a writer daemon');
     const want = [...below];
     for (const e of first) want[e.offset / BLOCK_SIZE] = blockDigest(e.data);
     // The open point reads through a new writer, which finds every answered write on disk.
@@ -220,7 +204,7 @@ describe('restore points as qcow2 chains on a KVM DR host, through a SIGKILL of 
     for (const e of second) want[e.offset / BLOCK_SIZE] = blockDigest(e.data);
     // A copy retried after its answer was lost writes its last batch again: counted once.
     await port.writeRestorePoint(disk, 'p5', pieces(second));
-    await killExportDaemons();
+    await killExportDaemons(join(dir, 'state'));
     await kill();
     await startProcess();
     const sealed = await port.sealRestorePoint(replica, 'p5');
